@@ -1,0 +1,18 @@
+"""rethinkbn: make the *batch* in BatchNorm explicit and controllable.
+
+After "Rethinking 'Batch' in BatchNorm" (Wu & Johnson, 2021). The package is layered, and imports
+point down this list only:
+
+    stats         per-channel moments and their exact merge (the one source of truth)
+    layers        GhostBatchNorm, FrozenBatchNorm, DomainBatchNorm (and the shared base)
+    convert       reversible model surgery, fold_batchnorm
+    population    precise_bn, statistics banks, mini-batch inference, FrozenBN schedules
+    distributed   SyncBatchNorm, cross-device shuffle, virtual devices
+    studies, cli  the reproduction harness (`rethinkbn reproduce`)
+"""
+
+from .stats import Moments, all_reduce_moments
+
+__version__ = "0.1.0"
+
+__all__ = ["Moments", "all_reduce_moments", "__version__"]

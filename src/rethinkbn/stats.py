@@ -1,0 +1,218 @@
+"""The statistics core: per-channel moments, their exact merge and their reduction across ranks.
+
+Everything in rethinkbn that needs a mean or a variance of BatchNorm inputs (the layers, PreciseBN,
+SyncBatchNorm, the statistics banks) goes through this module, so the formulas live here once.
+
+A set of moments describes the values ``x_1 .. x_n`` seen by one channel:
+
+    count = n
+    mean  = (1/n) * sum_i x_i
+    m2    = sum_i (x_i - mean)^2              (the sum of squared deviations)
+
+    biased variance   = m2 / n
+    unbiased variance = m2 / (n - 1)
+
+Two sets ``a`` and ``b`` merge exactly (Chan, Golub & LeVeque, 1979)::
+
+    n     = n_a + n_b
+    delta = mean_b - mean_a
+    mean  = mean_a + delta * n_b / n
+    m2    = m2_a + m2_b + delta^2 * n_a * n_b / n
+
+Accumulators are float64. Moments are built with ``torch.var_mean`` (a two-pass / Welford
+reduction), never with ``E[x^2] - E[x]^2``, which cancels catastrophically in float32 when a
+feature's mean is large compared with its spread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "Moments",
+    "all_reduce_moments",
+    "batch_var_mean",
+    "grouped_var_mean",
+    "reduce_dims",
+]
+
+ACC_DTYPE = torch.float64
+
+
+def reduce_dims(x: Tensor) -> tuple[int, ...]:
+    """The dims a BatchNorm reduces over: every dim but the channel dim 1."""
+    return (0, *range(2, x.dim()))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Reduced-precision inputs are reduced in float32 (torch's BatchNorm does the same).
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def batch_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased per-channel variance and mean of ``x`` (channel dim 1), differentiable.
+
+    Returns ``(var, mean)``, each of shape ``(C,)``, in float32 for half-precision inputs and in
+    the input dtype otherwise.
+    """
+    return torch.var_mean(x.to(_compute_dtype(x)), dim=reduce_dims(x), correction=0)
+
+
+def grouped_var_mean(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Biased per-(group, channel) variance and mean, for ``groups`` equal contiguous groups.
+
+    ``x`` has shape ``(groups * n, C, *S)``; group ``g`` is samples ``g*n .. (g+1)*n - 1``. Returns
+    ``(var, mean)`` of shape ``(groups, C)``, differentiable, reduced over ``n`` and ``S``.
+    """
+    if x.size(0) % groups:
+        raise ValueError(
+            f"grouped_var_mean: batch of {x.size(0)} samples does not split into {groups} equal "
+            "groups"
+        )
+    xg = x.to(_compute_dtype(x)).reshape(groups, x.size(0) // groups, *x.shape[1:])
+    dims = (1, *range(3, xg.dim()))
+    return torch.var_mean(xg, dim=dims, correction=0)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and m2 (sum of squared deviations) per channel, as float64 tensors.
+
+    All three tensors have the same shape ``(..., C)``: ``(C,)`` for one layer, ``(G, C)`` for
+    groups or domains. A count of zero is allowed and merges as the identity.
+    """
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def zeros(
+        cls, shape: int | Sequence[int], device: torch.device | str | None = None
+    ) -> Moments:
+        """Empty moments (count 0) of the given shape."""
+        z = torch.zeros(shape, dtype=ACC_DTYPE, device=device)
+        return cls(z, z.clone(), z.clone())
+
+    @classmethod
+    def from_var_mean(cls, count: Tensor | float, mean: Tensor, var: Tensor) -> Moments:
+        """Moments from a count and a *biased* variance: ``m2 = var * count``."""
+        mean = mean.detach().to(ACC_DTYPE)
+        count_t = torch.as_tensor(count, dtype=ACC_DTYPE, device=mean.device).expand_as(mean)
+        return cls(count_t.clone(), mean, var.detach().to(ACC_DTYPE) * count_t)
+
+    @classmethod
+    def of(cls, x: Tensor, groups: int | None = None) -> Moments:
+        """Per-channel moments of ``x`` (channel dim 1, every other dim is batch), detached.
+
+        With ``groups``, the moments of each of ``groups`` equal contiguous groups of samples,
+        shape ``(groups, C)``.
+        """
+        with torch.no_grad():
+            if groups is None:
+                var, mean = batch_var_mean(x)
+                n = x.numel() // max(x.size(1), 1)
+            else:
+                var, mean = grouped_var_mean(x, groups)
+                n = x.numel() // max(x.size(1) * groups, 1)
+        return cls.from_var_mean(n, mean, var)
+
+    # ----------------------------------------------------------------- read-out
+    @property
+    def shape(self) -> torch.Size:
+        return self.mean.shape
+
+    def var(self, unbiased: bool = False) -> Tensor:
+        """Biased (``m2 / n``) or unbiased (``m2 / (n - 1)``) variance; NaN where undefined."""
+        denom = self.count - 1 if unbiased else self.count
+        return self.m2 / denom.where(denom > 0, torch.full_like(denom, float("nan")))
+
+    def to(self, device: torch.device | str) -> Moments:
+        return Moments(self.count.to(device), self.mean.to(device), self.m2.to(device))
+
+    # ----------------------------------------------------------------- merging
+    def merge(self, other: Moments) -> Moments:
+        """The exact moments of the union of both sets of values (Chan et al.)."""
+        n = self.count + other.count
+        safe_n = n.clamp_min(1)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / safe_n)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / safe_n)
+        return Moments(n, mean, m2)
+
+    def segment_merge(self, index: Tensor, num_segments: int) -> Moments:
+        """Merge the rows of ``self`` (shape ``(R, ...)``) into ``num_segments`` rows by ``index``.
+
+        Row ``r`` goes to segment ``index[r]``; the result has shape ``(num_segments, ...)``. This
+        is the vectorized form of merging many sets at once::
+
+            n_s    = sum_{r in s} n_r
+            mean_s = sum_{r in s} n_r * mean_r / n_s
+            m2_s   = sum_{r in s} (m2_r + n_r * (mean_r - mean_s)^2)
+        """
+        index = index.to(self.mean.device)
+        out_shape = (num_segments, *self.mean.shape[1:])
+        count = self.count.new_zeros(out_shape).index_add_(0, index, self.count)
+        safe = count.clamp_min(1)
+        mean = self.mean.new_zeros(out_shape).index_add_(0, index, self.count * self.mean) / safe
+        dev = self.m2 + self.count * (self.mean - mean[index]).square()
+        m2 = self.m2.new_zeros(out_shape).index_add_(0, index, dev)
+        return Moments(count, mean, m2)
+
+    def total(self) -> Moments:
+        """Merge all rows (leading dim) into one set of moments of shape ``(...)``."""
+        index = torch.zeros(self.mean.shape[0], dtype=torch.long, device=self.mean.device)
+        merged = self.segment_merge(index, 1)
+        return Moments(merged.count[0], merged.mean[0], merged.m2[0])
+
+    # ----------------------------------------------------------------- distributed
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> Moments:
+        """The moments of the union over every rank of ``group``, in one all_reduce."""
+        return all_reduce_moments([self], group)[0]
+
+
+def _pack(moments: Sequence[Moments]) -> Tensor:
+    # Sums that are additive across ranks: n, n * mean, m2 + n * mean^2 (float64).
+    parts = []
+    for m in moments:
+        parts += [m.count.reshape(-1), (m.count * m.mean).reshape(-1),
+                  (m.m2 + m.count * m.mean.square()).reshape(-1)]
+    return torch.cat(parts)
+
+
+def _unpack(flat: Tensor, like: Sequence[Moments]) -> list[Moments]:
+    out, offset = [], 0
+    for m in like:
+        k = m.mean.numel()
+        n, s1, s2 = (flat[offset + i * k: offset + (i + 1) * k].view_as(m.mean) for i in range(3))
+        offset += 3 * k
+        mean = s1 / n.clamp_min(1)
+        # float64 sums keep the cancellation in s2 - n * mean^2 below float32 input precision;
+        # clamp tiny negative round-off.
+        out.append(Moments(n, mean, (s2 - n * mean.square()).clamp_min(0)))
+    return out
+
+
+def all_reduce_moments(
+    moments: Sequence[Moments], group: dist.ProcessGroup | None = None
+) -> list[Moments]:
+    """Merge every rank's moments, for any number of layers, with ONE all_reduce.
+
+    Each set is packed as the additive sums ``(n, n * mean, m2 + n * mean^2)`` in float64, summed
+    across ranks, and unpacked as ``mean = S1 / n``, ``m2 = S2 - n * mean^2``. Without an
+    initialized process group (or with world size 1) the moments are returned unchanged.
+    """
+    moments = list(moments)
+    if not moments or not dist.is_available() or not dist.is_initialized():
+        return moments
+    if dist.get_world_size(group) == 1:
+        return moments
+    flat = _pack(moments)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return _unpack(flat, moments)
