@@ -1,0 +1,260 @@
+"""The plug-in contract of the reproduction harness: studies, their context and their results.
+
+A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a name::
+
+    from rethinkbn.studies.base import RunContext, StudyResult, Table, register_study, verdict
+
+    @register_study("my-study", "Sec. 9: what it measures, in one line")
+    def run(ctx: RunContext) -> StudyResult:
+        data = ctx.dataset()                        # a DataSplit (MNIST-1D unless --data)
+        for seed in ctx.seeds:
+            numbers = ctx.cache.get_or_run(         # trained once, reused on every rerun
+                {"study": "my-study", "variant": "a", "seed": seed, "quick": ctx.quick},
+                lambda: train_and_measure(seed),
+            )
+        ...
+        return StudyResult(setup=..., tables=[...], paper_tables=[...], plots=[...],
+                           summary=[SummaryRow(claim, ours, paper, verdict(...))],
+                           numbers={...})
+
+The module that holds the study must be listed in ``rethinkbn.studies.STUDY_MODULES`` so that the
+registry imports it. The harness (``rethinkbn.studies.harness.reproduce``) calls each selected
+study, writes ``report.md``, the plots and ``results.json``; the study itself writes only its plot
+files (``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
+
+Verdicts are never typed in: a study computes them from its measured numbers with :func:`verdict`,
+passing the criterion as text (shown in the report next to the verdict) and the boolean that the
+numbers give for it. Keep that computation in a pure function of the numbers so a test can feed it
+numbers and watch the verdict flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from .cache import RunCache
+    from .data import DataSplit
+
+__all__ = [
+    "AGREES",
+    "DISAGREES",
+    "ProgressFactory",
+    "RunContext",
+    "Study",
+    "StudyResult",
+    "SummaryRow",
+    "Table",
+    "Verdict",
+    "get_study",
+    "mean_std",
+    "register_study",
+    "registered_studies",
+    "verdict",
+]
+
+AGREES = "agrees"
+DISAGREES = "disagrees"
+
+
+class ProgressFactory(Protocol):
+    """Makes a progress bar: ``ctx.progress(iterable, desc="...", total=n, leave=False)``.
+
+    Returns an iterable with ``update(n)``, ``set_postfix_str(s)`` and ``close()`` (tqdm's
+    interface); tests pass a factory that prints nothing.
+    """
+
+    def __call__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        *,
+        desc: str | None = None,
+        total: int | None = None,
+        leave: bool = False,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether our small-scale number agrees with the paper, and the criterion that decided it.
+
+    ``criterion`` is the rule in words (``"EMA error - PreciseBN error >= 0.5 pt in the first
+    half of training"``); ``detail`` shows the measured values the rule was applied to.
+    """
+
+    agrees: bool
+    criterion: str
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        return AGREES if self.agrees else DISAGREES
+
+    def line(self) -> str:
+        """The report's verdict line: ``**agrees** — criterion (detail)``."""
+        tail = f" ({self.detail})" if self.detail else ""
+        return f"**{self.label}** — {self.criterion}{tail}"
+
+
+def verdict(criterion: str, holds: bool, detail: str = "") -> Verdict:
+    """A verdict whose outcome is ``holds``, computed by the caller from measured numbers."""
+    return Verdict(agrees=bool(holds), criterion=criterion, detail=detail)
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One row of the report's opening table: the paper's claim, our number, theirs, the verdict.
+
+    ``ours`` and ``paper`` are short display strings (``"12.3 ± 0.4 vs 10.1 ± 0.2"``).
+    """
+
+    claim: str
+    ours: str
+    paper: str
+    verdict: Verdict
+
+
+@dataclass
+class Table:
+    """A small table for the report: a title, column names and rows of cells (str or number).
+
+    Floats are shown with ``digits`` decimals; ``(mean, std)`` tuples as ``mean ± std``.
+    """
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    digits: int = 1
+
+    def cell(self, value: Any) -> str:
+        if isinstance(value, tuple) and len(value) == 2:
+            mean, std = value
+            return f"{mean:.{self.digits}f} ± {std:.{self.digits}f}"
+        if isinstance(value, float):
+            return f"{value:.{self.digits}f}"
+        return str(value)
+
+    def to_markdown(self) -> str:
+        head = "| " + " | ".join(self.columns) + " |"
+        rule = "|" + "|".join("---" for _ in self.columns) + "|"
+        body = ["| " + " | ".join(self.cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join([f"*{self.title}*", "", head, rule, *body])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+@dataclass
+class StudyResult:
+    """What a study hands back to the harness.
+
+    - ``setup``: a paragraph (markdown) saying what was trained and measured, at what scale.
+    - ``tables`` / ``paper_tables``: our tables and the paper's, shown side by side.
+    - ``plots``: file names (relative to the output directory) of PNGs the study wrote.
+    - ``summary``: rows for the report's opening table, each with its computed verdict.
+    - ``numbers``: every measured number, JSON-serializable; goes into ``results.json``.
+    - ``notes``: optional markdown after the verdicts: why small scale may differ, caveats.
+    """
+
+    setup: str
+    tables: list[Table]
+    paper_tables: list[Table]
+    plots: list[str]
+    summary: list[SummaryRow]
+    numbers: dict[str, Any]
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a study may use; built by the harness from the command line.
+
+    - ``quick``: the small budget (all studies together <= 10 minutes on 2 CPU cores).
+    - ``seeds``: the seeds to run (one in quick mode by default, >= 3 in full mode).
+    - ``out_dir``: the output directory; write plots with :meth:`plot_path`.
+    - ``device``: where to train.
+    - ``cache``: the on-disk run cache (:class:`~rethinkbn.studies.cache.RunCache`); wrap every
+      training run in ``ctx.cache.get_or_run(config, fn)`` so Ctrl-C loses nothing.
+    - ``progress``: a tqdm-like factory (:class:`ProgressFactory`).
+    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn.studies.data.DataSplit`
+      selected by ``--data`` (MNIST-1D by default), generated once and cached.
+    - ``data_spec``: the ``--data`` value, to put into cache keys.
+    """
+
+    quick: bool
+    seeds: tuple[int, ...]
+    out_dir: Path
+    device: torch.device
+    cache: RunCache
+    progress: ProgressFactory
+    dataset: Callable[[], DataSplit]
+    data_spec: str = "mnist1d"
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def plot_path(self, name: str) -> Path:
+        """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self.out_dir / name
+
+
+@dataclass(frozen=True)
+class Study:
+    """A registered study: its CLI name, a one-line description, and its run function."""
+
+    name: str
+    description: str
+    run: Callable[[RunContext], StudyResult]
+
+
+_REGISTRY: dict[str, Study] = {}
+
+
+def register_study(
+    name: str, description: str
+) -> Callable[[Callable[[RunContext], StudyResult]], Callable[[RunContext], StudyResult]]:
+    """Decorator: register ``run`` as the study ``name`` (shown by ``rethinkbn studies``).
+
+    Studies are listed and run in registration order. Registering a name twice is an error.
+    """
+    if not name or not name.replace("-", "").isalnum() or name != name.lower():
+        raise ValueError(f"study names are lowercase words joined by '-', got {name!r}")
+
+    def decorate(
+        run: Callable[[RunContext], StudyResult],
+    ) -> Callable[[RunContext], StudyResult]:
+        if name in _REGISTRY and _REGISTRY[name].run is not run:
+            raise ValueError(f"study {name!r} is already registered by {_REGISTRY[name].run!r}")
+        _REGISTRY[name] = Study(name=name, description=description, run=run)
+        return run
+
+    return decorate
+
+
+def registered_studies() -> list[Study]:
+    """Every registered study, in registration order (imports the study modules first)."""
+    from . import load_studies
+
+    load_studies()
+    return list(_REGISTRY.values())
+
+
+def get_study(name: str) -> Study:
+    """The study ``name``; a clear error listing the known names otherwise."""
+    studies = {s.name: s for s in registered_studies()}
+    if name not in studies:
+        raise KeyError(f"unknown study {name!r}; expected one of: {', '.join(studies)}")
+    return studies[name]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value) of a list of numbers."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if t.numel() == 0:
+        raise ValueError("mean_std of an empty list")
+    std = float(t.std(unbiased=True)) if t.numel() > 1 else 0.0
+    return float(t.mean()), std

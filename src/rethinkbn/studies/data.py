@@ -1,0 +1,235 @@
+"""Datasets for the studies: MNIST-1D generated locally, CIFAR-10 pickles, folders of images.
+
+Every loader returns a :class:`DataSplit` of float32 inputs normalized with the training set's
+per-channel mean and std, and int64 labels. Nothing is ever downloaded.
+
+- **MNIST-1D** (the default, :func:`load_mnist1d`): the ``mnist1d`` package's generator
+  (``make_dataset`` with ``get_dataset_args()``), ``num_samples=10_000`` by default (8000 train,
+  2000 validation; the package's 80/20 split), inputs ``(N, 1, 40)``, 10 classes. Generation is a
+  Python loop of a few seconds, so the arrays are cached as ``.npz`` in ``cache_dir``. The
+  generator seeds numpy's and Python's global RNGs; both are restored afterwards.
+- **CIFAR-10** (:func:`load_cifar10`): a folder with the standard python version
+  (``data_batch_1`` ... ``data_batch_5`` and ``test_batch``, pickles of ``b"data"`` uint8
+  ``(N, 3072)`` and ``b"labels"``); inputs ``(N, 3, 32, 32)``.
+- **A folder of images per class** (:func:`load_image_folder`): ``root/<class>/<image>`` (or
+  ``root/train/<class>/...`` with ``root/val/<class>/...``); any format PIL reads, all images of
+  one size, converted to RGB. Without a train/val split, a seeded 20% of each class is held out.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DataSplit",
+    "load_cifar10",
+    "load_data",
+    "load_image_folder",
+    "load_mnist1d",
+]
+
+MNIST1D_SAMPLES = 10_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Training and validation tensors of one dataset.
+
+    ``train_x`` / ``val_x``: float32 ``(N, C, L)`` or ``(N, C, H, W)``, normalized per channel
+    with the training set's statistics; ``train_y`` / ``val_y``: int64 class indices.
+    """
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def spatial_dims(self) -> int:
+        """1 for sequences (MNIST-1D), 2 for images."""
+        return self.train_x.dim() - 2
+
+    def subset(self, num_train: int | None = None, num_val: int | None = None) -> DataSplit:
+        """The first ``num_train`` training and ``num_val`` validation samples (quick mode)."""
+        return DataSplit(
+            name=self.name,
+            train_x=self.train_x[:num_train],
+            train_y=self.train_y[:num_train],
+            val_x=self.val_x[:num_val],
+            val_y=self.val_y[:num_val],
+            num_classes=self.num_classes,
+        )
+
+
+def _normalized(name: str, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
+                num_classes: int) -> DataSplit:
+    dims = [0] + list(range(2, train_x.dim()))
+    mean = train_x.mean(dim=dims, keepdim=True)
+    std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return DataSplit(
+        name=name,
+        train_x=((train_x - mean) / std).float().contiguous(),
+        train_y=train_y.long(),
+        val_x=((val_x - mean) / std).float().contiguous(),
+        val_y=val_y.long(),
+        num_classes=num_classes,
+    )
+
+
+def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    # make_dataset seeds numpy's and Python's global RNGs; nobody else's randomness may change.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def load_mnist1d(
+    num_samples: int = MNIST1D_SAMPLES, seed: int = 42, cache_dir: Path | str | None = None
+) -> DataSplit:
+    """MNIST-1D from the ``mnist1d`` generator, run locally (never downloaded).
+
+    ``num_samples`` are generated (80% train, 20% validation) with the generator's ``seed``;
+    the arrays are cached as ``cache_dir/mnist1d-<num_samples>-<seed>.npz`` when given.
+    """
+    if num_samples < 20:
+        raise ValueError(f"MNIST-1D needs num_samples >= 20 (2 per class), got {num_samples}")
+    path = None if cache_dir is None else Path(cache_dir) / f"mnist1d-{num_samples}-{seed}.npz"
+    if path is not None and path.exists():
+        with np.load(path) as stored:
+            arrays = {k: stored[k] for k in stored.files}
+    else:
+        arrays = _generate_mnist1d(num_samples, seed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(path)
+    return _normalized(
+        "MNIST-1D",
+        torch.from_numpy(arrays["x"]).float().unsqueeze(1),
+        torch.from_numpy(arrays["y"]),
+        torch.from_numpy(arrays["x_test"]).float().unsqueeze(1),
+        torch.from_numpy(arrays["y_test"]),
+        num_classes=10,
+    )
+
+
+def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path}: expected a CIFAR-10 pickle with 'data' and 'labels' keys")
+    x = torch.as_tensor(np.asarray(data, dtype=np.uint8)).reshape(-1, 3, 32, 32)
+    return x.float() / 255.0, torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
+def load_cifar10(root: Path | str) -> DataSplit:
+    """CIFAR-10 from its python pickles in ``root`` (``data_batch_*`` and ``test_batch``)."""
+    root = Path(root)
+    train_files = sorted(root.glob("data_batch_*"))
+    if not train_files or not (root / "test_batch").exists():
+        raise FileNotFoundError(
+            f"{root}: expected CIFAR-10's python files data_batch_1..5 and test_batch"
+        )
+    parts = [_read_cifar_batch(p) for p in train_files]
+    val_x, val_y = _read_cifar_batch(root / "test_batch")
+    return _normalized(
+        "CIFAR-10",
+        torch.cat([x for x, _ in parts]),
+        torch.cat([y for _, y in parts]),
+        val_x,
+        val_y,
+        num_classes=10,
+    )
+
+
+def _read_images(folder: Path, classes: list[str]) -> tuple[list[Tensor], list[int]]:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((folder / cls).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            images.append(torch.from_numpy(array).permute(2, 0, 1))
+            labels.append(label)
+    return images, labels
+
+
+def _stack(images: list[Tensor], root: Path) -> Tensor:
+    sizes = {tuple(img.shape) for img in images}
+    if len(sizes) != 1:
+        raise ValueError(f"{root}: all images must have one size, found {sorted(sizes)}")
+    return torch.stack(images)
+
+
+def load_image_folder(root: Path | str, val_fraction: float = 0.2, seed: int = 0) -> DataSplit:
+    """Images in ``root/<class>/`` (or ``root/train/<class>/`` and ``root/val/<class>/``)."""
+    root = Path(root)
+    split = (root / "train").is_dir() and (root / "val").is_dir()
+    train_root = root / "train" if split else root
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{train_root}: expected one sub-folder per class (>= 2), got {classes}")
+    images, labels = _read_images(train_root, classes)
+    if not images:
+        raise ValueError(f"{train_root}: no images with suffixes {IMAGE_SUFFIXES}")
+    x, y = _stack(images, root), torch.tensor(labels)
+    if split:
+        val_images, val_labels = _read_images(root / "val", classes)
+        val_x, val_y = _stack(val_images, root), torch.tensor(val_labels)
+        train_x, train_y = x, y
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        held_out = torch.zeros(len(y), dtype=torch.bool)
+        for c in range(len(classes)):
+            idx = (y == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            held_out[idx[: max(1, round(val_fraction * len(idx)))]] = True
+        train_x, train_y, val_x, val_y = x[~held_out], y[~held_out], x[held_out], y[held_out]
+    return _normalized(root.name or "images", train_x, train_y, val_x, val_y, len(classes))
+
+
+def load_data(spec: str, cache_dir: Path | str | None = None) -> DataSplit:
+    """The dataset named by ``--data``: ``mnist1d`` (default), ``mnist1d:<num_samples>``, or a
+    folder holding CIFAR-10's python pickles or one sub-folder of images per class."""
+    if spec == "mnist1d" or spec.startswith("mnist1d:"):
+        num = int(spec.split(":", 1)[1]) if ":" in spec else MNIST1D_SAMPLES
+        return load_mnist1d(num, cache_dir=cache_dir)
+    root = Path(spec)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"--data {spec!r}: expected 'mnist1d', 'mnist1d:<num_samples>' or a folder"
+        )
+    if (root / "test_batch").exists() or (root / "data_batch_1").exists():
+        return load_cifar10(root)
+    if (root / "cifar-10-batches-py").is_dir():
+        return load_cifar10(root / "cifar-10-batches-py")
+    return load_image_folder(root)

@@ -1,0 +1,148 @@
+"""The SGD training loop of the studies, with per-epoch callbacks and a progress bar.
+
+SGD with momentum and weight decay; the learning rate warms up linearly over
+``warmup_epochs`` and then follows a cosine to zero, updated every step. Each epoch visits the
+training set in a seeded random order, in batches of ``batch_size`` (the last, smaller batch is
+dropped so every step has the SGD batch size). How BatchNorm normalizes a batch (its NBS) is a
+property of the model's layers, not of the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import ProgressFactory
+
+__all__ = ["Callback", "TrainConfig", "evaluate_error", "predict_logits", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (all of them go into the run cache's key)."""
+
+    epochs: int
+    batch_size: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        """Learning rate of ``step``: linear warmup, then cosine decay to 0."""
+        total = self.epochs * steps_per_epoch
+        warm = self.warmup_epochs * steps_per_epoch
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        progress = (step - warm) / max(1.0, total - warm)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Callback:
+    """Hooks of the loop; override what you need. ``epoch`` counts from 0.
+
+    ``on_epoch_start`` may change the model (e.g. freeze BN for the last epochs); an exception
+    raised from a hook stops training and propagates (finished runs stay in the cache).
+    """
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        pass
+
+
+class EpochEnd(Callback):
+    """A callback from a plain function ``fn(epoch, model)`` called after every epoch."""
+
+    def __init__(self, fn: Callable[[int, nn.Module], None]) -> None:
+        self.fn = fn
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        self.fn(epoch, model)
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig,
+    *,
+    seed: int,
+    callbacks: Sequence[Callback] = (),
+    progress: ProgressFactory | None = None,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``model`` in place on ``(x, y)`` with cross-entropy; returns the model.
+
+    ``seed`` fixes the sample order (the model's initialization is the caller's). The model
+    must already be on its device; ``x`` and ``y`` are moved there batch by batch.
+    """
+    if config.batch_size > len(x):
+        raise ValueError(
+            f"train: batch_size {config.batch_size} exceeds the {len(x)} training samples"
+        )
+    device = next(model.parameters()).device
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = len(x) // config.batch_size
+    loss_fn = nn.CrossEntropyLoss()
+    epochs = range(config.epochs)
+    bar = progress(epochs, desc=desc, total=config.epochs, leave=False) if progress else epochs
+    step = 0
+    for epoch in bar:
+        for cb in callbacks:
+            cb.on_epoch_start(epoch, model)
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(step, steps_per_epoch)
+            loss = loss_fn(model(x[idx].to(device)), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, model)
+    return model
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """Logits of ``model`` on ``x`` in batches of ``batch_size``, in the model's current mode.
+
+    The caller picks the mode: ``model.eval()`` for population statistics, or train mode inside
+    ``batch_stats_inference`` for mini-batch statistics (then ``batch_size`` is the evaluation
+    batch whose statistics normalize it).
+    """
+    device = next(model.parameters()).device
+    outs = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)
+
+
+def evaluate_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 error (%) of ``model`` on ``(x, y)`` with population statistics (eval mode).
+
+    Restores the model's train/eval mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        pred = predict_logits(model, x, batch_size).argmax(1)
+    finally:
+        model.train(was_training)
+    return 100.0 * float((pred != y).float().mean())
