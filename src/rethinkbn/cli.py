@@ -1,4 +1,4 @@
-"""The `rethinkbn` command line."""
+"""The `rethinkbn` command line: ``rethinkbn reproduce`` and ``rethinkbn studies``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,67 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rethinkbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("reproduce", help="reproduce the paper's studies at small scale")
-    rep.add_argument("--quick", action="store_true", help="every study in a few minutes")
-    sub.add_parser("studies", help="list the studies")
+    rep = sub.add_parser(
+        "reproduce",
+        help="reproduce the paper's studies at small scale and write a report",
+        description="Train small ResNets and write report.md, PNG plots and results.json. "
+        "Finished training runs are cached in <out>/cache; rerun to resume after Ctrl-C.",
+    )
+    rep.add_argument("--quick", action="store_true",
+                     help="small budget: every study together in ~10 minutes on 2 CPU cores")
+    rep.add_argument("--only", default=None, metavar="STUDY,...",
+                     help="comma-separated study names (see `rethinkbn studies`)")
+    rep.add_argument("--seeds", type=int, default=None,
+                     help="number of seeds (default: 1 with --quick, 3 otherwise)")
+    rep.add_argument("--out", default="rethinkbn-report", help="output directory")
+    rep.add_argument("--cache", default=None, help="run cache directory (default: <out>/cache)")
+    rep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    rep.add_argument("--data", default="mnist1d",
+                     help="'mnist1d' (default, generated locally), 'mnist1d:<num_samples>', "
+                     "or a folder with CIFAR-10's python pickles or one sub-folder per class")
+    rep.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice)")
+    sub.add_parser("studies", help="list the studies, one line each")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"rethinkbn {args.command}: the reproduction harness is not built yet.")
-    return 0
+    from .studies.base import registered_studies
+
+    if args.command == "studies":
+        studies = registered_studies()
+        width = max(len(s.name) for s in studies)
+        for s in studies:
+            print(f"{s.name:<{width}}  {s.description}")
+        return 0
+
+    import torch
+
+    from .studies.harness import reproduce
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    try:
+        report, outcomes = reproduce(
+            only,
+            quick=args.quick,
+            seeds=args.seeds,
+            out_dir=args.out,
+            cache_dir=args.cache,
+            device=args.device,
+            data=args.data,
+        )
+    except KeyError as err:
+        print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nrethinkbn reproduce: interrupted; finished runs are cached, rerun to resume.",
+              file=sys.stderr)
+        return 130
+    print(f"report: {report}")
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 if __name__ == "__main__":

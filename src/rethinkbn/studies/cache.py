@@ -67,10 +67,10 @@ class RunCache:
 
     def get_or_run(self, config: dict[str, Any], fn: Callable[[], T]) -> T:
         """The cached result of ``config``, else ``fn()`` (stored before it is returned)."""
-        stored = self.get(config)
-        if stored is not None:
+        path = self.path(config)
+        if path is not None and path.exists():
             self.hits += 1
-            return stored
+            return self.get(config)
         self.misses += 1
         result = fn()
         self.put(config, result)

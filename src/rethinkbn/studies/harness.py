@@ -1,0 +1,96 @@
+"""Runs the selected studies and writes the report: the engine behind ``rethinkbn reproduce``."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import ProgressFactory, RunContext, get_study, registered_studies
+from .cache import RunCache
+from .data import DataSplit, load_data
+from .report import StudyOutcome, environment, write_outputs
+
+__all__ = ["reproduce", "tqdm_progress"]
+
+
+def tqdm_progress(
+    iterable: Any = None, *, desc: str | None = None, total: int | None = None,
+    leave: bool = False,
+) -> Any:
+    """Progress bars on stderr (tqdm), hidden when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True,
+                disable=None)
+
+
+def reproduce(
+    only: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    out_dir: Path | str = "rethinkbn-report",
+    cache_dir: Path | str | None = None,
+    device: str = "cpu",
+    data: str = "mnist1d",
+    progress: ProgressFactory = tqdm_progress,
+    log: Any = sys.stderr,
+) -> tuple[Path, list[StudyOutcome]]:
+    """Run the studies ``only`` (all registered ones when None) and write the report.
+
+    ``seeds``: how many seeds (default 1 in quick mode, 3 in full mode); the seeds are
+    ``0 .. seeds-1``. Finished training runs are cached in ``cache_dir`` (default
+    ``<out_dir>/cache``), so an interrupted reproduction resumes where it stopped. A study that
+    raises is reported as failed and the others still run; Ctrl-C stops everything (what
+    finished stays cached). Returns the report's path and the outcomes.
+    """
+    studies = [get_study(n) for n in only] if only else registered_studies()
+    n_seeds = seeds if seeds is not None else (1 if quick else 3)
+    if n_seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    out = Path(out_dir)
+    cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
+    loaded: list[DataSplit] = []
+
+    def dataset() -> DataSplit:
+        if not loaded:
+            loaded.append(load_data(data, cache_dir=cache.root))
+        return loaded[0]
+
+    ctx = RunContext(
+        quick=quick,
+        seeds=tuple(range(n_seeds)),
+        out_dir=out,
+        device=dev,
+        cache=cache,
+        progress=progress,
+        dataset=dataset,
+        data_spec=data,
+    )
+    start = time.perf_counter()
+    outcomes: list[StudyOutcome] = []
+    for study in studies:
+        print(f"[rethinkbn] {study.name}: {study.description}", file=log, flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = study.run(ctx)
+            outcomes.append(StudyOutcome(study, result, time.perf_counter() - t0))
+        except Exception as err:  # one broken study must not cost the others' report
+            traceback.print_exc(file=log)
+            message = f"{type(err).__name__}: {err}"
+            outcomes.append(StudyOutcome(study, None, time.perf_counter() - t0, message))
+        print(f"[rethinkbn] {study.name} done in {outcomes[-1].seconds:.0f} s", file=log,
+              flush=True)
+    wall = time.perf_counter() - start
+    env = environment(dev, ctx.seeds, quick, data)
+    env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
+    return write_outputs(out, outcomes, env, wall), outcomes

@@ -1,0 +1,174 @@
+"""Writes the reproduction's output: ``report.md`` and ``results.json``.
+
+``report.md`` opens with a summary table of every study (claim, ours, paper, verdict), then one
+section per study: its setup, our tables beside the paper's, its plots, and one verdict line per
+claim with the criterion that decided it. ``results.json`` holds every study's numbers, tables,
+verdicts and the environment (versions, device, threads, seeds, wall times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import Study, StudyResult
+
+__all__ = ["StudyOutcome", "environment", "render_report", "write_outputs"]
+
+
+@dataclass
+class StudyOutcome:
+    """One study's result (or its error message when it failed) and its wall time."""
+
+    study: Study
+    result: StudyResult | None
+    seconds: float
+    error: str | None = None
+
+
+def environment(device: torch.device, seeds: tuple[int, ...], quick: bool,
+                data: str) -> dict[str, Any]:
+    """Versions, device and run settings, for results.json and the report's closing lines."""
+    import numpy
+
+    from .. import __version__
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "rethinkbn": __version__,
+    }
+    try:
+        from importlib.metadata import version
+
+        versions["mnist1d"] = version("mnist1d")
+    except Exception:  # the package may be absent when --data is a folder
+        versions["mnist1d"] = None
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "seeds": list(seeds),
+        "mode": "quick" if quick else "full",
+        "data": data,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _summary_table(outcomes: list[StudyOutcome]) -> list[str]:
+    lines = ["| study | claim | ours | paper | verdict |", "|---|---|---|---|---|"]
+    for o in outcomes:
+        if o.result is None:
+            lines.append(f"| `{o.study.name}` | (failed: {o.error}) | - | - | - |")
+            continue
+        for row in o.result.summary:
+            lines.append(
+                f"| `{o.study.name}` | {row.claim} | {row.ours} | {row.paper} | "
+                f"**{row.verdict.label}** |"
+            )
+    return lines
+
+
+def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
+    """The markdown text of report.md."""
+    agreed = sum(r.verdict.agrees for o in outcomes if o.result for r in o.result.summary)
+    total = sum(len(o.result.summary) for o in outcomes if o.result)
+    out = [
+        "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
+        "",
+        f"Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
+        f"({env['torch_threads']} threads), seeds: {env['seeds']}, wall time: {wall_s:.0f} s. "
+        f"Our numbers are validation/training error (%) of small ResNets (mean ± std over seeds "
+        f"when there are several); the paper's are ResNet-50 on ImageNet or Mask R-CNN/RetinaNet "
+        f"on COCO. The verdicts compare the *direction* of each effect, with the criterion "
+        f"written beside it; {agreed} of {total} claims agree at this scale.",
+        "",
+        "## Summary",
+        "",
+        *_summary_table(outcomes),
+        "",
+    ]
+    for o in outcomes:
+        out += [f"## `{o.study.name}`: {o.study.description}", ""]
+        if o.result is None:
+            out += [f"This study failed after {o.seconds:.0f} s: `{o.error}`", ""]
+            continue
+        r = o.result
+        out += ["**Setup.** " + r.setup, ""]
+        for i in range(max(len(r.tables), len(r.paper_tables))):
+            if i < len(r.tables):
+                out += ["Ours: " + r.tables[i].to_markdown(), ""]
+            if i < len(r.paper_tables):
+                out += ["Paper: " + r.paper_tables[i].to_markdown(), ""]
+        for plot in r.plots:
+            out += [f"![{plot}]({plot})", ""]
+        out += ["**Verdicts.**", ""]
+        out += [f"- {row.claim}: {row.verdict.line()}" for row in r.summary]
+        out += [""]
+        if r.notes:
+            out += [r.notes, ""]
+        out += [f"*Wall time of this study: {o.seconds:.0f} s.*", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    out += ["## Environment", "", f"{versions}; {env['platform']}.", ""]
+    return "\n".join(out)
+
+
+def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, Any],
+                  wall_s: float) -> Path:
+    """Write report.md and results.json into ``out_dir``; returns the report's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "environment": {**env, "wall_time_s": wall_s},
+        "studies": {
+            o.study.name: {
+                "description": o.study.description,
+                "wall_time_s": o.seconds,
+                "error": o.error,
+                **(
+                    {
+                        "numbers": o.result.numbers,
+                        "tables": [t.to_json() for t in o.result.tables],
+                        "paper_tables": [t.to_json() for t in o.result.paper_tables],
+                        "plots": o.result.plots,
+                        "summary": [
+                            {
+                                "claim": r.claim,
+                                "ours": r.ours,
+                                "paper": r.paper,
+                                "verdict": r.verdict.label,
+                                "criterion": r.verdict.criterion,
+                                "detail": r.verdict.detail,
+                            }
+                            for r in o.result.summary
+                        ],
+                    }
+                    if o.result is not None
+                    else {}
+                ),
+            }
+            for o in outcomes
+        },
+    }
+    (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    report = out_dir / "report.md"
+    report.write_text(render_report(outcomes, env, wall_s))
+    return report
