@@ -103,8 +103,11 @@ def train(
     bar = progress(epochs, desc=desc, total=config.epochs, leave=False) if progress else epochs
     step = 0
     for epoch in bar:
+        params = list(model.parameters())
         for cb in callbacks:
             cb.on_epoch_start(epoch, model)
+        if [id(p) for p in model.parameters()] != [id(p) for p in params]:
+            opt = _rebuilt(opt, model)
         model.train()
         order = torch.randperm(len(x), generator=gen)
         for i in range(steps_per_epoch):
@@ -119,6 +122,17 @@ def train(
         for cb in callbacks:
             cb.on_epoch_end(epoch, model)
     return model
+
+
+def _rebuilt(opt: torch.optim.SGD, model: nn.Module) -> torch.optim.SGD:
+    """A new SGD over ``model``'s current parameters after a callback replaced layers (e.g.
+    FrozenBN); momentum buffers carry over for every parameter that is still the same tensor."""
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    new = torch.optim.SGD(model.parameters(), **group)
+    for p in model.parameters():
+        if p in opt.state:
+            new.state[p] = opt.state[p]
+    return new
 
 
 @torch.no_grad()

@@ -1,0 +1,66 @@
+"""Pieces shared by the studies of Sec. 3-4: scale settings, model construction, plotting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import RunContext, mean_std
+from .data import DataSplit
+from .models import build_model
+
+__all__ = ["Scale", "agg", "fmt", "new_model", "pyplot", "scale_for"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a study runs: training samples, epochs, model widths (part of every cache key)."""
+
+    num_train: int
+    num_val: int
+    epochs: int
+    widths: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"num_train": self.num_train, "num_val": self.num_val, "epochs": self.epochs,
+                "widths": list(self.widths)}
+
+
+def scale_for(ctx: RunContext, quick_epochs: int, full_epochs: int) -> Scale:
+    """Quick mode: 4000 training and 2000 validation samples, a narrow ResNet; full mode: all
+    of the data (MNIST-1D: 8000 / 2000) and a wider ResNet."""
+    data = ctx.dataset()
+    if ctx.quick:
+        return Scale(min(4000, len(data.train_x)), min(2000, len(data.val_x)), quick_epochs,
+                     (16, 32, 64))
+    return Scale(len(data.train_x), len(data.val_x), full_epochs, (32, 64, 128))
+
+
+def new_model(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> nn.Module:
+    """A freshly initialized ResNet for ``data`` on ``ctx.device``, initialized by ``seed``."""
+    torch.manual_seed(seed)
+    return build_model(data, widths=scale.widths).to(ctx.device)
+
+
+def agg(values: list[float]) -> tuple[float, float]:
+    """(mean, std) over seeds."""
+    return mean_std(values)
+
+
+def fmt(values: list[float]) -> str:
+    """``"12.3"`` for one seed, ``"12.3 ± 0.4"`` for several."""
+    m, s = mean_std(values)
+    return f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {s:.1f}"
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
