@@ -1,0 +1,296 @@
+"""Domain-specific BatchNorm: which statistics and affine parameters each domain uses.
+
+The paper's Sec. 5 (Table 5): when one module sees inputs from several domains (e.g. a detection
+head shared by all FPN levels), BatchNorm must decide, independently, which statistics SGD training
+normalizes with, which population statistics inference uses and whether the affine transform is
+shared. It works only when training and population statistics follow one paradigm.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..stats import Moments
+from . import functional as BF
+from .base import BatchNormBase, layer_name
+
+__all__ = ["DomainBatchNorm", "use_domain"]
+
+STATS_CHOICES = ("domain", "shared")
+AFFINE_CHOICES = ("shared", "domain")
+
+Domain = int | Tensor
+
+
+class DomainBatchNorm(BatchNormBase):
+    """BatchNorm over inputs from ``num_domains`` domains, with per-domain or shared statistics.
+
+    Three independent choices (the six rows of the paper's Table 5):
+
+    * ``train_stats``: ``"domain"`` normalizes every domain in a training batch with its own batch
+      statistics; ``"shared"`` normalizes the whole batch together.
+    * ``population_stats``: ``"domain"`` keeps running buffers of shape ``(num_domains, C)``
+      (and ``num_batches_tracked`` of shape ``(num_domains,)``), updated from each domain's batch
+      statistics (only domains present in the batch move) and used per domain at eval;
+      ``"shared"`` keeps torch's ``(C,)`` buffers, updated from the whole batch's statistics
+      and used for every domain at eval.
+    * ``affine``: ``"shared"`` (or ``True``) one weight/bias of shape ``(C,)``; ``"domain"``
+      weight/bias of shape ``(num_domains, C)``; ``False`` no affine transform.
+
+    The domain is always explicit: ``forward(x, domain)`` with an int (the whole batch is one
+    domain) or a LongTensor of one id per sample (every domain present is normalized with its own
+    statistics in one vectorized pass); without it, the domain set by :func:`use_domain`.
+
+    ``state_dict`` keys are torch's. A torch BatchNorm checkpoint (``(C,)`` tensors) loads into
+    per-domain parameters and buffers by copying it to every domain. With ``num_domains == 1`` and
+    everything shared, the layer equals torch's BatchNorm.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_domains: int,
+        train_stats: str = "domain",
+        population_stats: str = "domain",
+        affine: str | bool = "shared",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
+            raise ValueError(f"DomainBatchNorm: num_domains must be an int >= 1, got "
+                             f"{num_domains!r}")
+        for name, value in (("train_stats", train_stats), ("population_stats", population_stats)):
+            if value not in STATS_CHOICES:
+                raise ValueError(
+                    f"DomainBatchNorm: {name} must be one of {STATS_CHOICES}, got {value!r}"
+                )
+        affine_mode = {True: "shared", False: None}.get(affine, affine)  # type: ignore[call-overload]
+        if affine_mode not in (*AFFINE_CHOICES, None):
+            raise ValueError(
+                f"DomainBatchNorm: affine must be one of {AFFINE_CHOICES}, True or False, got "
+                f"{affine!r}"
+            )
+        super().__init__(
+            num_features, eps, momentum, affine_mode is not None, track_running_stats, device,
+            dtype,
+        )
+        self.num_domains = num_domains
+        self.train_stats = train_stats
+        self.population_stats = population_stats
+        self.affine_mode: str | None = affine_mode
+        self.current_domain: Domain | None = None
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        shape = (num_domains, num_features)
+        if affine_mode == "domain":
+            self.weight = nn.Parameter(torch.ones(shape, **factory))
+            self.bias = nn.Parameter(torch.zeros(shape, **factory))
+        if track_running_stats and population_stats == "domain":
+            self.running_mean = torch.zeros(shape, **factory)
+            self.running_var = torch.ones(shape, **factory)
+            self.num_batches_tracked = torch.zeros(num_domains, dtype=torch.long, device=device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_domains={self.num_domains}, "
+            f"train_stats={self.train_stats!r}, population_stats={self.population_stats!r}, "
+            f"affine={self.affine_mode!r}, eps={self.eps}, momentum={self.momentum}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    # ------------------------------------------------------------------ domains
+    def check_domain(self, domain: object, batch_size: int | None = None) -> Domain:
+        """Return ``domain`` as an int or a LongTensor of ids, or raise a clear error."""
+        if isinstance(domain, Tensor) and domain.dim() == 0 and not domain.is_floating_point():
+            domain = int(domain)
+        if isinstance(domain, int) and not isinstance(domain, bool):
+            if not 0 <= domain < self.num_domains:
+                raise ValueError(
+                    f"{layer_name(self)}: domain must be in [0, {self.num_domains}), got {domain}"
+                )
+            return domain
+        if isinstance(domain, Tensor):
+            if domain.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                    torch.uint8) or domain.dim() != 1:
+                raise TypeError(
+                    f"{layer_name(self)}: per-sample domain ids must be a 1-D integer tensor, "
+                    f"got dtype {domain.dtype} and shape {tuple(domain.shape)}"
+                )
+            if batch_size is not None and domain.numel() != batch_size:
+                raise ValueError(
+                    f"{layer_name(self)}: expected one domain id per sample ({batch_size}), got "
+                    f"{domain.numel()}"
+                )
+            if domain.numel() and (int(domain.min()) < 0 or int(domain.max()) >= self.num_domains):
+                raise ValueError(
+                    f"{layer_name(self)}: domain ids must be in [0, {self.num_domains}), got "
+                    f"values from {int(domain.min())} to {int(domain.max())}"
+                )
+            return domain.long()
+        if domain is None:
+            raise ValueError(
+                f"{layer_name(self)}: no domain given: call the layer as layer(x, domain=...) "
+                "with an int or per-sample ids, or run it inside use_domain(model, domain)"
+            )
+        raise TypeError(
+            f"{layer_name(self)}: domain must be an int or a 1-D integer tensor, got "
+            f"{type(domain).__name__}"
+        )
+
+    def _pick(self, t: Tensor | None, domain: Domain, per_domain: bool) -> Tensor | None:
+        """The rows of a per-domain tensor that ``domain`` selects; shared tensors unchanged."""
+        if t is None or not per_domain:
+            return t
+        return t[domain]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, domain: Domain | None = None) -> Tensor:
+        self._check_input(x)
+        dom = self.check_domain(self.current_domain if domain is None else domain, x.size(0))
+        weight = self._pick(self.weight, dom, self.affine_mode == "domain")
+        bias = self._pick(self.bias, dom, self.affine_mode == "domain")
+        if not self._uses_batch_stats():
+            per_domain = self.population_stats == "domain"
+            mean = self._pick(self.running_mean, dom, per_domain)
+            var = self._pick(self.running_var, dom, per_domain)
+            return BF.affine_normalize(x, mean, var, weight, bias, self.eps)  # type: ignore[arg-type]
+        ids = dom if isinstance(dom, Tensor) else None
+        self._check_values_per_channel(x, ids)
+        if ids is not None and self.train_stats == "domain":
+            y, mean, var, count = BF.segment_batch_norm(
+                x, ids, self.num_domains, weight, bias, self.eps
+            )
+            BF.check_finite(mean, layer_name(self))
+            domain_moments = Moments.from_var_mean(count[:, None], mean, var)
+            shared = domain_moments.total()
+            batch_mean, batch_var = shared.mean, shared.var(unbiased=True)
+        else:
+            per_sample_affine = weight is not None and weight.dim() == 2
+            y, batch_mean, batch_var = BF.native_batch_norm(
+                x, None if per_sample_affine else weight, None if per_sample_affine else bias,
+                self.eps,
+            )
+            BF.check_finite(batch_mean, layer_name(self))
+            if per_sample_affine:
+                y = BF.apply_affine(y, weight, bias)
+            domain_moments = None
+        needs_domain_moments = self.observer is not None or (
+            self._updates_running_stats() and self.population_stats == "domain"
+        )
+        if needs_domain_moments and domain_moments is None:
+            domain_moments = self._domain_moments(x, dom)
+        if self._updates_running_stats():
+            if self.population_stats == "shared":
+                self._update_running_stats(batch_mean, batch_var)
+            else:
+                assert domain_moments is not None
+                self._update_domain_running_stats(domain_moments)
+        if self.observer is not None:
+            self._observe(domain_moments)  # type: ignore[arg-type]
+        return y
+
+    def _check_values_per_channel(self, x: Tensor, ids: Tensor | None) -> None:
+        """Every set of values that gets a variance must have at least 2 per channel."""
+        spatial = x.numel() // max(x.size(0) * x.size(1), 1)
+        separate = ids is not None and (
+            self.train_stats == "domain"
+            or (self._updates_running_stats() and self.population_stats == "domain")
+        )
+        if separate:
+            assert ids is not None
+            counts = torch.bincount(ids, minlength=self.num_domains) * spatial
+            single = ((counts > 0) & (counts < 2)).nonzero().flatten().tolist()
+            if single:
+                raise ValueError(
+                    f"{layer_name(self)}: expected more than 1 value per channel for every "
+                    f"domain in a training batch, got 1 for domain(s) {single} (input shape "
+                    f"{tuple(x.shape)})"
+                )
+        elif x.size(0) * spatial < 2:
+            raise ValueError(
+                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
+                f"input shape {tuple(x.shape)}"
+            )
+
+    def _domain_moments(self, x: Tensor, domain: Domain) -> Moments:
+        """Float64 moments of every domain in the batch, shape ``(num_domains, C)``."""
+        if isinstance(domain, int):
+            rows, index = Moments.of(x), torch.tensor([domain], device=x.device)
+            rows = Moments(rows.count[None], rows.mean[None], rows.m2[None])
+        else:
+            rows, index = Moments.of(x, groups=x.size(0)), domain
+        return rows.segment_merge(index, self.num_domains)
+
+    @torch.no_grad()
+    def _update_domain_running_stats(self, moments: Moments) -> None:
+        """Torch's momentum rule, per domain, for the domains present in the batch only."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        present = moments.count[:, 0] > 0
+        self.num_batches_tracked.add_(present.long())
+        if self.momentum is None:
+            factor = 1.0 / self.num_batches_tracked.clamp_min(1).double()
+        else:
+            factor = torch.full_like(moments.count[:, 0], self.momentum)
+        factor = (factor * present)[:, None]
+        for buffer, batch in ((self.running_mean, moments.mean),
+                              (self.running_var, moments.var(unbiased=True))):
+            batch = torch.where(present[:, None], batch, buffer.double())
+            buffer.lerp_(batch.to(buffer.dtype), factor.to(buffer.dtype))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A torch BatchNorm checkpoint (shared tensors) initializes every domain with its values.
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            key, own = prefix + name, getattr(self, name)
+            if key in state_dict and own is not None:
+                value = state_dict[key]
+                if value.dim() == own.dim() - 1 and own.dim() >= 1 and (
+                    value.shape == own.shape[1:]
+                ):
+                    state_dict[key] = value.expand_as(own).clone()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+@contextmanager
+def use_domain(model: nn.Module, domain: Domain) -> Iterator[nn.Module]:
+    """Set the current domain of every :class:`DomainBatchNorm` in ``model`` for a block.
+
+    Side effects: sets ``current_domain`` on each DomainBatchNorm (after checking ``domain`` is
+    valid for all of them, so nothing changes on error) and restores the previous values on exit,
+    also when the block raises. A model without DomainBatchNorm gets a warning. Yields ``model``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DomainBatchNorm)]
+    if not layers:
+        warnings.warn(
+            f"use_domain: {model.__class__.__name__} has no DomainBatchNorm layer; the domain "
+            f"{domain!r} is not used", stacklevel=3,
+        )
+    checked = [m.check_domain(domain) for m in layers]
+    previous = [m.current_domain for m in layers]
+    try:
+        for m, d in zip(layers, checked, strict=True):
+            m.current_domain = d
+        yield model
+    finally:
+        for m, d in zip(layers, previous, strict=True):
+            m.current_domain = d

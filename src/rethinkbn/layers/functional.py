@@ -1,0 +1,348 @@
+"""The math of the BatchNorm layer family, in one place; the layer classes only hold state.
+
+Every function here is stateless: it takes tensors and returns tensors (the normalized output and
+the batch statistics that were used), and never writes into running buffers. The layers decide
+what to do with the statistics (blend them into buffers, report them to an observer), after they
+have checked them, so that a failing call leaves a layer exactly as it was.
+
+Normalization of a set of values ``x`` of one channel with statistics ``(mean, var)``::
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias
+
+Statistics are reduced in float32 for float16/bfloat16 inputs and the output has the input's dtype,
+as in torch's BatchNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..stats import _compute_dtype
+
+__all__ = [
+    "GroupStats",
+    "affine_normalize",
+    "apply_affine",
+    "check_finite",
+    "check_grouping",
+    "ghost_batch_norm",
+    "group_index",
+    "group_sizes",
+    "native_batch_norm",
+    "segment_batch_norm",
+    "segment_var_mean",
+]
+
+GROUPINGS = ("contiguous", "strided")
+
+# (mean, unbiased variance, number of values) of each group: shapes (G, C), (G, C), (G,).
+GroupStats = tuple[Tensor, Tensor, Tensor]
+
+
+def check_finite(mean: Tensor, owner: str) -> None:
+    """Raise before any state changes when batch statistics show NaN/Inf in the input.
+
+    A NaN or Inf value makes its channel's mean non-finite, so checking the small statistics
+    tensor costs nothing, where scanning the input would cost a pass over it.
+    """
+    if not bool(torch.isfinite(mean).all()):
+        bad = (~torch.isfinite(mean)).nonzero()[:, -1].unique().tolist()
+        raise ValueError(
+            f"{owner}: expected finite input values, got NaN or Inf in channel(s) {bad[:8]}; "
+            "the layer was left unchanged"
+        )
+
+
+def _spatial_numel(x: Tensor) -> int:
+    return x.numel() // max(x.size(0) * x.size(1), 1)
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """View a ``(C,)`` or per-sample ``(N, C)`` tensor so that it broadcasts against ``x``."""
+    lead = (1, -1) if t.dim() == 1 else (t.size(0), -1)
+    return t.reshape(*lead, *([1] * (x.dim() - 2)))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
+    # torch's CPU kernel accepts reduced-precision inputs with float32 parameters ("mixed type");
+    # its statistics must then be float32 too.
+    if weight is not None:
+        return weight.dtype
+    return _compute_dtype(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole batch: torch's native kernel
+# --------------------------------------------------------------------------------------------
+def native_batch_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``x`` with its own batch statistics using torch's fused kernel.
+
+    Returns ``(y, mean, unbiased_var)`` with statistics of shape ``(C,)``. The statistics come
+    from throw-away running buffers updated with momentum 1, so they are exactly the values torch's
+    BatchNorm would blend into its buffers, and nothing is written anywhere else.
+    """
+    dtype = _stats_dtype(x, weight)
+    mean = torch.zeros(x.size(1), dtype=dtype, device=x.device)
+    var = torch.ones(x.size(1), dtype=dtype, device=x.device)
+    y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)
+    return y, mean, var
+
+
+def affine_normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Normalize with given statistics as one fused scale and shift: ``y = x * scale + shift``.
+
+    ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` are computed in (at
+    least) float32, so a variance that underflows in float16 gives ``1 / sqrt(eps)``, never inf or
+    NaN. ``mean``, ``var``, ``weight`` and ``bias`` have shape ``(C,)``, or ``(N, C)`` for
+    per-sample statistics. Differentiable in ``x``, ``weight`` and ``bias`` (and the statistics).
+    """
+    acc = torch.promote_types(_compute_dtype(x), torch.float32)
+    scale = torch.rsqrt(var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    if x.dtype == acc:
+        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+    # Reduced-precision input: fuse in float32 (a float16 scale times a large mean cancels badly).
+    y = torch.addcmul(_per_channel(shift, x), x.to(acc), _per_channel(scale, x))
+    return y.to(x.dtype)
+
+
+def apply_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``y * weight + bias`` with ``(C,)`` or per-sample ``(N, C)`` parameters; dtype of ``y``."""
+    if weight is not None:
+        y2 = y * _per_channel(weight, y) if bias is None else torch.addcmul(
+            _per_channel(bias, y), y, _per_channel(weight, y))
+    elif bias is not None:
+        y2 = y + _per_channel(bias, y)
+    else:
+        return y
+    return y2.to(y.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups of samples (ghost BatchNorm)
+# --------------------------------------------------------------------------------------------
+def check_grouping(grouping: str) -> None:
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+
+
+def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:
+    """Sizes of the contiguous groups a batch of ``batch_size`` samples is split into.
+
+    Groups of ``norm_batch_size`` samples; the remainder ``r = batch_size % norm_batch_size``
+    forms its own (smaller) group when ``r >= 2`` and otherwise joins the previous group, which
+    then has ``norm_batch_size + 1`` samples. ``None`` (or a size >= the batch) is one group.
+
+    >>> group_sizes(10, 4), group_sizes(9, 4), group_sizes(3, 8)
+    ([4, 4, 2], [4, 5], [3])
+    """
+    if norm_batch_size is None or norm_batch_size >= batch_size:
+        return [batch_size]
+    full, rest = divmod(batch_size, norm_batch_size)
+    sizes = [norm_batch_size] * full
+    if rest >= 2:
+        sizes.append(rest)
+    elif rest == 1:
+        sizes[-1] += 1
+    return sizes
+
+
+def group_index(batch_size: int, sizes: list[int], grouping: str, device: Any = None) -> Tensor:
+    """The group id of every sample: contiguous blocks of ``sizes``, or ``i % len(sizes)``."""
+    if grouping == "strided":
+        return torch.arange(batch_size, device=device) % len(sizes)
+    counts = torch.tensor(sizes, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+
+
+class _ContiguousGroupNorm(torch.autograd.Function):
+    """Batch normalization of ``G`` equal contiguous groups of samples, with a fused backward.
+
+    torch's native kernel needs the normalized groups in one channel dim, which contiguous groups
+    of an ``(N, C, ...)`` tensor cannot form without a copy; this function reduces over a
+    ``(G, n, C, S)`` view instead. Per group g and channel c, over its ``m = n * S`` values::
+
+        mean = sum(x) / m,   xc = x - mean,   var = sum(xc^2) / m   (two passes: no cancellation)
+        y    = xc * (w / sqrt(var + eps)) + b
+        dx   = w / sqrt(var + eps) * (dy - sum(dy) / m - xc * sum(dy * xc) / (m * (var + eps)))
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        groups: int,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xs = x.view(groups, x.size(0) // groups, x.size(1), -1)
+        m = xs.size(1) * xs.size(3)
+        mean = xs.sum(dim=(1, 3), keepdim=True).div_(m)
+        xc = xs - mean
+        # vector_norm reduces the contiguous last dim without materializing xc ** 2.
+        var = torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
+        var.div_(m)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
+        if bias is None:
+            y = xc * scale
+        else:
+            y = torch.addcmul(bias.view(1, 1, -1, 1), xc, scale)
+        ctx.save_for_backward(xc, invstd, weight)
+        ctx.mark_non_differentiable(mean, var)
+        return y.view(x.shape), mean.view(groups, -1), var.view(groups, -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        xc, invstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        dy = grad_y.reshape(xc.shape)
+        m = xc.size(1) * xc.size(3)
+        sum_dy = dy.sum(dim=(1, 3), keepdim=True)
+        sum_dy_xc = torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
+        k = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(-k * sum_dy / m, dy, k)
+            grad_x.addcmul_(xc, -k * invstd.square() * sum_dy_xc / m)
+            grad_x = grad_x.view(grad_y.shape)
+        grad_w = (sum_dy_xc * invstd).sum(dim=(0, 1, 3)) if ctx.needs_input_grad[1] else None
+        grad_b = sum_dy.sum(dim=(0, 1, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _unbiased(var: Tensor, count: Tensor | int) -> Tensor:
+    """Bessel's correction of a biased variance over ``count`` values (``count >= 2``)."""
+    count = torch.as_tensor(count, dtype=var.dtype, device=var.device)
+    return var * (count / (count - 1))
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    norm_batch_size: int | None,
+    grouping: str = "contiguous",
+) -> tuple[Tensor, GroupStats]:
+    """Normalize every group of ``norm_batch_size`` samples with the group's own statistics.
+
+    Groups follow :func:`group_sizes`; with ``grouping="strided"`` there are as many groups but
+    sample ``i`` belongs to group ``i % G`` (group sizes then differ by at most one). Returns ``y``
+    and the :data:`GroupStats` ``(mean, unbiased_var, count)`` of every group.
+
+    One vectorized computation for all groups: torch's kernel on a zero-copy ``(n, G*C, ...)``
+    view for equal strided groups, a fused function over a ``(G, n, C, S)`` view for equal
+    contiguous groups, and segment reductions when the groups have unequal sizes.
+    """
+    sizes = group_sizes(x.size(0), norm_batch_size)
+    groups, spatial = len(sizes), _spatial_numel(x)
+    if groups == 1:
+        y, mean, var = native_batch_norm(x, weight, bias, eps)
+        return y, (mean[None], var[None], torch.tensor([x.numel() // x.size(1)]))
+    equal = x.size(0) % groups == 0
+    fmt = _memory_format(x)
+    if not equal:
+        index = group_index(x.size(0), sizes, grouping, x.device)
+        y, mean, var, count = segment_batch_norm(x, index, groups, weight, bias, eps)
+        return y, (mean, _unbiased(var, count[:, None]), count)
+    n = x.size(0) // groups
+    count = torch.full((groups,), n * spatial)
+    xin = x.contiguous()
+    if grouping == "strided":
+        channels = groups * x.size(1)
+        rep = (lambda t: None if t is None else t.repeat(groups))
+        y, mean, var = native_batch_norm(
+            xin.view(n, channels, *x.shape[2:]), rep(weight), rep(bias), eps
+        )
+        y = y.view(x.shape)
+        mean, var = mean.view(groups, -1), var.view(groups, -1)
+    else:
+        y, mean, var = _ContiguousGroupNorm.apply(xin.to(_compute_dtype(x)), weight, bias,
+                                                  groups, eps)
+        y = y.to(x.dtype)
+        var = _unbiased(var, n * spatial)
+    return y.contiguous(memory_format=fmt), (mean, var, count)
+
+
+# --------------------------------------------------------------------------------------------
+# Segments of samples (unequal groups, domains)
+# --------------------------------------------------------------------------------------------
+def segment_var_mean(
+    x: Tensor, index: Tensor, num_segments: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Biased variance and mean of every segment of samples, differentiable.
+
+    Sample ``i`` belongs to segment ``index[i]``. With ``S`` values per sample and channel and
+    ``n_s`` samples in segment ``s``, the segment has ``m_s = n_s * S`` values and::
+
+        mean_s = sum_{i in s} sum(x_i) / m_s
+        var_s  = sum_{i in s} sum((x_i - mean_s)^2) / m_s      (two passes: no cancellation)
+
+    Returns ``(var, mean, count, centered)``: ``var`` and ``mean`` of shape ``(num_segments, C)``
+    (zero for empty segments), ``count = m_s`` of shape ``(num_segments,)`` and the centered input
+    ``x - mean[index]`` (in the computation dtype).
+    """
+    xf = x.to(_compute_dtype(x))
+    dims = tuple(range(2, x.dim()))
+    per_sample = xf.sum(dim=dims) if dims else xf
+    count = torch.bincount(index, minlength=num_segments) * _spatial_numel(x)
+    safe = count.clamp_min(1).to(xf.dtype)[:, None]
+    mean = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample) / safe
+    centered = xf - _per_channel(mean[index], xf)
+    sq = centered.square()
+    per_sample_sq = sq.sum(dim=dims) if dims else sq
+    var = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample_sq) / safe
+    return var, mean, count, centered
+
+
+def segment_batch_norm(
+    x: Tensor,
+    index: Tensor,
+    num_segments: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize every segment of samples (``index[i]`` is sample i's) with its own statistics.
+
+    ``weight``/``bias`` are ``(C,)`` or per-sample ``(N, C)``. Returns ``(y, mean, biased_var,
+    count)`` with statistics as in :func:`segment_var_mean`. One vectorized pass, differentiable.
+    """
+    var, mean, count, centered = segment_var_mean(x, index, num_segments)
+    scale = torch.rsqrt(var + eps)[index]
+    if weight is not None:
+        scale = scale * (weight if weight.dim() == 2 else weight[None]).to(scale.dtype)
+    y = centered * _per_channel(scale, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(y.dtype), x)
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x)), mean, var, count

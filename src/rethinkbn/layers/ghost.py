@@ -1,0 +1,113 @@
+"""Ghost BatchNorm: normalize groups of ``norm_batch_size`` samples with their own statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..stats import Moments
+from . import functional as BF
+from .base import BatchNormBase, layer_name
+
+__all__ = ["GhostBatchNorm"]
+
+
+class GhostBatchNorm(BatchNormBase):
+    """BatchNorm whose training statistics come from groups of ``norm_batch_size`` samples.
+
+    The paper's *normalization batch size* (NBS): in training, the batch is split into groups and
+    every group is normalized with its own mean and variance, all groups in one vectorized
+    computation. This is what per-GPU BatchNorm does to a batch split across devices, on one
+    device.
+
+    * ``grouping="contiguous"`` (default): samples ``0..k-1``, ``k..2k-1``, ... form the groups;
+      ``grouping="strided"``: sample ``i`` belongs to group ``i % G``.
+    * A batch that ``k = norm_batch_size`` does not divide: the remainder ``r = N % k`` is a group
+      of its own when ``r >= 2``; a single left-over sample joins the previous group (``k + 1``
+      samples). With strided grouping the same number ``G`` of groups is used.
+    * ``norm_batch_size=None`` (or ``>= N``) normalizes the whole batch: the layer is then exactly
+      torch's BatchNorm.
+    * Running statistics are updated once per step, with torch's momentum rule, from the
+      *sample-weighted* average of the group statistics::
+
+          mean_B = sum_g n_g * mean_g / N,    var_B = sum_g n_g * unbiased_var_g / N
+
+      where ``n_g`` is the number of samples of group ``g``; for equal groups this is the plain
+      average of the group statistics.
+    * Eval uses the running statistics, never groups. Without running statistics
+      (``track_running_stats=False``) eval normalizes the whole batch, as torch does.
+
+    ``norm_batch_size`` and ``grouping`` are plain attributes and may be changed at any time.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        norm_batch_size: int | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        grouping: str = "contiguous",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_norm_batch_size(norm_batch_size, "GhostBatchNorm")
+        BF.check_grouping(grouping)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.norm_batch_size = norm_batch_size
+        self.grouping = grouping
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, norm_batch_size={self.norm_batch_size}, "
+            f"grouping={self.grouping!r}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self._uses_batch_stats():
+            return BF.affine_normalize(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        nbs = self.norm_batch_size if self.training else None
+        _check_norm_batch_size(nbs, layer_name(self))
+        if self.grouping not in BF.GROUPINGS:
+            raise ValueError(
+                f"{layer_name(self)}: grouping must be one of {BF.GROUPINGS}, "
+                f"got {self.grouping!r}"
+            )
+        sizes = BF.group_sizes(x.size(0), nbs)
+        smallest = min(sizes) if self.grouping == "contiguous" else x.size(0) // len(sizes)
+        values = smallest * (x.numel() // max(x.size(0) * x.size(1), 1))
+        if values < 2:
+            raise ValueError(
+                f"{layer_name(self)}: expected more than 1 value per channel in every "
+                f"normalization group when training, got {values} (input shape "
+                f"{tuple(x.shape)}, norm_batch_size={nbs}, groups of {sizes} samples)"
+            )
+        y, (mean, var, count) = BF.ghost_batch_norm(
+            x, self.weight, self.bias, self.eps, nbs, self.grouping
+        )
+        BF.check_finite(mean, layer_name(self))
+        if self._updates_running_stats():
+            weights = count.to(device=mean.device, dtype=mean.dtype)[:, None]
+            weights = weights / weights.sum()
+            self._update_running_stats((mean * weights).sum(0), (var * weights).sum(0))
+        if self.observer is not None:
+            self._observe(Moments.of(x))
+        return y
+
+
+def _check_norm_batch_size(norm_batch_size: object, owner: str) -> None:
+    if norm_batch_size is None:
+        return
+    if isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int):
+        raise TypeError(
+            f"{owner}: norm_batch_size must be a positive int or None, got {norm_batch_size!r}"
+        )
+    if norm_batch_size < 1:
+        raise ValueError(
+            f"{owner}: norm_batch_size must be >= 1 (samples per normalization group) or None "
+            f"(the whole batch), got {norm_batch_size}"
+        )
