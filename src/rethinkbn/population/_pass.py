@@ -1,0 +1,353 @@
+"""The statistics pass shared by precise_bn, recompute_stats and ema_report.
+
+One pass runs the model without gradients over a budget of batches while every BatchNorm layer
+normalizes with batch statistics, and records the float64 moments of every call of every layer.
+Three ways of reading a call's moments, cheapest first:
+
+- ``"buffers"`` (torch BatchNorm): momentum is 1.0 during the pass, so after each call the running
+  buffers hold that batch's mean and unbiased variance; a forward hook copies them (two C-vectors,
+  no extra pass over the activations) and turns them into moments with ``m2 = var * (n - 1)``.
+- ``"observer"`` (the rethinkbn layer family): the layer hands its own float64 moments to
+  ``layer.observer``.
+- ``"input"`` (FrozenBatchNorm when asked, torch SyncBatchNorm across several ranks): a
+  forward-pre-hook computes ``Moments.of(input)``.
+
+The model is restored exactly when the pass ends, however it ends; installing anything is the
+caller's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..layers.base import BatchNormBase
+from ..stats import Moments, all_reduce_moments
+from ._state import ModelGuard, batchnorm_layers, is_frozen, running_buffers, unwrap
+
+__all__ = ["ForwardFn", "PassResult", "run_pass"]
+
+logger = logging.getLogger("rethinkbn.population")
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass
+class _Recorder:
+    """The per-call moments of one layer, kept as rows to be stacked once at the end."""
+
+    name: str
+    layer: nn.Module
+    mode: str
+    rows: list[Moments] = field(default_factory=list)
+    # "buffers" mode keeps the raw read-back (count, mean, unbiased var) and converts at the end.
+    raw: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
+
+    def observe(self, _layer: nn.Module, moments: Moments) -> None:
+        self.rows.append(moments)
+
+    def read_input(self, _layer: nn.Module, args: tuple[Any, ...]) -> None:
+        self.rows.append(Moments.of(args[0]))
+
+    def read_buffers(self, layer: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
+        n = output.numel() // max(output.size(1), 1)
+        self.raw.append((n, layer.running_mean.clone(), layer.running_var.clone()))
+
+    def per_call(self) -> Moments | None:
+        """All calls as one Moments with a leading call dim, or None when never called."""
+        if self.raw:
+            mean = torch.stack([m for _, m, _ in self.raw]).double()
+            var = torch.stack([v for _, _, v in self.raw]).double()
+            counts = torch.tensor([n for n, _, _ in self.raw], dtype=torch.float64)
+            count = counts.to(mean.device)[:, None].expand_as(mean).clone()
+            return Moments(count, mean, var * (count - 1))
+        if not self.rows:
+            return None
+        return Moments(*(torch.stack([getattr(r, f) for r in self.rows]) for f in FIELDS))
+
+
+FIELDS = ("count", "mean", "m2")
+
+
+@dataclass
+class PassResult:
+    """What one statistics pass saw.
+
+    ``calls[name]`` holds the moments of every call of layer ``name`` with a leading call dim
+    (rank-local); ``totals[name]`` their exact merge, reduced across ranks when distributed.
+    Layers never called have no entry in ``calls`` and zero counts in ``totals``.
+    """
+
+    layers: dict[str, nn.Module]
+    calls: dict[str, Moments]
+    totals: dict[str, Moments]
+    num_samples: int
+    num_batches: int
+
+
+def select_input(batch: Any, input_key: Any = None) -> Any:
+    """The model input of a batch: the batch itself, its first element, or ``batch[input_key]``."""
+    if isinstance(batch, Mapping):
+        if input_key is None:
+            raise TypeError(
+                f"the batch is a mapping with keys {sorted(map(str, batch))}; pass input_key= to "
+                "say which one is the model input, or forward= to call the model yourself"
+            )
+        return batch[input_key]
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("got an empty tuple/list as a batch; expected (input, ...)")
+        return batch[0]
+    return batch
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, (tuple, list)) or isinstance(batch, Mapping):
+        for item in items:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def batch_size(batch: Any, input_key: Any = None) -> int:
+    """Samples in a batch: dim 0 of its model input (or of its first tensor)."""
+    try:
+        x = select_input(batch, input_key)
+    except (TypeError, ValueError):
+        x = None
+    if not isinstance(x, Tensor):
+        x = _first_tensor(batch)
+    if x is None or x.dim() == 0:
+        raise TypeError(
+            f"cannot tell the batch size of a batch of type {type(batch).__name__}; expected a "
+            "tensor (N, ...) or a tuple/list/dict holding one"
+        )
+    return int(x.size(0))
+
+
+def to_device(batch: Any, device: torch.device | str | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def default_forward(input_key: Any = None) -> ForwardFn:
+    def forward(model: nn.Module, batch: Any) -> Any:
+        return model(select_input(batch, input_key))
+
+    return forward
+
+
+def _syncs_across_ranks(layer: nn.Module) -> bool:
+    if not isinstance(layer, nn.SyncBatchNorm) or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        return False
+    group = layer.process_group or dist.group.WORLD
+    return dist.get_world_size(group) > 1
+
+
+def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -> _Recorder:
+    """Put one layer in pass mode (recorded in ``guard``) and hook its recorder."""
+    guard.set_attr(layer, "_rethinkbn_name", name)
+    buffers = running_buffers(layer)
+    if is_frozen(layer):
+        rec = _Recorder(name, layer, "input")
+        guard.hook(layer.register_forward_pre_hook(rec.read_input))
+        return rec
+    assert buffers is not None
+    if isinstance(layer, BatchNormBase):
+        rec = _Recorder(name, layer, "observer")
+        guard.keep_values([*buffers, layer.num_batches_tracked])
+        guard.set_attr(layer, "observer", rec.observe)
+        if hasattr(layer, "norm_batch_size"):
+            guard.set_attr(layer, "norm_batch_size", pass_nbs)
+        layer.training = True
+        return rec
+    guard.keep_values([*buffers, layer.num_batches_tracked])
+    if _syncs_across_ranks(layer):
+        # Each rank's moments must stay local until the one reduction at the end: in eval mode with
+        # no buffers, SyncBatchNorm normalizes with local batch statistics and does not sync.
+        rec = _Recorder(name, layer, "input")
+        guard.set_buffer_slot(layer, "running_mean", None)
+        guard.set_buffer_slot(layer, "running_var", None)
+        layer.training = False
+        guard.hook(layer.register_forward_pre_hook(rec.read_input))
+        return rec
+    rec = _Recorder(name, layer, "buffers")
+    guard.set_attr(layer, "momentum", 1.0)
+    with torch.no_grad():
+        # momentum 1 computes 0 * old + 1 * batch: a NaN already in the buffer would survive it.
+        buffers[0].zero_()
+        buffers[1].fill_(1.0)
+    layer.training = True
+    guard.hook(layer.register_forward_hook(rec.read_buffers))
+    return rec
+
+
+def pass_layers(model: nn.Module, include_frozen: bool) -> list[tuple[str, nn.Module]]:
+    """The layers a pass estimates: those with running statistics, FrozenBN only when asked."""
+    out = []
+    for name, layer in batchnorm_layers(model):
+        if running_buffers(layer) is None:
+            logger.debug("skipping %s: it keeps no running statistics", name)
+        elif is_frozen(layer) and not include_frozen:
+            logger.debug("skipping %s: FrozenBatchNorm (pass include_frozen=True)", name)
+        else:
+            out.append((name, layer))
+    return out
+
+
+def _budget(num_samples: int | None, num_batches: int | None) -> tuple[str, int]:
+    if num_batches is not None:
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+        return "batches", num_batches
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    return "samples", num_samples
+
+
+def run_pass(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    caller: str,
+    num_samples: int | None = 10_000,
+    num_batches: int | None = None,
+    forward: ForwardFn | None = None,
+    input_key: Any = None,
+    device: torch.device | str | None = None,
+    pass_norm_batch_size: int | None = None,
+    include_frozen: bool = False,
+    keep_modes: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> PassResult:
+    """Run the statistics pass (see the module docstring); the model is restored when it returns.
+
+    Raises ValueError for an empty ``data`` (or a short one with ``strict=True``); in a
+    distributed run every rank raises together, since the check is folded into the one
+    reduction.
+    """
+    unit, budget = _budget(num_samples, num_batches)
+    if pass_norm_batch_size is not None and (
+        not isinstance(pass_norm_batch_size, int) or pass_norm_batch_size < 1
+    ):
+        raise ValueError(
+            f"pass_norm_batch_size must be a positive int or None, got {pass_norm_batch_size!r}"
+        )
+    model = unwrap(model)
+    layers = pass_layers(model, include_frozen)
+    forward = forward or default_forward(input_key)
+    show = sys.stderr.isatty() if progress is None else progress
+    seen_samples = seen_batches = 0
+    guard = ModelGuard(model)
+    try:
+        if not keep_modes:
+            for module in model.modules():
+                module.training = False
+        recorders = [_arm(guard, name, layer, pass_norm_batch_size) for name, layer in layers]
+        bar = tqdm(total=budget, unit=unit[:-1], desc=caller, disable=not show, leave=False)
+        with torch.no_grad(), bar:
+            iterator = iter(data)
+            while (seen_samples if unit == "samples" else seen_batches) < budget:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                batch = to_device(batch, device)
+                n = batch_size(batch, input_key)
+                forward(model, batch)
+                seen_samples += n
+                seen_batches += 1
+                bar.update(n if unit == "samples" else 1)
+    finally:
+        guard.restore()
+    calls: dict[str, Moments] = {}
+    for rec in recorders:
+        rows = rec.per_call()
+        if rows is not None:
+            calls[rec.name] = rows
+    seen = seen_samples if unit == "samples" else seen_batches
+    problem = None
+    if seen_batches == 0:
+        problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
+    elif seen < budget:
+        message = (
+            f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "
+            f"of the budget of {budget} {unit}"
+        )
+        if strict:
+            problem = message + " (strict=True)"
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+    totals = _reduce(layers, calls, problem, process_group, caller)
+    for name, _ in layers:
+        if name not in calls:
+            warnings.warn(
+                f"{caller}: layer '{name}' was never called during the pass; its statistics are "
+                "left unchanged",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    logger.info(
+        "%s: %d samples in %d batches, %d BatchNorm layers", caller, seen_samples, seen_batches,
+        len(layers),
+    )
+    return PassResult(dict(layers), calls, totals, seen_samples, seen_batches)
+
+
+def _reduce(
+    layers: list[tuple[str, nn.Module]],
+    calls: dict[str, Moments],
+    problem: str | None,
+    group: dist.ProcessGroup | None,
+    caller: str,
+) -> dict[str, Moments]:
+    """Merge each layer's calls, then all layers across ranks in one collective.
+
+    A failure flag travels in the same collective (as the count of an extra one-element set of
+    moments), so that a rank with an empty or short loader makes every rank raise instead of
+    leaving the others waiting.
+    """
+    totals = []
+    for name, layer in layers:
+        if name in calls:
+            totals.append(calls[name].total())
+        else:
+            shape = running_buffers(layer)[0].shape  # type: ignore[index]
+            totals.append(Moments.zeros(shape, device=running_buffers(layer)[0].device))  # type: ignore[index]
+    device = totals[0].mean.device if totals else torch.device("cpu")
+    flag = Moments.zeros(1, device=device)
+    if problem is not None:
+        flag = Moments(flag.count + 1, flag.mean, flag.m2)
+    reduced = all_reduce_moments([*totals, flag], group)
+    failed = int(reduced[-1].count.item())
+    if problem is not None:
+        raise ValueError(problem)
+    if failed:
+        raise ValueError(f"{caller}: {failed} other rank(s) had an empty or short data loader")
+    return {name: m for (name, _), m in zip(layers, reduced[:-1], strict=True)}

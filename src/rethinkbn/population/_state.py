@@ -1,0 +1,129 @@
+"""Finding BatchNorm layers and putting a model back exactly as it was.
+
+Every function of :mod:`rethinkbn.population` that changes a model temporarily (modes, momenta,
+observers, hooks, buffer values) records the old state in a :class:`ModelGuard` first and calls
+:meth:`ModelGuard.restore` in ``finally``, so an exception, a ``KeyboardInterrupt`` or bad
+statistics leave the model as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+from ..layers.base import BatchNormBase
+
+__all__ = [
+    "ModelGuard",
+    "batchnorm_layers",
+    "is_frozen",
+    "running_buffers",
+    "unwrap",
+]
+
+_MISSING = object()
+STAT_BUFFERS = ("running_mean", "running_var")
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    try:
+        from ..layers import is_batchnorm
+    except ImportError:  # the layer family is built alongside; torch's test is the fallback
+        return isinstance(module, (_BatchNorm, BatchNormBase))
+    return bool(is_batchnorm(module))
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` is a FrozenBatchNorm (normalizes with fixed statistics in every mode)."""
+    try:
+        from ..layers import FrozenBatchNorm
+    except ImportError:
+        return False
+    return isinstance(module, FrozenBatchNorm)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel wrappers; buffers are shared, not copied."""
+    while isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)
+    ):
+        model = model.module
+    return model
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, layer)`` for every BatchNorm layer of ``model``, in module order.
+
+    A layer registered under several names appears once, under its first name.
+    """
+    seen: set[int] = set()
+    out = []
+    for name, module in model.named_modules():
+        if _is_batchnorm(module) and id(module) not in seen:
+            seen.add(id(module))
+            out.append((name or "<model>", module))
+    return out
+
+
+def running_buffers(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The layer's ``(running_mean, running_var)``, or None when it keeps no running statistics."""
+    mean = getattr(layer, "running_mean", None)
+    var = getattr(layer, "running_var", None)
+    if isinstance(mean, Tensor) and isinstance(var, Tensor):
+        return mean, var
+    return None
+
+
+class ModelGuard:
+    """Records what a temporary change touches and puts it back, bit for bit, on :meth:`restore`.
+
+    Training flags of every module are recorded on construction. Attributes, buffer values and
+    ``_buffers`` slots are recorded by the methods that change them; hooks registered through
+    :meth:`hook` are removed. Restoring runs in reverse order of the changes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._flags = [(m, m.training) for m in model.modules()]
+        self._undo: list[Any] = []
+
+    def set_attr(self, module: nn.Module, name: str, value: Any) -> None:
+        """``setattr(module, name, value)``, undone on restore (deleted if it did not exist)."""
+        self._undo.append(("attr", module, name, getattr(module, name, _MISSING)))
+        setattr(module, name, value)
+
+    def keep_values(self, tensors: list[Tensor]) -> None:
+        """Remember the values of ``tensors`` to copy them back in place (same tensor objects)."""
+        self._undo.append(("values", [(t, t.detach().clone()) for t in tensors]))
+
+    def set_buffer_slot(self, module: nn.Module, name: str, value: Tensor | None) -> None:
+        self._undo.append(("slot", module, name, module._buffers[name]))
+        module._buffers[name] = value
+
+    def hook(self, handle: RemovableHandle) -> None:
+        self._undo.append(("hook", handle))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for entry in reversed(self._undo):
+                kind = entry[0]
+                if kind == "attr":
+                    _, module, name, old = entry
+                    if old is _MISSING:
+                        delattr(module, name)
+                    else:
+                        setattr(module, name, old)
+                elif kind == "values":
+                    for live, saved in entry[1]:
+                        live.copy_(saved)
+                elif kind == "slot":
+                    _, module, name, old = entry
+                    module._buffers[name] = old
+                else:
+                    entry[1].remove()
+        self._undo.clear()
+        for module, flag in self._flags:
+            module.training = flag

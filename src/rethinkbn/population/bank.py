@@ -1,0 +1,171 @@
+"""Named snapshots of BatchNorm statistics, and switching a model between them.
+
+A *snapshot* is a plain dict ``{layer qualified name: {"running_mean": t, "running_var": t}}``:
+the population statistics of every BatchNorm layer of one model (the paper's Sec. 5.1 keeps one per
+test domain). A :class:`StatsBank` holds several under names such as ``"source"`` and
+``"contrast"``, saves them to one ``torch.save`` file, and switches a model between them in
+place: O(number of BatchNorm layers) tensor copies, no copy of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._state import STAT_BUFFERS, batchnorm_layers, running_buffers, unwrap
+
+__all__ = ["Snapshot", "StatsBank", "capture_stats", "install_stats"]
+
+Snapshot = dict[str, dict[str, Tensor]]
+
+
+def _stat_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name: layer for name, layer in batchnorm_layers(unwrap(model))
+        if running_buffers(layer) is not None
+    }
+
+
+def capture_stats(model: nn.Module) -> Snapshot:
+    """A snapshot (copies) of the running statistics of every BatchNorm layer of ``model``."""
+    return {
+        name: {key: getattr(layer, key).detach().clone() for key in STAT_BUFFERS}
+        for name, layer in _stat_layers(model).items()
+    }
+
+
+def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]],
+                    what: str) -> None:
+    missing = sorted(set(layers) - set(stats))
+    unknown = sorted(set(stats) - set(layers))
+    if missing or unknown:
+        raise KeyError(
+            f"{what}: the snapshot does not match the model's BatchNorm layers; missing "
+            f"{missing or 'none'}, not in the model {unknown or 'none'}"
+        )
+    for name, layer in layers.items():
+        for key in STAT_BUFFERS:
+            got = stats[name].get(key)
+            want = getattr(layer, key)
+            if not isinstance(got, Tensor) or got.shape != want.shape:
+                shape = tuple(got.shape) if isinstance(got, Tensor) else got
+                raise ValueError(
+                    f"{what}: layer '{name}' ({layer.__class__.__name__}) expects {key} of shape "
+                    f"{tuple(want.shape)}, the snapshot has {shape}"
+                )
+
+
+def install_stats(model: nn.Module, stats: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Copy a snapshot into the model's running buffers, in place (same tensor objects).
+
+    Every layer name and shape is checked before anything is written; a mismatch raises and the
+    model is unchanged. ``num_batches_tracked``, parameters and modes are not touched.
+    """
+    layers = _stat_layers(model)
+    _check_snapshot(layers, stats, "install_stats")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for key in STAT_BUFFERS:
+                getattr(layer, key).copy_(stats[name][key])
+
+
+class StatsBank:
+    """Named snapshots of a model's BatchNorm statistics.
+
+    ::
+
+        bank = StatsBank()
+        bank["source"] = capture_stats(model)
+        bank["contrast"] = recompute_stats(model, contrast_loader)
+        with bank.use(model, "contrast"):
+            evaluate(model, contrast_test_loader)      # normalizes with contrast statistics
+        bank.save("stats.pt"); bank = StatsBank.load("stats.pt")
+
+    Switching copies the snapshot into the model's buffers (2 tensor copies per layer) and, on
+    leaving ``use``, copies the previous values back: the restore is bit-identical.
+    """
+
+    def __init__(self, snapshots: Mapping[str, Snapshot] | None = None) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        for name, snapshot in (snapshots or {}).items():
+            self[name] = snapshot
+
+    # ------------------------------------------------------------------ mapping
+    def __setitem__(self, name: str, snapshot: Mapping[str, Mapping[str, Tensor]]) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"snapshot names are strings, got {type(name).__name__}")
+        self._snapshots[name] = {
+            layer: {key: value[key].detach().clone() for key in STAT_BUFFERS}
+            for layer, value in snapshot.items()
+        }
+
+    def __getitem__(self, name: str) -> Snapshot:
+        if name not in self._snapshots:
+            raise KeyError(f"no snapshot named {name!r}; the bank holds {self.names}")
+        return self._snapshots[name]
+
+    def __delitem__(self, name: str) -> None:
+        self[name]  # noqa: B018 - raises the helpful KeyError
+        del self._snapshots[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._snapshots
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._snapshots)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._snapshots)
+
+    def capture(self, name: str, model: nn.Module) -> None:
+        """Store the model's current statistics under ``name``."""
+        self._snapshots[name] = capture_stats(model)
+
+    # ------------------------------------------------------------------ switching
+    def install(self, model: nn.Module, name: str) -> None:
+        """Copy snapshot ``name`` into the model for good (see :func:`install_stats`)."""
+        install_stats(model, self[name])
+
+    @contextmanager
+    def use(self, model: nn.Module, name: str) -> Iterator[nn.Module]:
+        """Within the block the model normalizes with snapshot ``name``; then exactly as before.
+
+        Side effect: the model's running buffers are overwritten in place for the block and
+        restored on exit, also on an exception.
+        """
+        snapshot = self[name]
+        layers = _stat_layers(model)
+        _check_snapshot(layers, snapshot, f"StatsBank.use({name!r})")
+        saved = capture_stats(model)
+        try:
+            install_stats(model, snapshot)
+            yield model
+        finally:
+            install_stats(model, saved)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> None:
+        """Write every snapshot to one file (``torch.save`` of a plain dict of tensors)."""
+        torch.save({"format": "rethinkbn.StatsBank/1", "snapshots": self._snapshots}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: Any = None) -> StatsBank:
+        """Read a file written by :meth:`save` (loaded with ``weights_only=True``)."""
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != "rethinkbn.StatsBank/1":
+            raise ValueError(
+                f"{path}: not a StatsBank file (expected format rethinkbn.StatsBank/1)"
+            )
+        return cls(blob["snapshots"])
+
+    def __repr__(self) -> str:
+        return f"StatsBank({self.names})"

@@ -1,0 +1,219 @@
+"""PreciseBN: exact population statistics for every BatchNorm layer of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..stats import Moments
+from ._pass import ForwardFn, PassResult, run_pass
+from ._state import running_buffers, unwrap
+from .bank import Snapshot, capture_stats, install_stats
+
+__all__ = ["LayerReport", "PreciseBNReport", "precise_bn", "recompute_stats"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer's share of a PreciseBN pass.
+
+    ``count`` is the number of values pooled per channel (samples x spatial positions, summed over
+    every call of the layer); ``calls`` how often the layer ran. The distances compare the old
+    (EMA) statistics with the new population statistics, channel by channel, as root mean squares:
+
+        mean_shift    = rms_c( (mu_old - mu_new) / sqrt(var_new + eps) )
+        std_log_ratio = rms_c( log(sigma_old / sigma_new) )    with sigma = sqrt(var + eps)
+    """
+
+    count: int
+    calls: int
+    mean_shift: float
+    std_log_ratio: float
+
+
+@dataclass(frozen=True)
+class PreciseBNReport:
+    """What :func:`precise_bn` did: per layer (qualified name) a :class:`LayerReport`."""
+
+    layers: dict[str, LayerReport]
+    num_samples: int
+    num_batches: int
+
+    def __str__(self) -> str:
+        lines = [
+            f"PreciseBN over {self.num_samples} samples in {self.num_batches} batches",
+            "| layer | values/channel | calls | mean shift (sigma) | log std ratio |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, r in self.layers.items():
+            lines.append(
+                f"| {name} | {r.count} | {r.calls} | {r.mean_shift:.4f} | {r.std_log_ratio:.4f} |"
+            )
+        return "\n".join(lines)
+
+
+def distances(
+    old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor, eps: float
+) -> tuple[float, float]:
+    """``(mean_shift, std_log_ratio)`` as defined in :class:`LayerReport`."""
+    old_mean, old_var, new_mean, new_var = (t.double() for t in (old_mean, old_var, new_mean,
+                                                                 new_var))
+    shift = (old_mean - new_mean) / (new_var + eps).sqrt()
+    log_ratio = 0.5 * ((old_var + eps) / (new_var + eps)).log()
+    return float(shift.square().mean().sqrt()), float(log_ratio.square().mean().sqrt())
+
+
+def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -> dict[str, Tensor]:
+    """The buffers to install from a layer's pooled moments: mean and *unbiased* variance.
+
+    Entries (channels, or domains of a DomainBatchNorm) with fewer than two values keep their old
+    statistics. Moments of shape ``(D, C)`` for buffers of shape ``(C,)`` (a DomainBatchNorm with
+    shared population statistics) are merged over the domains first.
+    """
+    old_mean, old_var = running_buffers(layer)  # type: ignore[misc]
+    label = f"'{name}' ({layer.__class__.__name__})"
+    if total.shape != old_mean.shape:
+        if total.mean.dim() == old_mean.dim() + 1 and total.shape[1:] == old_mean.shape:
+            total = total.total()
+        else:
+            raise ValueError(
+                f"{caller}: layer {label} reported moments of shape {tuple(total.shape)}; its "
+                f"running buffers have shape {tuple(old_mean.shape)}"
+            )
+    seen = total.count > 0
+    finite = torch.isfinite(total.mean) & torch.isfinite(total.m2)
+    bad = seen & ~finite
+    if bad.any():
+        raise FloatingPointError(
+            f"{caller}: layer {label} has non-finite statistics in {int(bad.sum())} of "
+            f"{bad.numel()} entries (NaN/Inf mean or variance); expected finite activations. "
+            "The model is unchanged."
+        )
+    mean = torch.where(seen, total.mean, old_mean.double())
+    var = torch.where(total.count > 1, total.var(unbiased=True), old_var.double())
+    return {"running_mean": mean.to(old_mean.dtype), "running_var": var.to(old_var.dtype)}
+
+
+def _estimate(
+    model: nn.Module, data: Iterable[Any], caller: str, **kwargs: Any
+) -> tuple[PassResult, Snapshot]:
+    result = run_pass(model, data, caller=caller, **kwargs)
+    stats = {
+        name: population_stats(name, result.layers[name], total, caller)
+        for name, total in result.totals.items()
+    }
+    return result, stats
+
+
+def precise_bn(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    num_samples: int | None = 10_000,
+    num_batches: int | None = None,
+    forward: ForwardFn | None = None,
+    input_key: Any = None,
+    device: torch.device | str | None = None,
+    pass_norm_batch_size: int | None = None,
+    include_frozen: bool = False,
+    keep_modes: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> PreciseBNReport:
+    """Replace every BatchNorm layer's running (EMA) statistics by exact population statistics.
+
+    The weights are frozen (a ``torch.no_grad()`` pass) and the model runs over ``data`` with its
+    BatchNorm layers normalizing with batch statistics; every other module is in eval mode
+    (dropout off) unless ``keep_modes=True`` leaves all non-BatchNorm modules as they are. For
+    each layer and channel, the values ``x`` of all calls ``b`` (batch ``b`` contributes ``n_b`` =
+    samples x spatial positions values per channel) are pooled exactly, in float64 (Chan et al.
+    merge, :mod:`rethinkbn.stats`)::
+
+        N       = sum_b n_b
+        mu_pop  = sum_b n_b * mu_b / N
+        m2_pop  = sum_b (n_b * sigma_b^2 + n_b * (mu_b - mu_pop)^2)       (sigma_b^2 biased)
+
+        running_mean <- mu_pop
+        running_var  <- m2_pop / (N - 1)
+
+    ``m2_pop / N`` is the paper's pooled variance ``E[mu_B^2 + sigma_B^2] - mu_pop^2``. The
+    *unbiased* ``m2_pop / (N - 1)`` is installed because that is what torch's ``running_var``
+    holds (a pass over one batch installs exactly what BatchNorm with momentum 1 would); with the
+    default 10^4 samples the two differ by a factor ``1 + 1/(N - 1)``, under 10^-4. Unlike the
+    average of per-batch variances, this is not biased by small batches.
+
+    Layers: torch BatchNorm1d/2d/3d and SyncBatchNorm, and the rethinkbn layer family.
+    GhostBatchNorm normalizes the pass's batches in groups of ``pass_norm_batch_size`` samples
+    (None: the whole batch); DomainBatchNorm gathers per domain, with domains chosen by the model
+    as in training; FrozenBatchNorm is skipped unless ``include_frozen=True`` (then the statistics
+    of its inputs are gathered, while it keeps normalizing with its old ones). A layer called
+    several times per forward pools every call. Layers without running statistics are skipped.
+
+    Args:
+        data: an iterable of batches; ``forward(model, batch)`` runs one (default: ``model(x)``
+            with ``x`` the batch, its first element, or ``batch[input_key]``); batches are moved
+            to ``device`` when given.
+        num_samples / num_batches: the budget; whole batches are consumed until at least
+            ``num_samples`` samples (or exactly ``num_batches`` batches, when given) were seen.
+            A shorter ``data`` warns, or raises with ``strict=True``.
+        progress: a tqdm bar (default: when stderr is a terminal).
+        process_group: when torch.distributed is initialized, every layer's moments are summed
+            across this group (default: world) in one collective, so every rank installs
+            bit-identical statistics, those of the union of the ranks' data.
+
+    Side effects: only ``running_mean`` / ``running_var`` change, in place, and only once the
+    whole pass succeeded; ``num_batches_tracked``, momenta, modes, observers and hooks end as they
+    were. On any exception (KeyboardInterrupt included), an empty or (strict) short ``data``, or
+    non-finite statistics (FloatingPointError naming the layer) the model is exactly as before.
+    A (Distributed)DataParallel model is unwrapped; its buffers are the same tensors, updated
+    identically on every rank.
+    """
+    model = unwrap(model)
+    old = capture_stats(model)
+    result, stats = _estimate(
+        model, data, "precise_bn",
+        num_samples=num_samples, num_batches=num_batches, forward=forward, input_key=input_key,
+        device=device, pass_norm_batch_size=pass_norm_batch_size, include_frozen=include_frozen,
+        keep_modes=keep_modes, strict=strict, progress=progress, process_group=process_group,
+    )
+    install_stats(model, {**old, **stats})
+    reports = {}
+    for name, new in stats.items():
+        layer, total, calls = result.layers[name], result.totals[name], result.calls.get(name)
+        shift, ratio = distances(
+            old[name]["running_mean"], old[name]["running_var"], new["running_mean"],
+            new["running_var"], getattr(layer, "eps", 1e-5),
+        )
+        # per-domain counts (DomainBatchNorm) add up to the layer's values per channel
+        count = int(total.count.reshape(-1, total.shape[-1])[:, 0].sum())
+        reports[name] = LayerReport(count, 0 if calls is None else calls.count.shape[0], shift,
+                                    ratio)
+    return PreciseBNReport(reports, result.num_samples, result.num_batches)
+
+
+def recompute_stats(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    install: bool = False,
+    **kwargs: Any,
+) -> Snapshot:
+    """Population statistics of ``model`` on ``data`` as a snapshot, installed only if asked.
+
+    Same pass and keyword arguments as :func:`precise_bn`; the returned snapshot
+    (``{layer: {"running_mean", "running_var"}}``) covers every layer with running statistics,
+    those not estimated (e.g. FrozenBatchNorm) holding their current values, so it can go into a
+    :class:`StatsBank`. With ``install=False`` (default) the model is left exactly as it was.
+    """
+    model = unwrap(model)
+    _, stats = _estimate(model, data, "recompute_stats", **kwargs)
+    snapshot = {**capture_stats(model), **stats}
+    if install:
+        install_stats(model, snapshot)
+    return snapshot
