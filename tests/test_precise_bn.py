@@ -293,3 +293,88 @@ def test_budget_arguments_are_validated_before_anything_runs():
     for kwargs in ({"num_batches": 0}, {"num_samples": -1}, {"pass_norm_batch_size": 0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             precise_bn(model, itertools.repeat(torch.randn(2, 3, 8, 8)), **kwargs)
+
+
+def test_ghost_batchnorm_normalizes_whole_loader_batches_during_the_pass_by_default():
+    from rethinkbn.layers import GhostBatchNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2), nn.Conv2d(3, 3, 1),
+                          GhostBatchNorm(3, norm_batch_size=2))
+    data = batches([8, 8])
+    whole = copy.deepcopy(model)
+    for m in (whole[0], whole[2]):
+        m.norm_batch_size = None
+    seen = captured_inputs(whole, data)
+    precise_bn(model, data, num_batches=2)
+    assert model[0].norm_batch_size == 2 and model[2].norm_batch_size == 2
+    for name in ("0", "2"):
+        mean, var = pooled(seen[name], correction=1)
+        torch.testing.assert_close(model[int(name)].running_var.double(), var, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_pass_norm_batch_size_normalizes_the_pass_in_groups():
+    from rethinkbn.layers import GhostBatchNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GhostBatchNorm(3), nn.Conv2d(3, 3, 1), GhostBatchNorm(3))
+    data = batches([8, 8])
+    grouped = copy.deepcopy(model)
+    grouped[0].norm_batch_size = 2
+    seen = captured_inputs(grouped, data)
+    precise_bn(model, data, num_batches=2, pass_norm_batch_size=2)
+    assert model[0].norm_batch_size is None
+    _, var = pooled(seen["2"], correction=1)
+    torch.testing.assert_close(model[2].running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("population_stats", ["domain", "shared"])
+def test_domain_batchnorm_gathers_statistics_per_domain(population_stats):
+    from rethinkbn.layers import DomainBatchNorm
+
+    bn = DomainBatchNorm(3, num_domains=3, population_stats=population_stats)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 3, generator=g) + d, torch.tensor([0, 1, 0, 1, 1, 0]))
+            for d in range(3)]
+    before = bn.running_mean.clone()
+    report = precise_bn(bn, data, num_batches=3, forward=lambda m, b: m(b[0], b[1]))
+    xs = torch.cat([x for x, _ in data]).double()
+    ids = torch.cat([i for _, i in data])
+    if population_stats == "shared":
+        mean, var = pooled([xs], correction=1)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    else:
+        for d in (0, 1):
+            mean, var = pooled([xs[ids == d]], correction=1)
+            torch.testing.assert_close(bn.running_mean[d].double(), mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bn.running_var[d].double(), var, rtol=1e-5, atol=1e-6)
+        # domain 2 never appeared: it keeps its statistics
+        assert torch.equal(bn.running_mean[2], before[2])
+    assert report.layers["<model>"].count == 18
+
+
+def frozen_model():
+    from rethinkbn.layers import FrozenBatchNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm(3), nn.BatchNorm2d(3))
+    model[1].running_mean.fill_(0.3)
+    return model
+
+
+def test_frozen_batchnorm_is_skipped_by_default():
+    model = frozen_model()
+    before = model[1].running_mean.clone()
+    report = precise_bn(model, batches([4]), num_batches=1)
+    assert torch.equal(model[1].running_mean, before) and list(report.layers) == ["2"]
+
+
+def test_frozen_batchnorm_gets_the_statistics_of_its_inputs_when_included():
+    model, data = frozen_model(), batches([4, 5])
+    with torch.no_grad():
+        inputs = [model[0](x).double() for x in data]
+    precise_bn(model, data, num_batches=2, include_frozen=True)
+    mean, var = pooled(inputs, correction=1)
+    torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var.double(), var, rtol=1e-5, atol=1e-6)

@@ -160,48 +160,54 @@ def default_forward(input_key: Any = None) -> ForwardFn:
 
 
 def _syncs_across_ranks(layer: nn.Module) -> bool:
-    if not isinstance(layer, nn.SyncBatchNorm) or not dist.is_available():
+    """Whether the layer's training forward would merge batch statistics across ranks.
+
+    Duck-typed on ``process_group`` (torch's and rethinkbn's SyncBatchNorm), since this layer of
+    the package may not import the distributed one.
+    """
+    if not hasattr(layer, "process_group") or not dist.is_available():
         return False
     if not dist.is_initialized():
         return False
-    group = layer.process_group or dist.group.WORLD
-    return dist.get_world_size(group) > 1
+    return dist.get_world_size(layer.process_group or dist.group.WORLD) > 1
 
 
 def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -> _Recorder:
     """Put one layer in pass mode (recorded in ``guard``) and hook its recorder."""
     guard.set_attr(layer, "_rethinkbn_name", name)
-    buffers = running_buffers(layer)
+    mean, var = running_buffers(layer)  # type: ignore[misc]
     if is_frozen(layer):
         rec = _Recorder(name, layer, "input")
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
-    assert buffers is not None
-    if isinstance(layer, BatchNormBase):
-        rec = _Recorder(name, layer, "observer")
-        guard.keep_values([*buffers, layer.num_batches_tracked])
-        guard.set_attr(layer, "observer", rec.observe)
-        if hasattr(layer, "norm_batch_size"):
-            guard.set_attr(layer, "norm_batch_size", pass_nbs)
-        layer.training = True
-        return rec
-    guard.keep_values([*buffers, layer.num_batches_tracked])
-    if _syncs_across_ranks(layer):
-        # Each rank's moments must stay local until the one reduction at the end: in eval mode with
-        # no buffers, SyncBatchNorm normalizes with local batch statistics and does not sync.
-        rec = _Recorder(name, layer, "input")
+    tracked = getattr(layer, "num_batches_tracked", None)
+    guard.keep_values([t for t in (mean, var, tracked) if isinstance(t, Tensor)])
+    syncs = _syncs_across_ranks(layer)
+    if syncs:
+        # Each rank's moments stay local until the one reduction at the end: in eval mode without
+        # buffers, a SyncBatchNorm normalizes with its local batch statistics and does not sync.
         guard.set_buffer_slot(layer, "running_mean", None)
         guard.set_buffer_slot(layer, "running_var", None)
         layer.training = False
+    else:
+        layer.training = True
+    if isinstance(layer, BatchNormBase):
+        rec = _Recorder(name, layer, "observer")
+        guard.set_attr(layer, "observer", rec.observe)
+        if hasattr(layer, "norm_batch_size"):
+            guard.set_attr(layer, "norm_batch_size", pass_nbs)
+        return rec
+    if syncs:
+        rec = _Recorder(name, layer, "input")
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
     rec = _Recorder(name, layer, "buffers")
     guard.set_attr(layer, "momentum", 1.0)
+    guard.set_attr(layer, "track_running_stats", True)
     with torch.no_grad():
         # momentum 1 computes 0 * old + 1 * batch: a NaN already in the buffer would survive it.
-        buffers[0].zero_()
-        buffers[1].fill_(1.0)
-    layer.training = True
+        mean.zero_()
+        var.fill_(1.0)
     guard.hook(layer.register_forward_hook(rec.read_buffers))
     return rec
 
