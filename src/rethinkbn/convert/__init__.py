@@ -1,0 +1,35 @@
+"""Model surgery: convert every BatchNorm of a model to another kind and back, and fold BatchNorm.
+
+    convert_batchnorm(model, "ghost", norm_batch_size=32)   # or to_ghost_bn(model, 32)
+    freeze_bn(model); unfreeze_bn(model)
+    to_domain_bn(model, num_domains=2)
+    revert_batchnorm(model, domain=0)                      # back to torch's BatchNorm1d/2d/3d
+    fold_batchnorm(model)                                  # an eval-mode copy, BN folded into conv
+"""
+
+from .fold import FoldedLinear, fold_batchnorm
+from .surgery import (
+    BatchNormState,
+    convert_batchnorm,
+    freeze_bn,
+    register_converter,
+    revert_batchnorm,
+    swap_modules,
+    to_domain_bn,
+    to_ghost_bn,
+    unfreeze_bn,
+)
+
+__all__ = [
+    "BatchNormState",
+    "FoldedLinear",
+    "convert_batchnorm",
+    "fold_batchnorm",
+    "freeze_bn",
+    "register_converter",
+    "revert_batchnorm",
+    "swap_modules",
+    "to_domain_bn",
+    "to_ghost_bn",
+    "unfreeze_bn",
+]

@@ -1,0 +1,199 @@
+"""Fold inference-mode BatchNorm into the convolution or linear layer that feeds it.
+
+In eval mode a BatchNorm that normalizes with one set of population statistics is a per-channel
+affine map,
+
+    bn(z) = gamma * (z - mean) / sqrt(var + eps) + beta = scale * z + shift,
+    scale = gamma / sqrt(var + eps),      shift = beta - mean * scale,
+
+so ``bn(conv(x))`` equals a single convolution with weight ``W * scale`` (per output channel) and
+bias ``b * scale + shift``. The same holds for ``nn.Linear`` (output features are BatchNorm's
+channels when the input is ``(N, in_features)``) and for transposed convolutions, whose output
+channels are the weight's *second* dim within each group.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..layers import BatchNormBase, is_batchnorm
+from .surgery import _READERS, swap_modules
+
+__all__ = ["FoldedLinear", "fold_batchnorm"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PRODUCERS = (*_CONVS, *_CONV_TRANSPOSES, nn.Linear)
+
+
+class FoldedLinear(nn.Linear):
+    """A Linear layer with a BatchNorm1d folded in; accepts only ``(N, in_features)`` inputs.
+
+    BatchNorm normalizes dim 1 while Linear writes its features to the last dim; the two agree
+    only for 2-D inputs, so any other input is refused rather than silently mis-normalized.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 2:
+            raise ValueError(
+                f"FoldedLinear (Linear + BatchNorm1d folded by fold_batchnorm): expected an input "
+                f"of shape (N, {self.in_features}), got shape {tuple(input.shape)}; fold only "
+                "models whose Linear+BatchNorm1d pairs see 2-D inputs"
+            )
+        return super().forward(input)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A folded copy of ``model`` in eval mode; ``model`` itself is left untouched.
+
+    Each foldable BatchNorm is merged into the layer that feeds it (see the module docstring)
+    and replaced by ``nn.Identity``; the folded layer gets the new weight and bias (computed in
+    float64, stored in the layer's dtype). Folded ``nn.Linear`` layers become
+    :class:`FoldedLinear`. Outputs equal the unfolded eval-mode model's up to rounding.
+
+    A BatchNorm is folded when all of these hold:
+
+    * it is torch's ``BatchNorm1d/2d/3d`` / ``SyncBatchNorm`` with running statistics, or a
+      rethinkbn layer (FrozenBatchNorm, GhostBatchNorm, ...) that in eval mode normalizes with
+      one ``(C,)`` set of running statistics (not DomainBatchNorm's per-domain ones); subclasses
+      with more behaviour (a BatchNorm fused with an activation) are never folded;
+    * its only input is the output of an ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or
+      ``nn.Linear`` (exact types, not parametrized) and nothing else uses that output: checked
+      on the ``torch.fx`` graph of the model, or, for a module that does not trace, by adjacency
+      inside ``nn.Sequential`` containers (its children are tried the same way);
+    * both modules appear once in the model, are called once, have no hooks, and their tensors
+      are not read elsewhere in the forward.
+
+    The result's ``state_dict`` lacks the folded BatchNorm entries. Returns the folded copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    folded = copy.deepcopy(model).eval()
+    paths = Counter(id(m) for _, m in folded.named_modules(remove_duplicate=False))
+    replacements: dict[int, nn.Module] = {}
+    for producer, bn in list(_pairs(folded)):
+        if paths[id(producer)] == 1 and paths[id(bn)] == 1:
+            replacements[id(producer)] = _fold_pair(producer, bn)
+            replacements[id(bn)] = nn.Identity()
+    swap_modules(folded, replacements)
+    return folded
+
+
+# ---------------------------------------------------------------------------- finding pairs
+def _foldable_bn(module: nn.Module) -> bool:
+    if type(module) not in _READERS or not is_batchnorm(module):
+        return False
+    if isinstance(module, BatchNormBase):
+        if module._uses_batch_stats():
+            return False
+    elif module.running_mean is None:
+        return False
+    tensors = (module.weight, module.bias, module.running_mean, module.running_var)
+    return all(t is None or t.dim() == 1 for t in tensors)
+
+
+def _foldable_producer(module: nn.Module, bn: nn.Module) -> bool:
+    if type(module) not in _PRODUCERS or parametrize.is_parametrized(module):
+        return False
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return False
+    out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    return out == bn.num_features and not _has_hooks(module) and not _has_hooks(bn)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps BatchNorm layers and the layers that can absorb them as single graph nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            is_batchnorm(m)
+            or isinstance(m, _PRODUCERS)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _pairs(module: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """(producer, BatchNorm) pairs inside ``module`` whose data flow allows folding."""
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # noqa: BLE001 - any user forward may fail to trace; fall back, never fail
+        graph = None
+    if graph is not None:
+        yield from _graph_pairs(module, graph)
+        return
+    if type(module) is nn.Sequential:
+        children = list(module)
+        for first, second in zip(children, children[1:], strict=False):
+            if _foldable_bn(second) and _foldable_producer(first, second):
+                yield first, second
+    for child in module.children():
+        yield from _pairs(child)
+
+
+def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[nn.Module, nn.Module]]:
+    calls: Counter[int] = Counter()
+    read = set()  # modules whose parameters or buffers the forward reads directly
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[id(root.get_submodule(node.target))] += 1
+        elif node.op == "get_attr":
+            owner, _, _ = node.target.rpartition(".")
+            read.add(id(root.get_submodule(owner)))
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            continue
+        bn, producer = root.get_submodule(node.target), root.get_submodule(source.target)
+        if (
+            _foldable_bn(bn)
+            and _foldable_producer(producer, bn)
+            and calls[id(bn)] == calls[id(producer)] == 1
+            and not {id(bn), id(producer)} & read
+        ):
+            yield producer, bn
+
+
+# ---------------------------------------------------------------------------- folding
+@torch.no_grad()
+def _fold_pair(producer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``producer`` that computes ``bn(producer(x))``."""
+    acc = torch.float64
+    scale = (bn.running_var.to(acc) + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+
+    weight = producer.weight.to(acc)
+    if isinstance(producer, _CONV_TRANSPOSES):
+        # weight: (in, out / groups, *k); output channel g * (out / groups) + j is [g-th block, j].
+        groups = producer.groups
+        blocks = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        per_out = scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))
+        weight = (blocks * per_out).reshape(weight.shape)
+    else:
+        weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    bias = shift if producer.bias is None else producer.bias.to(acc) * scale + shift
+
+    fused = copy.deepcopy(producer)
+    if isinstance(fused, nn.Linear):
+        fused.__class__ = FoldedLinear
+    dtype, device = producer.weight.dtype, producer.weight.device
+    fused.weight = nn.Parameter(weight.to(dtype), requires_grad=producer.weight.requires_grad)
+    fused.bias = nn.Parameter(bias.to(device=device, dtype=dtype),
+                              requires_grad=producer.weight.requires_grad)
+    return fused

@@ -1,0 +1,568 @@
+"""Reversible model surgery: swap every BatchNorm of a model for another kind, and back.
+
+Every conversion goes through one plain description of a BatchNorm layer, :class:`BatchNormState`
+(its hyper-parameters plus the very Parameter and buffer objects it holds). A layer is *read*
+into a state and the state is *built* into the target kind, so any kind converts into any other
+and ``revert_batchnorm(convert_batchnorm(model, ...))`` restores the original model exactly:
+
+* parameters are the same ``nn.Parameter`` objects (an optimizer built before the conversion
+  keeps training them), except where the target needs another shape (per-domain affine);
+* buffers are the same tensors, or per-domain copies of them;
+* eps, momentum, affine, track_running_stats, requires_grad, device, dtype and the training
+  flag carry over;
+* the torch class a layer came from (``BatchNorm1d/2d/3d`` or ``SyncBatchNorm``) is remembered
+  on the converted layer (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds.
+
+Kinds are registered by name: ``"torch"`` (torch's own classes), ``"ghost"``, ``"frozen"``,
+``"domain"``, and ``"sync"`` once ``rethinkbn.distributed`` is imported (it registers itself
+with :func:`register_converter`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import BatchNormBase, is_batchnorm
+
+__all__ = [
+    "BatchNormState",
+    "convert_batchnorm",
+    "freeze_bn",
+    "register_converter",
+    "revert_batchnorm",
+    "swap_modules",
+    "to_domain_bn",
+    "to_ghost_bn",
+    "unfreeze_bn",
+]
+
+TORCH_CLASSES: tuple[type[_BatchNorm], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
+# A layer whose torch class is unknown (built directly as a rethinkbn layer) reverts to the one
+# torch class that accepts every input rank; without an initialized process group it computes
+# exactly what BatchNorm1d/2d/3d compute.
+DEFAULT_TORCH_CLASS: type[_BatchNorm] = nn.SyncBatchNorm
+
+Predicate = Callable[[str, nn.Module], bool]
+Builder = Callable[..., nn.Module]
+SourceConverter = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class BatchNormState:
+    """What a plain BatchNorm layer holds, read off a layer without copying anything.
+
+    ``weight``, ``bias`` and the running buffers are the layer's own objects. ``torch_class`` is
+    the torch class the layer was (or was converted from), ``None`` when unknown.
+    """
+
+    name: str
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    training: bool
+    torch_class: type[_BatchNorm] | None
+    # requires_grad flags an earlier conversion switched off (FrozenBatchNorm's
+    # affine_trainable=False), to switch back on when the layer becomes something else.
+    requires_grad: Mapping[str, bool] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> dict[str, Tensor | None]:
+        return {
+            "weight": self.weight,
+            "bias": self.bias,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+            "num_batches_tracked": self.num_batches_tracked,
+        }
+
+    def options(self) -> dict[str, Any]:
+        """Constructor keywords shared by torch's BatchNorm and every rethinkbn layer."""
+        like = next((t for t in (self.weight, self.running_mean) if t is not None), None)
+        return {
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "device": None if like is None else like.device,
+            "dtype": None if like is None else like.dtype,
+        }
+
+    def install(self, layer: nn.Module) -> nn.Module:
+        """Give ``layer`` this state's tensors, training flag and provenance; returns ``layer``.
+
+        A tensor of the same shape is installed as the same object. A per-domain slot of shape
+        ``(D, *shape)`` receives ``D`` copies (a new Parameter with the same ``requires_grad``).
+        Only ``layer`` is changed, never the tensors of this state: where ``layer`` wants a
+        parameter frozen (its own had ``requires_grad=False``) or this state records a flag to
+        restore, the change is left in ``layer._rethinkbn_pending_requires_grad`` for
+        :func:`convert_batchnorm` to apply once every layer has been built.
+        """
+        pending: dict[str, bool] = {}
+        frozen_from: dict[str, bool] = {}
+        for key, source in self.tensors.items():
+            slot = getattr(layer, key, None)
+            if slot is None and source is None:
+                continue
+            if slot is None or source is None:
+                raise ValueError(
+                    f"{self.name!r}: {type(layer).__name__} expects {key} "
+                    f"{'absent' if slot is None else tuple(slot.shape)}, the layer has "
+                    f"{'none' if source is None else tuple(source.shape)}"
+                )
+            if slot.shape == source.shape:
+                value = source
+            elif slot.shape[1:] == source.shape:
+                value = source.detach().expand_as(slot).clone()
+                if isinstance(source, nn.Parameter):
+                    value = nn.Parameter(value, requires_grad=source.requires_grad)
+            else:
+                raise ValueError(
+                    f"{self.name!r}: {type(layer).__name__} expects {key} of shape "
+                    f"{tuple(slot.shape)}, the layer has {tuple(source.shape)}"
+                )
+            if isinstance(slot, nn.Parameter) and isinstance(source, nn.Parameter):
+                if not slot.requires_grad:
+                    pending[key] = False
+                    frozen_from[key] = self.requires_grad.get(key, source.requires_grad)
+                elif key in self.requires_grad:
+                    pending[key] = self.requires_grad[key]
+            setattr(layer, key, value)
+        layer._rethinkbn_pending_requires_grad = pending  # type: ignore[assignment]
+        if frozen_from:
+            layer._rethinkbn_requires_grad = frozen_from  # type: ignore[assignment]
+        layer.train(self.training)
+        layer._rethinkbn_name = self.name  # type: ignore[assignment]
+        if self.torch_class not in (None, type(layer)):
+            layer._rethinkbn_torch_class = self.torch_class  # type: ignore[assignment]
+        return layer
+
+
+# ---------------------------------------------------------------------------- reading layers
+def _read_torch(module: nn.Module, name: str, domain: int | None) -> BatchNormState:
+    assert isinstance(module, _BatchNorm)
+    return BatchNormState(
+        name=name,
+        num_features=module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        weight=module.weight,
+        bias=module.bias,
+        running_mean=module.running_mean,
+        running_var=module.running_var,
+        num_batches_tracked=module.num_batches_tracked,
+        training=module.training,
+        torch_class=getattr(module, "_rethinkbn_torch_class", type(module)),
+    )
+
+
+def _read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormState:
+    """Read a rethinkbn layer; per-domain tensors (one more dim) give up row ``domain``."""
+    assert isinstance(module, BatchNormBase)
+    # A plain layer holds (C,) tensors and a scalar count; per-domain ones have a leading D dim.
+    plain_dims = {"weight": 1, "bias": 1, "running_mean": 1, "running_var": 1,
+                  "num_batches_tracked": 0}
+    tensors = {key: getattr(module, key) for key in plain_dims}
+    per_domain = [k for k, t in tensors.items() if t is not None and t.dim() > plain_dims[k]]
+    if per_domain:
+        rows = tensors[per_domain[0]].shape[0]  # type: ignore[union-attr]
+        if domain is None or not 0 <= domain < rows:
+            raise ValueError(
+                f"{name!r} ({type(module).__name__}) holds per-domain {', '.join(per_domain)} "
+                f"for {rows} domains: pass domain=k with 0 <= k < {rows} to choose whose to keep, "
+                f"got domain={domain!r}"
+            )
+        for key in per_domain:
+            row = tensors[key][domain].detach().clone()  # type: ignore[index]
+            source = tensors[key]
+            tensors[key] = (
+                nn.Parameter(row, requires_grad=source.requires_grad)
+                if isinstance(source, nn.Parameter)
+                else row
+            )
+    return BatchNormState(
+        name=name,
+        num_features=module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=tensors["weight"] is not None,
+        track_running_stats=module.track_running_stats,
+        training=module.training,
+        torch_class=getattr(module, "_rethinkbn_torch_class", None),
+        requires_grad=getattr(module, "_rethinkbn_requires_grad", {}),
+        **tensors,  # type: ignore[arg-type]
+    )
+
+
+# ---------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    cls: type[nn.Module]
+    build: Builder
+
+
+_KINDS: dict[str, _Kind] = {}
+_READERS: dict[type[nn.Module], Callable[[nn.Module, str, int | None], BatchNormState]] = {
+    cls: _read_torch for cls in TORCH_CLASSES
+}
+_SOURCE_CONVERTERS: dict[tuple[type[nn.Module], str], SourceConverter] = {}
+
+
+def _build_family(cls: type[nn.Module]) -> Builder:
+    def build(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
+        layer = cls(state.num_features, **{**state.options(), **layer_kwargs})
+        return state.install(layer)
+
+    return build
+
+
+def register_converter(
+    to: str,
+    target: type[nn.Module] | None = None,
+    *,
+    build: Builder | None = None,
+    source: type[nn.Module] | None = None,
+) -> None:
+    """Teach :func:`convert_batchnorm` a new kind, or how to convert one more source type.
+
+    Two forms:
+
+    * ``register_converter(kind, TargetClass, build=None)`` adds (or replaces) the kind ``kind``.
+      ``build(state, **layer_kwargs) -> nn.Module`` makes the new layer from a
+      :class:`BatchNormState`; when omitted, ``TargetClass`` must subclass
+      :class:`~rethinkbn.layers.BatchNormBase` and the layer is
+      ``TargetClass(state.num_features, **state.options(), **layer_kwargs)`` with the state's
+      tensors installed (:meth:`BatchNormState.install`). Layers of exactly ``TargetClass`` are
+      read back as BatchNormBase state, so they convert onwards and revert.
+    * ``register_converter(kind, source=SourceClass, build=fn)`` converts modules of exactly
+      ``SourceClass`` (for example a BatchNorm fused with an activation) to ``kind`` (``"*"``:
+      every kind) with ``fn(module, **layer_kwargs) -> nn.Module``; ``fn`` must not change
+      ``module``. Without such a converter, torch BatchNorm subclasses are skipped with a warning.
+
+    Side effect: changes the module-level registry (later calls replace earlier ones).
+    """
+    if not isinstance(to, str) or not to:
+        raise TypeError(f"register_converter: expected a kind name (str), got {to!r}")
+    if (target is None) == (source is None):
+        raise TypeError(
+            "register_converter: pass exactly one of target= (a new kind) or source= (a source "
+            f"type), got target={target!r}, source={source!r}"
+        )
+    if source is not None:
+        if build is None:
+            raise TypeError(f"register_converter: source={source.__name__} needs build=fn")
+        _SOURCE_CONVERTERS[(source, to)] = build
+        return
+    assert target is not None
+    if build is None:
+        if not issubclass(target, BatchNormBase):
+            raise TypeError(
+                f"register_converter: {target.__name__} does not subclass BatchNormBase, so "
+                "pass build=fn(state, **layer_kwargs) -> nn.Module"
+            )
+        build = _build_family(target)
+    _KINDS[to] = _Kind(to, target, build)
+    if issubclass(target, BatchNormBase):
+        _READERS[target] = _read_family
+
+
+def _build_torch(
+    state: BatchNormState, torch_class: type[_BatchNorm] | None = None, **layer_kwargs: Any
+) -> nn.Module:
+    cls = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
+    if state.affine and state.bias is None:
+        layer_kwargs["bias"] = False
+    return state.install(cls(state.num_features, **state.options(), **layer_kwargs))
+
+
+register_converter("torch", nn.BatchNorm2d, build=_build_torch)
+
+
+def _register_family() -> None:
+    from ..layers import DomainBatchNorm, FrozenBatchNorm, GhostBatchNorm
+
+    register_converter("ghost", GhostBatchNorm)
+    register_converter("frozen", FrozenBatchNorm)
+    register_converter("domain", DomainBatchNorm, build=_build_domain)
+
+
+def _build_domain(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
+    from ..layers import DomainBatchNorm
+
+    options = state.options()
+    # DomainBatchNorm's affine says how weight and bias are shared ("shared" / "domain"); a layer
+    # without them stays without them.
+    if not options.pop("affine"):
+        layer_kwargs["affine"] = False
+    layer = DomainBatchNorm(state.num_features, **{**options, **layer_kwargs})
+    return state.install(layer)
+
+
+_register_family()
+
+
+# ---------------------------------------------------------------------------- selection
+def _patterns(value: str | Sequence[str] | None, arg: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{arg}= expects glob patterns (str or a sequence of str), got {value!r}")
+    return patterns
+
+
+def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _Kind:
+    if isinstance(to, type) and issubclass(to, TORCH_CLASSES):
+        if layer_kwargs.get("torch_class", to) is not to:
+            raise TypeError(f"convert_batchnorm: to={to.__name__} contradicts torch_class=")
+        layer_kwargs["torch_class"] = to
+        return _KINDS["torch"]
+    for kind in _KINDS.values():
+        if to == kind.name or (isinstance(to, type) and to is kind.cls and kind.name != "torch"):
+            return kind
+    hint = " (import rethinkbn.distributed to register it)" if to == "sync" else ""
+    raise ValueError(
+        f"convert_batchnorm: unknown target {to!r}{hint}; expected one of "
+        f"{sorted(_KINDS)} or one of their classes"
+    )
+
+
+def _already(module: nn.Module, kind: _Kind, layer_kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``module`` is already what the conversion would build, so it is left alone."""
+    if kind.name == "torch":
+        wanted = layer_kwargs.get("torch_class")
+        if type(module) not in TORCH_CLASSES:
+            # Torch subclasses (a BatchNorm fused with an activation) are torch layers already.
+            return isinstance(module, _BatchNorm) and wanted is None
+        return type(module) is (wanted or getattr(module, "_rethinkbn_torch_class", type(module)))
+    return type(module) is kind.cls and not layer_kwargs
+
+
+@dataclass(frozen=True)
+class _Site:
+    name: str
+    module: nn.Module
+
+
+def _batchnorm_sites(model: nn.Module) -> list[_Site]:
+    """Every BatchNorm-like module once, under its first qualified name (``named_modules``)."""
+    return [
+        _Site(name, module)
+        for name, module in model.named_modules()
+        if is_batchnorm(module) or any(type(module) is s for s, _ in _SOURCE_CONVERTERS)
+    ]
+
+
+def _selected(
+    site: _Site,
+    include: tuple[str, ...] | None,
+    exclude: tuple[str, ...] | None,
+    predicate: Predicate | None,
+) -> bool:
+    def hits(patterns: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatchcase(site.name, p) for p in patterns)
+
+    return (
+        (include is None or hits(include))
+        and not (exclude is not None and hits(exclude))
+        and (predicate is None or bool(predicate(site.name, site.module)))
+    )
+
+
+# ---------------------------------------------------------------------------- conversion
+def convert_batchnorm(
+    model: nn.Module,
+    to: str | type[nn.Module],
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    predicate: Predicate | None = None,
+    domain: int | None = None,
+    **layer_kwargs: Any,
+) -> nn.Module:
+    """Replace every selected BatchNorm of ``model`` by a layer of kind ``to``; returns the model.
+
+    ``to`` is a kind name (``"torch"``, ``"ghost"``, ``"frozen"``, ``"domain"``, ``"sync"`` once
+    registered) or a class (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``GhostBatchNorm``,
+    ...). ``layer_kwargs`` go to the new layers' constructors (``norm_batch_size=``,
+    ``num_domains=``, ...; ``torch_class=`` for ``"torch"``).
+
+    Selection: a BatchNorm is converted when its qualified name (``model.named_modules()``'s,
+    ``""`` for the root) matches one of the ``include`` glob patterns (default: all), none of
+    ``exclude``, and ``predicate(name, module)`` is true. A module reused at several places is
+    judged by its first name, converted once and stays shared. Layers already of the target kind
+    (with no ``layer_kwargs``) are left alone. Subclasses of torch's BatchNorm that carry more
+    behaviour (say a BatchNorm fused with an activation) are skipped with a warning unless a
+    converter is registered for that exact type (:func:`register_converter`).
+
+    ``domain`` picks which domain's statistics and affine parameters a
+    :class:`~rethinkbn.layers.DomainBatchNorm` with per-domain tensors hands on; without it such
+    a layer raises an error.
+
+    Side effects: ``model`` is changed in place (its submodules are replaced). Every new layer
+    gets ``_rethinkbn_name`` (its qualified name) and ``_rethinkbn_torch_class``. Every new layer
+    is built before the first replacement, so an error (naming the layer and the value) leaves
+    the model exactly as it was. When nothing is selected, a warning is issued and the model is
+    returned unchanged. When the root itself is converted, the new root is returned.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    kind = _resolve_kind(to, layer_kwargs)
+    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+
+    replacements: dict[int, nn.Module] = {}
+    skipped: list[str] = []
+    for site in _batchnorm_sites(model):
+        if not _selected(site, include_p, exclude_p, predicate):
+            continue
+        new = _convert_one(site, kind, domain, layer_kwargs, skipped)
+        if new is not None:
+            replacements[id(site.module)] = new
+
+    if skipped:
+        warnings.warn(
+            f"convert_batchnorm: left {len(skipped)} BatchNorm subclass layer(s) unchanged, since "
+            f"converting them would drop their extra behaviour: {', '.join(skipped)}; register "
+            "a converter for their type with rethinkbn.convert.register_converter(kind, "
+            "source=Type, build=fn)",
+            stacklevel=2,
+        )
+    if not replacements:
+        warnings.warn(
+            f"convert_batchnorm: no BatchNorm layer to convert to {kind.name!r} in "
+            f"{type(model).__name__} (include={include!r}, exclude={exclude!r}); the model is "
+            "unchanged",
+            stacklevel=2,
+        )
+        return model
+
+    for new in replacements.values():
+        for key, flag in new.__dict__.pop("_rethinkbn_pending_requires_grad", {}).items():
+            getattr(new, key).requires_grad_(flag)
+    swap_modules(model, replacements)
+    return replacements.get(id(model), model)
+
+
+def swap_modules(root: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
+    """Put ``replacements[id(m)]`` wherever a submodule ``m`` of ``root`` sits (every place)."""
+    for parent in list(root.modules()):
+        for key, child in parent._modules.items():
+            if child is not None and id(child) in replacements:
+                parent._modules[key] = replacements[id(child)]
+
+
+def _convert_one(
+    site: _Site,
+    kind: _Kind,
+    domain: int | None,
+    layer_kwargs: dict[str, Any],
+    skipped: list[str],
+) -> nn.Module | None:
+    module, source_type = site.module, type(site.module)
+    custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
+        (source_type, "*")
+    )
+    reader = _READERS.get(source_type)
+    if custom is None and (reader is None or _already(module, kind, layer_kwargs)):
+        if not _already(module, kind, layer_kwargs):
+            skipped.append(f"{site.name!r} ({source_type.__name__})")
+        return None
+    shown = ", ".join(f"{k}={v!r}" for k, v in layer_kwargs.items())
+    try:
+        if custom is not None:
+            new = custom(module, **layer_kwargs)
+            new._rethinkbn_name = site.name
+            return new
+        state = reader(module, site.name, domain)  # type: ignore[misc]
+        if state.affine and state.bias is None and kind.name != "torch":
+            raise ValueError(
+                "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
+            )
+        return kind.build(state, **layer_kwargs)
+    except (TypeError, ValueError) as err:
+        raise type(err)(
+            f"convert_batchnorm: cannot convert {site.name!r} ({source_type.__name__}) to "
+            f"{kind.name!r}{' with ' + shown if shown else ''}: {err}"
+        ) from err
+
+
+# ---------------------------------------------------------------------------- thin helpers
+def revert_batchnorm(
+    model: nn.Module,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    predicate: Predicate | None = None,
+    domain: int | None = None,
+    torch_class: type[_BatchNorm] | None = None,
+) -> nn.Module:
+    """Turn rethinkbn layers back into torch BatchNorm; ``convert_batchnorm(model, "torch")``.
+
+    Each layer becomes the torch class it was converted from; a layer never converted from torch
+    (or one converted to another torch class with ``torch_class=``) becomes ``torch_class``,
+    default ``nn.SyncBatchNorm``, the torch class that accepts every input rank and, without an
+    initialized process group, computes exactly what ``BatchNorm1d/2d/3d`` compute.
+    A DomainBatchNorm with per-domain statistics or affine parameters needs ``domain=k`` (keep
+    domain ``k``'s); otherwise it raises. Side effects as in :func:`convert_batchnorm`.
+    """
+    kwargs: dict[str, Any] = {} if torch_class is None else {"torch_class": torch_class}
+    return convert_batchnorm(
+        model, "torch", include=include, exclude=exclude, predicate=predicate, domain=domain,
+        **kwargs,
+    )
+
+
+def to_ghost_bn(model: nn.Module, norm_batch_size: int, **kwargs: Any) -> nn.Module:
+    """``convert_batchnorm(model, "ghost", norm_batch_size=norm_batch_size, **kwargs)``."""
+    return convert_batchnorm(model, "ghost", norm_batch_size=norm_batch_size, **kwargs)
+
+
+def freeze_bn(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """``convert_batchnorm(model, "frozen", **kwargs)``: normalize with the population statistics.
+
+    The layers keep their eps and momentum, so :func:`unfreeze_bn` restores them exactly.
+    """
+    return convert_batchnorm(model, "frozen", **kwargs)
+
+
+def unfreeze_bn(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """Revert the FrozenBatchNorm layers of ``model`` (only those) to torch BatchNorm."""
+    from ..layers import FrozenBatchNorm
+
+    user = kwargs.pop("predicate", None)
+
+    def frozen(name: str, module: nn.Module) -> bool:
+        return isinstance(module, FrozenBatchNorm) and (user is None or user(name, module))
+
+    return revert_batchnorm(model, predicate=frozen, **kwargs)
+
+
+def to_domain_bn(model: nn.Module, num_domains: int, **kwargs: Any) -> nn.Module:
+    """``convert_batchnorm(model, "domain", num_domains=num_domains, **kwargs)``.
+
+    Per-domain buffers (and per-domain affine parameters with ``affine="domain"``) start as copies
+    of the single layer's.
+    """
+    return convert_batchnorm(model, "domain", num_domains=num_domains, **kwargs)
+

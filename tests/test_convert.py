@@ -1,0 +1,381 @@
+"""Model surgery: every BatchNorm converts to another kind and back, exactly, or not at all."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rethinkbn.convert import (
+    convert_batchnorm,
+    freeze_bn,
+    register_converter,
+    revert_batchnorm,
+    surgery,
+    to_domain_bn,
+    to_ghost_bn,
+    unfreeze_bn,
+)
+from rethinkbn.layers import DomainBatchNorm, FrozenBatchNorm, GhostBatchNorm, is_batchnorm
+
+KINDS = {
+    "ghost": {"norm_batch_size": 2},
+    "frozen": {},
+    "domain": {"num_domains": 3},
+    "torch_sync": {},
+}
+
+
+def _convert(model, kind):
+    if kind == "torch_sync":
+        return convert_batchnorm(model, nn.SyncBatchNorm)
+    return convert_batchnorm(model, kind, **KINDS[kind])
+
+
+def _revert(model):
+    return revert_batchnorm(model, domain=0)
+
+
+class Net(nn.Module):
+    """BatchNorm1d/2d/3d in nested containers, one BatchNorm reused at two places."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, eps=1e-3))
+        shared = nn.BatchNorm2d(4, momentum=None)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 1), shared), shared])
+        self.heads = nn.ModuleDict(
+            {
+                "plain": nn.BatchNorm1d(4, affine=False),
+                "volume": nn.BatchNorm3d(4, track_running_stats=False),
+            }
+        )
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.blocks[1](self.blocks[0](self.stem(x)))
+        v = self.heads["volume"](x.unsqueeze(2)).squeeze(2)
+        return self.fc(self.heads["plain"](v.mean((2, 3))))
+
+
+def trained(model, steps=2):
+    """The model after a few training forwards, so that running statistics are not trivial."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for _ in range(steps):
+            model(torch.randn(6, 3, 5, 5))
+    return model
+
+
+def assert_same_state(a, b):
+    """Same keys, dtypes and values; ``a`` and ``b`` are modules or state_dicts."""
+    sa, sb = (m if isinstance(m, dict) else m.state_dict() for m in (a, b))
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def bn_layers(model):
+    return [m for m in model.modules() if is_batchnorm(m)]
+
+
+@pytest.fixture
+def net():
+    return trained(Net())
+
+
+@pytest.fixture
+def registry():
+    """Restores the converter registry after a test that registers converters."""
+    saved = (dict(surgery._KINDS), dict(surgery._READERS), dict(surgery._SOURCE_CONVERTERS))
+    yield
+    for live, old in zip(
+        (surgery._KINDS, surgery._READERS, surgery._SOURCE_CONVERTERS), saved, strict=True
+    ):
+        live.clear()
+        live.update(old)
+
+
+# ---------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_convert_then_revert_restores_state_dict_and_outputs_exactly(net, kind):
+    reference = copy.deepcopy(net)
+    x = torch.randn(6, 3, 5, 5)
+    model = _revert(_convert(net, kind))
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert_same_state(model, reference)
+    for training in (False, True):
+        model.train(training)
+        reference.train(training)
+        assert torch.equal(model(x), reference(x))
+    assert_same_state(model, reference)
+
+
+@pytest.mark.parametrize(
+    ("kind", "cls"),
+    [("ghost", GhostBatchNorm), ("frozen", FrozenBatchNorm), ("domain", DomainBatchNorm),
+     ("torch_sync", nn.SyncBatchNorm)],
+)
+def test_every_batchnorm_becomes_the_target_class(net, kind, cls):
+    model = _convert(net, kind)
+    assert len(bn_layers(model)) == 4
+    assert all(type(m) is cls for m in bn_layers(model))
+
+
+@pytest.mark.parametrize("kind", ["ghost", "frozen", "torch_sync"])
+def test_parameters_stay_the_same_objects(net, kind):
+    before = [id(p) for p in net.parameters()]
+    model = _convert(net, kind)
+    assert [id(p) for p in model.parameters()] == before
+    assert [id(p) for p in _revert(model).parameters()] == before
+
+
+def test_an_optimizer_built_before_the_conversion_keeps_training_the_model(net):
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    model = to_ghost_bn(net, norm_batch_size=2)
+    weight = model.stem[1].weight
+    before = weight.detach().clone()
+    model(torch.randn(6, 3, 5, 5)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(weight, before)
+
+
+def test_a_shared_batchnorm_is_converted_once_and_stays_shared(net):
+    model = to_ghost_bn(net, norm_batch_size=2)
+    assert isinstance(model.blocks[1], GhostBatchNorm)
+    assert model.blocks[0][1] is model.blocks[1]
+    model = revert_batchnorm(model)
+    assert type(model.blocks[1]) is nn.BatchNorm2d
+    assert model.blocks[0][1] is model.blocks[1]
+
+
+def test_a_root_batchnorm_is_replaced_by_a_new_root():
+    bn = trained(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))[1]
+    reference = copy.deepcopy(bn)
+    ghost = to_ghost_bn(bn, norm_batch_size=2)
+    assert isinstance(ghost, GhostBatchNorm) and ghost is not bn
+    back = revert_batchnorm(ghost)
+    assert type(back) is nn.BatchNorm2d
+    assert_same_state(back, reference)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+    momentum=st.sampled_from([0.1, 0.5, None]),
+    affine=st.booleans(),
+    track=st.booleans(),
+    training=st.booleans(),
+    requires_grad=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    torch_class=st.sampled_from([nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d]),
+    kind=st.sampled_from(["ghost", "frozen", "domain"]),
+)
+def test_hyper_parameters_flags_and_dtype_carry_over_both_ways(
+    eps, momentum, affine, track, training, requires_grad, dtype, torch_class, kind
+):
+    bn = torch_class(5, eps=eps, momentum=momentum, affine=affine, track_running_stats=track,
+                     dtype=dtype)
+    bn.train(training)
+    for p in bn.parameters():
+        p.requires_grad_(requires_grad)
+    model = nn.Sequential(bn)
+    converted = convert_batchnorm(model, kind, **KINDS[kind])[0]
+    for layer in (converted, revert_batchnorm(model, domain=0)[0]):
+        assert (layer.eps, layer.momentum, layer.track_running_stats) == (eps, momentum, track)
+        assert layer.training == training
+        assert all(p.requires_grad == requires_grad for p in layer.parameters())
+        assert all(t.dtype == dtype for t in (*layer.parameters(), *layer.buffers())
+                   if t.is_floating_point())
+    assert type(model[0]) is torch_class
+    assert (model[0].weight is None) == (not affine)
+
+
+# ---------------------------------------------------------------------------- selection
+def test_include_and_exclude_select_by_qualified_name_glob(net):
+    model = to_ghost_bn(net, norm_batch_size=2, include="heads.*", exclude="*.plain")
+    assert isinstance(model.heads["volume"], GhostBatchNorm)
+    assert type(model.heads["plain"]) is nn.BatchNorm1d
+    assert type(model.stem[1]) is nn.BatchNorm2d
+
+
+def test_predicate_selects_by_name_and_module(net):
+    model = freeze_bn(net, predicate=lambda name, m: isinstance(m, nn.BatchNorm2d))
+    assert {type(m) for m in bn_layers(model)} == {FrozenBatchNorm, nn.BatchNorm1d,
+                                                    nn.BatchNorm3d}
+
+
+def test_converted_layers_know_their_qualified_name(net):
+    model = to_ghost_bn(net, norm_batch_size=2)
+    assert model.stem[1]._rethinkbn_name == "stem.1"
+    assert model.heads["volume"]._rethinkbn_name == "heads.volume"
+
+
+# ---------------------------------------------------------------------------- specific kinds
+def test_freeze_then_unfreeze_restores_eps_momentum_and_only_touches_frozen_layers(net):
+    reference = copy.deepcopy(net)
+    model = freeze_bn(net, include="stem.*")
+    frozen = model.stem[1]
+    assert isinstance(frozen, FrozenBatchNorm) and (frozen.eps, frozen.momentum) == (1e-3, 0.1)
+    model = to_ghost_bn(model, norm_batch_size=2, include="heads.*")
+    model = unfreeze_bn(model)
+    assert type(model.stem[1]) is nn.BatchNorm2d
+    assert isinstance(model.heads["plain"], GhostBatchNorm)
+    assert_same_state(revert_batchnorm(model), reference)
+
+
+def test_freezing_the_affine_parameters_is_undone_by_unfreezing(net):
+    model = freeze_bn(net, affine_trainable=False)
+    assert not model.stem[1].weight.requires_grad
+    model = unfreeze_bn(model)
+    assert model.stem[1].weight.requires_grad and model.stem[1].bias.requires_grad
+
+
+def test_a_failed_freeze_does_not_switch_off_requires_grad(net):
+    net.heads["tail"] = nn.BatchNorm2d(4, bias=False)  # weight without bias: not convertible
+    with pytest.raises(ValueError, match="'heads.tail'"):
+        freeze_bn(net, affine_trainable=False)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_domain_layers_start_every_domain_from_the_single_layers_statistics(net):
+    bn = net.stem[1]
+    model = to_domain_bn(net, num_domains=3, affine="domain")
+    layer = model.stem[1]
+    assert layer.running_mean.shape == (3, 4) and layer.weight.shape == (3, 4)
+    for d in range(3):
+        assert torch.equal(layer.running_mean[d], bn.running_mean)
+        assert torch.equal(layer.running_var[d], bn.running_var)
+        assert torch.equal(layer.num_batches_tracked[d], bn.num_batches_tracked)
+        assert torch.equal(layer.weight[d], bn.weight)
+
+
+def test_reverting_per_domain_statistics_needs_a_domain_and_keeps_that_one(net):
+    model = to_domain_bn(net, num_domains=3)
+    with torch.no_grad():
+        model.stem[1].running_mean[2].add_(1.0)
+    expected = model.stem[1].running_mean[2].clone()
+    reference = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"'stem\.1'.*domain=k.*got domain=None"):
+        revert_batchnorm(model)
+    with pytest.raises(ValueError, match=r"got domain=3"):
+        revert_batchnorm(model, domain=3)
+    assert_same_state(model, reference)
+    model = revert_batchnorm(model, domain=2)
+    assert torch.equal(model.stem[1].running_mean, expected)
+
+
+def test_torch_sync_batchnorm_converts_in_and_out(net):
+    reference = copy.deepcopy(net)
+    model = convert_batchnorm(net, nn.SyncBatchNorm)
+    assert type(model.heads["plain"]) is nn.SyncBatchNorm
+    model = convert_batchnorm(model, nn.BatchNorm2d, include=["stem.1", "blocks.*"])
+    model = convert_batchnorm(model, nn.BatchNorm1d, include="heads.plain")
+    model = convert_batchnorm(model, nn.BatchNorm3d, include="heads.volume")
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert_same_state(model, reference)
+
+
+def test_revert_goes_back_to_the_torch_class_before_any_conversion(net):
+    model = to_ghost_bn(convert_batchnorm(net, nn.SyncBatchNorm), norm_batch_size=2)
+    model = revert_batchnorm(model)
+    assert type(model.heads["plain"]) is nn.BatchNorm1d
+    native = revert_batchnorm(to_ghost_bn(nn.Sequential(nn.SyncBatchNorm(3)), norm_batch_size=2))
+    assert type(native[0]) is nn.SyncBatchNorm
+
+
+def test_a_layer_of_unknown_torch_class_reverts_to_the_rank_agnostic_sync_batchnorm():
+    model = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))
+    model = revert_batchnorm(model)
+    assert type(model[0]) is nn.SyncBatchNorm
+    x = torch.randn(4, 3, 2)
+    assert torch.allclose(model.eval()(x), nn.BatchNorm1d(3).eval()(x))
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_nothing_to_convert_warns_and_returns_the_model_unchanged():
+    model = nn.Sequential(nn.Linear(2, 2))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="no BatchNorm layer to convert"):
+        out = to_ghost_bn(model, norm_batch_size=2)
+    assert out is model
+    assert_same_state(model, state)
+
+
+def test_an_invalid_argument_names_the_layer_and_value_and_changes_nothing(net):
+    reference = copy.deepcopy(net)
+    types = [type(m) for m in net.modules()]
+    with pytest.raises(ValueError, match=r"'stem\.1' \(BatchNorm2d\).*norm_batch_size=0"):
+        to_ghost_bn(net, norm_batch_size=0)
+    assert [type(m) for m in net.modules()] == types
+    assert_same_state(net, reference)
+
+
+def test_a_failure_at_a_later_layer_leaves_the_earlier_ones_unchanged(net):
+    net.heads["tail"] = nn.BatchNorm2d(4, bias=False)  # weight without bias: not convertible
+    reference = copy.deepcopy(net)
+    types = [type(m) for m in net.modules()]
+    with pytest.raises(ValueError, match=r"'heads\.tail'.*no bias"):
+        to_ghost_bn(net, norm_batch_size=2)
+    assert [type(m) for m in net.modules()] == types
+    assert_same_state(net, reference)
+
+
+def test_an_unknown_target_lists_the_known_kinds(net):
+    with pytest.raises(ValueError, match=r"unknown target 'ghosts'.*'frozen'"):
+        convert_batchnorm(net, "ghosts")
+
+
+def test_an_unknown_keyword_names_the_layer(net):
+    with pytest.raises(TypeError, match=r"'stem\.1'.*nbs=2"):
+        convert_batchnorm(net, "ghost", nbs=2)
+
+
+# ---------------------------------------------------------------------------- subclasses, registry
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A BatchNorm fused with an activation, as timm has."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_a_batchnorm_subclass_with_more_behaviour_is_skipped_with_a_warning():
+    model = nn.Sequential(BatchNormAct2d(3), nn.BatchNorm2d(3))
+    with pytest.warns(UserWarning, match=r"'0' \(BatchNormAct2d\)"):
+        to_ghost_bn(model, norm_batch_size=2)
+    assert type(model[0]) is BatchNormAct2d and isinstance(model[1], GhostBatchNorm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        revert_batchnorm(model)  # a torch subclass already is torch BatchNorm: nothing to say
+
+
+def test_a_registered_source_converter_handles_a_subclass(registry):
+    def to_ghost_act(module, **kwargs):
+        ghost = GhostBatchNorm(module.num_features, **kwargs)
+        return nn.Sequential(ghost, nn.ReLU())
+
+    register_converter("ghost", source=BatchNormAct2d, build=to_ghost_act)
+    model = to_ghost_bn(nn.Sequential(BatchNormAct2d(3)), norm_batch_size=2)
+    assert isinstance(model[0][0], GhostBatchNorm) and model[0][0].norm_batch_size == 2
+
+
+def test_a_registered_kind_converts_and_reverts(registry, net):
+    class EchoBatchNorm(GhostBatchNorm):
+        """Stands in for a layer that registers itself, as rethinkbn.distributed does."""
+
+    register_converter("echo", EchoBatchNorm)
+    reference = copy.deepcopy(net)
+    model = convert_batchnorm(net, "echo", norm_batch_size=3)
+    assert all(type(m) is EchoBatchNorm for m in bn_layers(model))
+    assert_same_state(revert_batchnorm(model), reference)
+
+
+def test_register_converter_refuses_a_kind_it_cannot_build(registry):
+    with pytest.raises(TypeError, match="build=fn"):
+        register_converter("odd", nn.Identity)
