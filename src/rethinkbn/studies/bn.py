@@ -58,7 +58,11 @@ class _GhostStandIn(nn.Module):
 
 
 def _bn_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        from ..layers import is_batchnorm
+    except ImportError:
+        return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return [m for m in model.modules() if is_batchnorm(m)]
 
 
 # ----------------------------------------------------------------------------- operations
@@ -77,9 +81,12 @@ def set_norm_batch_size(model: nn.Module, norm_batch_size: int) -> nn.Module:
 
 
 def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: int,
-                     seed: int = 0) -> None:
+                     seed: int = 0, pass_norm_batch_size: int | None = None) -> None:
     """PreciseBN: set every BN's running statistics to those of ``num_samples`` training inputs
-    ``x`` (a seeded random subset) run in batches of ``batch_size`` with the weights frozen."""
+    ``x`` (a seeded random subset) run in batches of ``batch_size`` with the weights frozen.
+
+    Ghost BN layers normalize each pass batch in groups of ``pass_norm_batch_size`` (None: the
+    whole batch of ``batch_size``)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=gen)[: min(num_samples, len(x))]
     device = next(model.parameters()).device
@@ -91,8 +98,8 @@ def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_sample
         layers = _bn_modules(model)
         ghosts = [m for m in model.modules() if isinstance(m, _GhostStandIn)]
         nbs = [g.norm_batch_size for g in ghosts]
-        for g in ghosts:  # PreciseBN's batch is the whole pass batch
-            g.norm_batch_size = 1 << 30
+        for g in ghosts:
+            g.norm_batch_size = pass_norm_batch_size or 1 << 30
         saved = [(m.momentum, m.training) for m in layers]
         for m in layers:
             m.reset_running_stats()
@@ -110,19 +117,26 @@ def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_sample
             for g, k in zip(ghosts, nbs, strict=True):
                 g.norm_batch_size = k
         return
-    precise_bn(model, batches, num_samples=len(idx))
+    precise_bn(model, batches, num_samples=len(idx), pass_norm_batch_size=pass_norm_batch_size,
+               progress=False)
 
 
 @contextlib.contextmanager
-def _minibatch_standin(model: nn.Module) -> Iterator[None]:
+def _minibatch_standin(model: nn.Module, norm_batch_size: int) -> Iterator[None]:
     layers = _bn_modules(model)
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
               m.training) for m in layers]
+    ghosts = [m for m in layers if hasattr(m, "norm_batch_size")]
+    nbs = [m.norm_batch_size for m in ghosts]
     try:
         for m in layers:
             m.train()
+        for m in ghosts:
+            m.norm_batch_size = norm_batch_size
         yield
     finally:
+        for m, k in zip(ghosts, nbs, strict=True):
+            m.norm_batch_size = k
         for m, (rm, rv, nbt, tr) in zip(layers, saved, strict=True):
             m.running_mean.copy_(rm)
             m.running_var.copy_(rv)
@@ -143,8 +157,9 @@ def eval_error_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size
         chunk = norm_batch_size * max(1, 1000 // norm_batch_size)
     except ImportError:
         USING_STANDINS.append("batch_stats_inference")
-        ctx = _minibatch_standin(model)
-        chunk = norm_batch_size
+        ctx = _minibatch_standin(model, norm_batch_size)
+        ghost = all(hasattr(m, "norm_batch_size") for m in _bn_modules(model))
+        chunk = norm_batch_size * max(1, 1000 // norm_batch_size) if ghost else norm_batch_size
     n = (len(x) // norm_batch_size) * norm_batch_size
     device = next(model.parameters()).device
     wrong = 0

@@ -30,11 +30,11 @@ class Scale:
 
 
 def scale_for(ctx: RunContext, quick_epochs: int, full_epochs: int) -> Scale:
-    """Quick mode: 4000 training and 2000 validation samples, a narrow ResNet; full mode: all
+    """Quick mode: 2000 training and 2000 validation samples, a narrow ResNet; full mode: all
     of the data (MNIST-1D: 8000 / 2000) and a wider ResNet."""
     data = ctx.dataset()
     if ctx.quick:
-        return Scale(min(4000, len(data.train_x)), min(2000, len(data.val_x)), quick_epochs,
+        return Scale(min(2000, len(data.train_x)), min(2000, len(data.val_x)), quick_epochs,
                      (16, 32, 64))
     return Scale(len(data.train_x), len(data.val_x), full_epochs, (32, 64, 128))
 

@@ -21,11 +21,11 @@ from .base import RunContext, StudyResult, SummaryRow, Table, register_study, ve
 from .common import Scale, agg, fmt, new_model, pyplot, scale_for
 from .train import EpochEnd, TrainConfig, evaluate_error, train
 
-PRECISE_SAMPLES = 2000
+PRECISE_SAMPLES = 1000
 PRECISE_BATCH = 100
 NUM_BATCH_MEANS = 100
 NORMAL_BATCH = 64
-LARGE_BATCH = 1000
+LARGE_BATCH = 500
 BASE_LR = 0.1
 
 

@@ -25,7 +25,7 @@ class BasicBlock(nn.Module):
         self.bn1 = norm(out_ch)
         self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
         self.bn2 = norm(out_ch)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
@@ -61,7 +61,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(
             conv(in_channels, widths[0], 3, padding=1, bias=False),
             norm(widths[0]),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
         )
         layers: list[nn.Module] = []
         in_ch = widths[0]
