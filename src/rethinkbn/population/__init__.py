@@ -2,8 +2,12 @@
 
 from .bank import Snapshot, StatsBank, capture_stats, install_stats
 from .precise import LayerReport, PreciseBNReport, precise_bn, recompute_stats
+from .report import EMALayerReport, EMAReport, ema_report
 
 __all__ = [
+    "EMALayerReport",
+    "EMAReport",
+    "ema_report",
     "LayerReport",
     "PreciseBNReport",
     "Snapshot",

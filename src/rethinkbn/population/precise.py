@@ -99,7 +99,7 @@ def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -
     return {"running_mean": mean.to(old_mean.dtype), "running_var": var.to(old_var.dtype)}
 
 
-def _estimate(
+def estimate(
     model: nn.Module, data: Iterable[Any], caller: str, **kwargs: Any
 ) -> tuple[PassResult, Snapshot]:
     result = run_pass(model, data, caller=caller, **kwargs)
@@ -176,7 +176,7 @@ def precise_bn(
     """
     model = unwrap(model)
     old = capture_stats(model)
-    result, stats = _estimate(
+    result, stats = estimate(
         model, data, "precise_bn",
         num_samples=num_samples, num_batches=num_batches, forward=forward, input_key=input_key,
         device=device, pass_norm_batch_size=pass_norm_batch_size, include_frozen=include_frozen,
@@ -212,7 +212,7 @@ def recompute_stats(
     :class:`StatsBank`. With ``install=False`` (default) the model is left exactly as it was.
     """
     model = unwrap(model)
-    _, stats = _estimate(model, data, "recompute_stats", **kwargs)
+    _, stats = estimate(model, data, "recompute_stats", **kwargs)
     snapshot = {**capture_stats(model), **stats}
     if install:
         install_stats(model, snapshot)

@@ -1,0 +1,109 @@
+"""EMA diagnostics: how far the running (EMA) statistics are from the model's current population.
+
+The paper's Fig. 2: the EMA mean of a BatchNorm layer often falls outside the distribution of the
+per-batch means of the current model, most of all early in training, because the EMA lags the
+weights. :func:`ema_report` measures that per layer, without changing the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..stats import Moments
+from ._state import running_buffers
+from .precise import distances, estimate
+
+__all__ = ["EMALayerReport", "EMAReport", "ema_report"]
+
+
+@dataclass(frozen=True)
+class EMALayerReport:
+    """One layer: EMA vs precise statistics, and where the EMA mean sits among batch means.
+
+    ``mean_shift`` and ``std_log_ratio`` are as in :class:`~rethinkbn.population.LayerReport`
+    (old = EMA, new = precise). Over the ``calls`` per-batch means ``mu_b`` of each channel:
+
+        outside_fraction = fraction of channels with mu_EMA < min_b mu_b or mu_EMA > max_b mu_b
+        mean_percentile  = mean over channels of  #{b : mu_b < mu_EMA} / calls
+    """
+
+    calls: int
+    mean_shift: float
+    std_log_ratio: float
+    outside_fraction: float
+    mean_percentile: float
+
+
+@dataclass(frozen=True)
+class EMAReport:
+    """Per layer (qualified name) an :class:`EMALayerReport`; ``str()`` prints a table."""
+
+    layers: dict[str, EMALayerReport]
+    num_samples: int
+    num_batches: int
+
+    def __str__(self) -> str:
+        lines = [
+            f"EMA vs precise statistics over {self.num_samples} samples in {self.num_batches} "
+            "batches",
+            "| layer | batches | mean shift (sigma) | log std ratio | EMA mean outside batch "
+            "means | EMA mean percentile |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in self.layers.items():
+            lines.append(
+                f"| {name} | {r.calls} | {r.mean_shift:.4f} | {r.std_log_ratio:.4f} | "
+                f"{r.outside_fraction:.1%} | {r.mean_percentile:.1%} |"
+            )
+        return "\n".join(lines)
+
+
+def _per_call_like(calls: Moments, buffer: Tensor) -> Moments:
+    """Per-call moments shaped like the buffer: per-domain rows merged when the buffer is shared."""
+    if calls.mean.dim() == buffer.dim() + 2:  # (calls, domains, C) for a (C,) buffer
+        swapped = Moments(*(t.transpose(0, 1) for t in (calls.count, calls.mean, calls.m2)))
+        return swapped.total()
+    return calls
+
+
+def _position(ema_mean: Tensor, calls: Moments) -> tuple[float, float]:
+    """``(outside_fraction, mean_percentile)`` of the EMA mean among the per-call means."""
+    valid = calls.count > 0
+    ema = ema_mean.double()
+    inf = torch.full_like(calls.mean, float("inf"))
+    low = torch.where(valid, calls.mean, inf).amin(0)
+    high = torch.where(valid, calls.mean, -inf).amax(0)
+    seen = valid.any(0)
+    outside = ((ema < low) | (ema > high)) & seen
+    below = ((calls.mean < ema) & valid).sum(0) / valid.sum(0).clamp_min(1)
+    n_seen = max(int(seen.sum()), 1)
+    return float(outside.sum()) / n_seen, float(below[seen].sum()) / n_seen
+
+
+def ema_report(model: torch.nn.Module, data: Iterable[Any], **kwargs: Any) -> EMAReport:
+    """Compare every BatchNorm layer's running (EMA) statistics with precise ones on ``data``.
+
+    Runs the same pass as :func:`~rethinkbn.population.precise_bn` (same keyword arguments) and
+    keeps every call's batch mean. Side effects: none; the model ends exactly as it was.
+    """
+    result, stats = estimate(model, data, "ema_report", **kwargs)
+    layers = {}
+    for name, new in stats.items():
+        layer = result.layers[name]
+        ema_mean, ema_var = running_buffers(layer)  # type: ignore[misc]
+        shift, ratio = distances(ema_mean, ema_var, new["running_mean"], new["running_var"],
+                                 getattr(layer, "eps", 1e-5))
+        calls = result.calls.get(name)
+        if calls is None:
+            outside = percentile = float("nan")
+            n_calls = 0
+        else:
+            outside, percentile = _position(ema_mean, _per_call_like(calls, ema_mean))
+            n_calls = calls.count.shape[0]
+        layers[name] = EMALayerReport(n_calls, shift, ratio, outside, percentile)
+    return EMAReport(layers, result.num_samples, result.num_batches)
