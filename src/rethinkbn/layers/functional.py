@@ -269,7 +269,8 @@ def ghost_batch_norm(
     if groups == 1:
         y, mean, var = native_batch_norm(x, weight, bias, eps)
         return y, (mean[None], var[None], torch.tensor([x.numel() // x.size(1)]))
-    equal = x.size(0) % groups == 0
+    # Strided groups are equal when G divides N; contiguous ones when no remainder was left.
+    equal = x.size(0) % groups == 0 if grouping == "strided" else len(set(sizes)) == 1
     fmt = _memory_format(x)
     if not equal:
         index = group_index(x.size(0), sizes, grouping, x.device)
