@@ -1,10 +1,12 @@
 """Population statistics: PreciseBN, statistics banks, mini-batch inference, FrozenBN schedules."""
 
 from .bank import Snapshot, StatsBank, capture_stats, install_stats
+from .inference import batch_stats_inference
 from .precise import LayerReport, PreciseBNReport, precise_bn, recompute_stats
 from .report import EMALayerReport, EMAReport, ema_report
 
 __all__ = [
+    "batch_stats_inference",
     "EMALayerReport",
     "EMAReport",
     "ema_report",

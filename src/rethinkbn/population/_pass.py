@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from ..layers.base import BatchNormBase
 from ..stats import Moments, all_reduce_moments
-from ._state import ModelGuard, batchnorm_layers, is_frozen, running_buffers, unwrap
+from ._state import (
+    ModelGuard,
+    batchnorm_layers,
+    is_frozen,
+    running_buffers,
+    syncs_across_ranks,
+    unwrap,
+    use_local_batch_stats,
+)
 
 __all__ = ["ForwardFn", "PassResult", "run_pass"]
 
@@ -159,19 +167,6 @@ def default_forward(input_key: Any = None) -> ForwardFn:
     return forward
 
 
-def _syncs_across_ranks(layer: nn.Module) -> bool:
-    """Whether the layer's training forward would merge batch statistics across ranks.
-
-    Duck-typed on ``process_group`` (torch's and rethinkbn's SyncBatchNorm), since this layer of
-    the package may not import the distributed one.
-    """
-    if not hasattr(layer, "process_group") or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        return False
-    return dist.get_world_size(layer.process_group or dist.group.WORLD) > 1
-
-
 def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -> _Recorder:
     """Put one layer in pass mode (recorded in ``guard``) and hook its recorder."""
     guard.set_attr(layer, "_rethinkbn_name", name)
@@ -182,13 +177,10 @@ def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -
         return rec
     tracked = getattr(layer, "num_batches_tracked", None)
     guard.keep_values([t for t in (mean, var, tracked) if isinstance(t, Tensor)])
-    syncs = _syncs_across_ranks(layer)
+    # Each rank's moments stay local until the one reduction at the end.
+    syncs = syncs_across_ranks(layer)
     if syncs:
-        # Each rank's moments stay local until the one reduction at the end: in eval mode without
-        # buffers, a SyncBatchNorm normalizes with its local batch statistics and does not sync.
-        guard.set_buffer_slot(layer, "running_mean", None)
-        guard.set_buffer_slot(layer, "running_var", None)
-        layer.training = False
+        use_local_batch_stats(guard, layer)
     else:
         layer.training = True
     if isinstance(layer, BatchNormBase):

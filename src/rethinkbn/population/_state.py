@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
@@ -19,6 +20,8 @@ from ..layers.base import BatchNormBase
 
 __all__ = [
     "ModelGuard",
+    "syncs_across_ranks",
+    "use_local_batch_stats",
     "batchnorm_layers",
     "is_frozen",
     "running_buffers",
@@ -76,6 +79,30 @@ def running_buffers(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
     if isinstance(mean, Tensor) and isinstance(var, Tensor):
         return mean, var
     return None
+
+
+def syncs_across_ranks(layer: nn.Module) -> bool:
+    """Whether the layer's training forward would merge batch statistics across ranks.
+
+    Duck-typed on ``process_group`` (torch's and rethinkbn's SyncBatchNorm), since this layer of
+    the package may not import the distributed one.
+    """
+    if not hasattr(layer, "process_group") or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        return False
+    return dist.get_world_size(layer.process_group or dist.group.WORLD) > 1
+
+
+def use_local_batch_stats(guard: ModelGuard, layer: nn.Module) -> None:
+    """Make a SyncBatchNorm normalize with its local batch statistics, without syncing.
+
+    In eval mode without running buffers, both torch's and rethinkbn's SyncBatchNorm normalize
+    each rank's batch alone and update nothing; the buffers are put back by ``guard``.
+    """
+    guard.set_buffer_slot(layer, "running_mean", None)
+    guard.set_buffer_slot(layer, "running_var", None)
+    layer.training = False
 
 
 class ModelGuard:

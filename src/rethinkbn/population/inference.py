@@ -1,0 +1,101 @@
+"""Mini-batch statistics at inference (the paper's Sec. 4.2).
+
+Normalizing a test batch with its own statistics removes the train/test inconsistency of small
+normalization batch sizes (Fig. 6) and, in detection heads, the domain shift between training
+batches and a test image (Table 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import functional as BF
+from ..layers.base import BatchNormBase
+from ._state import (
+    ModelGuard,
+    batchnorm_layers,
+    is_frozen,
+    syncs_across_ranks,
+    unwrap,
+    use_local_batch_stats,
+)
+
+__all__ = ["batch_stats_inference"]
+
+
+def _check(model: nn.Module, norm_batch_size: int | None) -> list[tuple[str, nn.Module]]:
+    if norm_batch_size is not None and (
+        isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int)
+        or norm_batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_stats_inference: norm_batch_size must be a positive int (samples per "
+            f"normalization group) or None (the whole batch), got {norm_batch_size!r}"
+        )
+    layers = [(n, m) for n, m in batchnorm_layers(model) if not is_frozen(m)]
+    if norm_batch_size is None:
+        return layers
+    for name, layer in layers:
+        groupable = hasattr(layer, "norm_batch_size") or type(layer) in (
+            nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+        )
+        if not groupable or syncs_across_ranks(layer):
+            raise ValueError(
+                f"batch_stats_inference: layer '{name}' ({layer.__class__.__name__}) cannot "
+                f"normalize in groups of norm_batch_size={norm_batch_size}; expected torch "
+                "BatchNorm1d/2d/3d or GhostBatchNorm (or pass norm_batch_size=None)"
+            )
+    return layers
+
+
+def _grouped_output(norm_batch_size: int) -> Any:
+    def hook(layer: _BatchNorm, args: tuple[Tensor, ...], _output: Tensor) -> Tensor:
+        y, _ = BF.ghost_batch_norm(args[0], layer.weight, layer.bias, layer.eps, norm_batch_size)
+        return y
+
+    return hook
+
+
+@contextmanager
+def batch_stats_inference(
+    model: nn.Module, norm_batch_size: int | None = None
+) -> Iterator[nn.Module]:
+    """Within the block, BatchNorm layers normalize each batch with that batch's statistics.
+
+    Every other module is in eval mode (dropout off). With ``norm_batch_size=k`` each batch is
+    normalized in contiguous groups of ``k`` samples, as GhostBatchNorm does in training (the last
+    group takes the remainder); for torch's BatchNorm this replaces the layer's output through a
+    forward hook, at the price of a second normalization. The running buffers and
+    ``num_batches_tracked`` are not touched; FrozenBatchNorm keeps its fixed statistics; a
+    SyncBatchNorm normalizes each rank's batch alone. Yields the model.
+
+    Side effects: modes, ``track_running_stats``, ``norm_batch_size`` and the hooks change for
+    the block only and are restored exactly on exit, also on an exception. Layers that cannot
+    group (DomainBatchNorm, SyncBatchNorm with ``norm_batch_size``) raise before anything changes.
+    """
+    model = unwrap(model)
+    layers = _check(model, norm_batch_size)
+    guard = ModelGuard(model)
+    try:
+        for module in model.modules():
+            module.training = False
+        for _, layer in layers:
+            if syncs_across_ranks(layer):
+                use_local_batch_stats(guard, layer)
+                continue
+            # training without tracking: batch statistics, and no running-buffer update
+            guard.set_attr(layer, "track_running_stats", False)
+            layer.training = True
+            if isinstance(layer, BatchNormBase):
+                if hasattr(layer, "norm_batch_size"):
+                    guard.set_attr(layer, "norm_batch_size", norm_batch_size)
+            elif norm_batch_size is not None:
+                guard.hook(layer.register_forward_hook(_grouped_output(norm_batch_size)))
+        yield model
+    finally:
+        guard.restore()
