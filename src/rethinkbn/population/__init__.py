@@ -4,8 +4,18 @@ from .bank import Snapshot, StatsBank, capture_stats, install_stats
 from .inference import batch_stats_inference
 from .precise import LayerReport, PreciseBNReport, precise_bn, recompute_stats
 from .report import EMALayerReport, EMAReport, ema_report
+from .schedule import (
+    FreezeBNHook,
+    PreciseBNHook,
+    freeze_epoch_for,
+    freeze_with_precise_stats,
+)
 
 __all__ = [
+    "FreezeBNHook",
+    "PreciseBNHook",
+    "freeze_epoch_for",
+    "freeze_with_precise_stats",
     "batch_stats_inference",
     "EMALayerReport",
     "EMAReport",

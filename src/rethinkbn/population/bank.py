@@ -40,15 +40,16 @@ def capture_stats(model: nn.Module) -> Snapshot:
 
 
 def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]],
-                    what: str) -> None:
-    missing = sorted(set(layers) - set(stats))
+                    what: str, partial: bool = False) -> None:
+    missing = [] if partial else sorted(set(layers) - set(stats))
     unknown = sorted(set(stats) - set(layers))
     if missing or unknown:
         raise KeyError(
             f"{what}: the snapshot does not match the model's BatchNorm layers; missing "
             f"{missing or 'none'}, not in the model {unknown or 'none'}"
         )
-    for name, layer in layers.items():
+    for name in stats:
+        layer = layers[name]
         for key in STAT_BUFFERS:
             got = stats[name].get(key)
             want = getattr(layer, key)
@@ -60,18 +61,22 @@ def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping
                 )
 
 
-def install_stats(model: nn.Module, stats: Mapping[str, Mapping[str, Tensor]]) -> None:
+def install_stats(
+    model: nn.Module, stats: Mapping[str, Mapping[str, Tensor]], *, partial: bool = False
+) -> None:
     """Copy a snapshot into the model's running buffers, in place (same tensor objects).
 
-    Every layer name and shape is checked before anything is written; a mismatch raises and the
-    model is unchanged. ``num_batches_tracked``, parameters and modes are not touched.
+    The snapshot must cover every BatchNorm layer with running statistics, or, with
+    ``partial=True``, a subset of them. Every layer name and shape is checked before anything is
+    written; a mismatch raises and the model is unchanged. ``num_batches_tracked``, parameters
+    and modes are not touched.
     """
     layers = _stat_layers(model)
-    _check_snapshot(layers, stats, "install_stats")
+    _check_snapshot(layers, stats, "install_stats", partial)
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name in stats:
             for key in STAT_BUFFERS:
-                getattr(layer, key).copy_(stats[name][key])
+                getattr(layers[name], key).copy_(stats[name][key])
 
 
 class StatsBank:

@@ -1,0 +1,155 @@
+"""FrozenBN late in training (the paper's Sec. 4.3) and periodic PreciseBN, for plain loops.
+
+Training the last part of a schedule (the paper: the last 20 of 100 epochs) with FrozenBatchNorm,
+i.e. with population statistics instead of mini-batch statistics, removes the train/test
+inconsistency of small normalization batch sizes. :func:`freeze_with_precise_stats` does the
+switch; :class:`FreezeBNHook` and :class:`PreciseBNHook` call it and :func:`precise_bn` from a
+plain training loop::
+
+    freeze = FreezeBNHook.last_fraction(train_loader, 0.2, total_epochs=100)
+    precise = PreciseBNHook(train_loader, every_n_epochs=1)
+    for epoch in range(100):
+        model = freeze(model, epoch)          # at the start of an epoch
+        train_one_epoch(model, optimizer)
+        precise(model, epoch)                 # at the end of an epoch, before evaluating
+        evaluate(model)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..convert import freeze_bn
+from ._state import batchnorm_layers, is_frozen, unwrap
+from .bank import capture_stats, install_stats
+from .precise import PreciseBNReport, precise_bn, recompute_stats
+
+__all__ = ["FreezeBNHook", "PreciseBNHook", "freeze_epoch_for", "freeze_with_precise_stats"]
+
+logger = logging.getLogger(__name__)
+
+_PRECISE_KEYS = {
+    "num_samples", "num_batches", "forward", "input_key", "device", "pass_norm_batch_size",
+    "keep_modes", "strict", "progress", "process_group",
+}
+
+
+def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    precise = {k: v for k, v in kwargs.items() if k in _PRECISE_KEYS}
+    return precise, {k: v for k, v in kwargs.items() if k not in _PRECISE_KEYS}
+
+
+def freeze_with_precise_stats(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    predicate: Callable[[str, nn.Module], bool] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Recompute precise population statistics, then turn the BatchNorm layers into FrozenBN.
+
+    ``kwargs`` are :func:`precise_bn`'s keyword arguments (``num_samples``, ``forward``,
+    ``device``, ...) and FrozenBatchNorm's (``affine_trainable``, ...); ``include`` /
+    ``exclude`` / ``predicate`` select layers as in :func:`rethinkbn.convert.convert_batchnorm`.
+    Returns the model (a new object only if the root itself was a BatchNorm).
+
+    Side effects: the selected layers are replaced by FrozenBatchNorm layers holding the precise
+    statistics; their weight and bias stay the same Parameter objects, so the optimizer keeps
+    training them. Layers not selected keep their statistics. On an error the model is unchanged.
+    The reverse is :func:`rethinkbn.convert.unfreeze_bn` (back to torch BatchNorm, with the
+    frozen statistics as running statistics).
+    """
+    precise_kwargs, layer_kwargs = _split(kwargs)
+    model = unwrap(model)
+    old = capture_stats(model)
+    stats = recompute_stats(model, data, **precise_kwargs)
+    install_stats(model, stats)
+    try:
+        model = freeze_bn(model, include=include, exclude=exclude, predicate=predicate,
+                          **layer_kwargs)
+    finally:
+        # layers still of their old kind (not selected, or a failed conversion) get their
+        # statistics back
+        kept = {name: old[name] for name, layer in batchnorm_layers(model)
+                if name in old and not is_frozen(layer)}
+        install_stats(model, kept, partial=True)
+    return model
+
+
+class PreciseBNHook:
+    """Periodic PreciseBN for a plain loop: call ``hook(model, epoch)`` at the end of each epoch.
+
+    Runs :func:`precise_bn` on ``data`` after epochs ``every_n_epochs - 1``,
+    ``2 * every_n_epochs - 1``, ... (0-based) and returns its report (None on other epochs);
+    ``reports`` keeps them all by epoch. ``kwargs`` go to :func:`precise_bn`.
+    """
+
+    def __init__(self, data: Iterable[Any], *, every_n_epochs: int = 1, **kwargs: Any) -> None:
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
+        unknown = set(kwargs) - _PRECISE_KEYS - {"include_frozen"}
+        if unknown:
+            raise TypeError(f"PreciseBNHook: unknown precise_bn arguments {sorted(unknown)}")
+        self.data = data
+        self.every_n_epochs = every_n_epochs
+        self.kwargs = kwargs
+        self.reports: dict[int, PreciseBNReport] = {}
+
+    def due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every_n_epochs == 0
+
+    def __call__(self, model: nn.Module, epoch: int) -> PreciseBNReport | None:
+        if not self.due(epoch):
+            return None
+        report = precise_bn(model, self.data, **self.kwargs)
+        self.reports[epoch] = report
+        logger.info("PreciseBN after epoch %d: %d samples", epoch, report.num_samples)
+        return report
+
+
+class FreezeBNHook:
+    """FrozenBN from epoch ``freeze_epoch`` on: call ``model = hook(model, epoch)`` at the start
+    of each epoch.
+
+    At the first call with ``epoch >= freeze_epoch`` it runs :func:`freeze_with_precise_stats`
+    (``kwargs`` go to it); later calls do nothing. Returns the model to keep using.
+    """
+
+    def __init__(self, data: Iterable[Any], *, freeze_epoch: int, **kwargs: Any) -> None:
+        if not isinstance(freeze_epoch, int) or freeze_epoch < 0:
+            raise ValueError(f"freeze_epoch must be an int >= 0, got {freeze_epoch!r}")
+        self.data = data
+        self.freeze_epoch = freeze_epoch
+        self.kwargs = kwargs
+        self.frozen = False
+
+    @classmethod
+    def last_fraction(
+        cls, data: Iterable[Any], fraction: float, total_epochs: int, **kwargs: Any
+    ) -> FreezeBNHook:
+        """Freeze for the last ``fraction`` of ``total_epochs`` (the paper: 0.2 of 100 epochs)."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        return cls(data, freeze_epoch=freeze_epoch_for(fraction, total_epochs), **kwargs)
+
+    def __call__(self, model: nn.Module, epoch: int) -> nn.Module:
+        if self.frozen or epoch < self.freeze_epoch:
+            return model
+        model = freeze_with_precise_stats(model, self.data, **self.kwargs)
+        self.frozen = True
+        logger.info("FrozenBN from epoch %d on", epoch)
+        return model
+
+
+def freeze_epoch_for(fraction: float, total_epochs: int) -> int:
+    """The first epoch (0-based) of the last ``fraction`` of ``total_epochs``: 80 for 0.2, 100."""
+    if not isinstance(total_epochs, int) or total_epochs < 1:
+        raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
+    return total_epochs - math.ceil(round(fraction * total_epochs, 9))
