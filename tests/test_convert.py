@@ -217,6 +217,22 @@ def test_converted_layers_know_their_qualified_name(net):
     assert model.heads["volume"]._rethinkbn_name == "heads.volume"
 
 
+def test_a_class_names_the_kind_too(net):
+    model = convert_batchnorm(net, GhostBatchNorm, norm_batch_size=2)
+    assert all(type(m) is GhostBatchNorm for m in bn_layers(model))
+
+
+def test_forward_hooks_follow_the_layer_and_their_handles_still_remove_them(net):
+    seen = []
+    handle = net.stem[1].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    model = to_ghost_bn(net, norm_batch_size=2)
+    model(torch.randn(4, 3, 5, 5))
+    assert seen == [GhostBatchNorm]
+    handle.remove()
+    revert_batchnorm(model)(torch.randn(4, 3, 5, 5))
+    assert seen == [GhostBatchNorm]
+
+
 # ---------------------------------------------------------------------------- specific kinds
 def test_freeze_then_unfreeze_restores_eps_momentum_and_only_touches_frozen_layers(net):
     reference = copy.deepcopy(net)

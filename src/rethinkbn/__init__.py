@@ -11,8 +11,10 @@ point down this list only:
     studies, cli  the reproduction harness (`rethinkbn reproduce`)
 """
 
+from .convert import convert_batchnorm, fold_batchnorm, revert_batchnorm
 from .stats import Moments, all_reduce_moments
 
 __version__ = "0.1.0"
 
 __all__ = ["Moments", "all_reduce_moments", "__version__"]
+__all__ += ["convert_batchnorm", "fold_batchnorm", "revert_batchnorm"]

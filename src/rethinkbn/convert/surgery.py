@@ -421,7 +421,8 @@ def convert_batchnorm(
     a layer raises an error.
 
     Side effects: ``model`` is changed in place (its submodules are replaced). Every new layer
-    gets ``_rethinkbn_name`` (its qualified name) and ``_rethinkbn_torch_class``. Every new layer
+    gets ``_rethinkbn_name`` (its qualified name), ``_rethinkbn_torch_class``, and the forward
+    and backward hooks of the layer it replaces (handles keep working). Every new layer
     is built before the first replacement, so an error (naming the layer and the value) leaves
     the model exactly as it was. When nothing is selected, a warning is issued and the model is
     returned unchanged. When the root itself is converted, the new root is returned.
@@ -499,12 +500,33 @@ def _convert_one(
             raise ValueError(
                 "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
             )
-        return kind.build(state, **layer_kwargs)
+        return _carry_hooks(module, kind.build(state, **layer_kwargs))
     except (TypeError, ValueError) as err:
         raise type(err)(
             f"convert_batchnorm: cannot convert {site.name!r} ({source_type.__name__}) to "
             f"{kind.name!r}{' with ' + shown if shown else ''}: {err}"
         ) from err
+
+
+_HOOK_ATTRS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    # The new layer takes over the very hook dicts, so the handles given out for the old layer
+    # still remove the hooks.
+    for attr in _HOOK_ATTRS:
+        if hasattr(old, attr):
+            object.__setattr__(new, attr, getattr(old, attr))
+    return new
 
 
 # ---------------------------------------------------------------------------- thin helpers
