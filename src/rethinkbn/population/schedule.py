@@ -91,7 +91,9 @@ class PreciseBNHook:
     ``reports`` keeps them all by epoch. ``kwargs`` go to :func:`precise_bn`.
     """
 
-    def __init__(self, data: Iterable[Any], *, every_n_epochs: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self, data: Iterable[Any] | None, *, every_n_epochs: int = 1, **kwargs: Any
+    ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
         unknown = set(kwargs) - _PRECISE_KEYS - {"include_frozen"}
@@ -105,10 +107,14 @@ class PreciseBNHook:
     def due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every_n_epochs == 0
 
-    def __call__(self, model: nn.Module, epoch: int) -> PreciseBNReport | None:
+    def __call__(
+        self, model: nn.Module, epoch: int, data: Iterable[Any] | None = None, **overrides: Any
+    ) -> PreciseBNReport | None:
+        """Run when due; ``data`` and ``overrides`` replace the constructor's for this call."""
         if not self.due(epoch):
             return None
-        report = precise_bn(model, self.data, **self.kwargs)
+        report = precise_bn(model, self.data if data is None else data,
+                            **{**self.kwargs, **overrides})
         self.reports[epoch] = report
         logger.info("PreciseBN after epoch %d: %d samples", epoch, report.num_samples)
         return report
@@ -122,7 +128,7 @@ class FreezeBNHook:
     (``kwargs`` go to it); later calls do nothing. Returns the model to keep using.
     """
 
-    def __init__(self, data: Iterable[Any], *, freeze_epoch: int, **kwargs: Any) -> None:
+    def __init__(self, data: Iterable[Any] | None, *, freeze_epoch: int, **kwargs: Any) -> None:
         if not isinstance(freeze_epoch, int) or freeze_epoch < 0:
             raise ValueError(f"freeze_epoch must be an int >= 0, got {freeze_epoch!r}")
         self.data = data
@@ -132,17 +138,21 @@ class FreezeBNHook:
 
     @classmethod
     def last_fraction(
-        cls, data: Iterable[Any], fraction: float, total_epochs: int, **kwargs: Any
+        cls, data: Iterable[Any] | None, fraction: float, total_epochs: int, **kwargs: Any
     ) -> FreezeBNHook:
         """Freeze for the last ``fraction`` of ``total_epochs`` (the paper: 0.2 of 100 epochs)."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         return cls(data, freeze_epoch=freeze_epoch_for(fraction, total_epochs), **kwargs)
 
-    def __call__(self, model: nn.Module, epoch: int) -> nn.Module:
+    def __call__(
+        self, model: nn.Module, epoch: int, data: Iterable[Any] | None = None, **overrides: Any
+    ) -> nn.Module:
+        """Freeze when due; ``data`` and ``overrides`` replace the constructor's for this call."""
         if self.frozen or epoch < self.freeze_epoch:
             return model
-        model = freeze_with_precise_stats(model, self.data, **self.kwargs)
+        model = freeze_with_precise_stats(model, self.data if data is None else data,
+                                          **{**self.kwargs, **overrides})
         self.frozen = True
         logger.info("FrozenBN from epoch %d on", epoch)
         return model

@@ -1,0 +1,108 @@
+"""PyTorch Lightning callbacks: periodic PreciseBN and FrozenBN for the last part of training.
+
+    trainer = pl.Trainer(callbacks=[PreciseBN(num_samples=10_000), FreezeBN(fraction=0.2)])
+
+Both use the trainer's training dataloader unless given ``data``, and the module's device. Under
+a distributed strategy every rank passes over its own shard and :func:`rethinkbn.precise_bn`
+merges the ranks' statistics in one collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+
+from ..population.schedule import FreezeBNHook, PreciseBNHook, freeze_epoch_for
+
+__all__ = ["FreezeBN", "PreciseBN"]
+
+
+def _data(own: Iterable[Any] | None, trainer: pl.Trainer) -> Iterable[Any]:
+    return own if own is not None else trainer.train_dataloader
+
+
+class PreciseBN(pl.Callback):
+    """Recompute precise population statistics every ``every_n_epochs`` epochs.
+
+    Runs before validation (sanity checks excepted) so that validation uses them, or at the end
+    of the training epoch when no validation ran since the last training step. ``kwargs`` go to
+    :func:`rethinkbn.precise_bn`. ``reports`` holds the reports by epoch.
+    """
+
+    def __init__(
+        self, data: Iterable[Any] | None = None, *, every_n_epochs: int = 1, **kwargs: Any
+    ) -> None:
+        self.data = data
+        self.hook = PreciseBNHook(data, every_n_epochs=every_n_epochs, **kwargs)
+        self._last_step: int | None = None
+
+    @property
+    def reports(self) -> dict[int, Any]:
+        return self.hook.reports
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_step == trainer.global_step or not self.hook.due(trainer.current_epoch):
+            return
+        self._last_step = trainer.global_step
+        device = self.hook.kwargs.get("device", pl_module.device)
+        self.hook(pl_module, trainer.current_epoch, _data(self.data, trainer), device=device)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+
+class FreezeBN(pl.Callback):
+    """Train the last epochs with FrozenBatchNorm holding precise statistics (paper Sec. 4.3).
+
+    Freezes at the start of epoch ``freeze_epoch``, or of the last ``fraction`` of
+    ``trainer.max_epochs`` (default: the last 20%). ``kwargs`` go to
+    :func:`rethinkbn.population.freeze_with_precise_stats` (``num_samples``, ``include``, ...).
+    The optimizer keeps working: the affine parameters stay the same Parameter objects.
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any] | None = None,
+        *,
+        freeze_epoch: int | None = None,
+        fraction: float = 0.2,
+        **kwargs: Any,
+    ) -> None:
+        if freeze_epoch is None and not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        self.data = data
+        self.freeze_epoch = freeze_epoch
+        self.fraction = fraction
+        self.kwargs = kwargs
+        self.frozen = False
+
+    def _hook(self, trainer: pl.Trainer) -> FreezeBNHook:
+        epoch = self.freeze_epoch
+        if epoch is None:
+            if not trainer.max_epochs or trainer.max_epochs < 1:
+                raise ValueError(
+                    "FreezeBN: the trainer has no max_epochs (got "
+                    f"{trainer.max_epochs!r}); pass freeze_epoch= instead of fraction="
+                )
+            epoch = freeze_epoch_for(self.fraction, trainer.max_epochs)
+        hook = FreezeBNHook(self.data, freeze_epoch=epoch, **self.kwargs)
+        hook.frozen = self.frozen
+        return hook
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        hook = self._hook(trainer)
+        device = self.kwargs.get("device", pl_module.device)
+        hook(pl_module, trainer.current_epoch, _data(self.data, trainer), device=device)
+        self.frozen = hook.frozen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.frozen = bool(state_dict.get("frozen", False))
