@@ -348,6 +348,11 @@ def test_an_unknown_target_lists_the_known_kinds(net):
         convert_batchnorm(net, "ghosts")
 
 
+def test_torch_class_must_be_a_torch_batchnorm_class(net):
+    with pytest.raises(ValueError, match=r"torch_class=.*got to='torch', torch_class=<class"):
+        revert_batchnorm(net, torch_class=GhostBatchNorm)
+
+
 def test_an_unknown_keyword_names_the_layer(net):
     with pytest.raises(TypeError, match=r"'stem\.1'.*nbs=2"):
         convert_batchnorm(net, "ghost", nbs=2)

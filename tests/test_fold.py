@@ -202,3 +202,9 @@ def test_conv_and_conv_transpose_of_any_rank_and_groups_fold(
     bn = getattr(nn, f"BatchNorm{dims}d")(6, affine=affine, dtype=torch.float64)
     x = torch.randn(2, 4, *[5] * dims, dtype=torch.float64)
     assert_folds_exactly(nn.Sequential(conv, bn), x, folded_count=1)
+
+
+def test_a_batchnorm_with_a_forward_hook_is_not_folded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].register_forward_hook(lambda m, i, o: None)
+    assert_folds_exactly(model, torch.randn(2, 3, 4, 4), folded_count=0)

@@ -71,6 +71,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     * both modules appear once in the model, are called once, have no hooks, and their tensors
       are not read elsewhere in the forward.
 
+    Caveats: the data flow checked is the one ``torch.fx`` traces for the copy in eval mode; a
+    forward that takes another path later (a branch on a module attribute that changes) is not
+    covered. For a module that does not trace, the children of an ``nn.Sequential`` are assumed
+    to be called only by it.
+
     The result's ``state_dict`` lacks the folded BatchNorm entries. Returns the folded copy.
     """
     if not isinstance(model, nn.Module):
@@ -109,7 +114,12 @@ def _foldable_producer(module: nn.Module, bn: nn.Module) -> bool:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
 
 
 class _Tracer(fx.Tracer):
@@ -189,10 +199,12 @@ def _fold_pair(producer: nn.Module, bn: nn.Module) -> nn.Module:
         weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     bias = shift if producer.bias is None else producer.bias.to(acc) * scale + shift
 
-    fused = copy.deepcopy(producer)
-    if isinstance(fused, nn.Linear):
-        fused.__class__ = FoldedLinear
     dtype, device = producer.weight.dtype, producer.weight.device
+    if isinstance(producer, nn.Linear):
+        fused = FoldedLinear(producer.in_features, producer.out_features, device=device,
+                             dtype=dtype)
+    else:
+        fused = copy.deepcopy(producer)
     fused.weight = nn.Parameter(weight.to(dtype), requires_grad=producer.weight.requires_grad)
     fused.bias = nn.Parameter(bias.to(device=device, dtype=dtype),
                               requires_grad=producer.weight.requires_grad)

@@ -29,7 +29,13 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import BatchNormBase, is_batchnorm
+from ..layers import (
+    BatchNormBase,
+    DomainBatchNorm,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+    is_batchnorm,
+)
 
 __all__ = [
     "BatchNormState",
@@ -299,17 +305,7 @@ def _build_torch(
 register_converter("torch", nn.BatchNorm2d, build=_build_torch)
 
 
-def _register_family() -> None:
-    from ..layers import DomainBatchNorm, FrozenBatchNorm, GhostBatchNorm
-
-    register_converter("ghost", GhostBatchNorm)
-    register_converter("frozen", FrozenBatchNorm)
-    register_converter("domain", DomainBatchNorm, build=_build_domain)
-
-
 def _build_domain(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
-    from ..layers import DomainBatchNorm
-
     options = state.options()
     # DomainBatchNorm's affine says how weight and bias are shared ("shared" / "domain"); a layer
     # without them stays without them.
@@ -319,7 +315,9 @@ def _build_domain(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
     return state.install(layer)
 
 
-_register_family()
+register_converter("ghost", GhostBatchNorm)
+register_converter("frozen", FrozenBatchNorm)
+register_converter("domain", DomainBatchNorm, build=_build_domain)
 
 
 # ---------------------------------------------------------------------------- selection
@@ -333,19 +331,31 @@ def _patterns(value: str | Sequence[str] | None, arg: str) -> tuple[str, ...] | 
 
 
 def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _Kind:
-    if isinstance(to, type) and issubclass(to, TORCH_CLASSES):
-        if layer_kwargs.get("torch_class", to) is not to:
-            raise TypeError(f"convert_batchnorm: to={to.__name__} contradicts torch_class=")
-        layer_kwargs["torch_class"] = to
-        return _KINDS["torch"]
-    for kind in _KINDS.values():
-        if to == kind.name or (isinstance(to, type) and to is kind.cls and kind.name != "torch"):
-            return kind
-    hint = " (import rethinkbn.distributed to register it)" if to == "sync" else ""
-    raise ValueError(
-        f"convert_batchnorm: unknown target {to!r}{hint}; expected one of "
-        f"{sorted(_KINDS)} or one of their classes"
+    """The registered kind ``to`` names; a torch class becomes ``"torch"`` plus ``torch_class``."""
+    if to in TORCH_CLASSES:
+        if layer_kwargs.setdefault("torch_class", to) is not to:
+            raise ValueError(
+                f"convert_batchnorm: to={to.__name__} contradicts "  # type: ignore[union-attr]
+                f"torch_class={layer_kwargs['torch_class']!r}"
+            )
+        to = "torch"
+    kind = next(
+        (k for k in _KINDS.values() if to == k.name or (to is k.cls and k.name != "torch")), None
     )
+    if kind is None:
+        hint = " (import rethinkbn.distributed to register it)" if to == "sync" else ""
+        raise ValueError(
+            f"convert_batchnorm: unknown target {to!r}{hint}; expected one of "
+            f"{sorted(_KINDS)}, or a class: {[c.__name__ for c in TORCH_CLASSES]} or "
+            f"{sorted(k.cls.__name__ for k in _KINDS.values() if k.name != 'torch')}"
+        )
+    wanted = layer_kwargs.get("torch_class")
+    if wanted is not None and (kind.name != "torch" or wanted not in TORCH_CLASSES):
+        raise ValueError(
+            f"convert_batchnorm: torch_class= only goes with to='torch' and must be one of "
+            f"{[c.__name__ for c in TORCH_CLASSES]}, got to={to!r}, torch_class={wanted!r}"
+        )
+    return kind
 
 
 def _already(module: nn.Module, kind: _Kind, layer_kwargs: Mapping[str, Any]) -> bool:
@@ -570,8 +580,6 @@ def freeze_bn(model: nn.Module, **kwargs: Any) -> nn.Module:
 
 def unfreeze_bn(model: nn.Module, **kwargs: Any) -> nn.Module:
     """Revert the FrozenBatchNorm layers of ``model`` (only those) to torch BatchNorm."""
-    from ..layers import FrozenBatchNorm
-
     user = kwargs.pop("predicate", None)
 
     def frozen(name: str, module: nn.Module) -> bool:
