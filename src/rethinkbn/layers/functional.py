@@ -214,7 +214,9 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         if bias is None:
             y = xc * scale
         else:
-            y = torch.addcmul(bias.view(1, 1, -1, 1), xc, scale)
+            # addcmul is several times slower when its operands broadcast from different shapes.
+            shift = bias.view(1, 1, -1, 1).expand_as(scale).to(scale.dtype, copy=True)
+            y = torch.addcmul(shift, xc, scale)
         ctx.save_for_backward(xc, invstd, weight)
         ctx.mark_non_differentiable(mean, var)
         return y.view(x.shape), mean.view(groups, -1), var.view(groups, -1)
@@ -268,7 +270,7 @@ def ghost_batch_norm(
     groups, spatial = len(sizes), _spatial_numel(x)
     if groups == 1:
         y, mean, var = native_batch_norm(x, weight, bias, eps)
-        return y, (mean[None], var[None], torch.tensor([x.numel() // x.size(1)]))
+        return y, (mean[None], var[None], torch.tensor([x.numel() // x.size(1)], device=x.device))
     # Strided groups are equal when G divides N; contiguous ones when no remainder was left.
     equal = x.size(0) % groups == 0 if grouping == "strided" else len(set(sizes)) == 1
     fmt = _memory_format(x)
@@ -277,7 +279,7 @@ def ghost_batch_norm(
         y, mean, var, count = segment_batch_norm(x, index, groups, weight, bias, eps)
         return y, (mean, _unbiased(var, count[:, None]), count)
     n = x.size(0) // groups
-    count = torch.full((groups,), n * spatial)
+    count = torch.full((groups,), n * spatial, device=x.device)
     xin = x.contiguous()
     if grouping == "strided":
         channels = groups * x.size(1)

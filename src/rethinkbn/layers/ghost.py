@@ -91,9 +91,12 @@ class GhostBatchNorm(BatchNormBase):
         )
         BF.check_finite(mean, layer_name(self))
         if self._updates_running_stats():
-            weights = count.to(device=mean.device, dtype=mean.dtype)[:, None]
-            weights = weights / weights.sum()
-            self._update_running_stats((mean * weights).sum(0), (var * weights).sum(0))
+            if count.numel() == 1:
+                self._update_running_stats(mean[0], var[0])
+            else:
+                weights = count.to(device=mean.device, dtype=mean.dtype)[:, None]
+                weights = weights / weights.sum()
+                self._update_running_stats((mean * weights).sum(0), (var * weights).sum(0))
         if self.observer is not None:
             self._observe(Moments.of(x))
         return y
