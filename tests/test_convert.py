@@ -117,6 +117,13 @@ def test_convert_then_revert_restores_state_dict_and_outputs_exactly(net, kind):
     assert_same_state(model, reference)
 
 
+@pytest.mark.parametrize("kind", ["ghost", "frozen", "torch_sync"])
+def test_a_converted_model_computes_what_the_original_computes_in_eval_mode(net, kind):
+    x = torch.randn(6, 3, 5, 5)
+    expected = copy.deepcopy(net).eval()(x)
+    torch.testing.assert_close(_convert(net, kind).eval()(x), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("kind", "cls"),
     [("ghost", GhostBatchNorm), ("frozen", FrozenBatchNorm), ("domain", DomainBatchNorm),
