@@ -12,9 +12,25 @@ point down this list only:
 """
 
 from .convert import convert_batchnorm, fold_batchnorm, revert_batchnorm
+from .distributed import (
+    PerDeviceBatchNorm,
+    ShuffledModule,
+    ShufflePlan,
+    SyncBatchNorm,
+    to_sync_bn,
+    virtual_devices,
+)
 from .stats import Moments, all_reduce_moments
 
 __version__ = "0.1.0"
 
 __all__ = ["Moments", "all_reduce_moments", "__version__"]
 __all__ += ["convert_batchnorm", "fold_batchnorm", "revert_batchnorm"]
+__all__ += [
+    "PerDeviceBatchNorm",
+    "ShuffledModule",
+    "ShufflePlan",
+    "SyncBatchNorm",
+    "to_sync_bn",
+    "virtual_devices",
+]

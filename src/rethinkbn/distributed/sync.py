@@ -1,0 +1,300 @@
+"""SyncBatchNorm: normalize with the statistics of the batch of every rank in a process group.
+
+The normalization batch is the union of the local batches of the ranks in the group (the whole
+world by default, or consecutive groups of ``group_size`` ranks: the paper's way to choose a
+normalization batch size between per-GPU and global). Per channel, over the ``N`` values of the
+group::
+
+    mean = (1/N) sum_i x_i          var = (1/N) sum_i (x_i - mean)^2
+    y_i  = weight * (x_i - mean) / sqrt(var + eps) + bias
+
+Communication is ONE ``all_reduce`` in the forward and ONE in the backward:
+
+* forward: every rank's float64 moments ``(n, mean, m2)`` are summed as additive sums by
+  :func:`rethinkbn.stats.all_reduce_moments`. The local moments come from ``torch.var_mean`` (no
+  ``E[x^2] - E[x]^2``), and are shifted by the running mean (a value every rank shares) before the
+  sums are formed, so that the float64 cancellation ``m2 = S2 - N * mean^2`` stays small even when
+  a channel's mean is large compared with its spread.
+* backward: the per-channel sums ``sum(dy)`` and ``sum(dy * (x - mean))`` over the group, which
+  give the exact input gradient::
+
+      dx_i = weight / sqrt(var + eps) * (dy_i - mean(dy) - xhat_i * mean(dy * xhat))
+
+  The weight and bias gradients are the *local* sums ``sum(dy * xhat)`` and ``sum(dy)``, as in
+  ``torch.nn.SyncBatchNorm``: DistributedDataParallel then averages them across ranks.
+
+Unequal local batch sizes are exact, and a rank whose local batch is empty still joins both
+collectives (it gets an empty output and zero gradients). In eval mode, and with world size 1 or
+no initialized process group, no collective is made and the layer equals torch's BatchNorm. The
+same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers.base import BatchNormBase, layer_name
+from ..stats import Moments, _compute_dtype, all_reduce_moments, batch_var_mean, reduce_dims
+
+__all__ = ["SyncBatchNorm", "consecutive_group"]
+
+# One subgroup per (world, group_size), created on first use: dist.new_subgroups is a collective
+# over the whole world, so every layer creating its own would multiply groups (and connections).
+# The world object is kept alive in the value so that its id cannot be reused by a later world.
+_SUBGROUPS: dict[tuple[int, int], tuple[Any, dist.ProcessGroup]] = {}
+
+
+def consecutive_group(group_size: int) -> dist.ProcessGroup:
+    """This rank's group among the world's consecutive groups of ``group_size`` ranks.
+
+    Ranks ``0..k-1`` form the first group, ``k..2k-1`` the second, and so on. The groups are
+    created once per initialized world; the first call is a collective over the whole world (every
+    rank must make it, in the same order relative to other group creations).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"consecutive_group(group_size={group_size}) needs an initialized process group "
+            "(call torch.distributed.init_process_group first)"
+        )
+    world = dist.group.WORLD
+    world_size = dist.get_world_size()
+    if not isinstance(group_size, int) or group_size < 1 or world_size % group_size:
+        raise ValueError(
+            f"group_size must be a positive divisor of the world size {world_size}, "
+            f"got {group_size!r}"
+        )
+    key = (id(world), group_size)
+    if key not in _SUBGROUPS:
+        group, _ = dist.new_subgroups(group_size)
+        _SUBGROUPS[key] = (world, group)
+    return _SUBGROUPS[key][1]
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _centered(x: Tensor, mean: Tensor, mean_lo: Tensor) -> Tensor:
+    # mean + mean_lo is the float64 mean as two compute-dtype numbers: x - mean is exact for x
+    # near the mean, so a mean of 1e4 does not cost the spread its digits.
+    xmu = x.to(_compute_dtype(x)) - _channel_view(mean, x)
+    return xmu.sub_(_channel_view(mean_lo, x))
+
+
+def _collective_failed(what: str, name: str, group: dist.ProcessGroup | None, exc: Exception) -> (
+    RuntimeError
+):
+    size = dist.get_world_size(group)
+    return RuntimeError(
+        f"{name}: the {what} all_reduce over {size} ranks failed ({exc}). Every rank of the "
+        "group must run this layer in the same step; a rank that raised, exited or skipped the "
+        "layer leaves the others waiting until the process group's timeout "
+        "(init_process_group(timeout=...))."
+    )
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """``y = weight * (x - mean) * invstd + bias`` with the group-wide backward.
+
+    ``mean`` (given as ``mean + mean_lo``) and ``invstd`` are the group's statistics, constants
+    here: their dependence on ``x`` is accounted for in the backward through the group sums of
+    ``dy`` and ``dy * xhat``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        mean: Tensor,
+        mean_lo: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        count: float,
+        group: dist.ProcessGroup | None,
+        sync: bool,
+        name: str,
+    ) -> Tensor:
+        dtype = _compute_dtype(x)
+        xmu = _centered(x, mean, mean_lo)
+        scale = invstd if weight is None else invstd * weight.to(dtype)
+        if bias is None:
+            y = xmu * _channel_view(scale, x)
+        else:
+            y = torch.addcmul(_channel_view(bias.to(dtype), x), xmu, _channel_view(scale, x))
+        ctx.save_for_backward(x, mean, mean_lo, invstd, weight)
+        ctx.count, ctx.group, ctx.sync, ctx.name = count, group, sync, name
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, mean, mean_lo, invstd, weight = ctx.saved_tensors
+        dtype = _compute_dtype(x)
+        dims = reduce_dims(x)
+        xmu = _centered(x, mean, mean_lo)
+        dy = dy.to(dtype)
+        sum_dy = dy.sum(dims)
+        sum_dy_xmu = (dy * xmu).sum(dims)
+        need_x, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
+        grad_x = grad_w = grad_b = None
+        if need_w:
+            grad_w = (sum_dy_xmu * invstd).to(weight.dtype)
+        if need_b:
+            grad_b = sum_dy.to(weight.dtype if weight is not None else dtype)
+        if need_x:
+            sums = torch.stack([sum_dy, sum_dy_xmu])
+            if ctx.sync:
+                try:
+                    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+                except RuntimeError as exc:
+                    raise _collective_failed("gradient-sum", ctx.name, ctx.group, exc) from exc
+            mean_dy, mean_dy_xmu = sums / ctx.count
+            scale = invstd if weight is None else invstd * weight.to(dtype)
+            # dx = scale * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+            centered = dy - torch.addcmul(
+                _channel_view(mean_dy, x), xmu, _channel_view(invstd.square() * mean_dy_xmu, x)
+            )
+            grad_x = (centered * _channel_view(scale, x)).to(x.dtype)
+        return grad_x, None, None, None, grad_w, grad_b, None, None, None, None
+
+
+class SyncBatchNorm(BatchNormBase):
+    """BatchNorm whose training statistics are those of the whole process group's batch.
+
+    ``process_group`` (default: the whole world) or ``group_size=k`` (this rank's group among the
+    consecutive groups of ``k`` ranks, see :func:`consecutive_group`) choose the ranks whose
+    batches are normalized together. Accepts inputs of rank 2 to 5 (``(N, C, ...)``), any local
+    batch size including 0, and float16/bfloat16 inputs (statistics and running buffers stay in
+    the parameters' dtype, the math runs in float32).
+
+    Side effects of a training forward: the running buffers are updated with the group's mean
+    and its *unbiased* variance ``m2 / (N - 1)`` (torch's rule), ``num_batches_tracked`` advances,
+    and ``observer`` (when set, e.g. by :func:`rethinkbn.precise_bn`) receives the float64 moments
+    of *this rank's* values: precise_bn sums every rank's observations in its own collective.
+
+    Every rank of the group must call the layer in the same step (it makes one all_reduce in the
+    forward and one in the backward); otherwise the others fail after the process group's
+    timeout with an error naming the layer.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        group_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if process_group is not None and group_size is not None:
+            raise ValueError(
+                f"SyncBatchNorm({num_features}): give process_group or group_size, not both "
+                f"(got process_group={process_group!r}, group_size={group_size!r})"
+            )
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(
+                f"SyncBatchNorm({num_features}): group_size must be a positive int, "
+                f"got {group_size!r}"
+            )
+        self.process_group = process_group
+        self.group_size = group_size
+        # The group's mean at the last synced forward: identical on every rank of the group (it
+        # is the result of one all_reduce), so it can shift the next step's moments.
+        self._shift: Tensor | None = None
+        if group_size is not None and dist.is_available() and dist.is_initialized():
+            self.process_group = consecutive_group(group_size)
+
+    def extra_repr(self) -> str:
+        extra = f", group_size={self.group_size}" if self.group_size is not None else ""
+        return super().extra_repr() + extra
+
+    # ------------------------------------------------------------------ the group
+    def _sync_group(self) -> tuple[bool, dist.ProcessGroup | None]:
+        """``(sync, group)``: whether this training forward communicates, and over which group."""
+        if not dist.is_available() or not dist.is_initialized():
+            return False, None
+        if self.group_size is not None and self.process_group is None:
+            self.process_group = consecutive_group(self.group_size)
+        size = dist.get_world_size(self.process_group)
+        if size < 1:
+            raise RuntimeError(
+                f"{layer_name(self)}: rank {dist.get_rank()} is not a member of its "
+                f"process_group {self.process_group!r}; expected a group containing this rank"
+            )
+        return size > 1, self.process_group
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self._uses_batch_stats():
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                self.eps,
+            )
+        # Eval without running buffers normalizes each rank's batch alone, as torch does.
+        sync, group = self._sync_group() if self.training else (False, None)
+        local, moments = self._group_moments(x, sync, group)
+        count = float(moments.count[0])
+        if count <= 1:
+            raise ValueError(
+                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
+                f"{int(count)} over the {'group' if sync else 'local batch'} (local input shape "
+                f"{tuple(x.shape)})"
+            )
+        # precise_bn merges what every rank observed in its own collective: observing the group's
+        # moments would count each value once per rank.
+        self._observe(local)
+        if self._updates_running_stats():
+            self._update_running_stats(moments.mean, moments.var(unbiased=True))
+        dtype = _compute_dtype(x)
+        mean = moments.mean.to(dtype)
+        mean_lo = (moments.mean - mean.to(moments.mean.dtype)).to(dtype)
+        invstd = (moments.var() + self.eps).rsqrt().to(dtype)
+        return _SyncNormalize.apply(
+            x, mean, mean_lo, invstd, self.weight, self.bias, count, group, sync, layer_name(self)
+        )
+
+    def _group_moments(
+        self, x: Tensor, sync: bool, group: dist.ProcessGroup | None
+    ) -> tuple[Moments, Moments]:
+        """Float64 per-channel moments of this rank's batch and of the group's (ONE all_reduce)."""
+        if x.numel() == 0:
+            local = Moments.zeros(self.num_features, device=x.device)
+        else:
+            with torch.no_grad():
+                var, _ = batch_var_mean(x)
+                # A float32 mean of values near 1e4 is off by up to 5e-4, and merging the ranks'
+                # means turns such errors into variance; the float64 sum keeps them exact.
+                count = x.numel() // x.size(1)
+                mean = x.sum(reduce_dims(x), dtype=torch.float64) / count
+            local = Moments.from_var_mean(count, mean, var)
+        if not sync:
+            return local, local
+        # The moments of x - shift, for a shift every rank shares, keep S2 - N * mean^2 free of
+        # cancellation when the shift is near the batch mean: the last step's group mean, else
+        # the running mean.
+        shift = self._shift
+        if shift is None or shift.device != local.mean.device or shift.shape != local.mean.shape:
+            shift = (
+                torch.zeros_like(local.mean)
+                if self.running_mean is None
+                else self.running_mean.detach().to(local.mean.dtype)
+            )
+        shifted = Moments(local.count, local.mean - shift, local.m2)
+        try:
+            (reduced,) = all_reduce_moments([shifted], group)
+        except RuntimeError as exc:
+            raise _collective_failed("batch-moments", layer_name(self), group, exc) from exc
+        group_moments = Moments(reduced.count, reduced.mean + shift, reduced.m2)
+        self._shift = group_moments.mean
+        return local, group_moments

@@ -1,0 +1,80 @@
+"""Virtual devices: per-GPU BatchNorm, SyncBN and shuffled BN compared in one process.
+
+A batch of ``N`` samples on ``k`` virtual devices is ``k`` contiguous chunks of ``N / k`` samples,
+chunk ``d`` being device ``d``'s local batch (what a DistributedSampler gives rank ``d``). Then:
+
+* per-GPU BN: ``virtual_devices(model, k)`` turns every BatchNorm into :class:`PerDeviceBatchNorm`,
+  which normalizes each chunk with its own statistics (ghost BN with contiguous groups);
+* SyncBN over the ``k`` devices: the model's plain BatchNorm over the whole batch;
+* shuffled BN: ``ShuffledModule(virtual_devices(head, k), virtual_devices=k)`` permutes the
+  samples across the chunks before the head and puts them back after, with the same permutation
+  that :class:`~rethinkbn.distributed.ShufflePlan` makes across ``k`` real ranks.
+
+``revert_batchnorm`` (or ``convert_batchnorm(model, "torch")``) turns the layers back.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..convert import convert_batchnorm
+from ..layers import GhostBatchNorm, layer_name
+
+__all__ = ["PerDeviceBatchNorm", "virtual_devices"]
+
+
+class PerDeviceBatchNorm(GhostBatchNorm):
+    """BatchNorm of a batch spread over ``num_devices`` virtual devices, each normalized alone.
+
+    In training, a batch of ``N`` samples (``N`` a multiple of ``num_devices``) is split into
+    ``num_devices`` contiguous chunks and each is normalized with its own statistics: a
+    :class:`~rethinkbn.layers.GhostBatchNorm` whose ``norm_batch_size`` is set to
+    ``N / num_devices`` at every forward. The running statistics are updated with the average of
+    the devices' statistics (a real DDP job with ``broadcast_buffers`` keeps rank 0's alone: the
+    same quantity, with more noise). Eval normalizes with the running statistics.
+    """
+
+    def __init__(self, num_features: int, num_devices: int = 1, **kwargs: object) -> None:
+        if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+            raise ValueError(
+                f"PerDeviceBatchNorm({num_features}): num_devices must be a positive int, "
+                f"got {num_devices!r}"
+            )
+        kwargs.setdefault("grouping", "contiguous")
+        if kwargs["grouping"] != "contiguous":
+            raise ValueError(
+                f"PerDeviceBatchNorm({num_features}): devices are contiguous chunks, "
+                f"got grouping={kwargs['grouping']!r}"
+            )
+        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
+        self.num_devices = num_devices
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_devices={self.num_devices}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() >= 1 and self.training:
+            if x.size(0) % self.num_devices:
+                raise ValueError(
+                    f"{layer_name(self)}: a batch of {x.size(0)} samples does not split into "
+                    f"{self.num_devices} equal virtual devices; expected a multiple of "
+                    f"{self.num_devices}"
+                )
+            self.norm_batch_size = max(x.size(0) // self.num_devices, 1)
+        return super().forward(x)
+
+
+def virtual_devices(model: nn.Module, num_devices: int, **kwargs: object) -> nn.Module:
+    """Make every BatchNorm of ``model`` per-device BN over ``num_devices`` virtual devices.
+
+    ``convert_batchnorm(model, "per_device", num_devices=num_devices, **kwargs)``: the layers
+    become :class:`PerDeviceBatchNorm` holding the same Parameter and buffer objects; selection
+    keywords (``include``, ``exclude``, ``predicate``) are those of ``convert_batchnorm``. Changes
+    ``model`` in place and returns it (the new root if the root itself was a BatchNorm).
+    """
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise ValueError(
+            f"virtual_devices: num_devices must be a positive int, got {num_devices!r}"
+        )
+    return convert_batchnorm(model, "per_device", num_devices=num_devices, **kwargs)
+
