@@ -20,6 +20,13 @@ from .distributed import (
     to_sync_bn,
     virtual_devices,
 )
+from .layers import (
+    DomainBatchNorm,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+    is_batchnorm,
+    use_domain,
+)
 from .stats import Moments, all_reduce_moments
 
 __version__ = "0.1.0"
@@ -34,3 +41,4 @@ __all__ += [
     "to_sync_bn",
     "virtual_devices",
 ]
+__all__ += ["DomainBatchNorm", "FrozenBatchNorm", "GhostBatchNorm", "is_batchnorm", "use_domain"]
