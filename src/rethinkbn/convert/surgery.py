@@ -495,8 +495,9 @@ def _convert_one(
         (source_type, "*")
     )
     reader = _READERS.get(source_type)
-    if custom is None and (reader is None or _already(module, kind, layer_kwargs)):
-        if not _already(module, kind, layer_kwargs):
+    already = _already(module, kind, layer_kwargs)
+    if custom is None and (reader is None or already):
+        if not already:
             skipped.append(f"{site.name!r} ({source_type.__name__})")
         return None
     shown = ", ".join(f"{k}={v!r}" for k, v in layer_kwargs.items())
