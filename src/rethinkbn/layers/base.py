@@ -40,6 +40,10 @@ class BatchNormBase(nn.Module):
     ``observer`` (not part of the state) is a callable ``observer(layer, moments)`` that receives
     the float64 :class:`~rethinkbn.stats.Moments` of every batch that the layer normalizes with
     batch statistics; :func:`rethinkbn.precise_bn` uses it to aggregate population statistics.
+
+    Errors leave the layer unchanged: inputs are validated, and batch statistics are checked to be
+    finite (a NaN or Inf input raises, naming the layer), before any buffer is written. With
+    population statistics nothing is written, and a NaN input passes through as in torch.
     """
 
     _version = 2

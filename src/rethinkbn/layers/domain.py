@@ -186,7 +186,7 @@ class DomainBatchNorm(BatchNormBase):
             self._updates_running_stats() and self.population_stats == "domain"
         )
         if needs_domain_moments and domain_moments is None:
-            domain_moments = self._domain_moments(x, dom)
+            domain_moments = self._domain_moments(x, dom, batch_mean, batch_var)
         if self._updates_running_stats():
             if self.population_stats == "shared":
                 self._update_running_stats(batch_mean, batch_var)
@@ -220,11 +220,19 @@ class DomainBatchNorm(BatchNormBase):
                 f"input shape {tuple(x.shape)}"
             )
 
-    def _domain_moments(self, x: Tensor, domain: Domain) -> Moments:
-        """Float64 moments of every domain in the batch, shape ``(num_domains, C)``."""
+    def _domain_moments(
+        self, x: Tensor, domain: Domain, batch_mean: Tensor, batch_var: Tensor
+    ) -> Moments:
+        """Float64 moments of every domain in the batch, shape ``(num_domains, C)``.
+
+        With one domain for the whole batch they come from the batch's own (unbiased) statistics
+        instead of another pass over ``x``.
+        """
         if isinstance(domain, int):
-            rows, index = Moments.of(x), torch.tensor([domain], device=x.device)
-            rows = Moments(rows.count[None], rows.mean[None], rows.m2[None])
+            n = x.numel() // x.size(1)
+            whole = Moments.from_var_mean(n, batch_mean, batch_var * ((n - 1) / n))
+            rows = Moments(whole.count[None], whole.mean[None], whole.m2[None])
+            index = torch.tensor([domain], device=x.device)
         else:
             rows, index = Moments.of(x, groups=x.size(0)), domain
         return rows.segment_merge(index, self.num_domains)
