@@ -360,3 +360,39 @@ def test_conversion_by_kind_name_passes_group_size():
     model = convert_batchnorm(nn.Sequential(nn.BatchNorm3d(2)), "sync", group_size=2)
     assert isinstance(model[0], SyncBatchNorm) and model[0].group_size == 2
     assert math.isclose(model[0].eps, 1e-5)
+
+
+# ------------------------------------------------------------------------------ precise_bn
+PRECISE_SIZES = [[4, 3, 5], [2, 6, 3]]  # rank r's batch sizes, step by step
+
+
+def precise_model(bn):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 3, 3), bn(3), nn.ReLU(), nn.Conv1d(3, 3, 1), bn(3))
+
+
+def precise_batches(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(n, 2, 7, generator=g) * 3 + 1 for n in PRECISE_SIZES[rank]]
+
+
+def run_precise_bn():
+    from rethinkbn.population import precise_bn
+
+    model = precise_model(SyncBatchNorm)
+    precise_bn(model, precise_batches(dist.get_rank()), num_samples=None, num_batches=3)
+    return {k: v for k, v in model.state_dict().items() if "running" in k}
+
+
+def test_precise_bn_gives_every_rank_the_statistics_of_all_ranks_batches(world2):
+    from rethinkbn.population import precise_bn
+
+    results = world2.run(run_precise_bn)
+    # In the pass every rank normalizes its own batches (no sync), then the moments are merged:
+    # the same as one process going through every rank's batches.
+    reference = precise_model(nn.BatchNorm1d)
+    batches = precise_batches(0) + precise_batches(1)
+    precise_bn(reference, batches, num_samples=None, num_batches=len(batches))
+    for key, value in results[0].items():
+        assert torch.equal(results[1][key], value)
+        assert_close(value, reference.state_dict()[key], **TOL)
