@@ -23,6 +23,10 @@ def ghost_groups(c, **kw):
     return GhostBatchNorm(c, norm_batch_size=2, **kw)
 
 
+def ghost_strided_unequal(c, **kw):
+    return GhostBatchNorm(c, norm_batch_size=3, grouping="strided", **kw)
+
+
 def frozen(c, **kw):
     return FrozenBatchNorm(c, **kw)
 
@@ -39,7 +43,7 @@ def domain_ids(c, **kw):
     return layer
 
 
-ALL = [ghost_whole, ghost_groups, frozen, domain_one, domain_ids]
+ALL = [ghost_whole, ghost_groups, ghost_strided_unequal, frozen, domain_one, domain_ids]
 # Layers that equal torch's BatchNorm in training: whole batch, one shared domain.
 TORCH_EQUAL = [ghost_whole, domain_one]
 
@@ -150,7 +154,9 @@ def bad_inputs():
     }
 
 
-@pytest.mark.parametrize("make", [ghost_whole, ghost_groups, domain_one, domain_ids])
+@pytest.mark.parametrize(
+    "make", [ghost_whole, ghost_groups, ghost_strided_unequal, domain_one, domain_ids]
+)
 @pytest.mark.parametrize("case", list(bad_inputs()))
 def test_bad_input_raises_naming_the_layer_and_leaves_state_unchanged(make, case):
     layer = make(3)

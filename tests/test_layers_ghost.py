@@ -42,7 +42,7 @@ def make_layer(c, nbs, grouping, dtype=torch.float64):
     return layer
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     rank=st.integers(2, 5),
     n=st.integers(2, 13),
