@@ -4,6 +4,10 @@
 
 Prints the median time of the unfolded model divided by the folded model's (a speedup; target
 >= 1.2), measured in the same run, for a few batch shapes. Also checks the outputs agree.
+
+What folding saves is one elementwise pass and one module call per BatchNorm. On a CPU, where a
+3x3 convolution costs ~100x an eval-mode BatchNorm over the same tensor, that shows at small
+batches (per-call overhead) and fades to ~1.0x as the batch grows.
 """
 
 from __future__ import annotations
