@@ -27,6 +27,17 @@ from .layers import (
     is_batchnorm,
     use_domain,
 )
+from .population import (
+    FreezeBNHook,
+    PreciseBNHook,
+    PreciseBNReport,
+    StatsBank,
+    batch_stats_inference,
+    ema_report,
+    freeze_with_precise_stats,
+    precise_bn,
+    recompute_stats,
+)
 from .stats import Moments, all_reduce_moments
 
 __version__ = "0.1.0"
@@ -42,3 +53,14 @@ __all__ += [
     "virtual_devices",
 ]
 __all__ += ["DomainBatchNorm", "FrozenBatchNorm", "GhostBatchNorm", "is_batchnorm", "use_domain"]
+__all__ += [
+    "FreezeBNHook",
+    "PreciseBNHook",
+    "PreciseBNReport",
+    "StatsBank",
+    "batch_stats_inference",
+    "ema_report",
+    "freeze_with_precise_stats",
+    "precise_bn",
+    "recompute_stats",
+]
