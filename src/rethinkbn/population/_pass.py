@@ -44,7 +44,7 @@ from ._state import (
 
 __all__ = ["ForwardFn", "PassResult", "run_pass"]
 
-logger = logging.getLogger("rethinkbn.population")
+logger = logging.getLogger(__name__)
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
