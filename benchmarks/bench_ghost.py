@@ -1,6 +1,6 @@
 """Ghost BatchNorm forward+backward time relative to torch's BatchNorm, per normalization size.
 
-    python benchmarks/bench_ghost.py            # the issue's shapes (about 30 s)
+    python benchmarks/bench_ghost.py            # the issue's shapes (under a minute)
     python benchmarks/bench_ghost.py --quick    # batch sizes / 4 (a few seconds)
 
 For every shape and NBS it prints ``time(candidate) / time(torch BatchNorm)`` (target <= 1.05)
