@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from rethinkbn.distributed import SyncBatchNorm
 from rethinkbn.population import precise_bn
 from rethinkbn.population._state import batchnorm_layers
 
@@ -17,11 +18,12 @@ WORLD = 2
 TIMEOUT_S = 120
 # Unequal shards and batch sizes, so that weighting by element count matters.
 SHARDS = {0: [6, 4, 7], 1: [3, 9]}
+NORMS = {"torch": nn.BatchNorm2d, "sync": nn.SyncBatchNorm, "rethinkbn-sync": SyncBatchNorm}
 
 
 def make_model(norm="torch"):
     torch.manual_seed(0)
-    bn2d = {"torch": nn.BatchNorm2d, "sync": nn.SyncBatchNorm}[norm]
+    bn2d = NORMS[norm]
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), bn2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 5),
         nn.BatchNorm1d(5),
@@ -46,7 +48,7 @@ def worker(rank, port, out):
     try:
         results = {}
         data = shard(rank)
-        for norm in ("torch", "sync"):
+        for norm in ("torch", "sync", "rethinkbn-sync"):
             model = make_model(norm).eval()
             precise_bn(model, data, num_batches=len(data))
             results[norm] = buffers(model)
@@ -105,12 +107,12 @@ def assert_bit_identical(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("case", ["torch", "sync", "ddp"])
+@pytest.mark.parametrize("case", ["torch", "sync", "rethinkbn-sync", "ddp"])
 def test_every_rank_installs_bit_identical_statistics(ranks, case):
     assert_bit_identical(ranks[0][case], ranks[1][case])
 
 
-@pytest.mark.parametrize("case", ["torch", "sync", "ddp"])
+@pytest.mark.parametrize("case", ["torch", "sync", "rethinkbn-sync", "ddp"])
 def test_the_statistics_are_those_of_one_process_over_the_union(ranks, case):
     union = one_process_over_the_union()
     for k, v in union.items():
