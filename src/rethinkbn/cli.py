@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", default="mnist1d",
                      help="'mnist1d' (default, generated locally), 'mnist1d:<num_samples>', "
                      "or a folder with CIFAR-10's python pickles or one sub-folder per class")
-    rep.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: torch's choice)")
+    rep.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1: the studies' small models gain little "
+                     "from more, and several threads on a busy machine are much slower)")
+    rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     sub.add_parser("studies", help="list the studies, one line each")
     return parser
 
@@ -48,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .studies.harness import reproduce
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     try:
         report, outcomes = reproduce(
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache,
             device=args.device,
             data=args.data,
+            tiny=args.tiny,
         )
     except KeyError as err:
         print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)

@@ -184,6 +184,8 @@ class RunContext:
     - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn.studies.data.DataSplit`
       selected by ``--data`` (MNIST-1D by default), generated once and cached.
     - ``data_spec``: the ``--data`` value, to put into cache keys.
+    - ``tiny``: for tests only: the smallest configuration that runs every code path in seconds
+      (a handful of samples and epochs); results are meaningless.
     """
 
     quick: bool
@@ -194,6 +196,7 @@ class RunContext:
     progress: ProgressFactory
     dataset: Callable[[], DataSplit]
     data_spec: str = "mnist1d"
+    tiny: bool = False
     threads: int = field(default_factory=torch.get_num_threads)
 
     def plot_path(self, name: str) -> Path:

@@ -33,6 +33,8 @@ def scale_for(ctx: RunContext, quick_epochs: int, full_epochs: int) -> Scale:
     """Quick mode: 2000 training and 2000 validation samples, a narrow ResNet; full mode: all
     of the data (MNIST-1D: 8000 / 2000) and a wider ResNet."""
     data = ctx.dataset()
+    if ctx.tiny:
+        return Scale(min(600, len(data.train_x)), min(100, len(data.val_x)), 2, (4, 8))
     if ctx.quick:
         return Scale(min(2000, len(data.train_x)), min(2000, len(data.val_x)), quick_epochs,
                      (16, 32, 64))

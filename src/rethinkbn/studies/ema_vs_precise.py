@@ -36,7 +36,8 @@ def _probe_layer(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int) -> dict[str, Any]:
+def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int,
+                      num_means: int = NUM_BATCH_MEANS) -> dict[str, Any]:
     """EMA mean of each channel of the probe layer vs 100 per-batch means of the current model."""
     probe = copy.deepcopy(model)
     layer = _probe_layer(probe)
@@ -49,7 +50,7 @@ def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int) -> dic
     probe.train()
     device = next(probe.parameters()).device
     try:
-        for _ in range(NUM_BATCH_MEANS):
+        for _ in range(num_means):
             probe(x[torch.randint(len(x), (batch,), generator=gen)].to(device))
     finally:
         hook.remove()
@@ -76,7 +77,8 @@ def _run(ctx: RunContext, scale: Scale, batch: int, seed: int) -> dict[str, Any]
                             num_samples=PRECISE_SAMPLES, seed=seed + epoch)
         out["precise"].append(evaluate_error(precise, data.val_x, data.val_y))
         if epoch in checkpoints:
-            out["fig2"][str(epoch + 1)] = _batch_means_view(m, data.train_x, NORMAL_BATCH, seed)
+            out["fig2"][str(epoch + 1)] = _batch_means_view(
+                m, data.train_x, NORMAL_BATCH, seed, 10 if ctx.tiny else NUM_BATCH_MEANS)
 
     train(model, data.train_x, data.train_y, config, seed=seed,
           callbacks=[EpochEnd(measure)], progress=ctx.progress, desc=f"batch {batch} seed {seed}")
@@ -169,6 +171,9 @@ def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx, quick_epochs=12, full_epochs=30)
     runs: dict[int, list[dict[str, Any]]] = {}
     for batch in (NORMAL_BATCH, LARGE_BATCH):
+        if batch > scale.num_train:
+            raise ValueError(f"ema-vs-precise needs >= {batch} training samples, "
+                             f"got {scale.num_train}")
         for seed in ctx.seeds:
             key = {"study": "ema-vs-precise", "v": 1, "data": ctx.data_spec, "batch": batch,
                    "seed": seed, "scale": scale.as_dict(), "precise": [PRECISE_SAMPLES,

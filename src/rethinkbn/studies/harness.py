@@ -41,6 +41,7 @@ def reproduce(
     data: str = "mnist1d",
     progress: ProgressFactory = tqdm_progress,
     log: Any = sys.stderr,
+    tiny: bool = False,
 ) -> tuple[Path, list[StudyOutcome]]:
     """Run the studies ``only`` (all registered ones when None) and write the report.
 
@@ -48,10 +49,11 @@ def reproduce(
     ``0 .. seeds-1``. Finished training runs are cached in ``cache_dir`` (default
     ``<out_dir>/cache``), so an interrupted reproduction resumes where it stopped. A study that
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
-    finished stays cached). Returns the report's path and the outcomes.
+    finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). Returns the
+    report's path and the outcomes.
     """
     studies = [get_study(n) for n in only] if only else registered_studies()
-    n_seeds = seeds if seeds is not None else (1 if quick else 3)
+    n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
     if n_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
     out = Path(out_dir)
@@ -75,6 +77,7 @@ def reproduce(
         progress=progress,
         dataset=dataset,
         data_spec=data,
+        tiny=tiny,
     )
     start = time.perf_counter()
     outcomes: list[StudyOutcome] = []
