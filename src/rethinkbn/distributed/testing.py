@@ -9,16 +9,23 @@ with a bounded timeout, and then runs any number of picklable functions on every
 Starting processes costs seconds, so one world serves many checks. A function must be importable
 by the children (defined at module level in an importable module, e.g. a pytest test module).
 Results travel back serialized with ``torch.save``, so tensors are fine.
+
+:func:`launch` runs a script on ``world_size`` processes with the environment torchrun would give
+them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ...), for benchmarks and
+examples that initialize with ``init_process_group("gloo")``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import queue
 import socket
+import subprocess
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["GlooWorld", "Outcome", "free_port"]
+__all__ = ["GlooWorld", "Outcome", "free_port", "launch"]
 
 
 def free_port() -> int:
@@ -172,3 +179,42 @@ class GlooWorld:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def launch(
+    script: str | os.PathLike[str],
+    world_size: int,
+    args: Sequence[str] = (),
+    timeout_s: float = 300.0,
+) -> list[str]:
+    """Run ``python script *args`` as ranks ``0..world_size-1``; returns each rank's stdout.
+
+    Raises ``RuntimeError`` with the failing ranks' stderr if a rank exits non-zero, and
+    ``subprocess.TimeoutExpired`` (after killing every rank) past ``timeout_s``.
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, os.fspath(script), *args], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ))
+    deadline = time.monotonic() + timeout_s
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(deadline - time.monotonic(), 0.1)))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    pairs = enumerate(zip(procs, outputs, strict=True))
+    failed = [(r, p.returncode, err) for r, (p, (_, err)) in pairs if p.returncode != 0]
+    if failed:
+        detail = "\n".join(f"--- rank {r} (exit {code}) ---\n{err}" for r, code, err in failed)
+        raise RuntimeError(f"launch({script}, world_size={world_size}) failed:\n{detail}")
+    return [out for out, _ in outputs]
