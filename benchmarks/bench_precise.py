@@ -27,9 +27,9 @@ from torch import nn
 from rethinkbn.population import StatsBank, capture_stats, precise_bn
 from rethinkbn.stats import Moments
 
-REPEATS = 11
-BATCHES = 6
-BATCH_SIZE = 32
+REPEATS = 9
+BATCHES = 16
+BATCH_SIZE = 64
 SIZE = 16
 
 
@@ -113,6 +113,11 @@ def timed(fn, *args):
     return time.perf_counter() - start
 
 
+def median_ratio(times, baseline):
+    """Median over repeats of the ratio to the baseline timed in the same repeat (load drifts)."""
+    return statistics.median(t / b for t, b in zip(times, baseline, strict=True))
+
+
 def precise_table():
     torch.manual_seed(0)
     model = resnet()
@@ -126,14 +131,13 @@ def precise_table():
     for r in range(REPEATS):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed order
             times[name].append(timed(methods[name], model, data))
-    base = statistics.median(times["bare forward"])
     num_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     print(f"PreciseBN over {BATCHES} batches of {BATCH_SIZE} x 3 x {SIZE} x {SIZE}, ResNet-style "
-          f"CNN with {num_bn} BatchNorm layers (median of {REPEATS})\n")
+          f"CNN with {num_bn} BatchNorm layers (median of {REPEATS} paired ratios)\n")
     print("| method | time / bare forward |")
     print("|---|---:|")
     for name in methods:
-        print(f"| {name} | {statistics.median(times[name]) / base:.3f}x |")
+        print(f"| {name} | {median_ratio(times[name], times['bare forward']):.3f}x |")
 
 
 def bank_table():
@@ -165,13 +169,12 @@ def bank_table():
         times["forward"].append(timed(forward))
         times["use (in and back)"].append(timed(switch))
         times["install"].append(timed(install))
-    base = statistics.median(times["forward"])
     print("\nStatistics bank, 50 BatchNorm layers (Conv 32->32 on 8 x 32 x 16 x 16), "
-          f"median of {REPEATS * 3}\n")
+          f"median of {REPEATS * 3} paired ratios\n")
     print("| operation | time / one eval forward |")
     print("|---|---:|")
     for name in ("use (in and back)", "install"):
-        print(f"| {name} | {statistics.median(times[name]) / base:.3f}x |")
+        print(f"| {name} | {median_ratio(times[name], times['forward']):.3f}x |")
 
 
 def main() -> None:

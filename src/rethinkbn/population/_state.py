@@ -13,10 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from ..layers.base import BatchNormBase
+from ..layers import FrozenBatchNorm, is_batchnorm
 
 __all__ = [
     "ModelGuard",
@@ -32,20 +31,8 @@ _MISSING = object()
 STAT_BUFFERS = ("running_mean", "running_var")
 
 
-def _is_batchnorm(module: nn.Module) -> bool:
-    try:
-        from ..layers import is_batchnorm
-    except ImportError:  # the layer family is built alongside; torch's test is the fallback
-        return isinstance(module, (_BatchNorm, BatchNormBase))
-    return bool(is_batchnorm(module))
-
-
 def is_frozen(module: nn.Module) -> bool:
     """Whether ``module`` is a FrozenBatchNorm (normalizes with fixed statistics in every mode)."""
-    try:
-        from ..layers import FrozenBatchNorm
-    except ImportError:
-        return False
     return isinstance(module, FrozenBatchNorm)
 
 
@@ -66,7 +53,7 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen: set[int] = set()
     out = []
     for name, module in model.named_modules():
-        if _is_batchnorm(module) and id(module) not in seen:
+        if is_batchnorm(module) and id(module) not in seen:
             seen.add(id(module))
             out.append((name or "<model>", module))
     return out

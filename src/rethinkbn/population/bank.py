@@ -73,6 +73,10 @@ def install_stats(
     """
     layers = _stat_layers(model)
     _check_snapshot(layers, stats, "install_stats", partial)
+    _copy_into(layers, stats)
+
+
+def _copy_into(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]]) -> None:
     with torch.no_grad():
         for name in stats:
             for key in STAT_BUFFERS:
@@ -150,12 +154,13 @@ class StatsBank:
         snapshot = self[name]
         layers = _stat_layers(model)
         _check_snapshot(layers, snapshot, f"StatsBank.use({name!r})")
-        saved = capture_stats(model)
+        saved = {name: {key: getattr(layer, key).clone() for key in STAT_BUFFERS}
+                 for name, layer in layers.items()}
         try:
-            install_stats(model, snapshot)
+            _copy_into(layers, snapshot)
             yield model
         finally:
-            install_stats(model, saved)
+            _copy_into(layers, saved)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
