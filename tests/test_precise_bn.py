@@ -378,3 +378,30 @@ def test_frozen_batchnorm_gets_the_statistics_of_its_inputs_when_included():
     mean, var = pooled(inputs, correction=1)
     torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model[1].running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_never_called_keeps_its_statistics_with_a_warning():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = TwoHeads()
+    model.unused.running_mean.fill_(7.0)
+    with pytest.warns(RuntimeWarning, match="layer 'unused' was never called"):
+        report = precise_bn(model, [torch.randn(4, 3)], num_batches=1)
+    assert torch.all(model.unused.running_mean == 7.0)
+    assert report.layers["unused"].calls == 0
+
+
+def test_a_model_without_batchnorm_warns_and_reads_no_data():
+    def data():
+        raise AssertionError("the data should not be touched")
+        yield
+
+    with pytest.warns(RuntimeWarning, match="no BatchNorm layer"):
+        report = precise_bn(nn.Linear(3, 3), data())
+    assert report.layers == {} and report.num_batches == 0

@@ -252,48 +252,37 @@ def run_pass(
     """
     unit, budget = _budget(num_samples, num_batches)
     if pass_norm_batch_size is not None and (
-        not isinstance(pass_norm_batch_size, int) or pass_norm_batch_size < 1
+        isinstance(pass_norm_batch_size, bool) or not isinstance(pass_norm_batch_size, int)
+        or pass_norm_batch_size < 1
     ):
         raise ValueError(
             f"pass_norm_batch_size must be a positive int or None, got {pass_norm_batch_size!r}"
         )
     model = unwrap(model)
     layers = pass_layers(model, include_frozen)
-    forward = forward or default_forward(input_key)
-    show = sys.stderr.isatty() if progress is None else progress
-    seen_samples = seen_batches = 0
+    if not layers:
+        warnings.warn(f"{caller}: {type(model).__name__} has no BatchNorm layer with running "
+                      "statistics to estimate; nothing was run", RuntimeWarning, stacklevel=4)
+        return PassResult({}, {}, {}, 0, 0)
     guard = ModelGuard(model)
     try:
         if not keep_modes:
             for module in model.modules():
                 module.training = False
         recorders = [_arm(guard, name, layer, pass_norm_batch_size) for name, layer in layers]
-        bar = tqdm(total=budget, unit=unit[:-1], desc=caller, disable=not show, leave=False)
-        with torch.no_grad(), bar:
-            iterator = iter(data)
-            while (seen_samples if unit == "samples" else seen_batches) < budget:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                batch = to_device(batch, device)
-                n = batch_size(batch, input_key)
-                forward(model, batch)
-                seen_samples += n
-                seen_batches += 1
-                bar.update(n if unit == "samples" else 1)
+        show = sys.stderr.isatty() if progress is None else progress
+        with tqdm(total=budget, unit=unit[:-1], desc=caller, disable=not show, leave=False) as bar:
+            seen_samples, seen_batches = _iterate(
+                model, data, forward or default_forward(input_key), input_key, device, unit,
+                budget, bar,
+            )
     finally:
         guard.restore()
-    calls: dict[str, Moments] = {}
-    for rec in recorders:
-        rows = rec.per_call()
-        if rows is not None:
-            calls[rec.name] = rows
-    seen = seen_samples if unit == "samples" else seen_batches
+    calls = {rec.name: rows for rec in recorders if (rows := rec.per_call()) is not None}
     problem = None
     if seen_batches == 0:
         problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
-    elif seen < budget:
+    elif (seen_samples if unit == "samples" else seen_batches) < budget:
         message = (
             f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "
             f"of the budget of {budget} {unit}"
@@ -303,19 +292,42 @@ def run_pass(
         else:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
     totals = _reduce(layers, calls, problem, process_group, caller)
-    for name, _ in layers:
-        if name not in calls:
-            warnings.warn(
-                f"{caller}: layer '{name}' was never called during the pass; its statistics are "
-                "left unchanged",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-    logger.info(
-        "%s: %d samples in %d batches, %d BatchNorm layers", caller, seen_samples, seen_batches,
-        len(layers),
-    )
+    for name in totals.keys() - calls.keys():
+        warnings.warn(
+            f"{caller}: layer '{name}' was never called during the pass; its statistics are "
+            "left unchanged", RuntimeWarning, stacklevel=4,
+        )
+    logger.info("%s: %d samples in %d batches, %d BatchNorm layers", caller, seen_samples,
+                seen_batches, len(layers))
     return PassResult(dict(layers), calls, totals, seen_samples, seen_batches)
+
+
+def _iterate(
+    model: nn.Module,
+    data: Iterable[Any],
+    forward: ForwardFn,
+    input_key: Any,
+    device: torch.device | str | None,
+    unit: str,
+    budget: int,
+    bar: tqdm,
+) -> tuple[int, int]:
+    """Run ``forward`` over whole batches until the budget is met or ``data`` ends."""
+    seen_samples = seen_batches = 0
+    with torch.no_grad():
+        iterator = iter(data)
+        while (seen_samples if unit == "samples" else seen_batches) < budget:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            batch = to_device(batch, device)
+            n = batch_size(batch, input_key)
+            forward(model, batch)
+            seen_samples += n
+            seen_batches += 1
+            bar.update(n if unit == "samples" else 1)
+    return seen_samples, seen_batches
 
 
 def _reduce(
