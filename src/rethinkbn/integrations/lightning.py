@@ -29,6 +29,10 @@ class PreciseBN(pl.Callback):
     Runs before validation (sanity checks excepted) so that validation uses them, or at the end
     of the training epoch when no validation ran since the last training step. ``kwargs`` go to
     :func:`rethinkbn.precise_bn`. ``reports`` holds the reports by epoch.
+
+    Pass ``data`` (a loader of its own) when the training loader has persistent workers and
+    validation runs mid-epoch: a second iteration of that loader would restart the workers of
+    the epoch in progress.
     """
 
     def __init__(
