@@ -396,3 +396,19 @@ def test_precise_bn_gives_every_rank_the_statistics_of_all_ranks_batches(world2)
     for key, value in results[0].items():
         assert torch.equal(results[1][key], value)
         assert_close(value, reference.state_dict()[key], **TOL)
+
+
+def run_after_a_nan_batch(spec):
+    layer = make_layer(spec, SyncBatchNorm)
+    rows = local_slice(spec, dist.get_rank())
+    x, _ = make_batch(spec, 0)
+    layer(torch.full_like(x[rows], float("nan")))
+    layer.reset_running_stats()
+    return layer(x[rows]).detach()
+
+
+def test_a_non_finite_batch_does_not_poison_the_following_steps(world2):
+    spec = scenario([3, 5], (3, 4), momentum=None)
+    y = torch.cat(world2.run(run_after_a_nan_batch, spec))
+    reference_bn = make_layer(spec, nn.BatchNorm1d)
+    assert_close(y, reference_bn(make_batch(spec, 0)[0]), **TOL)

@@ -297,6 +297,8 @@ class SyncBatchNorm(BatchNormBase):
                 if self.running_mean is None
                 else self.running_mean.detach().to(local.mean.dtype)
             )
+        # A non-finite batch must not poison the steps after it.
+        shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
         shifted = Moments(local.count, local.mean - shift, local.m2)
         try:
             (reduced,) = all_reduce_moments([shifted], group)
