@@ -161,6 +161,9 @@ def eval_error_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size
         ghost = all(hasattr(m, "norm_batch_size") for m in _bn_modules(model))
         chunk = norm_batch_size * max(1, 1000 // norm_batch_size) if ghost else norm_batch_size
     n = (len(x) // norm_batch_size) * norm_batch_size
+    if n == 0:
+        raise ValueError(f"mini-batch evaluation needs >= norm_batch_size={norm_batch_size} "
+                         f"samples, got {len(x)}")
     device = next(model.parameters()).device
     wrong = 0
     try:

@@ -34,7 +34,7 @@ def scale_for(ctx: RunContext, quick_epochs: int, full_epochs: int) -> Scale:
     of the data (MNIST-1D: 8000 / 2000) and a wider ResNet."""
     data = ctx.dataset()
     if ctx.tiny:
-        return Scale(min(600, len(data.train_x)), min(100, len(data.val_x)), 2, (4, 8))
+        return Scale(min(300, len(data.train_x)), min(200, len(data.val_x)), 2, (4, 8))
     if ctx.quick:
         return Scale(min(2000, len(data.train_x)), min(2000, len(data.val_x)), quick_epochs,
                      (16, 32, 64))

@@ -89,14 +89,15 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
     """Claims of Sec. 3 judged from the measured curves (mean over seeds)."""
     rows = []
     curves = numbers["curves"]
-    large, normal = curves[str(LARGE_BATCH)], curves[str(NORMAL_BATCH)]
+    large_batch = numbers["large_batch"]
+    large, normal = curves[str(large_batch)], curves[str(NORMAL_BATCH)]
     half = max(1, len(large["ema_mean"]) // 2)
     gap_large = sum(e - p for e, p in zip(large["ema_mean"][:half], large["precise_mean"][:half],
                                           strict=True)) / half
     gap_normal = sum(e - p for e, p in zip(normal["ema_mean"][:half],
                                            normal["precise_mean"][:half], strict=True)) / half
     rows.append(SummaryRow(
-        f"Large batch ({LARGE_BATCH}): EMA worse than PreciseBN early in training",
+        f"Large batch ({large_batch}): EMA worse than PreciseBN early in training",
         f"EMA - PreciseBN = {gap_large:+.1f} pt (first half)",
         "~55-67% vs ~45% (batch 8192, epochs 5-30)",
         verdict("mean (EMA - PreciseBN) val error over the first half of epochs >= 1.0 pt",
@@ -133,7 +134,7 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for batch, style in ((NORMAL_BATCH, "-"), (LARGE_BATCH, "--")):
+    for batch, style in ((NORMAL_BATCH, "-"), (numbers["large_batch"], "--")):
         c = numbers["curves"][str(batch)]
         epochs = range(1, len(c["ema_mean"]) + 1)
         ax.plot(epochs, c["ema_mean"], style, color="tab:red", label=f"EMA, batch {batch}")
@@ -170,10 +171,11 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx, quick_epochs=12, full_epochs=30)
     runs: dict[int, list[dict[str, Any]]] = {}
-    for batch in (NORMAL_BATCH, LARGE_BATCH):
-        if batch > scale.num_train:
-            raise ValueError(f"ema-vs-precise needs >= {batch} training samples, "
-                             f"got {scale.num_train}")
+    if scale.num_train < 2 * NORMAL_BATCH:
+        raise ValueError(f"ema-vs-precise needs >= {2 * NORMAL_BATCH} training samples, "
+                         f"got {scale.num_train}")
+    large = min(LARGE_BATCH, scale.num_train // 2)
+    for batch in (NORMAL_BATCH, large):
         for seed in ctx.seeds:
             key = {"study": "ema-vs-precise", "v": 1, "data": ctx.data_spec, "batch": batch,
                    "seed": seed, "scale": scale.as_dict(), "precise": [PRECISE_SAMPLES,
@@ -192,11 +194,11 @@ def run(ctx: RunContext) -> StudyResult:
     first = runs[NORMAL_BATCH][0]["fig2"]
     outside = [sum(r["fig2"][e]["outside_fraction"] for r in runs[NORMAL_BATCH])
                / len(runs[NORMAL_BATCH]) for e in first]
-    numbers = {"curves": curves, "fig2_outside": outside, "fig2_views": first,
+    numbers = {"curves": curves, "large_batch": large, "fig2_outside": outside, "fig2_views": first,
                "fig2_epochs": list(first), "scale": scale.as_dict()}
     rows = []
     marks = sorted({1, scale.epochs // 4, scale.epochs // 2, scale.epochs})
-    for batch in (NORMAL_BATCH, LARGE_BATCH):
+    for batch in (NORMAL_BATCH, large):
         rs = runs[batch]
         for e in marks:
             rows.append([batch, e, fmt([r["ema"][e - 1] for r in rs]),
@@ -216,13 +218,13 @@ def run(ctx: RunContext) -> StudyResult:
         f"a 1-D ResNet (widths {list(scale.widths)}, BatchNorm momentum 0.1 = lambda 0.9), "
         f"{scale.epochs} epochs of SGD (momentum 0.9, cosine LR, lr {BASE_LR} x batch/"
         f"{NORMAL_BATCH}, warmup for the large batch) with SGD batch {NORMAL_BATCH} "
-        f"({scale.num_train // NORMAL_BATCH} steps/epoch) and {LARGE_BATCH} "
-        f"({scale.num_train // LARGE_BATCH} steps/epoch). After every epoch: validation error "
+        f"({scale.num_train // NORMAL_BATCH} steps/epoch) and {large} "
+        f"({scale.num_train // large} steps/epoch). After every epoch: validation error "
         f"with the EMA statistics, and with PreciseBN over {PRECISE_SAMPLES} training samples "
         f"in batches of {PRECISE_BATCH}. Seeds: {list(ctx.seeds)}. {paper.FIG3_NOTES}"
     )
     notes = ("MNIST-1D is much easier than ImageNet and our large batch has only "
-             f"{scale.num_train // LARGE_BATCH} steps per epoch, the regime where the paper sees "
+             f"{scale.num_train // large} steps per epoch, the regime where the paper sees "
              "EMA break down; the normal batch has few epochs, so the EMA lag is small.")
     return StudyResult(setup=setup, tables=[table, fig2_table], paper_tables=[paper_table],
                        plots=_plot(ctx, numbers), summary=verdicts(numbers), numbers=numbers,

@@ -1,0 +1,54 @@
+"""The command line: `rethinkbn studies` and `rethinkbn reproduce` end to end (tiny scale)."""
+
+import json
+import shutil
+
+import pytest
+
+from rethinkbn.cli import main
+from rethinkbn.studies.data import load_mnist1d
+
+PART1 = ["ema-vs-precise", "precise-batch", "nbs"]
+
+
+def test_studies_lists_every_study_on_one_line(capsys):
+    assert main(["studies"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names[:3] == PART1
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+
+
+def test_unknown_study_is_a_clear_error(tmp_path, capsys):
+    assert main(["reproduce", "--only", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "ema-vs-precise" in err
+
+
+def test_reproduce_writes_report_plots_and_results(tmp_path, capsys):
+    load_mnist1d(1000, cache_dir=tmp_path / "data")
+    (tmp_path / "out" / "cache").mkdir(parents=True)
+    shutil.copy(tmp_path / "data" / "mnist1d-1000-42.npz", tmp_path / "out" / "cache")
+    code = main(["reproduce", "--tiny", "--data", "mnist1d:1000", "--only", ",".join(PART1),
+                 "--out", str(tmp_path / "out")])
+    assert code == 0
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    assert report.index("## Summary") < report.index("## `ema-vs-precise`")
+    for name in PART1:
+        assert f"## `{name}`" in report
+        assert report.count(f"| `{name}` |") >= 3  # its rows in the summary table
+    assert report.count("**Verdicts.**") == 3
+    for plot in ["ema_vs_precise.png", "ema_batch_means.png", "nbs.png"]:
+        assert (out / plot).stat().st_size > 1000
+        assert f"]({plot})" in report
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["studies"]) == set(PART1)
+    assert results["environment"]["versions"]["torch"]
+    assert all(s["error"] is None for s in results["studies"].values())
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--threads"])
+def test_reproduce_rejects_a_non_integer_count(flag, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["reproduce", flag, "many", "--out", str(tmp_path)])

@@ -1,0 +1,130 @@
+"""The harness: run cache, resuming after an interrupt, report and results.json."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rethinkbn.studies.base import Study, StudyResult, SummaryRow, Table, verdict
+from rethinkbn.studies.cache import RunCache, config_key
+from rethinkbn.studies.data import load_mnist1d
+from rethinkbn.studies.harness import reproduce
+from rethinkbn.studies.report import StudyOutcome, write_outputs
+
+TINY_DATA = "mnist1d:1000"
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist1d")
+    load_mnist1d(1000, cache_dir=root)
+    return root / "mnist1d-1000-42.npz"
+
+
+@pytest.fixture
+def one_thread():
+    # Several threads on a busy 2-core machine are many times slower for these tiny models.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quiet(iterable=None, **kwargs):
+    return iterable
+
+
+def test_cache_runs_once_per_config(tmp_path):
+    cache = RunCache(tmp_path)
+    calls = []
+    run = lambda: calls.append(1) or {"err": 1.5}
+    assert cache.get_or_run({"seed": 0}, run) == {"err": 1.5}
+    assert cache.get_or_run({"seed": 0}, run) == {"err": 1.5}
+    assert len(calls) == 1 and (cache.hits, cache.misses) == (1, 1)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_cache_key_depends_on_every_config_value_not_its_order():
+    assert config_key({"a": 1, "seed": 0}) == config_key({"seed": 0, "a": 1})
+    assert config_key({"a": 1, "seed": 0}) != config_key({"a": 1, "seed": 1})
+
+
+def test_cache_rejects_a_config_that_is_not_json():
+    with pytest.raises(TypeError, match="JSON"):
+        config_key({"model": torch.nn.Linear(1, 1)})
+
+
+def test_a_failed_run_stores_nothing(tmp_path):
+    cache = RunCache(tmp_path)
+
+    def boom():
+        raise RuntimeError("diverged")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_run({"seed": 0}, boom)
+    assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_reproduction_resumes_from_the_cache(tmp_path, data_file, one_thread):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    shutil.copy(data_file, cache_dir)
+    bars = []
+
+    def interrupt_second_run(iterable=None, desc=None, **kwargs):
+        bars.append(desc)
+        if len(bars) == 2:  # the second training run starts: the first one has finished
+            raise KeyboardInterrupt
+        return iterable
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(["precise-batch"], tiny=True, data=TINY_DATA, out_dir=tmp_path,
+                  progress=interrupt_second_run)
+    assert len(list(cache_dir.glob("*.pt"))) == 1
+
+    _, outcomes = reproduce(["precise-batch"], tiny=True, data=TINY_DATA, out_dir=tmp_path,
+                            progress=quiet)
+    env = json.loads((tmp_path / "results.json").read_text())["environment"]
+    assert outcomes[0].error is None
+    assert env["cache"]["hits"] == 1 and env["cache"]["misses"] == 1
+
+
+def _result(agrees: bool) -> StudyResult:
+    return StudyResult(
+        setup="A tiny setup.",
+        tables=[Table("ours", ["a", "b"], [[1, (2.0, 0.5)]])],
+        paper_tables=[Table("paper", ["a", "b"], [[1, 2.5]])],
+        plots=["plot.png"],
+        summary=[SummaryRow("claim X", "2.0", "2.5", verdict("x >= 1", agrees, "x = 2"))],
+        numbers={"x": 2.0, "curve": [1.0, float("nan")]},
+    )
+
+
+def test_report_has_summary_and_one_section_per_study(tmp_path):
+    study = Study("demo", "a demo study", lambda ctx: _result(True))
+    broken = Study("broken", "a failing study", lambda ctx: _result(True))
+    outcomes = [StudyOutcome(study, _result(True), 1.0),
+                StudyOutcome(broken, None, 0.5, "RuntimeError: diverged")]
+    env = {"versions": {"torch": torch.__version__}, "platform": "test", "device": "cpu",
+           "torch_threads": 1, "seeds": [0], "mode": "quick", "data": "mnist1d"}
+    report = write_outputs(tmp_path, outcomes, env, 1.5).read_text()
+    assert "## Summary" in report and "## `demo`" in report and "## `broken`" in report
+    assert "| `demo` | claim X | 2.0 | 2.5 | **agrees** |" in report
+    assert "2.0 ± 0.5" in report and "![plot.png](plot.png)" in report
+    assert "RuntimeError: diverged" in report
+    assert "**agrees** — x >= 1 (x = 2)" in report
+
+
+def test_results_json_holds_numbers_verdicts_and_environment(tmp_path):
+    study = Study("demo", "a demo study", lambda ctx: _result(False))
+    env = {"versions": {"torch": torch.__version__}, "platform": "test", "device": "cpu",
+           "torch_threads": 1, "seeds": [0, 1, 2], "mode": "full", "data": "mnist1d"}
+    write_outputs(tmp_path, [StudyOutcome(study, _result(False), 3.0)], env, 3.5)
+    results = json.loads((tmp_path / "results.json").read_text())
+    demo = results["studies"]["demo"]
+    assert demo["numbers"] == {"x": 2.0, "curve": [1.0, None]}
+    assert demo["summary"][0]["verdict"] == "disagrees"
+    assert demo["summary"][0]["criterion"] == "x >= 1"
+    assert results["environment"]["seeds"] == [0, 1, 2]
+    assert results["environment"]["wall_time_s"] == 3.5
