@@ -259,6 +259,22 @@ def test_eval_mode_makes_no_collective_and_equals_torch_bn(world2):
     assert_close(got["y"], torch_bn(make_batch(spec, 0)[0]), atol=0, rtol=0)
 
 
+def run_groups_of_one_on_rank0_only(spec):
+    """Groups of one rank: only rank 0 trains, so any collective would wait for the timeout."""
+    layer = make_layer(spec, SyncBatchNorm, group_size=1)  # creating the groups is collective
+    if dist.get_rank() != 0:
+        return None
+    return train_steps(layer, spec, slice(0, spec["sizes"][0]))
+
+
+def test_group_of_one_rank_makes_no_collective_and_equals_torch_bn(world2):
+    spec = scenario([6], (3, 4))
+    start = time.monotonic()
+    ours = world2.run(run_groups_of_one_on_rank0_only, spec)[0]
+    assert time.monotonic() - start < 20  # the world's timeout is 30 s
+    check_against_reference(spec, [ours])
+
+
 def test_no_process_group_equals_torch_bn_training():
     spec = scenario([8], (3, 4, 5), steps=2)
     ours = train_steps(make_layer(spec, SyncBatchNorm), spec, slice(0, 8))
