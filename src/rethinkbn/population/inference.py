@@ -68,9 +68,10 @@ def batch_stats_inference(
     """Within the block, BatchNorm layers normalize each batch with that batch's statistics.
 
     Every other module is in eval mode (dropout off). With ``norm_batch_size=k`` each batch is
-    normalized in contiguous groups of ``k`` samples, as GhostBatchNorm does in training (the last
-    group takes the remainder); for torch's BatchNorm this replaces the layer's output through a
-    forward hook, at the price of a second normalization. The running buffers and
+    normalized in contiguous groups of ``k`` samples, as GhostBatchNorm does in training (a
+    remainder of one sample joins the previous group); for torch's BatchNorm this replaces the
+    layer's output through a forward hook, at the price of a second normalization. The running
+    buffers and
     ``num_batches_tracked`` are not touched; FrozenBatchNorm keeps its fixed statistics; a
     SyncBatchNorm normalizes each rank's batch alone. Yields the model.
 
