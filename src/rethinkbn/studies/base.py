@@ -213,6 +213,14 @@ class Study:
     description: str
     run: Callable[[RunContext], StudyResult]
 
+    @property
+    def order(self) -> int:
+        """Position of the study's module in ``STUDY_MODULES`` (the report's order)."""
+        from . import STUDY_MODULES
+
+        module = getattr(self.run, "__module__", "").rsplit(".", 1)[-1]
+        return STUDY_MODULES.index(module) if module in STUDY_MODULES else len(STUDY_MODULES)
+
 
 _REGISTRY: dict[str, Study] = {}
 
@@ -222,7 +230,8 @@ def register_study(
 ) -> Callable[[Callable[[RunContext], StudyResult]], Callable[[RunContext], StudyResult]]:
     """Decorator: register ``run`` as the study ``name`` (shown by ``rethinkbn studies``).
 
-    Studies are listed and run in registration order. Registering a name twice is an error.
+    Studies are listed and run in the order of their modules in ``STUDY_MODULES`` (then in
+    registration order). Registering a name twice is an error.
     """
     if not name or not name.replace("-", "").isalnum() or name != name.lower():
         raise ValueError(f"study names are lowercase words joined by '-', got {name!r}")
@@ -239,11 +248,11 @@ def register_study(
 
 
 def registered_studies() -> list[Study]:
-    """Every registered study, in registration order (imports the study modules first)."""
+    """Every registered study, in report order (imports the study modules first)."""
     from . import load_studies
 
     load_studies()
-    return list(_REGISTRY.values())
+    return sorted(_REGISTRY.values(), key=lambda s: s.order)
 
 
 def get_study(name: str) -> Study:

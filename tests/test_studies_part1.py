@@ -1,0 +1,148 @@
+"""Studies of Sec. 3-4: the verdicts follow from the numbers; the registry's contract."""
+
+import copy
+
+import pytest
+
+from rethinkbn.studies import ema_vs_precise, nbs, precise_batch
+from rethinkbn.studies.base import (
+    Table,
+    get_study,
+    mean_std,
+    register_study,
+    registered_studies,
+    verdict,
+)
+
+
+def labels(rows):
+    return [r.verdict.label for r in rows]
+
+
+# ---------------------------------------------------------------------------- ema-vs-precise
+def ema_numbers():
+    """Paper-like curves: the large batch's EMA lags early, the curves meet at the end."""
+    return {
+        "large_batch": 500,
+        "curves": {
+            "64": {"ema_mean": [30.0, 10.0, 5.0, 3.0], "precise_mean": [25.0, 8.0, 4.5, 3.0]},
+            "500": {"ema_mean": [80.0, 60.0, 20.0, 9.0], "precise_mean": [60.0, 40.0, 15.0, 8.0]},
+        },
+        "fig2_outside": [0.8, 0.3, 0.0],
+    }
+
+
+def test_ema_verdicts_agree_on_paper_like_numbers():
+    assert labels(ema_vs_precise.verdicts(ema_numbers())) == ["agrees"] * 4
+
+
+def test_ema_verdict_flips_when_precise_is_not_better_early():
+    numbers = ema_numbers()
+    numbers["curves"]["500"]["precise_mean"] = [80.0, 60.0, 20.0, 9.0]
+    rows = ema_vs_precise.verdicts(numbers)
+    assert rows[0].verdict.label == "disagrees"
+    assert rows[0].verdict.detail == "+0.00 pt"
+
+
+def test_ema_verdict_flips_when_curves_do_not_meet_at_the_end():
+    numbers = ema_numbers()
+    numbers["curves"]["64"]["ema_mean"][-1] = 6.0
+    assert ema_vs_precise.verdicts(numbers)[2].verdict.label == "disagrees"
+
+
+def test_fig2_verdict_flips_when_ema_is_outside_more_often_late():
+    numbers = ema_numbers()
+    numbers["fig2_outside"] = [0.1, 0.5]
+    assert ema_vs_precise.verdicts(numbers)[3].verdict.label == "disagrees"
+
+
+# ---------------------------------------------------------------------------- precise-batch
+def table2_numbers():
+    cols = ["EMA", "B=2", "B=10", "B=100", "B=1000", "B=N"]
+    return {"mean": {"32": dict(zip(cols, [23.7, 28.8, 24.0, 23.5, 23.5, 23.5], strict=True)),
+                     "2": dict(zip(cols, [35.5, 34.4, 32.3, 32.0, 32.0, 32.0], strict=True))}}
+
+
+def test_precise_batch_verdicts_agree_on_the_papers_own_table():
+    assert labels(precise_batch.verdicts(table2_numbers())) == ["agrees"] * 4
+
+
+@pytest.mark.parametrize(
+    ("nbs_key", "column", "value", "row"),
+    [("32", "B=2", 23.6, 0), ("32", "B=100", 25.0, 1), ("2", "EMA", 31.0, 2),
+     ("2", "B=N", 23.9, 3)],
+)
+def test_precise_batch_verdict_flips_with_its_number(nbs_key, column, value, row):
+    numbers = copy.deepcopy(table2_numbers())
+    numbers["mean"][nbs_key][column] = value
+    rows = precise_batch.verdicts(numbers)
+    assert rows[row].verdict.label == "disagrees"
+    assert labels(rows).count("disagrees") == 1
+
+
+# ---------------------------------------------------------------------------- nbs
+def fig5_numbers():
+    from rethinkbn.studies import paper
+
+    keep = (2, 1024)
+    return {"mean": {k: {str(n): v for n, v in curve.items() if n in keep}
+                     for k, curve in paper.FIG5_NBS.items()}}
+
+
+def test_nbs_verdicts_agree_on_the_papers_own_curves():
+    assert labels(nbs.verdicts(fig5_numbers())) == ["agrees"] * 5
+
+
+def test_nbs_verdict_flips_when_frozen_bn_does_not_help_at_small_nbs():
+    numbers = fig5_numbers()
+    numbers["mean"]["val_pop_frozen"]["2"] = 33.0
+    rows = nbs.verdicts(numbers)
+    assert rows[3].verdict.label == "disagrees" and labels(rows).count("disagrees") == 1
+
+
+def test_nbs_verdict_flips_when_the_inconsistency_does_not_grow():
+    numbers = fig5_numbers()
+    numbers["mean"]["val_mub"]["2"] = 34.0
+    assert nbs.verdicts(numbers)[1].verdict.label == "disagrees"
+
+
+def test_nbs_verdict_flips_when_small_nbs_is_not_worse():
+    numbers = fig5_numbers()
+    numbers["mean"]["val_pop"]["2"] = 23.8
+    assert nbs.verdicts(numbers)[0].verdict.label == "disagrees"
+
+
+# ---------------------------------------------------------------------------- registry, helpers
+def test_part1_studies_are_registered_in_report_order():
+    names = [s.name for s in registered_studies()]
+    assert names[:3] == ["ema-vs-precise", "precise-batch", "nbs"]
+
+
+def test_unknown_study_error_lists_the_known_ones():
+    with pytest.raises(KeyError, match="ema-vs-precise"):
+        get_study("emma")
+
+
+def test_register_study_rejects_bad_names_and_a_second_owner():
+    with pytest.raises(ValueError, match="lowercase"):
+        register_study("Bad Name", "x")
+    with pytest.raises(ValueError, match="already registered"):
+        register_study("nbs", "again")(lambda ctx: None)
+
+
+def test_verdict_line_shows_label_criterion_and_detail():
+    v = verdict("a > b", 2 > 1, "2 > 1")
+    assert v.line() == "**agrees** — a > b (2 > 1)"
+    assert verdict("a > b", False).label == "disagrees"
+
+
+def test_mean_std_over_seeds():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)
+
+
+def test_table_formats_mean_std_cells():
+    table = Table("t", ["a", "b"], [["x", (1.234, 0.05)], ["y", 2.0]])
+    assert "| x | 1.2 ± 0.1 |" in table.to_markdown()
+    assert "| y | 2.0 |" in table.to_markdown()
