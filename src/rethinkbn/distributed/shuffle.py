@@ -47,7 +47,7 @@ def shuffle_permutation(batch_size: int, seed: int, step: int) -> Tensor:
     return torch.randperm(batch_size, generator=generator)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Route:
     """One direction of an exchange: gather ``send_index``, all_to_all, gather ``recv_index``.
 
@@ -85,7 +85,7 @@ class _Exchange(torch.autograd.Function):
         return ctx.route.reversed().apply(grad.contiguous(), ctx.group), None, None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShufflePlan:
     """Where every sample of a global batch goes: build with :meth:`across_ranks` / :meth:`virtual`.
 
@@ -210,8 +210,9 @@ class ShuffledModule(nn.Module):
     same on every rank.
 
     * Across ranks (``virtual_devices=None``): the plan of ``process_group`` (default: world);
-      every rank must call the wrapper in the same step. Without an initialized process group the
-      batch is shuffled within the process.
+      every rank must call the wrapper in the same step. Each step makes one small all_gather of
+      the local batch sizes and one all_to_all per direction. Without an initialized process
+      group the batch is shuffled within the process.
     * ``virtual_devices=k`` (one process): the batch is ``k`` contiguous virtual devices; use
       :func:`~rethinkbn.distributed.virtual.virtual_devices` on ``inner`` for per-device BN.
 
