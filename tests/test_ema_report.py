@@ -61,3 +61,21 @@ def test_prints_a_table_with_one_row_per_layer():
     model, data = model_and_data()
     text = str(ema_report(model, data, num_batches=6))
     assert "| layer | batches |" in text and "\n| 1 | 6 |" in text and "\n| 4 | 6 |" in text
+
+
+def test_domain_batchnorm_is_compared_per_domain_and_absent_domains_are_left_out():
+    from rethinkbn.layers import DomainBatchNorm
+
+    bn = DomainBatchNorm(2, num_domains=3)
+    bn.running_mean[1].fill_(50.0)  # far from domain 1's batch means; domain 2 never appears
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 2, generator=g), torch.tensor([0, 1, 0, 1, 0, 1])) for _ in range(4)]
+    layer = ema_report(bn, data, num_batches=4, forward=lambda m, b: m(*b)).layers["<model>"]
+    outside = []
+    for d in (0, 1):  # domain 2 never appears: left out
+        for c in range(2):
+            means = torch.stack([x[ids == d, c].mean() for x, ids in data])
+            ema = bn.running_mean[d, c]
+            outside.append(bool(ema < means.min() or ema > means.max()))
+    assert layer.calls == 4
+    assert layer.outside_fraction == sum(outside) / 4 and outside[2:] == [True, True]

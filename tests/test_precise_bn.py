@@ -405,3 +405,18 @@ def test_a_model_without_batchnorm_warns_and_reads_no_data():
     with pytest.warns(RuntimeWarning, match="no BatchNorm layer"):
         report = precise_bn(nn.Linear(3, 3), data())
     assert report.layers == {} and report.num_batches == 0
+
+
+def test_a_float64_model_gets_the_reference_to_float64_precision():
+    model, data = small_cnn().double(), [x.double() for x in batches([5, 9, 3])]
+    seen = captured_inputs(model, data)
+    precise_bn(model, data, num_batches=3)
+    for name, bn in batchnorm_layers(model):
+        mean, var = pooled(seen[name], correction=1)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-10, atol=1e-12)
+
+
+def test_the_progress_bar_can_be_forced_on(capsys):
+    precise_bn(small_cnn(), batches([4, 4]), num_batches=2, progress=True)
+    assert "precise_bn" in capsys.readouterr().err
