@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..population import freeze_epoch_for
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
 from .common import Scale, agg, fmt, new_model, pyplot, scale_for
@@ -43,10 +44,9 @@ class FreezeAt(Callback):
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
         if epoch == self.epoch:
-            bn.population_stats(model, self.x, batch_size=SGD_BATCH,
-                                num_samples=PRECISE_SAMPLES, seed=self.seed,
-                                pass_norm_batch_size=self.nbs)
-            bn.freeze(model)
+            bn.freeze_with_population_stats(model, self.x, batch_size=SGD_BATCH,
+                                            num_samples=PRECISE_SAMPLES, seed=self.seed,
+                                            pass_norm_batch_size=self.nbs)
 
 
 def _run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> dict[str, float]:
@@ -55,7 +55,7 @@ def _run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> di
     config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR)
     callbacks: list[Callback] = []
     if frozen:
-        start = scale.epochs - max(1, round(FROZEN_FRACTION * scale.epochs))
+        start = freeze_epoch_for(FROZEN_FRACTION, scale.epochs)
         callbacks.append(FreezeAt(start, data.train_x, nbs, seed))
     model = train(holder[0], data.train_x, data.train_y, config, seed=seed,
                   callbacks=callbacks, progress=ctx.progress,
