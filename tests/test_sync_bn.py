@@ -184,6 +184,14 @@ def test_group_size_two_of_four_ranks_normalizes_each_pair_alone(world4):
                               results[2]["buffers"]["running_mean"])
 
 
+@settings(max_examples=5, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3), min_size=4, max_size=4).filter(
+    lambda s: s[0] + s[1] > 0 and s[2] + s[3] > 0))
+def test_group_size_two_of_four_ranks_with_any_local_batches(world4, sizes):
+    spec = scenario(sizes, (2, 2), group_size=2)
+    check_against_reference(spec, world4.run(run_sync_bn, spec))
+
+
 # ------------------------------------------------------------------------------ precision
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_keep_float32_statistics(world2, dtype):
