@@ -11,6 +11,9 @@ all_gather (``(W-1)`` chunks sent per rank):
 * ours: forward all_reduce of ``3C`` float64 moments, backward all_reduce of ``2C`` float32 sums;
 * the all_gather design (torch.nn.SyncBatchNorm): forward all_gather of every rank's
   ``(mean, invstd, count)`` in float32 (``2C + 1``), backward all_reduce of ``2C`` float32 sums.
+
+With one GPU per process available, the ranks run on CUDA with NCCL instead, and torch's own
+SyncBatchNorm (GPU only) is timed too: ours / torch's, target not slower.
 """
 
 from __future__ import annotations
@@ -46,17 +49,30 @@ def all_gather_design_bytes(channels: int, world: int) -> float:
     return (world - 1) * (2 * channels + 1) * 4 + ring_all_reduce(2 * channels * 4, world)
 
 
+def use_gpus(world: int) -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= world
+
+
 def worker() -> None:
-    dist.init_process_group("gloo")
+    cuda = use_gpus(int(os.environ["WORLD_SIZE"]))
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     torch.set_num_threads(1)
     torch.manual_seed(dist.get_rank())
-    x, dy = torch.randn(SHAPE), torch.randn(SHAPE)
+    x, dy = torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
     layers = {"local": nn.BatchNorm2d(SHAPE[1]), "sync": SyncBatchNorm(SHAPE[1])}
+    if cuda:
+        layers["torch_sync"] = nn.SyncBatchNorm(SHAPE[1])
+    layers = {name: layer.to(device) for name, layer in layers.items()}
     times: dict[str, list[float]] = {name: [] for name in layers}
 
     def step(layer: nn.Module) -> None:
         xr = x.clone().requires_grad_()
         layer(xr).backward(dy)
+        if cuda:
+            torch.cuda.synchronize()
 
     for layer in layers.values():
         step(layer)  # warm-up
@@ -74,14 +90,18 @@ def worker() -> None:
 
 def main() -> None:
     channels = SHAPE[1]
-    print(f"Per-rank batch {SHAPE} float32, gloo on CPU, one thread per process; "
+    print(f"Per-rank batch {SHAPE} float32, one thread per process; "
           f"median of {REPEATS} x {STEPS} forward+backward steps.\n")
-    print("| processes | SyncBatchNorm step / local BatchNorm2d step |")
-    print("|---:|---:|")
+    print("| processes | device | SyncBatchNorm step / local BatchNorm2d step | "
+          "ours / torch.nn.SyncBatchNorm |")
+    print("|---:|---|---:|---:|")
     for world in WORLD_SIZES:
         rank0 = launch(Path(__file__), world, ["--worker"], timeout_s=120)[0]
         t = json.loads(rank0.strip().splitlines()[-1])
-        print(f"| {world} | {t['sync'] / t['local']:.2f} |", flush=True)
+        versus_torch = f"{t['sync'] / t['torch_sync']:.2f}" if "torch_sync" in t else "(GPU only)"
+        device = "cuda/nccl" if use_gpus(world) else "cpu/gloo"
+        print(f"| {world} | {device} | {t['sync'] / t['local']:.2f} | {versus_torch} |",
+              flush=True)
     print(f"\nBytes sent per rank per training step ({channels} channels):\n")
     print("| processes | ours (2 all_reduce) | all_gather design | ours / all_gather |")
     print("|---:|---:|---:|---:|")
