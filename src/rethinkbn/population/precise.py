@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +45,20 @@ class PreciseBNReport:
     num_batches: int
 
     def __str__(self) -> str:
-        lines = [
+        return markdown_table(
             f"PreciseBN over {self.num_samples} samples in {self.num_batches} batches",
-            "| layer | values/channel | calls | mean shift (sigma) | log std ratio |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, r in self.layers.items():
-            lines.append(
-                f"| {name} | {r.count} | {r.calls} | {r.mean_shift:.4f} | {r.std_log_ratio:.4f} |"
-            )
-        return "\n".join(lines)
+            ["layer", "values/channel", "calls", "mean shift (sigma)", "log std ratio"],
+            [[name, r.count, r.calls, f"{r.mean_shift:.4f}", f"{r.std_log_ratio:.4f}"]
+             for name, r in self.layers.items()],
+        )
+
+
+def markdown_table(title: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A title line and a markdown table, the first column left-aligned, the others right."""
+    lines = [title, "| " + " | ".join(header) + " |",
+             "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def distances(

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..stats import Moments
 from ._state import running_buffers
-from .precise import distances, estimate
+from .precise import distances, estimate, markdown_table
 
 __all__ = ["EMALayerReport", "EMAReport", "ema_report"]
 
@@ -48,19 +48,15 @@ class EMAReport:
     num_batches: int
 
     def __str__(self) -> str:
-        lines = [
+        return markdown_table(
             f"EMA vs precise statistics over {self.num_samples} samples in {self.num_batches} "
             "batches",
-            "| layer | batches | mean shift (sigma) | log std ratio | EMA mean outside batch "
-            "means | EMA mean percentile |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in self.layers.items():
-            lines.append(
-                f"| {name} | {r.calls} | {r.mean_shift:.4f} | {r.std_log_ratio:.4f} | "
-                f"{r.outside_fraction:.1%} | {r.mean_percentile:.1%} |"
-            )
-        return "\n".join(lines)
+            ["layer", "batches", "mean shift (sigma)", "log std ratio",
+             "EMA mean outside batch means", "EMA mean percentile"],
+            [[name, r.calls, f"{r.mean_shift:.4f}", f"{r.std_log_ratio:.4f}",
+              f"{r.outside_fraction:.1%}", f"{r.mean_percentile:.1%}"]
+             for name, r in self.layers.items()],
+        )
 
 
 def _per_call_like(calls: Moments, buffer: Tensor) -> Moments:
