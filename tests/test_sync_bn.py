@@ -309,6 +309,18 @@ def test_single_process_matches_torch_bn_for_any_shape(n, spatial, momentum):
     assert_close(ours["buffers"]["running_var"], ref["buffers"]["running_var"], **TOL)
 
 
+def test_backward_passes_gradcheck_for_input_weight_and_bias():
+    layer = SyncBatchNorm(3, track_running_stats=False, dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def normalize(x, w, b):
+        return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(normalize, (x, w, b))
+
+
 # ------------------------------------------------------------------------------ errors
 def test_bad_input_names_the_layer_and_the_expected_channels():
     layer = SyncBatchNorm(3)
