@@ -88,6 +88,13 @@ def _summary_table(outcomes: list[StudyOutcome]) -> list[str]:
     return lines
 
 
+def _cache_note(env: dict[str, Any]) -> str:
+    cache = env.get("cache")
+    if not cache:
+        return ""
+    return f" ({cache['misses']} training runs trained, {cache['hits']} taken from the cache)"
+
+
 def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
     """The markdown text of report.md."""
     agreed = sum(r.verdict.agrees for o in outcomes if o.result for r in o.result.summary)
@@ -96,7 +103,8 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
         f"Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
-        f"({env['torch_threads']} threads), seeds: {env['seeds']}, wall time: {wall_s:.0f} s. "
+        f"({env['torch_threads']} threads), seeds: {env['seeds']}, wall time: {wall_s:.0f} s"
+        f"{_cache_note(env)}. "
         f"Our numbers are validation/training error (%) of small ResNets (mean ± std over seeds "
         f"when there are several); the paper's are ResNet-50 on ImageNet or Mask R-CNN/RetinaNet "
         f"on COCO. The verdicts compare the *direction* of each effect, with the criterion "
