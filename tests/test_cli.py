@@ -52,3 +52,22 @@ def test_reproduce_writes_report_plots_and_results(tmp_path, capsys):
 def test_reproduce_rejects_a_non_integer_count(flag, tmp_path):
     with pytest.raises(SystemExit):
         main(["reproduce", flag, "many", "--out", str(tmp_path)])
+
+
+def test_reproduce_trains_a_2d_resnet_on_cifar10_pickles(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, n in [("data_batch_1", 160), ("data_batch_2", 160), ("test_batch", 64)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, n))}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(batch, f)
+    out = tmp_path / "out"
+    assert main(["reproduce", "--tiny", "--data", str(tmp_path), "--only", "precise-batch",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["data"] == str(tmp_path)
+    assert "CIFAR-10" in (out / "report.md").read_text()

@@ -40,7 +40,7 @@ def reproduce(
     device: str = "cpu",
     data: str = "mnist1d",
     progress: ProgressFactory = tqdm_progress,
-    log: Any = sys.stderr,
+    log: Any = None,
     tiny: bool = False,
 ) -> tuple[Path, list[StudyOutcome]]:
     """Run the studies ``only`` (all registered ones when None) and write the report.
@@ -52,6 +52,7 @@ def reproduce(
     finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). Returns the
     report's path and the outcomes.
     """
+    log = sys.stderr if log is None else log
     studies = [get_study(n) for n in only] if only else registered_studies()
     n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
     if n_seeds < 1:
