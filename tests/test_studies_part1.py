@@ -112,6 +112,13 @@ def test_nbs_verdict_flips_when_small_nbs_is_not_worse():
     assert nbs.verdicts(numbers)[0].verdict.label == "disagrees"
 
 
+def test_nbs_notes_explain_a_disagreement_only_when_there_is_one():
+    numbers = fig5_numbers()
+    assert "Unlike the paper" not in nbs.notes_for(numbers)
+    numbers["mean"]["val_mub"]["2"] = 34.0
+    assert "Unlike the paper" in nbs.notes_for(numbers)
+
+
 # ---------------------------------------------------------------------------- registry, helpers
 def test_part1_studies_are_registered_in_report_order():
     names = [s.name for s in registered_studies()]

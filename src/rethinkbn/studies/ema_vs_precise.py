@@ -175,13 +175,14 @@ def run(ctx: RunContext) -> StudyResult:
         raise ValueError(f"ema-vs-precise needs >= {2 * NORMAL_BATCH} training samples, "
                          f"got {scale.num_train}")
     large = min(LARGE_BATCH, scale.num_train // 2)
-    for batch in (NORMAL_BATCH, large):
-        for seed in ctx.seeds:
-            key = {"study": "ema-vs-precise", "v": 1, "data": ctx.data_spec, "batch": batch,
-                   "seed": seed, "scale": scale.as_dict(), "precise": [PRECISE_SAMPLES,
-                                                                    PRECISE_BATCH]}
-            runs.setdefault(batch, []).append(
-                ctx.cache.get_or_run(key, lambda b=batch, s=seed: _run(ctx, scale, b, s)))
+    jobs = [(b, s) for b in (NORMAL_BATCH, large) for s in ctx.seeds]
+    for batch, seed in ctx.progress(jobs, desc="ema-vs-precise runs", total=len(jobs),
+                                    leave=True):
+        key = {"study": "ema-vs-precise", "v": 1, "data": ctx.data_spec, "batch": batch,
+               "seed": seed, "scale": scale.as_dict(),
+               "precise": [PRECISE_SAMPLES, PRECISE_BATCH]}
+        runs.setdefault(batch, []).append(
+            ctx.cache.get_or_run(key, lambda b=batch, s=seed: _run(ctx, scale, b, s)))
     curves: dict[str, Any] = {}
     for batch, rs in runs.items():
         ema = [agg([r["ema"][e] for r in rs]) for e in range(scale.epochs)]

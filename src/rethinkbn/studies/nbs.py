@@ -110,6 +110,29 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
     return rows
 
 
+def notes_for(numbers: dict[str, Any]) -> str:
+    """What the report says beside the verdicts, chosen by the measured numbers."""
+    m = numbers["mean"]
+    lo = str(min(int(k) for k in m["val_pop"]))
+    notes = ["MNIST-1D saturates at a few % error with these ResNets, so differences of a few "
+             "tenths of a point are within seed noise; read the verdicts with the std over seeds "
+             "(full mode)."]
+    if m["val_mub"][lo] > m["val_pop"][lo]:
+        notes.append(
+            f"Unlike the paper, mini-batch statistics at inference are worse than population "
+            f"statistics even at NBS={lo} ({m['val_mub'][lo]:.1f} vs {m['val_pop'][lo]:.1f}), "
+            f"so the train/test inconsistency does not show as the paper's gap. We think the "
+            f"reason is the short training: the paper's model trains 100 epochs and learns to "
+            f"rely on the statistics of its tiny groups, while ours, after a few epochs, still "
+            f"treats their noise as a regularizer that population statistics remove at test "
+            f"time.")
+    if m["val_pop_frozen"][lo] < m["val_pop"][lo]:
+        notes.append(f"FrozenBN for the last epochs does lower the error at NBS={lo} "
+                     f"({m['val_pop_frozen'][lo]:.1f} vs {m['val_pop'][lo]:.1f}), as in the "
+                     f"paper: training ends with the statistics used at test time.")
+    return "\n\n".join(notes)
+
+
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -138,16 +161,15 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx, quick_epochs=10, full_epochs=30)
     per_seed: dict[str, dict[str, list[float]]] = {k: {} for k in CURVES}
-    for nbs in nbs_values(ctx.quick):
-        for frozen in (False, True):
-            for seed in ctx.seeds:
-                key = {"study": "nbs", "v": 1, "data": ctx.data_spec, "nbs": nbs,
-                       "frozen": frozen, "seed": seed, "sgd_batch": SGD_BATCH, "lr": LR,
-                       "scale": scale.as_dict(), "precise": PRECISE_SAMPLES}
-                result = ctx.cache.get_or_run(
-                    key, lambda k=nbs, f=frozen, s=seed: _run(ctx, scale, k, f, s))
-                for name, value in result.items():
-                    per_seed[name].setdefault(str(nbs), []).append(value)
+    jobs = [(n, f, s) for n in nbs_values(ctx.quick) for f in (False, True) for s in ctx.seeds]
+    for nbs, frozen, seed in ctx.progress(jobs, desc="nbs runs", total=len(jobs), leave=True):
+        key = {"study": "nbs", "v": 1, "data": ctx.data_spec, "nbs": nbs, "frozen": frozen,
+               "seed": seed, "sgd_batch": SGD_BATCH, "lr": LR, "scale": scale.as_dict(),
+               "precise": PRECISE_SAMPLES}
+        result = ctx.cache.get_or_run(
+            key, lambda k=nbs, f=frozen, s=seed: _run(ctx, scale, k, f, s))
+        for name, value in result.items():
+            per_seed[name].setdefault(str(nbs), []).append(value)
     mean = {k: {n: agg(v)[0] for n, v in d.items()} for k, d in per_seed.items()}
     std = {k: {n: agg(v)[1] for n, v in d.items()} for k, d in per_seed.items()}
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "scale": scale.as_dict(),
@@ -171,9 +193,7 @@ def run(ctx: RunContext) -> StudyResult:
         f"({PRECISE_SAMPLES} samples, groups of NBS) and trains on with them. "
         f"Seeds: {list(ctx.seeds)}."
     )
-    notes = ("MNIST-1D saturates near a few % error with this ResNet, so differences of a few "
-             "tenths of a point are within seed noise; read the verdicts together with the std "
-             "(full mode, 3 seeds).")
+    notes = notes_for(numbers)
     return StudyResult(setup=setup, tables=[ours], paper_tables=[theirs],
                        plots=_plot(ctx, numbers), summary=verdicts(numbers), numbers=numbers,
                        notes=notes)

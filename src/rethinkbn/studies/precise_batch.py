@@ -80,12 +80,12 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx, quick_epochs=10, full_epochs=30)
     per_seed: dict[str, list[dict[str, float]]] = {}
-    for nbs in NBS_VALUES:
-        for seed in ctx.seeds:
-            key = {"study": "precise-batch", "v": 1, "data": ctx.data_spec, "nbs": nbs,
-                   "seed": seed, "sgd_batch": SGD_BATCH, "lr": LR, "scale": scale.as_dict()}
-            per_seed.setdefault(str(nbs), []).append(
-                ctx.cache.get_or_run(key, lambda k=nbs, s=seed: _run(ctx, scale, k, s)))
+    jobs = [(n, s) for n in NBS_VALUES for s in ctx.seeds]
+    for nbs, seed in ctx.progress(jobs, desc="precise-batch runs", total=len(jobs), leave=True):
+        key = {"study": "precise-batch", "v": 1, "data": ctx.data_spec, "nbs": nbs,
+               "seed": seed, "sgd_batch": SGD_BATCH, "lr": LR, "scale": scale.as_dict()}
+        per_seed.setdefault(str(nbs), []).append(
+            ctx.cache.get_or_run(key, lambda k=nbs, s=seed: _run(ctx, scale, k, s)))
     columns = list(per_seed["32"][0])
     mean = {k: {c: agg([r[c] for r in rs])[0] for c in columns} for k, rs in per_seed.items()}
     std = {k: {c: agg([r[c] for r in rs])[1] for c in columns} for k, rs in per_seed.items()}
