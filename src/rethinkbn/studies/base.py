@@ -31,7 +31,7 @@ numbers and watch the verdict flip.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -197,7 +197,6 @@ class RunContext:
     dataset: Callable[[], DataSplit]
     data_spec: str = "mnist1d"
     tiny: bool = False
-    threads: int = field(default_factory=torch.get_num_threads)
 
     def plot_path(self, name: str) -> Path:
         """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""

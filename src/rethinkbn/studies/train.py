@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .base import ProgressFactory
 
-__all__ = ["Callback", "TrainConfig", "evaluate_error", "predict_logits", "train"]
+__all__ = ["Callback", "EpochEnd", "TrainConfig", "evaluate_error", "predict_logits", "train"]
 
 
 @dataclass(frozen=True)
