@@ -1,0 +1,64 @@
+"""One rank of the ``leakage`` study on real processes; started by torchrun, never imported.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 \\
+        -m rethinkbn.studies.leakage_worker --variant syncbn --seed 0 --scale '{...}' --out s.pt
+
+Each rank builds the real-rank form of the variant's model (SyncBatchNorm across ranks, the
+shuffle across ranks with ``all_to_all``), trains on its share of every step
+(:func:`rethinkbn.studies.leakage.train_model`), estimates population statistics with precise_bn
+pooled across ranks, and rank 0 saves ``{"state_dict", "train_loss"}`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .leakage import (
+    VARIANTS,
+    LeakageScale,
+    build_model,
+    has_batchnorm,
+    population_stats,
+    task_images,
+    train_model,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--scale", required=True, help="LeakageScale as JSON")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds a collective may wait for the other ranks")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        scale = LeakageScale.from_dict(json.loads(args.scale))
+        variant = VARIANTS[args.variant]
+        train, _, _ = task_images(scale, args.seed)
+        model = build_model(variant, scale, args.seed, distributed=True)
+        loss = train_model(model, train, scale, args.seed, rank, world)
+        if has_batchnorm(variant):
+            population_stats(model, train, scale, args.seed, rank, world)
+        # The step's mean loss: every rank's mean over an equal share.
+        total = torch.tensor([loss])
+        dist.all_reduce(total)
+        if rank == 0:
+            torch.save({"state_dict": model.state_dict(), "train_loss": float(total) / world},
+                       args.out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

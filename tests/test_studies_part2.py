@@ -1,0 +1,208 @@
+"""Studies of Sec. 5-6 (domain-shift, multi-domain, leakage): end to end; verdicts from numbers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rethinkbn.layers import GhostBatchNorm
+from rethinkbn.population import batch_stats_inference
+from rethinkbn.studies import domain_shift, leakage, multi_domain
+from rethinkbn.studies.data import load_mnist1d
+from rethinkbn.studies.harness import reproduce
+from rethinkbn.studies.roi import RoiBatch, RoiImages, RoiTaskConfig
+
+TINY_DATA = "mnist1d:1000"
+PART2 = ["domain-shift", "multi-domain", "leakage"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist1d")
+    load_mnist1d(1000, cache_dir=root)
+    return root / "mnist1d-1000-42.npz"
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quiet(iterable=None, **kwargs):
+    return iterable
+
+
+def labels(rows):
+    return [r.verdict.label for r in rows]
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("study", PART2)
+def test_study_runs_end_to_end_and_reports_every_number(study, tmp_path, data_file, one_thread):
+    (tmp_path / "cache").mkdir()
+    shutil.copy(data_file, tmp_path / "cache")
+    report, outcomes = reproduce([study], tiny=True, data=TINY_DATA, out_dir=tmp_path,
+                                 progress=quiet, log=None)
+    (outcome,) = outcomes
+    assert outcome.error is None, outcome.error
+    text = report.read_text()
+    assert f"`{study}`" in text and ("agrees" in text or "disagrees" in text)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert json.dumps(results)  # every number is plain JSON
+    for plot in outcome.result.plots:
+        assert (tmp_path / plot).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- domain-shift
+def shift_numbers():
+    shifted = {n: {"source": 40.0, "target": 30.0} for n in
+               ("gaussian_noise", "contrast", "brightness", "blur", "quantization")}
+    clean = {domain_shift.TRAIN_STATS: 10.0, domain_shift.CLEAN_STATS: 10.4, "contrast": 30.0}
+    return shifted, clean
+
+
+def test_domain_shift_verdicts_agree_on_paper_like_numbers():
+    assert labels(domain_shift.verdicts(*shift_numbers())) == ["agrees"] * 3
+
+
+def test_domain_shift_verdict_flips_when_target_stats_do_not_help_on_contrast():
+    shifted, clean = shift_numbers()
+    shifted["contrast"]["target"] = 39.5
+    assert labels(domain_shift.verdicts(shifted, clean))[0] == "disagrees"
+
+
+def test_domain_shift_clean_verdict_flips_when_contrast_stats_are_harmless():
+    shifted, clean = shift_numbers()
+    clean["contrast"] = 11.0
+    assert labels(domain_shift.verdicts(shifted, clean))[2] == "disagrees"
+
+
+def test_augment_shifts_and_scales_each_sample_within_its_bounds():
+    x = torch.randn(6, 1, 40, dtype=torch.float64)
+    y = domain_shift.augment(x, torch.Generator().manual_seed(0))
+    for row, out in zip(x, y, strict=True):
+        fits = []
+        for s in range(-domain_shift.MAX_SHIFT, domain_shift.MAX_SHIFT + 1):
+            rolled = row.roll(s, dims=-1)
+            gain = float((out * rolled).sum() / (rolled * rolled).sum())
+            fits.append(0.8 <= gain <= 1.2 and torch.allclose(out, gain * rolled))
+        assert any(fits)
+
+
+# ---------------------------------------------------------------------------- multi-domain
+def domain_numbers():
+    return {"shared/shared/shared": 10.0, "shared/domain/shared": 80.0,
+            "domain/shared/shared": 30.0, "domain/domain/shared": 10.0,
+            "domain/shared/domain": 25.0, "domain/domain/domain": 9.5,
+            "GroupNorm": 9.0, "no norm": 11.0}
+
+
+def test_multi_domain_verdicts_agree_on_paper_like_numbers():
+    assert labels(multi_domain.verdicts(domain_numbers())) == ["agrees"] * 4
+
+
+def test_multi_domain_collapse_verdict_flips_without_a_collapse():
+    mean = domain_numbers()
+    mean["shared/domain/shared"] = 20.0
+    assert labels(multi_domain.verdicts(mean))[1] == "disagrees"
+
+
+def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins():
+    mean = domain_numbers()
+    mean["domain/shared/shared"] = 9.0
+    assert labels(multi_domain.verdicts(mean))[0] == "disagrees"
+
+
+def test_levels_are_the_domains_of_the_head_norm():
+    data = load_mnist1d(100)
+    model = multi_domain.build_model("domain/domain/shared", data, 8, seed=0)
+    seen = []
+    model.head.norm1.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    model.train()
+    logits = model(data.train_x[:5])
+    assert logits.shape == (multi_domain.NUM_LEVELS, 5, 10)
+    assert torch.equal(seen[0], torch.arange(3).repeat_interleave(5))
+
+
+def test_domain_specific_training_normalizes_each_level_alone():
+    data = load_mnist1d(100)
+    model = multi_domain.build_model("domain/domain/shared", data, 8, seed=0)
+    out = []
+    model.head.norm1.register_forward_hook(lambda m, args, y: out.append(y.detach()))
+    model.train()
+    model(data.train_x[:6])
+    per_level = out[0].view(3, 6, 8, -1)
+    means = per_level.mean(dim=(1, 3))
+    torch.testing.assert_close(means, torch.zeros_like(means), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- leakage
+def leak_numbers():
+    mean = {"bn-1img": {"pop": 30.0, "mu_B": 12.0}, "bn-2img": {"pop": 15.0, "mu_B": 14.0},
+            "bn-shuffle-1img": {"pop": 13.5, "mu_B": 20.0},
+            "bn-shuffle-2img": {"pop": 13.0, "mu_B": 22.0},
+            "syncbn": {"pop": 13.0, "mu_B": 28.0}, "no-norm": {"pop": 18.0, "mu_B": 18.0},
+            "groupnorm": {"pop": 17.0, "mu_B": 17.0}}
+    return {"mean": mean}
+
+
+def test_leakage_verdicts_agree_on_paper_like_numbers():
+    assert labels(leakage.verdicts(leak_numbers())) == ["agrees"] * 4
+
+
+def test_leakage_verdict_flips_without_a_leak():
+    numbers = leak_numbers()
+    numbers["mean"]["bn-1img"] = {"pop": 13.0, "mu_B": 12.0}
+    assert labels(leakage.verdicts(numbers))[0] == "disagrees"
+
+
+def test_leakage_verdict_flips_when_shuffle_does_not_help():
+    numbers = leak_numbers()
+    numbers["mean"]["bn-shuffle-1img"]["pop"] = 29.0
+    assert labels(leakage.verdicts(numbers))[2] == "disagrees"
+
+
+def test_ranks_row_compares_real_and_virtual_errors():
+    numbers = leak_numbers()
+    numbers["ranks"] = {"world": 2, "mean": {"syncbn": {"pop": 20.0, "mu_B": 28.0}}}
+    rows = leakage.verdicts(numbers)
+    assert len(rows) == 5 and rows[-1].verdict.label == "disagrees"
+
+
+TINY = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1, precise_batches=2,
+                            task=RoiTaskConfig(rois_per_image=4))
+
+
+def test_per_device_bn_groups_the_rois_of_one_device():
+    for name, images in (("bn-1img", 1), ("bn-2img", 2)):
+        model = leakage.build_model(leakage.VARIANTS[name], TINY, seed=0)
+        norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+        assert len(norms) == 2
+        assert all(m.norm_batch_size == images * 4 for m in norms)
+
+
+def test_ranks_share_a_step_exactly():
+    train, _, _ = leakage.task_images(TINY, seed=0)
+    whole = list(leakage.step_batches(train, TINY, seed=0, epoch=0))
+    halves = [list(leakage.step_batches(train, TINY, seed=0, epoch=0, rank=r, world=2))
+              for r in range(2)]
+    for (x, rois), (x0, r0), (x1, r1) in zip(whole, *halves, strict=True):
+        assert torch.equal(torch.cat([x0, x1]), x)
+        assert torch.equal(torch.cat([r0.image, r1.image + len(x0)]), rois.image)
+        assert torch.equal(torch.cat([r0.labels, r1.labels]), rois.labels)
+
+
+def test_mini_batch_evaluation_uses_each_image_alone():
+    """mu_B of one image does not depend on the other test images evaluated beside it."""
+    model = leakage.build_model(leakage.VARIANTS["syncbn"], TINY, seed=0)
+    _, test, rois = leakage.task_images(TINY, seed=0)
+    first = RoiBatch(rois.image[:4], rois.starts[:4], rois.labels[:4])
+    sub = RoiImages(test.images[:1], test.starts[:1], test.labels[:1])
+    with batch_stats_inference(model, norm_batch_size=4), torch.no_grad():
+        alone = model(sub.images, first)
+        together = model(test.images, rois)[:4]
+    torch.testing.assert_close(alone, together)
