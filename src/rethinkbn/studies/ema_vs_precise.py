@@ -190,8 +190,8 @@ def run(ctx: RunContext) -> StudyResult:
         curves[str(batch)] = {"ema_mean": [m for m, _ in ema], "ema_std": [s for _, s in ema],
                               "precise_mean": [m for m, _ in pre],
                               "precise_std": [s for _, s in pre],
-                              "per_seed": rs and [{"ema": r["ema"], "precise": r["precise"]}
-                                                  for r in rs]}
+                              "per_seed": [{"ema": r["ema"], "precise": r["precise"]}
+                                           for r in rs]}
     first = runs[NORMAL_BATCH][0]["fig2"]
     outside = [sum(r["fig2"][e]["outside_fraction"] for r in runs[NORMAL_BATCH])
                / len(runs[NORMAL_BATCH]) for e in first]

@@ -51,13 +51,13 @@ class FreezeAt(Callback):
 
 def _run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> dict[str, float]:
     data = ctx.dataset().subset(scale.num_train, scale.num_val)
-    holder = [bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)]
+    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
     config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR)
     callbacks: list[Callback] = []
     if frozen:
         start = freeze_epoch_for(FROZEN_FRACTION, scale.epochs)
         callbacks.append(FreezeAt(start, data.train_x, nbs, seed))
-    model = train(holder[0], data.train_x, data.train_y, config, seed=seed,
+    model = train(model, data.train_x, data.train_y, config, seed=seed,
                   callbacks=callbacks, progress=ctx.progress,
                   desc=f"NBS {nbs}{' frozen' if frozen else ''} seed {seed}")
     if frozen:
