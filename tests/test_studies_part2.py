@@ -206,3 +206,26 @@ def test_mini_batch_evaluation_uses_each_image_alone():
         alone = model(sub.images, first)
         together = model(test.images, rois)[:4]
     torch.testing.assert_close(alone, together)
+
+
+def test_level_shift_matches_pooling_the_levels_by_hand():
+    data = load_mnist1d(100)
+    model = multi_domain.build_model("shared/domain/shared", data, 8, seed=0)
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for layer in (model.head.norm1, model.head.norm2):
+        layer.running_mean.copy_(torch.randn(3, 8, generator=g))
+        layer.running_var.copy_(torch.rand(3, 8, generator=g) + 0.5)
+        for c in range(8):
+            means = [float(layer.running_mean[d, c]) for d in range(3)]
+            varis = [float(layer.running_var[d, c]) for d in range(3)]
+            mu = sum(means) / 3
+            var = sum(v + (m - mu) ** 2 for m, v in zip(means, varis, strict=True)) / 3
+            values += [abs(m - mu) / var**0.5 for m in means]
+    assert abs(multi_domain.level_shift(model) - sum(values) / len(values)) < 1e-9
+
+
+def test_level_shift_is_none_without_per_level_population_stats():
+    data = load_mnist1d(100)
+    model = multi_domain.build_model("domain/shared/shared", data, 8, seed=0)
+    assert multi_domain.level_shift(model) is None

@@ -531,13 +531,17 @@ def run(ctx: RunContext) -> StudyResult:
         + (f" The device-dependent variants also ran on {ranks} real gloo processes." if ranks > 1
            else "")
     )
+    sync_pop, sync_mub = _m(numbers, "syncbn", "pop"), _m(numbers, "syncbn", "mu_B")
     notes = (
         "Lower is better here (RoI error); the paper reports AP (higher is better). The leak "
-        "has two sources in this task, as in COCO: per-image illumination that per-device "
+        "has two sources in this task, as in COCO: per-image illumination, which per-device "
         "statistics normalize away in training but population statistics do not, and the "
-        "co-occurrence of classes in one image, which the image's mini-batch mean reveals. The "
-        "second also makes 'mu_B of 1 image' *better* than population statistics for per-device "
-        "BN (a test image's own statistics carry its class)."
+        "co-occurrence of classes in one image, which the image's own mini-batch mean reveals; "
+        "the second is why 'mu_B of 1 image' can be *better* than any population-statistics row "
+        f"for the 1-image model ({_m(numbers, 'bn-1img', 'mu_B'):.1f} here). Conversely, a "
+        "model trained with SyncBN or shuffle sees statistics of many images and is hurt by "
+        f"one image's statistics (SyncBN: {sync_pop:.1f} with pop vs {sync_mub:.1f} with mu_B): "
+        "the train/test inconsistency of Sec. 4, in the other direction."
     )
     return StudyResult(setup=setup, tables=tables, paper_tables=[theirs],
                        plots=_plot(ctx, numbers), summary=verdicts(numbers), numbers=numbers,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..layers import DomainBatchNorm
 from ..population import precise_bn
+from ..stats import Moments
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import fmt
@@ -176,6 +177,22 @@ def level_errors(model: LevelNet, x: Tensor, y: Tensor) -> list[float]:
     return [100.0 * float((pred[i] != y).float().mean()) for i in range(NUM_LEVELS)]
 
 
+def level_shift(model: LevelNet) -> float | None:
+    """How far apart the levels' population statistics are: the mean over layers, levels and
+    channels of ``|mu_l - mu| / sigma``, where ``mu, sigma^2`` pool the levels (equal weights).
+
+    None when no layer keeps per-level population statistics.
+    """
+    shifts = []
+    for layer in model.modules():
+        if isinstance(layer, DomainBatchNorm) and layer.population_stats == "domain":
+            mean = layer.running_mean.detach().double()  # type: ignore[union-attr]
+            var = layer.running_var.detach().double()  # type: ignore[union-attr]
+            pooled = Moments.from_var_mean(torch.ones_like(mean), mean, var).total()
+            shifts.append(((mean - pooled.mean).abs() / pooled.var().sqrt()).mean())
+    return float(torch.stack(shifts).mean()) if shifts else None
+
+
 def run_head(name: str, data: DataSplit, scale: MultiDomainScale, seed: int) -> dict[str, Any]:
     """Train one head variant, estimate population statistics, and measure the level errors."""
     model = build_model(name, data, scale.width, seed)
@@ -186,7 +203,8 @@ def run_head(name: str, data: DataSplit, scale: MultiDomainScale, seed: int) -> 
         precise_bn(model, batches, num_samples=min(scale.precise_samples, len(x)),
                    progress=False)
     errors = level_errors(model, data.val_x[: scale.num_val], data.val_y[: scale.num_val])
-    return {"error": sum(errors) / len(errors), "levels": errors, "train_loss": loss}
+    return {"error": sum(errors) / len(errors), "levels": errors, "train_loss": loss,
+            "level_shift": level_shift(model)}
 
 
 COLLAPSE_PT = 50.0  # % error: half of the 90% of chance level on 10 classes
@@ -283,10 +301,15 @@ def run(ctx: RunContext) -> StudyResult:
         f"Norm: DomainBatchNorm with the domain = the level; population statistics from "
         f"PreciseBN over {scale.precise_samples} training samples. Seeds: {list(ctx.seeds)}."
     )
+    shift = mean_std([r["level_shift"] for r in per_seed["shared/domain/shared"]])[0]
     notes = (
-        "Error (lower is better) where the paper reports AP. Our levels differ less in their "
-        "statistics than RetinaNet's FPN levels do (same input length after upsampling, a "
-        "shallow stem), which decides how badly the inconsistent rows fail."
+        "Error (lower is better) where the paper reports AP. Whether shared training statistics "
+        "with per-level population statistics collapse depends on how far apart the levels' "
+        "statistics are: here, with shared training statistics, the levels' population means "
+        f"differ from the pooled mean by {shift:.2f} pooled standard deviations on average "
+        "(head layers, channels); a model trained longer moves them closer still, so per-level "
+        "statistics at inference are a milder shift than RetinaNet's FPN levels, whose object "
+        "scales and top-down pathway keep their statistics apart."
     )
     return StudyResult(setup=setup, tables=[ours], paper_tables=[theirs],
                        plots=_plot(ctx, per_seed), summary=verdicts(mean), numbers=numbers,
