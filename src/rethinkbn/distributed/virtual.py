@@ -32,6 +32,10 @@ class PerDeviceBatchNorm(GhostBatchNorm):
     ``N / num_devices`` at every forward. The running statistics are updated with the average of
     the devices' statistics (a real DDP job with ``broadcast_buffers`` keeps rank 0's alone: the
     same quantity, with more noise). Eval normalizes with the running statistics.
+
+    ``num_devices`` is a plain attribute: ``None`` turns the device split off, and the layer then
+    groups by its ``norm_batch_size`` like any GhostBatchNorm (``precise_bn`` and
+    ``batch_stats_inference`` do this while they choose the normalization batch).
     """
 
     def __init__(self, num_features: int, num_devices: int = 1, **kwargs: object) -> None:
@@ -53,7 +57,8 @@ class PerDeviceBatchNorm(GhostBatchNorm):
         return f"{super().extra_repr()}, num_devices={self.num_devices}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, Tensor) and x.dim() >= 1 and self.training:
+        split = self.num_devices is not None and self.training
+        if split and isinstance(x, Tensor) and x.dim() >= 1:
             if x.size(0) % self.num_devices:
                 raise ValueError(
                     f"{layer_name(self)}: a batch of {x.size(0)} samples does not split into "

@@ -40,6 +40,7 @@ from ._state import (
     syncs_across_ranks,
     unwrap,
     use_local_batch_stats,
+    use_norm_batch_size,
 )
 
 __all__ = ["ForwardFn", "PassResult", "run_pass"]
@@ -186,8 +187,7 @@ def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -
     if isinstance(layer, BatchNormBase):
         rec = _Recorder(name, layer, "observer")
         guard.set_attr(layer, "observer", rec.observe)
-        if hasattr(layer, "norm_batch_size"):
-            guard.set_attr(layer, "norm_batch_size", pass_nbs)
+        use_norm_batch_size(guard, layer, pass_nbs)
         return rec
     if syncs:
         rec = _Recorder(name, layer, "input")

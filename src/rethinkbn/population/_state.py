@@ -92,6 +92,18 @@ def use_local_batch_stats(guard: ModelGuard, layer: nn.Module) -> None:
     layer.training = False
 
 
+def use_norm_batch_size(guard: ModelGuard, layer: nn.Module, norm_batch_size: int | None) -> None:
+    """Make a grouping layer normalize in groups of ``norm_batch_size`` (None: the whole batch).
+
+    Layers that derive their groups from a device count (``num_devices``, the virtual devices of
+    ``rethinkbn.distributed``) get the count switched off, so the explicit size wins.
+    """
+    if hasattr(layer, "norm_batch_size"):
+        guard.set_attr(layer, "norm_batch_size", norm_batch_size)
+    if getattr(layer, "num_devices", None) is not None:
+        guard.set_attr(layer, "num_devices", None)
+
+
 class ModelGuard:
     """Records what a temporary change touches and puts it back, bit for bit, on :meth:`restore`.
 

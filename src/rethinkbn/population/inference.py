@@ -23,6 +23,7 @@ from ._state import (
     syncs_across_ranks,
     unwrap,
     use_local_batch_stats,
+    use_norm_batch_size,
 )
 
 __all__ = ["batch_stats_inference"]
@@ -93,8 +94,7 @@ def batch_stats_inference(
             guard.set_attr(layer, "track_running_stats", False)
             layer.training = True
             if isinstance(layer, BatchNormBase):
-                if hasattr(layer, "norm_batch_size"):
-                    guard.set_attr(layer, "norm_batch_size", norm_batch_size)
+                use_norm_batch_size(guard, layer, norm_batch_size)
             elif norm_batch_size is not None:
                 guard.hook(layer.register_forward_hook(_grouped_output(norm_batch_size)))
         yield model
