@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
-from .common import Scale, agg, fmt, new_model, pyplot, scale_for
+from .common import FULL_MNIST1D_SAMPLES, Scale, agg, fmt, new_model, pyplot, scale_for
 from .train import EpochEnd, TrainConfig, evaluate_error, train
 
 PRECISE_SAMPLES = 1000
@@ -169,7 +169,8 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
 @register_study("ema-vs-precise",
                 "Sec. 3, Fig. 2-3: EMA vs PreciseBN statistics per epoch, normal and large batch")
 def run(ctx: RunContext) -> StudyResult:
-    scale = scale_for(ctx, quick_epochs=12, full_epochs=30)
+    scale = scale_for(ctx, quick_epochs=12, full_epochs=20,
+                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     runs: dict[int, list[dict[str, Any]]] = {}
     if scale.num_train < 2 * NORMAL_BATCH:
         raise ValueError(f"ema-vs-precise needs >= {2 * NORMAL_BATCH} training samples, "

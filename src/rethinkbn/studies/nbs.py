@@ -17,7 +17,7 @@ from torch import nn
 from ..population import freeze_epoch_for
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
-from .common import Scale, agg, fmt, new_model, pyplot, scale_for
+from .common import FULL_MNIST1D_SAMPLES, Scale, agg, fmt, new_model, pyplot, scale_for
 from .train import Callback, TrainConfig, evaluate_error, train
 
 SGD_BATCH = 128
@@ -159,7 +159,8 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
 @register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
                 "population statistics, and FrozenBN for the last 20% of epochs")
 def run(ctx: RunContext) -> StudyResult:
-    scale = scale_for(ctx, quick_epochs=10, full_epochs=30)
+    scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
+                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     per_seed: dict[str, dict[str, list[float]]] = {k: {} for k in CURVES}
     jobs = [(n, f, s) for n in nbs_values(ctx.quick) for f in (False, True) for s in ctx.seeds]
     for nbs, frozen, seed in ctx.progress(jobs, desc="nbs runs", total=len(jobs), leave=True):

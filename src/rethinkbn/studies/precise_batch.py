@@ -14,7 +14,7 @@ from torch import nn
 
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
-from .common import Scale, agg, fmt, new_model, scale_for
+from .common import FULL_MNIST1D_SAMPLES, Scale, agg, fmt, new_model, scale_for
 from .data import DataSplit
 from .train import TrainConfig, evaluate_error, train
 
@@ -78,7 +78,8 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
 @register_study("precise-batch",
                 "Table 2: PreciseBN batch size B vs EMA for models trained with NBS 32 and 2")
 def run(ctx: RunContext) -> StudyResult:
-    scale = scale_for(ctx, quick_epochs=10, full_epochs=30)
+    scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
+                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     per_seed: dict[str, list[dict[str, float]]] = {}
     jobs = [(n, s) for n in NBS_VALUES for s in ctx.seeds]
     for nbs, seed in ctx.progress(jobs, desc="precise-batch runs", total=len(jobs), leave=True):
