@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rethinkbn.stats import Moments, batch_var_mean, grouped_var_mean
+from rethinkbn.stats import Moments, segment_var_mean
 
 
 def reference(x: torch.Tensor):
@@ -65,15 +65,36 @@ def test_segment_merge_equals_a_loop_over_segments():
     assert torch.all(merged.count[3] == 0)
 
 
-def test_grouped_var_mean_equals_a_loop_over_groups():
-    x = torch.randn(12, 3, 5)
-    var, mean = grouped_var_mean(x, 4)
+def test_moments_of_groups_equal_a_loop_over_groups():
+    x = torch.randn(12, 3, 5, dtype=torch.float64)
+    grouped = Moments.of(x, groups=4)
+    assert grouped.shape == (4, 3)
     for g in range(4):
-        v, m = batch_var_mean(x[3 * g: 3 * g + 3])
-        torch.testing.assert_close(var[g], v)
-        torch.testing.assert_close(mean[g], m)
+        count, mean, var = reference(x[3 * g: 3 * g + 3])
+        assert torch.all(grouped.count[g] == count)
+        torch.testing.assert_close(grouped.mean[g], mean)
+        torch.testing.assert_close(grouped.var()[g], var)
     with pytest.raises(ValueError, match="does not split"):
-        grouped_var_mean(x, 5)
+        Moments.of(x, groups=5)
+
+
+def test_an_empty_batch_has_zero_count():
+    m = Moments.of(torch.randn(0, 3, 4))
+    assert m.shape == (3,) and torch.all(m.count == 0)
+
+
+def test_segment_var_mean_equals_a_loop_over_segments_and_is_differentiable():
+    x = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([1, 0, 1, 1, 3, 0, 1, 3, 3])
+    var, mean, count, xc = segment_var_mean(x, ids, 4)
+    for d in (0, 1, 3):
+        n, ref_mean, ref_var = reference(x[ids == d].detach())
+        assert count[d] == n
+        torch.testing.assert_close(mean[d], ref_mean)
+        torch.testing.assert_close(var[d], ref_var)
+    assert count[2] == 0 and torch.all(var[2] == 0)
+    torch.testing.assert_close(xc, x - mean[ids][:, :, None])
+    assert torch.autograd.gradcheck(lambda t: segment_var_mean(t, ids, 4)[0], (x,))
 
 
 def test_unbiased_variance_and_undefined_cases():

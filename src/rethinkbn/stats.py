@@ -36,9 +36,12 @@ from torch import Tensor
 __all__ = [
     "Moments",
     "all_reduce_moments",
-    "batch_var_mean",
-    "grouped_var_mean",
+    "centered",
+    "channel_view",
+    "compute_dtype",
     "reduce_dims",
+    "segment_var_mean",
+    "split_mean",
 ]
 
 ACC_DTYPE = torch.float64
@@ -49,34 +52,63 @@ def reduce_dims(x: Tensor) -> tuple[int, ...]:
     return (0, *range(2, x.dim()))
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # Reduced-precision inputs are reduced in float32 (torch's BatchNorm does the same).
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics of ``x`` are reduced in: float32 for float16/bfloat16, else x's own.
+
+    torch's BatchNorm does the same for reduced-precision inputs.
+    """
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def batch_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Biased per-channel variance and mean of ``x`` (channel dim 1), differentiable.
+def channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """View a per-channel ``(C,)`` (or per-sample ``(N, C)``) tensor to broadcast against ``x``."""
+    lead = (1, -1) if t.dim() == 1 else (t.size(0), -1)
+    return t.reshape(*lead, *([1] * (x.dim() - 2)))
 
-    Returns ``(var, mean)``, each of shape ``(C,)``, in float32 for half-precision inputs and in
-    the input dtype otherwise.
+
+def split_mean(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A float64 mean as ``hi + lo``, two numbers of ``dtype`` (see :func:`centered`)."""
+    hi = mean.to(dtype)
+    return hi, (mean - hi.to(mean.dtype)).to(dtype)
+
+
+def centered(x: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """``x - mean`` in the compute dtype, with the float64 mean given as ``hi + lo``.
+
+    Subtracting both parts keeps the spread's digits when the mean is large: for values near 1e4
+    a float32 mean alone is off by up to 5e-4, an error the variance would inherit.
     """
-    return torch.var_mean(x.to(_compute_dtype(x)), dim=reduce_dims(x), correction=0)
+    xc = x.to(compute_dtype(x)) - channel_view(hi, x)
+    return xc.sub_(channel_view(lo, x))
 
 
-def grouped_var_mean(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Biased per-(group, channel) variance and mean, for ``groups`` equal contiguous groups.
+def segment_var_mean(
+    x: Tensor, index: Tensor, num_segments: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Biased variance and mean of every segment of samples, differentiable.
 
-    ``x`` has shape ``(groups * n, C, *S)``; group ``g`` is samples ``g*n .. (g+1)*n - 1``. Returns
-    ``(var, mean)`` of shape ``(groups, C)``, differentiable, reduced over ``n`` and ``S``.
+    Sample ``i`` belongs to segment ``index[i]``. With ``S`` values per sample and channel and
+    ``n_s`` samples in segment ``s``, the segment has ``m_s = n_s * S`` values and::
+
+        mean_s = sum_{i in s} sum(x_i) / m_s
+        var_s  = sum_{i in s} sum((x_i - mean_s)^2) / m_s      (two passes: no cancellation)
+
+    Returns ``(var, mean, count, centered)``: ``var`` and ``mean`` of shape ``(num_segments, C)``
+    (zero for empty segments), ``count = m_s`` of shape ``(num_segments,)`` and the centered input
+    ``x - mean[index]`` (in the compute dtype). Used for groups of unequal size and for domains.
     """
-    if x.size(0) % groups:
-        raise ValueError(
-            f"grouped_var_mean: batch of {x.size(0)} samples does not split into {groups} equal "
-            "groups"
-        )
-    xg = x.to(_compute_dtype(x)).reshape(groups, x.size(0) // groups, *x.shape[1:])
-    dims = (1, *range(3, xg.dim()))
-    return torch.var_mean(xg, dim=dims, correction=0)
+    xf = x.to(compute_dtype(x))
+    dims = tuple(range(2, x.dim()))
+    per_sample = xf.sum(dim=dims) if dims else xf
+    values_per_sample = x.numel() // max(x.size(0) * x.size(1), 1)
+    count = torch.bincount(index, minlength=num_segments) * values_per_sample
+    safe = count.clamp_min(1).to(xf.dtype)[:, None]
+    mean = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample) / safe
+    xc = xf - channel_view(mean[index], xf)
+    sq = xc.square()
+    per_sample_sq = sq.sum(dim=dims) if dims else sq
+    var = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample_sq) / safe
+    return var, mean, count, xc
 
 
 @dataclass(frozen=True)
@@ -112,16 +144,34 @@ class Moments:
         """Per-channel moments of ``x`` (channel dim 1, every other dim is batch), detached.
 
         With ``groups``, the moments of each of ``groups`` equal contiguous groups of samples,
-        shape ``(groups, C)``.
+        shape ``(groups, C)`` (``groups=N`` gives per-sample moments).
+
+        Two passes around a float64 mean: ``mean = sum(x) / n`` accumulated in float64, then
+        ``m2 = sum((x - mean)^2)`` with ``x - mean`` formed by :func:`centered`, so a large mean
+        costs the spread none of its digits and nothing cancels.
         """
         with torch.no_grad():
-            if groups is None:
-                var, mean = batch_var_mean(x)
-                n = x.numel() // max(x.size(1), 1)
+            if groups is not None:
+                if groups < 1 or x.size(0) % groups:
+                    raise ValueError(
+                        f"Moments.of: a batch of {x.size(0)} samples does not split into "
+                        f"{groups} equal groups"
+                    )
+                x = x.reshape(groups, x.size(0) // groups, *x.shape[1:]).transpose(0, 1)
+                x = x.reshape(x.size(0), -1, *x.shape[3:])  # (n, groups * C, ...)
+            count = x.numel() // max(x.size(1), 1)
+            if count == 0:
+                moments = cls.zeros(x.size(1), device=x.device)
             else:
-                var, mean = grouped_var_mean(x, groups)
-                n = x.numel() // max(x.size(1) * groups, 1)
-        return cls.from_var_mean(n, mean, var)
+                dims = reduce_dims(x)
+                mean = x.sum(dims, dtype=ACC_DTYPE) / count
+                xc = centered(x, *split_mean(mean, compute_dtype(x)))
+                m2 = xc.square_().sum(dims, dtype=ACC_DTYPE)
+                moments = cls(torch.full_like(mean, count), mean, m2)
+        if groups is None:
+            return moments
+        shape = (groups, -1)
+        return cls(moments.count.view(shape), moments.mean.view(shape), moments.m2.view(shape))
 
     # ----------------------------------------------------------------- read-out
     @property

@@ -43,7 +43,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers.base import BatchNormBase, layer_name
-from ..stats import Moments, _compute_dtype, all_reduce_moments, reduce_dims
+from ..stats import (
+    Moments,
+    all_reduce_moments,
+    centered,
+    channel_view,
+    compute_dtype,
+    reduce_dims,
+    split_mean,
+)
 
 __all__ = ["SyncBatchNorm", "consecutive_group"]
 
@@ -77,23 +85,6 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
         group, _ = dist.new_subgroups(group_size)
         _SUBGROUPS[key] = (world, group)
     return _SUBGROUPS[key][1]
-
-
-def _channel_view(t: Tensor, x: Tensor) -> Tensor:
-    return t.view(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _split(mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A float64 mean as ``hi + lo``, two numbers of the compute dtype (see :func:`_centered`)."""
-    hi = mean.to(dtype)
-    return hi, (mean - hi.to(mean.dtype)).to(dtype)
-
-
-def _centered(x: Tensor, mean: Tensor, mean_lo: Tensor) -> Tensor:
-    # mean + mean_lo is the float64 mean as two compute-dtype numbers: x - mean is exact for x
-    # near the mean, so a mean of 1e4 does not cost the spread its digits.
-    xmu = x.to(_compute_dtype(x)) - _channel_view(mean, x)
-    return xmu.sub_(_channel_view(mean_lo, x))
 
 
 def _collective_failed(what: str, name: str, group: dist.ProcessGroup | None, exc: Exception) -> (
@@ -130,14 +121,14 @@ class _SyncNormalize(torch.autograd.Function):
         sync: bool,
         name: str,
     ) -> Tensor:
-        dtype = _compute_dtype(x)
-        xmu = _centered(x, mean, mean_lo)
+        dtype = compute_dtype(x)
+        xmu = centered(x, mean, mean_lo)
         scale = invstd if weight is None else invstd * weight.to(dtype)
         # In place on the temporary xmu (torch.addcmul with a broadcast (1, C, 1, ...) first
         # operand is many times slower on CPU).
-        y = xmu.mul_(_channel_view(scale, x))
+        y = xmu.mul_(channel_view(scale, x))
         if bias is not None:
-            y.add_(_channel_view(bias.to(dtype), x))
+            y.add_(channel_view(bias.to(dtype), x))
         ctx.save_for_backward(x, mean, mean_lo, invstd, weight)
         ctx.count, ctx.group, ctx.sync, ctx.name = count, group, sync, name
         return y.to(x.dtype)
@@ -145,9 +136,9 @@ class _SyncNormalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, mean, mean_lo, invstd, weight = ctx.saved_tensors
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         dims = reduce_dims(x)
-        xmu = _centered(x, mean, mean_lo)
+        xmu = centered(x, mean, mean_lo)
         dy = dy.to(dtype)
         sum_dy = dy.sum(dims)
         sum_dy_xmu = (dy * xmu).sum(dims)
@@ -168,8 +159,8 @@ class _SyncNormalize(torch.autograd.Function):
             scale = invstd if weight is None else invstd * weight.to(dtype)
             # dx = scale * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))),
             # in place on the temporary xmu
-            grad_x = xmu.mul_(_channel_view(-invstd.square() * mean_dy_xmu, x)).add_(dy)
-            grad_x = grad_x.sub_(_channel_view(mean_dy, x)).mul_(_channel_view(scale, x))
+            grad_x = xmu.mul_(channel_view(-invstd.square() * mean_dy_xmu, x)).add_(dy)
+            grad_x = grad_x.sub_(channel_view(mean_dy, x)).mul_(channel_view(scale, x))
             grad_x = grad_x.to(x.dtype)
         return grad_x, None, None, None, grad_w, grad_b, None, None, None, None
 
@@ -266,8 +257,8 @@ class SyncBatchNorm(BatchNormBase):
         self._observe(local)
         if self._updates_running_stats():
             self._update_running_stats(moments.mean, moments.var(unbiased=True))
-        dtype = _compute_dtype(x)
-        mean, mean_lo = _split(moments.mean, dtype)
+        dtype = compute_dtype(x)
+        mean, mean_lo = split_mean(moments.mean, dtype)
         invstd = (moments.var() + self.eps).rsqrt().to(dtype)
         return _SyncNormalize.apply(
             x, mean, mean_lo, invstd, self.weight, self.bias, count, group, sync, layer_name(self)
@@ -277,18 +268,9 @@ class SyncBatchNorm(BatchNormBase):
         self, x: Tensor, sync: bool, group: dist.ProcessGroup | None
     ) -> tuple[Moments, Moments]:
         """Float64 per-channel moments of this rank's batch and of the group's (ONE all_reduce)."""
-        if x.numel() == 0:
-            local = Moments.zeros(self.num_features, device=x.device)
-        else:
-            # Two passes around a float64 mean. A float32 mean of values near 1e4 is off by up
-            # to 5e-4, and merging the ranks' means turns such errors into variance.
-            # (torch.var_mean is also several times slower on CPU for channel-dim reductions.)
-            with torch.no_grad():
-                dims, count = reduce_dims(x), x.numel() // x.size(1)
-                mean = x.sum(dims, dtype=torch.float64) / count
-                xc = _centered(x, *_split(mean, _compute_dtype(x)))
-                var = xc.square_().sum(dims, dtype=torch.float64) / count
-            local = Moments.from_var_mean(count, mean, var)
+        # Moments.of: two passes around a float64 mean (the ranks' means merge without losing
+        # the spread's digits); an empty local batch gives count 0.
+        local = Moments.of(x)
         if not sync:
             return local, local
         # The moments of x - shift, for a shift every rank shares, keep S2 - N * mean^2 free of

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..stats import _compute_dtype
+from ..stats import channel_view, compute_dtype, segment_var_mean
 
 __all__ = [
     "GroupStats",
@@ -62,12 +62,6 @@ def _spatial_numel(x: Tensor) -> int:
     return x.numel() // max(x.size(0) * x.size(1), 1)
 
 
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    """View a ``(C,)`` or per-sample ``(N, C)`` tensor so that it broadcasts against ``x``."""
-    lead = (1, -1) if t.dim() == 1 else (t.size(0), -1)
-    return t.reshape(*lead, *([1] * (x.dim() - 2)))
-
-
 def _memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -81,7 +75,7 @@ def _stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
     # its statistics must then be float32 too.
     if weight is not None:
         return weight.dtype
-    return _compute_dtype(x)
+    return compute_dtype(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +112,7 @@ def affine_normalize(
     NaN. ``mean``, ``var``, ``weight`` and ``bias`` have shape ``(C,)``, or ``(N, C)`` for
     per-sample statistics. Differentiable in ``x``, ``weight`` and ``bias`` (and the statistics).
     """
-    acc = torch.promote_types(_compute_dtype(x), torch.float32)
+    acc = torch.promote_types(compute_dtype(x), torch.float32)
     scale = torch.rsqrt(var.to(acc) + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
@@ -126,19 +120,19 @@ def affine_normalize(
     if bias is not None:
         shift = shift + bias.to(acc)
     if x.dtype == acc:
-        return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
     # Reduced-precision input: fuse in float32 (a float16 scale times a large mean cancels badly).
-    y = torch.addcmul(_per_channel(shift, x), x.to(acc), _per_channel(scale, x))
+    y = torch.addcmul(channel_view(shift, x), x.to(acc), channel_view(scale, x))
     return y.to(x.dtype)
 
 
 def apply_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """``y * weight + bias`` with ``(C,)`` or per-sample ``(N, C)`` parameters; dtype of ``y``."""
     if weight is not None:
-        y2 = y * _per_channel(weight, y) if bias is None else torch.addcmul(
-            _per_channel(bias, y), y, _per_channel(weight, y))
+        y2 = y * channel_view(weight, y) if bias is None else torch.addcmul(
+            channel_view(bias, y), y, channel_view(weight, y))
     elif bias is not None:
-        y2 = y + _per_channel(bias, y)
+        y2 = y + channel_view(bias, y)
     else:
         return y
     return y2.to(y.dtype)
@@ -290,7 +284,7 @@ def ghost_batch_norm(
         y = y.view(x.shape)
         mean, var = mean.view(groups, -1), var.view(groups, -1)
     else:
-        y, mean, var = _ContiguousGroupNorm.apply(xin.to(_compute_dtype(x)), weight, bias,
+        y, mean, var = _ContiguousGroupNorm.apply(xin.to(compute_dtype(x)), weight, bias,
                                                   groups, eps)
         y = y.to(x.dtype)
         var = _unbiased(var, n * spatial)
@@ -300,34 +294,6 @@ def ghost_batch_norm(
 # --------------------------------------------------------------------------------------------
 # Segments of samples (unequal groups, domains)
 # --------------------------------------------------------------------------------------------
-def segment_var_mean(
-    x: Tensor, index: Tensor, num_segments: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Biased variance and mean of every segment of samples, differentiable.
-
-    Sample ``i`` belongs to segment ``index[i]``. With ``S`` values per sample and channel and
-    ``n_s`` samples in segment ``s``, the segment has ``m_s = n_s * S`` values and::
-
-        mean_s = sum_{i in s} sum(x_i) / m_s
-        var_s  = sum_{i in s} sum((x_i - mean_s)^2) / m_s      (two passes: no cancellation)
-
-    Returns ``(var, mean, count, centered)``: ``var`` and ``mean`` of shape ``(num_segments, C)``
-    (zero for empty segments), ``count = m_s`` of shape ``(num_segments,)`` and the centered input
-    ``x - mean[index]`` (in the computation dtype).
-    """
-    xf = x.to(_compute_dtype(x))
-    dims = tuple(range(2, x.dim()))
-    per_sample = xf.sum(dim=dims) if dims else xf
-    count = torch.bincount(index, minlength=num_segments) * _spatial_numel(x)
-    safe = count.clamp_min(1).to(xf.dtype)[:, None]
-    mean = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample) / safe
-    centered = xf - _per_channel(mean[index], xf)
-    sq = centered.square()
-    per_sample_sq = sq.sum(dim=dims) if dims else sq
-    var = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample_sq) / safe
-    return var, mean, count, centered
-
-
 def segment_batch_norm(
     x: Tensor,
     index: Tensor,
@@ -345,7 +311,7 @@ def segment_batch_norm(
     scale = torch.rsqrt(var + eps)[index]
     if weight is not None:
         scale = scale * (weight if weight.dim() == 2 else weight[None]).to(scale.dtype)
-    y = centered * _per_channel(scale, x)
+    y = centered * channel_view(scale, x)
     if bias is not None:
-        y = y + _per_channel(bias.to(y.dtype), x)
+        y = y + channel_view(bias.to(y.dtype), x)
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x)), mean, var, count
