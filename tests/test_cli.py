@@ -48,10 +48,17 @@ def test_reproduce_writes_report_plots_and_results(tmp_path, capsys):
     assert all(s["error"] is None for s in results["studies"].values())
 
 
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["reproduce", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--seeds", "--threads"])
-def test_reproduce_rejects_a_non_integer_count(flag, tmp_path):
+@pytest.mark.parametrize("value", ["many", "0"])
+def test_reproduce_rejects_a_count_that_is_not_positive(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["reproduce", flag, "many", "--out", str(tmp_path)])
+        main(["reproduce", flag, value, "--out", str(tmp_path)])
+    assert flag in capsys.readouterr().err
 
 
 def test_reproduce_trains_a_2d_resnet_on_cifar10_pickles(tmp_path):

@@ -6,6 +6,13 @@ import argparse
 import sys
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rethinkbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -19,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="small budget: every study together in ~10 minutes on 2 CPU cores")
     rep.add_argument("--only", default=None, metavar="STUDY,...",
                      help="comma-separated study names (see `rethinkbn studies`)")
-    rep.add_argument("--seeds", type=int, default=None,
+    rep.add_argument("--seeds", type=_positive_int, default=None,
                      help="number of seeds (default: 1 with --quick, 3 otherwise)")
     rep.add_argument("--out", default="rethinkbn-report", help="output directory")
     rep.add_argument("--cache", default=None, help="run cache directory (default: <out>/cache)")
@@ -27,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", default="mnist1d",
                      help="'mnist1d' (default, generated locally), 'mnist1d:<num_samples>', "
                      "or a folder with CIFAR-10's python pickles or one sub-folder per class")
-    rep.add_argument("--threads", type=int, default=1,
+    rep.add_argument("--threads", type=_positive_int, default=1,
                      help="torch CPU threads (default 1: the studies' small models gain little "
                      "from more, and several threads on a busy machine are much slower)")
     rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
@@ -65,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyError as err:
         print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad options or --data
+        print(f"rethinkbn reproduce: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nrethinkbn reproduce: interrupted; finished runs are cached, rerun to resume.",

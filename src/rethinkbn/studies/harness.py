@@ -81,6 +81,7 @@ def reproduce(
         tiny=tiny,
     )
     start = time.perf_counter()
+    dataset()  # a bad --data fails here, once, before any study starts
     outcomes: list[StudyOutcome] = []
     for study in studies:
         print(f"[rethinkbn] {study.name}: {study.description}", file=log, flush=True)
