@@ -153,3 +153,31 @@ def test_table_formats_mean_std_cells():
     table = Table("t", ["a", "b"], [["x", (1.234, 0.05)], ["y", 2.0]])
     assert "| x | 1.2 ± 0.1 |" in table.to_markdown()
     assert "| y | 2.0 |" in table.to_markdown()
+
+
+def _ctx(quick, name, num_train):
+    from pathlib import Path
+
+    import torch
+
+    from rethinkbn.studies.base import RunContext
+    from rethinkbn.studies.cache import RunCache
+    from rethinkbn.studies.data import DataSplit
+
+    x = torch.zeros(num_train, 1, 40)
+    data = DataSplit(name, x, torch.zeros(num_train, dtype=torch.long), x[:100],
+                     torch.zeros(100, dtype=torch.long), 10)
+    return RunContext(quick=quick, seeds=(0,), out_dir=Path("."), device=torch.device("cpu"),
+                      cache=RunCache(None), progress=lambda it=None, **k: it,
+                      dataset=lambda: data)
+
+
+def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
+    from rethinkbn.studies.common import scale_for
+
+    full = scale_for(_ctx(False, "MNIST-1D", 8000), 10, 20, mnist1d_train_samples=2000)
+    assert (full.num_train, full.epochs, full.widths) == (2000, 20, (16, 32, 64))
+    other = scale_for(_ctx(False, "CIFAR-10", 8000), 10, 20, mnist1d_train_samples=2000)
+    assert (other.num_train, other.widths) == (8000, (32, 64, 128))
+    quick = scale_for(_ctx(True, "MNIST-1D", 8000), 10, 20)
+    assert (quick.num_train, quick.epochs) == (2000, 10)
