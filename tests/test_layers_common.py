@@ -187,3 +187,23 @@ def test_is_batchnorm_recognizes_torch_and_rethinkbn_layers():
         assert isinstance(layer, (nn.modules.batchnorm._BatchNorm, BatchNormBase))
     for layer in (nn.GroupNorm(1, 2), nn.LayerNorm(2), nn.InstanceNorm2d(2), nn.Conv2d(2, 2, 1)):
         assert not is_batchnorm(layer)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GhostBatchNorm(3, norm_batch_size=4),
+        lambda: GhostBatchNorm(3, norm_batch_size=4, grouping="strided"),
+        lambda: GhostBatchNorm(3, norm_batch_size=3),
+        lambda: FrozenBatchNorm(3),
+        lambda: DomainBatchNorm(3, 1),
+    ],
+)
+def test_output_can_feed_an_inplace_relu_like_torch_bn(make):
+    layer = make()
+    x = torch.randn(8, 3, 5, requires_grad=True)
+    kwargs = {"domain": 0} if isinstance(layer, DomainBatchNorm) else {}
+    y = layer(x, **kwargs)
+    expected = torch.autograd.grad(y.clamp_min(0).sum(), x, retain_graph=True)[0]
+    torch.relu_(y).sum().backward()
+    torch.testing.assert_close(x.grad, expected)

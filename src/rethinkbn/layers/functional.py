@@ -205,15 +205,18 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         var.div_(m)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
+        # Written into a tensor of x's shape: returning a view of a (G, n, C, S) result would
+        # forbid in-place ops (ReLU(inplace=True)) on the output, which torch's BatchNorm allows.
+        y = torch.empty(x.shape, dtype=xc.dtype, device=xc.device)
         if bias is None:
-            y = xc * scale
+            torch.mul(xc, scale, out=y.view(xc.shape))
         else:
             # addcmul is several times slower when its operands broadcast from different shapes.
             shift = bias.view(1, 1, -1, 1).expand_as(scale).to(scale.dtype, copy=True)
-            y = torch.addcmul(shift, xc, scale)
+            torch.addcmul(shift, xc, scale, out=y.view(xc.shape))
         ctx.save_for_backward(xc, invstd, weight)
         ctx.mark_non_differentiable(mean, var)
-        return y.view(x.shape), mean.view(groups, -1), var.view(groups, -1)
+        return y, mean.view(groups, -1), var.view(groups, -1)
 
     @staticmethod
     @once_differentiable
