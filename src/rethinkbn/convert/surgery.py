@@ -21,6 +21,7 @@ with :func:`register_converter`).
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class BatchNormState:
     # requires_grad flags an earlier conversion switched off (FrozenBatchNorm's
     # affine_trainable=False), to switch back on when the layer becomes something else.
     requires_grad: Mapping[str, bool] = field(default_factory=dict)
+    # The process group of a SyncBatchNorm (torch's or ours), handed on to a target that syncs.
+    process_group: Any = None
 
     @property
     def tensors(self) -> dict[str, Tensor | None]:
@@ -111,6 +114,15 @@ class BatchNormState:
             "device": None if like is None else like.device,
             "dtype": None if like is None else like.dtype,
         }
+
+    def sync_options(self, cls: type[nn.Module], layer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``process_group=`` for a target class that syncs, unless the caller chose a group."""
+        chosen = {"process_group", "group_size"} & set(layer_kwargs)
+        if self.process_group is None or chosen:
+            return {}
+        if "process_group" not in inspect.signature(cls.__init__).parameters:
+            return {}
+        return {"process_group": self.process_group}
 
     def install(self, layer: nn.Module) -> nn.Module:
         """Give ``layer`` this state's tensors, training flag and provenance; returns ``layer``.
@@ -179,6 +191,7 @@ def _read_torch(module: nn.Module, name: str, domain: int | None) -> BatchNormSt
         num_batches_tracked=module.num_batches_tracked,
         training=module.training,
         torch_class=getattr(module, "_rethinkbn_torch_class", type(module)),
+        process_group=getattr(module, "process_group", None),
     )
 
 
@@ -216,6 +229,7 @@ def _read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormS
         training=module.training,
         torch_class=getattr(module, "_rethinkbn_torch_class", None),
         requires_grad=getattr(module, "_rethinkbn_requires_grad", {}),
+        process_group=getattr(module, "process_group", None),
         **tensors,  # type: ignore[arg-type]
     )
 
@@ -237,8 +251,8 @@ _SOURCE_CONVERTERS: dict[tuple[type[nn.Module], str], SourceConverter] = {}
 
 def _build_family(cls: type[nn.Module]) -> Builder:
     def build(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
-        layer = cls(state.num_features, **{**state.options(), **layer_kwargs})
-        return state.install(layer)
+        options = {**state.options(), **state.sync_options(cls, layer_kwargs), **layer_kwargs}
+        return state.install(cls(state.num_features, **options))
 
     return build
 
@@ -299,7 +313,8 @@ def _build_torch(
     cls = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
     if state.affine and state.bias is None:
         layer_kwargs["bias"] = False
-    return state.install(cls(state.num_features, **state.options(), **layer_kwargs))
+    options = {**state.options(), **state.sync_options(cls, layer_kwargs), **layer_kwargs}
+    return state.install(cls(state.num_features, **options))
 
 
 register_converter("torch", nn.BatchNorm2d, build=_build_torch)
