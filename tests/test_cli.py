@@ -1,12 +1,15 @@
 """The command line: `rethinkbn studies` and `rethinkbn reproduce` end to end (tiny scale)."""
 
 import json
-import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
-from rethinkbn.cli import main
-from rethinkbn.studies.data import load_mnist1d
+from rethinkbn.cli import build_parser, main
+from rethinkbn.studies import harness
+from rethinkbn.studies.base import RunContext, Study
+from rethinkbn.studies.cache import RunCache
 
 PART1 = ["ema-vs-precise", "precise-batch", "nbs"]
 
@@ -25,14 +28,11 @@ def test_unknown_study_is_a_clear_error(tmp_path, capsys):
     assert "nope" in err and "ema-vs-precise" in err
 
 
-def test_reproduce_writes_report_plots_and_results(tmp_path, capsys):
-    load_mnist1d(1000, cache_dir=tmp_path / "data")
-    (tmp_path / "out" / "cache").mkdir(parents=True)
-    shutil.copy(tmp_path / "data" / "mnist1d-1000-42.npz", tmp_path / "out" / "cache")
-    code = main(["reproduce", "--tiny", "--data", "mnist1d:1000", "--only", ",".join(PART1),
-                 "--out", str(tmp_path / "out")])
+def test_reproduce_writes_report_plots_and_results(tiny_out, tiny_data, capsys):
+    code = main(["reproduce", "--tiny", "--data", tiny_data, "--only", ",".join(PART1),
+                 "--out", str(tiny_out)])
     assert code == 0
-    out = tmp_path / "out"
+    out = tiny_out
     report = (out / "report.md").read_text()
     assert report.index("## Summary") < report.index("## `ema-vs-precise`")
     for name in PART1:
@@ -53,12 +53,39 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--seeds", "--threads"])
+@pytest.mark.parametrize("flag", ["--seeds", "--threads", "--ranks"])
 @pytest.mark.parametrize("value", ["many", "0"])
 def test_reproduce_rejects_a_count_that_is_not_positive(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", flag, value, "--out", str(tmp_path)])
     assert flag in capsys.readouterr().err
+
+
+def test_ranks_defaults_to_virtual_devices_only():
+    assert build_parser().parse_args(["reproduce"]).ranks == 1
+
+
+def test_ranks_flag_reaches_the_studies_context(tiny_out, tiny_data, monkeypatch):
+    seen = []
+
+    def record(ctx):  # stands in for a study: only the context it receives matters here
+        seen.append(ctx.ranks)
+        raise RuntimeError("stop after reading the context")
+
+    monkeypatch.setattr(harness, "get_study", lambda name: Study(name, "records", record))
+    code = main(["reproduce", "--tiny", "--data", tiny_data, "--only", "leakage", "--ranks",
+                 "2", "--out", str(tiny_out)])
+    assert seen == [2] and code == 1
+    env = json.loads((tiny_out / "results.json").read_text())["environment"]
+    assert env["ranks"] == 2
+
+
+@pytest.mark.parametrize("ranks", [0, -1, 1.5, True])
+def test_context_rejects_ranks_that_are_not_a_positive_int(ranks):
+    with pytest.raises(ValueError, match=f"ranks must be a positive int, got {ranks!r}"):
+        RunContext(quick=True, seeds=(0,), out_dir=Path("."), device=torch.device("cpu"),
+                   cache=RunCache(None), progress=lambda it=None, **kw: it,
+                   dataset=lambda: None, ranks=ranks)
 
 
 def test_reproduce_trains_a_2d_resnet_on_cifar10_pickles(tmp_path):

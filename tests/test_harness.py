@@ -1,38 +1,14 @@
 """The harness: run cache, resuming after an interrupt, report and results.json."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from rethinkbn.studies.base import Study, StudyResult, SummaryRow, Table, verdict
 from rethinkbn.studies.cache import RunCache, config_key
-from rethinkbn.studies.data import load_mnist1d
 from rethinkbn.studies.harness import reproduce
 from rethinkbn.studies.report import StudyOutcome, write_outputs
-
-TINY_DATA = "mnist1d:1000"
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist1d")
-    load_mnist1d(1000, cache_dir=root)
-    return root / "mnist1d-1000-42.npz"
-
-
-@pytest.fixture
-def one_thread():
-    # Several threads on a busy 2-core machine are many times slower for these tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def quiet(iterable=None, **kwargs):
-    return iterable
 
 
 def test_cache_runs_once_per_config(tmp_path):
@@ -66,10 +42,8 @@ def test_a_failed_run_stores_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_interrupted_reproduction_resumes_from_the_cache(tmp_path, data_file, one_thread):
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir()
-    shutil.copy(data_file, cache_dir)
+def test_interrupted_reproduction_resumes_from_the_cache(tiny_out, tiny_data, quiet, one_thread):
+    cache_dir = tiny_out / "cache"
     bars = []
 
     def interrupt_second_run(iterable=None, desc=None, **kwargs):
@@ -80,13 +54,13 @@ def test_interrupted_reproduction_resumes_from_the_cache(tmp_path, data_file, on
         return iterable
 
     with pytest.raises(KeyboardInterrupt):
-        reproduce(["precise-batch"], tiny=True, data=TINY_DATA, out_dir=tmp_path,
+        reproduce(["precise-batch"], tiny=True, data=tiny_data, out_dir=tiny_out,
                   progress=interrupt_second_run)
     assert len(list(cache_dir.glob("*.pt"))) == 1
 
-    _, outcomes = reproduce(["precise-batch"], tiny=True, data=TINY_DATA, out_dir=tmp_path,
+    _, outcomes = reproduce(["precise-batch"], tiny=True, data=tiny_data, out_dir=tiny_out,
                             progress=quiet)
-    env = json.loads((tmp_path / "results.json").read_text())["environment"]
+    env = json.loads((tiny_out / "results.json").read_text())["environment"]
     assert outcomes[0].error is None
     assert env["cache"]["hits"] == 1 and env["cache"]["misses"] == 1
 

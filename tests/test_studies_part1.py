@@ -15,10 +15,6 @@ from rethinkbn.studies.base import (
 )
 
 
-def labels(rows):
-    return [r.verdict.label for r in rows]
-
-
 # ---------------------------------------------------------------------------- ema-vs-precise
 def ema_numbers():
     """Paper-like curves: the large batch's EMA lags early, the curves meet at the end."""
@@ -32,7 +28,7 @@ def ema_numbers():
     }
 
 
-def test_ema_verdicts_agree_on_paper_like_numbers():
+def test_ema_verdicts_agree_on_paper_like_numbers(labels):
     assert labels(ema_vs_precise.verdicts(ema_numbers())) == ["agrees"] * 4
 
 
@@ -63,7 +59,7 @@ def table2_numbers():
                      "2": dict(zip(cols, [35.5, 34.4, 32.3, 32.0, 32.0, 32.0], strict=True))}}
 
 
-def test_precise_batch_verdicts_agree_on_the_papers_own_table():
+def test_precise_batch_verdicts_agree_on_the_papers_own_table(labels):
     assert labels(precise_batch.verdicts(table2_numbers())) == ["agrees"] * 4
 
 
@@ -72,7 +68,7 @@ def test_precise_batch_verdicts_agree_on_the_papers_own_table():
     [("32", "B=2", 23.6, 0), ("32", "B=100", 25.0, 1), ("2", "EMA", 31.0, 2),
      ("2", "B=N", 23.9, 3)],
 )
-def test_precise_batch_verdict_flips_with_its_number(nbs_key, column, value, row):
+def test_precise_batch_verdict_flips_with_its_number(nbs_key, column, value, row, labels):
     numbers = copy.deepcopy(table2_numbers())
     numbers["mean"][nbs_key][column] = value
     rows = precise_batch.verdicts(numbers)
@@ -89,11 +85,11 @@ def fig5_numbers():
                      for k, curve in paper.FIG5_NBS.items()}}
 
 
-def test_nbs_verdicts_agree_on_the_papers_own_curves():
+def test_nbs_verdicts_agree_on_the_papers_own_curves(labels):
     assert labels(nbs.verdicts(fig5_numbers())) == ["agrees"] * 5
 
 
-def test_nbs_verdict_flips_when_frozen_bn_does_not_help_at_small_nbs():
+def test_nbs_verdict_flips_when_frozen_bn_does_not_help_at_small_nbs(labels):
     numbers = fig5_numbers()
     numbers["mean"]["val_pop_frozen"]["2"] = 33.0
     rows = nbs.verdicts(numbers)

@@ -1,7 +1,6 @@
 """Studies of Sec. 5-6 (domain-shift, multi-domain, leakage): end to end; verdicts from numbers."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,48 +12,23 @@ from rethinkbn.studies.data import load_mnist1d
 from rethinkbn.studies.harness import reproduce
 from rethinkbn.studies.roi import RoiBatch, RoiImages, RoiTaskConfig
 
-TINY_DATA = "mnist1d:1000"
 PART2 = ["domain-shift", "multi-domain", "leakage"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist1d")
-    load_mnist1d(1000, cache_dir=root)
-    return root / "mnist1d-1000-42.npz"
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def quiet(iterable=None, **kwargs):
-    return iterable
-
-
-def labels(rows):
-    return [r.verdict.label for r in rows]
 
 
 # ---------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("study", PART2)
-def test_study_runs_end_to_end_and_reports_every_number(study, tmp_path, data_file, one_thread):
-    (tmp_path / "cache").mkdir()
-    shutil.copy(data_file, tmp_path / "cache")
-    report, outcomes = reproduce([study], tiny=True, data=TINY_DATA, out_dir=tmp_path,
+def test_study_runs_end_to_end_and_reports_every_number(study, tiny_out, tiny_data, quiet,
+                                                        one_thread):
+    report, outcomes = reproduce([study], tiny=True, data=tiny_data, out_dir=tiny_out,
                                  progress=quiet, log=None)
     (outcome,) = outcomes
     assert outcome.error is None, outcome.error
     text = report.read_text()
     assert f"`{study}`" in text and ("agrees" in text or "disagrees" in text)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tiny_out / "results.json").read_text())
     assert json.dumps(results)  # every number is plain JSON
     for plot in outcome.result.plots:
-        assert (tmp_path / plot).stat().st_size > 0
+        assert (tiny_out / plot).stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------- domain-shift
@@ -65,17 +39,17 @@ def shift_numbers():
     return shifted, clean
 
 
-def test_domain_shift_verdicts_agree_on_paper_like_numbers():
+def test_domain_shift_verdicts_agree_on_paper_like_numbers(labels):
     assert labels(domain_shift.verdicts(*shift_numbers())) == ["agrees"] * 3
 
 
-def test_domain_shift_verdict_flips_when_target_stats_do_not_help_on_contrast():
+def test_domain_shift_verdict_flips_when_target_stats_do_not_help_on_contrast(labels):
     shifted, clean = shift_numbers()
     shifted["contrast"]["target"] = 39.5
     assert labels(domain_shift.verdicts(shifted, clean))[0] == "disagrees"
 
 
-def test_domain_shift_clean_verdict_flips_when_contrast_stats_are_harmless():
+def test_domain_shift_clean_verdict_flips_when_contrast_stats_are_harmless(labels):
     shifted, clean = shift_numbers()
     clean["contrast"] = 11.0
     assert labels(domain_shift.verdicts(shifted, clean))[2] == "disagrees"
@@ -101,17 +75,17 @@ def domain_numbers():
             "GroupNorm": 9.0, "no norm": 11.0}
 
 
-def test_multi_domain_verdicts_agree_on_paper_like_numbers():
+def test_multi_domain_verdicts_agree_on_paper_like_numbers(labels):
     assert labels(multi_domain.verdicts(domain_numbers())) == ["agrees"] * 4
 
 
-def test_multi_domain_collapse_verdict_flips_without_a_collapse():
+def test_multi_domain_collapse_verdict_flips_without_a_collapse(labels):
     mean = domain_numbers()
     mean["shared/domain/shared"] = 20.0
     assert labels(multi_domain.verdicts(mean))[1] == "disagrees"
 
 
-def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins():
+def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins(labels):
     mean = domain_numbers()
     mean["domain/shared/shared"] = 9.0
     assert labels(multi_domain.verdicts(mean))[0] == "disagrees"
@@ -150,17 +124,17 @@ def leak_numbers():
     return {"mean": mean}
 
 
-def test_leakage_verdicts_agree_on_paper_like_numbers():
+def test_leakage_verdicts_agree_on_paper_like_numbers(labels):
     assert labels(leakage.verdicts(leak_numbers())) == ["agrees"] * 4
 
 
-def test_leakage_verdict_flips_without_a_leak():
+def test_leakage_verdict_flips_without_a_leak(labels):
     numbers = leak_numbers()
     numbers["mean"]["bn-1img"] = {"pop": 13.0, "mu_B": 12.0}
     assert labels(leakage.verdicts(numbers))[0] == "disagrees"
 
 
-def test_leakage_verdict_flips_when_shuffle_does_not_help():
+def test_leakage_verdict_flips_when_shuffle_does_not_help(labels):
     numbers = leak_numbers()
     numbers["mean"]["bn-shuffle-1img"]["pop"] = 29.0
     assert labels(leakage.verdicts(numbers))[2] == "disagrees"

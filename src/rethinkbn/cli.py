@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--threads", type=_positive_int, default=1,
                      help="torch CPU threads (default 1: the studies' small models gain little "
                      "from more, and several threads on a busy machine are much slower)")
+    rep.add_argument("--ranks", type=_positive_int, default=1,
+                     help="only the 'leakage' study uses it: with N > 1 its per-device, shuffle "
+                     "and SyncBN variants also train on N real gloo processes (torchrun) and "
+                     "the report compares them with the virtual devices (default 1: virtual "
+                     "devices only)")
     rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     sub.add_parser("studies", help="list the studies, one line each")
     return parser
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             data=args.data,
             tiny=args.tiny,
+            ranks=args.ranks,
         )
     except KeyError as err:
         print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)

@@ -186,6 +186,9 @@ class RunContext:
     - ``data_spec``: the ``--data`` value, to put into cache keys.
     - ``tiny``: for tests only: the smallest configuration that runs every code path in seconds
       (a handful of samples and epochs); results are meaningless.
+    - ``ranks``: real processes for studies that simulate devices (``--ranks``). Only
+      ``leakage`` uses it: with ``ranks > 1`` its device-dependent variants also train on that
+      many gloo processes (torchrun) beside the virtual devices; 1 means virtual devices only.
     """
 
     quick: bool
@@ -197,6 +200,11 @@ class RunContext:
     dataset: Callable[[], DataSplit]
     data_spec: str = "mnist1d"
     tiny: bool = False
+    ranks: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
+            raise ValueError(f"RunContext: ranks must be a positive int, got {self.ranks!r}")
 
     def plot_path(self, name: str) -> Path:
         """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""

@@ -1,7 +1,9 @@
-"""Pieces shared by the studies of Sec. 3-4: scale settings, model construction, plotting."""
+"""Pieces shared by the studies: scale settings, model construction, threads, plotting."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +14,18 @@ from .base import RunContext, mean_std
 from .data import DataSplit
 from .models import build_model
 
-__all__ = ["FULL_MNIST1D_SAMPLES", "Scale", "agg", "fmt", "new_model", "pyplot", "scale_for"]
+__all__ = [
+    "FULL_MNIST1D_SAMPLES",
+    "Scale",
+    "agg",
+    "cpu_threads",
+    "fmt",
+    "new_model",
+    "pyplot",
+    "save_plot",
+    "scale_for",
+    "study_threads",
+]
 
 
 # Full mode on MNIST-1D trains on this many samples: more saturate the task (see scale_for).
@@ -79,3 +92,35 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_plot(ctx: RunContext, fig: Any, name: str) -> str:
+    """Write ``fig`` to ``<out>/<name>`` (PNG, 110 dpi), close it, return ``name``.
+
+    Side effects: creates the output directory and frees the figure's memory.
+    """
+    fig.tight_layout()
+    fig.savefig(ctx.plot_path(name), dpi=110)
+    pyplot().close(fig)
+    return name
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Within the block torch uses ``n`` CPU threads (None: unchanged); restored on exit.
+
+    The studies' models are small: more than one intra-op thread costs more in synchronization
+    than it gains, and on a shared 2-core machine it oversubscribes the cores badly.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def study_threads(ctx: RunContext) -> Any:
+    """:func:`cpu_threads` for a study: one thread when training on the CPU, else unchanged."""
+    return cpu_threads(1 if ctx.device.type == "cpu" else None)

@@ -29,10 +29,9 @@ from torch import Tensor
 from ..population import StatsBank, recompute_stats
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import Scale, fmt, new_model, scale_for
+from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for, study_threads
 from .corruptions import CORRUPTIONS, corrupt
 from .data import DataSplit
-from .leakage import cpu_threads
 from .train import TrainConfig, evaluate_error, train
 
 __all__ = ["SEVERITY", "augment", "run", "run_seed", "verdicts"]
@@ -142,8 +141,6 @@ def verdicts(shifted: dict[str, dict[str, float]], clean: dict[str, float]) -> l
 
 
 def _plot(ctx: RunContext, shifted: dict[str, dict[str, float]]) -> list[str]:
-    from .common import pyplot
-
     plt = pyplot()
     names = list(shifted)
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -154,11 +151,7 @@ def _plot(ctx: RunContext, shifted: dict[str, dict[str, float]]) -> list[str]:
     ax.set_ylabel("validation error (%)")
     ax.set_title(f"Corrupted test domains (severity {SEVERITY})")
     ax.legend()
-    fig.tight_layout()
-    path = ctx.plot_path("domain_shift.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_plot(ctx, fig, "domain_shift.png")]
 
 
 @register_study("domain-shift", "Sec. 5, Table 4: population statistics re-estimated on each "
@@ -167,7 +160,7 @@ def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, quick_epochs=8, full_epochs=30)
     runs = []
-    with cpu_threads(1 if ctx.device.type == "cpu" else None):
+    with study_threads(ctx):
         for seed in ctx.seeds:
             key = {"study": "domain-shift", "v": 1, "data": ctx.data_spec, "seed": seed,
                    "severity": SEVERITY, "sgd_batch": SGD_BATCH, "lr": LR,

@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
-from .common import FULL_MNIST1D_SAMPLES, Scale, agg, fmt, new_model, pyplot, scale_for
+from .common import (
+    FULL_MNIST1D_SAMPLES,
+    Scale,
+    agg,
+    fmt,
+    new_model,
+    pyplot,
+    save_plot,
+    scale_for,
+)
 from .train import EpochEnd, TrainConfig, evaluate_error, train
 
 PRECISE_SAMPLES = 1000
@@ -145,9 +154,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     ax.set_yscale("log")
     ax.set_title("Fig. 3 analog: EMA vs PreciseBN population statistics")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("ema_vs_precise.png"), dpi=110)
-    plt.close(fig)
+    curves = save_plot(ctx, fig, "ema_vs_precise.png")
 
     views = numbers["fig2_views"]
     fig, axes = plt.subplots(1, len(views), figsize=(3.2 * len(views), 3.2), squeeze=False)
@@ -160,10 +167,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
         ax.set_xlabel("channel")
     axes[0][0].set_ylabel("per-batch means (dots), EMA (x)")
     fig.suptitle("Fig. 2 analog: EMA mean vs per-batch means")
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("ema_batch_means.png"), dpi=110)
-    plt.close(fig)
-    return ["ema_vs_precise.png", "ema_batch_means.png"]
+    return [curves, save_plot(ctx, fig, "ema_batch_means.png")]
 
 
 @register_study("ema-vs-precise",

@@ -42,6 +42,7 @@ def reproduce(
     progress: ProgressFactory = tqdm_progress,
     log: Any = None,
     tiny: bool = False,
+    ranks: int = 1,
 ) -> tuple[Path, list[StudyOutcome]]:
     """Run the studies ``only`` (all registered ones when None) and write the report.
 
@@ -49,14 +50,17 @@ def reproduce(
     ``0 .. seeds-1``. Finished training runs are cached in ``cache_dir`` (default
     ``<out_dir>/cache``), so an interrupted reproduction resumes where it stopped. A study that
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
-    finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). Returns the
-    report's path and the outcomes.
+    finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). ``ranks``: real
+    gloo processes for the ``leakage`` study's device-dependent variants (1: virtual devices
+    only; the other studies ignore it). Returns the report's path and the outcomes.
     """
     log = sys.stderr if log is None else log
     studies = [get_study(n) for n in only] if only else registered_studies()
     n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
     if n_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"--ranks must be a positive int, got {ranks!r}")
     out = Path(out_dir)
     cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache")
     dev = torch.device(device)
@@ -79,6 +83,7 @@ def reproduce(
         dataset=dataset,
         data_spec=data,
         tiny=tiny,
+        ranks=ranks,
     )
     start = time.perf_counter()
     dataset()  # a bad --data fails here, once, before any study starts
@@ -97,5 +102,6 @@ def reproduce(
               flush=True)
     wall = time.perf_counter() - start
     env = environment(dev, ctx.seeds, quick, data)
+    env["ranks"] = ranks
     env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
     return write_outputs(out, outcomes, env, wall), outcomes

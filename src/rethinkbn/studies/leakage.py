@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from ..layers import GhostBatchNorm
 from ..population import batch_stats_inference, precise_bn
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import fmt
+from .common import fmt, pyplot, save_plot, study_threads
 from .roi import (
     BACKGROUND,
     RoiBatch,
@@ -69,7 +68,6 @@ __all__ = [
     "RoiNet",
     "Variant",
     "build_model",
-    "cpu_threads",
     "evaluate",
     "population_stats",
     "run",
@@ -137,22 +135,6 @@ def scale_for(ctx: RunContext) -> LeakageScale:
     if ctx.quick:
         return LeakageScale(num_train_images=1024, num_test_images=400, epochs=4)
     return LeakageScale(num_train_images=2048, num_test_images=1000, epochs=8, precise_batches=200)
-
-
-@contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Within the block torch uses ``n`` CPU threads (None: unchanged); restored on exit.
-
-    The studies' models are small: more than one intra-op thread costs more in synchronization
-    than it gains, and on a shared 2-core machine it oversubscribes the cores badly.
-    """
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -446,8 +428,6 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
 
 
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
-    from .common import pyplot
-
     plt = pyplot()
     names = list(VARIANTS)
     pop = [_m(numbers, n, "pop") for n in names]
@@ -460,21 +440,28 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     ax.set_ylabel("RoI error (%)")
     ax.set_title("Information leakage: head normalization vs inference statistics")
     ax.legend()
-    fig.tight_layout()
-    path = ctx.plot_path("leakage.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_plot(ctx, fig, "leakage.png")]
+
+
+def _mode_line(ranks: int) -> str:
+    """Which device mode ran (``--ranks``), for the setup paragraph."""
+    if ranks == 1:
+        return ("**Mode: virtual devices only** (one process; `--ranks 2` also trains the "
+                "per-device, shuffle and SyncBN variants on real gloo processes).")
+    return (f"**Mode: virtual devices and {ranks} real gloo ranks** (torchrun): "
+            f"{', '.join(RANK_VARIANTS)} also trained on {ranks} processes, each holding "
+            f"1/{ranks} of every step, with the real shuffle (all_to_all) and SyncBatchNorm; "
+            "the rows above are the virtual devices, the comparison table below the real ranks.")
 
 
 @register_study("leakage", "Sec. 6, Tables 3/6: per-device BN leaks through correlated RoIs; "
                            "shuffle and SyncBN fix it")
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx)
-    ranks = int(getattr(ctx, "ranks", 1) or 1)
+    ranks = ctx.ranks
     base_key = {"study": "leakage", "v": 1, "scale": scale.as_dict()}
     per_seed: dict[str, list[dict[str, float]]] = {n: [] for n in VARIANTS}
-    with cpu_threads(1 if ctx.device.type == "cpu" else None):
+    with study_threads(ctx):
         for name in VARIANTS:
             for seed in ctx.seeds:
                 per_seed[name].append(ctx.cache.get_or_run(
@@ -511,9 +498,11 @@ def run(ctx: RunContext) -> StudyResult:
                      for n, rs in real.items()},
         }
         tables.append(Table(
-            f"virtual devices vs {ranks} real gloo ranks (torchrun), RoI error (%) with pop stats",
-            ["variant", "virtual", f"{ranks} ranks"],
-            [[n, fmt([r["pop"] for r in per_seed[n]]), fmt([r["pop"] for r in real[n]])]
+            f"virtual devices vs {ranks} real gloo ranks (torchrun): RoI error (%); same seeds "
+            "and steps, so only the order of floating-point reductions differs",
+            ["variant", "pop, virtual", f"pop, {ranks} ranks", "mu_B, virtual",
+             f"mu_B, {ranks} ranks"],
+            [[n, *(fmt([r[k] for r in runs[n]]) for k in keys for runs in (per_seed, real))]
              for n in RANK_VARIANTS]))
     theirs = Table("Tables 3 and 6 (Mask R-CNN, COCO; AP box / AP mask, higher is better)",
                    ["head normalization", "images per GPU", "inference stats", "AP box / mask"],
@@ -528,8 +517,7 @@ def run(ctx: RunContext) -> StudyResult:
         f"variants split a step into devices of 1 or 2 images (virtual devices). Population "
         f"statistics: PreciseBN over {scale.precise_batches} training steps. Test: "
         f"{scale.num_test_images} images, one at a time. Seeds: {list(ctx.seeds)}."
-        + (f" The device-dependent variants also ran on {ranks} real gloo processes." if ranks > 1
-           else "")
+        + " " + _mode_line(ranks)
     )
     sync_pop, sync_mub = _m(numbers, "syncbn", "pop"), _m(numbers, "syncbn", "mu_B")
     notes = (

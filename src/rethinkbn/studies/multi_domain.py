@@ -29,9 +29,8 @@ from ..population import precise_bn
 from ..stats import Moments
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import fmt
+from .common import fmt, pyplot, save_plot, study_threads
 from .data import DataSplit
-from .leakage import cpu_threads
 from .train import TrainConfig
 
 __all__ = ["HEADS", "LevelNet", "MultiDomainScale", "run", "run_head", "verdicts"]
@@ -246,8 +245,6 @@ def verdicts(mean: dict[str, float]) -> list[SummaryRow]:
 
 
 def _plot(ctx: RunContext, per_seed: dict[str, list[dict[str, Any]]]) -> list[str]:
-    from .common import pyplot
-
     plt = pyplot()
     names = list(HEADS)
     fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -259,11 +256,7 @@ def _plot(ctx: RunContext, per_seed: dict[str, list[dict[str, Any]]]) -> list[st
     ax.set_ylabel("validation error (%)")
     ax.set_title("Head shared by levels: (train stats / population stats / affine)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = ctx.plot_path("multi_domain.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path.name]
+    return [save_plot(ctx, fig, "multi_domain.png")]
 
 
 @register_study("multi-domain", "Sec. 5, Table 5: a head shared by feature levels; BN statistics "
@@ -272,7 +265,7 @@ def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, data)
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in HEADS}
-    with cpu_threads(1 if ctx.device.type == "cpu" else None):
+    with study_threads(ctx):
         for name in HEADS:
             for seed in ctx.seeds:
                 key = {"study": "multi-domain", "v": 1, "data": ctx.data_spec, "head": name,

@@ -17,7 +17,16 @@ from torch import nn
 from ..population import freeze_epoch_for
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
-from .common import FULL_MNIST1D_SAMPLES, Scale, agg, fmt, new_model, pyplot, scale_for
+from .common import (
+    FULL_MNIST1D_SAMPLES,
+    Scale,
+    agg,
+    fmt,
+    new_model,
+    pyplot,
+    save_plot,
+    scale_for,
+)
 from .train import Callback, TrainConfig, evaluate_error, train
 
 SGD_BATCH = 128
@@ -150,10 +159,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
         ax.set_ylabel("error (%)")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("nbs.png"), dpi=110)
-    plt.close(fig)
-    return ["nbs.png"]
+    return [save_plot(ctx, fig, "nbs.png")]
 
 
 @register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
