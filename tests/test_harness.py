@@ -103,3 +103,13 @@ def test_results_json_holds_numbers_verdicts_and_environment(tmp_path):
     assert demo["summary"][0]["criterion"] == "x >= 1"
     assert results["environment"]["seeds"] == [0, 1, 2]
     assert results["environment"]["wall_time_s"] == 3.5
+
+
+def test_a_pipe_in_a_summary_cell_does_not_split_the_row(tmp_path):
+    result = _result(True)
+    result.summary = [SummaryRow("claim |x| small", "|x| = 2", "-", verdict("|x| < 3", True))]
+    env = {"versions": {}, "platform": "test", "device": "cpu", "torch_threads": 1,
+           "seeds": [0], "mode": "quick", "data": "mnist1d"}
+    outcome = StudyOutcome(Study("demo", "a demo study", lambda ctx: result), result, 1.0)
+    report = write_outputs(tmp_path, [outcome], env, 1.0).read_text()
+    assert r"| `demo` | claim \|x\| small | \|x\| = 2 | - | **agrees** |" in report

@@ -55,6 +55,7 @@ __all__ = [
     "mean_std",
     "register_study",
     "registered_studies",
+    "table_cell",
     "verdict",
 ]
 
@@ -119,6 +120,11 @@ class SummaryRow:
     verdict: Verdict
 
 
+def table_cell(text: str) -> str:
+    """``text`` made safe inside a markdown table cell: ``|`` escaped, newlines as spaces."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 @dataclass
 class Table:
     """A small table for the report: a title, column names and rows of cells (str or number).
@@ -137,10 +143,10 @@ class Table:
             return f"{mean:.{self.digits}f} ± {std:.{self.digits}f}"
         if isinstance(value, float):
             return f"{value:.{self.digits}f}"
-        return str(value)
+        return table_cell(value)
 
     def to_markdown(self) -> str:
-        head = "| " + " | ".join(self.columns) + " |"
+        head = "| " + " | ".join(table_cell(c) for c in self.columns) + " |"
         rule = "|" + "|".join("---" for _ in self.columns) + "|"
         body = ["| " + " | ".join(self.cell(v) for v in row) + " |" for row in self.rows]
         return "\n".join([f"*{self.title}*", "", head, rule, *body])

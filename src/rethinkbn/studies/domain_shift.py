@@ -191,7 +191,9 @@ def run(ctx: RunContext) -> StudyResult:
     setup = (
         f"{data.name}: {scale.num_train} training samples (augmented: shift <= {MAX_SHIFT}, "
         f"gain 0.8-1.2), ResNet widths {list(scale.widths)}, {scale.epochs} epochs, SGD batch "
-        f"{SGD_BATCH}, lr {LR}. The {scale.num_val} validation samples are split in two halves: "
+        f"{SGD_BATCH} ({scale.epochs * (scale.num_train // SGD_BATCH)} steps: one training run "
+        f"per seed, the cheapest of the studies), lr {LR}. The {scale.num_val} validation "
+        f"samples are split in two halves: "
         f"statistics of a domain are recomputed (PreciseBN, batches of {STATS_BATCH}) on the "
         f"first half, errors are measured on the second. Corruptions: "
         f"{', '.join(names)} at severity {SEVERITY}. Seeds: {list(ctx.seeds)}."

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import Study, StudyResult
+from .base import Study, StudyResult, table_cell
 
 __all__ = ["StudyOutcome", "environment", "render_report", "write_outputs"]
 
@@ -78,11 +78,12 @@ def _summary_table(outcomes: list[StudyOutcome]) -> list[str]:
     lines = ["| study | claim | ours | paper | verdict |", "|---|---|---|---|---|"]
     for o in outcomes:
         if o.result is None:
-            lines.append(f"| `{o.study.name}` | (failed: {o.error}) | - | - | - |")
+            lines.append(f"| `{o.study.name}` | (failed: {table_cell(o.error)}) | - | - | - |")
             continue
         for row in o.result.summary:
             lines.append(
-                f"| `{o.study.name}` | {row.claim} | {row.ours} | {row.paper} | "
+                f"| `{o.study.name}` | {table_cell(row.claim)} | {table_cell(row.ours)} | "
+                f"{table_cell(row.paper)} | "
                 f"**{row.verdict.label}** |"
             )
     return lines
@@ -95,6 +96,11 @@ def _cache_note(env: dict[str, Any]) -> str:
     return f" ({cache['misses']} training runs trained, {cache['hits']} taken from the cache)"
 
 
+def _ranks_note(env: dict[str, Any]) -> str:
+    ranks = env.get("ranks", 1)
+    return f"ranks: {ranks} real gloo processes (leakage), " if ranks > 1 else ""
+
+
 def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
     """The markdown text of report.md."""
     agreed = sum(r.verdict.agrees for o in outcomes if o.result for r in o.result.summary)
@@ -103,7 +109,8 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
         f"Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
-        f"({env['torch_threads']} threads), seeds: {env['seeds']}, wall time: {wall_s:.0f} s"
+        f"({env['torch_threads']} threads), seeds: {env['seeds']}, "
+        f"{_ranks_note(env)}wall time: {wall_s:.0f} s"
         f"{_cache_note(env)}. "
         f"Our numbers are validation/training error (%) of small ResNets (mean ± std over seeds "
         f"when there are several); the paper's are ResNet-50 on ImageNet or Mask R-CNN/RetinaNet "
