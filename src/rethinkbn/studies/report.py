@@ -109,13 +109,16 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
         f"Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
-        f"({env['torch_threads']} threads), seeds: {env['seeds']}, "
+        f"({env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}), "
+        f"seeds: {env['seeds']}, "
         f"{_ranks_note(env)}wall time: {wall_s:.0f} s"
         f"{_cache_note(env)}. "
-        f"Our numbers are validation/training error (%) of small ResNets (mean ± std over seeds "
-        f"when there are several); the paper's are ResNet-50 on ImageNet or Mask R-CNN/RetinaNet "
-        f"on COCO. The verdicts compare the *direction* of each effect, with the criterion "
-        f"written beside it; {agreed} of {total} claims agree at this scale.",
+        f"Our numbers are error (%), lower is better, of small networks (validation or "
+        f"training error; RoI classification error in `leakage`), mean ± std over seeds when "
+        f"there are several; the paper's are ResNet-50 on ImageNet (error %) or "
+        f"Mask R-CNN/RetinaNet on COCO (AP, higher is better). The verdicts compare the "
+        f"*direction* of each effect, with the criterion written beside it; {agreed} of "
+        f"{total} claims agree at this scale.",
         "",
         "## Summary",
         "",
