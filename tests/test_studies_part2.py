@@ -203,3 +203,10 @@ def test_level_shift_is_none_without_per_level_population_stats():
     data = load_mnist1d(100)
     model = multi_domain.build_model("domain/shared/shared", data, 8, seed=0)
     assert multi_domain.level_shift(model) is None
+
+
+@pytest.mark.parametrize("ranks", [3, 8])
+def test_ranks_that_do_not_split_a_step_into_devices_are_refused(ranks):
+    scale = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1)
+    with pytest.raises(ValueError, match=rf"--ranks {ranks} .* expected one of \[1, 2, 4\]"):
+        leakage.check_ranks(scale, ranks)

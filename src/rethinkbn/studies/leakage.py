@@ -68,6 +68,7 @@ __all__ = [
     "RoiNet",
     "Variant",
     "build_model",
+    "check_ranks",
     "evaluate",
     "population_stats",
     "run",
@@ -332,6 +333,22 @@ def run_variant(name: str, scale: LeakageScale, seed: int, progress: Any = None
 
 
 # ----------------------------------------------------------------------------- real ranks
+def check_ranks(scale: LeakageScale, ranks: int) -> None:
+    """Raise ``ValueError`` unless every rank can hold whole devices of every rank variant.
+
+    Each rank holds ``images_per_step / ranks`` images of a step, which must be a whole number
+    of devices of each variant in :data:`RANK_VARIANTS` (1 or 2 images per device).
+    """
+    widest = max(VARIANTS[n].images_per_device or 1 for n in RANK_VARIANTS)
+    if ranks < 1 or scale.images_per_step % (ranks * widest):
+        allowed = [r for r in range(1, scale.images_per_step + 1)
+                   if scale.images_per_step % (r * widest) == 0]
+        raise ValueError(
+            f"leakage: --ranks {ranks} does not split a step of {scale.images_per_step} images "
+            f"into whole devices of {widest} images per rank; expected one of {allowed}"
+        )
+
+
 def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
                    timeout_s: float = 600.0) -> dict[str, float]:
     """Train ``name`` on ``ranks`` real gloo processes (torchrun) and evaluate it here.
@@ -476,6 +493,7 @@ def _mode_line(ranks: int) -> str:
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx)
     ranks = ctx.ranks
+    check_ranks(scale, ranks)  # before any training, not after the virtual runs
     base_key = {"study": "leakage", "v": 1, "scale": scale.as_dict()}
     per_seed: dict[str, list[dict[str, float]]] = {n: [] for n in VARIANTS}
     with study_threads(ctx):
