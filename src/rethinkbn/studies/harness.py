@@ -59,8 +59,6 @@ def reproduce(
     n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
     if n_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"--ranks must be a positive int, got {ranks!r}")
     out = Path(out_dir)
     cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache")
     dev = torch.device(device)
