@@ -104,6 +104,18 @@ def test_unbiased_variance_and_undefined_cases():
     assert torch.isnan(Moments.zeros(2).var()).all()
 
 
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_from_var_mean_rebuilds_the_moments_of_a_biased_or_unbiased_variance(unbiased):
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    count, mean, var = reference(x)
+    if unbiased:
+        var = var * count / (count - 1)
+    m = Moments.from_var_mean(count, mean, var, unbiased=unbiased)
+    expected = Moments.of(x)
+    for field in ("count", "mean", "m2"):
+        torch.testing.assert_close(getattr(m, field), getattr(expected, field))
+
+
 def test_large_mean_small_spread_is_robust_where_naive_formula_fails():
     torch.manual_seed(0)
     x64 = 1e4 + 1e-2 * torch.randn(4096, 2, dtype=torch.float64)

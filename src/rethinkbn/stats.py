@@ -19,9 +19,10 @@ Two sets ``a`` and ``b`` merge exactly (Chan, Golub & LeVeque, 1979)::
     mean  = mean_a + delta * n_b / n
     m2    = m2_a + m2_b + delta^2 * n_a * n_b / n
 
-Accumulators are float64. Moments are built with ``torch.var_mean`` (a two-pass / Welford
-reduction), never with ``E[x^2] - E[x]^2``, which cancels catastrophically in float32 when a
-feature's mean is large compared with its spread.
+Accumulators are float64. :meth:`Moments.of` makes two passes (a float64 mean, then the squared
+deviations from it), never ``E[x^2] - E[x]^2``, which cancels catastrophically in float32 when a
+feature's mean is large compared with its spread. Only the cross-rank reduction
+(:func:`all_reduce_moments`) sums ``m2 + n * mean^2``, in float64, to need one collective.
 """
 
 from __future__ import annotations
@@ -133,11 +134,18 @@ class Moments:
         return cls(z, z.clone(), z.clone())
 
     @classmethod
-    def from_var_mean(cls, count: Tensor | float, mean: Tensor, var: Tensor) -> Moments:
-        """Moments from a count and a *biased* variance: ``m2 = var * count``."""
+    def from_var_mean(
+        cls, count: Tensor | float, mean: Tensor, var: Tensor, unbiased: bool = False
+    ) -> Moments:
+        """Moments from a count, a mean and a variance (detached, float64).
+
+        ``m2 = var * count`` for a biased variance, ``m2 = var * (count - 1)`` with
+        ``unbiased=True`` (what torch's BatchNorm kernel and its running buffers hold).
+        """
         mean = mean.detach().to(ACC_DTYPE)
         count_t = torch.as_tensor(count, dtype=ACC_DTYPE, device=mean.device).expand_as(mean)
-        return cls(count_t.clone(), mean, var.detach().to(ACC_DTYPE) * count_t)
+        dof = count_t - 1 if unbiased else count_t
+        return cls(count_t.clone(), mean, var.detach().to(ACC_DTYPE) * dof)
 
     @classmethod
     def of(cls, x: Tensor, groups: int | None = None) -> Moments:

@@ -230,7 +230,7 @@ class DomainBatchNorm(BatchNormBase):
         """
         if isinstance(domain, int):
             n = x.numel() // x.size(1)
-            whole = Moments.from_var_mean(n, batch_mean, batch_var * ((n - 1) / n))
+            whole = Moments.from_var_mean(n, batch_mean, batch_var, unbiased=True)
             rows = Moments(whole.count[None], whole.mean[None], whole.m2[None])
             index = torch.tensor([domain], device=x.device)
         else:

@@ -77,8 +77,7 @@ class _Recorder:
             mean = torch.stack([m for _, m, _ in self.raw]).double()
             var = torch.stack([v for _, _, v in self.raw]).double()
             counts = torch.tensor([n for n, _, _ in self.raw], dtype=torch.float64)
-            count = counts.to(mean.device)[:, None].expand_as(mean).clone()
-            return Moments(count, mean, var * (count - 1))
+            return Moments.from_var_mean(counts.to(mean.device)[:, None], mean, var, unbiased=True)
         if not self.rows:
             return None
         return Moments(*(torch.stack([getattr(r, f) for r in self.rows]) for f in FIELDS))
