@@ -80,6 +80,23 @@ def test_ranks_flag_reaches_the_studies_context(tiny_out, tiny_data, monkeypatch
     assert env["ranks"] == 2
 
 
+
+def test_threads_flag_holds_while_the_studies_run_and_is_restored(tiny_out, tiny_data,
+                                                                   monkeypatch):
+    seen = []
+
+    def record(ctx):  # stands in for a study: only the thread setting it runs under matters
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop after reading the thread setting")
+
+    monkeypatch.setattr(harness, "get_study", lambda name: Study(name, "records", record))
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    code = main(["reproduce", "--tiny", "--data", tiny_data, "--only", "leakage", "--threads",
+                 str(wanted), "--out", str(tiny_out)])
+    assert seen == [wanted] and code == 1
+    assert torch.get_num_threads() == before
+
 @pytest.mark.parametrize("ranks", [0, -1, 1.5, True])
 def test_context_rejects_ranks_that_are_not_a_positive_int(ranks):
     with pytest.raises(ValueError, match=f"ranks must be a positive int, got {ranks!r}"):

@@ -58,11 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:<{width}}  {s.description}")
         return 0
 
-    import torch
-
     from .studies.harness import reproduce
 
-    torch.set_num_threads(args.threads)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     try:
         report, outcomes = reproduce(
@@ -75,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             data=args.data,
             tiny=args.tiny,
             ranks=args.ranks,
+            threads=args.threads,
         )
     except KeyError as err:
         print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)

@@ -24,7 +24,6 @@ __all__ = [
     "pyplot",
     "save_plot",
     "scale_for",
-    "study_threads",
 ]
 
 
@@ -120,7 +119,3 @@ def cpu_threads(n: int | None) -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
 
-
-def study_threads(ctx: RunContext) -> Any:
-    """:func:`cpu_threads` for a study: one thread when training on the CPU, else unchanged."""
-    return cpu_threads(1 if ctx.device.type == "cpu" else None)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..population import StatsBank, recompute_stats
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for, study_threads
+from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for
 from .corruptions import CORRUPTIONS, corrupt
 from .data import DataSplit
 from .train import TrainConfig, evaluate_error, train
@@ -160,13 +160,12 @@ def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, quick_epochs=8, full_epochs=30)
     runs = []
-    with study_threads(ctx):
-        for seed in ctx.seeds:
-            key = {"study": "domain-shift", "v": 1, "data": ctx.data_spec, "seed": seed,
-                   "severity": SEVERITY, "sgd_batch": SGD_BATCH, "lr": LR,
-                   "scale": scale.as_dict()}
-            runs.append(ctx.cache.get_or_run(
-                key, lambda s=seed: run_seed(ctx, data, scale, s)))
+    for seed in ctx.seeds:
+        key = {"study": "domain-shift", "v": 1, "data": ctx.data_spec, "seed": seed,
+               "severity": SEVERITY, "sgd_batch": SGD_BATCH, "lr": LR,
+               "scale": scale.as_dict()}
+        runs.append(ctx.cache.get_or_run(
+            key, lambda s=seed: run_seed(ctx, data, scale, s)))
     names = list(CORRUPTIONS)
     shifted = {n: {k: mean_std([r["shifted"][n][k] for r in runs])[0]
                    for k in ("source", "target")} for n in names}

@@ -13,6 +13,7 @@ import torch
 
 from .base import ProgressFactory, RunContext, get_study, registered_studies
 from .cache import RunCache
+from .common import cpu_threads
 from .data import DataSplit, load_data
 from .report import StudyOutcome, environment, write_outputs
 
@@ -43,6 +44,7 @@ def reproduce(
     log: Any = None,
     tiny: bool = False,
     ranks: int = 1,
+    threads: int | None = 1,
 ) -> tuple[Path, list[StudyOutcome]]:
     """Run the studies ``only`` (all registered ones when None) and write the report.
 
@@ -52,13 +54,18 @@ def reproduce(
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
     finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). ``ranks``: real
     gloo processes for the ``leakage`` study's device-dependent variants (1: virtual devices
-    only; the other studies ignore it). Returns the report's path and the outcomes.
+    only; the other studies ignore it). ``threads``: torch's CPU threads while the studies run
+    (None: unchanged); the caller's setting is restored afterwards. Returns the report's path
+    and the outcomes.
     """
     log = sys.stderr if log is None else log
     studies = [get_study(n) for n in only] if only else registered_studies()
     n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
     if n_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"--threads must be a positive int or None, got {threads!r}")
     out = Path(out_dir)
     cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache")
     dev = torch.device(device)
@@ -83,23 +90,24 @@ def reproduce(
         tiny=tiny,
         ranks=ranks,
     )
-    start = time.perf_counter()
-    dataset()  # a bad --data fails here, once, before any study starts
-    outcomes: list[StudyOutcome] = []
-    for study in studies:
-        print(f"[rethinkbn] {study.name}: {study.description}", file=log, flush=True)
-        t0 = time.perf_counter()
-        try:
-            result = study.run(ctx)
-            outcomes.append(StudyOutcome(study, result, time.perf_counter() - t0))
-        except Exception as err:  # one broken study must not cost the others' report
-            traceback.print_exc(file=log)
-            message = f"{type(err).__name__}: {err}"
-            outcomes.append(StudyOutcome(study, None, time.perf_counter() - t0, message))
-        print(f"[rethinkbn] {study.name} done in {outcomes[-1].seconds:.0f} s", file=log,
-              flush=True)
-    wall = time.perf_counter() - start
-    env = environment(dev, ctx.seeds, quick, data)
-    env["ranks"] = ranks
-    env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
-    return write_outputs(out, outcomes, env, wall), outcomes
+    with cpu_threads(threads):
+        start = time.perf_counter()
+        dataset()  # a bad --data fails here, once, before any study starts
+        outcomes: list[StudyOutcome] = []
+        for study in studies:
+            print(f"[rethinkbn] {study.name}: {study.description}", file=log, flush=True)
+            t0 = time.perf_counter()
+            try:
+                result = study.run(ctx)
+                outcomes.append(StudyOutcome(study, result, time.perf_counter() - t0))
+            except Exception as err:  # one broken study must not cost the others' report
+                traceback.print_exc(file=log)
+                message = f"{type(err).__name__}: {err}"
+                outcomes.append(StudyOutcome(study, None, time.perf_counter() - t0, message))
+            print(f"[rethinkbn] {study.name} done in {outcomes[-1].seconds:.0f} s", file=log,
+                  flush=True)
+        wall = time.perf_counter() - start
+        env = environment(dev, ctx.seeds, quick, data)
+        env["ranks"] = ranks
+        env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
+        return write_outputs(out, outcomes, env, wall), outcomes

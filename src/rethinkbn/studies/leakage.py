@@ -49,7 +49,7 @@ from ..layers import GhostBatchNorm
 from ..population import batch_stats_inference, precise_bn
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import fmt, pyplot, save_plot, study_threads
+from .common import fmt, pyplot, save_plot
 from .roi import (
     BACKGROUND,
     RoiBatch,
@@ -496,12 +496,11 @@ def run(ctx: RunContext) -> StudyResult:
     check_ranks(scale, ranks)  # before any training, not after the virtual runs
     base_key = {"study": "leakage", "v": 1, "scale": scale.as_dict()}
     per_seed: dict[str, list[dict[str, float]]] = {n: [] for n in VARIANTS}
-    with study_threads(ctx):
-        for name in VARIANTS:
-            for seed in ctx.seeds:
-                per_seed[name].append(ctx.cache.get_or_run(
-                    {**base_key, "variant": name, "seed": seed},
-                    lambda n=name, s=seed: run_variant(n, scale, s)))
+    for name in VARIANTS:
+        for seed in ctx.seeds:
+            per_seed[name].append(ctx.cache.get_or_run(
+                {**base_key, "variant": name, "seed": seed},
+                lambda n=name, s=seed: run_variant(n, scale, s)))
     keys = ("pop", "mu_B")
     numbers: dict[str, Any] = {
         "per_seed": per_seed,

@@ -29,7 +29,7 @@ from ..population import precise_bn
 from ..stats import Moments
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import fmt, pyplot, save_plot, study_threads
+from .common import fmt, pyplot, save_plot
 from .data import DataSplit
 from .train import TrainConfig
 
@@ -268,13 +268,12 @@ def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, data)
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in HEADS}
-    with study_threads(ctx):
-        for name in HEADS:
-            for seed in ctx.seeds:
-                key = {"study": "multi-domain", "v": 1, "data": ctx.data_spec, "head": name,
-                       "seed": seed, "scale": scale.as_dict()}
-                per_seed[name].append(ctx.cache.get_or_run(
-                    key, lambda n=name, s=seed: run_head(n, data, scale, s)))
+    for name in HEADS:
+        for seed in ctx.seeds:
+            key = {"study": "multi-domain", "v": 1, "data": ctx.data_spec, "head": name,
+                   "seed": seed, "scale": scale.as_dict()}
+            per_seed[name].append(ctx.cache.get_or_run(
+                key, lambda n=name, s=seed: run_head(n, data, scale, s)))
     mean = {n: mean_std([r["error"] for r in rs])[0] for n, rs in per_seed.items()}
     numbers = {"per_seed": per_seed, "mean_error": mean, "scale": scale.as_dict()}
     rows = []
