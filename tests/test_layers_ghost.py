@@ -183,6 +183,22 @@ def test_observer_receives_the_moments_of_the_whole_batch():
     torch.testing.assert_close(seen[0][1].m2, expected.m2)
 
 
+@pytest.mark.parametrize("grouping", ["contiguous", "strided"])
+@pytest.mark.parametrize("n", [8, 9, 10])
+def test_observer_gets_the_whole_batch_moments_from_groups_of_any_size(grouping, n):
+    torch.manual_seed(0)
+    layer = GhostBatchNorm(3, 4, grouping=grouping)
+    seen = []
+    layer.observer = lambda module, moments: seen.append(moments)
+    x = torch.randn(n, 3, 5) * 3 + 5
+    layer(x)
+    expected = Moments.of(x)
+    assert torch.equal(seen[0].count, expected.count)
+    # the group statistics are the float32 ones the layer normalized with
+    torch.testing.assert_close(seen[0].mean, expected.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen[0].m2, expected.m2, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("nbs", [0, -3])
 def test_norm_batch_size_below_one_is_rejected_with_the_value(nbs):
     with pytest.raises(ValueError, match=f"norm_batch_size must be >= 1.*got {nbs}"):
@@ -204,5 +220,11 @@ def test_a_group_with_one_value_per_channel_is_rejected():
 
 
 def test_unknown_grouping_is_rejected():
-    with pytest.raises(ValueError, match="grouping must be one of"):
+    with pytest.raises(ValueError, match="GhostBatchNorm: grouping must be one of.*'random'"):
         GhostBatchNorm(3, 2, grouping="random")
+    layer = GhostBatchNorm(3, 2)
+    layer._rethinkbn_name = "block.bn"
+    layer.grouping = "random"
+    with pytest.raises(ValueError, match="'block.bn'.*grouping must be one of.*'random'"):
+        layer(torch.randn(4, 3))
+    assert int(layer.num_batches_tracked) == 0

@@ -141,9 +141,10 @@ def apply_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tenso
 # --------------------------------------------------------------------------------------------
 # Groups of samples (ghost BatchNorm)
 # --------------------------------------------------------------------------------------------
-def check_grouping(grouping: str) -> None:
+def check_grouping(grouping: str, owner: str) -> None:
+    """Raise, naming ``owner``, unless ``grouping`` is one of :data:`GROUPINGS`."""
     if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        raise ValueError(f"{owner}: grouping must be one of {GROUPINGS}, got {grouping!r}")
 
 
 def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:

@@ -53,7 +53,7 @@ class GhostBatchNorm(BatchNormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         _check_norm_batch_size(norm_batch_size, "GhostBatchNorm")
-        BF.check_grouping(grouping)
+        BF.check_grouping(grouping, "GhostBatchNorm")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.norm_batch_size = norm_batch_size
         self.grouping = grouping
@@ -72,11 +72,7 @@ class GhostBatchNorm(BatchNormBase):
             )
         nbs = self.norm_batch_size if self.training else None
         _check_norm_batch_size(nbs, layer_name(self))
-        if self.grouping not in BF.GROUPINGS:
-            raise ValueError(
-                f"{layer_name(self)}: grouping must be one of {BF.GROUPINGS}, "
-                f"got {self.grouping!r}"
-            )
+        BF.check_grouping(self.grouping, layer_name(self))
         sizes = BF.group_sizes(x.size(0), nbs)
         smallest = min(sizes) if self.grouping == "contiguous" else x.size(0) // len(sizes)
         values = smallest * (x.numel() // max(x.size(0) * x.size(1), 1))
@@ -98,7 +94,8 @@ class GhostBatchNorm(BatchNormBase):
                 weights = weights / weights.sum()
                 self._update_running_stats((mean * weights).sum(0), (var * weights).sum(0))
         if self.observer is not None:
-            self._observe(Moments.of(x))
+            # The groups' statistics merge exactly into the batch's: no second pass over x.
+            self._observe(Moments.from_var_mean(count[:, None], mean, var, unbiased=True).total())
         return y
 
 

@@ -152,7 +152,8 @@ def precise_bn(
     default 10^4 samples the two differ by a factor ``1 + 1/(N - 1)``, under 10^-4. Unlike the
     average of per-batch variances, this is not biased by small batches. For torch's BatchNorm
     each batch's ``mu_b`` and ``sigma_b^2`` are those torch's kernel computes (read back from the
-    running buffers with momentum 1, in the buffers' dtype); the merge is float64.
+    running buffers with momentum 1, in the buffers' dtype), for GhostBatchNorm those it normalized
+    its groups with (float32 or wider); the merge is float64.
 
     Layers: torch BatchNorm1d/2d/3d and SyncBatchNorm, and the rethinkbn layer family.
     GhostBatchNorm normalizes the pass's batches in groups of ``pass_norm_batch_size`` samples
