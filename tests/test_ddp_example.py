@@ -1,10 +1,17 @@
-"""examples/ddp_train.py runs under torchrun with 2 gloo processes, exactly as the README says."""
+"""examples/ddp_train.py runs under torchrun with 2 gloo processes, exactly as the README says;
+the command runner behind it leaves no process behind."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+from rethinkbn.distributed.testing import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +20,35 @@ def test_ddp_example_trains_and_ends_with_identical_precise_statistics_on_every_
     # `torchrun` is `python -m torch.distributed.run`; the module form needs no PATH lookup.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "examples/ddp_train.py", "--steps", "3"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = run_command(command, 240, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "step 2: loss" in done.stdout
     assert "precise_bn: BatchNorm statistics identical on 2 ranks" in done.stdout
+
+
+def test_a_command_past_its_timeout_is_killed_with_every_process_it_started(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # The command starts a child that would sleep for a minute, then waits for it.
+    script = (
+        "import subprocess, sys; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); c.wait()"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_command([sys.executable, "-c", script], timeout_s=5)
+    child = int(pid_file.read_text())
+    # SIGKILL lands asynchronously and an orphan may stay a zombie until init reaps it.
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child)
+
+
+def _running(pid):
+    """Whether ``pid`` is a live process (a zombie has finished running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")

@@ -210,3 +210,10 @@ def test_ranks_that_do_not_split_a_step_into_devices_are_refused(ranks):
     scale = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1)
     with pytest.raises(ValueError, match=rf"--ranks {ranks} .* expected one of \[1, 2, 4\]"):
         leakage.check_ranks(scale, ranks)
+
+
+def test_train_on_ranks_refuses_ranks_that_split_a_device_before_starting_torchrun():
+    # 8 images per step on 8 ranks: one image per rank, but a device of bn-2img holds two.
+    scale = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1)
+    with pytest.raises(ValueError, match=r"--ranks 8 .* devices of 2 images .* \[1, 2, 4\]"):
+        leakage.train_on_ranks("bn-2img", scale, seed=0, ranks=8, timeout_s=1.0)

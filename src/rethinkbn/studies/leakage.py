@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import ShuffledModule, SyncBatchNorm
+from ..distributed.testing import run_command
 from ..layers import GhostBatchNorm
 from ..population import batch_stats_inference, precise_bn
 from . import paper
@@ -333,13 +334,13 @@ def run_variant(name: str, scale: LeakageScale, seed: int, progress: Any = None
 
 
 # ----------------------------------------------------------------------------- real ranks
-def check_ranks(scale: LeakageScale, ranks: int) -> None:
-    """Raise ``ValueError`` unless every rank can hold whole devices of every rank variant.
+def check_ranks(scale: LeakageScale, ranks: int, names: tuple[str, ...] = RANK_VARIANTS) -> None:
+    """Raise ``ValueError`` unless every rank can hold whole devices of every variant ``names``.
 
     Each rank holds ``images_per_step / ranks`` images of a step, which must be a whole number
-    of devices of each variant in :data:`RANK_VARIANTS` (1 or 2 images per device).
+    of devices of each variant (1 or 2 images per device in :data:`RANK_VARIANTS`).
     """
-    widest = max(VARIANTS[n].images_per_device or 1 for n in RANK_VARIANTS)
+    widest = max(VARIANTS[n].images_per_device or 1 for n in names)
     if ranks < 1 or scale.images_per_step % (ranks * widest):
         allowed = [r for r in range(1, scale.images_per_step + 1)
                    if scale.images_per_step % (r * widest) == 0]
@@ -357,13 +358,11 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     :mod:`rethinkbn.studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
     runs precise_bn across ranks and saves rank 0's state dict; this process loads it into the
     virtual-device model and evaluates it like :func:`run_variant`. Raises ``RuntimeError`` with
-    the workers' output if torchrun fails or runs past ``timeout_s``.
+    the workers' output if torchrun fails or runs past ``timeout_s`` (its workers are killed
+    with it), and ``ValueError`` (:func:`check_ranks`) unless every rank holds whole devices.
     """
     variant = VARIANTS[name]
-    if scale.images_per_step % ranks:
-        raise ValueError(
-            f"leakage: {scale.images_per_step} images per step do not split over {ranks} ranks"
-        )
+    check_ranks(scale, ranks, (name,))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "state.pt"
         cmd = [
@@ -374,8 +373,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                                  env=env)
+            done = run_command(cmd, timeout_s, env=env)
         except subprocess.TimeoutExpired as err:
             raise RuntimeError(f"leakage: torchrun for {name!r} ran past {timeout_s} s") from err
         if done.returncode != 0 or not out.exists():
