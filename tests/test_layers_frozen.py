@@ -97,6 +97,14 @@ def test_without_running_statistics_it_normalizes_with_batch_statistics_like_tor
     torch.testing.assert_close(layer(x), bn(x))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_without_running_statistics_one_value_per_channel_is_a_named_error(training):
+    layer = FrozenBatchNorm(3, track_running_stats=False).train(training)
+    layer._rethinkbn_name = "head.bn"
+    with pytest.raises(ValueError, match="'head.bn'.*more than 1 value per channel.*got 1"):
+        layer(torch.randn(1, 3))
+
+
 def test_gradcheck_in_float64():
     bn = trained_bn()
     layer = frozen_from(bn)

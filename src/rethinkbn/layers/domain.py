@@ -204,21 +204,15 @@ class DomainBatchNorm(BatchNormBase):
             self.train_stats == "domain"
             or (self._updates_running_stats() and self.population_stats == "domain")
         )
-        if separate:
-            assert ids is not None
-            counts = torch.bincount(ids, minlength=self.num_domains) * spatial
-            single = ((counts > 0) & (counts < 2)).nonzero().flatten().tolist()
-            if single:
-                raise ValueError(
-                    f"{layer_name(self)}: expected more than 1 value per channel for every "
-                    f"domain in a training batch, got 1 for domain(s) {single} (input shape "
-                    f"{tuple(x.shape)})"
-                )
-        elif x.size(0) * spatial < 2:
-            raise ValueError(
-                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
-                f"input shape {tuple(x.shape)}"
-            )
+        if not separate:
+            self._require_two_values(x.size(0) * spatial, x)
+            return
+        assert ids is not None
+        counts = torch.bincount(ids, minlength=self.num_domains) * spatial
+        single = ((counts > 0) & (counts < 2)).nonzero().flatten().tolist()
+        if single:
+            self._require_two_values(1, x, " for every domain in the batch",
+                                     f", domain(s) {single}")
 
     def _domain_moments(
         self, x: Tensor, domain: Domain, batch_mean: Tensor, batch_var: Tensor

@@ -55,13 +55,11 @@ class FrozenBatchNorm(BatchNormBase):
             return BF.affine_normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        if self.training and x.numel() // x.size(1) < 2:
-            raise ValueError(
-                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
-                f"input shape {tuple(x.shape)}"
-            )
-        y, mean, _ = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
+        # Without running statistics eval normalizes with batch statistics too.
+        values = x.numel() // x.size(1)
+        self._require_two_values(values, x)
+        y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
         BF.check_finite(mean, layer_name(self))
         if self.observer is not None:
-            self._observe(Moments.of(x))
+            self._observe(Moments.from_var_mean(values, mean, var, unbiased=True))
         return y

@@ -76,12 +76,8 @@ class GhostBatchNorm(BatchNormBase):
         sizes = BF.group_sizes(x.size(0), nbs)
         smallest = min(sizes) if self.grouping == "contiguous" else x.size(0) // len(sizes)
         values = smallest * (x.numel() // max(x.size(0) * x.size(1), 1))
-        if values < 2:
-            raise ValueError(
-                f"{layer_name(self)}: expected more than 1 value per channel in every "
-                f"normalization group when training, got {values} (input shape "
-                f"{tuple(x.shape)}, norm_batch_size={nbs}, groups of {sizes} samples)"
-            )
+        self._require_two_values(values, x, " in every normalization group",
+                                 f", norm_batch_size={nbs}, groups of {sizes} samples")
         y, (mean, var, count) = BF.ghost_batch_norm(
             x, self.weight, self.bias, self.eps, nbs, self.grouping
         )
