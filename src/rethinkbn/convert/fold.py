@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..layers import BatchNormBase, is_batchnorm
+from ..layers.functional import scale_shift
 from .surgery import _READERS, swap_modules
 
 __all__ = ["FoldedLinear", "fold_batchnorm"]
@@ -181,12 +182,7 @@ def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[nn.Module, 
 def _fold_pair(producer: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``producer`` that computes ``bn(producer(x))``."""
     acc = torch.float64
-    scale = (bn.running_var.to(acc) + bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
-    shift = -bn.running_mean.to(acc) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
+    scale, shift = scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, acc)
 
     weight = producer.weight.to(acc)
     if isinstance(producer, _CONV_TRANSPOSES):

@@ -34,6 +34,7 @@ __all__ = [
     "group_index",
     "group_sizes",
     "native_batch_norm",
+    "scale_shift",
     "segment_batch_norm",
     "segment_var_mean",
 ]
@@ -97,6 +98,29 @@ def native_batch_norm(
     return y, mean, var
 
 
+def scale_shift(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Normalization with fixed statistics as an affine map ``y = x * scale + shift``, in ``dtype``:
+
+        scale = weight / sqrt(var + eps),    shift = bias - mean * scale
+
+    (``weight`` 1 and ``bias`` 0 when absent). Used by the layers and by BatchNorm folding.
+    """
+    scale = torch.rsqrt(var.to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dtype)
+    shift = -mean.to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift
+
+
 def affine_normalize(
     x: Tensor,
     mean: Tensor,
@@ -113,12 +137,7 @@ def affine_normalize(
     per-sample statistics. Differentiable in ``x``, ``weight`` and ``bias`` (and the statistics).
     """
     acc = torch.promote_types(compute_dtype(x), torch.float32)
-    scale = torch.rsqrt(var.to(acc) + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    shift = -mean.to(acc) * scale
-    if bias is not None:
-        shift = shift + bias.to(acc)
+    scale, shift = scale_shift(mean, var, weight, bias, eps, acc)
     if x.dtype == acc:
         return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
     # Reduced-precision input: fuse in float32 (a float16 scale times a large mean cancels badly).
