@@ -393,6 +393,21 @@ def test_a_registered_source_converter_handles_a_subclass(registry):
     assert isinstance(model[0][0], GhostBatchNorm) and model[0][0].norm_batch_size == 2
 
 
+def test_a_registered_source_converter_carries_the_hooks_over(registry):
+    def to_ghost_act(module, **kwargs):
+        return nn.Sequential(GhostBatchNorm(module.num_features, **kwargs), nn.ReLU())
+
+    register_converter("ghost", source=BatchNormAct2d, build=to_ghost_act)
+    model = nn.Sequential(BatchNormAct2d(3))
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    to_ghost_bn(model, norm_batch_size=2)(torch.randn(4, 3, 2, 2))
+    assert seen == [nn.Sequential]
+    handle.remove()
+    model(torch.randn(4, 3, 2, 2))
+    assert seen == [nn.Sequential]
+
+
 def test_a_registered_kind_converts_and_reverts(registry, net):
     class EchoBatchNorm(GhostBatchNorm):
         """Stands in for a layer that registers itself, as rethinkbn.distributed does."""

@@ -520,7 +520,7 @@ def _convert_one(
         if custom is not None:
             new = custom(module, **layer_kwargs)
             new._rethinkbn_name = site.name
-            return new
+            return _carry_hooks(module, new)
         state = reader(module, site.name, domain)  # type: ignore[misc]
         if state.affine and state.bias is None and kind.name != "torch":
             raise ValueError(
