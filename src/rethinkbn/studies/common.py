@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +17,10 @@ from .models import build_model
 __all__ = [
     "FULL_MNIST1D_SAMPLES",
     "Scale",
-    "agg",
     "cpu_threads",
     "fmt",
     "new_model",
+    "over_seeds",
     "pyplot",
     "save_plot",
     "scale_for",
@@ -72,9 +72,14 @@ def new_model(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> nn.M
     return build_model(data, widths=scale.widths).to(ctx.device)
 
 
-def agg(values: list[float]) -> tuple[float, float]:
-    """(mean, std) over seeds."""
-    return mean_std(values)
+def over_seeds(
+    per_seed: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """``(mean, std)`` over seeds: ``mean[group][key]`` is the :func:`mean_std` mean of
+    ``per_seed[group][i][key]`` over the seeds ``i`` (``std`` likewise)."""
+    stats = {g: {k: mean_std([r[k] for r in runs]) for k in keys} for g, runs in per_seed.items()}
+    return ({g: {k: m for k, (m, _) in s.items()} for g, s in stats.items()},
+            {g: {k: sd for k, (_, sd) in s.items()} for g, s in stats.items()})
 
 
 def fmt(values: list[float]) -> str:

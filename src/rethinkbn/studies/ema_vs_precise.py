@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import bn, paper
-from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
+from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
-    agg,
     fmt,
     new_model,
     pyplot,
@@ -196,8 +195,8 @@ def run(ctx: RunContext) -> StudyResult:
             ctx.cache.get_or_run(key, lambda b=batch, s=seed: _run(ctx, scale, b, s)))
     curves: dict[str, Any] = {}
     for batch, rs in runs.items():
-        ema = [agg([r["ema"][e] for r in rs]) for e in range(scale.epochs)]
-        pre = [agg([r["precise"][e] for r in rs]) for e in range(scale.epochs)]
+        ema = [mean_std([r["ema"][e] for r in rs]) for e in range(scale.epochs)]
+        pre = [mean_std([r["precise"][e] for r in rs]) for e in range(scale.epochs)]
         curves[str(batch)] = {"ema_mean": [m for m, _ in ema], "ema_std": [s for _, s in ema],
                               "precise_mean": [m for m, _ in pre],
                               "precise_std": [s for _, s in pre],

@@ -49,8 +49,8 @@ from ..distributed.testing import run_command
 from ..layers import GhostBatchNorm
 from ..population import batch_stats_inference, precise_bn
 from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
-from .common import fmt, pyplot, save_plot
+from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
+from .common import fmt, over_seeds, pyplot, save_plot
 from .roi import (
     BACKGROUND,
     RoiBatch,
@@ -500,14 +500,9 @@ def run(ctx: RunContext) -> StudyResult:
                 {**base_key, "variant": name, "seed": seed},
                 lambda n=name, s=seed: run_variant(n, scale, s)))
     keys = ("pop", "mu_B")
-    numbers: dict[str, Any] = {
-        "per_seed": per_seed,
-        "mean": {n: {k: mean_std([r[k] for r in rs])[0] for k in keys}
-                 for n, rs in per_seed.items()},
-        "std": {n: {k: mean_std([r[k] for r in rs])[1] for k in keys}
-                for n, rs in per_seed.items()},
-        "scale": scale.as_dict(),
-    }
+    mean, std = over_seeds(per_seed, keys)
+    numbers: dict[str, Any] = {"per_seed": per_seed, "mean": mean, "std": std,
+                               "scale": scale.as_dict()}
     rows = []
     for name, variant in VARIANTS.items():
         rs = per_seed[name]
@@ -524,11 +519,7 @@ def run(ctx: RunContext) -> StudyResult:
                 real[name].append(ctx.cache.get_or_run(
                     {**base_key, "variant": name, "seed": seed, "ranks": ranks},
                     lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))
-        numbers["ranks"] = {
-            "world": ranks, "per_seed": real,
-            "mean": {n: {k: mean_std([r[k] for r in rs])[0] for k in keys}
-                     for n, rs in real.items()},
-        }
+        numbers["ranks"] = {"world": ranks, "per_seed": real, "mean": over_seeds(real, keys)[0]}
         tables.append(Table(
             f"virtual devices vs {ranks} real gloo ranks (torchrun): RoI error (%); same seeds "
             "and steps, so only the order of floating-point reductions differs",

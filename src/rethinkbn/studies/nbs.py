@@ -16,11 +16,10 @@ from torch import nn
 
 from ..population import freeze_epoch_for
 from . import bn, paper
-from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
+from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
-    agg,
     fmt,
     new_model,
     pyplot,
@@ -177,8 +176,9 @@ def run(ctx: RunContext) -> StudyResult:
             key, lambda k=nbs, f=frozen, s=seed: _run(ctx, scale, k, f, s))
         for name, value in result.items():
             per_seed[name].setdefault(str(nbs), []).append(value)
-    mean = {k: {n: agg(v)[0] for n, v in d.items()} for k, d in per_seed.items()}
-    std = {k: {n: agg(v)[1] for n, v in d.items()} for k, d in per_seed.items()}
+    stats = {k: {n: mean_std(v) for n, v in d.items()} for k, d in per_seed.items()}
+    mean = {k: {n: m for n, (m, _) in d.items()} for k, d in stats.items()}
+    std = {k: {n: s for n, (_, s) in d.items()} for k, d in stats.items()}
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "scale": scale.as_dict(),
                "sgd_batch": SGD_BATCH}
     sizes = nbs_values(ctx.quick)[::-1]

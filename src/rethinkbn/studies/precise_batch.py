@@ -14,7 +14,7 @@ from torch import nn
 
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
-from .common import FULL_MNIST1D_SAMPLES, Scale, agg, fmt, new_model, scale_for
+from .common import FULL_MNIST1D_SAMPLES, Scale, fmt, new_model, over_seeds, scale_for
 from .data import DataSplit
 from .train import TrainConfig, evaluate_error, train
 
@@ -88,8 +88,7 @@ def run(ctx: RunContext) -> StudyResult:
         per_seed.setdefault(str(nbs), []).append(
             ctx.cache.get_or_run(key, lambda k=nbs, s=seed: _run(ctx, scale, k, s)))
     columns = list(per_seed["32"][0])
-    mean = {k: {c: agg([r[c] for r in rs])[0] for c in columns} for k, rs in per_seed.items()}
-    std = {k: {c: agg([r[c] for r in rs])[1] for c in columns} for k, rs in per_seed.items()}
+    mean, std = over_seeds(per_seed, columns)
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "columns": columns,
                "scale": scale.as_dict(), "sgd_batch": SGD_BATCH}
     ours = Table(f"validation error (%), population statistics from N = {scale.num_train}",
