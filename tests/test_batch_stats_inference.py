@@ -115,3 +115,29 @@ def test_a_layer_that_cannot_group_is_named_and_nothing_changes():
 def test_a_bad_norm_batch_size_is_rejected():
     with pytest.raises(ValueError, match="got 0"), batch_stats_inference(cnn(), 0):
         pass
+
+
+def _sync_layer_on_each_rank_alone(kind):
+    """On every rank: a SyncBatchNorm under batch_stats_inference, batches of different sizes."""
+    import torch.distributed as dist
+
+    from rethinkbn.distributed import SyncBatchNorm
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    layer = (nn.SyncBatchNorm if kind == "torch" else SyncBatchNorm)(3).eval()
+    x = torch.randn(2 + rank, 3, 4, generator=torch.Generator().manual_seed(rank)) * 2 + rank
+    before = snapshot(layer)
+    with torch.no_grad(), batch_stats_inference(layer):
+        y = layer(x)
+    alone = nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+    assert_unchanged(before, layer)
+    return torch.allclose(y, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["torch", "rethinkbn"])
+def test_a_sync_batchnorm_normalizes_each_ranks_batch_alone(kind):
+    from rethinkbn.distributed.testing import GlooWorld
+
+    with GlooWorld(2) as world:
+        assert world.run(_sync_layer_on_each_rank_alone, kind) == [True, True]
