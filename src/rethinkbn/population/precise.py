@@ -75,9 +75,10 @@ def distances(
 def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -> dict[str, Tensor]:
     """The buffers to install from a layer's pooled moments: mean and *unbiased* variance.
 
-    Entries (channels, or domains of a DomainBatchNorm) with fewer than two values keep their old
-    statistics. Moments of shape ``(D, C)`` for buffers of shape ``(C,)`` (a DomainBatchNorm with
-    shared population statistics) are merged over the domains first.
+    Entries (channels, or domains of a DomainBatchNorm) that saw no value keep their old mean, and
+    those with fewer than two values their old variance. Moments of shape ``(D, C)`` for buffers
+    of shape ``(C,)`` (a DomainBatchNorm with shared population statistics) are merged over the
+    domains first.
     """
     old_mean, old_var = running_buffers(layer)  # type: ignore[misc]
     label = f"'{name}' ({layer.__class__.__name__})"
@@ -189,7 +190,7 @@ def precise_bn(
         device=device, pass_norm_batch_size=pass_norm_batch_size, include_frozen=include_frozen,
         keep_modes=keep_modes, strict=strict, progress=progress, process_group=process_group,
     )
-    install_stats(model, {**old, **stats})
+    install_stats(model, stats, partial=True)
     reports = {}
     for name, new in stats.items():
         layer, total, calls = result.layers[name], result.totals[name], result.calls.get(name)
