@@ -31,6 +31,21 @@ def test_study_runs_end_to_end_and_reports_every_number(study, tiny_out, tiny_da
         assert (tiny_out / plot).stat().st_size > 0
 
 
+
+@pytest.mark.parametrize("study", PART2)
+def test_study_draws_progress_bars_for_its_runs_and_their_epochs(study, tiny_out, tiny_data,
+                                                                 one_thread):
+    bars = []
+
+    def recording(iterable=None, *, desc=None, total=None, leave=False):
+        bars.append(desc)
+        return iterable
+
+    reproduce([study], tiny=True, data=tiny_data, out_dir=tiny_out, progress=recording,
+              log=None)
+    assert f"{study} runs" in bars
+    assert len(bars) > 1  # and, inside, at least one bar over a run's epochs
+
 # ---------------------------------------------------------------------------- domain-shift
 def shift_numbers():
     shifted = {n: {"source": 40.0, "target": 30.0} for n in

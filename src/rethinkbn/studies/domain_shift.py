@@ -74,7 +74,7 @@ def run_seed(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> dict[
     }
     model = new_model(ctx, data, scale, seed)
     config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR, warmup_epochs=1)
-    train(model, train_x, train_y, config, seed=seed, progress=ctx.progress, desc="domain-shift")
+    train(model, train_x, train_y, config, seed=seed, progress=ctx.progress, desc=f"seed {seed}")
 
     bank = StatsBank()
     stats = {"num_samples": None, "device": device, "progress": False}
@@ -160,7 +160,8 @@ def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, quick_epochs=8, full_epochs=30)
     runs = []
-    for seed in ctx.seeds:
+    seeds = list(ctx.seeds)
+    for seed in ctx.progress(seeds, desc="domain-shift runs", total=len(seeds), leave=True):
         key = {"study": "domain-shift", "v": 1, "data": ctx.data_spec, "seed": seed,
                "severity": SEVERITY, "sgd_batch": SGD_BATCH, "lr": LR,
                "scale": scale.as_dict()}

@@ -494,11 +494,11 @@ def run(ctx: RunContext) -> StudyResult:
     check_ranks(scale, ranks)  # before any training, not after the virtual runs
     base_key = {"study": "leakage", "v": 1, "scale": scale.as_dict()}
     per_seed: dict[str, list[dict[str, float]]] = {n: [] for n in VARIANTS}
-    for name in VARIANTS:
-        for seed in ctx.seeds:
-            per_seed[name].append(ctx.cache.get_or_run(
-                {**base_key, "variant": name, "seed": seed},
-                lambda n=name, s=seed: run_variant(n, scale, s)))
+    jobs = [(n, s) for n in VARIANTS for s in ctx.seeds]
+    for name, seed in ctx.progress(jobs, desc="leakage runs", total=len(jobs), leave=True):
+        per_seed[name].append(ctx.cache.get_or_run(
+            {**base_key, "variant": name, "seed": seed},
+            lambda n=name, s=seed: run_variant(n, scale, s, ctx.progress)))
     keys = ("pop", "mu_B")
     mean, std = over_seeds(per_seed, keys)
     numbers: dict[str, Any] = {"per_seed": per_seed, "mean": mean, "std": std,
@@ -514,11 +514,12 @@ def run(ctx: RunContext) -> StudyResult:
                     ["head normalization", "images per device", "pop", "mu_B of 1 image"], rows)]
     if ranks > 1:
         real: dict[str, list[dict[str, float]]] = {n: [] for n in RANK_VARIANTS}
-        for name in RANK_VARIANTS:
-            for seed in ctx.seeds:
-                real[name].append(ctx.cache.get_or_run(
-                    {**base_key, "variant": name, "seed": seed, "ranks": ranks},
-                    lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))
+        jobs = [(n, s) for n in RANK_VARIANTS for s in ctx.seeds]
+        for name, seed in ctx.progress(jobs, desc=f"leakage runs on {ranks} ranks",
+                                       total=len(jobs), leave=True):
+            real[name].append(ctx.cache.get_or_run(
+                {**base_key, "variant": name, "seed": seed, "ranks": ranks},
+                lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))
         numbers["ranks"] = {"world": ranks, "per_seed": real, "mean": over_seeds(real, keys)[0]}
         tables.append(Table(
             f"virtual devices vs {ranks} real gloo ranks (torchrun): RoI error (%); same seeds "

@@ -28,7 +28,16 @@ from ..layers import DomainBatchNorm
 from ..population import precise_bn
 from ..stats import Moments
 from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
+from .base import (
+    ProgressFactory,
+    RunContext,
+    StudyResult,
+    SummaryRow,
+    Table,
+    mean_std,
+    register_study,
+    verdict,
+)
 from .common import fmt, pyplot, save_plot
 from .data import DataSplit
 from .train import TrainConfig
@@ -144,8 +153,10 @@ def build_model(name: str, data: DataSplit, width: int, seed: int) -> LevelNet:
     return LevelNet(data.in_channels, data.num_classes, width, norm)
 
 
-def train_levels(model: LevelNet, data: DataSplit, scale: MultiDomainScale, seed: int) -> float:
-    """SGD (momentum 0.9, cosine lr) on the mean of the levels' cross-entropies."""
+def train_levels(model: LevelNet, data: DataSplit, scale: MultiDomainScale, seed: int,
+                 progress: ProgressFactory | None = None) -> float:
+    """SGD (momentum 0.9, cosine lr) on the mean of the levels' cross-entropies; returns the
+    last step's loss. ``progress`` (optional) draws a bar over the epochs."""
     x, y = data.train_x[: scale.num_train], data.train_y[: scale.num_train]
     opt = torch.optim.SGD(model.parameters(), lr=scale.lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +164,8 @@ def train_levels(model: LevelNet, data: DataSplit, scale: MultiDomainScale, seed
     schedule = TrainConfig(epochs=scale.epochs, batch_size=scale.batch_size, lr=scale.lr)
     step, loss = 0, torch.tensor(float("nan"))
     model.train()
-    for _ in range(scale.epochs):
+    epochs = range(scale.epochs)
+    for _ in progress(epochs, desc="epochs", total=scale.epochs) if progress else epochs:
         order = torch.randperm(len(x), generator=g)
         for i in range(steps_per_epoch):
             idx = order[i * scale.batch_size:(i + 1) * scale.batch_size]
@@ -192,10 +204,11 @@ def level_shift(model: LevelNet) -> float | None:
     return float(torch.stack(shifts).mean()) if shifts else None
 
 
-def run_head(name: str, data: DataSplit, scale: MultiDomainScale, seed: int) -> dict[str, Any]:
+def run_head(name: str, data: DataSplit, scale: MultiDomainScale, seed: int,
+             progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Train one head variant, estimate population statistics, and measure the level errors."""
     model = build_model(name, data, scale.width, seed)
-    loss = train_levels(model, data, scale, seed)
+    loss = train_levels(model, data, scale, seed, progress)
     if any(isinstance(m, DomainBatchNorm) for m in model.modules()):
         x = data.train_x[: scale.num_train]
         batches = [x[i:i + scale.batch_size] for i in range(0, len(x), scale.batch_size)]
@@ -268,12 +281,12 @@ def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, data)
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in HEADS}
-    for name in HEADS:
-        for seed in ctx.seeds:
-            key = {"study": "multi-domain", "v": 1, "data": ctx.data_spec, "head": name,
-                   "seed": seed, "scale": scale.as_dict()}
-            per_seed[name].append(ctx.cache.get_or_run(
-                key, lambda n=name, s=seed: run_head(n, data, scale, s)))
+    jobs = [(n, s) for n in HEADS for s in ctx.seeds]
+    for name, seed in ctx.progress(jobs, desc="multi-domain runs", total=len(jobs), leave=True):
+        key = {"study": "multi-domain", "v": 1, "data": ctx.data_spec, "head": name,
+               "seed": seed, "scale": scale.as_dict()}
+        per_seed[name].append(ctx.cache.get_or_run(
+            key, lambda n=name, s=seed: run_head(n, data, scale, s, ctx.progress)))
     mean = {n: mean_std([r["error"] for r in rs])[0] for n, rs in per_seed.items()}
     numbers = {"per_seed": per_seed, "mean_error": mean, "scale": scale.as_dict()}
     rows = []
