@@ -117,6 +117,15 @@ def test_a_bad_norm_batch_size_is_rejected():
         pass
 
 
+def test_a_norm_batch_size_that_is_not_an_int_is_a_type_error():
+    model = cnn()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="batch_stats_inference: norm_batch_size .*got 2.5"):
+        with batch_stats_inference(model, 2.5):
+            pass
+    assert_unchanged(before, model)
+
+
 def _sync_layer_on_each_rank_alone(kind):
     """On every rank: a SyncBatchNorm under batch_stats_inference, batches of different sizes."""
     import torch.distributed as dist

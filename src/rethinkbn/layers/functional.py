@@ -30,6 +30,7 @@ __all__ = [
     "apply_affine",
     "check_finite",
     "check_grouping",
+    "check_norm_batch_size",
     "ghost_batch_norm",
     "group_index",
     "group_sizes",
@@ -164,6 +165,19 @@ def check_grouping(grouping: str, owner: str) -> None:
     """Raise, naming ``owner``, unless ``grouping`` is one of :data:`GROUPINGS`."""
     if grouping not in GROUPINGS:
         raise ValueError(f"{owner}: grouping must be one of {GROUPINGS}, got {grouping!r}")
+
+
+def check_norm_batch_size(value: object, owner: str, arg: str = "norm_batch_size") -> None:
+    """Raise, naming ``owner`` and ``arg``, unless ``value`` is None or an int >= 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {arg} must be a positive int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(
+            f"{owner}: {arg} must be >= 1 (samples per normalization group) or None "
+            f"(the whole batch), got {value}"
+        )
 
 
 def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:

@@ -52,7 +52,7 @@ class GhostBatchNorm(BatchNormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_norm_batch_size(norm_batch_size, "GhostBatchNorm")
+        BF.check_norm_batch_size(norm_batch_size, "GhostBatchNorm")
         BF.check_grouping(grouping, "GhostBatchNorm")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.norm_batch_size = norm_batch_size
@@ -71,7 +71,7 @@ class GhostBatchNorm(BatchNormBase):
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         nbs = self.norm_batch_size if self.training else None
-        _check_norm_batch_size(nbs, layer_name(self))
+        BF.check_norm_batch_size(nbs, layer_name(self))
         BF.check_grouping(self.grouping, layer_name(self))
         sizes = BF.group_sizes(x.size(0), nbs)
         smallest = min(sizes) if self.grouping == "contiguous" else x.size(0) // len(sizes)
@@ -93,17 +93,3 @@ class GhostBatchNorm(BatchNormBase):
             # The groups' statistics merge exactly into the batch's: no second pass over x.
             self._observe(Moments.from_var_mean(count[:, None], mean, var, unbiased=True).total())
         return y
-
-
-def _check_norm_batch_size(norm_batch_size: object, owner: str) -> None:
-    if norm_batch_size is None:
-        return
-    if isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int):
-        raise TypeError(
-            f"{owner}: norm_batch_size must be a positive int or None, got {norm_batch_size!r}"
-        )
-    if norm_batch_size < 1:
-        raise ValueError(
-            f"{owner}: norm_batch_size must be >= 1 (samples per normalization group) or None "
-            f"(the whole batch), got {norm_batch_size}"
-        )

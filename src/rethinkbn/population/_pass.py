@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..layers.base import BatchNormBase
+from ..layers.functional import check_norm_batch_size
 from ..stats import Moments, all_reduce_moments
 from ._state import (
     ModelGuard,
@@ -250,13 +251,7 @@ def run_pass(
     reduction.
     """
     unit, budget = _budget(num_samples, num_batches)
-    if pass_norm_batch_size is not None and (
-        isinstance(pass_norm_batch_size, bool) or not isinstance(pass_norm_batch_size, int)
-        or pass_norm_batch_size < 1
-    ):
-        raise ValueError(
-            f"pass_norm_batch_size must be a positive int or None, got {pass_norm_batch_size!r}"
-        )
+    check_norm_batch_size(pass_norm_batch_size, caller, "pass_norm_batch_size")
     model = unwrap(model)
     layers = pass_layers(model, include_frozen)
     if not layers:

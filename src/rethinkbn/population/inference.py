@@ -30,14 +30,7 @@ __all__ = ["batch_stats_inference"]
 
 
 def _check(model: nn.Module, norm_batch_size: int | None) -> list[tuple[str, nn.Module]]:
-    if norm_batch_size is not None and (
-        isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int)
-        or norm_batch_size < 1
-    ):
-        raise ValueError(
-            f"batch_stats_inference: norm_batch_size must be a positive int (samples per "
-            f"normalization group) or None (the whole batch), got {norm_batch_size!r}"
-        )
+    BF.check_norm_batch_size(norm_batch_size, "batch_stats_inference")
     layers = [(n, m) for n, m in batchnorm_layers(model) if not is_frozen(m)]
     if norm_batch_size is None:
         return layers
