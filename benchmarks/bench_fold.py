@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rethinkbn.convert import fold_batchnorm
+from rethinkbn.studies.common import cpu_threads
 
 SHAPES = [(1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32)]
 REPEATS = 50
@@ -82,9 +83,7 @@ def paired_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 def main() -> None:
     torch.manual_seed(0)
     # One thread: on a shared machine, timings with several threads are mostly scheduler noise.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         model = resnet()
         folded = fold_batchnorm(model)
         count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - sum(
@@ -101,8 +100,6 @@ def main() -> None:
                 ref = model(x)
                 diff = ((folded(x) - ref).abs().max() / ref.abs().max()).item()
             print(f"| {tuple(shape)} | {ratio:.2f}x | {diff:.1e} |")
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rethinkbn.layers import GhostBatchNorm
+from rethinkbn.studies.common import cpu_threads
 
 SHAPES = [(256, 64, 16, 16), (128, 256, 8, 8), (1024, 64, 40)]
 NBS = [2, 4, 32, None]
@@ -76,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (5 if args.quick else 9)
     torch.manual_seed(0)
     # One thread: on a shared machine, timings with several threads are mostly scheduler noise.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         print(f"time(candidate fwd+bwd) / time(torch BatchNorm fwd+bwd), training mode, 1 thread, "
               f"CPU time, median of {repeats} back-to-back pairs (target: ghost <= 1.05)\n")
         print("| shape | NBS | ghost contiguous | ghost strided | Python loop over groups |")
@@ -100,8 +99,6 @@ def main(argv: list[str] | None = None) -> None:
                 label = "full" if nbs is None else str(nbs)
                 print(f"| {shape} | {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |",
                       flush=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 
 from rethinkbn.population import StatsBank, capture_stats, precise_bn
 from rethinkbn.stats import Moments
+from rethinkbn.studies.common import cpu_threads
 
 REPEATS = 9
 BATCHES = 16
@@ -179,9 +180,9 @@ def bank_table():
 
 def main() -> None:
     # one thread: on a shared machine, competing for cores adds more noise than it removes
-    torch.set_num_threads(1)
-    precise_table()
-    bank_table()
+    with cpu_threads(1):
+        precise_table()
+        bank_table()
 
 
 if __name__ == "__main__":

@@ -112,7 +112,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         worker()
     else:
         main()
