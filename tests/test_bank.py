@@ -116,3 +116,10 @@ def test_a_snapshot_of_another_model_is_refused_and_changes_nothing():
 def test_an_unknown_name_lists_the_bank():
     with pytest.raises(KeyError, match=r"no snapshot named 'noise'.*\['source'\]"):
         StatsBank({"source": {}})["noise"]
+
+
+def test_a_snapshot_without_both_statistics_is_refused_naming_the_layer():
+    bank = StatsBank()
+    with pytest.raises(ValueError, match=r"'bad'.*layer '1' needs tensors.*got \['running_mean'\]"):
+        bank["bad"] = {"1": {"running_mean": torch.zeros(3)}}
+    assert "bad" not in bank

@@ -108,6 +108,12 @@ class StatsBank:
     def __setitem__(self, name: str, snapshot: Mapping[str, Mapping[str, Tensor]]) -> None:
         if not isinstance(name, str):
             raise TypeError(f"snapshot names are strings, got {type(name).__name__}")
+        for layer, value in snapshot.items():
+            if not all(isinstance(value.get(key), Tensor) for key in STAT_BUFFERS):
+                raise ValueError(
+                    f"StatsBank[{name!r}]: layer {layer!r} needs tensors {list(STAT_BUFFERS)}, "
+                    f"got {sorted(value)}"
+                )
         self._snapshots[name] = {
             layer: {key: value[key].detach().clone() for key in STAT_BUFFERS}
             for layer, value in snapshot.items()
@@ -136,8 +142,8 @@ class StatsBank:
         return list(self._snapshots)
 
     def capture(self, name: str, model: nn.Module) -> None:
-        """Store the model's current statistics under ``name``."""
-        self._snapshots[name] = capture_stats(model)
+        """Store (a copy of) the model's current statistics under ``name``."""
+        self[name] = capture_stats(model)
 
     # ------------------------------------------------------------------ switching
     def install(self, model: nn.Module, name: str) -> None:
