@@ -73,6 +73,15 @@ def test_virtual_plan_needs_equal_devices():
         ShufflePlan.virtual(7, 2, seed=0, step=0)
 
 
+
+@pytest.mark.parametrize("devices", [0, 1.5, True])
+def test_virtual_devices_must_be_a_positive_int(devices):
+    with pytest.raises(ValueError, match=rf"num_devices must be a positive int, got {devices!r}"):
+        ShufflePlan.virtual(4, devices, seed=0, step=0)
+    with pytest.raises(ValueError, match=rf"virtual_devices must be a positive int or None, "
+                                         rf"got {devices!r}"):
+        ShuffledModule(nn.Identity(), virtual_devices=devices)
+
 def test_per_device_bn_normalizes_each_virtual_device_alone():
     x = global_batch([12], tail=(3, 4)).float()
     layer = PerDeviceBatchNorm(3, num_devices=3)

@@ -334,6 +334,12 @@ def test_process_group_and_group_size_are_exclusive():
         SyncBatchNorm(3, process_group=object(), group_size=2)  # type: ignore[arg-type]
 
 
+
+@pytest.mark.parametrize("group_size", [0, -2, 1.5, True])
+def test_group_size_must_be_a_positive_int(group_size):
+    with pytest.raises(ValueError, match=rf"group_size must be a positive int, got {group_size!r}"):
+        SyncBatchNorm(3, group_size=group_size)
+
 def rank1_raises_mid_step(spec):
     layer = make_layer(spec, SyncBatchNorm)
     x, _ = make_batch(spec, 0)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..layers.base import layer_name
+from ._checks import is_positive_int
 
 __all__ = ["ShufflePlan", "ShuffledModule", "shuffle_permutation"]
 
@@ -107,7 +108,11 @@ class ShufflePlan:
 
         ``batch_size`` must split into ``num_devices`` equal chunks.
         """
-        if num_devices < 1 or batch_size % num_devices:
+        if not is_positive_int(num_devices):
+            raise ValueError(
+                f"ShufflePlan.virtual: num_devices must be a positive int, got {num_devices!r}"
+            )
+        if batch_size % num_devices:
             raise ValueError(
                 f"ShufflePlan.virtual: a batch of {batch_size} samples does not split into "
                 f"{num_devices} equal virtual devices; expected a multiple of {num_devices}"
@@ -227,9 +232,7 @@ class ShuffledModule(nn.Module):
         virtual_devices: int | None = None,
     ) -> None:
         super().__init__()
-        if virtual_devices is not None and (
-            not isinstance(virtual_devices, int) or virtual_devices < 1
-        ):
+        if virtual_devices is not None and not is_positive_int(virtual_devices):
             raise ValueError(
                 f"ShuffledModule: virtual_devices must be a positive int or None, "
                 f"got {virtual_devices!r}"

@@ -52,6 +52,7 @@ from ..stats import (
     reduce_dims,
     split_mean,
 )
+from ._checks import is_positive_int
 
 __all__ = ["SyncBatchNorm", "consecutive_group"]
 
@@ -75,7 +76,7 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
         )
     world = dist.group.WORLD
     world_size = dist.get_world_size()
-    if not isinstance(group_size, int) or group_size < 1 or world_size % group_size:
+    if not is_positive_int(group_size) or world_size % group_size:
         raise ValueError(
             f"group_size must be a positive divisor of the world size {world_size}, "
             f"got {group_size!r}"
@@ -202,7 +203,7 @@ class SyncBatchNorm(BatchNormBase):
                 f"SyncBatchNorm({num_features}): give process_group or group_size, not both "
                 f"(got process_group={process_group!r}, group_size={group_size!r})"
             )
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        if group_size is not None and not is_positive_int(group_size):
             raise ValueError(
                 f"SyncBatchNorm({num_features}): group_size must be a positive int, "
                 f"got {group_size!r}"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..convert import convert_batchnorm
 from ..layers import GhostBatchNorm, layer_name
+from ._checks import is_positive_int
 
 __all__ = ["PerDeviceBatchNorm", "virtual_devices"]
 
@@ -39,7 +40,7 @@ class PerDeviceBatchNorm(GhostBatchNorm):
     """
 
     def __init__(self, num_features: int, num_devices: int = 1, **kwargs: object) -> None:
-        if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        if not is_positive_int(num_devices):
             raise ValueError(
                 f"PerDeviceBatchNorm({num_features}): num_devices must be a positive int, "
                 f"got {num_devices!r}"
@@ -77,7 +78,7 @@ def virtual_devices(model: nn.Module, num_devices: int, **kwargs: object) -> nn.
     keywords (``include``, ``exclude``, ``predicate``) are those of ``convert_batchnorm``. Changes
     ``model`` in place and returns it (the new root if the root itself was a BatchNorm).
     """
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+    if not is_positive_int(num_devices):
         raise ValueError(
             f"virtual_devices: num_devices must be a positive int, got {num_devices!r}"
         )

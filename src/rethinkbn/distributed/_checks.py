@@ -1,0 +1,8 @@
+"""Argument checks shared by the distributed layer."""
+
+from __future__ import annotations
+
+
+def is_positive_int(value: object) -> bool:
+    """True for an ``int`` >= 1; False for ``bool`` (``True`` is not a device or group count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
