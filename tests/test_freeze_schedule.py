@@ -118,3 +118,15 @@ def test_hook_arguments_are_checked_up_front():
         PreciseBNHook([], every_n_epochs=0)
     with pytest.raises(TypeError, match="num_sample"):
         PreciseBNHook([], num_sample=10)
+    with pytest.raises(TypeError, match=r"FreezeBNHook: unknown arguments \['num_sample'\]"):
+        FreezeBNHook([], freeze_epoch=80, num_sample=10)
+
+
+def test_a_misspelt_argument_is_refused_before_the_pass_and_changes_nothing():
+    model, data = model_and_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="freeze_with_precise_stats: unknown.*'affine_trainble'"):
+        freeze_with_precise_stats(model, data, num_batches=4, affine_trainble=False)
+    assert type(model[1]) is nn.BatchNorm1d
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -79,3 +79,8 @@ def test_freeze_bn_callback_freezes_for_the_last_fraction_and_keeps_the_optimize
     assert not torch.equal(bn.running_var, torch.ones(4))  # precise, not the initial statistics
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert id(bn.weight) in optimized and id(bn.bias) in optimized
+
+
+def test_freeze_bn_callback_refuses_a_misspelt_argument_when_built():
+    with pytest.raises(TypeError, match=r"FreezeBN: unknown arguments \['num_sample'\]"):
+        FreezeBN(num_sample=10)

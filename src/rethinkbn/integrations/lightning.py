@@ -14,7 +14,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from ..population.schedule import FreezeBNHook, PreciseBNHook, freeze_epoch_for
+from ..population.schedule import (
+    FreezeBNHook,
+    PreciseBNHook,
+    check_freeze_kwargs,
+    freeze_epoch_for,
+)
 
 __all__ = ["FreezeBN", "PreciseBN"]
 
@@ -80,6 +85,7 @@ class FreezeBN(pl.Callback):
     ) -> None:
         if freeze_epoch is None and not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        check_freeze_kwargs(kwargs, "FreezeBN")
         self.data = data
         self.freeze_epoch = freeze_epoch
         self.fraction = fraction

@@ -17,6 +17,7 @@ plain training loop::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..convert import freeze_bn
+from ..layers import FrozenBatchNorm
 from ._state import batchnorm_layers, is_frozen, unwrap
 from .bank import capture_stats, install_stats
 from .precise import PreciseBNReport, precise_bn, recompute_stats
@@ -35,11 +37,29 @@ logger = logging.getLogger(__name__)
 
 _PRECISE_KEYS = {
     "num_samples", "num_batches", "forward", "input_key", "device", "pass_norm_batch_size",
-    "keep_modes", "strict", "progress", "process_group",
+    "include_frozen", "keep_modes", "strict", "progress", "process_group",
 }
+# FrozenBatchNorm's constructor keywords (device= is precise_bn's: the new layers take the old
+# ones' device), and convert_batchnorm's domain= (which row of a per-domain layer to keep).
+_FREEZE_KEYS = (
+    set(inspect.signature(FrozenBatchNorm.__init__).parameters)
+    - {"self", "num_features", "device"}
+) | {"domain"}
 
 
-def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_freeze_kwargs(
+    kwargs: dict[str, Any], caller: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``kwargs`` into (precise_bn's, the FrozenBatchNorm conversion's).
+
+    Raises TypeError, naming ``caller``, for a keyword that neither takes.
+    """
+    unknown = set(kwargs) - _PRECISE_KEYS - _FREEZE_KEYS
+    if unknown:
+        raise TypeError(
+            f"{caller}: unknown arguments {sorted(unknown)}; expected precise_bn's "
+            f"{sorted(_PRECISE_KEYS)} or FrozenBatchNorm's {sorted(_FREEZE_KEYS)}"
+        )
     precise = {k: v for k, v in kwargs.items() if k in _PRECISE_KEYS}
     return precise, {k: v for k, v in kwargs.items() if k not in _PRECISE_KEYS}
 
@@ -66,7 +86,7 @@ def freeze_with_precise_stats(
     The reverse is :func:`rethinkbn.convert.unfreeze_bn` (back to torch BatchNorm, with the
     frozen statistics as running statistics).
     """
-    precise_kwargs, layer_kwargs = _split(kwargs)
+    precise_kwargs, layer_kwargs = check_freeze_kwargs(kwargs, "freeze_with_precise_stats")
     model = unwrap(model)
     old = capture_stats(model)
     stats = recompute_stats(model, data, **precise_kwargs)
@@ -96,7 +116,7 @@ class PreciseBNHook:
     ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
-        unknown = set(kwargs) - _PRECISE_KEYS - {"include_frozen"}
+        unknown = set(kwargs) - _PRECISE_KEYS
         if unknown:
             raise TypeError(f"PreciseBNHook: unknown precise_bn arguments {sorted(unknown)}")
         self.data = data
@@ -131,6 +151,8 @@ class FreezeBNHook:
     def __init__(self, data: Iterable[Any] | None, *, freeze_epoch: int, **kwargs: Any) -> None:
         if not isinstance(freeze_epoch, int) or freeze_epoch < 0:
             raise ValueError(f"freeze_epoch must be an int >= 0, got {freeze_epoch!r}")
+        # a misspelt keyword fails now, not many epochs later at the freeze
+        check_freeze_kwargs(kwargs, "FreezeBNHook")
         self.data = data
         self.freeze_epoch = freeze_epoch
         self.kwargs = kwargs
