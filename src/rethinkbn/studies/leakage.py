@@ -36,6 +36,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -295,13 +296,15 @@ def population_stats(model: RoiNet, images: RoiImages, scale: LeakageScale, seed
 
     The model is put in train mode with ``keep_modes=True`` so that the shuffle (a training-only
     module) also runs during the pass. Across ranks, precise_bn pools every rank's moments.
+    Side effects: the BN layers' running statistics are replaced; the model is left in eval mode.
     """
-    batches = list(step_batches(images, scale, seed + 7, 0, rank, world))
+    # Only the steps used are drawn (the first steps of the epoch's seeded stream).
+    batches = list(islice(step_batches(images, scale, seed + 7, 0, rank, world),
+                          scale.precise_batches))
     model.train()
     try:
-        precise_bn(model, batches[: scale.precise_batches], num_batches=min(
-            scale.precise_batches, len(batches)), forward=lambda m, b: m(*b), keep_modes=True,
-            progress=False)
+        precise_bn(model, batches, num_batches=len(batches), forward=lambda m, b: m(*b),
+                   keep_modes=True, progress=False)
     finally:
         model.eval()
 
