@@ -65,6 +65,12 @@ def test_only_selected_layers_freeze_and_the_others_keep_their_statistics():
     assert torch.equal(model[4].running_mean, ema)
 
 
+def test_the_freeze_hook_passes_the_layer_selection_on():
+    model, data = model_and_data()
+    model = FreezeBNHook(data, freeze_epoch=0, include="1", num_batches=4)(model, 0)
+    assert isinstance(model[1], FrozenBatchNorm) and isinstance(model[4], nn.BatchNorm1d)
+
+
 def test_unfreeze_bn_is_the_reverse():
     model, data = model_and_data()
     model = freeze_with_precise_stats(model, data, num_batches=4)
@@ -120,6 +126,7 @@ def test_hook_arguments_are_checked_up_front():
         PreciseBNHook([], num_sample=10)
     with pytest.raises(TypeError, match=r"FreezeBNHook: unknown arguments \['num_sample'\]"):
         FreezeBNHook([], freeze_epoch=80, num_sample=10)
+    FreezeBNHook([], freeze_epoch=80, include="1", affine_trainable=False, num_samples=10)
 
 
 def test_a_misspelt_argument_is_refused_before_the_pass_and_changes_nothing():

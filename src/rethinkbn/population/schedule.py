@@ -45,6 +45,7 @@ _FREEZE_KEYS = (
     set(inspect.signature(FrozenBatchNorm.__init__).parameters)
     - {"self", "num_features", "device"}
 ) | {"domain"}
+_SELECT_KEYS = {"include", "exclude", "predicate"}
 
 
 def check_freeze_kwargs(
@@ -54,11 +55,12 @@ def check_freeze_kwargs(
 
     Raises TypeError, naming ``caller``, for a keyword that neither takes.
     """
-    unknown = set(kwargs) - _PRECISE_KEYS - _FREEZE_KEYS
+    unknown = set(kwargs) - _PRECISE_KEYS - _FREEZE_KEYS - _SELECT_KEYS
     if unknown:
         raise TypeError(
             f"{caller}: unknown arguments {sorted(unknown)}; expected precise_bn's "
-            f"{sorted(_PRECISE_KEYS)} or FrozenBatchNorm's {sorted(_FREEZE_KEYS)}"
+            f"{sorted(_PRECISE_KEYS)}, FrozenBatchNorm's {sorted(_FREEZE_KEYS)} or a layer "
+            f"selection {sorted(_SELECT_KEYS)}"
         )
     precise = {k: v for k, v in kwargs.items() if k in _PRECISE_KEYS}
     return precise, {k: v for k, v in kwargs.items() if k not in _PRECISE_KEYS}
