@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from rethinkbn.population import StatsBank, capture_stats, precise_bn
 from rethinkbn.stats import Moments
@@ -35,18 +36,19 @@ SIZE = 16
 
 
 class Block(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
 
 
-def resnet(channels=16, blocks=3):
+def resnet(channels: int = 16, blocks: int = 3) -> nn.Module:
+    """A ResNet-style CNN: stem, ``blocks`` residual blocks of two conv-BN, a classifier."""
     return nn.Sequential(
         nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
         *[Block(channels) for _ in range(blocks)],
@@ -54,14 +56,15 @@ def resnet(channels=16, blocks=3):
     )
 
 
-def bare(model, data):
+def bare(model: nn.Module, data: list[Tensor]) -> None:
+    """The baseline: train-mode forwards over ``data`` (what any statistics pass costs)."""
     model.train()
     with torch.no_grad():
         for x in data:
             model(x)
 
 
-def fvcore_style(model, data):
+def fvcore_style(model: nn.Module, data: list[Tensor]) -> None:
     """fvcore's update_bn_stats in essence: momentum 1, average the per-batch buffers."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     momenta = [bn.momentum for bn in bns]
@@ -82,7 +85,7 @@ def fvcore_style(model, data):
         bn.momentum = momentum
 
 
-def input_hook(model, data):
+def input_hook(model: nn.Module, data: list[Tensor]) -> None:
     """Exact pooling from every BatchNorm input: one extra reduction pass per activation."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     rows: dict[nn.Module, list[Moments]] = {bn: [] for bn in bns}
@@ -104,22 +107,25 @@ def input_hook(model, data):
         bn.running_var.copy_(total.var(unbiased=True))
 
 
-def ours(model, data):
+def ours(model: nn.Module, data: list[Tensor]) -> None:
+    """rethinkbn.precise_bn over every batch of ``data``."""
     precise_bn(model, data, num_batches=len(data), progress=False)
 
 
-def timed(fn, *args):
+def timed(fn: Callable[..., object], *args: object) -> float:
+    """Seconds one call ``fn(*args)`` takes."""
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start
 
 
-def median_ratio(times, baseline):
+def median_ratio(times: list[float], baseline: list[float]) -> float:
     """Median over repeats of the ratio to the baseline timed in the same repeat (load drifts)."""
     return statistics.median(t / b for t, b in zip(times, baseline, strict=True))
 
 
-def precise_table():
+def precise_table() -> None:
+    """Print PreciseBN's time against a bare forward pass, and two other designs'."""
     torch.manual_seed(0)
     model = resnet()
     data = [torch.randn(BATCH_SIZE, 3, SIZE, SIZE) for _ in range(BATCHES)]
@@ -141,7 +147,8 @@ def precise_table():
         print(f"| {name} | {median_ratio(times[name], times['bare forward']):.3f}x |")
 
 
-def bank_table():
+def bank_table() -> None:
+    """Print the StatsBank's switch and install times against one eval forward."""
     torch.manual_seed(0)
     layers = []
     for _ in range(50):
@@ -153,15 +160,15 @@ def bank_table():
                       for name, stats in capture_stats(model).items()}
     x = torch.randn(8, 32, 16, 16)
 
-    def forward():
+    def forward() -> None:
         with torch.no_grad():
             model(x)
 
-    def switch():
+    def switch() -> None:
         with bank.use(model, "target"):
             pass
 
-    def install():
+    def install() -> None:
         bank.install(model, "target")
 
     forward()

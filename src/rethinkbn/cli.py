@@ -14,6 +14,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rethinkbn`` argument parser: sub-commands ``reproduce`` and ``studies``."""
     parser = argparse.ArgumentParser(prog="rethinkbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser(
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    0: done; 1: the report was written but a study failed; 2: bad options or ``--data``;
+    130: interrupted (finished runs stay cached).
+    """
     args = build_parser().parse_args(argv)
     from .studies.base import registered_studies
 

@@ -287,6 +287,7 @@ def train_model(model: RoiNet, images: RoiImages, scale: LeakageScale, seed: int
 
 
 def has_batchnorm(variant: Variant) -> bool:
+    """Whether the variant's head normalizes with batch statistics (so has mu_B to evaluate)."""
     return variant.norm in ("per-device", "sync")
 
 

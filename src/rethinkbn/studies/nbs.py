@@ -41,6 +41,7 @@ CURVES = {
 
 
 def nbs_values(quick: bool) -> list[int]:
+    """The normalization batch sizes swept: fewer in quick mode, always 2 up to the SGD batch."""
     return [2, 4, 8, 32, SGD_BATCH] if quick else [2, 4, 8, 16, 32, 64, SGD_BATCH]
 
 
