@@ -342,8 +342,8 @@ def _reduce(
         if name in calls:
             totals.append(calls[name].total())
         else:
-            shape = running_buffers(layer)[0].shape  # type: ignore[index]
-            totals.append(Moments.zeros(shape, device=running_buffers(layer)[0].device))  # type: ignore[index]
+            mean = running_buffers(layer)[0]  # type: ignore[index]
+            totals.append(Moments.zeros(mean.shape, device=mean.device))
     device = totals[0].mean.device if totals else torch.device("cpu")
     flag = Moments.zeros(1, device=device)
     if problem is not None:
