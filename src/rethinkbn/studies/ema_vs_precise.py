@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers import is_batchnorm
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import (
@@ -39,7 +40,7 @@ BASE_LR = 0.1
 
 def _probe_layer(model: nn.Module) -> nn.Module:
     """The BN layer Fig. 2 looks at: the first BN of the last stage."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in model.modules() if is_batchnorm(m)]
     return layers[len(layers) * 2 // 3]
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..distributed import ShuffledModule, SyncBatchNorm
 from ..distributed.testing import run_command
-from ..layers import GhostBatchNorm
+from ..layers import GhostBatchNorm, is_batchnorm
 from ..population import batch_stats_inference, precise_bn
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
@@ -317,7 +317,7 @@ def evaluate(model: RoiNet, test: RoiImages, rois: RoiBatch, scale: LeakageScale
     model.eval()
     pop = 100.0 * float((model(test.images, rois).argmax(1) != rois.labels).float().mean())
     out = {"pop": pop, "mu_B": pop}
-    if any(isinstance(m, (GhostBatchNorm, SyncBatchNorm)) for m in model.modules()):
+    if any(is_batchnorm(m) for m in model.modules()):
         # RoIs are contiguous per image: groups of rois_per_image are one image each.
         with batch_stats_inference(model, norm_batch_size=scale.task.rois_per_image):
             logits = model(test.images, rois)
