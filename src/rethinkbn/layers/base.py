@@ -177,19 +177,34 @@ class BatchNormBase(nn.Module):
     def _updates_running_stats(self) -> bool:
         return self.training and self.track_running_stats
 
-    def _momentum_factor(self) -> float:
-        """Advance ``num_batches_tracked`` and return this step's averaging factor."""
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
-        """Blend one step's batch statistics into the running buffers (torch's update rule)."""
-        factor = self._momentum_factor()
+    def _update_running_stats(
+        self, mean: Tensor, unbiased_var: Tensor, present: Tensor | None = None
+    ) -> None:
+        """Blend one step's batch statistics into the running buffers (torch's update rule).
+
+        ``num_batches_tracked`` advances by one and the factor is ``momentum``, or ``1 / t`` for
+        ``momentum=None``. With ``present`` (a bool per row of per-row buffers, e.g. per domain)
+        each row keeps its own count and only the rows present in the batch advance and move.
+        """
         assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        if present is None:
+            self.num_batches_tracked.add_(1)
+            factor: float | Tensor = (
+                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            )
+        else:
+            self.num_batches_tracked.add_(present.long())
+            if self.momentum is None:
+                rate = 1.0 / self.num_batches_tracked.clamp_min(1).double()
+            else:
+                rate = torch.full(present.shape, self.momentum, dtype=torch.float64,
+                                  device=present.device)
+            factor = (rate * present)[:, None].to(self.running_mean.dtype)
+            # an absent row's statistics may be NaN (no values): lerp by 0 would still spread it
+            mean = torch.where(present[:, None], mean, self.running_mean.double())
+            unbiased_var = torch.where(present[:, None], unbiased_var, self.running_var.double())
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 

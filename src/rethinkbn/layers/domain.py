@@ -192,7 +192,10 @@ class DomainBatchNorm(BatchNormBase):
                 self._update_running_stats(batch_mean, batch_var)
             else:
                 assert domain_moments is not None
-                self._update_domain_running_stats(domain_moments)
+                self._update_running_stats(
+                    domain_moments.mean, domain_moments.var(unbiased=True),
+                    present=domain_moments.count[:, 0] > 0,
+                )
         if self.observer is not None:
             self._observe(domain_moments)  # type: ignore[arg-type]
         return y
@@ -230,23 +233,6 @@ class DomainBatchNorm(BatchNormBase):
         else:
             rows, index = Moments.of(x, groups=x.size(0)), domain
         return rows.segment_merge(index, self.num_domains)
-
-    @torch.no_grad()
-    def _update_domain_running_stats(self, moments: Moments) -> None:
-        """Torch's momentum rule, per domain, for the domains present in the batch only."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        present = moments.count[:, 0] > 0
-        self.num_batches_tracked.add_(present.long())
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.clamp_min(1).double()
-        else:
-            factor = torch.full_like(moments.count[:, 0], self.momentum)
-        factor = (factor * present)[:, None]
-        for buffer, batch in ((self.running_mean, moments.mean),
-                              (self.running_var, moments.var(unbiased=True))):
-            batch = torch.where(present[:, None], batch, buffer.double())
-            buffer.lerp_(batch.to(buffer.dtype), factor.to(buffer.dtype))
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(
