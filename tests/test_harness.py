@@ -42,6 +42,13 @@ def test_a_failed_run_stores_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+
+def test_a_result_that_cannot_be_saved_leaves_no_partial_file(tmp_path):
+    cache = RunCache(tmp_path)
+    with pytest.raises(Exception):  # noqa: B017 - pickling's own error type varies
+        cache.get_or_run({"seed": 0}, lambda: {"fn": lambda: None})
+    assert not list(tmp_path.iterdir())
+
 def test_interrupted_reproduction_resumes_from_the_cache(tiny_out, tiny_data, quiet, one_thread):
     cache_dir = tiny_out / "cache"
     bars = []

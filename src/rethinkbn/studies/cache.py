@@ -57,13 +57,17 @@ class RunCache:
         return stored["result"]
 
     def put(self, config: dict[str, Any], result: Any) -> None:
+        """Store ``result`` under ``config`` atomically (nothing is stored if saving fails)."""
         path = self.path(config)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"config": config, "result": result}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"config": config, "result": result}, tmp)
+            os.replace(tmp, path)
+        finally:  # a save that fails (or is interrupted) leaves no partial file behind
+            tmp.unlink(missing_ok=True)
 
     def get_or_run(self, config: dict[str, Any], fn: Callable[[], T]) -> T:
         """The cached result of ``config``, else ``fn()`` (stored before it is returned)."""
