@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..population import StatsBank, recompute_stats
+from ..population import Snapshot, StatsBank, recompute_stats
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for
@@ -76,15 +76,16 @@ def run_seed(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> dict[
     config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR, warmup_epochs=1)
     train(model, train_x, train_y, config, seed=seed, progress=ctx.progress, desc=f"seed {seed}")
 
+    def population(x: Tensor) -> Snapshot:
+        """PreciseBN statistics over all of ``x``, in batches of STATS_BATCH."""
+        return recompute_stats(model, _batches(x), num_samples=len(x), device=device,
+                               progress=False)
+
     bank = StatsBank()
-    stats = {"num_samples": None, "device": device, "progress": False}
-    bank[TRAIN_STATS] = recompute_stats(model, _batches(train_x), **{**stats,
-                                        "num_samples": len(train_x)})
-    bank[CLEAN_STATS] = recompute_stats(model, _batches(stats_x), **{**stats,
-                                        "num_samples": len(stats_x)})
+    bank[TRAIN_STATS] = population(train_x)
+    bank[CLEAN_STATS] = population(stats_x)
     for name, (held_out, _) in domains.items():
-        bank[name] = recompute_stats(model, _batches(held_out), **{**stats,
-                                     "num_samples": len(held_out)})
+        bank[name] = population(held_out)
 
     def error(stats_name: str, x: Tensor) -> float:
         with bank.use(model, stats_name):
