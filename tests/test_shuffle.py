@@ -89,6 +89,13 @@ def test_per_device_bn_normalizes_each_virtual_device_alone():
     assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+
+def test_per_device_bn_refusing_an_input_is_left_as_it_was():
+    layer = PerDeviceBatchNorm(3, num_devices=2, norm_batch_size=5)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        layer(torch.randn(4, 2, 6))
+    assert layer.norm_batch_size == 5
+
 def test_virtual_devices_converts_every_batchnorm_and_reverts():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     weight = model[1].weight

@@ -59,6 +59,7 @@ class PerDeviceBatchNorm(GhostBatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         split = self.num_devices is not None and self.training
+        before = self.norm_batch_size
         if split and isinstance(x, Tensor) and x.dim() >= 1:
             if x.size(0) % self.num_devices:
                 raise ValueError(
@@ -67,7 +68,11 @@ class PerDeviceBatchNorm(GhostBatchNorm):
                     f"{self.num_devices}"
                 )
             self.norm_batch_size = max(x.size(0) // self.num_devices, 1)
-        return super().forward(x)
+        try:
+            return super().forward(x)
+        except BaseException:  # an input the layer refuses leaves it as it was
+            self.norm_batch_size = before
+            raise
 
 
 def virtual_devices(model: nn.Module, num_devices: int, **kwargs: object) -> nn.Module:
