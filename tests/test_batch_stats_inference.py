@@ -117,6 +117,16 @@ def test_a_bad_norm_batch_size_is_rejected():
         pass
 
 
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, GhostBatchNorm])
+def test_a_group_with_one_value_per_channel_is_a_named_error(bn):
+    model = nn.Sequential(nn.Linear(2, 3), bn(3)).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'1' \(.*more than 1 value per channel.*got 1"):
+        with torch.no_grad(), batch_stats_inference(model, norm_batch_size=1):
+            model(torch.randn(4, 2))
+    assert_unchanged(before, model)
+
+
 def test_a_norm_batch_size_that_is_not_an_int_is_a_type_error():
     model = cnn()
     before = snapshot(model)

@@ -156,20 +156,6 @@ class BatchNormBase(nn.Module):
                 f"{x.size(1)} (input shape {tuple(x.shape)})"
             )
 
-    def _require_two_values(
-        self, values: int, x: Tensor, where: str = "", detail: str = ""
-    ) -> None:
-        """Raise unless ``values`` (the fewest per channel that get a variance) is at least 2.
-
-        A single value has no variance: torch's kernel would raise without naming the layer, and
-        the segment reductions would silently give 0.
-        """
-        if values < 2:
-            raise ValueError(
-                f"{layer_name(self)}: expected more than 1 value per channel{where} to normalize "
-                f"with batch statistics, got {values} (input shape {tuple(x.shape)}{detail})"
-            )
-
     def _uses_batch_stats(self) -> bool:
         """Whether this forward normalizes with batch statistics (torch's ``bn_training``)."""
         return self.training or self.running_mean is None

@@ -208,14 +208,14 @@ class DomainBatchNorm(BatchNormBase):
             or (self._updates_running_stats() and self.population_stats == "domain")
         )
         if not separate:
-            self._require_two_values(x.size(0) * spatial, x)
+            BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
             return
         assert ids is not None
         counts = torch.bincount(ids, minlength=self.num_domains) * spatial
         single = ((counts > 0) & (counts < 2)).nonzero().flatten().tolist()
         if single:
-            self._require_two_values(1, x, " for every domain in the batch",
-                                     f", domain(s) {single}")
+            BF.require_two_values(1, x, layer_name(self), " for every domain in the batch",
+                                  f", domain(s) {single}")
 
     def _domain_moments(
         self, x: Tensor, domain: Domain, batch_mean: Tensor, batch_var: Tensor

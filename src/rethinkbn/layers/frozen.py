@@ -57,7 +57,7 @@ class FrozenBatchNorm(BatchNormBase):
             )
         # Without running statistics eval normalizes with batch statistics too.
         values = x.numel() // x.size(1)
-        self._require_two_values(values, x)
+        BF.require_two_values(values, x, layer_name(self))
         y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
         BF.check_finite(mean, layer_name(self))
         if self.observer is not None:

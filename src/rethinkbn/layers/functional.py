@@ -30,11 +30,13 @@ __all__ = [
     "apply_affine",
     "check_finite",
     "check_grouping",
+    "check_groups",
     "check_norm_batch_size",
     "ghost_batch_norm",
     "group_index",
     "group_sizes",
     "native_batch_norm",
+    "require_two_values",
     "scale_shift",
     "segment_batch_norm",
     "segment_var_mean",
@@ -57,6 +59,21 @@ def check_finite(mean: Tensor, owner: str) -> None:
         raise ValueError(
             f"{owner}: expected finite input values, got NaN or Inf in channel(s) {bad[:8]}; "
             "the layer was left unchanged"
+        )
+
+
+def require_two_values(
+    values: int, x: Tensor, owner: str, where: str = "", detail: str = ""
+) -> None:
+    """Raise unless ``values`` (the fewest per channel that get a variance) is at least 2.
+
+    A single value has no variance: torch's kernel would raise without naming the layer, and
+    the segment reductions would silently give 0.
+    """
+    if values < 2:
+        raise ValueError(
+            f"{owner}: expected more than 1 value per channel{where} to normalize with batch "
+            f"statistics, got {values} (input shape {tuple(x.shape)}{detail})"
         )
 
 
@@ -199,6 +216,21 @@ def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:
     elif rest == 1:
         sizes[-1] += 1
     return sizes
+
+
+def check_groups(x: Tensor, norm_batch_size: int | None, grouping: str, owner: str) -> None:
+    """Raise, naming ``owner``, unless ``x`` splits into groups that each have a variance.
+
+    Checks ``norm_batch_size`` and ``grouping`` and that the smallest group (see
+    :func:`group_sizes`; strided groups of ``N`` samples hold at least ``N // G``) has at least
+    2 values per channel.
+    """
+    check_norm_batch_size(norm_batch_size, owner)
+    check_grouping(grouping, owner)
+    sizes = group_sizes(x.size(0), norm_batch_size)
+    smallest = min(sizes) if grouping == "contiguous" else x.size(0) // len(sizes)
+    require_two_values(smallest * _spatial_numel(x), x, owner, " in every normalization group",
+                       f", norm_batch_size={norm_batch_size}, groups of {sizes} samples")
 
 
 def group_index(batch_size: int, sizes: list[int], grouping: str, device: Any = None) -> Tensor:

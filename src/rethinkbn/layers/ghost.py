@@ -71,13 +71,7 @@ class GhostBatchNorm(BatchNormBase):
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         nbs = self.norm_batch_size if self.training else None
-        BF.check_norm_batch_size(nbs, layer_name(self))
-        BF.check_grouping(self.grouping, layer_name(self))
-        sizes = BF.group_sizes(x.size(0), nbs)
-        smallest = min(sizes) if self.grouping == "contiguous" else x.size(0) // len(sizes)
-        values = smallest * (x.numel() // max(x.size(0) * x.size(1), 1))
-        self._require_two_values(values, x, " in every normalization group",
-                                 f", norm_batch_size={nbs}, groups of {sizes} samples")
+        BF.check_groups(x, nbs, self.grouping, layer_name(self))
         y, (mean, var, count) = BF.ghost_batch_norm(
             x, self.weight, self.bias, self.eps, nbs, self.grouping
         )

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import functional as BF
-from ..layers.base import BatchNormBase
+from ..layers.base import BatchNormBase, layer_name
 from ._state import (
     ModelGuard,
     batchnorm_layers,
@@ -49,6 +49,8 @@ def _check(model: nn.Module, norm_batch_size: int | None) -> list[tuple[str, nn.
 
 def _grouped_output(norm_batch_size: int) -> Any:
     def hook(layer: _BatchNorm, args: tuple[Tensor, ...], _output: Tensor) -> Tensor:
+        # torch's kernel saw the whole batch; a group with one value would silently give 0
+        BF.check_groups(args[0], norm_batch_size, "contiguous", layer_name(layer))
         y, _ = BF.ghost_batch_norm(args[0], layer.weight, layer.bias, layer.eps, norm_batch_size)
         return y
 
@@ -79,7 +81,8 @@ def batch_stats_inference(
     try:
         for module in model.modules():
             module.training = False
-        for _, layer in layers:
+        for name, layer in layers:
+            guard.set_attr(layer, "_rethinkbn_name", name)
             if syncs_across_ranks(layer):
                 use_local_batch_stats(guard, layer)
                 continue
