@@ -122,10 +122,14 @@ class GlooWorld:
             )
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
         self._next_id = 0
         self._broken: str | None = None
+        try:
+            for p in self._procs:
+                p.start()
+        except BaseException:  # the ranks already started must not wait for the others
+            self.close()
+            raise
 
     def run_outcomes(self, fn: Callable[..., Any], *args: Any) -> list[Outcome]:
         """Call ``fn(*args)`` on every rank; one :class:`Outcome` per rank, in rank order."""
@@ -170,10 +174,11 @@ class GlooWorld:
 
     def close(self) -> None:
         """Stop the processes (politely, then by force after a few seconds)."""
-        for q, p in zip(self._tasks, self._procs, strict=True):
+        started = [(q, p) for q, p in zip(self._tasks, self._procs, strict=True) if p.pid]
+        for q, p in started:
             if p.is_alive():
                 q.put(None)
-        for p in self._procs:
+        for _, p in started:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
