@@ -61,12 +61,13 @@ class BatchNormBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        owner = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
         if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+            raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+            raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
