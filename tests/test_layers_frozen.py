@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from rethinkbn.layers import FrozenBatchNorm
+from rethinkbn.stats import Moments
 
 
 def frozen_from(bn, **kw):
@@ -103,6 +104,24 @@ def test_without_running_statistics_one_value_per_channel_is_a_named_error(train
     layer._rethinkbn_name = "head.bn"
     with pytest.raises(ValueError, match="'head.bn'.*more than 1 value per channel.*got 1"):
         layer(torch.randn(1, 3))
+
+
+def test_without_running_statistics_the_observer_gets_the_batch_moments():
+    layer = FrozenBatchNorm(3, track_running_stats=False)
+    seen = []
+    layer.observer = lambda module, moments: seen.append(moments)
+    x = torch.randn(6, 3, 4) * 2 + 3
+    layer(x)
+    expected = Moments.of(x)
+    assert len(seen) == 1 and torch.equal(seen[0].count, expected.count)
+    torch.testing.assert_close(seen[0].mean, expected.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen[0].m2, expected.m2, rtol=1e-6, atol=1e-6)
+
+
+def test_with_running_statistics_the_observer_is_never_called():
+    layer = FrozenBatchNorm(3)
+    layer.observer = lambda module, moments: pytest.fail("FrozenBatchNorm used batch statistics")
+    layer(torch.randn(6, 3, 4))
 
 
 def test_gradcheck_in_float64():
