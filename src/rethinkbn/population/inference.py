@@ -71,8 +71,10 @@ def batch_stats_inference(
     ``num_batches_tracked`` are not touched; FrozenBatchNorm keeps its fixed statistics; a
     SyncBatchNorm normalizes each rank's batch alone. Yields the model.
 
-    Side effects: modes, ``track_running_stats``, ``norm_batch_size`` and the hooks change for
-    the block only and are restored exactly on exit, also on an exception. Layers that cannot
+    Side effects: modes, ``track_running_stats``, ``norm_batch_size``, the hooks and the layers'
+    ``_rethinkbn_name`` (so that errors name them) change for the block only and are restored
+    exactly on exit, also on an exception. A group with one value per channel raises, naming the
+    layer. Layers that cannot
     group (DomainBatchNorm, SyncBatchNorm with ``norm_batch_size``) raise before anything changes.
     """
     model = unwrap(model)
