@@ -35,6 +35,17 @@ def shard(rank):
     return [torch.randn(n, 2, 4, 4, generator=g) * (1 + rank) + rank for n in SHARDS[rank]]
 
 
+def large_mean_shard(rank):
+    # A mean 1e6 times the spread: summing m2 + n * mean^2 across ranks would cancel to ~1e-4.
+    g = torch.Generator().manual_seed(200 + rank)
+    return [1e5 + 0.1 * torch.randn(n, 3, 8, generator=g, dtype=torch.float64)
+            for n in SHARDS[rank]]
+
+
+def large_mean_model():
+    return nn.Sequential(nn.BatchNorm1d(3)).double()
+
+
 def buffers(model):
     return {f"{name}.{key}": getattr(bn, key).clone() for name, bn in batchnorm_layers(model)
             for key in ("running_mean", "running_var")}
@@ -52,6 +63,10 @@ def worker(rank, port, out):
             model = make_model(norm).eval()
             precise_bn(model, data, num_batches=len(data))
             results[norm] = buffers(model)
+
+        model = large_mean_model()
+        precise_bn(model, large_mean_shard(rank), num_batches=len(SHARDS[rank]))
+        results["large_mean"] = buffers(model)
 
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -123,3 +138,14 @@ def test_an_empty_loader_on_one_rank_makes_every_rank_raise_and_change_nothing(r
     assert "no batches" in ranks[1]["empty_error"]
     assert "other rank" in ranks[0]["empty_error"]
     assert ranks[0]["empty_unchanged"] and ranks[1]["empty_unchanged"]
+
+
+def test_a_large_mean_merges_across_ranks_without_cancellation(ranks):
+    model = large_mean_model()
+    data = large_mean_shard(0) + large_mean_shard(1)
+    precise_bn(model, data, num_batches=len(data))
+    expected = buffers(model)
+    for rank_buffers in ranks:
+        for key, value in expected.items():
+            torch.testing.assert_close(rank_buffers["large_mean"][key], value, rtol=1e-9, atol=0)
+    assert_bit_identical(ranks[0]["large_mean"], ranks[1]["large_mean"])

@@ -21,8 +21,12 @@ Two sets ``a`` and ``b`` merge exactly (Chan, Golub & LeVeque, 1979)::
 
 Accumulators are float64. :meth:`Moments.of` makes two passes (a float64 mean, then the squared
 deviations from it), never ``E[x^2] - E[x]^2``, which cancels catastrophically in float32 when a
-feature's mean is large compared with its spread. Only the cross-rank reduction
-(:func:`all_reduce_moments`) sums ``m2 + n * mean^2``, in float64, to need one collective.
+feature's mean is large compared with its spread. Two cross-rank reductions, each ONE
+collective: :func:`all_reduce_moments` sums ``m2 + n * mean^2`` in float64 (``O(C)`` bytes per
+rank, for every training step of SyncBatchNorm, which shifts its moments first to keep the sum
+free of cancellation), and :func:`all_gather_moments` gathers every rank's ``(n, mean, m2)`` and
+merges them exactly with Chan's formula (``O(world * C)`` bytes, for once-per-pass work such as
+PreciseBN).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "Moments",
+    "all_gather_moments",
     "all_reduce_moments",
     "centered",
     "channel_view",
@@ -274,3 +279,34 @@ def all_reduce_moments(
     flat = _pack(moments)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     return _unpack(flat, moments)
+
+
+def all_gather_moments(
+    moments: Sequence[Moments], group: dist.ProcessGroup | None = None
+) -> list[Moments]:
+    """Merge every rank's moments exactly, for any number of layers, with ONE all_gather.
+
+    Each rank contributes its ``(n, mean, m2)`` as they are; every rank then merges the
+    ``world_size`` rows of each set with :meth:`Moments.total` (Chan's formula), in the same order
+    on every rank, so all ranks end with bit-identical moments and no sum of squares can cancel.
+    Without an initialized process group (or with world size 1) the moments are returned
+    unchanged.
+    """
+    moments = list(moments)
+    if not moments or not dist.is_available() or not dist.is_initialized():
+        return moments
+    world = dist.get_world_size(group)
+    if world == 1:
+        return moments
+    flat = torch.cat([t.reshape(-1) for m in moments for t in (m.count, m.mean, m.m2)])
+    rows = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(rows, flat, group=group)
+    gathered = torch.stack(rows)  # (world, total)
+    out, offset = [], 0
+    for m in moments:
+        k = m.mean.numel()
+        parts = [gathered[:, offset + i * k: offset + (i + 1) * k].reshape(world, *m.shape)
+                 for i in range(3)]
+        offset += 3 * k
+        out.append(Moments(*parts).total())
+    return out

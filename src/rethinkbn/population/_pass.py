@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..layers.base import BatchNormBase
 from ..layers.functional import check_norm_batch_size
-from ..stats import Moments, all_reduce_moments
+from ..stats import Moments, all_gather_moments
 from ._state import (
     ModelGuard,
     batchnorm_layers,
@@ -348,7 +348,7 @@ def _reduce(
     flag = Moments.zeros(1, device=device)
     if problem is not None:
         flag = Moments(flag.count + 1, flag.mean, flag.m2)
-    reduced = all_reduce_moments([*totals, flag], group)
+    reduced = all_gather_moments([*totals, flag], group)
     failed = int(reduced[-1].count.item())
     if problem is not None:
         raise ValueError(problem)
