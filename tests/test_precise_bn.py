@@ -262,13 +262,14 @@ def test_a_dict_batch_without_input_key_is_a_clear_error():
         precise_bn(small_cnn(), [{"image": torch.randn(2, 3, 8, 8)}])
 
 
-def test_report_counts_values_per_channel_and_calls():
+def test_report_counts_samples_values_per_channel_and_calls():
     report = precise_bn(small_cnn(), batches([4, 6]), num_batches=2)
     assert list(report.layers) == ["1", "5", "9"]
+    assert all(layer.samples == 10 for layer in report.layers.values())
     assert report.layers["1"].count == 10 * 64 and report.layers["1"].calls == 2
     assert report.layers["5"].count == 10 * 9 and report.layers["9"].count == 10
     assert report.layers["9"].mean_shift > 0
-    assert "| 5 | 90 | 2 |" in str(report)
+    assert "| 5 | 10 | 90 | 2 |" in str(report)
 
 
 @settings(max_examples=10, deadline=None)

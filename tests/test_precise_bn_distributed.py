@@ -61,8 +61,10 @@ def worker(rank, port, out):
         data = shard(rank)
         for norm in ("torch", "sync", "rethinkbn-sync"):
             model = make_model(norm).eval()
-            precise_bn(model, data, num_batches=len(data))
+            report = precise_bn(model, data, num_batches=len(data))
             results[norm] = buffers(model)
+            results[f"{norm}-samples"] = (report.num_samples, report.num_batches,
+                                          {k: v.samples for k, v in report.layers.items()})
 
         model = large_mean_model()
         precise_bn(model, large_mean_shard(rank), num_batches=len(SHARDS[rank]))
@@ -149,3 +151,11 @@ def test_a_large_mean_merges_across_ranks_without_cancellation(ranks):
         for key, value in expected.items():
             torch.testing.assert_close(rank_buffers["large_mean"][key], value, rtol=1e-9, atol=0)
     assert_bit_identical(ranks[0]["large_mean"], ranks[1]["large_mean"])
+
+
+def test_the_report_counts_the_samples_of_every_rank(ranks):
+    union = sum(SHARDS.values(), [])
+    expected = (sum(union), len(union), {"1": sum(union), "5": sum(union)})
+    for rank_results in ranks:
+        for norm in ("torch", "sync", "rethinkbn-sync"):
+            assert rank_results[f"{norm}-samples"] == expected

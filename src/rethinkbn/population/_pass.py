@@ -62,6 +62,13 @@ class _Recorder:
     # "buffers" mode keeps the raw read-back (count, mean, unbiased var) and converts at the end.
     raw: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
 
+    samples: int = 0
+
+    def count_samples(self, _layer: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.dim() > 0:
+            self.samples += int(x.size(0))
+
     def observe(self, _layer: nn.Module, moments: Moments) -> None:
         self.rows.append(moments)
 
@@ -94,6 +101,8 @@ class PassResult:
     ``calls[name]`` holds the moments of every call of layer ``name`` with a leading call dim
     (rank-local); ``totals[name]`` their exact merge, reduced across ranks when distributed.
     Layers never called have no entry in ``calls`` and zero counts in ``totals``.
+    ``samples[name]`` counts the samples (dim 0 of the layer's inputs, over every call) the layer
+    saw; it, ``num_samples`` and ``num_batches`` are summed over the ranks when distributed.
     """
 
     layers: dict[str, nn.Module]
@@ -101,6 +110,7 @@ class PassResult:
     totals: dict[str, Moments]
     num_samples: int
     num_batches: int
+    samples: dict[str, int] = field(default_factory=dict)
 
 
 def select_input(batch: Any, input_key: Any = None) -> Any:
@@ -169,7 +179,16 @@ def default_forward(input_key: Any = None) -> ForwardFn:
 
 
 def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -> _Recorder:
-    """Put one layer in pass mode (recorded in ``guard``) and hook its recorder."""
+    """Put one layer in pass mode (recorded in ``guard``) and hook its recorder and sample count."""
+    rec = _arm_statistics(guard, name, layer, pass_nbs)
+    guard.hook(layer.register_forward_pre_hook(rec.count_samples))
+    return rec
+
+
+def _arm_statistics(
+    guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None
+) -> _Recorder:
+    """Put one layer in pass mode (recorded in ``guard``) and hook its statistics recorder."""
     guard.set_attr(layer, "_rethinkbn_name", name)
     mean, var = running_buffers(layer)  # type: ignore[misc]
     if is_frozen(layer):
@@ -285,7 +304,10 @@ def run_pass(
             problem = message + " (strict=True)"
         else:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
-    totals = _reduce(layers, calls, problem, process_group, caller)
+    local_counts = [seen_samples, seen_batches, *(rec.samples for rec in recorders)]
+    totals, counts = _reduce(layers, calls, problem, local_counts, process_group, caller)
+    seen_samples, seen_batches = counts[0], counts[1]
+    samples = {rec.name: n for rec, n in zip(recorders, counts[2:], strict=True)}
     for name in totals.keys() - calls.keys():
         warnings.warn(
             f"{caller}: layer '{name}' was never called during the pass; its statistics are "
@@ -293,7 +315,7 @@ def run_pass(
         )
     logger.info("%s: %d samples in %d batches, %d BatchNorm layers", caller, seen_samples,
                 seen_batches, len(layers))
-    return PassResult(dict(layers), calls, totals, seen_samples, seen_batches)
+    return PassResult(dict(layers), calls, totals, seen_samples, seen_batches, samples)
 
 
 def _iterate(
@@ -328,14 +350,16 @@ def _reduce(
     layers: list[tuple[str, nn.Module]],
     calls: dict[str, Moments],
     problem: str | None,
+    counters: list[int],
     group: dist.ProcessGroup | None,
     caller: str,
-) -> dict[str, Moments]:
+) -> tuple[dict[str, Moments], list[int]]:
     """Merge each layer's calls, then all layers across ranks in one collective.
 
-    A failure flag travels in the same collective (as the count of an extra one-element set of
-    moments), so that a rank with an empty or short loader makes every rank raise instead of
-    leaving the others waiting.
+    A failure flag and the ``counters`` (samples, batches, per-layer samples) travel in the same
+    collective, as the counts of one extra set of moments (counts add up when moments merge), so
+    that a rank with an empty or short loader makes every rank raise instead of leaving the
+    others waiting. Returns the merged moments and the counters summed over the ranks.
     """
     totals = []
     for name, layer in layers:
@@ -345,13 +369,15 @@ def _reduce(
             mean = running_buffers(layer)[0]  # type: ignore[index]
             totals.append(Moments.zeros(mean.shape, device=mean.device))
     device = totals[0].mean.device if totals else torch.device("cpu")
-    flag = Moments.zeros(1, device=device)
-    if problem is not None:
-        flag = Moments(flag.count + 1, flag.mean, flag.m2)
+    flag = Moments.zeros(1 + len(counters), device=device)
+    counts = torch.tensor([int(problem is not None), *counters], dtype=flag.count.dtype,
+                          device=device)
+    flag = Moments(counts, flag.mean, flag.m2)
     reduced = all_gather_moments([*totals, flag], group)
-    failed = int(reduced[-1].count.item())
+    summed = [int(c) for c in reduced[-1].count.tolist()]
+    failed = summed[0]
     if problem is not None:
         raise ValueError(problem)
     if failed:
         raise ValueError(f"{caller}: {failed} other rank(s) had an empty or short data loader")
-    return {name: m for (name, _), m in zip(layers, reduced[:-1], strict=True)}
+    return {name: m for (name, _), m in zip(layers, reduced[:-1], strict=True)}, summed[1:]

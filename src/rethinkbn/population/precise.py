@@ -22,14 +22,17 @@ __all__ = ["LayerReport", "PreciseBNReport", "precise_bn", "recompute_stats"]
 class LayerReport:
     """One layer's share of a PreciseBN pass.
 
-    ``count`` is the number of values pooled per channel (samples x spatial positions, summed over
-    every call of the layer); ``calls`` how often the layer ran. The distances compare the old
-    (EMA) statistics with the new population statistics, channel by channel, as root mean squares:
+    ``samples`` is the number of samples the layer saw (dim 0 of its inputs, summed over every call
+    and, when distributed, over the ranks); ``count`` the number of values pooled per channel
+    (samples x spatial positions); ``calls`` how often the layer ran on this rank. The distances
+    compare the old (EMA) statistics with the new population statistics, channel by channel, as
+    root mean squares:
 
         mean_shift    = rms_c( (mu_old - mu_new) / sqrt(var_new + eps) )
         std_log_ratio = rms_c( log(sigma_old / sigma_new) )    with sigma = sqrt(var + eps)
     """
 
+    samples: int
     count: int
     calls: int
     mean_shift: float
@@ -47,8 +50,9 @@ class PreciseBNReport:
     def __str__(self) -> str:
         return markdown_table(
             f"PreciseBN over {self.num_samples} samples in {self.num_batches} batches",
-            ["layer", "values/channel", "calls", "mean shift (sigma)", "log std ratio"],
-            [[name, r.count, r.calls, f"{r.mean_shift:.4f}", f"{r.std_log_ratio:.4f}"]
+            ["layer", "samples", "values/channel", "calls", "mean shift (sigma)",
+             "log std ratio"],
+            [[name, r.samples, r.count, r.calls, f"{r.mean_shift:.4f}", f"{r.std_log_ratio:.4f}"]
              for name, r in self.layers.items()],
         )
 
@@ -200,8 +204,8 @@ def precise_bn(
         )
         # per-domain counts (DomainBatchNorm) add up to the layer's values per channel
         count = int(total.count.reshape(-1, total.shape[-1])[:, 0].sum())
-        reports[name] = LayerReport(count, 0 if calls is None else calls.count.shape[0], shift,
-                                    ratio)
+        reports[name] = LayerReport(result.samples.get(name, 0), count,
+                                    0 if calls is None else calls.count.shape[0], shift, ratio)
     return PreciseBNReport(reports, result.num_samples, result.num_batches)
 
 
