@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rethinkbn.distributed.testing import run_command
+from rethinkbn.distributed.testing import launch, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,20 @@ def test_a_command_past_its_timeout_is_killed_with_every_process_it_started(tmp_
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(child)
+
+
+def test_launch_stops_every_rank_when_one_fails_and_names_it(tmp_path):
+    # Rank 0 would wait in init_process_group for rank 1 (torch's default: 30 minutes).
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "import os, sys\n"
+        "import torch.distributed as dist\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.exit('rank 1 gives up')\n"
+        "dist.init_process_group('gloo')\n"
+    )
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 \(exit 1\).*rank 1 gives up"):
+        launch(script, 2, timeout_s=120)
 
 
 def _running(pid):

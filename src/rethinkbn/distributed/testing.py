@@ -237,7 +237,8 @@ def launch(
 ) -> list[str]:
     """Run ``python script *args`` as ranks ``0..world_size-1``; returns each rank's stdout.
 
-    Raises ``RuntimeError`` with the failing ranks' stderr if a rank exits non-zero, and
+    Raises ``RuntimeError`` with the failing ranks' stderr if a rank exits non-zero (the other
+    ranks, which would wait for it, are killed at once and listed too), and
     ``subprocess.TimeoutExpired`` (after killing every rank) past ``timeout_s``. Output goes to
     temporary files, not pipes: a rank that writes much while another is waited on cannot block.
     """
@@ -257,8 +258,13 @@ def launch(
                     stdout=out, stderr=err, start_new_session=True,
                 ))
             deadline = time.monotonic() + timeout_s
-            for p in procs:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            while None in (codes := [p.poll() for p in procs]):
+                # A rank that failed leaves the others waiting for it until their own timeout.
+                if any(code not in (None, 0) for code in codes):
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(os.fspath(script), timeout_s)
+                time.sleep(0.05)
         finally:
             for p in procs:
                 _kill_group(p)
