@@ -259,9 +259,8 @@ def run_eval_on_rank0_only(spec):
 
 def test_eval_mode_makes_no_collective_and_equals_torch_bn(world2):
     spec = scenario([4, 4], (3, 5))
-    start = time.monotonic()
+    # A collective on rank 0 alone would fail with the world's timeout error; run() raises it.
     got = world2.run(run_eval_on_rank0_only, spec)[0]
-    assert time.monotonic() - start < 20  # the world's timeout is 30 s
     torch_bn = TORCH_BN[3](3).eval()
     torch_bn.load_state_dict(got["state"])
     assert_close(got["y"], torch_bn(make_batch(spec, 0)[0]), atol=0, rtol=0)
@@ -277,9 +276,8 @@ def run_groups_of_one_on_rank0_only(spec):
 
 def test_group_of_one_rank_makes_no_collective_and_equals_torch_bn(world2):
     spec = scenario([6], (3, 4))
-    start = time.monotonic()
+    # A collective on rank 0 alone would fail with the world's timeout error; run() raises it.
     ours = world2.run(run_groups_of_one_on_rank0_only, spec)[0]
-    assert time.monotonic() - start < 20  # the world's timeout is 30 s
     check_against_reference(spec, [ours])
 
 

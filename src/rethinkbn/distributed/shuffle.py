@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._checks import is_positive_int
 from ..layers.base import layer_name
-from ._checks import is_positive_int
 
 __all__ = ["ShufflePlan", "ShuffledModule", "shuffle_permutation"]
 

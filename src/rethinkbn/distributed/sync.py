@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import is_positive_int
 from ..layers.base import BatchNormBase, layer_name
 from ..stats import (
     Moments,
@@ -52,7 +53,6 @@ from ..stats import (
     reduce_dims,
     split_mean,
 )
-from ._checks import is_positive_int
 
 __all__ = ["SyncBatchNorm", "consecutive_group"]
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .._checks import is_positive_int
 from ..convert import convert_batchnorm
 from ..layers import GhostBatchNorm, layer_name
-from ._checks import is_positive_int
 
 __all__ = ["PerDeviceBatchNorm", "virtual_devices"]
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_positive_int
 from ..stats import Moments
 
 __all__ = ["BatchNormBase", "MomentsObserver", "layer_name"]
@@ -62,7 +63,7 @@ class BatchNormBase(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        if not is_positive_int(num_features):
             raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
         if eps <= 0:
             raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_positive_int
 from ..stats import Moments
 from . import functional as BF
 from .base import BatchNormBase, layer_name
@@ -65,7 +66,7 @@ class DomainBatchNorm(BatchNormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
+        if not is_positive_int(num_domains):
             raise ValueError(f"DomainBatchNorm: num_domains must be an int >= 1, got "
                              f"{num_domains!r}")
         for name, value in (("train_stats", train_stats), ("population_stats", population_stats)):

@@ -1,4 +1,4 @@
-"""Argument checks shared by the distributed layer."""
+"""Argument checks shared by every layer of the package (it imports nothing from it)."""
 
 from __future__ import annotations
 
