@@ -175,9 +175,10 @@ def precise_bn(
             ``num_samples`` samples (or exactly ``num_batches`` batches, when given) were seen.
             A shorter ``data`` warns, or raises with ``strict=True``.
         progress: a tqdm bar (default: when stderr is a terminal).
-        process_group: when torch.distributed is initialized, every layer's moments are summed
-            across this group (default: world) in one collective, so every rank installs
-            bit-identical statistics, those of the union of the ranks' data.
+        process_group: when torch.distributed is initialized, every layer's moments are
+            gathered across this group (default: world) in one collective and merged exactly in
+            rank order, so every rank installs bit-identical statistics, those of the union of
+            the ranks' data.
 
     Side effects: only ``running_mean`` / ``running_var`` change, in place, and only once the
     whole pass succeeded; ``num_batches_tracked``, momenta, modes, observers and hooks end as they
