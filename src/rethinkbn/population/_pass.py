@@ -38,6 +38,7 @@ from ._state import (
     batchnorm_layers,
     is_frozen,
     running_buffers,
+    skip_empty_calls,
     syncs_across_ranks,
     unwrap,
     use_local_batch_stats,
@@ -77,6 +78,9 @@ class _Recorder:
 
     def read_buffers(self, layer: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
         n = output.numel() // max(output.size(1), 1)
+        if n == 0:
+            # torch leaves its buffers alone on an empty batch: they still hold the last call's
+            return
         self.raw.append((n, layer.running_mean.clone(), layer.running_var.clone()))
 
     def per_call(self) -> Moments | None:
@@ -206,6 +210,7 @@ def _arm_statistics(
     if isinstance(layer, BatchNormBase):
         rec = _Recorder(name, layer, "observer")
         guard.set_attr(layer, "observer", rec.observe)
+        skip_empty_calls(guard, layer)
         use_norm_batch_size(guard, layer, pass_nbs)
         return rec
     if syncs:
@@ -295,6 +300,9 @@ def run_pass(
     problem = None
     if seen_batches == 0:
         problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
+    elif seen_samples == 0:
+        problem = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
+                   f"expected up to {budget} {unit}")
     elif (seen_samples if unit == "samples" else seen_batches) < budget:
         message = (
             f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "

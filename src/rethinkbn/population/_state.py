@@ -21,6 +21,7 @@ __all__ = [
     "ModelGuard",
     "syncs_across_ranks",
     "use_local_batch_stats",
+    "skip_empty_calls",
     "batchnorm_layers",
     "is_frozen",
     "running_buffers",
@@ -90,6 +91,32 @@ def use_local_batch_stats(guard: ModelGuard, layer: nn.Module) -> None:
     guard.set_buffer_slot(layer, "running_mean", None)
     guard.set_buffer_slot(layer, "running_var", None)
     layer.training = False
+
+
+def skip_empty_calls(guard: ModelGuard, layer: nn.Module) -> None:
+    """Make a rethinkbn layer normalize an empty input (N=0) in eval mode, for that call only.
+
+    Batch statistics of zero values do not exist (the layer would raise), and an empty batch
+    contributes nothing to a population: in eval mode the layer returns an empty output and
+    observes nothing. The training flag is put back after the call (and by ``guard`` on an
+    exception).
+    """
+
+    switched = False
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal switched
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.dim() > 0 and x.size(0) == 0 and module.training:
+            module.training, switched = False, True
+
+    def after(module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+        nonlocal switched
+        if switched:
+            module.training, switched = True, False
+
+    guard.hook(layer.register_forward_pre_hook(before, prepend=True))
+    guard.hook(layer.register_forward_hook(after, always_call=True))
 
 
 def use_norm_batch_size(guard: ModelGuard, layer: nn.Module, norm_batch_size: int | None) -> None:
