@@ -16,12 +16,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..layers import FrozenBatchNorm, is_batchnorm
+from ..layers.base import layer_name
+from ..layers.functional import require_two_values
 
 __all__ = [
     "ModelGuard",
     "syncs_across_ranks",
     "use_local_batch_stats",
     "skip_empty_calls",
+    "name_torch_errors",
     "batchnorm_layers",
     "is_frozen",
     "running_buffers",
@@ -117,6 +120,23 @@ def skip_empty_calls(guard: ModelGuard, layer: nn.Module) -> None:
 
     guard.hook(layer.register_forward_pre_hook(before, prepend=True))
     guard.hook(layer.register_forward_hook(after, always_call=True))
+
+
+def name_torch_errors(guard: ModelGuard, layer: nn.Module) -> None:
+    """Check, before torch's kernel does, that a batch-statistics call has 2+ values per channel.
+
+    Torch's own error does not say which layer; this one names it (``_rethinkbn_name``). Empty
+    inputs pass: torch returns an empty output for them.
+    """
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.size(0) == 0:
+            return
+        if module.training or getattr(module, "running_mean", None) is None:
+            require_two_values(x.numel() // max(x.size(1), 1), x, layer_name(module))
+
+    guard.hook(layer.register_forward_pre_hook(before))
 
 
 def use_norm_batch_size(guard: ModelGuard, layer: nn.Module, norm_batch_size: int | None) -> None:

@@ -20,6 +20,7 @@ from ._state import (
     ModelGuard,
     batchnorm_layers,
     is_frozen,
+    name_torch_errors,
     skip_empty_calls,
     syncs_across_ranks,
     unwrap,
@@ -88,6 +89,8 @@ def batch_stats_inference(
             module.training = False
         for name, layer in layers:
             guard.set_attr(layer, "_rethinkbn_name", name)
+            if not isinstance(layer, BatchNormBase):
+                name_torch_errors(guard, layer)
             if syncs_across_ranks(layer):
                 use_local_batch_stats(guard, layer)
                 continue
