@@ -41,12 +41,27 @@ def is_frozen(module: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside (Distributed)DataParallel wrappers; buffers are shared, not copied."""
-    while isinstance(
-        model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)
-    ):
-        model = model.module
-    return model
+    """The model inside (Distributed)DataParallel and ``torch.compile`` wrappers.
+
+    Buffers are shared, not copied; layer names are those of the user's model (no ``module.`` or
+    ``_orig_mod.`` prefix). A pass over an unwrapped compiled model runs eagerly.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper that ``torch.compile(module)`` returns."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(model, OptimizedModule)
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

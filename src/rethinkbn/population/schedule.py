@@ -78,8 +78,9 @@ def freeze_with_precise_stats(
 
     ``kwargs`` are the pass's options (below, as for :func:`precise_bn`) and FrozenBatchNorm's
     keywords (``affine_trainable``, ...); ``include`` / ``exclude`` / ``predicate`` select
-    layers as in :func:`rethinkbn.convert.convert_batchnorm`. Returns the model (a new object
-    only if the root itself was a BatchNorm).
+    layers as in :func:`rethinkbn.convert.convert_batchnorm`. Returns the model, the same object
+    (a DDP or ``torch.compile`` wrapper included; its inner layers are replaced) unless the root
+    itself was a BatchNorm.
 
     Side effects: the selected layers are replaced by FrozenBatchNorm layers holding the precise
     statistics; their weight and bias stay the same Parameter objects, so the optimizer keeps
@@ -88,20 +89,22 @@ def freeze_with_precise_stats(
     frozen statistics as running statistics).
     """
     opts, layer_kwargs = split_freeze_kwargs(options, kwargs, "freeze_with_precise_stats")
-    model = unwrap(model)
-    old = capture_stats(model)
-    stats = recompute_stats(model, data, opts)
-    install_stats(model, stats)
+    inner = unwrap(model)
+    old = capture_stats(inner)
+    stats = recompute_stats(inner, data, opts)
+    install_stats(inner, stats)
+    frozen = inner
     try:
-        model = freeze_bn(model, include=include, exclude=exclude, predicate=predicate,
-                          **layer_kwargs)
+        frozen = freeze_bn(inner, include=include, exclude=exclude, predicate=predicate,
+                           **layer_kwargs)
     finally:
         # layers still of their old kind (not selected, or a failed conversion) get their
         # statistics back
-        kept = {name: old[name] for name, layer in batchnorm_layers(model)
+        kept = {name: old[name] for name, layer in batchnorm_layers(frozen)
                 if name in old and not is_frozen(layer)}
-        install_stats(model, kept, partial=True)
-    return model
+        install_stats(frozen, kept, partial=True)
+    # a wrapper (DDP, torch.compile) stays the model to use, unless the root itself was replaced
+    return model if frozen is inner else frozen
 
 
 class PreciseBNHook:
