@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from rethinkbn.convert import freeze_bn
 from rethinkbn.layers import DomainBatchNorm, GhostBatchNorm
 from rethinkbn.population import batch_stats_inference, ema_report, precise_bn, recompute_stats
 
@@ -94,3 +95,33 @@ def test_batch_stats_inference_returns_an_empty_output_for_an_empty_batch(kind, 
     assert model.training and model[1].training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class EmptySecondCall(nn.Module):
+    """Calls its BatchNorm twice per forward, the second time on zero samples (an empty head)."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(2, 3), bn
+
+    def forward(self, x):
+        return self.bn(self.linear(x)) + self.bn(self.linear(x[:0])).sum()
+
+
+@pytest.mark.parametrize("kind", ["torch", "ghost"])
+def test_an_empty_call_inside_a_batch_contributes_nothing(kind):
+    torch.manual_seed(0)
+    model, data = EmptySecondCall(layers()[kind]()), with_empty()
+    precise_bn(model, data, num_batches=len(data))
+    with torch.no_grad():
+        x = torch.cat([model.linear(d) for d in data]).double()
+    torch.testing.assert_close(model.bn.running_var.double(), x.var(0), rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_layers_estimated_with_include_frozen_ignore_empty_batches():
+    model = freeze_bn(model_with("torch"))
+    data = with_empty()
+    mean, var = reference(model, data)
+    precise_bn(model, data, num_batches=len(data), include_frozen=True)
+    torch.testing.assert_close(model[1].running_var.double(), var, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=1e-6, atol=1e-7)

@@ -11,14 +11,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rethinkbn.distributed import SyncBatchNorm
 from rethinkbn.distributed.testing import GlooWorld
 from rethinkbn.layers import GhostBatchNorm
-from rethinkbn.population import precise_bn
+from rethinkbn.population import batch_stats_inference, precise_bn
+
+NORMS = {"torch": nn.BatchNorm1d, "ghost": GhostBatchNorm, "torch-sync": nn.SyncBatchNorm,
+         "rethinkbn-sync": SyncBatchNorm}
 
 
 def make_model(channels=3, extra=False, kind="torch"):
     torch.manual_seed(0)
-    bn = nn.BatchNorm1d(channels) if kind == "torch" else GhostBatchNorm(channels)
+    bn = NORMS[kind](channels)
     layers = [nn.Linear(2, channels), bn]
     if extra:
         layers.append(nn.BatchNorm1d(channels))
@@ -52,6 +56,15 @@ def empty_batches(kind):
     data = shard(dist.get_rank())
     precise_bn(model, data, num_batches=len(data), timeout=30)
     return buffers(model)
+
+
+def empty_batch_inference(kind):
+    model = make_model(kind=kind).train()
+    before = buffers(model)
+    with torch.no_grad(), batch_stats_inference(model):
+        empty = model(torch.randn(0, 2))
+        full = model(shard(0)[0])
+    return empty.shape, full, all(torch.equal(v, buffers(model)[k]) for k, v in before.items())
 
 
 def channels_differ():
@@ -88,7 +101,7 @@ def world():
         yield w
 
 
-@pytest.mark.parametrize("kind", ["torch", "ghost"])
+@pytest.mark.parametrize("kind", list(NORMS))
 def test_empty_batches_on_the_ranks_contribute_nothing(world, kind):
     results = world.run(empty_batches, kind)
     model = make_model(kind=kind)
@@ -99,6 +112,16 @@ def test_empty_batches_on_the_ranks_contribute_nothing(world, kind):
         torch.testing.assert_close(rank_buffers["1.running_mean"].double(), x.mean(0))
         torch.testing.assert_close(rank_buffers["1.running_var"].double(), x.var(0))
     assert torch.equal(results[0]["1.running_var"], results[1]["1.running_var"])
+
+
+@pytest.mark.parametrize("kind", ["torch-sync", "rethinkbn-sync"])
+def test_batch_stats_inference_with_sync_layers_takes_an_empty_batch_on_each_rank(world, kind):
+    model = make_model(kind="torch")
+    with torch.no_grad(), batch_stats_inference(model):
+        expected = model(shard(0)[0])
+    for shape, full, unchanged in world.run(empty_batch_inference, kind):
+        assert shape == (0, 3) and unchanged
+        torch.testing.assert_close(full, expected)
 
 
 def test_ranks_whose_layers_differ_in_channels_all_raise_naming_the_layer(world):

@@ -104,11 +104,29 @@ def use_local_batch_stats(guard: ModelGuard, layer: nn.Module) -> None:
     """Make a SyncBatchNorm normalize with its local batch statistics, without syncing.
 
     In eval mode without running buffers, both torch's and rethinkbn's SyncBatchNorm normalize
-    each rank's batch alone and update nothing; the buffers are put back by ``guard``.
+    each rank's batch alone and update nothing; the buffers are put back by ``guard``. An empty
+    local batch has no statistics: for that call the buffers are put back (eval mode normalizes
+    nothing with them and updates nothing).
     """
+    saved = (layer._buffers["running_mean"], layer._buffers["running_var"])
     guard.set_buffer_slot(layer, "running_mean", None)
     guard.set_buffer_slot(layer, "running_var", None)
     layer.training = False
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if _is_empty(args):
+            module._buffers["running_mean"], module._buffers["running_var"] = saved
+
+    def after(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        module._buffers["running_mean"] = module._buffers["running_var"] = None
+
+    guard.hook(layer.register_forward_pre_hook(before, prepend=True))
+    guard.hook(layer.register_forward_hook(after, always_call=True))
+
+
+def _is_empty(args: tuple[Any, ...]) -> bool:
+    x = args[0] if args else None
+    return isinstance(x, Tensor) and x.dim() > 0 and x.size(0) == 0
 
 
 def skip_empty_calls(guard: ModelGuard, layer: nn.Module) -> None:
@@ -119,13 +137,11 @@ def skip_empty_calls(guard: ModelGuard, layer: nn.Module) -> None:
     observes nothing. The training flag is put back after the call (and by ``guard`` on an
     exception).
     """
-
     switched = False
 
     def before(module: nn.Module, args: tuple[Any, ...]) -> None:
         nonlocal switched
-        x = args[0] if args else None
-        if isinstance(x, Tensor) and x.dim() > 0 and x.size(0) == 0 and module.training:
+        if _is_empty(args) and module.training:
             module.training, switched = False, True
 
     def after(module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
