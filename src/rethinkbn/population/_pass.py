@@ -60,7 +60,6 @@ class _Recorder:
 
     name: str
     layer: nn.Module
-    mode: str
     rows: list[Moments] = field(default_factory=list)
     # "buffers" mode keeps the raw read-back (count, mean, unbiased var) and converts at the end.
     raw: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
@@ -198,7 +197,7 @@ def _arm_statistics(
     guard.set_attr(layer, "_rethinkbn_name", name)
     mean, var = running_buffers(layer)  # type: ignore[misc]
     if is_frozen(layer):
-        rec = _Recorder(name, layer, "input")
+        rec = _Recorder(name, layer)
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
     tracked = getattr(layer, "num_batches_tracked", None)
@@ -212,16 +211,16 @@ def _arm_statistics(
     if not isinstance(layer, BatchNormBase):
         name_torch_errors(guard, layer)
     if isinstance(layer, BatchNormBase):
-        rec = _Recorder(name, layer, "observer")
+        rec = _Recorder(name, layer)
         guard.set_attr(layer, "observer", rec.observe)
         skip_empty_calls(guard, layer)
         use_norm_batch_size(guard, layer, pass_nbs)
         return rec
     if syncs:
-        rec = _Recorder(name, layer, "input")
+        rec = _Recorder(name, layer)
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
-    rec = _Recorder(name, layer, "buffers")
+    rec = _Recorder(name, layer)
     guard.set_attr(layer, "momentum", 1.0)
     guard.set_attr(layer, "track_running_stats", True)
     with torch.no_grad():
