@@ -112,3 +112,15 @@ def test_freeze_bn_refreezes_after_resume_and_the_statistics_stay_put(tmp_path):
     assert torch.equal(bn.running_mean, saved["net.1.running_mean"])
     assert torch.equal(bn.running_var, saved["net.1.running_var"])
     assert not torch.equal(bn.weight, saved["net.1.weight"])  # it did train the remaining epochs
+
+
+def test_the_callbacks_take_the_options_of_precise_bn_as_one_object_or_keywords():
+    from rethinkbn.population import PreciseBNOptions
+
+    callback = PreciseBN(options=PreciseBNOptions(num_batches=4))
+    fit(callback, epochs=1)
+    assert callback.reports[0].num_batches == 4
+    with pytest.raises(TypeError, match="num_samples"):
+        PreciseBN(num_samples=True)
+    with pytest.raises(ValueError, match="not both"):
+        FreezeBN(num_samples=8, num_batches=2)
