@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from rethinkbn.convert import freeze_bn
@@ -125,3 +127,17 @@ def test_frozen_layers_estimated_with_include_frozen_ignore_empty_batches():
     precise_bn(model, data, num_batches=len(data), include_frozen=True)
     torch.testing.assert_close(model[1].running_var.double(), var, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 0, 2, 3, 5]), min_size=1, max_size=6)
+       .filter(lambda s: sum(s) >= 2), kind=st.sampled_from(["torch", "ghost", "domain"]))
+def test_any_mix_of_empty_and_full_batches_gives_the_pooled_statistics(sizes, kind):
+    model = model_with(kind)
+    g = torch.Generator().manual_seed(len(sizes))
+    data = [torch.randn(n, 2, generator=g) * 3 + 1 for n in sizes]
+    mean, var = reference(model, data)
+    precise_bn(model, data, num_batches=len(data))
+    got_mean, got_var = (model[1].running_mean.reshape(3), model[1].running_var.reshape(3))
+    torch.testing.assert_close(got_mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_var.double(), var, rtol=1e-6, atol=1e-6)
