@@ -123,3 +123,39 @@ def test_a_snapshot_without_both_statistics_is_refused_naming_the_layer():
     with pytest.raises(ValueError, match=r"'bad'.*layer '1' needs tensors.*got \['running_mean'\]"):
         bank["bad"] = {"1": {"running_mean": torch.zeros(3)}}
     assert "bad" not in bank
+
+
+def _saved_bank(tmp_path):
+    bank = StatsBank({"a": {"bn": {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}}})
+    path = tmp_path / "bank.pt"
+    bank.save(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "junk"])
+def test_load_of_a_damaged_file_names_it_and_says_it_is_not_a_stats_bank(tmp_path, damage):
+    path = _saved_bank(tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2],
+                      "junk": b"hello, not a tensor file\n" * 8}[damage])
+    with pytest.raises(ValueError, match=rf"{path.name}: not a StatsBank file"):
+        StatsBank.load(path)
+
+
+@pytest.mark.parametrize("content", [
+    [1, 2],
+    {"format": "rethinkbn.StatsBank/1"},
+    {"format": "rethinkbn.StatsBank/1", "snapshots": {"a": [1, 2]}},
+    {"format": "rethinkbn.StatsBank/1", "snapshots": {"a": {"bn": {"running_mean": 1}}}},
+    {"format": "other", "snapshots": {}},
+], ids=["list", "no-snapshots", "snapshot-not-dict", "not-tensors", "other-format"])
+def test_load_of_a_file_with_other_content_says_it_is_not_a_stats_bank(tmp_path, content):
+    path = tmp_path / "other.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=rf"{path.name}: not a StatsBank file"):
+        StatsBank.load(path)
+
+
+def test_load_of_a_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        StatsBank.load(tmp_path / "missing.pt")

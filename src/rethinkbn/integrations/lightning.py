@@ -1,24 +1,34 @@
-"""PyTorch Lightning callbacks: periodic PreciseBN and FrozenBN for the last part of training.
+"""Lightning callbacks: periodic PreciseBN and FrozenBN for the last part of training.
 
-    trainer = pl.Trainer(callbacks=[PreciseBN(num_samples=10_000), FreezeBN(fraction=0.2)])
+    trainer = lightning.Trainer(callbacks=[PreciseBN(num_samples=10_000), FreezeBN(fraction=0.2)])
 
-Both use the trainer's training dataloader unless given ``data``, and the module's device. Under
-a distributed strategy every rank passes over its own shard and :func:`rethinkbn.precise_bn`
-merges the ranks' statistics in one collective.
+The callbacks subclass ``lightning.pytorch.Callback`` (the ``lightning`` package), or
+``pytorch_lightning.Callback`` when only the older package is installed. Both use the trainer's
+training dataloader unless given ``data``, and the module's device. Their options are those of
+:func:`rethinkbn.precise_bn` (:class:`~rethinkbn.population.PreciseBNOptions`). Under a
+distributed strategy every rank passes over its own shard and :func:`rethinkbn.precise_bn` merges
+the ranks' statistics in one collective.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import pytorch_lightning as pl
+try:
+    import lightning.pytorch as pl
+except ImportError:  # only the older package name is installed
+    import pytorch_lightning as pl  # type: ignore[no-redef]
 
+from ..convert import freeze_bn
+from ..population._state import batchnorm_layers, is_frozen, running_buffers
+from ..population.options import PreciseBNOptions
 from ..population.schedule import (
     FreezeBNHook,
     PreciseBNHook,
-    check_freeze_kwargs,
     freeze_epoch_for,
+    split_freeze_kwargs,
 )
 
 __all__ = ["FreezeBN", "PreciseBN"]
@@ -41,10 +51,15 @@ class PreciseBN(pl.Callback):
     """
 
     def __init__(
-        self, data: Iterable[Any] | None = None, *, every_n_epochs: int = 1, **kwargs: Any
+        self,
+        data: Iterable[Any] | None = None,
+        *,
+        every_n_epochs: int = 1,
+        options: PreciseBNOptions | None = None,
+        **kwargs: Any,
     ) -> None:
         self.data = data
-        self.hook = PreciseBNHook(data, every_n_epochs=every_n_epochs, **kwargs)
+        self.hook = PreciseBNHook(data, every_n_epochs=every_n_epochs, options=options, **kwargs)
         self._last_step: int | None = None
 
     @property
@@ -55,7 +70,7 @@ class PreciseBN(pl.Callback):
         if self._last_step == trainer.global_step or not self.hook.due(trainer.current_epoch):
             return
         self._last_step = trainer.global_step
-        device = self.hook.kwargs.get("device", pl_module.device)
+        device = self.hook.options.device or pl_module.device
         self.hook(pl_module, trainer.current_epoch, _data(self.data, trainer), device=device)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -70,9 +85,14 @@ class FreezeBN(pl.Callback):
     """Train the last epochs with FrozenBatchNorm holding precise statistics (paper Sec. 4.3).
 
     Freezes at the start of epoch ``freeze_epoch``, or of the last ``fraction`` of
-    ``trainer.max_epochs`` (default: the last 20%). ``kwargs`` go to
+    ``trainer.max_epochs`` (default: the last 20%). ``options`` / ``kwargs`` go to
     :func:`rethinkbn.population.freeze_with_precise_stats` (``num_samples``, ``include``, ...).
     The optimizer keeps working: the affine parameters stay the same Parameter objects.
+
+    Resuming (``trainer.fit(ckpt_path=...)``) from a checkpoint saved after the freeze: the
+    callback's state says it froze, the checkpoint's statistics load into the model's plain
+    BatchNorm layers, and at the start of the next training epoch those layers become
+    FrozenBatchNorm again, holding the loaded statistics (no new pass).
     """
 
     def __init__(
@@ -81,15 +101,15 @@ class FreezeBN(pl.Callback):
         *,
         freeze_epoch: int | None = None,
         fraction: float = 0.2,
+        options: PreciseBNOptions | None = None,
         **kwargs: Any,
     ) -> None:
         if freeze_epoch is None and not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        check_freeze_kwargs(kwargs, "FreezeBN")
+        self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs, "FreezeBN")
         self.data = data
         self.freeze_epoch = freeze_epoch
         self.fraction = fraction
-        self.kwargs = kwargs
         self.frozen = False
 
     def _hook(self, trainer: pl.Trainer) -> FreezeBNHook:
@@ -101,15 +121,31 @@ class FreezeBN(pl.Callback):
                     f"{trainer.max_epochs!r}); pass freeze_epoch= instead of fraction="
                 )
             epoch = freeze_epoch_for(self.fraction, trainer.max_epochs)
-        hook = FreezeBNHook(self.data, freeze_epoch=epoch, **self.kwargs)
+        hook = FreezeBNHook(self.data, freeze_epoch=epoch, options=self.options,
+                            **self.layer_kwargs)
         hook.frozen = self.frozen
         return hook
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.frozen:
+            self._refreeze(pl_module)
+            return
         hook = self._hook(trainer)
-        device = self.kwargs.get("device", pl_module.device)
+        device = self.options.device or pl_module.device
         hook(pl_module, trainer.current_epoch, _data(self.data, trainer), device=device)
         self.frozen = hook.frozen
+
+    def _refreeze(self, pl_module: pl.LightningModule) -> None:
+        """After a resume: freeze the layers that a checkpoint reload made plain BatchNorm again.
+
+        Their running buffers hold the frozen statistics loaded from the checkpoint.
+        """
+        if any(not is_frozen(layer) and running_buffers(layer) is not None
+               for _, layer in batchnorm_layers(pl_module)):
+            with warnings.catch_warnings():
+                # with include=/exclude=, unselected layers stay plain: nothing to convert
+                warnings.filterwarnings("ignore", "convert_batchnorm: no BatchNorm layer")
+                freeze_bn(pl_module, **self.layer_kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": self.frozen}

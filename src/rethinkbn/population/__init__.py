@@ -2,6 +2,7 @@
 
 from .bank import Snapshot, StatsBank, capture_stats, install_stats
 from .inference import batch_stats_inference
+from .options import PreciseBNOptions
 from .precise import LayerReport, PreciseBNReport, precise_bn, recompute_stats
 from .report import EMALayerReport, EMAReport, ema_report
 from .schedule import (
@@ -21,6 +22,7 @@ __all__ = [
     "EMAReport",
     "ema_report",
     "LayerReport",
+    "PreciseBNOptions",
     "PreciseBNReport",
     "Snapshot",
     "StatsBank",

@@ -18,10 +18,11 @@ caller's business.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,24 +32,26 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..layers.base import BatchNormBase
-from ..layers.functional import check_norm_batch_size
 from ..stats import Moments, all_gather_moments
+from ._ranks import OK, PROBLEM, RAISED, agree, world_size
 from ._state import (
     ModelGuard,
     batchnorm_layers,
     is_frozen,
+    name_torch_errors,
     running_buffers,
+    skip_empty_calls,
     syncs_across_ranks,
     unwrap,
     use_local_batch_stats,
     use_norm_batch_size,
 )
+from .options import ForwardFn, PreciseBNOptions
 
-__all__ = ["ForwardFn", "PassResult", "run_pass"]
+__all__ = ["PassResult", "run_pass"]
 
 logger = logging.getLogger(__name__)
 
-ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 @dataclass
@@ -57,7 +60,6 @@ class _Recorder:
 
     name: str
     layer: nn.Module
-    mode: str
     rows: list[Moments] = field(default_factory=list)
     # "buffers" mode keeps the raw read-back (count, mean, unbiased var) and converts at the end.
     raw: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
@@ -77,6 +79,9 @@ class _Recorder:
 
     def read_buffers(self, layer: nn.Module, _args: tuple[Any, ...], output: Tensor) -> None:
         n = output.numel() // max(output.size(1), 1)
+        if n == 0:
+            # torch leaves its buffers alone on an empty batch: they still hold the last call's
+            return
         self.raw.append((n, layer.running_mean.clone(), layer.running_var.clone()))
 
     def per_call(self) -> Moments | None:
@@ -192,7 +197,7 @@ def _arm_statistics(
     guard.set_attr(layer, "_rethinkbn_name", name)
     mean, var = running_buffers(layer)  # type: ignore[misc]
     if is_frozen(layer):
-        rec = _Recorder(name, layer, "input")
+        rec = _Recorder(name, layer)
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
     tracked = getattr(layer, "num_batches_tracked", None)
@@ -203,16 +208,19 @@ def _arm_statistics(
         use_local_batch_stats(guard, layer)
     else:
         layer.training = True
+    if not isinstance(layer, BatchNormBase):
+        name_torch_errors(guard, layer)
     if isinstance(layer, BatchNormBase):
-        rec = _Recorder(name, layer, "observer")
+        rec = _Recorder(name, layer)
         guard.set_attr(layer, "observer", rec.observe)
+        skip_empty_calls(guard, layer)
         use_norm_batch_size(guard, layer, pass_nbs)
         return rec
     if syncs:
-        rec = _Recorder(name, layer, "input")
+        rec = _Recorder(name, layer)
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
-    rec = _Recorder(name, layer, "buffers")
+    rec = _Recorder(name, layer)
     guard.set_attr(layer, "momentum", 1.0)
     guard.set_attr(layer, "track_running_stats", True)
     with torch.no_grad():
@@ -236,76 +244,95 @@ def pass_layers(model: nn.Module, include_frozen: bool) -> list[tuple[str, nn.Mo
     return out
 
 
-def _budget(num_samples: int | None, num_batches: int | None) -> tuple[str, int]:
-    if num_batches is not None:
-        if not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
-        return "batches", num_batches
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    return "samples", num_samples
+def _check_grouping(layers: list[tuple[str, nn.Module]], pass_nbs: int | None, caller: str) -> None:
+    """``pass_norm_batch_size`` needs a layer that normalizes in groups; else it means nothing."""
+    if pass_nbs is None or any(
+        hasattr(layer, "norm_batch_size") or hasattr(layer, "num_devices")
+        for _, layer in layers if not is_frozen(layer)
+    ):
+        return
+    kinds = sorted({type(layer).__name__ for _, layer in layers}) or ["none"]
+    raise ValueError(
+        f"{caller}: pass_norm_batch_size={pass_nbs} but no layer of the pass normalizes in groups "
+        f"(its BatchNorm layers are {kinds}); expected a GhostBatchNorm, or pass "
+        "pass_norm_batch_size=None"
+    )
 
 
 def run_pass(
-    model: nn.Module,
-    data: Iterable[Any],
-    *,
-    caller: str,
-    num_samples: int | None = 10_000,
-    num_batches: int | None = None,
-    forward: ForwardFn | None = None,
-    input_key: Any = None,
-    device: torch.device | str | None = None,
-    pass_norm_batch_size: int | None = None,
-    include_frozen: bool = False,
-    keep_modes: bool = False,
-    strict: bool = False,
-    progress: bool | None = None,
-    process_group: dist.ProcessGroup | None = None,
+    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, caller: str
 ) -> PassResult:
     """Run the statistics pass (see the module docstring); the model is restored when it returns.
 
-    Raises ValueError for an empty ``data`` (or a short one with ``strict=True``); in a
-    distributed run every rank raises together, since the check is folded into the one
-    reduction.
+    Raises ValueError for an empty ``data`` (or a short one with ``strict=True``). In a
+    distributed run every rank raises together, within ``options.timeout``: the ranks exchange
+    their status (and a fingerprint of their layers) before the one reduction.
     """
-    unit, budget = _budget(num_samples, num_batches)
-    check_norm_batch_size(pass_norm_batch_size, caller, "pass_norm_batch_size")
+    unit, budget = options.budget
     model = unwrap(model)
-    layers = pass_layers(model, include_frozen)
-    if not layers:
+    layers = pass_layers(model, options.include_frozen)
+    _check_grouping(layers, options.pass_norm_batch_size, caller)
+    group = options.process_group
+    distributed = world_size(group) > 1
+    if not layers and not distributed:
         warnings.warn(f"{caller}: {type(model).__name__} has no BatchNorm layer with running "
                       "statistics to estimate; nothing was run", RuntimeWarning, stacklevel=4)
         return PassResult({}, {}, {}, 0, 0)
     guard = ModelGuard(model)
+    recorders: list[_Recorder] = []
+    seen_samples = seen_batches = 0
     try:
-        if not keep_modes:
+        if not options.keep_modes:
             for module in model.modules():
                 module.training = False
-        recorders = [_arm(guard, name, layer, pass_norm_batch_size) for name, layer in layers]
-        show = sys.stderr.isatty() if progress is None else progress
+        recorders = [_arm(guard, name, layer, options.pass_norm_batch_size)
+                     for name, layer in layers]
+        show = sys.stderr.isatty() if options.progress is None else options.progress
         with tqdm(total=budget, unit=unit[:-1], desc=caller, disable=not show, leave=False) as bar:
             seen_samples, seen_batches = _iterate(
-                model, data, forward or default_forward(input_key), input_key, device, unit,
-                budget, bar,
+                model, data, options.forward or default_forward(options.input_key),
+                options.input_key, options.device, unit, budget, bar,
             )
+    except BaseException as error:
+        if distributed:
+            guard.restore()
+            # tell the other ranks, so that they stop now; this rank's own error wins
+            with contextlib.suppress(Exception):
+                agree(layers, RAISED, f"{type(error).__name__}: {error}", group,
+                      options.timeout_seconds, caller)
+        raise
     finally:
         guard.restore()
     calls = {rec.name: rows for rec in recorders if (rows := rec.per_call()) is not None}
     problem = None
     if seen_batches == 0:
         problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
+    elif seen_samples == 0:
+        problem = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
+                   f"expected up to {budget} {unit}")
     elif (seen_samples if unit == "samples" else seen_batches) < budget:
         message = (
             f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "
             f"of the budget of {budget} {unit}"
         )
-        if strict:
+        if options.strict:
             problem = message + " (strict=True)"
         else:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+    if distributed:
+        short = agree(layers, PROBLEM if problem else OK, problem or "", group,
+                      options.timeout_seconds, caller)
+        if problem is not None:
+            raise ValueError(problem)
+        if short:
+            raise ValueError(f"{caller}: {len(short)} other rank(s) {short} had an empty or "
+                             "short data loader; every rank's model is unchanged")
+        if not layers:
+            return PassResult({}, {}, {}, 0, 0)
+    elif problem is not None:
+        raise ValueError(problem)
     local_counts = [seen_samples, seen_batches, *(rec.samples for rec in recorders)]
-    totals, counts = _reduce(layers, calls, problem, local_counts, process_group, caller)
+    totals, counts = _reduce(layers, calls, local_counts, group)
     seen_samples, seen_batches = counts[0], counts[1]
     samples = {rec.name: n for rec, n in zip(recorders, counts[2:], strict=True)}
     for name in totals.keys() - calls.keys():
@@ -349,17 +376,14 @@ def _iterate(
 def _reduce(
     layers: list[tuple[str, nn.Module]],
     calls: dict[str, Moments],
-    problem: str | None,
     counters: list[int],
     group: dist.ProcessGroup | None,
-    caller: str,
 ) -> tuple[dict[str, Moments], list[int]]:
     """Merge each layer's calls, then all layers across ranks in one collective.
 
-    A failure flag and the ``counters`` (samples, batches, per-layer samples) travel in the same
-    collective, as the counts of one extra set of moments (counts add up when moments merge), so
-    that a rank with an empty or short loader makes every rank raise instead of leaving the
-    others waiting. Returns the merged moments and the counters summed over the ranks.
+    The ``counters`` (samples, batches, per-layer samples) travel in the same collective, as the
+    counts of one extra set of moments (counts add up when moments merge). Returns the merged
+    moments and the counters summed over the ranks.
     """
     totals = []
     for name, layer in layers:
@@ -368,16 +392,9 @@ def _reduce(
         else:
             mean = running_buffers(layer)[0]  # type: ignore[index]
             totals.append(Moments.zeros(mean.shape, device=mean.device))
-    device = totals[0].mean.device if totals else torch.device("cpu")
-    flag = Moments.zeros(1 + len(counters), device=device)
-    counts = torch.tensor([int(problem is not None), *counters], dtype=flag.count.dtype,
-                          device=device)
-    flag = Moments(counts, flag.mean, flag.m2)
-    reduced = all_gather_moments([*totals, flag], group)
+    device = totals[0].mean.device
+    extra = Moments.zeros(len(counters), device=device)
+    counts = torch.tensor(counters, dtype=extra.count.dtype, device=device)
+    reduced = all_gather_moments([*totals, Moments(counts, extra.mean, extra.m2)], group)
     summed = [int(c) for c in reduced[-1].count.tolist()]
-    failed = summed[0]
-    if problem is not None:
-        raise ValueError(problem)
-    if failed:
-        raise ValueError(f"{caller}: {failed} other rank(s) had an empty or short data loader")
-    return {name: m for (name, _), m in zip(layers, reduced[:-1], strict=True)}, summed[1:]
+    return {name: m for (name, _), m in zip(layers, reduced[:-1], strict=True)}, summed

@@ -16,11 +16,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..layers import FrozenBatchNorm, is_batchnorm
+from ..layers.base import layer_name
+from ..layers.functional import require_two_values
 
 __all__ = [
     "ModelGuard",
     "syncs_across_ranks",
     "use_local_batch_stats",
+    "skip_empty_calls",
+    "name_torch_errors",
     "batchnorm_layers",
     "is_frozen",
     "running_buffers",
@@ -37,12 +41,27 @@ def is_frozen(module: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside (Distributed)DataParallel wrappers; buffers are shared, not copied."""
-    while isinstance(
-        model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)
-    ):
-        model = model.module
-    return model
+    """The model inside (Distributed)DataParallel and ``torch.compile`` wrappers.
+
+    Buffers are shared, not copied; layer names are those of the user's model (no ``module.`` or
+    ``_orig_mod.`` prefix). A pass over an unwrapped compiled model runs eagerly.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper that ``torch.compile(module)`` returns."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(model, OptimizedModule)
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -85,11 +104,70 @@ def use_local_batch_stats(guard: ModelGuard, layer: nn.Module) -> None:
     """Make a SyncBatchNorm normalize with its local batch statistics, without syncing.
 
     In eval mode without running buffers, both torch's and rethinkbn's SyncBatchNorm normalize
-    each rank's batch alone and update nothing; the buffers are put back by ``guard``.
+    each rank's batch alone and update nothing; the buffers are put back by ``guard``. An empty
+    local batch has no statistics: for that call the buffers are put back (eval mode normalizes
+    nothing with them and updates nothing).
     """
+    saved = (layer._buffers["running_mean"], layer._buffers["running_var"])
     guard.set_buffer_slot(layer, "running_mean", None)
     guard.set_buffer_slot(layer, "running_var", None)
     layer.training = False
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if _is_empty(args):
+            module._buffers["running_mean"], module._buffers["running_var"] = saved
+
+    def after(module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        module._buffers["running_mean"] = module._buffers["running_var"] = None
+
+    guard.hook(layer.register_forward_pre_hook(before, prepend=True))
+    guard.hook(layer.register_forward_hook(after, always_call=True))
+
+
+def _is_empty(args: tuple[Any, ...]) -> bool:
+    x = args[0] if args else None
+    return isinstance(x, Tensor) and x.dim() > 0 and x.size(0) == 0
+
+
+def skip_empty_calls(guard: ModelGuard, layer: nn.Module) -> None:
+    """Make a rethinkbn layer normalize an empty input (N=0) in eval mode, for that call only.
+
+    Batch statistics of zero values do not exist (the layer would raise), and an empty batch
+    contributes nothing to a population: in eval mode the layer returns an empty output and
+    observes nothing. The training flag is put back after the call (and by ``guard`` on an
+    exception).
+    """
+    switched = False
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal switched
+        if _is_empty(args) and module.training:
+            module.training, switched = False, True
+
+    def after(module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+        nonlocal switched
+        if switched:
+            module.training, switched = True, False
+
+    guard.hook(layer.register_forward_pre_hook(before, prepend=True))
+    guard.hook(layer.register_forward_hook(after, always_call=True))
+
+
+def name_torch_errors(guard: ModelGuard, layer: nn.Module) -> None:
+    """Check, before torch's kernel does, that a batch-statistics call has 2+ values per channel.
+
+    Torch's own error does not say which layer; this one names it (``_rethinkbn_name``). Empty
+    inputs pass: torch returns an empty output for them.
+    """
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.size(0) == 0:
+            return
+        if module.training or getattr(module, "running_mean", None) is None:
+            require_two_values(x.numel() // max(x.size(1), 1), x, layer_name(module))
+
+    guard.hook(layer.register_forward_pre_hook(before))
 
 
 def use_norm_batch_size(guard: ModelGuard, layer: nn.Module, norm_batch_size: int | None) -> None:

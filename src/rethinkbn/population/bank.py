@@ -22,6 +22,7 @@ from ._state import STAT_BUFFERS, batchnorm_layers, running_buffers, unwrap
 __all__ = ["Snapshot", "StatsBank", "capture_stats", "install_stats"]
 
 Snapshot = dict[str, dict[str, Tensor]]
+_FORMAT = "rethinkbn.StatsBank/1"
 
 
 def _stat_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -171,17 +172,45 @@ class StatsBank:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
         """Write every snapshot to one file (``torch.save`` of a plain dict of tensors)."""
-        torch.save({"format": "rethinkbn.StatsBank/1", "snapshots": self._snapshots}, path)
+        torch.save({"format": _FORMAT, "snapshots": self._snapshots}, path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: Any = None) -> StatsBank:
-        """Read a file written by :meth:`save` (loaded with ``weights_only=True``)."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != "rethinkbn.StatsBank/1":
-            raise ValueError(
-                f"{path}: not a StatsBank file (expected format rethinkbn.StatsBank/1)"
+        """Read a file written by :meth:`save` (loaded with ``weights_only=True``).
+
+        Raises ValueError naming the file when it is not a StatsBank file (empty, truncated,
+        junk, or a ``torch.save`` of something else); a missing or unreadable file raises the
+        usual OSError.
+        """
+        def not_a_bank(why: str) -> ValueError:
+            return ValueError(
+                f"{path}: not a StatsBank file ({why}); expected a file written by "
+                f"StatsBank.save (format {_FORMAT})"
             )
-        return cls(blob["snapshots"])
+
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+        except OSError:
+            raise
+        except Exception as error:  # torch/pickle raise many types on a damaged file
+            why = ("the file is empty" if Path(path).stat().st_size == 0 else
+                   f"torch.load cannot read it, it is truncated or damaged: "
+                   f"{type(error).__name__} {str(error)[:80]}")
+            raise not_a_bank(why) from error
+        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+            raise not_a_bank(f"it holds a {type(blob).__name__} without that format tag")
+        snapshots = blob.get("snapshots")
+        if not isinstance(snapshots, dict) or not all(
+            isinstance(name, str) and isinstance(snapshot, dict)
+            and all(isinstance(layer, str) and isinstance(value, dict)
+                    for layer, value in snapshot.items())
+            for name, snapshot in snapshots.items()
+        ):
+            raise not_a_bank("its snapshots are not {name: {layer: {buffer: tensor}}}")
+        try:
+            return cls(snapshots)
+        except (TypeError, ValueError) as error:
+            raise not_a_bank(str(error)) from error
 
     def __repr__(self) -> str:
         return f"StatsBank({self.names})"

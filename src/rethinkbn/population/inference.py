@@ -20,6 +20,8 @@ from ._state import (
     ModelGuard,
     batchnorm_layers,
     is_frozen,
+    name_torch_errors,
+    skip_empty_calls,
     syncs_across_ranks,
     unwrap,
     use_local_batch_stats,
@@ -48,7 +50,9 @@ def _check(model: nn.Module, norm_batch_size: int | None) -> list[tuple[str, nn.
 
 
 def _grouped_output(norm_batch_size: int) -> Any:
-    def hook(layer: _BatchNorm, args: tuple[Tensor, ...], _output: Tensor) -> Tensor:
+    def hook(layer: _BatchNorm, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        if args[0].size(0) == 0:
+            return output  # an empty batch has no groups
         # torch's kernel saw the whole batch; a group with one value would silently give 0
         BF.check_groups(args[0], norm_batch_size, "contiguous", layer_name(layer))
         y, _ = BF.ghost_batch_norm(args[0], layer.weight, layer.bias, layer.eps, norm_batch_size)
@@ -85,6 +89,8 @@ def batch_stats_inference(
             module.training = False
         for name, layer in layers:
             guard.set_attr(layer, "_rethinkbn_name", name)
+            if not isinstance(layer, BatchNormBase):
+                name_torch_errors(guard, layer)
             if syncs_across_ranks(layer):
                 use_local_batch_stats(guard, layer)
                 continue
@@ -93,6 +99,7 @@ def batch_stats_inference(
             layer.training = True
             if isinstance(layer, BatchNormBase):
                 use_norm_batch_size(guard, layer, norm_batch_size)
+                skip_empty_calls(guard, layer)
             elif norm_batch_size is not None:
                 guard.hook(layer.register_forward_hook(_grouped_output(norm_batch_size)))
         yield model

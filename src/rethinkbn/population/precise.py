@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..stats import Moments
-from ._pass import ForwardFn, PassResult, run_pass
+from ._pass import PassResult, run_pass
 from ._state import running_buffers, unwrap
 from .bank import Snapshot, capture_stats, install_stats
+from .options import PreciseBNOptions, options_from, with_options
 
 __all__ = ["LayerReport", "PreciseBNReport", "precise_bn", "recompute_stats"]
 
@@ -98,7 +98,7 @@ def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -
     finite = torch.isfinite(total.mean) & torch.isfinite(total.m2)
     bad = seen & ~finite
     if bad.any():
-        raise FloatingPointError(
+        raise ValueError(
             f"{caller}: layer {label} has non-finite statistics in {int(bad.sum())} of "
             f"{bad.numel()} entries (NaN/Inf mean or variance); expected finite activations. "
             "The model is unchanged."
@@ -109,9 +109,10 @@ def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -
 
 
 def estimate(
-    model: nn.Module, data: Iterable[Any], caller: str, **kwargs: Any
+    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, caller: str
 ) -> tuple[PassResult, Snapshot]:
-    result = run_pass(model, data, caller=caller, **kwargs)
+    """Run the pass and turn every layer's pooled moments into the buffers to install."""
+    result = run_pass(model, data, options, caller)
     stats = {
         name: population_stats(name, result.layers[name], total, caller)
         for name, total in result.totals.items()
@@ -119,21 +120,12 @@ def estimate(
     return result, stats
 
 
+@with_options
 def precise_bn(
     model: nn.Module,
     data: Iterable[Any],
-    *,
-    num_samples: int | None = 10_000,
-    num_batches: int | None = None,
-    forward: ForwardFn | None = None,
-    input_key: Any = None,
-    device: torch.device | str | None = None,
-    pass_norm_batch_size: int | None = None,
-    include_frozen: bool = False,
-    keep_modes: bool = False,
-    strict: bool = False,
-    progress: bool | None = None,
-    process_group: dist.ProcessGroup | None = None,
+    options: PreciseBNOptions | None = None,
+    **kwargs: Any,
 ) -> PreciseBNReport:
     """Replace every BatchNorm layer's running (EMA) statistics by exact population statistics.
 
@@ -168,33 +160,27 @@ def precise_bn(
     several times per forward pools every call. Layers without running statistics are skipped.
 
     Args:
-        data: an iterable of batches; ``forward(model, batch)`` runs one (default: ``model(x)``
-            with ``x`` the batch, its first element, or ``batch[input_key]``); batches are moved
-            to ``device`` when given.
-        num_samples / num_batches: the budget; whole batches are consumed until at least
-            ``num_samples`` samples (or exactly ``num_batches`` batches, when given) were seen.
-            A shorter ``data`` warns, or raises with ``strict=True``.
-        progress: a tqdm bar (default: when stderr is a terminal).
-        process_group: when torch.distributed is initialized, every layer's moments are
-            gathered across this group (default: world) in one collective and merged exactly in
-            rank order, so every rank installs bit-identical statistics, those of the union of
-            the ranks' data.
+        data: an iterable of batches (see ``forward`` below). Empty batches (N=0) contribute
+            nothing.
+
+    Distributed: when torch.distributed is initialized, the ranks first exchange their status
+    (bounded by ``timeout``), then every layer's moments are gathered across ``process_group``
+    in one collective and merged exactly in rank order, so every rank installs bit-identical
+    statistics, those of the union of the ranks' data. A rank that raises makes every other rank
+    raise at once, naming it; ranks whose models differ in their BatchNorm layers (number, names
+    or channels) all raise ValueError naming the first layer that differs.
 
     Side effects: only ``running_mean`` / ``running_var`` change, in place, and only once the
     whole pass succeeded; ``num_batches_tracked``, momenta, modes, observers and hooks end as they
     were. On any exception (KeyboardInterrupt included), an empty or (strict) short ``data``, or
-    non-finite statistics (FloatingPointError naming the layer) the model is exactly as before.
+    non-finite statistics (ValueError naming the layer) the model is exactly as before.
     A (Distributed)DataParallel model is unwrapped; its buffers are the same tensors, updated
     identically on every rank.
     """
+    opts = options_from(options, kwargs, "precise_bn")
     model = unwrap(model)
     old = capture_stats(model)
-    result, stats = estimate(
-        model, data, "precise_bn",
-        num_samples=num_samples, num_batches=num_batches, forward=forward, input_key=input_key,
-        device=device, pass_norm_batch_size=pass_norm_batch_size, include_frozen=include_frozen,
-        keep_modes=keep_modes, strict=strict, progress=progress, process_group=process_group,
-    )
+    result, stats = estimate(model, data, opts, "precise_bn")
     install_stats(model, stats, partial=True)
     reports = {}
     for name, new in stats.items():
@@ -210,22 +196,25 @@ def precise_bn(
     return PreciseBNReport(reports, result.num_samples, result.num_batches)
 
 
+@with_options
 def recompute_stats(
     model: nn.Module,
     data: Iterable[Any],
+    options: PreciseBNOptions | None = None,
     *,
     install: bool = False,
     **kwargs: Any,
 ) -> Snapshot:
     """Population statistics of ``model`` on ``data`` as a snapshot, installed only if asked.
 
-    Same pass and keyword arguments as :func:`precise_bn`; the returned snapshot
+    Same pass and options as :func:`precise_bn`; the returned snapshot
     (``{layer: {"running_mean", "running_var"}}``) covers every layer with running statistics,
     those not estimated (e.g. FrozenBatchNorm) holding their current values, so it can go into a
     :class:`StatsBank`. With ``install=False`` (default) the model is left exactly as it was.
     """
+    opts = options_from(options, kwargs, "recompute_stats")
     model = unwrap(model)
-    _, stats = estimate(model, data, "recompute_stats", **kwargs)
+    _, stats = estimate(model, data, opts, "recompute_stats")
     snapshot = {**capture_stats(model), **stats}
     if install:
         install_stats(model, snapshot)

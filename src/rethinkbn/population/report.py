@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..stats import Moments
 from ._state import running_buffers
+from .options import PreciseBNOptions, options_from, with_options
 from .precise import distances, estimate, markdown_table
 
 __all__ = ["EMALayerReport", "EMAReport", "ema_report"]
@@ -81,13 +82,20 @@ def _position(ema_mean: Tensor, calls: Moments) -> tuple[float, float]:
     return float(outside.sum()) / n_seen, float(below[seen].sum()) / n_seen
 
 
-def ema_report(model: torch.nn.Module, data: Iterable[Any], **kwargs: Any) -> EMAReport:
+@with_options
+def ema_report(
+    model: torch.nn.Module,
+    data: Iterable[Any],
+    options: PreciseBNOptions | None = None,
+    **kwargs: Any,
+) -> EMAReport:
     """Compare every BatchNorm layer's running (EMA) statistics with precise ones on ``data``.
 
-    Runs the same pass as :func:`~rethinkbn.population.precise_bn` (same keyword arguments) and
-    keeps every call's batch mean. Side effects: none; the model ends exactly as it was.
+    Runs the same pass as :func:`~rethinkbn.population.precise_bn` (same options) and keeps
+    every call's batch mean. Side effects: none; the model ends exactly as it was.
     """
-    result, stats = estimate(model, data, "ema_report", **kwargs)
+    opts = options_from(options, kwargs, "ema_report")
+    result, stats = estimate(model, data, opts, "ema_report")
     layers = {}
     for name, new in stats.items():
         layer = result.layers[name]

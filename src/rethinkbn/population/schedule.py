@@ -29,16 +29,13 @@ from ..convert import freeze_bn
 from ..layers import FrozenBatchNorm
 from ._state import batchnorm_layers, is_frozen, unwrap
 from .bank import capture_stats, install_stats
+from .options import OPTION_NAMES, PreciseBNOptions, options_from, with_options
 from .precise import PreciseBNReport, precise_bn, recompute_stats
 
 __all__ = ["FreezeBNHook", "PreciseBNHook", "freeze_epoch_for", "freeze_with_precise_stats"]
 
 logger = logging.getLogger(__name__)
 
-_PRECISE_KEYS = {
-    "num_samples", "num_batches", "forward", "input_key", "device", "pass_norm_batch_size",
-    "include_frozen", "keep_modes", "strict", "progress", "process_group",
-}
 # FrozenBatchNorm's constructor keywords (device= is precise_bn's: the new layers take the old
 # ones' device), and convert_batchnorm's domain= (which row of a per-domain layer to keep).
 _FREEZE_KEYS = (
@@ -48,27 +45,29 @@ _FREEZE_KEYS = (
 _SELECT_KEYS = {"include", "exclude", "predicate"}
 
 
-def check_freeze_kwargs(
-    kwargs: dict[str, Any], caller: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``kwargs`` into (precise_bn's, the FrozenBatchNorm conversion's).
+def split_freeze_kwargs(
+    options: PreciseBNOptions | None, kwargs: dict[str, Any], caller: str
+) -> tuple[PreciseBNOptions, dict[str, Any]]:
+    """(the pass's options, the FrozenBatchNorm conversion's keywords) from ``kwargs``.
 
-    Raises TypeError, naming ``caller``, for a keyword that neither takes.
+    Raises, naming ``caller``, for a keyword that neither takes (TypeError) or a bad option.
     """
-    unknown = set(kwargs) - _PRECISE_KEYS - _FREEZE_KEYS - _SELECT_KEYS
+    unknown = set(kwargs) - OPTION_NAMES - _FREEZE_KEYS - _SELECT_KEYS
     if unknown:
         raise TypeError(
-            f"{caller}: unknown arguments {sorted(unknown)}; expected precise_bn's "
-            f"{sorted(_PRECISE_KEYS)}, FrozenBatchNorm's {sorted(_FREEZE_KEYS)} or a layer "
+            f"{caller}: unknown arguments {sorted(unknown)}; expected PreciseBNOptions fields "
+            f"{sorted(OPTION_NAMES)}, FrozenBatchNorm's {sorted(_FREEZE_KEYS)} or a layer "
             f"selection {sorted(_SELECT_KEYS)}"
         )
-    precise = {k: v for k, v in kwargs.items() if k in _PRECISE_KEYS}
-    return precise, {k: v for k, v in kwargs.items() if k not in _PRECISE_KEYS}
+    opts = options_from(options, {k: v for k, v in kwargs.items() if k in OPTION_NAMES}, caller)
+    return opts, {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
 
 
+@with_options
 def freeze_with_precise_stats(
     model: nn.Module,
     data: Iterable[Any],
+    options: PreciseBNOptions | None = None,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -77,10 +76,11 @@ def freeze_with_precise_stats(
 ) -> nn.Module:
     """Recompute precise population statistics, then turn the BatchNorm layers into FrozenBN.
 
-    ``kwargs`` are :func:`precise_bn`'s keyword arguments (``num_samples``, ``forward``,
-    ``device``, ...) and FrozenBatchNorm's (``affine_trainable``, ...); ``include`` /
-    ``exclude`` / ``predicate`` select layers as in :func:`rethinkbn.convert.convert_batchnorm`.
-    Returns the model (a new object only if the root itself was a BatchNorm).
+    ``kwargs`` are the pass's options (below, as for :func:`precise_bn`) and FrozenBatchNorm's
+    keywords (``affine_trainable``, ...); ``include`` / ``exclude`` / ``predicate`` select
+    layers as in :func:`rethinkbn.convert.convert_batchnorm`. Returns the model, the same object
+    (a DDP or ``torch.compile`` wrapper included; its inner layers are replaced) unless the root
+    itself was a BatchNorm.
 
     Side effects: the selected layers are replaced by FrozenBatchNorm layers holding the precise
     statistics; their weight and bias stay the same Parameter objects, so the optimizer keeps
@@ -88,21 +88,23 @@ def freeze_with_precise_stats(
     The reverse is :func:`rethinkbn.convert.unfreeze_bn` (back to torch BatchNorm, with the
     frozen statistics as running statistics).
     """
-    precise_kwargs, layer_kwargs = check_freeze_kwargs(kwargs, "freeze_with_precise_stats")
-    model = unwrap(model)
-    old = capture_stats(model)
-    stats = recompute_stats(model, data, **precise_kwargs)
-    install_stats(model, stats)
+    opts, layer_kwargs = split_freeze_kwargs(options, kwargs, "freeze_with_precise_stats")
+    inner = unwrap(model)
+    old = capture_stats(inner)
+    stats = recompute_stats(inner, data, opts)
+    install_stats(inner, stats)
+    frozen = inner
     try:
-        model = freeze_bn(model, include=include, exclude=exclude, predicate=predicate,
-                          **layer_kwargs)
+        frozen = freeze_bn(inner, include=include, exclude=exclude, predicate=predicate,
+                           **layer_kwargs)
     finally:
         # layers still of their old kind (not selected, or a failed conversion) get their
         # statistics back
-        kept = {name: old[name] for name, layer in batchnorm_layers(model)
+        kept = {name: old[name] for name, layer in batchnorm_layers(frozen)
                 if name in old and not is_frozen(layer)}
-        install_stats(model, kept, partial=True)
-    return model
+        install_stats(frozen, kept, partial=True)
+    # a wrapper (DDP, torch.compile) stays the model to use, unless the root itself was replaced
+    return model if frozen is inner else frozen
 
 
 class PreciseBNHook:
@@ -110,20 +112,23 @@ class PreciseBNHook:
 
     Runs :func:`precise_bn` on ``data`` after epochs ``every_n_epochs - 1``,
     ``2 * every_n_epochs - 1``, ... (0-based) and returns its report (None on other epochs);
-    ``reports`` keeps them all by epoch. ``kwargs`` go to :func:`precise_bn`.
+    ``reports`` keeps them all by epoch. ``options`` / ``kwargs`` are :func:`precise_bn`'s,
+    checked now (``self.options``).
     """
 
     def __init__(
-        self, data: Iterable[Any] | None, *, every_n_epochs: int = 1, **kwargs: Any
+        self,
+        data: Iterable[Any] | None,
+        *,
+        every_n_epochs: int = 1,
+        options: PreciseBNOptions | None = None,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
-        unknown = set(kwargs) - _PRECISE_KEYS
-        if unknown:
-            raise TypeError(f"PreciseBNHook: unknown precise_bn arguments {sorted(unknown)}")
         self.data = data
         self.every_n_epochs = every_n_epochs
-        self.kwargs = kwargs
+        self.options = options_from(options, kwargs, "PreciseBNHook")
         self.reports: dict[int, PreciseBNReport] = {}
 
     def due(self, epoch: int) -> bool:
@@ -135,8 +140,8 @@ class PreciseBNHook:
         """Run when due; ``data`` and ``overrides`` replace the constructor's for this call."""
         if not self.due(epoch):
             return None
-        report = precise_bn(model, self.data if data is None else data,
-                            **{**self.kwargs, **overrides})
+        options = options_from(self.options, overrides, "PreciseBNHook")
+        report = precise_bn(model, self.data if data is None else data, options)
         self.reports[epoch] = report
         logger.info("PreciseBN after epoch %d: %d samples", epoch, report.num_samples)
         return report
@@ -147,27 +152,39 @@ class FreezeBNHook:
     of each epoch.
 
     At the first call with ``epoch >= freeze_epoch`` it runs :func:`freeze_with_precise_stats`
-    (``kwargs`` go to it); later calls do nothing. Returns the model to keep using.
+    (``options`` / ``kwargs`` go to it); later calls do nothing. Returns the model to keep using.
     """
 
-    def __init__(self, data: Iterable[Any] | None, *, freeze_epoch: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data: Iterable[Any] | None,
+        *,
+        freeze_epoch: int,
+        options: PreciseBNOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(freeze_epoch, int) or freeze_epoch < 0:
             raise ValueError(f"freeze_epoch must be an int >= 0, got {freeze_epoch!r}")
         # a misspelt keyword fails now, not many epochs later at the freeze
-        check_freeze_kwargs(kwargs, "FreezeBNHook")
+        self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs, "FreezeBNHook")
         self.data = data
         self.freeze_epoch = freeze_epoch
-        self.kwargs = kwargs
         self.frozen = False
 
     @classmethod
     def last_fraction(
-        cls, data: Iterable[Any] | None, fraction: float, total_epochs: int, **kwargs: Any
+        cls,
+        data: Iterable[Any] | None,
+        fraction: float,
+        total_epochs: int,
+        options: PreciseBNOptions | None = None,
+        **kwargs: Any,
     ) -> FreezeBNHook:
         """Freeze for the last ``fraction`` of ``total_epochs`` (the paper: 0.2 of 100 epochs)."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        return cls(data, freeze_epoch=freeze_epoch_for(fraction, total_epochs), **kwargs)
+        return cls(data, freeze_epoch=freeze_epoch_for(fraction, total_epochs), options=options,
+                   **kwargs)
 
     def __call__(
         self, model: nn.Module, epoch: int, data: Iterable[Any] | None = None, **overrides: Any
@@ -175,8 +192,9 @@ class FreezeBNHook:
         """Freeze when due; ``data`` and ``overrides`` replace the constructor's for this call."""
         if self.frozen or epoch < self.freeze_epoch:
             return model
-        model = freeze_with_precise_stats(model, self.data if data is None else data,
-                                          **{**self.kwargs, **overrides})
+        options, layer_kwargs = split_freeze_kwargs(self.options, overrides, "FreezeBNHook")
+        model = freeze_with_precise_stats(model, self.data if data is None else data, options,
+                                          **{**self.layer_kwargs, **layer_kwargs})
         self.frozen = True
         logger.info("FrozenBN from epoch %d on", epoch)
         return model
