@@ -13,8 +13,10 @@ Results travel back serialized with ``torch.save``, so tensors are fine.
 :func:`launch` runs a script on ``world_size`` processes with the environment torchrun would give
 them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ...), for benchmarks and
 examples that initialize with ``init_process_group("gloo")``. :func:`run_command` runs one command
-line (e.g. ``torchrun``) to completion. Both start every process in a session of its own and kill
-that whole process group when they return or time out, so no worker outlives them.
+line (e.g. ``torchrun``) to completion. Both start every process in a session of its own and,
+when they time out or are interrupted, stop it with SIGTERM, then SIGKILL its process group and
+every process it started (torch elastic's workers live in sessions of their own), so no worker
+outlives them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,12 +194,66 @@ class GlooWorld:
         self.close()
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL every process left in the group that ``proc`` leads (started in a new session)."""
+def _process_start(pid: int) -> str | None:
+    """``pid``'s start time from ``/proc`` (None when it is gone or there is no ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` (read from ``/proc``; empty where there is none), with
+    its start time, so that a pid the system reuses later is never mistaken for one of them."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        start = _process_start(child)
+        if start is not None and child not in found:
+            found[child] = start
+            todo.extend(parents.get(child, []))
+    return found
+
+
+def _stop(proc: subprocess.Popen[str], grace_s: float) -> None:
+    """Stop ``proc`` (started in a session of its own) and every process it started.
+
+    SIGTERM first, then up to ``grace_s`` seconds to exit: torchrun needs that time to stop its
+    workers, which torch elastic starts in sessions of their own (SIGKILL would stop torchrun
+    before it forwards anything). Then SIGKILL for whatever is left: ``proc``'s process group
+    and every descendant seen before the SIGTERM (found through ``/proc``, whatever its session).
+    """
+    if proc.poll() is None:
+        family = _descendants(proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second Ctrl-C: kill now
+            pass
+        family.update(_descendants(proc.pid))
+    else:
+        family = {}
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # the whole group has exited already
         pass
+    for pid, start in family.items():
+        if _process_start(pid) == start:  # still the same process, not a reused pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     proc.wait()
 
 
@@ -211,11 +268,14 @@ def run_command(
     *,
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    grace_s: float = 45.0,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``command`` to completion; its exit code and text stdout / stderr.
 
-    The command runs in a new session; when it exits or runs past ``timeout_s``, every process
-    it started (torchrun's workers, say) is killed with it. Past the timeout this raises
+    The command runs in a new session. When it runs past ``timeout_s`` or the caller is
+    interrupted (Ctrl-C), it gets SIGTERM and ``grace_s`` seconds to stop what it started
+    (torchrun stops its workers, in torch's default 30 s), then it and every process it started
+    are killed, whatever their session. Past the timeout this raises
     ``subprocess.TimeoutExpired``.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -224,7 +284,7 @@ def run_command(
         try:
             proc.wait(timeout=timeout_s)
         finally:
-            _kill_group(proc)
+            _stop(proc, grace_s)
         return subprocess.CompletedProcess(list(command), proc.returncode, _read(out),
                                            _read(err))
 
@@ -267,7 +327,7 @@ def launch(
                 time.sleep(0.05)
         finally:
             for p in procs:
-                _kill_group(p)
+                _stop(p, grace_s=5.0)
         outputs = [(_read(out), _read(err)) for out, err in logs]
     pairs = enumerate(zip(procs, outputs, strict=True))
     failed = [(r, p.returncode, err) for r, (p, (_, err)) in pairs if p.returncode != 0]
