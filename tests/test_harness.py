@@ -120,3 +120,33 @@ def test_a_pipe_in_a_summary_cell_does_not_split_the_row(tmp_path):
     outcome = StudyOutcome(Study("demo", "a demo study", lambda ctx: result), result, 1.0)
     report = write_outputs(tmp_path, [outcome], env, 1.0).read_text()
     assert r"| `demo` | claim \|x\| small | \|x\| = 2 | - | **agrees** |" in report
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "junk"])
+def test_an_unreadable_cache_entry_is_a_miss_moved_aside_with_a_warning(tmp_path, damage):
+    cache = RunCache(tmp_path)
+    cache.get_or_run({"seed": 0}, lambda: {"err": torch.arange(1000.0)})
+    path = cache.path({"seed": 0})
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"",
+                      "junk": b"not a torch file"}[damage])
+    calls = []
+    with pytest.warns(RuntimeWarning, match=rf"{path.name} cannot be read.*running it again"):
+        result = RunCache(tmp_path).get_or_run({"seed": 0}, lambda: calls.append(1) or {"err": 2})
+    assert result == {"err": 2} and calls == [1]
+    assert (tmp_path / f"{path.name}.corrupt").exists()  # kept for a look
+    assert RunCache(tmp_path).get({"seed": 0}) == {"err": 2}  # the rerun stored a good file
+
+
+def test_a_truncated_cache_entry_does_not_fail_the_study_on_rerun(tiny_out, tiny_data, quiet,
+                                                                   one_thread):
+    reproduce(["precise-batch"], tiny=True, data=tiny_data, out_dir=tiny_out, progress=quiet)
+    entries = sorted((tiny_out / "cache").glob("*.pt"))
+    damaged = entries[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=damaged.name):
+        _, outcomes = reproduce(["precise-batch"], tiny=True, data=tiny_data, out_dir=tiny_out,
+                                progress=quiet)
+    env = json.loads((tiny_out / "results.json").read_text())["environment"]
+    assert outcomes[0].error is None
+    assert env["cache"]["misses"] == 1 and env["cache"]["hits"] == len(entries) - 1
