@@ -48,11 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _usage_error(message: str) -> int:
+    """One line on stderr, argparse's way; the exit code 2 of a command-line error."""
+    print(f"rethinkbn reproduce: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    0: done; 1: the report was written but a study failed; 2: bad options or ``--data``;
-    130: interrupted (finished runs stay cached).
+    0: done; 1: the report was written but a study failed; 2: bad options or ``--data`` (one
+    line on stderr; every option is checked before any work); 130: interrupted (finished runs
+    stay cached).
     """
     args = build_parser().parse_args(argv)
     from .studies.base import registered_studies
@@ -80,12 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             ranks=args.ranks,
             threads=args.threads,
         )
-    except KeyError as err:
-        print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)
-        return 2
+    except KeyError as err:  # an unknown study
+        return _usage_error(err.args[0])
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad options or --data
-        print(f"rethinkbn reproduce: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(str(err))
     except KeyboardInterrupt:
         print("\nrethinkbn reproduce: interrupted; finished runs are cached, rerun to resume.",
               file=sys.stderr)

@@ -220,11 +220,18 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Study:
-    """A registered study: its CLI name, a one-line description, and its run function."""
+    """A registered study: its CLI name, a one-line description, and its run function.
+
+    ``check(ctx)``, when given, raises ``ValueError`` for options the study cannot run with; the
+    harness calls it for every selected study before any work. ``uses_ranks``: the study reads
+    ``ctx.ranks`` (``--ranks`` > 1 with no such study selected is an error).
+    """
 
     name: str
     description: str
     run: Callable[[RunContext], StudyResult]
+    check: Callable[[RunContext], None] | None = None
+    uses_ranks: bool = False
 
     @property
     def order(self) -> int:
@@ -239,9 +246,11 @@ _REGISTRY: dict[str, Study] = {}
 
 
 def register_study(
-    name: str, description: str
+    name: str, description: str, *, check: Callable[[RunContext], None] | None = None,
+    uses_ranks: bool = False,
 ) -> Callable[[Callable[[RunContext], StudyResult]], Callable[[RunContext], StudyResult]]:
-    """Decorator: register ``run`` as the study ``name`` (shown by ``rethinkbn studies``).
+    """Decorator: register ``run`` as the study ``name`` (shown by ``rethinkbn studies``);
+    ``check`` and ``uses_ranks``: see :class:`Study`.
 
     Studies are listed and run in the order of their modules in ``STUDY_MODULES`` (then in
     registration order). Registering a name twice is an error.
@@ -254,7 +263,8 @@ def register_study(
     ) -> Callable[[RunContext], StudyResult]:
         if name in _REGISTRY and _REGISTRY[name].run is not run:
             raise ValueError(f"study {name!r} is already registered by {_REGISTRY[name].run!r}")
-        _REGISTRY[name] = Study(name=name, description=description, run=run)
+        _REGISTRY[name] = Study(name=name, description=description, run=run, check=check,
+                                uses_ranks=uses_ranks)
         return run
 
     return decorate

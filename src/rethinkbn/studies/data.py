@@ -31,6 +31,7 @@ from .cache import set_aside
 
 __all__ = [
     "DataSplit",
+    "check_data_spec",
     "load_cifar10",
     "load_data",
     "load_image_folder",
@@ -231,17 +232,32 @@ def load_image_folder(root: Path | str, val_fraction: float = 0.2, seed: int = 0
     return _normalized(root.name or "images", train_x, train_y, val_x, val_y, len(classes))
 
 
-def load_data(spec: str, cache_dir: Path | str | None = None) -> DataSplit:
-    """The dataset named by ``--data``: ``mnist1d`` (default), ``mnist1d:<num_samples>``, or a
-    folder holding CIFAR-10's python pickles or one sub-folder of images per class."""
-    if spec == "mnist1d" or spec.startswith("mnist1d:"):
-        num = int(spec.split(":", 1)[1]) if ":" in spec else MNIST1D_SAMPLES
-        return load_mnist1d(num, cache_dir=cache_dir)
-    root = Path(spec)
-    if not root.is_dir():
+def check_data_spec(spec: str) -> int | None:
+    """Check ``--data`` without loading anything: MNIST-1D's sample count for ``mnist1d`` /
+    ``mnist1d:<num_samples>``, None for a folder; ``ValueError`` / ``FileNotFoundError``
+    otherwise."""
+    if spec == "mnist1d":
+        return MNIST1D_SAMPLES
+    if spec.startswith("mnist1d:"):
+        text = spec.split(":", 1)[1]
+        if not text.isdigit() or int(text) < 20:
+            raise ValueError(f"--data {spec!r}: expected 'mnist1d:<num_samples>' with an integer "
+                             f">= 20 (2 per class), got {text!r}")
+        return int(text)
+    if not Path(spec).is_dir():
         raise FileNotFoundError(
             f"--data {spec!r}: expected 'mnist1d', 'mnist1d:<num_samples>' or a folder"
         )
+    return None
+
+
+def load_data(spec: str, cache_dir: Path | str | None = None) -> DataSplit:
+    """The dataset named by ``--data``: ``mnist1d`` (default), ``mnist1d:<num_samples>``, or a
+    folder holding CIFAR-10's python pickles or one sub-folder of images per class."""
+    num = check_data_spec(spec)
+    if num is not None:
+        return load_mnist1d(num, cache_dir=cache_dir)
+    root = Path(spec)
     if (root / "test_batch").exists() or (root / "data_batch_1").exists():
         return load_cifar10(root)
     if (root / "cifar-10-batches-py").is_dir():

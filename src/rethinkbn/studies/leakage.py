@@ -70,6 +70,7 @@ __all__ = [
     "RoiNet",
     "Variant",
     "build_model",
+    "check_context",
     "check_ranks",
     "evaluate",
     "population_stats",
@@ -349,8 +350,9 @@ def check_ranks(scale: LeakageScale, ranks: int, names: tuple[str, ...] = RANK_V
         allowed = [r for r in range(1, scale.images_per_step + 1)
                    if scale.images_per_step % (r * widest) == 0]
         raise ValueError(
-            f"leakage: --ranks {ranks} does not split a step of {scale.images_per_step} images "
-            f"into whole devices of {widest} images per rank; expected one of {allowed}"
+            f"--ranks {ranks} does not split the leakage study's step of "
+            f"{scale.images_per_step} images into whole devices of {widest} images per rank; "
+            f"expected one of {allowed}"
         )
 
 
@@ -490,8 +492,13 @@ def _mode_line(ranks: int) -> str:
             "the rows above are the virtual devices, the comparison table below the real ranks.")
 
 
+def check_context(ctx: RunContext) -> None:
+    """``--ranks`` must split every step into whole devices (:func:`check_ranks`)."""
+    check_ranks(scale_for(ctx), ctx.ranks)
+
+
 @register_study("leakage", "Sec. 6, Tables 3/6: per-device BN leaks through correlated RoIs; "
-                           "shuffle and SyncBN fix it")
+                           "shuffle and SyncBN fix it", check=check_context, uses_ranks=True)
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx)
     ranks = ctx.ranks
