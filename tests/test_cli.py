@@ -2,15 +2,16 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rethinkbn.cli import build_parser, main
-from rethinkbn.studies import harness
-from rethinkbn.studies.base import RunContext, Study
-from rethinkbn.studies.cache import RunCache
+from rethinkbn_studies import harness
+from rethinkbn_studies.base import RunContext, Study
+from rethinkbn_studies.cache import RunCache
 
 PART1 = ["ema-vs-precise", "precise-batch", "nbs"]
 
@@ -190,3 +191,13 @@ def test_bad_mnist1d_sample_count_is_refused_before_any_work(spec, tmp_path, cap
     _no_work(monkeypatch)
     assert main(["reproduce", "--data", spec, "--out", str(tmp_path)]) == 2
     _one_line_error(capsys, "--data", spec)
+
+
+@pytest.mark.parametrize("module", ["rethinkbn_studies", "matplotlib"])
+def test_without_the_studies_extra_the_commands_say_how_to_install_it(module, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled module looks like
+    assert main(["studies"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"missing: {module}" in err
+    assert "pip install 'rethinkbn[studies]'" in err

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from rethinkbn.studies.base import Study, StudyResult, SummaryRow, Table, verdict
-from rethinkbn.studies.cache import RunCache, config_key
-from rethinkbn.studies.harness import reproduce
-from rethinkbn.studies.report import StudyOutcome, write_outputs
+from rethinkbn_studies.base import Study, StudyResult, SummaryRow, Table, verdict
+from rethinkbn_studies.cache import RunCache, config_key
+from rethinkbn_studies.harness import reproduce
+from rethinkbn_studies.report import StudyOutcome, write_outputs
 
 
 def test_cache_runs_once_per_config(tmp_path):

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 
-from rethinkbn.studies import ema_vs_precise, nbs, precise_batch
-from rethinkbn.studies.base import (
+from rethinkbn_studies import ema_vs_precise, nbs, precise_batch
+from rethinkbn_studies.base import (
     Table,
     get_study,
     mean_std,
@@ -78,7 +78,7 @@ def test_precise_batch_verdict_flips_with_its_number(nbs_key, column, value, row
 
 # ---------------------------------------------------------------------------- nbs
 def fig5_numbers():
-    from rethinkbn.studies import paper
+    from rethinkbn_studies import paper
 
     keep = (2, 1024)
     return {"mean": {k: {str(n): v for n, v in curve.items() if n in keep}
@@ -156,9 +156,9 @@ def _ctx(quick, name, num_train):
 
     import torch
 
-    from rethinkbn.studies.base import RunContext
-    from rethinkbn.studies.cache import RunCache
-    from rethinkbn.studies.data import DataSplit
+    from rethinkbn_studies.base import RunContext
+    from rethinkbn_studies.cache import RunCache
+    from rethinkbn_studies.data import DataSplit
 
     x = torch.zeros(num_train, 1, 40)
     data = DataSplit(name, x, torch.zeros(num_train, dtype=torch.long), x[:100],
@@ -169,7 +169,7 @@ def _ctx(quick, name, num_train):
 
 
 def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
-    from rethinkbn.studies.common import scale_for
+    from rethinkbn_studies.common import scale_for
 
     full = scale_for(_ctx(False, "MNIST-1D", 8000), 10, 20, mnist1d_train_samples=2000)
     assert (full.num_train, full.epochs, full.widths) == (2000, 20, (16, 32, 64))

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..population import freeze_epoch_for
+from rethinkbn.population import freeze_epoch_for
+
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import (

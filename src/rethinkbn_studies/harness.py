@@ -14,8 +14,8 @@ import torch
 
 from .base import ProgressFactory, RunContext, get_study, registered_studies
 from .cache import RunCache
-from .common import cpu_threads
 from .data import DataSplit, check_data_spec, load_data
+from .processes import cpu_threads
 from .report import StudyOutcome, environment, write_outputs
 
 __all__ = ["reproduce", "tqdm_progress"]

@@ -45,13 +45,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import ShuffledModule, SyncBatchNorm
-from ..distributed.testing import run_command
-from ..layers import GhostBatchNorm, is_batchnorm
-from ..population import batch_stats_inference, precise_bn
+from rethinkbn.distributed import ShuffledModule, SyncBatchNorm
+from rethinkbn.layers import GhostBatchNorm, is_batchnorm
+from rethinkbn.population import batch_stats_inference, precise_bn
+
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
 from .common import fmt, over_seeds, pyplot, save_plot
+from .processes import run_command
 from .roi import (
     BACKGROUND,
     RoiBatch,
@@ -361,7 +362,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     """Train ``name`` on ``ranks`` real gloo processes (torchrun) and evaluate it here.
 
     Runs ``python -m torch.distributed.run --standalone --nproc_per_node=ranks`` on
-    :mod:`rethinkbn.studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
+    :mod:`rethinkbn_studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
     runs precise_bn across ranks and saves rank 0's state dict; this process loads it into the
     virtual-device model and evaluates it like :func:`run_variant`. Raises ``RuntimeError`` with
     the workers' output if torchrun fails or runs past ``timeout_s`` (its workers are killed
@@ -373,7 +374,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
         out = Path(tmp) / "state.pt"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", "-m", "rethinkbn.studies.leakage_worker",
+            f"--nproc_per_node={ranks}", "-m", "rethinkbn_studies.leakage_worker",
             "--variant", name, "--seed", str(seed), "--scale", json.dumps(scale.as_dict()),
             "--out", str(out),
         ]

@@ -37,7 +37,7 @@ def environment(device: torch.device, seeds: tuple[int, ...], quick: bool,
     """Versions, device and run settings, for results.json and the report's closing lines."""
     import numpy
 
-    from .. import __version__
+    from rethinkbn import __version__
 
     versions = {
         "python": platform.python_version(),

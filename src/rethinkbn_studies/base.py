@@ -2,7 +2,7 @@
 
 A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a name::
 
-    from rethinkbn.studies.base import RunContext, StudyResult, Table, register_study, verdict
+    from rethinkbn_studies.base import RunContext, StudyResult, Table, register_study, verdict
 
     @register_study("my-study", "Sec. 9: what it measures, in one line")
     def run(ctx: RunContext) -> StudyResult:
@@ -17,8 +17,8 @@ A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a
                            summary=[SummaryRow(claim, ours, paper, verdict(...))],
                            numbers={...})
 
-The module that holds the study must be listed in ``rethinkbn.studies.STUDY_MODULES`` so that the
-registry imports it. The harness (``rethinkbn.studies.harness.reproduce``) calls each selected
+The module that holds the study must be listed in ``rethinkbn_studies.STUDY_MODULES`` so that the
+registry imports it. The harness (``rethinkbn_studies.harness.reproduce``) calls each selected
 study, writes ``report.md``, the plots and ``results.json``; the study itself writes only its plot
 files (``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
 
@@ -184,10 +184,10 @@ class RunContext:
     - ``seeds``: the seeds to run (one in quick mode by default, >= 3 in full mode).
     - ``out_dir``: the output directory; write plots with :meth:`plot_path`.
     - ``device``: where to train.
-    - ``cache``: the on-disk run cache (:class:`~rethinkbn.studies.cache.RunCache`); wrap every
+    - ``cache``: the on-disk run cache (:class:`~rethinkbn_studies.cache.RunCache`); wrap every
       training run in ``ctx.cache.get_or_run(config, fn)`` so Ctrl-C loses nothing.
     - ``progress``: a tqdm-like factory (:class:`ProgressFactory`).
-    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn.studies.data.DataSplit`
+    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn_studies.data.DataSplit`
       selected by ``--data`` (MNIST-1D by default), generated once and cached.
     - ``data_spec``: the ``--data`` value, to put into cache keys.
     - ``tiny``: for tests only: the smallest configuration that runs every code path in seconds

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import DomainBatchNorm
-from ..population import precise_bn
-from ..stats import Moments
+from rethinkbn.layers import DomainBatchNorm
+from rethinkbn.population import precise_bn
+from rethinkbn.stats import Moments
+
 from . import paper
 from .base import (
     ProgressFactory,
