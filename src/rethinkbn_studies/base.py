@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGREES",
     "DISAGREES",
+    "INCONCLUSIVE",
     "ProgressFactory",
     "RunContext",
     "Study",
@@ -61,6 +62,7 @@ __all__ = [
 
 AGREES = "agrees"
 DISAGREES = "disagrees"
+INCONCLUSIVE = "inconclusive"
 
 
 class ProgressFactory(Protocol):
@@ -86,20 +88,51 @@ class Verdict:
 
     ``criterion`` is the rule in words (``"EMA error - PreciseBN error >= 0.5 pt in the first
     half of training"``); ``detail`` shows the measured values the rule was applied to.
+
+    Verdicts that know their noise (:mod:`rethinkbn_studies.verdicts`) also carry ``outcome``
+    (``"agrees"``, ``"disagrees"`` or ``"inconclusive"``), the ``effect``, its ``interval`` at
+    ``confidence`` and the ``test`` that gave it; without them the outcome follows ``agrees``.
     """
 
     agrees: bool
     criterion: str
     detail: str = ""
+    outcome: str | None = None
+    effect: float | None = None
+    interval: tuple[float, float] | None = None
+    confidence: float | None = None
+    test: str = ""
+
+    def __post_init__(self) -> None:
+        if self.outcome not in (None, AGREES, DISAGREES, INCONCLUSIVE):
+            raise ValueError(f"Verdict: outcome must be {AGREES!r}, {DISAGREES!r} or "
+                             f"{INCONCLUSIVE!r}, got {self.outcome!r}")
+        if self.outcome is not None and self.agrees != (self.outcome == AGREES):
+            raise ValueError(f"Verdict: agrees={self.agrees} contradicts {self.outcome!r}")
 
     @property
     def label(self) -> str:
+        if self.outcome is not None:
+            return self.outcome
         return AGREES if self.agrees else DISAGREES
 
     def line(self) -> str:
-        """The report's verdict line: ``**agrees** — criterion (detail)``."""
-        tail = f" ({self.detail})" if self.detail else ""
+        """The report's verdict line: ``**agrees** — criterion (detail; test)``."""
+        parts = [p for p in (self.detail, self.test) if p]
+        tail = f" ({'; '.join(parts)})" if parts else ""
         return f"**{self.label}** — {self.criterion}{tail}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict for results.json: outcome, criterion, detail, and, when known, the
+        effect, its uncertainty and the test."""
+        out: dict[str, Any] = {"verdict": self.label, "criterion": self.criterion,
+                               "detail": self.detail}
+        if self.outcome is not None:
+            low, high = self.interval if self.interval is not None else (None, None)
+            out.update(effect=self.effect, uncertainty={"low": low, "high": high,
+                                                        "confidence": self.confidence},
+                       test=self.test)
+        return out
 
 
 def verdict(criterion: str, holds: bool, detail: str = "") -> Verdict:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .base import ProgressFactory
 
-__all__ = ["Callback", "EpochEnd", "TrainConfig", "evaluate_error", "predict_logits", "train"]
+__all__ = ["Callback", "EpochEnd", "TrainConfig", "evaluate_error", "evaluate_wrong",
+           "predict_logits", "train"]
 
 
 @dataclass(frozen=True)
@@ -148,15 +149,21 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tenso
     return torch.cat(outs)
 
 
-def evaluate_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Top-1 error (%) of ``model`` on ``(x, y)`` with population statistics (eval mode).
-
-    Restores the model's train/eval mode afterwards.
-    """
+def evaluate_wrong(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
+    """Which samples of ``(x, y)`` ``model`` gets wrong (bool, one per sample) with population
+    statistics (eval mode), for paired tests between models. Restores the model's mode."""
     was_training = model.training
     model.eval()
     try:
         pred = predict_logits(model, x, batch_size).argmax(1)
     finally:
         model.train(was_training)
-    return 100.0 * float((pred != y).float().mean())
+    return pred != y.to(pred.device)
+
+
+def evaluate_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 error (%) of ``model`` on ``(x, y)`` with population statistics (eval mode).
+
+    Restores the model's train/eval mode afterwards.
+    """
+    return 100.0 * float(evaluate_wrong(model, x, y, batch_size).float().mean())
