@@ -62,7 +62,7 @@ from .roi import (
     make_images,
     sample_rois,
 )
-from .train import TrainConfig
+from .train import TrainConfig, sgd
 
 __all__ = [
     "RANK_VARIANTS",
@@ -264,28 +264,22 @@ def train_model(model: RoiNet, images: RoiImages, scale: LeakageScale, seed: int
     every step and the gradients are averaged across ranks (equal shares, so the average is the
     gradient of the whole step's mean loss).
     """
-    opt = torch.optim.SGD(model.parameters(), lr=scale.lr, momentum=0.9,
-                          weight_decay=scale.weight_decay)
-    steps_per_epoch = len(images) // scale.images_per_step
-    schedule = TrainConfig(epochs=scale.epochs, batch_size=scale.images_per_step, lr=scale.lr)
-    step, loss = 0, torch.tensor(float("nan"))
-    model.train()
-    epochs = range(scale.epochs)
-    for epoch in progress(epochs, desc="epochs", total=scale.epochs) if progress else epochs:
-        for x, rois in step_batches(images, scale, seed, epoch, rank, world):
-            for group in opt.param_groups:
-                group["lr"] = schedule.lr_at(step, steps_per_epoch)
-            loss = F.cross_entropy(model(x, rois), rois.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-            opt.step()
-            step += 1
-    return loss.item()
+    config = TrainConfig(epochs=scale.epochs, batch_size=scale.images_per_step, lr=scale.lr,
+                         weight_decay=scale.weight_decay)
+    return sgd(model, config, lambda epoch: step_batches(images, scale, seed, epoch, rank, world),
+               lambda m, batch: F.cross_entropy(m(*batch), batch[1].labels),
+               steps_per_epoch=len(images) // scale.images_per_step,
+               after_backward=_average_gradients if world > 1 else None, progress=progress,
+               desc="epochs")
+
+
+def _average_gradients(model: nn.Module) -> None:
+    """Each rank's gradient becomes the mean over ranks (equal shares: the whole step's)."""
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def has_batchnorm(variant: Variant) -> bool:
