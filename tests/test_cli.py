@@ -169,6 +169,20 @@ def test_out_in_a_read_only_directory_is_refused_before_any_work(tmp_path, capsy
     _one_line_error(capsys, "--out", "cannot write")
 
 
+def test_out_on_a_file_system_that_refuses_writes_is_refused_even_for_root(capsys, monkeypatch):
+    target = Path("/sys/rethinkbn-test-out")  # sysfs: no new directories, whoever asks
+    try:
+        target.mkdir()
+    except OSError:
+        pass
+    else:
+        target.rmdir()
+        pytest.skip("/sys accepts new directories here")
+    _no_work(monkeypatch)
+    assert main(["reproduce", "--quick", "--out", str(target)]) == 2
+    _one_line_error(capsys, "--out", str(target), "cannot write")
+
+
 @pytest.mark.parametrize("only", ["leakage", "nbs,leakage"])
 def test_ranks_that_do_not_split_the_leakage_step_are_refused_before_any_work(
         only, tmp_path, capsys, monkeypatch):
