@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rethinkbn.layers import GhostBatchNorm
-from rethinkbn.studies.common import cpu_threads
+from rethinkbn_studies.processes import cpu_threads
 
 SHAPES = [(256, 64, 16, 16), (128, 256, 8, 8), (1024, 64, 40)]
 NBS = [2, 4, 32, None]

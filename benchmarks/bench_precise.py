@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from rethinkbn.population import StatsBank, capture_stats, precise_bn
 from rethinkbn.stats import Moments
-from rethinkbn.studies.common import cpu_threads
+from rethinkbn_studies.processes import cpu_threads
 
 REPEATS = 9
 BATCHES = 16

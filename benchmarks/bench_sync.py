@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rethinkbn.distributed import SyncBatchNorm
-from rethinkbn.distributed.testing import launch
+from rethinkbn_studies.processes import launch
 
 SHAPE = (32, 64, 16, 16)  # per rank: N, C, H, W
 WORLD_SIZES = (2, 4)

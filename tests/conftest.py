@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from rethinkbn.studies.data import load_mnist1d
+from rethinkbn_studies.data import load_mnist1d
 
 # The dataset spec the tiny end-to-end runs use; `data_file` generates exactly this file.
 TINY_SAMPLES = 1000

@@ -156,7 +156,7 @@ def _sync_layer_on_each_rank_alone(kind):
 
 @pytest.mark.parametrize("kind", ["torch", "rethinkbn"])
 def test_a_sync_batchnorm_normalizes_each_ranks_batch_alone(kind):
-    from rethinkbn.distributed.testing import GlooWorld
+    from gloo_world import GlooWorld
 
     with GlooWorld(2) as world:
         assert world.run(_sync_layer_on_each_rank_alone, kind) == [True, True]

@@ -1,15 +1,17 @@
 """The command line: `rethinkbn studies` and `rethinkbn reproduce` end to end (tiny scale)."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rethinkbn.cli import build_parser, main
-from rethinkbn.studies import harness
-from rethinkbn.studies.base import RunContext, Study
-from rethinkbn.studies.cache import RunCache
+from rethinkbn_studies import harness
+from rethinkbn_studies.base import RunContext, Study
+from rethinkbn_studies.cache import RunCache
 
 PART1 = ["ema-vs-precise", "precise-batch", "nbs"]
 
@@ -72,7 +74,8 @@ def test_ranks_flag_reaches_the_studies_context(tiny_out, tiny_data, monkeypatch
         seen.append(ctx.ranks)
         raise RuntimeError("stop after reading the context")
 
-    monkeypatch.setattr(harness, "get_study", lambda name: Study(name, "records", record))
+    monkeypatch.setattr(harness, "get_study",
+                        lambda name: Study(name, "records", record, uses_ranks=True))
     code = main(["reproduce", "--tiny", "--data", tiny_data, "--only", "leakage", "--ranks",
                  "2", "--out", str(tiny_out)])
     assert seen == [2] and code == 1
@@ -122,3 +125,93 @@ def test_reproduce_trains_a_2d_resnet_on_cifar10_pickles(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["data"] == str(tmp_path)
     assert "CIFAR-10" in (out / "report.md").read_text()
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rethinkbn reproduce: error: "), err
+    assert all(w in err for w in words), err
+    assert "Traceback" not in err
+
+
+def _no_work(monkeypatch):
+    """Fail the test if a study starts or data are loaded: options are checked before work."""
+    def boom(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(harness, "load_data", boom)
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    assert main(["reproduce", "--quick", "--out", str(target)]) == 2
+    _one_line_error(capsys, "--out", str(target), "file")
+    assert main(["reproduce", "--quick", "--out", str(target / "below")]) == 2
+    _one_line_error(capsys, "--out", "cannot write")
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "ok"),
+                 "--cache", str(target)]) == 2
+    _one_line_error(capsys, "--cache", str(target))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_out_in_a_read_only_directory_is_refused_before_any_work(tmp_path, capsys,
+                                                                 monkeypatch):
+    _no_work(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["reproduce", "--quick", "--out", str(locked / "out")]) == 2
+    finally:
+        locked.chmod(0o700)
+    _one_line_error(capsys, "--out", "cannot write")
+
+
+def test_out_on_a_file_system_that_refuses_writes_is_refused_even_for_root(capsys, monkeypatch):
+    target = Path("/sys/rethinkbn-test-out")  # sysfs: no new directories, whoever asks
+    try:
+        target.mkdir()
+    except OSError:
+        pass
+    else:
+        target.rmdir()
+        pytest.skip("/sys accepts new directories here")
+    _no_work(monkeypatch)
+    assert main(["reproduce", "--quick", "--out", str(target)]) == 2
+    _one_line_error(capsys, "--out", str(target), "cannot write")
+
+
+@pytest.mark.parametrize("only", ["leakage", "nbs,leakage"])
+def test_ranks_that_do_not_split_the_leakage_step_are_refused_before_any_work(
+        only, tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    assert main(["reproduce", "--quick", "--only", only, "--ranks", "3",
+                 "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--ranks 3", "[1, 2, 4]")
+
+
+def test_ranks_without_the_study_that_uses_them_is_refused(tmp_path, capsys, monkeypatch):
+    _no_work(monkeypatch)
+    assert main(["reproduce", "--quick", "--only", "nbs", "--ranks", "2",
+                 "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--ranks 2", "leakage")
+
+
+@pytest.mark.parametrize("spec", ["mnist1d:abc", "mnist1d:5", "mnist1d:"])
+def test_bad_mnist1d_sample_count_is_refused_before_any_work(spec, tmp_path, capsys,
+                                                             monkeypatch):
+    _no_work(monkeypatch)
+    assert main(["reproduce", "--data", spec, "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--data", spec)
+
+
+@pytest.mark.parametrize("module", ["rethinkbn_studies", "matplotlib"])
+def test_without_the_studies_extra_the_commands_say_how_to_install_it(module, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled module looks like
+    assert main(["studies"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"missing: {module}" in err
+    assert "pip install 'rethinkbn[studies]'" in err

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rethinkbn.studies.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from rethinkbn_studies.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 
 
 def signals(n: int = 64, length: int = 40, seed: int = 0) -> torch.Tensor:

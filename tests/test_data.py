@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rethinkbn.studies.data import load_cifar10, load_data, load_image_folder, load_mnist1d
+from rethinkbn_studies.data import load_cifar10, load_data, load_image_folder, load_mnist1d
 
 
 def test_mnist1d_shapes_split_and_normalization(tmp_path):
@@ -107,3 +107,16 @@ def test_load_data_dispatches_on_the_spec(tmp_path):
     assert load_data("mnist1d:40", cache_dir=tmp_path).train_x.shape == (32, 1, 40)
     with pytest.raises(FileNotFoundError, match="--data"):
         load_data(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "junk"])
+def test_an_unreadable_mnist1d_cache_is_regenerated_with_a_warning(tmp_path, damage):
+    first = load_mnist1d(40, cache_dir=tmp_path)
+    path = tmp_path / "mnist1d-40-42.npz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"junk")
+    with pytest.warns(RuntimeWarning, match=r"mnist1d-40-42\.npz cannot be read.*generating"):
+        again = load_mnist1d(40, cache_dir=tmp_path)
+    assert torch.equal(first.train_x, again.train_x) and torch.equal(first.val_y, again.val_y)
+    assert (tmp_path / "mnist1d-40-42.npz.corrupt").exists()
+    assert torch.equal(load_mnist1d(40, cache_dir=tmp_path).train_x, first.train_x)

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from rethinkbn.studies.base import Study, StudyResult, SummaryRow, Table, verdict
-from rethinkbn.studies.cache import RunCache, config_key
-from rethinkbn.studies.harness import reproduce
-from rethinkbn.studies.report import StudyOutcome, write_outputs
+from rethinkbn_studies.base import Study, StudyResult, SummaryRow, Table, Verdict, verdict
+from rethinkbn_studies.cache import RunCache, config_key
+from rethinkbn_studies.harness import reproduce
+from rethinkbn_studies.report import StudyOutcome, write_outputs
 
 
 def test_cache_runs_once_per_config(tmp_path):
@@ -120,3 +120,58 @@ def test_a_pipe_in_a_summary_cell_does_not_split_the_row(tmp_path):
     outcome = StudyOutcome(Study("demo", "a demo study", lambda ctx: result), result, 1.0)
     report = write_outputs(tmp_path, [outcome], env, 1.0).read_text()
     assert r"| `demo` | claim \|x\| small | \|x\| = 2 | - | **agrees** |" in report
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "junk"])
+def test_an_unreadable_cache_entry_is_a_miss_moved_aside_with_a_warning(tmp_path, damage):
+    cache = RunCache(tmp_path)
+    cache.get_or_run({"seed": 0}, lambda: {"err": torch.arange(1000.0)})
+    path = cache.path({"seed": 0})
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"",
+                      "junk": b"not a torch file"}[damage])
+    calls = []
+    with pytest.warns(RuntimeWarning, match=rf"{path.name} cannot be read.*running it again"):
+        result = RunCache(tmp_path).get_or_run({"seed": 0}, lambda: calls.append(1) or {"err": 2})
+    assert result == {"err": 2} and calls == [1]
+    assert (tmp_path / f"{path.name}.corrupt").exists()  # kept for a look
+    assert RunCache(tmp_path).get({"seed": 0}) == {"err": 2}  # the rerun stored a good file
+
+
+def test_a_truncated_cache_entry_does_not_fail_the_study_on_rerun(tiny_out, tiny_data, quiet,
+                                                                   one_thread):
+    reproduce(["precise-batch"], tiny=True, data=tiny_data, out_dir=tiny_out, progress=quiet)
+    entries = sorted((tiny_out / "cache").glob("*.pt"))
+    damaged = entries[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=damaged.name):
+        _, outcomes = reproduce(["precise-batch"], tiny=True, data=tiny_data, out_dir=tiny_out,
+                                progress=quiet)
+    env = json.loads((tiny_out / "results.json").read_text())["environment"]
+    assert outcomes[0].error is None
+    assert env["cache"]["misses"] == 1 and env["cache"]["hits"] == len(entries) - 1
+
+
+def test_an_inconclusive_verdict_carries_effect_uncertainty_and_test_to_both_outputs(tmp_path):
+    from rethinkbn_studies.verdicts import Interval, exceeds
+
+    result = _result(True)
+    interval = Interval(0.4, -0.3, 1.1, 0.95, "paired bootstrap over 2000 validation samples")
+    result.summary = [SummaryRow("claim Y", "0.4", "5.0", exceeds("gap > 0", interval))]
+    env = {"versions": {}, "platform": "test", "device": "cpu", "torch_threads": 1,
+           "seeds": [0], "mode": "quick", "data": "mnist1d"}
+    outcome = StudyOutcome(Study("demo", "a demo study", lambda ctx: result), result, 1.0)
+    report = write_outputs(tmp_path, [outcome], env, 1.0).read_text()
+    assert "| `demo` | claim Y | 0.4 | 5.0 | **inconclusive** |" in report
+    assert ("**inconclusive** — gap > 0 (+0.40 pt, 95% CI [-0.30, +1.10]; paired bootstrap "
+            "over 2000 validation samples)") in report
+    assert "0 of 1 claims agree at this scale and 1 are inconclusive" in report
+    row = json.loads((tmp_path / "results.json").read_text())["studies"]["demo"]["summary"][0]
+    assert row["verdict"] == "inconclusive" and row["effect"] == 0.4
+    assert row["uncertainty"] == {"low": -0.3, "high": 1.1, "confidence": 0.95}
+    assert row["test"].startswith("paired bootstrap")
+
+
+def test_a_verdict_whose_outcome_contradicts_agrees_is_refused():
+    with pytest.raises(ValueError, match="contradicts"):
+        Verdict(agrees=True, criterion="x", outcome="inconclusive")

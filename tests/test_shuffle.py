@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
+from gloo_world import GlooWorld
 from rethinkbn.convert import revert_batchnorm
 from rethinkbn.distributed import (
     PerDeviceBatchNorm,
@@ -22,7 +23,6 @@ from rethinkbn.distributed import (
     shuffle_permutation,
     virtual_devices,
 )
-from rethinkbn.distributed.testing import GlooWorld
 
 
 def global_batch(sizes, tail=(3, 2), seed=0):

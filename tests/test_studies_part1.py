@@ -2,10 +2,11 @@
 
 import copy
 
+import numpy as np
 import pytest
 
-from rethinkbn.studies import ema_vs_precise, nbs, precise_batch
-from rethinkbn.studies.base import (
+from rethinkbn_studies import ema_vs_precise, nbs, precise_batch
+from rethinkbn_studies.base import (
     Table,
     get_study,
     mean_std,
@@ -78,34 +79,65 @@ def test_precise_batch_verdict_flips_with_its_number(nbs_key, column, value, row
 
 # ---------------------------------------------------------------------------- nbs
 def fig5_numbers():
-    from rethinkbn.studies import paper
+    from rethinkbn_studies import paper
 
     keep = (2, 1024)
     return {"mean": {k: {str(n): v for n, v in curve.items() if n in keep}
                      for k, curve in paper.FIG5_NBS.items()}}
 
 
+def fig5_wrong(numbers, samples=2000, seeds=3):
+    """Per-sample errors at the mean rates of ``numbers``: per seed, the normal and the FrozenBN
+    run err on the samples whose uniform draw is below their rate (paired, as two runs from one
+    initialization on one validation set are)."""
+    wrong = {"val_pop": {}, "val_pop_frozen": {}}
+    for nbs_key in numbers["mean"]["val_pop"]:
+        draws = [np.random.default_rng(s).random(samples) for s in range(seeds)]
+        for curve in wrong:
+            rate = numbers["mean"][curve][nbs_key] / 100
+            wrong[curve][nbs_key] = [u < rate for u in draws]
+    return wrong
+
+
+def nbs_verdicts(numbers):
+    return nbs.verdicts(numbers, fig5_wrong(numbers))
+
+
 def test_nbs_verdicts_agree_on_the_papers_own_curves(labels):
-    assert labels(nbs.verdicts(fig5_numbers())) == ["agrees"] * 5
+    assert labels(nbs_verdicts(fig5_numbers())) == ["agrees"] * 5
 
 
-def test_nbs_verdict_flips_when_frozen_bn_does_not_help_at_small_nbs(labels):
+@pytest.mark.parametrize(("frozen", "label"), [(33.0, "disagrees"), (32.4, "inconclusive")])
+def test_nbs_frozen_verdict_at_small_nbs_has_three_outcomes(frozen, label, labels):
     numbers = fig5_numbers()
-    numbers["mean"]["val_pop_frozen"]["2"] = 33.0
-    rows = nbs.verdicts(numbers)
-    assert rows[3].verdict.label == "disagrees" and labels(rows).count("disagrees") == 1
+    numbers["mean"]["val_pop_frozen"]["2"] = frozen  # normal: 32.5
+    rows = nbs_verdicts(numbers)
+    assert rows[3].verdict.label == label and labels(rows).count("agrees") == 4
+    v = rows[3].verdict
+    assert v.effect == pytest.approx(32.5 - frozen, abs=0.2)  # the draws add a little noise
+    assert v.interval[0] <= v.effect <= v.interval[1]
+    assert "paired bootstrap over 2000 validation samples and 3 seeds" in v.test
+    assert "McNemar" in v.detail
+
+
+@pytest.mark.parametrize(("frozen", "label"), [(24.5, "agrees"), (22.0, "disagrees"),
+                                               (23.2, "inconclusive")])
+def test_nbs_frozen_verdict_at_large_nbs_has_three_outcomes(frozen, label):
+    numbers = fig5_numbers()
+    numbers["mean"]["val_pop_frozen"]["1024"] = frozen  # normal: 23.7; margin 0.5 pt
+    assert nbs_verdicts(numbers)[4].verdict.label == label
 
 
 def test_nbs_verdict_flips_when_the_inconsistency_does_not_grow():
     numbers = fig5_numbers()
     numbers["mean"]["val_mub"]["2"] = 34.0
-    assert nbs.verdicts(numbers)[1].verdict.label == "disagrees"
+    assert nbs_verdicts(numbers)[1].verdict.label == "disagrees"
 
 
 def test_nbs_verdict_flips_when_small_nbs_is_not_worse():
     numbers = fig5_numbers()
     numbers["mean"]["val_pop"]["2"] = 23.8
-    assert nbs.verdicts(numbers)[0].verdict.label == "disagrees"
+    assert nbs_verdicts(numbers)[0].verdict.label == "disagrees"
 
 
 def test_nbs_notes_explain_a_disagreement_only_when_there_is_one():
@@ -156,9 +188,9 @@ def _ctx(quick, name, num_train):
 
     import torch
 
-    from rethinkbn.studies.base import RunContext
-    from rethinkbn.studies.cache import RunCache
-    from rethinkbn.studies.data import DataSplit
+    from rethinkbn_studies.base import RunContext
+    from rethinkbn_studies.cache import RunCache
+    from rethinkbn_studies.data import DataSplit
 
     x = torch.zeros(num_train, 1, 40)
     data = DataSplit(name, x, torch.zeros(num_train, dtype=torch.long), x[:100],
@@ -169,7 +201,7 @@ def _ctx(quick, name, num_train):
 
 
 def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
-    from rethinkbn.studies.common import scale_for
+    from rethinkbn_studies.common import scale_for
 
     full = scale_for(_ctx(False, "MNIST-1D", 8000), 10, 20, mnist1d_train_samples=2000)
     assert (full.num_train, full.epochs, full.widths) == (2000, 20, (16, 32, 64))

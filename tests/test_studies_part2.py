@@ -7,10 +7,10 @@ import torch
 
 from rethinkbn.layers import GhostBatchNorm
 from rethinkbn.population import batch_stats_inference
-from rethinkbn.studies import domain_shift, leakage, multi_domain
-from rethinkbn.studies.data import load_mnist1d
-from rethinkbn.studies.harness import reproduce
-from rethinkbn.studies.roi import RoiBatch, RoiImages, RoiTaskConfig
+from rethinkbn_studies import domain_shift, leakage, multi_domain
+from rethinkbn_studies.data import load_mnist1d
+from rethinkbn_studies.harness import reproduce
+from rethinkbn_studies.roi import RoiBatch, RoiImages, RoiTaskConfig
 
 PART2 = ["domain-shift", "multi-domain", "leakage"]
 

@@ -1,7 +1,7 @@
 """SyncBatchNorm equals torch's BatchNorm over the concatenation of the ranks' batches.
 
 Multi-process tests run in real gloo worlds of 2, 3 and 4 CPU processes (started once per module,
-see rethinkbn.distributed.testing); each test sends one scenario to every rank and compares what
+see tests/gloo_world.py); each test sends one scenario to every rank and compares what
 the ranks return with torch.nn.BatchNorm run in this process over the concatenated batch.
 """
 
@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
+from gloo_world import GlooWorld
 from rethinkbn.convert import convert_batchnorm, revert_batchnorm
 from rethinkbn.distributed import SyncBatchNorm, to_sync_bn
-from rethinkbn.distributed.testing import GlooWorld
 from rethinkbn.stats import Moments
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}

@@ -8,7 +8,11 @@ point down this list only:
     convert       reversible model surgery, fold_batchnorm
     population    precise_bn, statistics banks, mini-batch inference, FrozenBN schedules
     distributed   SyncBatchNorm, cross-device shuffle, virtual devices
-    studies, cli  the reproduction harness (`rethinkbn reproduce`)
+    cli           the `rethinkbn` command
+
+The reproduction of the paper's studies (`rethinkbn reproduce`) is a separate package beside this
+one, `rethinkbn_studies` (its dependencies come with the `studies` extra): it uses only this
+package's public API, and this package never imports it (the command imports it when it runs).
 """
 
 from .convert import convert_batchnorm, fold_batchnorm, revert_batchnorm

@@ -1,4 +1,8 @@
-"""The `rethinkbn` command line: ``rethinkbn reproduce`` and ``rethinkbn studies``."""
+"""The `rethinkbn` command line: ``rethinkbn reproduce`` and ``rethinkbn studies``.
+
+Both run the reproduction harness, the separate package ``rethinkbn_studies`` (installed with the
+``studies`` extra), imported only when one of them runs.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +52,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `rethinkbn reproduce` imports beyond the library: its harness and the `studies` extra.
+STUDIES_MODULES = ("rethinkbn_studies", "matplotlib", "mnist1d")
+
+
+def _missing_studies_extra() -> list[str]:
+    """The modules of :data:`STUDIES_MODULES` that cannot be imported (checked without
+    importing them, before any work)."""
+    import importlib.util
+
+    missing = []
+    for name in STUDIES_MODULES:
+        try:
+            found = sys.modules[name] is not None if name in sys.modules else (
+                importlib.util.find_spec(name) is not None)
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _usage_error(message: str) -> int:
+    """One line on stderr, argparse's way; the exit code 2 of a command-line error."""
+    print(f"rethinkbn reproduce: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    0: done; 1: the report was written but a study failed; 2: bad options or ``--data``;
-    130: interrupted (finished runs stay cached).
+    0: done; 1: the report was written but a study failed; 2: bad options or ``--data`` (one
+    line on stderr; every option is checked before any work); 130: interrupted (finished runs
+    stay cached).
     """
     args = build_parser().parse_args(argv)
-    from .studies.base import registered_studies
+    missing = _missing_studies_extra()
+    if missing:
+        print(f"rethinkbn {args.command}: error: the reproduction harness needs the 'studies' "
+              f"extra (missing: {', '.join(missing)}); install it with "
+              "pip install 'rethinkbn[studies]'", file=sys.stderr)
+        return 2
+    # The library never imports its reproduction harness; only this command does.
+    from rethinkbn_studies.base import registered_studies
 
     if args.command == "studies":
         studies = registered_studies()
@@ -64,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:<{width}}  {s.description}")
         return 0
 
-    from .studies.harness import reproduce
+    from rethinkbn_studies.harness import reproduce
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     try:
@@ -80,12 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             ranks=args.ranks,
             threads=args.threads,
         )
-    except KeyError as err:
-        print(f"rethinkbn reproduce: {err.args[0]}", file=sys.stderr)
-        return 2
+    except KeyError as err:  # an unknown study
+        return _usage_error(err.args[0])
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad options or --data
-        print(f"rethinkbn reproduce: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(str(err))
     except KeyboardInterrupt:
         print("\nrethinkbn reproduce: interrupted; finished runs are cached, rerun to resume.",
               file=sys.stderr)

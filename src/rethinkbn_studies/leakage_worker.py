@@ -1,11 +1,11 @@
 """One rank of the ``leakage`` study on real processes; started by torchrun, never imported.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 \\
-        -m rethinkbn.studies.leakage_worker --variant syncbn --seed 0 --scale '{...}' --out s.pt
+        -m rethinkbn_studies.leakage_worker --variant syncbn --seed 0 --scale '{...}' --out s.pt
 
 Each rank builds the real-rank form of the variant's model (SyncBatchNorm across ranks, the
 shuffle across ranks with ``all_to_all``), trains on its share of every step
-(:func:`rethinkbn.studies.leakage.train_model`), estimates population statistics with precise_bn
+(:func:`rethinkbn_studies.leakage.train_model`), estimates population statistics with precise_bn
 pooled across ranks, and rank 0 saves ``{"state_dict", "train_loss"}`` to ``--out``.
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import Study, StudyResult, table_cell
+from .base import AGREES, INCONCLUSIVE, Study, StudyResult, table_cell
 
 __all__ = ["StudyOutcome", "environment", "render_report", "write_outputs"]
 
@@ -37,7 +37,7 @@ def environment(device: torch.device, seeds: tuple[int, ...], quick: bool,
     """Versions, device and run settings, for results.json and the report's closing lines."""
     import numpy
 
-    from .. import __version__
+    from rethinkbn import __version__
 
     versions = {
         "python": platform.python_version(),
@@ -103,8 +103,10 @@ def _ranks_note(env: dict[str, Any]) -> str:
 
 def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
     """The markdown text of report.md."""
-    agreed = sum(r.verdict.agrees for o in outcomes if o.result for r in o.result.summary)
-    total = sum(len(o.result.summary) for o in outcomes if o.result)
+    labels = [r.verdict.label for o in outcomes if o.result for r in o.result.summary]
+    agreed, total = labels.count(AGREES), len(labels)
+    unsure = labels.count(INCONCLUSIVE)
+    unsure_note = f" and {unsure} are inconclusive (the noise exceeds the margin)" if unsure else ""
     out = [
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
@@ -118,7 +120,7 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         f"there are several; the paper's are ResNet-50 on ImageNet (error %) or "
         f"Mask R-CNN/RetinaNet on COCO (AP, higher is better). The verdicts compare the "
         f"*direction* of each effect, with the criterion written beside it; {agreed} of "
-        f"{total} claims agree at this scale.",
+        f"{total} claims agree at this scale{unsure_note}.",
         "",
         "## Summary",
         "",
@@ -168,14 +170,8 @@ def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, An
                         "paper_tables": [t.to_json() for t in o.result.paper_tables],
                         "plots": o.result.plots,
                         "summary": [
-                            {
-                                "claim": r.claim,
-                                "ours": r.ours,
-                                "paper": r.paper,
-                                "verdict": r.verdict.label,
-                                "criterion": r.verdict.criterion,
-                                "detail": r.verdict.detail,
-                            }
+                            {"claim": r.claim, "ours": r.ours, "paper": r.paper,
+                             **r.verdict.to_json()}
                             for r in o.result.summary
                         ],
                     }

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..convert import to_ghost_bn
-from ..population import batch_stats_inference, freeze_with_precise_stats, precise_bn
+from rethinkbn.convert import to_ghost_bn
+from rethinkbn.population import batch_stats_inference, freeze_with_precise_stats, precise_bn
 
 __all__ = [
     "eval_error_minibatch",

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..population import Snapshot, StatsBank, recompute_stats
+from rethinkbn.population import Snapshot, StatsBank, recompute_stats
+
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for

@@ -45,13 +45,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import ShuffledModule, SyncBatchNorm
-from ..distributed.testing import run_command
-from ..layers import GhostBatchNorm, is_batchnorm
-from ..population import batch_stats_inference, precise_bn
+from rethinkbn.distributed import ShuffledModule, SyncBatchNorm
+from rethinkbn.layers import GhostBatchNorm, is_batchnorm
+from rethinkbn.population import batch_stats_inference, precise_bn
+
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, register_study, verdict
 from .common import fmt, over_seeds, pyplot, save_plot
+from .processes import run_command
 from .roi import (
     BACKGROUND,
     RoiBatch,
@@ -61,7 +62,7 @@ from .roi import (
     make_images,
     sample_rois,
 )
-from .train import TrainConfig
+from .train import TrainConfig, sgd
 
 __all__ = [
     "RANK_VARIANTS",
@@ -70,6 +71,7 @@ __all__ = [
     "RoiNet",
     "Variant",
     "build_model",
+    "check_context",
     "check_ranks",
     "evaluate",
     "population_stats",
@@ -262,28 +264,22 @@ def train_model(model: RoiNet, images: RoiImages, scale: LeakageScale, seed: int
     every step and the gradients are averaged across ranks (equal shares, so the average is the
     gradient of the whole step's mean loss).
     """
-    opt = torch.optim.SGD(model.parameters(), lr=scale.lr, momentum=0.9,
-                          weight_decay=scale.weight_decay)
-    steps_per_epoch = len(images) // scale.images_per_step
-    schedule = TrainConfig(epochs=scale.epochs, batch_size=scale.images_per_step, lr=scale.lr)
-    step, loss = 0, torch.tensor(float("nan"))
-    model.train()
-    epochs = range(scale.epochs)
-    for epoch in progress(epochs, desc="epochs", total=scale.epochs) if progress else epochs:
-        for x, rois in step_batches(images, scale, seed, epoch, rank, world):
-            for group in opt.param_groups:
-                group["lr"] = schedule.lr_at(step, steps_per_epoch)
-            loss = F.cross_entropy(model(x, rois), rois.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-            opt.step()
-            step += 1
-    return loss.item()
+    config = TrainConfig(epochs=scale.epochs, batch_size=scale.images_per_step, lr=scale.lr,
+                         weight_decay=scale.weight_decay)
+    return sgd(model, config, lambda epoch: step_batches(images, scale, seed, epoch, rank, world),
+               lambda m, batch: F.cross_entropy(m(*batch), batch[1].labels),
+               steps_per_epoch=len(images) // scale.images_per_step,
+               after_backward=_average_gradients if world > 1 else None, progress=progress,
+               desc="epochs")
+
+
+def _average_gradients(model: nn.Module) -> None:
+    """Each rank's gradient becomes the mean over ranks (equal shares: the whole step's)."""
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def has_batchnorm(variant: Variant) -> bool:
@@ -349,8 +345,9 @@ def check_ranks(scale: LeakageScale, ranks: int, names: tuple[str, ...] = RANK_V
         allowed = [r for r in range(1, scale.images_per_step + 1)
                    if scale.images_per_step % (r * widest) == 0]
         raise ValueError(
-            f"leakage: --ranks {ranks} does not split a step of {scale.images_per_step} images "
-            f"into whole devices of {widest} images per rank; expected one of {allowed}"
+            f"--ranks {ranks} does not split the leakage study's step of "
+            f"{scale.images_per_step} images into whole devices of {widest} images per rank; "
+            f"expected one of {allowed}"
         )
 
 
@@ -359,7 +356,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     """Train ``name`` on ``ranks`` real gloo processes (torchrun) and evaluate it here.
 
     Runs ``python -m torch.distributed.run --standalone --nproc_per_node=ranks`` on
-    :mod:`rethinkbn.studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
+    :mod:`rethinkbn_studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
     runs precise_bn across ranks and saves rank 0's state dict; this process loads it into the
     virtual-device model and evaluates it like :func:`run_variant`. Raises ``RuntimeError`` with
     the workers' output if torchrun fails or runs past ``timeout_s`` (its workers are killed
@@ -371,7 +368,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
         out = Path(tmp) / "state.pt"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", "-m", "rethinkbn.studies.leakage_worker",
+            f"--nproc_per_node={ranks}", "-m", "rethinkbn_studies.leakage_worker",
             "--variant", name, "--seed", str(seed), "--scale", json.dumps(scale.as_dict()),
             "--out", str(out),
         ]
@@ -490,8 +487,13 @@ def _mode_line(ranks: int) -> str:
             "the rows above are the virtual devices, the comparison table below the real ranks.")
 
 
+def check_context(ctx: RunContext) -> None:
+    """``--ranks`` must split every step into whole devices (:func:`check_ranks`)."""
+    check_ranks(scale_for(ctx), ctx.ranks)
+
+
 @register_study("leakage", "Sec. 6, Tables 3/6: per-device BN leaks through correlated RoIs; "
-                           "shuffle and SyncBN fix it")
+                           "shuffle and SyncBN fix it", check=check_context, uses_ranks=True)
 def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx)
     ranks = ctx.ranks

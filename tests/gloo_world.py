@@ -1,4 +1,4 @@
-"""Real multi-process gloo worlds for tests and benchmarks (no mocks of torch.distributed).
+"""Real multi-process gloo worlds for the tests (no mocks of torch.distributed).
 
 :class:`GlooWorld` spawns ``world_size`` CPU processes once, joins them into a gloo process group
 with a bounded timeout, and then runs any number of picklable functions on every rank::
@@ -10,27 +10,16 @@ Starting processes costs seconds, so one world serves many checks. A function mu
 by the children (defined at module level in an importable module, e.g. a pytest test module).
 Results travel back serialized with ``torch.save``, so tensors are fine.
 
-:func:`launch` runs a script on ``world_size`` processes with the environment torchrun would give
-them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ...), for benchmarks and
-examples that initialize with ``init_process_group("gloo")``. :func:`run_command` runs one command
-line (e.g. ``torchrun``) to completion. Both start every process in a session of its own and kill
-that whole process group when they return or time out, so no worker outlives them.
+Scripts run as ranks (benchmarks, examples) use :func:`rethinkbn_studies.processes.launch`.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import queue
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,14 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["GlooWorld", "Outcome", "free_port", "launch", "run_command"]
+from rethinkbn_studies.processes import free_port
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["GlooWorld", "Outcome"]
 
 
 @dataclass(frozen=True)
@@ -189,89 +173,3 @@ class GlooWorld:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL every process left in the group that ``proc`` leads (started in a new session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the whole group has exited already
-        pass
-    proc.wait()
-
-
-def _read(file: Any) -> str:
-    file.seek(0)
-    return file.read()
-
-
-def run_command(
-    command: Sequence[str],
-    timeout_s: float,
-    *,
-    env: dict[str, str] | None = None,
-    cwd: str | os.PathLike[str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` to completion; its exit code and text stdout / stderr.
-
-    The command runs in a new session; when it exits or runs past ``timeout_s``, every process
-    it started (torchrun's workers, say) is killed with it. Past the timeout this raises
-    ``subprocess.TimeoutExpired``.
-    """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(list(command), stdout=out, stderr=err, text=True, env=env,
-                                cwd=cwd, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout_s)
-        finally:
-            _kill_group(proc)
-        return subprocess.CompletedProcess(list(command), proc.returncode, _read(out),
-                                           _read(err))
-
-
-def launch(
-    script: str | os.PathLike[str],
-    world_size: int,
-    args: Sequence[str] = (),
-    timeout_s: float = 300.0,
-) -> list[str]:
-    """Run ``python script *args`` as ranks ``0..world_size-1``; returns each rank's stdout.
-
-    Raises ``RuntimeError`` with the failing ranks' stderr if a rank exits non-zero (the other
-    ranks, which would wait for it, are killed at once and listed too), and
-    ``subprocess.TimeoutExpired`` (after killing every rank) past ``timeout_s``. Output goes to
-    temporary files, not pipes: a rank that writes much while another is waited on cannot block.
-    """
-    port = free_port()
-    procs: list[subprocess.Popen[str]] = []
-    with ExitStack() as files:
-        logs = [(files.enter_context(tempfile.TemporaryFile("w+")),
-                 files.enter_context(tempfile.TemporaryFile("w+"))) for _ in range(world_size)]
-        try:
-            for rank, (out, err) in enumerate(logs):
-                env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "OMP_NUM_THREADS": "1"}
-                procs.append(subprocess.Popen(
-                    [sys.executable, os.fspath(script), *args], env=env, text=True,
-                    stdout=out, stderr=err, start_new_session=True,
-                ))
-            deadline = time.monotonic() + timeout_s
-            while None in (codes := [p.poll() for p in procs]):
-                # A rank that failed leaves the others waiting for it until their own timeout.
-                if any(code not in (None, 0) for code in codes):
-                    break
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(os.fspath(script), timeout_s)
-                time.sleep(0.05)
-        finally:
-            for p in procs:
-                _kill_group(p)
-        outputs = [(_read(out), _read(err)) for out, err in logs]
-    pairs = enumerate(zip(procs, outputs, strict=True))
-    failed = [(r, p.returncode, err) for r, (p, (_, err)) in pairs if p.returncode != 0]
-    if failed:
-        detail = "\n".join(f"--- rank {r} (exit {code}) ---\n{err}" for r, code, err in failed)
-        raise RuntimeError(f"launch({script}, world_size={world_size}) failed:\n{detail}")
-    return [out for out, _ in outputs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -13,8 +14,8 @@ import torch
 
 from .base import ProgressFactory, RunContext, get_study, registered_studies
 from .cache import RunCache
-from .common import cpu_threads
-from .data import DataSplit, load_data
+from .data import DataSplit, check_data_spec, load_data
+from .processes import cpu_threads
 from .report import StudyOutcome, environment, write_outputs
 
 __all__ = ["reproduce", "tqdm_progress"]
@@ -29,6 +30,20 @@ def tqdm_progress(
 
     return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True,
                 disable=None)
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is (or can be made) a directory this process can
+    write in: it is created if missing and a probe file is written and removed (file
+    permissions alone do not tell, e.g. for root or a read-only mount)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: expected a directory, got an existing file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
 
 
 def reproduce(
@@ -54,9 +69,11 @@ def reproduce(
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
     finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). ``ranks``: real
     gloo processes for the ``leakage`` study's device-dependent variants (1: virtual devices
-    only; the other studies ignore it). ``threads``: torch's CPU threads while the studies run
-    (None: unchanged); the caller's setting is restored afterwards. Returns the report's path
-    and the outcomes.
+    only; only studies registered with ``uses_ranks`` take it, and each study's ``check``
+    validates it). Every option is checked before any work (``ValueError``, ``KeyError`` for an
+    unknown study; ``--out`` and ``--cache`` must be writable directories). ``threads``: torch's
+    CPU threads while the studies run (None: unchanged); the caller's setting is restored
+    afterwards. Returns the report's path and the outcomes.
     """
     log = sys.stderr if log is None else log
     studies = [get_study(n) for n in only] if only else registered_studies()
@@ -66,11 +83,17 @@ def reproduce(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"--threads must be a positive int or None, got {threads!r}")
+    if ranks != 1 and not any(s.uses_ranks for s in studies):
+        users = [s.name for s in registered_studies() if s.uses_ranks]
+        raise ValueError(f"--ranks {ranks}: only {', '.join(users)} uses it, and it is not "
+                         f"selected ({', '.join(s.name for s in studies)})")
+    check_data_spec(data)
     out = Path(out_dir)
-    cache = RunCache(Path(cache_dir) if cache_dir is not None else out / "cache")
+    cache_root = Path(cache_dir) if cache_dir is not None else out / "cache"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
+    cache = RunCache(cache_root)
     loaded: list[DataSplit] = []
 
     def dataset() -> DataSplit:
@@ -90,6 +113,12 @@ def reproduce(
         tiny=tiny,
         ranks=ranks,
     )
+    for study in studies:
+        if study.check is not None:
+            study.check(ctx)
+    check_writable_dir(out, "--out")
+    if cache_dir is not None:
+        check_writable_dir(cache_root, "--cache")
     with cpu_threads(threads):
         start = time.perf_counter()
         dataset()  # a bad --data fails here, once, before any study starts

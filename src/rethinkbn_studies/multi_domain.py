@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import DomainBatchNorm
-from ..population import precise_bn
-from ..stats import Moments
+from rethinkbn.layers import DomainBatchNorm
+from rethinkbn.population import precise_bn
+from rethinkbn.stats import Moments
+
 from . import paper
 from .base import (
     ProgressFactory,
@@ -40,7 +41,7 @@ from .base import (
 )
 from .common import fmt, pyplot, save_plot
 from .data import DataSplit
-from .train import TrainConfig
+from .train import TrainConfig, sgd, shuffled_batches
 
 __all__ = ["HEADS", "LevelNet", "MultiDomainScale", "run", "run_head", "verdicts"]
 
@@ -158,26 +159,11 @@ def train_levels(model: LevelNet, data: DataSplit, scale: MultiDomainScale, seed
     """SGD (momentum 0.9, cosine lr) on the mean of the levels' cross-entropies; returns the
     last step's loss. ``progress`` (optional) draws a bar over the epochs."""
     x, y = data.train_x[: scale.num_train], data.train_y[: scale.num_train]
-    opt = torch.optim.SGD(model.parameters(), lr=scale.lr, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(x) // scale.batch_size
-    schedule = TrainConfig(epochs=scale.epochs, batch_size=scale.batch_size, lr=scale.lr)
-    step, loss = 0, torch.tensor(float("nan"))
-    model.train()
-    epochs = range(scale.epochs)
-    for _ in progress(epochs, desc="epochs", total=scale.epochs) if progress else epochs:
-        order = torch.randperm(len(x), generator=g)
-        for i in range(steps_per_epoch):
-            idx = order[i * scale.batch_size:(i + 1) * scale.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = schedule.lr_at(step, steps_per_epoch)
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(NUM_LEVELS))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    return loss.item()
+    config = TrainConfig(epochs=scale.epochs, batch_size=scale.batch_size, lr=scale.lr)
+    return sgd(model, config, shuffled_batches(len(x), scale.batch_size, seed),
+               lambda m, idx: F.cross_entropy(m(x[idx]).flatten(0, 1),
+                                              y[idx].repeat(NUM_LEVELS)),
+               steps_per_epoch=len(x) // scale.batch_size, progress=progress, desc="epochs")
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The SGD training loop of the studies, with per-epoch callbacks and a progress bar.
+"""The SGD training loop of the studies (:func:`sgd`, the one loop every study trains with),
+with per-epoch callbacks and a progress bar; :func:`train` runs it on a classification set.
 
 SGD with momentum and weight decay; the learning rate warms up linearly over
 ``warmup_epochs`` and then follows a cosine to zero, updated every step. Each epoch visits the
@@ -10,15 +11,17 @@ property of the model's layers, not of the loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import ProgressFactory
 
-__all__ = ["Callback", "EpochEnd", "TrainConfig", "evaluate_error", "predict_logits", "train"]
+__all__ = ["Callback", "EpochEnd", "TrainConfig", "evaluate_error", "evaluate_wrong",
+           "predict_logits", "sgd", "shuffled_batches", "train"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,72 @@ class EpochEnd(Callback):
         self.fn(epoch, model)
 
 
+def sgd(
+    model: nn.Module,
+    config: TrainConfig,
+    batches: Callable[[int], Iterable[Any]],
+    loss_of: Callable[[nn.Module, Any], Tensor],
+    *,
+    steps_per_epoch: int,
+    callbacks: Sequence[Callback] = (),
+    after_backward: Callable[[nn.Module], None] | None = None,
+    progress: ProgressFactory | None = None,
+    desc: str = "train",
+) -> float:
+    """The studies' one SGD loop: ``config.epochs`` epochs of ``loss_of(model, batch)`` over
+    ``batches(epoch)``; returns the last step's loss.
+
+    SGD with ``config``'s momentum and weight decay; the learning rate of each step follows
+    :meth:`TrainConfig.lr_at` with ``steps_per_epoch``. Each epoch calls the callbacks'
+    ``on_epoch_start`` (a callback may replace layers: the optimizer then follows the model's new
+    parameters, keeping the momentum of those that stayed), puts the model in train mode, takes
+    one step per batch, then calls ``on_epoch_end``. ``after_backward(model)`` runs between
+    backward and the step (e.g. averaging gradients across ranks).
+    """
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    epochs = range(config.epochs)
+    bar = progress(epochs, desc=desc, total=config.epochs, leave=False) if progress else epochs
+    step, loss = 0, torch.tensor(float("nan"))
+    for epoch in bar:
+        params = list(model.parameters())
+        for cb in callbacks:
+            cb.on_epoch_start(epoch, model)
+        if [id(p) for p in model.parameters()] != [id(p) for p in params]:
+            opt = _rebuilt(opt, model)
+        model.train()
+        for batch in batches(epoch):
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(step, steps_per_epoch)
+            loss = loss_of(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            opt.step()
+            step += 1
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, model)
+    return float(loss.item())
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Callable[[int], Iterator[Tensor]]:
+    """``batches(epoch)`` for :func:`sgd`: the indices of ``n`` samples in a seeded random order
+    (one permutation per epoch, drawn in epoch order), ``n // batch_size`` full batches."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterator[Tensor]:
+        order = torch.randperm(n, generator=gen)
+        for i in range(n // batch_size):
+            yield order[i * batch_size : (i + 1) * batch_size]
+
+    return batches
+
+
 def train(
     model: nn.Module,
     x: Tensor,
@@ -80,7 +149,7 @@ def train(
     progress: ProgressFactory | None = None,
     desc: str = "train",
 ) -> nn.Module:
-    """Train ``model`` in place on ``(x, y)`` with cross-entropy; returns the model.
+    """Train ``model`` in place on ``(x, y)`` with cross-entropy (:func:`sgd`); returns the model.
 
     ``seed`` fixes the sample order (the model's initialization is the caller's). The model
     must already be on its device; ``x`` and ``y`` are moved there batch by batch.
@@ -90,37 +159,11 @@ def train(
             f"train: batch_size {config.batch_size} exceeds the {len(x)} training samples"
         )
     device = next(model.parameters()).device
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = len(x) // config.batch_size
     loss_fn = nn.CrossEntropyLoss()
-    epochs = range(config.epochs)
-    bar = progress(epochs, desc=desc, total=config.epochs, leave=False) if progress else epochs
-    step = 0
-    for epoch in bar:
-        params = list(model.parameters())
-        for cb in callbacks:
-            cb.on_epoch_start(epoch, model)
-        if [id(p) for p in model.parameters()] != [id(p) for p in params]:
-            opt = _rebuilt(opt, model)
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = config.lr_at(step, steps_per_epoch)
-            loss = loss_fn(model(x[idx].to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, model)
+    sgd(model, config, shuffled_batches(len(x), config.batch_size, seed),
+        lambda m, idx: loss_fn(m(x[idx].to(device)), y[idx].to(device)),
+        steps_per_epoch=len(x) // config.batch_size, callbacks=callbacks, progress=progress,
+        desc=desc)
     return model
 
 
@@ -148,15 +191,21 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tenso
     return torch.cat(outs)
 
 
-def evaluate_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Top-1 error (%) of ``model`` on ``(x, y)`` with population statistics (eval mode).
-
-    Restores the model's train/eval mode afterwards.
-    """
+def evaluate_wrong(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
+    """Which samples of ``(x, y)`` ``model`` gets wrong (bool, one per sample) with population
+    statistics (eval mode), for paired tests between models. Restores the model's mode."""
     was_training = model.training
     model.eval()
     try:
         pred = predict_logits(model, x, batch_size).argmax(1)
     finally:
         model.train(was_training)
-    return 100.0 * float((pred != y).float().mean())
+    return pred != y.to(pred.device)
+
+
+def evaluate_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 error (%) of ``model`` on ``(x, y)`` with population statistics (eval mode).
+
+    Restores the model's train/eval mode afterwards.
+    """
+    return 100.0 * float(evaluate_wrong(model, x, y, batch_size).float().mean())

@@ -2,7 +2,7 @@
 
 A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a name::
 
-    from rethinkbn.studies.base import RunContext, StudyResult, Table, register_study, verdict
+    from rethinkbn_studies.base import RunContext, StudyResult, Table, register_study, verdict
 
     @register_study("my-study", "Sec. 9: what it measures, in one line")
     def run(ctx: RunContext) -> StudyResult:
@@ -17,8 +17,8 @@ A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a
                            summary=[SummaryRow(claim, ours, paper, verdict(...))],
                            numbers={...})
 
-The module that holds the study must be listed in ``rethinkbn.studies.STUDY_MODULES`` so that the
-registry imports it. The harness (``rethinkbn.studies.harness.reproduce``) calls each selected
+The module that holds the study must be listed in ``rethinkbn_studies.STUDY_MODULES`` so that the
+registry imports it. The harness (``rethinkbn_studies.harness.reproduce``) calls each selected
 study, writes ``report.md``, the plots and ``results.json``; the study itself writes only its plot
 files (``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGREES",
     "DISAGREES",
+    "INCONCLUSIVE",
     "ProgressFactory",
     "RunContext",
     "Study",
@@ -61,6 +62,7 @@ __all__ = [
 
 AGREES = "agrees"
 DISAGREES = "disagrees"
+INCONCLUSIVE = "inconclusive"
 
 
 class ProgressFactory(Protocol):
@@ -86,20 +88,51 @@ class Verdict:
 
     ``criterion`` is the rule in words (``"EMA error - PreciseBN error >= 0.5 pt in the first
     half of training"``); ``detail`` shows the measured values the rule was applied to.
+
+    Verdicts that know their noise (:mod:`rethinkbn_studies.verdicts`) also carry ``outcome``
+    (``"agrees"``, ``"disagrees"`` or ``"inconclusive"``), the ``effect``, its ``interval`` at
+    ``confidence`` and the ``test`` that gave it; without them the outcome follows ``agrees``.
     """
 
     agrees: bool
     criterion: str
     detail: str = ""
+    outcome: str | None = None
+    effect: float | None = None
+    interval: tuple[float, float] | None = None
+    confidence: float | None = None
+    test: str = ""
+
+    def __post_init__(self) -> None:
+        if self.outcome not in (None, AGREES, DISAGREES, INCONCLUSIVE):
+            raise ValueError(f"Verdict: outcome must be {AGREES!r}, {DISAGREES!r} or "
+                             f"{INCONCLUSIVE!r}, got {self.outcome!r}")
+        if self.outcome is not None and self.agrees != (self.outcome == AGREES):
+            raise ValueError(f"Verdict: agrees={self.agrees} contradicts {self.outcome!r}")
 
     @property
     def label(self) -> str:
+        if self.outcome is not None:
+            return self.outcome
         return AGREES if self.agrees else DISAGREES
 
     def line(self) -> str:
-        """The report's verdict line: ``**agrees** — criterion (detail)``."""
-        tail = f" ({self.detail})" if self.detail else ""
+        """The report's verdict line: ``**agrees** — criterion (detail; test)``."""
+        parts = [p for p in (self.detail, self.test) if p]
+        tail = f" ({'; '.join(parts)})" if parts else ""
         return f"**{self.label}** — {self.criterion}{tail}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict for results.json: outcome, criterion, detail, and, when known, the
+        effect, its uncertainty and the test."""
+        out: dict[str, Any] = {"verdict": self.label, "criterion": self.criterion,
+                               "detail": self.detail}
+        if self.outcome is not None:
+            low, high = self.interval if self.interval is not None else (None, None)
+            out.update(effect=self.effect, uncertainty={"low": low, "high": high,
+                                                        "confidence": self.confidence},
+                       test=self.test)
+        return out
 
 
 def verdict(criterion: str, holds: bool, detail: str = "") -> Verdict:
@@ -184,10 +217,10 @@ class RunContext:
     - ``seeds``: the seeds to run (one in quick mode by default, >= 3 in full mode).
     - ``out_dir``: the output directory; write plots with :meth:`plot_path`.
     - ``device``: where to train.
-    - ``cache``: the on-disk run cache (:class:`~rethinkbn.studies.cache.RunCache`); wrap every
+    - ``cache``: the on-disk run cache (:class:`~rethinkbn_studies.cache.RunCache`); wrap every
       training run in ``ctx.cache.get_or_run(config, fn)`` so Ctrl-C loses nothing.
     - ``progress``: a tqdm-like factory (:class:`ProgressFactory`).
-    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn.studies.data.DataSplit`
+    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn_studies.data.DataSplit`
       selected by ``--data`` (MNIST-1D by default), generated once and cached.
     - ``data_spec``: the ``--data`` value, to put into cache keys.
     - ``tiny``: for tests only: the smallest configuration that runs every code path in seconds
@@ -220,11 +253,18 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Study:
-    """A registered study: its CLI name, a one-line description, and its run function."""
+    """A registered study: its CLI name, a one-line description, and its run function.
+
+    ``check(ctx)``, when given, raises ``ValueError`` for options the study cannot run with; the
+    harness calls it for every selected study before any work. ``uses_ranks``: the study reads
+    ``ctx.ranks`` (``--ranks`` > 1 with no such study selected is an error).
+    """
 
     name: str
     description: str
     run: Callable[[RunContext], StudyResult]
+    check: Callable[[RunContext], None] | None = None
+    uses_ranks: bool = False
 
     @property
     def order(self) -> int:
@@ -239,9 +279,11 @@ _REGISTRY: dict[str, Study] = {}
 
 
 def register_study(
-    name: str, description: str
+    name: str, description: str, *, check: Callable[[RunContext], None] | None = None,
+    uses_ranks: bool = False,
 ) -> Callable[[Callable[[RunContext], StudyResult]], Callable[[RunContext], StudyResult]]:
-    """Decorator: register ``run`` as the study ``name`` (shown by ``rethinkbn studies``).
+    """Decorator: register ``run`` as the study ``name`` (shown by ``rethinkbn studies``);
+    ``check`` and ``uses_ranks``: see :class:`Study`.
 
     Studies are listed and run in the order of their modules in ``STUDY_MODULES`` (then in
     registration order). Registering a name twice is an error.
@@ -254,7 +296,8 @@ def register_study(
     ) -> Callable[[RunContext], StudyResult]:
         if name in _REGISTRY and _REGISTRY[name].run is not run:
             raise ValueError(f"study {name!r} is already registered by {_REGISTRY[name].run!r}")
-        _REGISTRY[name] = Study(name=name, description=description, run=run)
+        _REGISTRY[name] = Study(name=name, description=description, run=run, check=check,
+                                uses_ranks=uses_ranks)
         return run
 
     return decorate

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers import is_batchnorm
+from rethinkbn.layers import is_batchnorm
+
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
 from .common import (

@@ -12,11 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from ..population import freeze_epoch_for
+from rethinkbn.population import freeze_epoch_for
+
 from . import bn, paper
-from .base import RunContext, StudyResult, SummaryRow, Table, mean_std, register_study, verdict
+from .base import (
+    RunContext,
+    StudyResult,
+    SummaryRow,
+    Table,
+    Verdict,
+    mean_std,
+    register_study,
+    verdict,
+)
 from .common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
@@ -26,12 +37,15 @@ from .common import (
     save_plot,
     scale_for,
 )
-from .train import Callback, TrainConfig, evaluate_error, train
+from .train import Callback, TrainConfig, evaluate_wrong, train
+from .verdicts import exceeds, mcnemar, paired_bootstrap, stays_below
 
 SGD_BATCH = 128
 LR = 0.2
 FROZEN_FRACTION = 0.2
 PRECISE_SAMPLES = 1000
+# "FrozenBN does not help": its gain stays below this many points (the paper: -0.8, it hurts).
+NO_HELP_MARGIN = 0.5
 CURVES = {
     "train_mub": "train, mini-batch stats",
     "val_mub": "val, mini-batch stats",
@@ -69,19 +83,47 @@ def _run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> di
     model = train(model, data.train_x, data.train_y, config, seed=seed,
                   callbacks=callbacks, progress=ctx.progress,
                   desc=f"NBS {nbs}{' frozen' if frozen else ''} seed {seed}")
+    # Which validation samples the model gets wrong with population statistics: the paired
+    # tests of the FrozenBN verdicts compare the two runs sample by sample.
+    wrong = evaluate_wrong(model, data.val_x, data.val_y)
+    val_pop = 100.0 * float(wrong.float().mean())
     if frozen:
-        return {"val_pop_frozen": evaluate_error(model, data.val_x, data.val_y)}
+        return {"val_pop_frozen": val_pop, "val_pop_frozen_wrong": wrong}
     n_train = min(len(data.train_x), len(data.val_x))
     return {
         "train_mub": bn.eval_error_minibatch(model, data.train_x[:n_train],
                                              data.train_y[:n_train], nbs),
         "val_mub": bn.eval_error_minibatch(model, data.val_x, data.val_y, nbs),
-        "val_pop": evaluate_error(model, data.val_x, data.val_y),
+        "val_pop": val_pop,
+        "val_pop_wrong": wrong,
     }
 
 
-def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
-    """Claims of Sec. 4 judged from the mean curves (keys: NBS as str)."""
+def frozen_verdict(claim_helps: bool, nbs: str, wrong: dict[str, dict[str, Any]]) -> Verdict:
+    """FrozenBN's effect at ``nbs``: ``err(normal) - err(FrozenBN last 20%)`` in points, with a
+    paired bootstrap over the validation samples and seeds (both runs of a seed start from the
+    same initialization and are evaluated on the same samples) and McNemar's test beside it.
+
+    ``wrong[curve][nbs]``: per seed, the bool vector of validation samples a run got wrong
+    (``curve`` in ``val_pop``, ``val_pop_frozen``). ``claim_helps``: the claim is "FrozenBN
+    lowers the error" (effect > 0); else "it does not help": effect < :data:`NO_HELP_MARGIN`.
+    """
+    normal = np.stack([np.asarray(w, dtype=bool) for w in wrong["val_pop"][nbs]])
+    frozen = np.stack([np.asarray(w, dtype=bool) for w in wrong["val_pop_frozen"][nbs]])
+    interval = paired_bootstrap(normal, frozen)
+    test = mcnemar(normal, frozen)
+    detail = f"{test.text()} (seeds pooled)"
+    whole = f"whole {100 * interval.confidence:.0f}% interval"
+    if claim_helps:
+        return exceeds(f"err(normal) - err(FrozenBN) > 0 at NBS={nbs}, {whole}", interval, 0.0,
+                       detail)
+    return stays_below(f"err(normal) - err(FrozenBN) < {NO_HELP_MARGIN} pt at NBS={nbs} (a gain "
+                       f"below the margin is no help), {whole}", interval, NO_HELP_MARGIN, detail)
+
+
+def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[SummaryRow]:
+    """Claims of Sec. 4 judged from the mean curves (keys: NBS as str) and, for FrozenBN, the
+    per-sample errors ``wrong`` (see :func:`frozen_verdict`)."""
     m = numbers["mean"]
     sizes = sorted(int(k) for k in m["val_pop"])
     lo, hi = str(sizes[0]), str(sizes[-1])
@@ -104,18 +146,14 @@ def verdicts(numbers: dict[str, Any]) -> list[SummaryRow]:
         "Generalization gap: val mu_B above train mu_B",
         f"{gen:+.1f} pt at NBS={hi}", "~+16 pt at 1024",
         verdict(f"val_mub(NBS={hi}) - train_mub(NBS={hi}) > 0", gen > 0, f"{gen:+.2f} pt")))
-    help_lo = m["val_pop"][lo] - m["val_pop_frozen"][lo]
     rows.append(SummaryRow(
         f"FrozenBN for the last 20% helps at tiny NBS ({lo})",
         f"{m['val_pop_frozen'][lo]:.1f} vs {m['val_pop'][lo]:.1f}", "25.2 vs 32.5",
-        verdict(f"val_pop(NBS={lo}) - val_pop_frozen(NBS={lo}) > 0", help_lo > 0,
-                f"{help_lo:+.2f} pt")))
-    help_hi = m["val_pop"][hi] - m["val_pop_frozen"][hi]
+        frozen_verdict(True, lo, wrong)))
     rows.append(SummaryRow(
         f"FrozenBN does not help at the largest NBS ({hi})",
         f"{m['val_pop_frozen'][hi]:.1f} vs {m['val_pop'][hi]:.1f}", "24.5 vs 23.7 (hurts)",
-        verdict(f"val_pop_frozen(NBS={hi}) >= val_pop(NBS={hi})", help_hi <= 0,
-                f"{-help_hi:+.2f} pt")))
+        frozen_verdict(False, hi, wrong)))
     return rows
 
 
@@ -168,15 +206,19 @@ def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
                       mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     per_seed: dict[str, dict[str, list[float]]] = {k: {} for k in CURVES}
+    wrong: dict[str, dict[str, list[Any]]] = {"val_pop": {}, "val_pop_frozen": {}}
     jobs = [(n, f, s) for n in nbs_values(ctx.quick) for f in (False, True) for s in ctx.seeds]
     for nbs, frozen, seed in ctx.progress(jobs, desc="nbs runs", total=len(jobs), leave=True):
-        key = {"study": "nbs", "v": 1, "data": ctx.data_spec, "nbs": nbs, "frozen": frozen,
+        key = {"study": "nbs", "v": 2, "data": ctx.data_spec, "nbs": nbs, "frozen": frozen,
                "seed": seed, "sgd_batch": SGD_BATCH, "lr": LR, "scale": scale.as_dict(),
                "precise": PRECISE_SAMPLES}
         result = ctx.cache.get_or_run(
             key, lambda k=nbs, f=frozen, s=seed: _run(ctx, scale, k, f, s))
         for name, value in result.items():
-            per_seed[name].setdefault(str(nbs), []).append(value)
+            if name.endswith("_wrong"):
+                wrong[name.removesuffix("_wrong")].setdefault(str(nbs), []).append(value)
+            else:
+                per_seed[name].setdefault(str(nbs), []).append(value)
     stats = {k: {n: mean_std(v) for n, v in d.items()} for k, d in per_seed.items()}
     mean = {k: {n: m for n, (m, _) in d.items()} for k, d in stats.items()}
     std = {k: {n: s for n, (_, s) in d.items()} for k, d in stats.items()}
@@ -203,5 +245,6 @@ def run(ctx: RunContext) -> StudyResult:
     )
     notes = notes_for(numbers)
     return StudyResult(setup=setup, tables=[ours], paper_tables=[theirs],
-                       plots=_plot(ctx, numbers), summary=verdicts(numbers), numbers=numbers,
+                       plots=_plot(ctx, numbers), summary=verdicts(numbers, wrong),
+                       numbers=numbers,
                        notes=notes)

@@ -1,9 +1,8 @@
-"""Pieces shared by the studies: scale settings, model construction, threads, plotting."""
+"""Pieces shared by the studies: scale settings, model construction, plotting."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ from .models import build_model
 __all__ = [
     "FULL_MNIST1D_SAMPLES",
     "Scale",
-    "cpu_threads",
     "fmt",
     "new_model",
     "over_seeds",
@@ -107,20 +105,3 @@ def save_plot(ctx: RunContext, fig: Any, name: str) -> str:
     fig.savefig(ctx.plot_path(name), dpi=110)
     pyplot().close(fig)
     return name
-
-
-@contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Within the block torch uses ``n`` CPU threads (None: unchanged); restored on exit.
-
-    The studies' models are small: more than one intra-op thread costs more in synchronization
-    than it gains, and on a shared 2-core machine it oversubscribes the cores badly.
-    """
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-

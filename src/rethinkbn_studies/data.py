@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cache import set_aside
+
 __all__ = [
     "DataSplit",
+    "check_data_spec",
     "load_cifar10",
     "load_data",
     "load_image_folder",
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 MNIST1D_SAMPLES = 10_000
+MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -103,7 +107,19 @@ def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+    return {k: np.asarray(raw[k]) for k in MNIST1D_ARRAYS}
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The MNIST-1D arrays cached in ``path``, or None when it cannot be read (it is then moved
+    aside with a warning and the data are generated again)."""
+    try:
+        with np.load(path) as stored:
+            arrays = {k: stored[k] for k in MNIST1D_ARRAYS}
+    except Exception as err:  # noqa: BLE001 - truncated, junk, missing arrays: regenerate
+        set_aside(path, err, "generating the data again")
+        return None
+    return arrays
 
 
 def load_mnist1d(
@@ -112,15 +128,14 @@ def load_mnist1d(
     """MNIST-1D from the ``mnist1d`` generator, run locally (never downloaded).
 
     ``num_samples`` are generated (80% train, 20% validation) with the generator's ``seed``;
-    the arrays are cached as ``cache_dir/mnist1d-<num_samples>-<seed>.npz`` when given.
+    the arrays are cached as ``cache_dir/mnist1d-<num_samples>-<seed>.npz`` when given (a cached
+    file that cannot be read is moved aside with a warning and generated again).
     """
     if num_samples < 20:
         raise ValueError(f"MNIST-1D needs num_samples >= 20 (2 per class), got {num_samples}")
     path = None if cache_dir is None else Path(cache_dir) / f"mnist1d-{num_samples}-{seed}.npz"
-    if path is not None and path.exists():
-        with np.load(path) as stored:
-            arrays = {k: stored[k] for k in stored.files}
-    else:
+    arrays = None if path is None or not path.exists() else _read_npz(path)
+    if arrays is None:
         arrays = _generate_mnist1d(num_samples, seed)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,17 +232,32 @@ def load_image_folder(root: Path | str, val_fraction: float = 0.2, seed: int = 0
     return _normalized(root.name or "images", train_x, train_y, val_x, val_y, len(classes))
 
 
-def load_data(spec: str, cache_dir: Path | str | None = None) -> DataSplit:
-    """The dataset named by ``--data``: ``mnist1d`` (default), ``mnist1d:<num_samples>``, or a
-    folder holding CIFAR-10's python pickles or one sub-folder of images per class."""
-    if spec == "mnist1d" or spec.startswith("mnist1d:"):
-        num = int(spec.split(":", 1)[1]) if ":" in spec else MNIST1D_SAMPLES
-        return load_mnist1d(num, cache_dir=cache_dir)
-    root = Path(spec)
-    if not root.is_dir():
+def check_data_spec(spec: str) -> int | None:
+    """Check ``--data`` without loading anything: MNIST-1D's sample count for ``mnist1d`` /
+    ``mnist1d:<num_samples>``, None for a folder; ``ValueError`` / ``FileNotFoundError``
+    otherwise."""
+    if spec == "mnist1d":
+        return MNIST1D_SAMPLES
+    if spec.startswith("mnist1d:"):
+        text = spec.split(":", 1)[1]
+        if not text.isdigit() or int(text) < 20:
+            raise ValueError(f"--data {spec!r}: expected 'mnist1d:<num_samples>' with an integer "
+                             f">= 20 (2 per class), got {text!r}")
+        return int(text)
+    if not Path(spec).is_dir():
         raise FileNotFoundError(
             f"--data {spec!r}: expected 'mnist1d', 'mnist1d:<num_samples>' or a folder"
         )
+    return None
+
+
+def load_data(spec: str, cache_dir: Path | str | None = None) -> DataSplit:
+    """The dataset named by ``--data``: ``mnist1d`` (default), ``mnist1d:<num_samples>``, or a
+    folder holding CIFAR-10's python pickles or one sub-folder of images per class."""
+    num = check_data_spec(spec)
+    if num is not None:
+        return load_mnist1d(num, cache_dir=cache_dir)
+    root = Path(spec)
     if (root / "test_batch").exists() or (root / "data_batch_1").exists():
         return load_cifar10(root)
     if (root / "cifar-10-batches-py").is_dir():
