@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gloo_world import GlooWorld
 from rethinkbn.distributed import SyncBatchNorm
-from rethinkbn.distributed.testing import GlooWorld
 from rethinkbn.layers import GhostBatchNorm
 from rethinkbn.population import batch_stats_inference, precise_bn
 
