@@ -302,7 +302,7 @@ def set_nonfinite(model: nn.Module, policy: str) -> int:
 def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]:
     """The layers of ``model`` whose running buffers skipped non-finite batch statistics.
 
-    Returns ``{qualified name: nonfinite_count}`` (a CPU copy of the per-channel counts, shape
+    Returns ``{qualified name in model: nonfinite_count}`` (a CPU copy of the per-channel counts, shape
     of the running buffers, e.g. ``(num_domains, C)`` for DomainBatchNorm) for every layer of the
     family with at least one event since construction or the last ``reset=True``. Meant for
     the end of an epoch: ONE host synchronization for the whole model (the counters are
@@ -318,7 +318,7 @@ def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]
         mine = flat[offset: offset + count.numel()].view(count.shape)
         offset += count.numel()
         if bool(mine.any()):
-            report[name or layer.__class__.__name__] = mine
+            report[name or getattr(layer, "_rethinkbn_name", None) or type(layer).__name__] = mine
         if reset:
             count.zero_()
     return report

@@ -2,8 +2,8 @@
 
 Every function here is stateless: it takes tensors and returns tensors (the normalized output and
 the batch statistics that were used), and never writes into running buffers. The layers decide
-what to do with the statistics (blend them into buffers, report them to an observer), after they
-have checked them, so that a failing call leaves a layer exactly as it was.
+what to do with the statistics (blend them into buffers under the family's NaN policy, report
+them to an observer). Nothing here reads a tensor's values on the host (no sync on a GPU).
 
 Normalization of a set of values ``x`` of one channel with statistics ``(mean, var)``::
 
