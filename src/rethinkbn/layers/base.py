@@ -302,11 +302,11 @@ def set_nonfinite(model: nn.Module, policy: str) -> int:
 def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]:
     """The layers of ``model`` whose running buffers skipped non-finite batch statistics.
 
-    Returns ``{qualified name in model: nonfinite_count}`` (a CPU copy of the per-channel
-    counts, shape of the running buffers, e.g. ``(num_domains, C)`` for DomainBatchNorm) for
-    every layer of the family with at least one event since construction or the last ``reset=True``. Meant for
-    the end of an epoch: ONE host synchronization for the whole model (the counters are
-    gathered into one tensor before they are read).
+    Returns ``{name: nonfinite_count}`` (a CPU copy of the per-channel counts, shape of the
+    running buffers, e.g. ``(num_domains, C)`` for DomainBatchNorm) for every layer of the family
+    with at least one event since construction or the last ``reset=True``; the name is the
+    layer's qualified name in ``model``. Meant for the end of an epoch: ONE host
+    synchronization for the whole model (the counters are gathered into one tensor first).
     """
     layers = [(n, m) for n, m in _family(model) if m.nonfinite_count is not None]
     if not layers:
