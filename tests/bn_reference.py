@@ -15,8 +15,9 @@ def contiguous_groups(n: int, k: int | None) -> list[list[int]]:
     if k is None or k >= n:
         return [list(range(n))]
     blocks = [list(range(i, min(i + k, n))) for i in range(0, n, k)]
-    if len(blocks[-1]) == 1:
-        blocks[-2] += blocks.pop()
+    if n % k == 1:
+        last = blocks.pop()
+        blocks[-1] += last
     return blocks
 
 
@@ -46,6 +47,5 @@ def loop_batch_norm(
         order += g
     if not parts:
         return x * 0, stats
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse], stats
+    assert sorted(order) == list(range(x.size(0)))
+    return torch.cat(parts)[torch.argsort(torch.tensor(order))], stats

@@ -68,7 +68,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def channel_view(t: Tensor, x: Tensor) -> Tensor:
     """View a per-channel ``(C,)`` (or per-sample ``(N, C)``) tensor to broadcast against ``x``."""
-    lead = (1, -1) if t.dim() == 1 else (t.size(0), -1)
+    lead = (1, t.size(0)) if t.dim() == 1 else (t.size(0), t.size(1))  # also for 0 samples
     return t.reshape(*lead, *([1] * (x.dim() - 2)))
 
 

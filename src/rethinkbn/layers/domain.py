@@ -222,10 +222,8 @@ class DomainBatchNorm(BatchNormBase):
             self.train_stats == "domain"
             or (self._updates_running_stats() and self.population_stats == "domain")
         )
-        if not separate:
-            BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
-            return
-        if not self.validate or spatial >= 2:  # reading the ids' counts is a host sync
+        BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
+        if not separate or not self.validate or spatial >= 2:  # reading the ids is a host sync
             return
         assert ids is not None
         counts = torch.bincount(ids, minlength=self.num_domains) * spatial
@@ -248,6 +246,8 @@ class DomainBatchNorm(BatchNormBase):
             rows = Moments(whole.count[None], whole.mean[None], whole.m2[None])
             index = torch.full((1,), domain, device=x.device)
         else:
+            if x.size(0) == 0:
+                return Moments.zeros((self.num_domains, x.size(1)), device=x.device)
             rows, index = Moments.of(x, groups=x.size(0)), domain
         return rows.segment_merge(index, self.num_domains)
 
