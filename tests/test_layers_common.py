@@ -336,3 +336,18 @@ def test_frozen_affine_trainable_must_be_a_bool(value):
     # Regression (issue 9 item 12): affine_trainable="x" was accepted.
     with pytest.raises(TypeError, match=f"affine_trainable must be a bool, got {value!r}"):
         FrozenBatchNorm(3, affine_trainable=value)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sync_bn_refuses_integer_and_mixed_float_input_naming_the_layer(mode):
+    # Issue 9 item 6: SyncBatchNorm (train) returned truncated int64; it shares _check_input.
+    from rethinkbn.distributed import SyncBatchNorm
+
+    layer = SyncBatchNorm(3).train(MODES[mode])
+    layer._rethinkbn_name = "head.bn"
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match="'head.bn'.*floating-point input, got dtype torch.int64"):
+        layer(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="'head.bn'.*got torch.float64"):
+        layer(torch.randn(4, 3, dtype=torch.float64))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())

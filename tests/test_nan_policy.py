@@ -274,3 +274,18 @@ def test_torch_compile_fullgraph_with_use_domain():
     with use_domain(layer, 1):
         y = step(batch(nan=False))
     torch.testing.assert_close(y, DomainBatchNorm(3, 3)(batch(nan=False), domain=1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(NO_SYNC))
+def test_a_cuda_training_step_makes_no_host_sync(name):
+    make, kwargs = NO_SYNC[name]
+    layer = make().cuda()
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    x = batch().cuda().requires_grad_()
+    layer(x, **kwargs)  # first call: lazy CUDA initialization may synchronize
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x, **kwargs).nansum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
