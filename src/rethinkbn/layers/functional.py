@@ -250,6 +250,12 @@ def _contiguous_group_norm_reference(
     return y.reshape(x.shape)
 
 
+def _group_sum(xs: Tensor) -> Tensor:
+    """Sum of a ``(G, n, C, S)`` view over dims 1 and 3, keepdims: the contiguous dim first
+    (several times faster on CPU than one reduction over both)."""
+    return xs.sum(dim=3, keepdim=True).sum(dim=1, keepdim=True)
+
+
 class _ContiguousGroupNorm(torch.autograd.Function):
     """Batch normalization of ``G`` equal contiguous groups of samples, with a fused backward.
 
@@ -280,9 +286,9 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         xs = x.view(groups, x.size(0) // groups, x.size(1), -1)
         m = xs.size(1) * xs.size(3)
-        mean = xs.sum(dim=(1, 3), keepdim=True).div_(m)
+        mean = _group_sum(xs).div_(m)
         xc = xs - mean  # centered on the first-pass mean m0
-        delta = xc.sum(dim=(1, 3), keepdim=True).div_(m)
+        delta = _group_sum(xc).div_(m)
         # vector_norm reduces the contiguous last dim without materializing xc ** 2.
         var = torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
         var.div_(m).sub_(delta.square()).clamp_min_(0)
@@ -321,7 +327,7 @@ class _ContiguousGroupNorm(torch.autograd.Function):
             return (*(next(grads) if need else None for need in needs[:3]), None, None)
         dy = grad_y.reshape(xc.shape)
         m = xc.size(1) * xc.size(3)
-        sum_dy = dy.sum(dim=(1, 3), keepdim=True)
+        sum_dy = _group_sum(dy)
         # sum(dy * (x - mean)) with x - mean = xc - delta
         sum_dy_xc = torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
         sum_dy_xc = sum_dy_xc - delta * sum_dy
