@@ -262,3 +262,30 @@ def test_flags_are_validated():
         args = {"num_features": 3, "num_domains": 2, **kw}
         with pytest.raises(ValueError, match=message):
             DomainBatchNorm(**args)
+
+
+def test_an_empty_batch_with_per_sample_ids_in_eval_gives_an_empty_output_like_torch():
+    # Found by tests/test_adversarial_layers.py: channel_view could not reshape 0 samples.
+    layer = DomainBatchNorm(3, 2, affine="domain").eval()
+    x = torch.randn(0, 3, 4)
+    assert layer(x, domain=torch.zeros(0, dtype=torch.long)).shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("train_stats", ["domain", "shared"])
+def test_an_empty_training_batch_with_per_sample_ids_raises_naming_the_layer(train_stats):
+    # Found by tests/test_adversarial_layers.py: a raw Moments.of error, or shared buffers
+    # counting a NaN event for a batch with no values.
+    layer = DomainBatchNorm(3, 2, train_stats=train_stats, population_stats="shared")
+    layer._rethinkbn_name = "head.bn"
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="'head.bn'.*more than 1 value per channel"):
+        layer(torch.randn(0, 3, 4), domain=torch.zeros(0, dtype=torch.long))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_per_sample_ids_follow_the_input_s_device():
+    # Issue 13 sec. 3: ids on the CPU and x on CUDA crashed in index_add; the meta device shows
+    # the move without a GPU.
+    layer = DomainBatchNorm(3, 2, validate=False).to("meta")
+    y = layer(torch.empty(4, 3, device="meta"), domain=torch.tensor([0, 1, 1, 0]))
+    assert y.device.type == "meta"

@@ -68,7 +68,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def channel_view(t: Tensor, x: Tensor) -> Tensor:
     """View a per-channel ``(C,)`` (or per-sample ``(N, C)``) tensor to broadcast against ``x``."""
-    lead = (1, -1) if t.dim() == 1 else (t.size(0), -1)
+    lead = (1, t.size(0)) if t.dim() == 1 else (t.size(0), t.size(1))  # also for 0 samples
     return t.reshape(*lead, *([1] * (x.dim() - 2)))
 
 
@@ -102,19 +102,29 @@ def segment_var_mean(
     Returns ``(var, mean, count, centered)``: ``var`` and ``mean`` of shape ``(num_segments, C)``
     (zero for empty segments), ``count = m_s`` of shape ``(num_segments,)`` and the centered input
     ``x - mean[index]`` (in the compute dtype). Used for groups of unequal size and for domains.
+
+    The mean is corrected once (``mean = m0 + mean_s(x - m0)`` around a first-pass ``m0``), so a
+    mean that is large compared with the spread costs the spread none of its digits. No host
+    synchronization: counts come from an ``index_add``, not from ``bincount``.
     """
     xf = x.to(compute_dtype(x))
     dims = tuple(range(2, x.dim()))
-    per_sample = xf.sum(dim=dims) if dims else xf
     values_per_sample = x.numel() // max(x.size(0) * x.size(1), 1)
-    count = torch.bincount(index, minlength=num_segments) * values_per_sample
+    samples = torch.zeros(num_segments, dtype=torch.long, device=x.device).index_add_(
+        0, index, torch.ones_like(index))
+    count = samples * values_per_sample
     safe = count.clamp_min(1).to(xf.dtype)[:, None]
-    mean = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample) / safe
-    xc = xf - channel_view(mean[index], xf)
-    sq = xc.square()
-    per_sample_sq = sq.sum(dim=dims) if dims else sq
-    var = xf.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample_sq) / safe
-    return var, mean, count, xc
+
+    def segment_mean(t: Tensor) -> Tensor:
+        per_sample = t.sum(dim=dims) if dims else t
+        return t.new_zeros(num_segments, x.size(1)).index_add(0, index, per_sample) / safe
+
+    first = segment_mean(xf)
+    xc = xf - channel_view(first[index], xf)
+    delta = segment_mean(xc)
+    xc = xc - channel_view(delta[index], xf)
+    var = segment_mean(xc.square())
+    return var, first + delta, count, xc
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,9 @@ class Moments:
         ``unbiased=True`` (what torch's BatchNorm kernel and its running buffers hold).
         """
         mean = mean.detach().to(ACC_DTYPE)
-        count_t = torch.as_tensor(count, dtype=ACC_DTYPE, device=mean.device).expand_as(mean)
+        # full_like for a Python count: no host-to-device copy
+        count_t = (count.to(mean.device, ACC_DTYPE).expand_as(mean) if isinstance(count, Tensor)
+                   else torch.full_like(mean, count))
         dof = count_t - 1 if unbiased else count_t
         return cls(count_t.clone(), mean, var.detach().to(ACC_DTYPE) * dof)
 

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from .base import BatchNormBase, layer_name
+from .base import BatchNormBase, layer_name, nonfinite_report, set_nonfinite
 from .domain import DomainBatchNorm, use_domain
 from .frozen import FrozenBatchNorm
 from .ghost import GhostBatchNorm
@@ -14,6 +14,8 @@ __all__ = [
     "GhostBatchNorm",
     "is_batchnorm",
     "layer_name",
+    "nonfinite_report",
+    "set_nonfinite",
     "use_domain",
 ]
 

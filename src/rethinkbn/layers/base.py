@@ -17,9 +17,19 @@ from torch import Tensor, nn
 from .._checks import is_positive_int
 from ..stats import Moments
 
-__all__ = ["BatchNormBase", "MomentsObserver", "layer_name"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "BatchNormBase",
+    "MomentsObserver",
+    "layer_name",
+    "nonfinite_report",
+    "set_nonfinite",
+]
 
 MomentsObserver = Callable[["BatchNormBase", Moments], None]
+
+# What a training step does with a non-finite batch statistic (see BatchNormBase).
+NONFINITE_POLICIES = ("skip", "raise")
 
 
 def layer_name(module: nn.Module) -> str:
@@ -42,14 +52,23 @@ class BatchNormBase(nn.Module):
     the float64 :class:`~rethinkbn.stats.Moments` of every batch that the layer normalizes with
     batch statistics; :func:`rethinkbn.precise_bn` uses it to aggregate population statistics.
 
-    Errors leave the layer unchanged: inputs are validated, and batch statistics are checked to be
-    finite (a NaN or Inf input raises, naming the layer), before any buffer is written. With
-    population statistics nothing is written, and a NaN input passes through as in torch.
+    Errors leave the layer unchanged: inputs are validated before any buffer is written.
+
+    The NaN policy (one for the whole family, SyncBatchNorm included): a non-finite batch
+    statistic never reaches the running buffers. Per channel (and per domain row), where the
+    step's mean or variance is NaN or Inf the buffers keep their previous values, and the event
+    is counted on the device in ``nonfinite_count`` (a non-persistent buffer of the running
+    buffers' shape, so ``state_dict`` keys stay torch's); no host synchronization. The output is
+    what torch gives (NaN in, NaN out). :func:`nonfinite_report` reads the counters of a whole
+    model at once (e.g. at the end of an epoch). ``nonfinite = "raise"`` (opt-in, per layer, or
+    :func:`set_nonfinite` for a model) raises a ValueError naming the layer and the channels
+    instead, before any buffer changes; it costs one host synchronization per layer per step.
     """
 
     _version = 2
     min_rank = 2
     max_rank = 5
+    nonfinite = "skip"
 
     def __init__(
         self,
@@ -96,9 +115,21 @@ class BatchNormBase(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        self._init_nonfinite_count()
         self.reset_parameters()
 
     # ------------------------------------------------------------------ state
+    def _init_nonfinite_count(self) -> None:
+        """(Re)create the non-persistent event counter with the running buffers' shape."""
+        like = self.running_mean
+        self.register_buffer(
+            "nonfinite_count",
+            None if like is None else torch.zeros(like.shape, dtype=torch.long,
+                                                  device=like.device),
+            persistent=False,
+        )
+        self.nonfinite_count: Tensor | None
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()  # type: ignore[union-attr]
@@ -147,6 +178,7 @@ class BatchNormBase(nn.Module):
         """Raise a clear error for an input this layer cannot normalize."""
         if not isinstance(x, Tensor):
             raise TypeError(f"{layer_name(self)}: expected a Tensor, got {type(x).__name__}")
+        self._check_dtype(x)
         if not self.min_rank <= x.dim() <= self.max_rank:
             raise ValueError(
                 f"{layer_name(self)}: expected an input of rank {self.min_rank} to "
@@ -157,6 +189,25 @@ class BatchNormBase(nn.Module):
                 f"{layer_name(self)}: expected {self.num_features} channels in dim 1, got "
                 f"{x.size(1)} (input shape {tuple(x.shape)})"
             )
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """torch's rule: a floating input of the parameters' dtype, or float16/bfloat16 input
+        with float32 parameters (statistics in float32); anything else raises (TypeError)."""
+        state = self.weight if self.weight is not None else self.running_mean
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{layer_name(self)}: expected a floating-point input, got dtype {x.dtype} "
+                "(convert it with x.float())"
+            )
+        if state is None or x.dtype == state.dtype:
+            return
+        if state.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+            return
+        raise TypeError(
+            f"{layer_name(self)}: expected an input of dtype {state.dtype} (the layer's "
+            f"parameters{' or float16/bfloat16' if state.dtype == torch.float32 else ''}), got "
+            f"{x.dtype}; convert the input or the layer (layer.to({x.dtype}))"
+        )
 
     def _uses_batch_stats(self) -> bool:
         """Whether this forward normalizes with batch statistics (torch's ``bn_training``)."""
@@ -174,14 +225,30 @@ class BatchNormBase(nn.Module):
         ``num_batches_tracked`` advances by one and the factor is ``momentum``, or ``1 / t`` for
         ``momentum=None``. With ``present`` (a bool per row of per-row buffers, e.g. per domain)
         each row keeps its own count and only the rows present in the batch advance and move.
+
+        The NaN policy lives here, once for the family: where the new mean or variance is not
+        finite the buffers keep their values and ``nonfinite_count`` counts the event (no host
+        synchronization), or, with ``nonfinite = "raise"``, a ValueError names the layer and the
+        channels before anything changes.
         """
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
+        mean = mean.to(self.running_mean.dtype)
+        unbiased_var = unbiased_var.to(self.running_var.dtype)
+        finite = torch.isfinite(mean) & torch.isfinite(unbiased_var)
+        # an absent row (domain) has no statistics: not an event, and it does not move
+        bad = ~finite if present is None else ~finite & present[:, None]
+        if self.nonfinite == "raise":
+            self._raise_if_nonfinite(bad)
+        count = self.nonfinite_count
+        if count is None or count.shape != bad.shape or count.device != bad.device:
+            self._init_nonfinite_count()
+        self.nonfinite_count.add_(bad)  # type: ignore[union-attr]
+        factor: float | Tensor
         if present is None:
             self.num_batches_tracked.add_(1)
-            factor: float | Tensor = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
+            factor = self.momentum if self.momentum is not None else (
+                1.0 / self.num_batches_tracked.double()).to(self.running_mean.dtype)
         else:
             self.num_batches_tracked.add_(present.long())
             if self.momentum is None:
@@ -190,12 +257,68 @@ class BatchNormBase(nn.Module):
                 rate = torch.full(present.shape, self.momentum, dtype=torch.float64,
                                   device=present.device)
             factor = (rate * present)[:, None].to(self.running_mean.dtype)
-            # an absent row's statistics may be NaN (no values): lerp by 0 would still spread it
-            mean = torch.where(present[:, None], mean, self.running_mean.double())
-            unbiased_var = torch.where(present[:, None], unbiased_var, self.running_var.double())
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+        # Where a statistic is not finite, lerp towards the old value itself: it stays
+        # bit-identical (lerp by 0 towards NaN would still spread the NaN).
+        for buffer, new in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            buffer.lerp_(torch.where(finite, new, buffer), factor)
+
+    def _raise_if_nonfinite(self, bad: Tensor) -> None:
+        if not bool(bad.any()):  # the opt-in strict mode's one host synchronization
+            return
+        cells = bad.nonzero().tolist()
+        where = (f"channel(s) {[c[-1] for c in cells][:8]}" if bad.dim() == 1 else
+                 f"(domain, channel) {[tuple(c) for c in cells][:8]}")
+        raise ValueError(
+            f"{layer_name(self)}: expected finite batch statistics, got NaN or Inf in {where}; "
+            "the running buffers were left unchanged (nonfinite='raise')"
+        )
 
     def _observe(self, moments: Moments) -> None:
         if self.observer is not None:
             self.observer(self, moments)
+
+
+def _family(model: nn.Module) -> list[tuple[str, BatchNormBase]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BatchNormBase)]
+
+
+def set_nonfinite(model: nn.Module, policy: str) -> int:
+    """Set the NaN policy of every layer of the family in ``model``; returns how many.
+
+    ``"skip"`` (default): a non-finite batch statistic leaves that channel's running buffers
+    unchanged and is counted (no host synchronization). ``"raise"``: a ValueError names the layer
+    and the channels before any buffer changes (one host synchronization per layer per step).
+    """
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"set_nonfinite: policy must be one of {NONFINITE_POLICIES}, got {policy!r}"
+        )
+    layers = _family(model)
+    for _, layer in layers:
+        layer.nonfinite = policy
+    return len(layers)
+
+
+def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]:
+    """The layers of ``model`` whose running buffers skipped non-finite batch statistics.
+
+    Returns ``{name: nonfinite_count}`` (a CPU copy of the per-channel counts, shape of the
+    running buffers, e.g. ``(num_domains, C)`` for DomainBatchNorm) for every layer of the family
+    with at least one event since construction or the last ``reset=True``; the name is the
+    layer's qualified name in ``model``. Meant for the end of an epoch: ONE host
+    synchronization for the whole model (the counters are gathered into one tensor first).
+    """
+    layers = [(n, m) for n, m in _family(model) if m.nonfinite_count is not None]
+    if not layers:
+        return {}
+    counts = [m.nonfinite_count for _, m in layers]
+    flat = torch.cat([c.reshape(-1).to(counts[0].device) for c in counts]).cpu()
+    report, offset = {}, 0
+    for (name, layer), count in zip(layers, counts, strict=True):
+        mine = flat[offset: offset + count.numel()].view(count.shape)
+        offset += count.numel()
+        if bool(mine.any()):
+            report[name or getattr(layer, "_rethinkbn_name", None) or type(layer).__name__] = mine
+        if reset:
+            count.zero_()
+    return report

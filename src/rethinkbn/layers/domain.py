@@ -48,6 +48,13 @@ class DomainBatchNorm(BatchNormBase):
     domain) or a LongTensor of one id per sample (every domain present is normalized with its own
     statistics in one vectorized pass); without it, the domain set by :func:`use_domain`.
 
+    ``validate`` (default True) checks per-sample ids: in range, and at least 2 values per channel
+    for every domain present. It reads the ids on the host: one host-device synchronization per
+    layer per step on a GPU. With ``validate=False`` nothing is read back (``torch.compile``
+    sees no graph break); ids out of range then fail inside the indexing kernel (a device-side
+    assert on CUDA, without the layer's name), and a domain with a single value per channel is
+    normalized with a variance of 0. Ids are moved to the input's device.
+
     ``state_dict`` keys are torch's. A torch BatchNorm checkpoint (``(C,)`` tensors) loads into
     per-domain parameters and buffers by copying it to every domain. With ``num_domains == 1`` and
     everything shared, the layer equals torch's BatchNorm.
@@ -65,6 +72,7 @@ class DomainBatchNorm(BatchNormBase):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        validate: bool = True,
     ) -> None:
         if not is_positive_int(num_domains):
             raise ValueError(f"DomainBatchNorm: num_domains must be an int >= 1, got "
@@ -85,6 +93,7 @@ class DomainBatchNorm(BatchNormBase):
             dtype,
         )
         self.num_domains = num_domains
+        self.validate = validate
         self.train_stats = train_stats
         self.population_stats = population_stats
         self.affine_mode: str | None = affine_mode
@@ -98,6 +107,7 @@ class DomainBatchNorm(BatchNormBase):
             self.running_mean = torch.zeros(shape, **factory)
             self.running_var = torch.ones(shape, **factory)
             self.num_batches_tracked = torch.zeros(num_domains, dtype=torch.long, device=device)
+            self._init_nonfinite_count()
 
     def extra_repr(self) -> str:
         return (
@@ -108,8 +118,11 @@ class DomainBatchNorm(BatchNormBase):
         )
 
     # ------------------------------------------------------------------ domains
-    def check_domain(self, domain: object, batch_size: int | None = None) -> Domain:
-        """Return ``domain`` as an int or a LongTensor of ids, or raise a clear error."""
+    def check_domain(
+        self, domain: object, batch_size: int | None = None, device: torch.device | None = None
+    ) -> Domain:
+        """Return ``domain`` as an int or a LongTensor of ids (on ``device`` when given), or
+        raise a clear error. Ids are range-checked only with ``validate`` (a host sync)."""
         if isinstance(domain, Tensor) and domain.dim() == 0 and not domain.is_floating_point():
             domain = int(domain)
         if isinstance(domain, int) and not isinstance(domain, bool):
@@ -130,12 +143,14 @@ class DomainBatchNorm(BatchNormBase):
                     f"{layer_name(self)}: expected one domain id per sample ({batch_size}), got "
                     f"{domain.numel()}"
                 )
-            if domain.numel() and (int(domain.min()) < 0 or int(domain.max()) >= self.num_domains):
+            bad = self.validate and domain.numel() and (
+                int(domain.min()) < 0 or int(domain.max()) >= self.num_domains)
+            if bad:
                 raise ValueError(
                     f"{layer_name(self)}: domain ids must be in [0, {self.num_domains}), got "
                     f"values from {int(domain.min())} to {int(domain.max())}"
                 )
-            return domain.long()
+            return domain.to(device=device, dtype=torch.long)
         if domain is None:
             raise ValueError(
                 f"{layer_name(self)}: no domain given: call the layer as layer(x, domain=...) "
@@ -155,7 +170,8 @@ class DomainBatchNorm(BatchNormBase):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, domain: Domain | None = None) -> Tensor:
         self._check_input(x)
-        dom = self.check_domain(self.current_domain if domain is None else domain, x.size(0))
+        dom = self.check_domain(self.current_domain if domain is None else domain, x.size(0),
+                                x.device)
         weight = self._pick(self.weight, dom, self.affine_mode == "domain")
         bias = self._pick(self.bias, dom, self.affine_mode == "domain")
         if not self._uses_batch_stats():
@@ -169,7 +185,6 @@ class DomainBatchNorm(BatchNormBase):
             y, mean, var, count = BF.segment_batch_norm(
                 x, ids, self.num_domains, weight, bias, self.eps
             )
-            BF.check_finite(mean, layer_name(self))
             domain_moments = Moments.from_var_mean(count[:, None], mean, var)
             shared = domain_moments.total()
             batch_mean, batch_var = shared.mean, shared.var(unbiased=True)
@@ -179,7 +194,6 @@ class DomainBatchNorm(BatchNormBase):
                 x, None if per_sample_affine else weight, None if per_sample_affine else bias,
                 self.eps,
             )
-            BF.check_finite(batch_mean, layer_name(self))
             if per_sample_affine:
                 y = BF.apply_affine(y, weight, bias)
             domain_moments = None
@@ -208,8 +222,8 @@ class DomainBatchNorm(BatchNormBase):
             self.train_stats == "domain"
             or (self._updates_running_stats() and self.population_stats == "domain")
         )
-        if not separate:
-            BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
+        BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
+        if not separate or not self.validate or spatial >= 2:  # reading the ids is a host sync
             return
         assert ids is not None
         counts = torch.bincount(ids, minlength=self.num_domains) * spatial
@@ -230,8 +244,10 @@ class DomainBatchNorm(BatchNormBase):
             n = x.numel() // x.size(1)
             whole = Moments.from_var_mean(n, batch_mean, batch_var, unbiased=True)
             rows = Moments(whole.count[None], whole.mean[None], whole.m2[None])
-            index = torch.tensor([domain], device=x.device)
+            index = torch.full((1,), domain, device=x.device)
         else:
+            if x.size(0) == 0:
+                return Moments.zeros((self.num_domains, x.size(1)), device=x.device)
             rows, index = Moments.of(x, groups=x.size(0)), domain
         return rows.segment_merge(index, self.num_domains)
 

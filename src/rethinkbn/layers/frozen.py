@@ -40,6 +40,10 @@ class FrozenBatchNorm(BatchNormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if not isinstance(affine_trainable, bool):
+            raise TypeError(
+                f"FrozenBatchNorm: affine_trainable must be a bool, got {affine_trainable!r}"
+            )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.affine_trainable = affine_trainable
         if affine and not affine_trainable:
@@ -59,7 +63,6 @@ class FrozenBatchNorm(BatchNormBase):
         values = x.numel() // x.size(1)
         BF.require_two_values(values, x, layer_name(self))
         y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
-        BF.check_finite(mean, layer_name(self))
         if self.observer is not None:
             self._observe(Moments.from_var_mean(values, mean, var, unbiased=True))
         return y

@@ -2,8 +2,8 @@
 
 Every function here is stateless: it takes tensors and returns tensors (the normalized output and
 the batch statistics that were used), and never writes into running buffers. The layers decide
-what to do with the statistics (blend them into buffers, report them to an observer), after they
-have checked them, so that a failing call leaves a layer exactly as it was.
+what to do with the statistics (blend them into buffers under the family's NaN policy, report
+them to an observer). Nothing here reads a tensor's values on the host (no sync on a GPU).
 
 Normalization of a set of values ``x`` of one channel with statistics ``(mean, var)``::
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from ..stats import channel_view, compute_dtype, segment_var_mean
 
@@ -28,7 +28,6 @@ __all__ = [
     "GroupStats",
     "affine_normalize",
     "apply_affine",
-    "check_finite",
     "check_grouping",
     "check_groups",
     "check_norm_batch_size",
@@ -46,20 +45,6 @@ GROUPINGS = ("contiguous", "strided")
 
 # (mean, unbiased variance, number of values) of each group: shapes (G, C), (G, C), (G,).
 GroupStats = tuple[Tensor, Tensor, Tensor]
-
-
-def check_finite(mean: Tensor, owner: str) -> None:
-    """Raise before any state changes when batch statistics show NaN/Inf in the input.
-
-    A NaN or Inf value makes its channel's mean non-finite, so checking the small statistics
-    tensor costs nothing, where scanning the input would cost a pass over it.
-    """
-    if not bool(torch.isfinite(mean).all()):
-        bad = (~torch.isfinite(mean)).nonzero()[:, -1].unique().tolist()
-        raise ValueError(
-            f"{owner}: expected finite input values, got NaN or Inf in channel(s) {bad[:8]}; "
-            "the layer was left unchanged"
-        )
 
 
 def require_two_values(
@@ -234,11 +219,41 @@ def check_groups(x: Tensor, norm_batch_size: int | None, grouping: str, owner: s
 
 
 def group_index(batch_size: int, sizes: list[int], grouping: str, device: Any = None) -> Tensor:
-    """The group id of every sample: contiguous blocks of ``sizes``, or ``i % len(sizes)``."""
+    """The group id of every sample: contiguous blocks of ``sizes``, or ``i % len(sizes)``.
+
+    ``sizes`` come from :func:`group_sizes`: every contiguous group but the last has ``sizes[0]``
+    samples, so ``min(i // sizes[0], G - 1)`` is sample i's group (no host-to-device copy).
+    """
+    ids = torch.arange(batch_size, device=device)
     if grouping == "strided":
-        return torch.arange(batch_size, device=device) % len(sizes)
-    counts = torch.tensor(sizes, device=device)
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        return ids % len(sizes)
+    return torch.div(ids, sizes[0], rounding_mode="floor").clamp_max_(len(sizes) - 1)
+
+
+def _contiguous_group_norm_reference(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+) -> Tensor:
+    """The plain autograd form of :class:`_ContiguousGroupNorm` (its output only).
+
+    Used for second derivatives: every op here has a double backward, so gradients of the
+    gradient are those of the formula itself.
+    """
+    xs = x.view(groups, x.size(0) // groups, x.size(1), -1)
+    mean = xs.mean(dim=(1, 3), keepdim=True)
+    xc = xs - mean
+    var = xc.square().mean(dim=(1, 3), keepdim=True)
+    y = xc * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.view(1, 1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, 1, -1, 1)
+    return y.reshape(x.shape)
+
+
+def _group_sum(xs: Tensor) -> Tensor:
+    """Sum of a ``(G, n, C, S)`` view over dims 1 and 3, keepdims: the contiguous dim first
+    (several times faster on CPU than one reduction over both)."""
+    return xs.sum(dim=3, keepdim=True).sum(dim=1, keepdim=True)
 
 
 class _ContiguousGroupNorm(torch.autograd.Function):
@@ -248,9 +263,16 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     of an ``(N, C, ...)`` tensor cannot form without a copy; this function reduces over a
     ``(G, n, C, S)`` view instead. Per group g and channel c, over its ``m = n * S`` values::
 
-        mean = sum(x) / m,   xc = x - mean,   var = sum(xc^2) / m   (two passes: no cancellation)
+        m0   = sum(x) / m,   d = sum(x - m0) / m,   mean = m0 + d   (a corrected two-pass mean)
+        xc   = x - mean,     var = sum(xc^2) / m = sum((x - m0)^2) / m - d^2
         y    = xc * (w / sqrt(var + eps)) + b
         dx   = w / sqrt(var + eps) * (dy - sum(dy) / m - xc * sum(dy * xc) / (m * (var + eps)))
+
+    The correction ``d`` makes the mean accurate far below the input's rounding (a float32 sum
+    alone is off by about an ulp of a large mean, which the output would inherit divided by the
+    spread). The fused backward is first order; when a second derivative is requested
+    (``create_graph=True``) the backward is recomputed with the plain autograd formula, so
+    gradients of gradients are exact.
     """
 
     @staticmethod
@@ -264,50 +286,68 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         xs = x.view(groups, x.size(0) // groups, x.size(1), -1)
         m = xs.size(1) * xs.size(3)
-        mean = xs.sum(dim=(1, 3), keepdim=True).div_(m)
-        xc = xs - mean
+        mean = _group_sum(xs).div_(m)
+        xc = xs - mean  # centered on the first-pass mean m0
+        delta = _group_sum(xc).div_(m)
         # vector_norm reduces the contiguous last dim without materializing xc ** 2.
         var = torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
-        var.div_(m)
+        var.div_(m).sub_(delta.square()).clamp_min_(0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
+        # (xc - delta) * scale + bias as one multiply-add: the shift absorbs the correction.
+        shift = -delta * scale
+        if bias is not None:
+            shift = shift + bias.view(1, 1, -1, 1)
+        # addcmul is several times slower when its operands broadcast from different shapes.
+        shift = shift.expand_as(scale).to(scale.dtype, copy=True)
         # Written into a tensor of x's shape: returning a view of a (G, n, C, S) result would
         # forbid in-place ops (ReLU(inplace=True)) on the output, which torch's BatchNorm allows.
         y = torch.empty(x.shape, dtype=xc.dtype, device=xc.device)
-        if bias is None:
-            torch.mul(xc, scale, out=y.view(xc.shape))
-        else:
-            # addcmul is several times slower when its operands broadcast from different shapes.
-            shift = bias.view(1, 1, -1, 1).expand_as(scale).to(scale.dtype, copy=True)
-            torch.addcmul(shift, xc, scale, out=y.view(xc.shape))
-        ctx.save_for_backward(xc, invstd, weight)
+        torch.addcmul(shift, xc, scale, out=y.view(xc.shape))
+        ctx.save_for_backward(x, weight, bias, xc, delta, invstd)
+        ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
+        mean = mean.add_(delta)
         ctx.mark_non_differentiable(mean, var)
         return y, mean.view(groups, -1), var.view(groups, -1)
 
     @staticmethod
-    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
     ) -> tuple[Tensor | None, ...]:
-        xc, invstd, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, weight, bias, xc, delta, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the plain formula, whose ops all have a double
+            # backward (slower, but exact to every order).
+            inputs = [t for t, need in zip((x, weight, bias), needs, strict=False) if need]
+            with torch.enable_grad():
+                y = _contiguous_group_norm_reference(
+                    x, weight, bias, ctx.groups, ctx.eps)  # type: ignore[attr-defined]
+                grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+            return (*(next(grads) if need else None for need in needs[:3]), None, None)
         dy = grad_y.reshape(xc.shape)
         m = xc.size(1) * xc.size(3)
-        sum_dy = dy.sum(dim=(1, 3), keepdim=True)
+        sum_dy = _group_sum(dy)
+        # sum(dy * (x - mean)) with x - mean = xc - delta
         sum_dy_xc = torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
+        sum_dy_xc = sum_dy_xc - delta * sum_dy
         k = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(-k * sum_dy / m, dy, k)
-            grad_x.addcmul_(xc, -k * invstd.square() * sum_dy_xc / m)
+        if needs[0]:
+            proj = k * invstd.square() * sum_dy_xc / m
+            grad_x = torch.addcmul(-k * sum_dy / m + delta * proj, dy, k)
+            grad_x.addcmul_(xc, -proj)
             grad_x = grad_x.view(grad_y.shape)
-        grad_w = (sum_dy_xc * invstd).sum(dim=(0, 1, 3)) if ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.sum(dim=(0, 1, 3)) if ctx.needs_input_grad[2] else None
+        grad_w = (sum_dy_xc * invstd).sum(dim=(0, 1, 3)) if needs[1] else None
+        grad_b = sum_dy.sum(dim=(0, 1, 3)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None
 
 
 def _unbiased(var: Tensor, count: Tensor | int) -> Tensor:
     """Bessel's correction of a biased variance over ``count`` values (``count >= 2``)."""
-    count = torch.as_tensor(count, dtype=var.dtype, device=var.device)
+    if isinstance(count, int):
+        return var * (count / (count - 1))
+    count = count.to(var.dtype)
     return var * (count / (count - 1))
 
 
@@ -333,7 +373,7 @@ def ghost_batch_norm(
     groups, spatial = len(sizes), _spatial_numel(x)
     if groups == 1:
         y, mean, var = native_batch_norm(x, weight, bias, eps)
-        return y, (mean[None], var[None], torch.tensor([x.numel() // x.size(1)], device=x.device))
+        return y, (mean[None], var[None], torch.full((1,), x.numel() // x.size(1), device=x.device))
     # Strided groups are equal when G divides N; contiguous ones when no remainder was left.
     equal = x.size(0) % groups == 0 if grouping == "strided" else len(set(sizes)) == 1
     fmt = _memory_format(x)

@@ -75,7 +75,6 @@ class GhostBatchNorm(BatchNormBase):
         y, (mean, var, count) = BF.ghost_batch_norm(
             x, self.weight, self.bias, self.eps, nbs, self.grouping
         )
-        BF.check_finite(mean, layer_name(self))
         if self._updates_running_stats():
             if count.numel() == 1:
                 self._update_running_stats(mean[0], var[0])
