@@ -238,9 +238,9 @@ class ShuffledModule(nn.Module):
 
     The head ``inner`` (with per-device BatchNorm) sees, on each device, a random subset of the
     global batch instead of the device's own samples; the outputs come back in the input order,
-    so the wrapper is a drop-in replacement. Each training forward that returns advances ``step`` (a plain
-    attribute, not saved in the state dict) and uses the permutation of ``(seed, step)``, the
-    same on every rank.
+    so the wrapper is a drop-in replacement. Each training forward that returns advances ``step``
+    (a plain attribute, not saved in the state dict; a forward that raises leaves it) and uses
+    the permutation of ``(seed, step)``, the same on every rank.
 
     * Across ranks (``virtual_devices=None``): the plan of ``process_group`` (default: world);
       every rank must call the wrapper in the same step. Each step makes one small all_gather of
