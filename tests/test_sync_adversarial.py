@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import test_sync_bn
 from rethinkbn.distributed import SyncBatchNorm
@@ -185,3 +187,40 @@ def test_float64_input_into_a_float32_layer_raises_type_error_naming_the_layer(t
 def test_half_input_into_a_float32_layer_is_accepted():
     y = layer_of(3)(torch.randn(4, 3).half())
     assert y.dtype == torch.float16
+
+
+# ------------------------------------------------------------------------------ GPU-ready
+def test_training_step_runs_on_the_meta_device_so_it_reads_no_value_on_the_host():
+    # Any .item() / float() / bool() of a device tensor fails on `meta`: a step that runs there
+    # makes no host-device synchronization (the old group count read did).
+    layer = SyncBatchNorm(3, device="meta")
+    x = torch.randn(4, 3, 5, device="meta", requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape and layer.running_mean.device.type == "meta"
+
+
+class LargestFloat64(TorchDispatchMode):
+    """Records the size of the largest float64 tensor any torch operation produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_statistics_of_float32_and_half_inputs_make_no_float64_copy_of_the_activation(dtype):
+    x = (torch.randn(8, 3, 6, 6) * 1e-2 + 1e4).to(dtype).requires_grad_()
+    layer = SyncBatchNorm(3)
+    with LargestFloat64() as mode:
+        layer(x).sum().backward()
+    assert mode.largest <= x.size(0) * x.size(1)  # per-sample partial moments at most
+    exact = x.detach().double()
+    assert_close(layer.running_mean.double(), 0.9 * 0 + 0.1 * exact.mean((0, 2, 3)),
+                 atol=0, rtol=1e-6)
+    unbiased = exact.var((0, 2, 3), unbiased=True)
+    assert_close(layer.running_var.double(), 0.9 + 0.1 * unbiased, atol=1e-9, rtol=1e-6)

@@ -19,14 +19,14 @@ Two sets ``a`` and ``b`` merge exactly (Chan, Golub & LeVeque, 1979)::
     mean  = mean_a + delta * n_b / n
     m2    = m2_a + m2_b + delta^2 * n_a * n_b / n
 
-Accumulators are float64. :meth:`Moments.of` makes two passes (a float64 mean, then the squared
-deviations from it), never ``E[x^2] - E[x]^2``, which cancels catastrophically in float32 when a
-feature's mean is large compared with its spread. Two cross-rank reductions, each ONE
-collective: :func:`all_reduce_moments` sums ``m2 + n * mean^2`` in float64 (``O(C)`` bytes per
-rank, for every training step of SyncBatchNorm, which shifts its moments first to keep the sum
-free of cancellation), and :func:`all_gather_moments` gathers every rank's ``(n, mean, m2)`` and
-merges them exactly with Chan's formula (``O(world * C)`` bytes, for once-per-pass work such as
-PreciseBN).
+Accumulators are float64. :meth:`Moments.of` makes two passes (a mean, then the squared deviations
+from it; for float32/half inputs per sample in their compute dtype around a pivot taken from the
+data, then merged in float64), never ``E[x^2] - E[x]^2``, which cancels catastrophically in float32
+when a feature's mean is large compared with its spread. Two cross-rank reductions, each ONE
+collective: :func:`all_reduce_moments` sums ``m2 + n * mean^2`` in float64 (``O(C)`` bytes per rank,
+for every training step of SyncBatchNorm, which shifts its moments first to keep the sum free of
+cancellation), and :func:`all_gather_moments` gathers every rank's ``(n, mean, m2)`` and merges them
+exactly with Chan's formula (``O(world * C)`` bytes, for once-per-pass work such as PreciseBN).
 """
 
 from __future__ import annotations
@@ -161,9 +161,18 @@ class Moments:
         With ``groups``, the moments of each of ``groups`` equal contiguous groups of samples,
         shape ``(groups, C)`` (``groups=N`` gives per-sample moments).
 
-        Two passes around a float64 mean: ``mean = sum(x) / n`` accumulated in float64, then
-        ``m2 = sum((x - mean)^2)`` with ``x - mean`` formed by :func:`centered`, so a large mean
-        costs the spread none of its digits and nothing cancels.
+        float64 and 2-D ``(N, C)`` inputs: two passes around a float64 mean, ``mean = sum(x) / n``
+        then ``m2 = sum((x - mean)^2)`` with ``x - mean`` formed by :func:`centered`. Other dtypes
+        (float32, half) never materialize a float64 copy of ``x``: with a per-channel pivot ``p``
+        taken from ``x`` itself (its first value), the deviations ``d = x - p`` (exact in float32
+        near the data) are reduced per sample in the compute dtype (``var_mean``, one fused pass),
+        and the ``N`` per-sample moments are merged in float64 (Chan's formula)::
+
+            mean = p + (1/N) sum_i mean_i(d)
+            m2   = S * sum_i var_i(d) + S * sum_i (mean_i(d) - mean(d))^2
+
+        with ``S`` values per sample. A large mean costs the spread none of its digits and nothing
+        cancels; the memory traffic is two passes over ``x`` in its own precision.
         """
         with torch.no_grad():
             if groups is not None:
@@ -177,16 +186,30 @@ class Moments:
             count = x.numel() // max(x.size(1), 1)
             if count == 0:
                 moments = cls.zeros(x.size(1), device=x.device)
-            else:
+            elif x.dtype == ACC_DTYPE or x.dim() == 2:
                 dims = reduce_dims(x)
                 mean = x.sum(dims, dtype=ACC_DTYPE) / count
                 xc = centered(x, *split_mean(mean, compute_dtype(x)))
                 m2 = xc.square_().sum(dims, dtype=ACC_DTYPE)
                 moments = cls(torch.full_like(mean, count), mean, m2)
+            else:
+                moments = cls._of_per_sample(x, count)
         if groups is None:
             return moments
         shape = (groups, -1)
         return cls(moments.count.view(shape), moments.mean.view(shape), moments.m2.view(shape))
+
+    @classmethod
+    def _of_per_sample(cls, x: Tensor, count: int) -> Moments:
+        # See `of`: per-sample moments of x - pivot in the compute dtype, merged in float64.
+        pivot = x[0].reshape(x.size(1), -1)[:, 0].to(compute_dtype(x))
+        d = x - channel_view(pivot, x)  # one kernel, in the compute dtype, x's memory format
+        var_i, mean_i = torch.var_mean(d, dim=tuple(range(2, x.dim())), correction=0)
+        per_sample = count // x.size(0)
+        mean_i, var_i = mean_i.to(ACC_DTYPE), var_i.to(ACC_DTYPE)  # (N, C): small
+        mean_d = mean_i.mean(0)
+        m2 = per_sample * (var_i.sum(0) + (mean_i - mean_d).square().sum(0))
+        return cls(torch.full_like(mean_d, count), pivot.to(ACC_DTYPE) + mean_d, m2)
 
     # ----------------------------------------------------------------- read-out
     @property
