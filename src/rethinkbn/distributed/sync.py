@@ -31,6 +31,21 @@ Unequal local batch sizes are exact, and a rank whose local batch is empty still
 collectives (it gets an empty output and zero gradients). In eval mode, and with world size 1 or
 no initialized process group, no collective is made and the layer equals torch's BatchNorm. The
 same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
+
+Second derivatives (``create_graph=True``: gradient penalties) are exact across ranks: the
+backward is then built from differentiable operations and group sums (three all_reduces).
+
+Failures. Ranks that disagree on the layer's channel count or compute dtype all raise
+``ValueError`` naming the layer and what differs (a layout header rides in the forward
+all_reduce; the first synced forward of each layer also checks it with one small all_gather).
+Under gloo a rank that never joins a collective makes the others fail after the process group's
+timeout with an error naming the layer. Under NCCL collectives are asynchronous: a missing rank
+never raises at the all_reduce, the others wait until the NCCL watchdog aborts them
+(``init_process_group(timeout=...)``), and an error raised on one rank only (a NaN there, say)
+leaves the others in DistributedDataParallel's gradient all_reduce until then; the per-step
+checks on device values (the layout header, more than one value per channel) are asynchronous
+device assertions that surface, with their message, at the next synchronization, so a training
+step makes no host-device synchronization.
 """
 
 from __future__ import annotations
@@ -247,8 +262,10 @@ class SyncBatchNorm(BatchNormBase):
     of *this rank's* values: precise_bn sums every rank's observations in its own collective.
 
     Every rank of the group must call the layer in the same step (it makes one all_reduce in the
-    forward and one in the backward); otherwise the others fail after the process group's
-    timeout with an error naming the layer.
+    forward and one in the backward); otherwise, under gloo, the others fail after the process
+    group's timeout with an error naming the layer (under NCCL: see the module docstring).
+    Integer inputs, and inputs of another dtype than the layer's (except float16/bfloat16 into
+    float32), raise ``TypeError`` naming the layer, as torch's BatchNorm refuses them.
     """
 
     def __init__(
