@@ -251,3 +251,24 @@ def plan_on_a_device_gloo_cannot_use():
 def test_plan_across_ranks_exchanges_sizes_where_the_backend_takes_them(world3):
     for sizes, send, recv in world3.run(plan_on_a_device_gloo_cannot_use):
         assert sizes == (2, 2, 2) and send == recv == "meta"
+
+
+def run_penalty_through_the_shuffle(sizes):
+    rank = dist.get_rank()
+    x = shares(global_batch(sizes), sizes)[rank].clone().requires_grad_()
+    w = shares(global_batch(sizes, seed=1), sizes)[rank]
+    plan = ShufflePlan.across_ranks(sizes[rank], seed=3, step=2, sizes=sizes)
+    (g,) = torch.autograd.grad((plan.shuffle(x).pow(3) * w).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    return x.grad
+
+
+def test_second_derivatives_flow_through_the_exchange(world3):
+    sizes = [2, 3, 1]
+    got = torch.cat(world3.run(run_penalty_through_the_shuffle, sizes))
+    x = global_batch(sizes).requires_grad_()
+    w = global_batch(sizes, seed=1)
+    perm = shuffle_permutation(sum(sizes), 3, 2)
+    (g,) = torch.autograd.grad((x[perm].pow(3) * w).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert_close(got, x.grad)

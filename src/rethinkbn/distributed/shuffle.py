@@ -87,7 +87,9 @@ class _Exchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        return ctx.route.reversed().apply(grad.contiguous(), ctx.group), None, None
+        # The reverse exchange, itself differentiable: second derivatives (create_graph=True)
+        # flow through it too.
+        return _Exchange.apply(grad.contiguous(), ctx.route.reversed(), ctx.group), None, None
 
 
 @dataclass(frozen=True, eq=False)
