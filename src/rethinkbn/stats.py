@@ -161,18 +161,18 @@ class Moments:
         With ``groups``, the moments of each of ``groups`` equal contiguous groups of samples,
         shape ``(groups, C)`` (``groups=N`` gives per-sample moments).
 
-        float64 and 2-D ``(N, C)`` inputs: two passes around a float64 mean, ``mean = sum(x) / n``
-        then ``m2 = sum((x - mean)^2)`` with ``x - mean`` formed by :func:`centered`. Other dtypes
+        Two passes: a mean, then the squared deviations from it, never ``E[x^2] - E[x]^2``.
+        float64 and 2-D ``(N, C)`` inputs: ``mean = sum(x) / n`` in float64, then
+        ``m2 = sum((x - mean)^2)`` with ``x - mean`` formed by :func:`centered`. Other inputs
         (float32, half) never materialize a float64 copy of ``x``: with a per-channel pivot ``p``
-        taken from ``x`` itself (its first value), the deviations ``d = x - p`` (exact in float32
-        near the data) are reduced per sample in the compute dtype (``var_mean``, one fused pass),
-        and the ``N`` per-sample moments are merged in float64 (Chan's formula)::
+        taken from ``x`` itself (its first value) the deviations ``d = x - p`` are exact in the
+        compute dtype, and each pass sums per sample in the compute dtype (``S`` values) and over
+        the ``N`` samples in float64::
 
-            mean = p + (1/N) sum_i mean_i(d)
-            m2   = S * sum_i var_i(d) + S * sum_i (mean_i(d) - mean(d))^2
+            mean = p + sum_i sum_s d_is / n
+            m2   = sum_i sum_s (d_is - (mean - p))^2      (in place on d)
 
-        with ``S`` values per sample. A large mean costs the spread none of its digits and nothing
-        cancels; the memory traffic is two passes over ``x`` in its own precision.
+        A large mean costs the spread none of its digits and nothing cancels.
         """
         with torch.no_grad():
             if groups is not None:
@@ -201,14 +201,14 @@ class Moments:
 
     @classmethod
     def _of_per_sample(cls, x: Tensor, count: int) -> Moments:
-        # See `of`: per-sample moments of x - pivot in the compute dtype, merged in float64.
+        # See `of`: per-sample sums of x - pivot in the compute dtype, summed over N in float64.
         pivot = x[0].reshape(x.size(1), -1)[:, 0].to(compute_dtype(x))
-        d = x - channel_view(pivot, x)  # one kernel, in the compute dtype, x's memory format
-        var_i, mean_i = torch.var_mean(d, dim=tuple(range(2, x.dim())), correction=0)
-        per_sample = count // x.size(0)
-        mean_i, var_i = mean_i.to(ACC_DTYPE), var_i.to(ACC_DTYPE)  # (N, C): small
-        mean_d = mean_i.mean(0)
-        m2 = per_sample * (var_i.sum(0) + (mean_i - mean_d).square().sum(0))
+        d = x - channel_view(pivot, x)  # one temporary, in the compute dtype and x's layout
+        spatial = tuple(range(2, x.dim()))
+        mean_d = d.sum(spatial).sum(0, dtype=ACC_DTYPE) / count
+        hi, lo = split_mean(mean_d, d.dtype)
+        d.sub_(channel_view(hi, d)).sub_(channel_view(lo, d))  # x - mean, in place
+        m2 = d.square_().sum(spatial).sum(0, dtype=ACC_DTYPE)
         return cls(torch.full_like(mean_d, count), pivot.to(ACC_DTYPE) + mean_d, m2)
 
     # ----------------------------------------------------------------- read-out

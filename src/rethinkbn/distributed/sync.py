@@ -12,12 +12,13 @@ Communication is ONE ``all_reduce`` in the forward and ONE in the backward:
 
 * forward: every rank's float64 moments ``(n, mean, m2)`` are summed as additive sums by
   :func:`rethinkbn.stats.all_reduce_moments`. Numerics, for channels whose mean is large compared
-  with their spread: the local mean is a float64 sum (a float32 mean near 1e4 is off by up to
-  5e-4, which the merge would turn into variance), ``m2`` is a second pass around it (no
-  ``E[x^2] - E[x]^2``), and the moments are shifted by a value every rank shares (the group mean
-  of the previous step, at first the running mean) before the sums are formed, so that the
-  float64 cancellation ``m2 = S2 - N * mean^2`` stays small. Normalizing uses the float64 mean as
-  two float32 numbers, so ``x - mean`` keeps the spread's digits: on values ``1e4 + 1e-2 z`` the
+  with their spread: the local mean is summed around a pivot taken from the data, per sample in
+  float32 and over samples in float64 (a float32 mean near 1e4 is off by up to 5e-4, which the merge
+  would turn into variance; no float64 copy of the activation is made), ``m2`` is a second pass
+  around it (no ``E[x^2] - E[x]^2``), and the moments are shifted by a value every rank shares (the
+  group mean of the previous step, at first the running mean) before the sums are formed, so that
+  the float64 cancellation ``m2 = S2 - N * mean^2`` stays small. Normalizing uses the float64 mean
+  as two float32 numbers, so ``x - mean`` keeps the spread's digits: on values ``1e4 + 1e-2 z`` the
   output is exact to 1e-5 from the second step on, where torch's float32 BatchNorm is off by 5e-2.
 * backward: the per-channel sums ``sum(dy)`` and ``sum(dy * (x - mean))`` over the group, which
   give the exact input gradient::
