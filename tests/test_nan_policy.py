@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gloo_world import GlooWorld
 from rethinkbn.distributed import SyncBatchNorm
-from rethinkbn.distributed.testing import GlooWorld
 from rethinkbn.distributed.virtual import PerDeviceBatchNorm
 from rethinkbn.layers import (
     DomainBatchNorm,

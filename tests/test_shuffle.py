@@ -228,3 +228,47 @@ def test_virtual_plan_moves_samples_exactly_as_the_plan_across_as_many_ranks(wor
     x = global_batch(sizes)
     virtual = ShufflePlan.virtual(9, 3, seed=3, step=2)
     assert torch.equal(torch.cat([r["shuffled"] for r in results]), virtual.shuffle(x))
+
+
+def test_shuffled_module_does_not_advance_when_the_forward_raises():
+    head = ShuffledModule(nn.BatchNorm1d(3), virtual_devices=2)
+    with pytest.raises(RuntimeError, match="running_mean should contain 5"):
+        head(torch.randn(4, 5))  # wrong channel count: the inner BatchNorm raises
+    assert head.step == 0
+    with pytest.raises(TypeError):
+        ShuffledModule(nn.Flatten(0), virtual_devices=1)(global_batch([4]))
+    head(torch.randn(4, 3))
+    assert head.step == 1
+
+
+def plan_on_a_device_gloo_cannot_use():
+    # The sizes travel where the backend takes them (CPU for gloo), whatever device the data is
+    # on; the route's indexes are moved to that device once, when the plan is made.
+    plan = ShufflePlan.across_ranks(2, seed=0, step=0, device="meta")
+    return plan.sizes, plan.route.send_index.device.type, plan.route.recv_index.device.type
+
+
+def test_plan_across_ranks_exchanges_sizes_where_the_backend_takes_them(world3):
+    for sizes, send, recv in world3.run(plan_on_a_device_gloo_cannot_use):
+        assert sizes == (2, 2, 2) and send == recv == "meta"
+
+
+def run_penalty_through_the_shuffle(sizes):
+    rank = dist.get_rank()
+    x = shares(global_batch(sizes), sizes)[rank].clone().requires_grad_()
+    w = shares(global_batch(sizes, seed=1), sizes)[rank]
+    plan = ShufflePlan.across_ranks(sizes[rank], seed=3, step=2, sizes=sizes)
+    (g,) = torch.autograd.grad((plan.shuffle(x).pow(3) * w).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    return x.grad
+
+
+def test_second_derivatives_flow_through_the_exchange(world3):
+    sizes = [2, 3, 1]
+    got = torch.cat(world3.run(run_penalty_through_the_shuffle, sizes))
+    x = global_batch(sizes).requires_grad_()
+    w = global_batch(sizes, seed=1)
+    perm = shuffle_permutation(sum(sizes), 3, 2)
+    (g,) = torch.autograd.grad((x[perm].pow(3) * w).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert_close(got, x.grad)

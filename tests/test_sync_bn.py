@@ -307,7 +307,8 @@ def test_single_process_matches_torch_bn_for_any_shape(n, spatial, momentum):
     assert_close(ours["buffers"]["running_var"], ref["buffers"]["running_var"], **TOL)
 
 
-def test_backward_passes_gradcheck_for_input_weight_and_bias():
+def test_backward_passes_gradcheck_and_gradgradcheck_for_input_weight_and_bias():
+    # gradgradcheck: the create_graph backward rebuilds the statistics as functions of x.
     layer = SyncBatchNorm(3, track_running_stats=False, dtype=torch.float64)
     x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64, requires_grad=True)
@@ -317,6 +318,7 @@ def test_backward_passes_gradcheck_for_input_weight_and_bias():
         return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
 
     assert torch.autograd.gradcheck(normalize, (x, w, b))
+    assert torch.autograd.gradgradcheck(normalize, (x, w, b))
 
 
 # ------------------------------------------------------------------------------ errors

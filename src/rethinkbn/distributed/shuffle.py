@@ -60,6 +60,10 @@ class _Route:
     recv_counts: list[int]
     recv_index: Tensor
 
+    def to(self, device: torch.device) -> _Route:
+        return _Route(self.send_index.to(device), self.send_counts, self.recv_counts,
+                      self.recv_index.to(device))
+
     def reversed(self) -> _Route:
         return _Route(
             torch.argsort(self.recv_index), self.recv_counts, self.send_counts,
@@ -83,7 +87,9 @@ class _Exchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        return ctx.route.reversed().apply(grad.contiguous(), ctx.group), None, None
+        # The reverse exchange, itself differentiable: second derivatives (create_graph=True)
+        # flow through it too.
+        return _Exchange.apply(grad.contiguous(), ctx.route.reversed(), ctx.group), None, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,22 +134,27 @@ class ShufflePlan:
         step: int,
         group: dist.ProcessGroup | None = None,
         sizes: Sequence[int] | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ) -> ShufflePlan:
         """This rank's plan for the global batch of every rank of ``group`` (default: world).
 
         Without ``sizes`` (every rank's local batch size, in rank order) they are exchanged in
-        one small all_gather on ``device`` (a CUDA device for NCCL). Without an initialized
-        process group the plan is the single-device one: a permutation of the local batch.
+        one small all_gather, and read once on the host (the all_to_all needs them there). The
+        exchange runs on the CPU when the group's backend takes CPU tensors (gloo; no device
+        synchronization at all), else on ``device`` (default: the current CUDA device, which
+        NCCL requires). Give ``sizes`` (e.g. equal local batches) to skip the exchange. The
+        plan's index tensors are moved to ``device`` once, here. Without an initialized process
+        group the plan is the single-device one: a permutation of the local batch.
         """
         if not dist.is_available() or not dist.is_initialized():
             return cls((local_batch_size,), shuffle_permutation(local_batch_size, seed, step), 0)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if sizes is None:
-            mine = torch.tensor([local_batch_size], dtype=torch.long, device=device)
+            where = _exchange_device(group, device)
+            mine = torch.full((1,), local_batch_size, dtype=torch.long, device=where)
             gathered = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(gathered, mine, group=group)
-            sizes = [int(t.item()) for t in gathered]
+            sizes = torch.cat(gathered).tolist()  # one read, not one per rank
         sizes = tuple(int(s) for s in sizes)
         if len(sizes) != world or sizes[rank] != local_batch_size or min(sizes) < 0:
             raise ValueError(
@@ -151,7 +162,10 @@ class ShufflePlan:
                 f"of each of the {world} ranks (this rank {rank} has {local_batch_size})"
             )
         perm = shuffle_permutation(sum(sizes), seed, step)
-        return cls(sizes, perm, rank, group, _route(sizes, perm, rank))
+        route = _route(sizes, perm, rank)
+        if device is not None and torch.device(device).type != "cpu":
+            route = route.to(torch.device(device))
+        return cls(sizes, perm, rank, group, route)
 
     # ------------------------------------------------------------------ use
     @property
@@ -179,6 +193,22 @@ class ShufflePlan:
                 f"ShufflePlan.{what}: expected {expected} samples in dim 0 (device sizes "
                 f"{list(self.sizes)}), got shape {tuple(x.shape)}"
             )
+
+
+def _exchange_device(
+    group: dist.ProcessGroup | None, device: torch.device | str | None
+) -> torch.device:
+    """CPU when the group's backend takes CPU tensors (gloo), else ``device`` or the GPU's.
+
+    A pure NCCL group refuses CPU tensors; a gloo group (or ``"cpu:gloo,cuda:nccl"``) takes them
+    without any host-device traffic.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _route(sizes: tuple[int, ...], perm: Tensor, rank: int) -> _Route:
@@ -210,9 +240,9 @@ class ShuffledModule(nn.Module):
 
     The head ``inner`` (with per-device BatchNorm) sees, on each device, a random subset of the
     global batch instead of the device's own samples; the outputs come back in the input order,
-    so the wrapper is a drop-in replacement. Each training forward advances ``step`` (a plain
-    attribute, not saved in the state dict) and uses the permutation of ``(seed, step)``, the
-    same on every rank.
+    so the wrapper is a drop-in replacement. Each training forward that returns advances ``step``
+    (a plain attribute, not saved in the state dict; a forward that raises leaves it) and uses
+    the permutation of ``(seed, step)``, the same on every rank.
 
     * Across ranks (``virtual_devices=None``): the plan of ``process_group`` (default: world);
       every rank must call the wrapper in the same step. Each step makes one small all_gather of
@@ -260,7 +290,6 @@ class ShuffledModule(nn.Module):
         if not self.training:
             return self.inner(x, *args, **kwargs)
         plan = self.plan(x)
-        self.step += 1
         y = self.inner(plan.shuffle(x), *args, **kwargs)
         if not isinstance(y, Tensor) or y.dim() == 0 or y.size(0) != x.size(0):
             raise TypeError(
@@ -268,4 +297,8 @@ class ShuffledModule(nn.Module):
                 f"return one tensor with {x.size(0)} samples in dim 0, got "
                 f"{type(y).__name__}{'' if not isinstance(y, Tensor) else tuple(y.shape)}"
             )
-        return plan.unshuffle(y)
+        out = plan.unshuffle(y)
+        # Only a step that went through advances: after an error (caught and retried, say) every
+        # rank must still agree on the step's permutation.
+        self.step += 1
+        return out

@@ -12,12 +12,13 @@ Communication is ONE ``all_reduce`` in the forward and ONE in the backward:
 
 * forward: every rank's float64 moments ``(n, mean, m2)`` are summed as additive sums by
   :func:`rethinkbn.stats.all_reduce_moments`. Numerics, for channels whose mean is large compared
-  with their spread: the local mean is a float64 sum (a float32 mean near 1e4 is off by up to
-  5e-4, which the merge would turn into variance), ``m2`` is a second pass around it (no
-  ``E[x^2] - E[x]^2``), and the moments are shifted by a value every rank shares (the group mean
-  of the previous step, at first the running mean) before the sums are formed, so that the
-  float64 cancellation ``m2 = S2 - N * mean^2`` stays small. Normalizing uses the float64 mean as
-  two float32 numbers, so ``x - mean`` keeps the spread's digits: on values ``1e4 + 1e-2 z`` the
+  with their spread: the local mean is summed around a pivot taken from the data, per sample in
+  float32 and over samples in float64 (a float32 mean near 1e4 is off by up to 5e-4, which the merge
+  would turn into variance; no float64 copy of the activation is made), ``m2`` is a second pass
+  around it (no ``E[x^2] - E[x]^2``), and the moments are shifted by a value every rank shares (the
+  group mean of the previous step, at first the running mean) before the sums are formed, so that
+  the float64 cancellation ``m2 = S2 - N * mean^2`` stays small. Normalizing uses the float64 mean
+  as two float32 numbers, so ``x - mean`` keeps the spread's digits: on values ``1e4 + 1e-2 z`` the
   output is exact to 1e-5 from the second step on, where torch's float32 BatchNorm is off by 5e-2.
 * backward: the per-channel sums ``sum(dy)`` and ``sum(dy * (x - mean))`` over the group, which
   give the exact input gradient::
@@ -31,6 +32,21 @@ Unequal local batch sizes are exact, and a rank whose local batch is empty still
 collectives (it gets an empty output and zero gradients). In eval mode, and with world size 1 or
 no initialized process group, no collective is made and the layer equals torch's BatchNorm. The
 same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
+
+Second derivatives (``create_graph=True``: gradient penalties) are exact across ranks: the
+backward is then built from differentiable operations and group sums (three all_reduces).
+
+Failures. Ranks that disagree on the layer's channel count or compute dtype all raise
+``ValueError`` naming the layer and what differs (a layout header rides in the forward
+all_reduce; the first synced forward of each layer also checks it with one small all_gather).
+Under gloo a rank that never joins a collective makes the others fail after the process group's
+timeout with an error naming the layer. Under NCCL collectives are asynchronous: a missing rank
+never raises at the all_reduce, the others wait until the NCCL watchdog aborts them
+(``init_process_group(timeout=...)``), and an error raised on one rank only (a NaN there, say)
+leaves the others in DistributedDataParallel's gradient all_reduce until then; the per-step
+checks on device values (the layout header, more than one value per channel) are asynchronous
+device assertions that surface, with their message, at the next synchronization, so a training
+step makes no host-device synchronization.
 """
 
 from __future__ import annotations
@@ -49,8 +65,10 @@ from ..stats import (
     all_reduce_moments,
     centered,
     channel_view,
+    check_same_layout,
     compute_dtype,
     reduce_dims,
+    require,
     split_mean,
 )
 
@@ -100,12 +118,48 @@ def _collective_failed(what: str, name: str, group: dist.ProcessGroup | None, ex
     )
 
 
+class _GroupSum(torch.autograd.Function):
+    """``sum over the group's ranks of t``, differentiable: its adjoint is the same sum.
+
+    Used by the double-backward path of :class:`_SyncNormalize` (``create_graph=True``), where
+    the group statistics must be functions of ``x`` that autograd can differentiate again.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, t: Tensor, group: dist.ProcessGroup | None, sync: bool, name: str
+    ) -> Tensor:
+        ctx.group, ctx.sync, ctx.name = group, sync, name
+        return _all_reduce_sum(t.clone(), group, sync, name)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        return _GroupSum.apply(grad, ctx.group, ctx.sync, ctx.name), None, None, None
+
+
+def _all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None, sync: bool, name: str) -> Tensor:
+    if sync:
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        except RuntimeError as exc:
+            raise _collective_failed("gradient-sum", name, group, exc) from exc
+    return t
+
+
 class _SyncNormalize(torch.autograd.Function):
     """``y = weight * (x - mean) * invstd + bias`` with the group-wide backward.
 
     ``mean`` (given as ``mean + mean_lo``) and ``invstd`` are the group's statistics, constants
     here: their dependence on ``x`` is accounted for in the backward through the group sums of
     ``dy`` and ``dy * xhat``.
+
+    The first-order backward is one fused computation and ONE all_reduce. When autograd records
+    the backward (``create_graph=True``: gradient penalties, double backward), the backward is
+    instead built from differentiable operations, in which the group statistics are rebuilt as
+    functions of ``x`` with a differentiable group sum (three all_reduces, and their adjoints
+    when differentiated again): second derivatives are then exact across ranks. The values stay
+    those of the float64 statistics: the rebuilt mean and inverse std enter as
+    ``value + (f(x) - f(x).detach())``, which adds exactly zero and carries ``f``'s derivative.
     """
 
     @staticmethod
@@ -117,7 +171,8 @@ class _SyncNormalize(torch.autograd.Function):
         invstd: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        count: float,
+        count: Tensor,
+        eps: float,
         group: dist.ProcessGroup | None,
         sync: bool,
         name: str,
@@ -130,13 +185,15 @@ class _SyncNormalize(torch.autograd.Function):
         y = xmu.mul_(channel_view(scale, x))
         if bias is not None:
             y.add_(channel_view(bias.to(dtype), x))
-        ctx.save_for_backward(x, mean, mean_lo, invstd, weight)
-        ctx.count, ctx.group, ctx.sync, ctx.name = count, group, sync, name
+        ctx.save_for_backward(x, mean, mean_lo, invstd, weight, count)
+        ctx.eps, ctx.group, ctx.sync, ctx.name = eps, group, sync, name
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, mean_lo, invstd, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _SyncNormalize._differentiable_backward(ctx, dy)
+        x, mean, mean_lo, invstd, weight, count = ctx.saved_tensors
         dtype = compute_dtype(x)
         dims = reduce_dims(x)
         xmu = centered(x, mean, mean_lo)
@@ -150,20 +207,45 @@ class _SyncNormalize(torch.autograd.Function):
         if need_b:
             grad_b = sum_dy.to(weight.dtype if weight is not None else dtype)
         if need_x:
-            sums = torch.stack([sum_dy, sum_dy_xmu])
-            if ctx.sync:
-                try:
-                    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
-                except RuntimeError as exc:
-                    raise _collective_failed("gradient-sum", ctx.name, ctx.group, exc) from exc
-            mean_dy, mean_dy_xmu = sums / ctx.count
+            sums = _all_reduce_sum(torch.stack([sum_dy, sum_dy_xmu]), ctx.group, ctx.sync,
+                                   ctx.name)
+            mean_dy, mean_dy_xmu = sums / count.to(dtype)
             scale = invstd if weight is None else invstd * weight.to(dtype)
             # dx = scale * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))),
             # in place on the temporary xmu
             grad_x = xmu.mul_(channel_view(-invstd.square() * mean_dy_xmu, x)).add_(dy)
             grad_x = grad_x.sub_(channel_view(mean_dy, x)).mul_(channel_view(scale, x))
             grad_x = grad_x.to(x.dtype)
-        return grad_x, None, None, None, grad_w, grad_b, None, None, None, None
+        return grad_x, None, None, None, grad_w, grad_b, None, None, None, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, mean_lo, invstd, weight, count = ctx.saved_tensors
+        dtype = compute_dtype(x)
+        dims = reduce_dims(x)
+        n = count.to(dtype)
+
+        def group_mean(t: Tensor) -> Tensor:
+            return _GroupSum.apply(t, ctx.group, ctx.sync, ctx.name) / n
+
+        def exact(value: Tensor, f: Tensor) -> Tensor:
+            return value + (f - f.detach())
+
+        mean_x = group_mean(x.to(dtype).sum(dims))
+        xmu = centered(x, mean, mean_lo) - channel_view(mean_x - mean_x.detach(), x)
+        inv = exact(invstd, (group_mean(xmu.square().sum(dims)) + ctx.eps).rsqrt())
+        xhat = xmu * channel_view(inv, x)
+        dy = dy.to(dtype)
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
+        mean_dy, mean_dy_xhat = group_mean(torch.stack([sum_dy, sum_dy_xhat]))
+        scale = inv if weight is None else inv * weight.to(dtype)
+        grad_x = channel_view(scale, x) * (
+            dy - channel_view(mean_dy, x) - xhat * channel_view(mean_dy_xhat, x)
+        )
+        need_w, need_b = ctx.needs_input_grad[4:6]
+        grad_w = sum_dy_xhat.to(weight.dtype) if need_w else None
+        grad_b = sum_dy.to(weight.dtype if weight is not None else dtype) if need_b else None
+        return grad_x.to(x.dtype), None, None, None, grad_w, grad_b, None, None, None, None, None
 
 
 class SyncBatchNorm(BatchNormBase):
@@ -181,8 +263,10 @@ class SyncBatchNorm(BatchNormBase):
     of *this rank's* values: precise_bn sums every rank's observations in its own collective.
 
     Every rank of the group must call the layer in the same step (it makes one all_reduce in the
-    forward and one in the backward); otherwise the others fail after the process group's
-    timeout with an error naming the layer.
+    forward and one in the backward); otherwise, under gloo, the others fail after the process
+    group's timeout with an error naming the layer (under NCCL: see the module docstring).
+    Integer inputs, and inputs of another dtype than the layer's (except float16/bfloat16 into
+    float32), raise ``TypeError`` naming the layer, as torch's BatchNorm refuses them.
     """
 
     def __init__(
@@ -213,6 +297,8 @@ class SyncBatchNorm(BatchNormBase):
         # The group's mean at the last synced forward: identical on every rank of the group (it
         # is the result of one all_reduce), so it can shift the next step's moments.
         self._shift: Tensor | None = None
+        # Whether the ranks agreed on this layer's layout at its first synced forward.
+        self._layout_checked = False
         if group_size is not None and dist.is_available() and dist.is_initialized():
             self.process_group = consecutive_group(group_size)
 
@@ -238,6 +324,7 @@ class SyncBatchNorm(BatchNormBase):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        self._check_dtype(x)
         if not self._uses_batch_stats():
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
@@ -246,13 +333,22 @@ class SyncBatchNorm(BatchNormBase):
         # Eval without running buffers normalizes each rank's batch alone, as torch does.
         sync, group = self._sync_group() if self.training else (False, None)
         local, moments = self._group_moments(x, sync, group)
-        count = float(moments.count[0])
-        if count <= 1:
+        name = layer_name(self)
+        # The local count is a host number; the group's is on the device (read only on CPU, see
+        # rethinkbn.stats.require: no host sync per layer per step on an accelerator).
+        count: int | None = x.numel() // max(x.size(1), 1)
+        if sync:
+            on_host = moments.count.device.type == "cpu"
+            count = int(moments.count[0]) if on_host else None
+        where = "group" if sync else "local batch"
+        if count is not None and count <= 1:
             raise ValueError(
-                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
-                f"{int(count)} over the {'group' if sync else 'local batch'} (local input shape "
-                f"{tuple(x.shape)})"
+                f"{name}: expected more than 1 value per channel when training, got "
+                f"{count} over the {where} (local input shape {tuple(x.shape)})"
             )
+        if count is None:
+            require(moments.count[:1] > 1, f"{name}: expected more than 1 value per channel "
+                    f"over the {where} when training (local input shape {tuple(x.shape)})")
         # precise_bn merges what every rank observed in its own collective: observing the group's
         # moments would count each value once per rank.
         self._observe(local)
@@ -262,13 +358,38 @@ class SyncBatchNorm(BatchNormBase):
         mean, mean_lo = split_mean(moments.mean, dtype)
         invstd = (moments.var() + self.eps).rsqrt().to(dtype)
         return _SyncNormalize.apply(
-            x, mean, mean_lo, invstd, self.weight, self.bias, count, group, sync, layer_name(self)
+            x, mean, mean_lo, invstd, self.weight, self.bias, moments.count, self.eps, group,
+            sync, name,
         )
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """torch's BatchNorm refuses these dtypes too, with a message that names no layer."""
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{layer_name(self)}: expected a floating-point input, got dtype {x.dtype} "
+                "(convert it, e.g. x.float(); torch's BatchNorm refuses integer inputs too)"
+            )
+        params = self.weight if self.weight is not None else self.running_mean
+        if params is None or params.dtype == x.dtype:
+            return
+        if compute_dtype(x) != params.dtype:
+            raise TypeError(
+                f"{layer_name(self)}: expected an input of dtype {params.dtype} (the layer's "
+                f"parameters and buffers), or float16/bfloat16 with float32 parameters; got "
+                f"{x.dtype}. Convert the layer (layer.to({x.dtype})) or the input."
+            )
 
     def _group_moments(
         self, x: Tensor, sync: bool, group: dist.ProcessGroup | None
     ) -> tuple[Moments, Moments]:
-        """Float64 per-channel moments of this rank's batch and of the group's (ONE all_reduce)."""
+        """Float64 per-channel moments of this rank's batch and of the group's (ONE all_reduce).
+
+        The all_reduce carries the layer's channel count and compute dtype (the dtype of the
+        backward's all_reduce): ranks that disagree fail, every one of them, with an error naming
+        the layer. Channel counts that differ also give buffers of different lengths, which no
+        all_reduce can compare: the first synced forward of each layer checks them first with one
+        small all_gather (:func:`rethinkbn.stats.check_same_layout`).
+        """
         # Moments.of: two passes around a float64 mean (the ranks' means merge without losing
         # the spread's digits); an empty local batch gives count 0.
         local = Moments.of(x)
@@ -287,10 +408,20 @@ class SyncBatchNorm(BatchNormBase):
         # A non-finite batch must not poison the steps after it.
         shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
         shifted = Moments(local.count, local.mean - shift, local.m2)
+        name = layer_name(self)
+        layout = {"tag": (x.size(1), _DTYPE_CODES.get(compute_dtype(x), 0)),
+                  "tag_names": ("channels", "dtype code"), "what": name}
         try:
-            (reduced,) = all_reduce_moments([shifted], group)
+            if not self._layout_checked:
+                check_same_layout([shifted], group, **layout)
+                self._layout_checked = True
+            (reduced,) = all_reduce_moments([shifted], group, **layout)
         except RuntimeError as exc:
-            raise _collective_failed("batch-moments", layer_name(self), group, exc) from exc
+            raise _collective_failed("batch-moments", name, group, exc) from exc
         group_moments = Moments(reduced.count, reduced.mean + shift, reduced.m2)
         self._shift = group_moments.mean
         return local, group_moments
+
+
+# Codes for the dtypes a layer computes in, carried in the forward all_reduce (see above).
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
