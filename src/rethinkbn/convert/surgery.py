@@ -10,8 +10,12 @@ and ``revert_batchnorm(convert_batchnorm(model, ...))`` restores the original mo
 * buffers are the same tensors, or per-domain copies of them;
 * eps, momentum, affine, track_running_stats, requires_grad, device, dtype and the training
   flag carry over;
-* the torch class a layer came from (``BatchNorm1d/2d/3d`` or ``SyncBatchNorm``) is remembered
-  on the converted layer (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds.
+* the torch class a layer came from (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` or timm's
+  ``BatchNormAct2d`` / ``SyncBatchNormAct``) is remembered on the converted layer
+  (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds;
+* a BatchNorm fused with dropout and an activation (timm's norm-act layers) converts to the
+  kind's norm-act class (:mod:`rethinkbn.convert.norm_act`), which keeps the very ``drop`` and
+  ``act`` modules.
 
 Kinds are registered by name: ``"torch"`` (torch's own classes), ``"ghost"``, ``"frozen"``,
 ``"domain"``, and ``"sync"`` once ``rethinkbn.distributed`` is imported (it registers itself
@@ -36,6 +40,13 @@ from ..layers import (
     FrozenBatchNorm,
     GhostBatchNorm,
     is_batchnorm,
+)
+from .norm_act import (
+    NormActMixin,
+    act_variant,
+    norm_act_class,
+    post_modules,
+    register_known_libraries,
 )
 
 __all__ = [
@@ -92,6 +103,8 @@ class BatchNormState:
     requires_grad: Mapping[str, bool] = field(default_factory=dict)
     # The process group of a SyncBatchNorm (torch's or ours), handed on to a target that syncs.
     process_group: Any = None
+    # What a norm-act layer applies after normalizing ({"drop": ..., "act": ...}), the very modules.
+    post: Mapping[str, nn.Module] = field(default_factory=dict)
 
     @property
     def tensors(self) -> dict[str, Tensor | None]:
@@ -192,6 +205,7 @@ def _read_torch(module: nn.Module, name: str, domain: int | None) -> BatchNormSt
         training=module.training,
         torch_class=getattr(module, "_rethinkbn_torch_class", type(module)),
         process_group=getattr(module, "process_group", None),
+        post=post_modules(module),
     )
 
 
@@ -230,6 +244,7 @@ def _read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormS
         torch_class=getattr(module, "_rethinkbn_torch_class", None),
         requires_grad=getattr(module, "_rethinkbn_requires_grad", {}),
         process_group=getattr(module, "process_group", None),
+        post=post_modules(module),
         **tensors,  # type: ignore[arg-type]
     )
 
@@ -247,6 +262,34 @@ _READERS: dict[type[nn.Module], Callable[[nn.Module, str, int | None], BatchNorm
     cls: _read_torch for cls in TORCH_CLASSES
 }
 _SOURCE_CONVERTERS: dict[tuple[type[nn.Module], str], SourceConverter] = {}
+
+
+def _reader(cls: type[nn.Module]) -> Callable[[nn.Module, str, int | None], BatchNormState] | None:
+    """How to read a layer of exactly ``cls`` into a state; None for a type no kind knows."""
+    reader = _READERS.get(cls)
+    if reader is None and issubclass(cls, NormActMixin) and issubclass(cls, BatchNormBase):
+        reader = _read_family  # a norm-act class made for a kind (rethinkbn.convert.norm_act)
+    return reader
+
+
+def attach_post(layer: nn.Module, state: BatchNormState) -> nn.Module:
+    """Give ``layer`` (just built from ``state``) the state's ``drop`` and ``act``; returns it.
+
+    A rethinkbn layer becomes its kind's norm-act class; a torch class must already be a
+    norm-act class (timm's). Raises ValueError where the activation would be lost.
+    """
+    if not state.post:
+        return layer
+    if isinstance(layer, BatchNormBase):
+        layer.__class__ = norm_act_class(type(layer))
+    elif act_variant(type(layer)) is not type(layer):
+        raise ValueError(
+            f"{type(layer).__name__} has no activation, so it would drop the layer's "
+            f"{', '.join(f'{k}={type(m).__name__}' for k, m in state.post.items())}"
+        )
+    for key, module in state.post.items():
+        layer.add_module(key, module)
+    return layer
 
 
 def _build_family(cls: type[nn.Module]) -> Builder:
@@ -310,7 +353,17 @@ def register_converter(
 def _build_torch(
     state: BatchNormState, torch_class: type[_BatchNorm] | None = None, **layer_kwargs: Any
 ) -> nn.Module:
-    cls = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
+    cls: type[nn.Module] = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
+    if state.post:
+        # timm's norm-act counterpart of the torch class (BatchNorm2d -> BatchNormAct2d)
+        variant = act_variant(cls)
+        if variant is None:
+            raise ValueError(
+                f"it applies {', '.join(type(m).__name__ for m in state.post.values())} after "
+                f"normalizing, and {cls.__name__} has no norm-act counterpart registered (timm's "
+                "BatchNormAct2d / SyncBatchNormAct are, once timm is imported)"
+            )
+        cls = variant
     if state.affine and state.bias is None:
         layer_kwargs["bias"] = False
     options = {**state.options(), **state.sync_options(cls, layer_kwargs), **layer_kwargs}
@@ -376,11 +429,16 @@ def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _K
 def _already(module: nn.Module, kind: _Kind, layer_kwargs: Mapping[str, Any]) -> bool:
     """Whether ``module`` is already what the conversion would build, so it is left alone."""
     if kind.name == "torch":
-        wanted = layer_kwargs.get("torch_class")
-        if type(module) not in TORCH_CLASSES:
-            # Torch subclasses (a BatchNorm fused with an activation) are torch layers already.
-            return isinstance(module, _BatchNorm) and wanted is None
-        return type(module) is (wanted or getattr(module, "_rethinkbn_torch_class", type(module)))
+        if not isinstance(module, _BatchNorm):
+            return False
+        # A torch subclass (timm's BatchNormAct2d) is a torch layer already, unless another torch
+        # class is asked for; a norm-act layer's target is that class's norm-act counterpart.
+        target = layer_kwargs.get("torch_class") or getattr(
+            module, "_rethinkbn_torch_class", type(module)
+        )
+        if post_modules(module):
+            target = act_variant(target) or target
+        return type(module) is target
     return type(module) is kind.cls and not layer_kwargs
 
 
@@ -454,6 +512,7 @@ def convert_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    register_known_libraries()
     kind = _resolve_kind(to, layer_kwargs)
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
 
@@ -509,7 +568,7 @@ def _convert_one(
     custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
         (source_type, "*")
     )
-    reader = _READERS.get(source_type)
+    reader = _reader(source_type)
     already = _already(module, kind, layer_kwargs)
     if custom is None and (reader is None or already):
         if not already:
@@ -526,7 +585,7 @@ def _convert_one(
             raise ValueError(
                 "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
             )
-        return _carry_hooks(module, kind.build(state, **layer_kwargs))
+        return _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
     except (TypeError, ValueError) as err:
         raise type(err)(
             f"convert_batchnorm: cannot convert {site.name!r} ({source_type.__name__}) to "
@@ -534,7 +593,8 @@ def _convert_one(
         ) from err
 
 
-_HOOK_ATTRS = (
+# Every per-module hook slot of nn.Module (the dicts, and the flag of full backward hooks).
+HOOK_ATTRS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks",
@@ -546,10 +606,15 @@ _HOOK_ATTRS = (
 )
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any hook is registered on ``module`` itself."""
+    return any(getattr(module, attr, None) for attr in HOOK_ATTRS)
+
+
 def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     # The new layer takes over the very hook dicts, so the handles given out for the old layer
     # still remove the hooks.
-    for attr in _HOOK_ATTRS:
+    for attr in HOOK_ATTRS:
         if hasattr(old, attr):
             object.__setattr__(new, attr, getattr(old, attr))
     return new
