@@ -326,7 +326,8 @@ def test_revert_goes_back_to_the_torch_class_before_any_conversion(net):
 
 def test_a_layer_of_unknown_torch_class_reverts_to_the_rank_agnostic_sync_batchnorm():
     model = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))
-    model = revert_batchnorm(model)
+    with pytest.warns(UserWarning, match=r"'0' \(GhostBatchNorm\).*SyncBatchNorm.*torch_class="):
+        model = revert_batchnorm(model)
     assert type(model[0]) is nn.SyncBatchNorm
     x = torch.randn(4, 3, 2)
     assert torch.allclose(model.eval()(x), nn.BatchNorm1d(3).eval()(x))
@@ -532,3 +533,27 @@ def test_an_unregistered_norm_act_subclass_is_still_skipped_with_a_warning():
 def test_register_norm_act_refuses_a_class_that_is_not_the_plain_ones_subclass(registry):
     with pytest.raises(TypeError, match="subclass of BatchNorm2d"):
         register_norm_act(nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+# ---------------------------------------------------------------------------- reloads
+def test_a_whole_saved_model_reverts_to_its_torch_classes_after_a_reload(net):
+    reference = copy.deepcopy(net)
+    buffer = io.BytesIO()
+    torch.save(to_ghost_bn(net, norm_batch_size=2), buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reverted = _revert(torch.load(buffer, weights_only=False))
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in reference.modules()]
+    assert_same_state(reverted, reference)
+
+
+def test_a_state_dict_loaded_into_rethinkbn_layers_reverts_to_the_class_named_or_warns():
+    source = to_ghost_bn(nn.Sequential(nn.BatchNorm1d(3)), norm_batch_size=2)
+    rebuilt = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))  # no record of BatchNorm1d
+    rebuilt.load_state_dict(source.state_dict())
+    with pytest.warns(UserWarning, match="torch_class="):
+        assert type(revert_batchnorm(copy.deepcopy(rebuilt))[0]) is nn.SyncBatchNorm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(revert_batchnorm(rebuilt, torch_class=nn.BatchNorm1d)[0]) is nn.BatchNorm1d

@@ -518,10 +518,11 @@ def convert_batchnorm(
 
     replacements: dict[int, nn.Module] = {}
     skipped: list[str] = []
+    unknown: list[str] = []  # reverted without a record of their torch class
     for site in _batchnorm_sites(model):
         if not _selected(site, include_p, exclude_p, predicate):
             continue
-        new = _convert_one(site, kind, domain, layer_kwargs, skipped)
+        new = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
         if new is not None:
             replacements[id(site.module)] = new
 
@@ -531,6 +532,14 @@ def convert_batchnorm(
             f"converting them would drop their extra behaviour: {', '.join(skipped)}; register "
             "a converter for their type with rethinkbn.convert.register_converter(kind, "
             "source=Type, build=fn)",
+            stacklevel=2,
+        )
+    if unknown:
+        warnings.warn(
+            f"convert_batchnorm: {len(unknown)} layer(s) hold no record of the torch class they "
+            f"came from (built as rethinkbn layers, or rebuilt so before loading a checkpoint): "
+            f"{', '.join(unknown)}; they become {DEFAULT_TORCH_CLASS.__name__}, the torch class "
+            "for every input rank; pass torch_class= to choose",
             stacklevel=2,
         )
     if not replacements:
@@ -563,6 +572,7 @@ def _convert_one(
     domain: int | None,
     layer_kwargs: dict[str, Any],
     skipped: list[str],
+    unknown: list[str],
 ) -> nn.Module | None:
     module, source_type = site.module, type(site.module)
     custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
@@ -581,6 +591,8 @@ def _convert_one(
             new._rethinkbn_name = site.name
             return _carry_hooks(module, new)
         state = reader(module, site.name, domain)  # type: ignore[misc]
+        if kind.name == "torch" and state.torch_class is None and "torch_class" not in layer_kwargs:
+            unknown.append(f"{site.name!r} ({source_type.__name__})")
         if state.affine and state.bias is None and kind.name != "torch":
             raise ValueError(
                 "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
@@ -632,10 +644,12 @@ def revert_batchnorm(
 ) -> nn.Module:
     """Turn rethinkbn layers back into torch BatchNorm; ``convert_batchnorm(model, "torch")``.
 
-    Each layer becomes the torch class it was converted from; a layer never converted from torch
-    (or one converted to another torch class with ``torch_class=``) becomes ``torch_class``,
-    default ``nn.SyncBatchNorm``, the torch class that accepts every input rank and, without an
-    initialized process group, computes exactly what ``BatchNorm1d/2d/3d`` compute.
+    Each layer becomes the torch class it was converted from (recorded on the layer, so kept by
+    ``copy.deepcopy`` and ``torch.save(model)``); ``torch_class=`` chooses another. A layer with
+    no such record (built as a rethinkbn layer, or rebuilt so and then given a checkpoint's
+    ``state_dict``, which holds tensors only) becomes ``nn.SyncBatchNorm``, the torch class that
+    accepts every input rank and, without an initialized process group, computes exactly what
+    ``BatchNorm1d/2d/3d`` compute; a warning names those layers unless ``torch_class=`` is given.
     A DomainBatchNorm with per-domain statistics or affine parameters needs ``domain=k`` (keep
     domain ``k``'s); otherwise it raises. Side effects as in :func:`convert_batchnorm`.
     """
