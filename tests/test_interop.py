@@ -10,8 +10,10 @@ import copy
 import functools
 import importlib
 import io
+import re
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +316,14 @@ def test_row_lightning_sync_batchnorm_plugin_leaves_rethinkbn_layers_alone():
     plugins = need("lightning.pytorch.plugins")
     result = plugins.TorchSyncBatchNorm().apply(ghost_net())
     assert [type(m) for m in result] == [type(m) for m in ghost_net()]
+
+
+def test_ci_runs_the_readmes_interop_command_after_the_main_suite():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Interop"):]
+    command = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip()
+    assert command.endswith("python -m pytest -m interop") and "constraints-interop.txt" in command
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    main = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)[1].strip()
+    assert ci.index(main) < ci.index(command)
