@@ -482,6 +482,15 @@ def test_a_norm_act_layer_converts_with_its_activation_and_reverts_exactly(regis
     assert torch.equal(reverted(x), reference(x))
 
 
+def test_a_norm_act_layer_already_of_the_kind_is_left_alone(registry):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    model = freeze_bn(norm_act_net())
+    layer = model[1]
+    with pytest.warns(UserWarning, match="no BatchNorm layer to convert"):
+        freeze_bn(model)
+    assert model[1] is layer
+
+
 def test_a_norm_act_layer_trains_with_the_new_kinds_statistics_then_its_activation(registry):
     register_norm_act(nn.BatchNorm2d, TimmLikeAct)
     reference, x = norm_act_net().train(), norm_act_input()

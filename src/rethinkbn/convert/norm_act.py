@@ -27,6 +27,7 @@ __all__ = [
     "NormActMixin",
     "act_variant",
     "norm_act_class",
+    "plain_class",
     "post_modules",
     "register_known_libraries",
     "register_norm_act",
@@ -63,6 +64,15 @@ def norm_act_class(base: type[nn.Module]) -> type[nn.Module]:
                                                  "__doc__": f"{base.__name__} + drop + act."})
         _NORM_ACT_CLASSES[base] = cls
         globals().setdefault(name, cls)
+    return cls
+
+
+def plain_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The kind class a norm-act class was made from (``GhostBatchNormAct`` -> ``GhostBatchNorm``);
+    any other class is its own."""
+    for base, made in _NORM_ACT_CLASSES.items():
+        if made is cls:
+            return base
     return cls
 
 

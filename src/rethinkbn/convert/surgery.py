@@ -45,6 +45,7 @@ from .norm_act import (
     NormActMixin,
     act_variant,
     norm_act_class,
+    plain_class,
     post_modules,
     register_known_libraries,
 )
@@ -439,7 +440,7 @@ def _already(module: nn.Module, kind: _Kind, layer_kwargs: Mapping[str, Any]) ->
         if post_modules(module):
             target = act_variant(target) or target
         return type(module) is target
-    return type(module) is kind.cls and not layer_kwargs
+    return plain_class(type(module)) is kind.cls and not layer_kwargs
 
 
 @dataclass(frozen=True)
