@@ -496,9 +496,12 @@ def convert_batchnorm(
     ``""`` for the root) matches one of the ``include`` glob patterns (default: all), none of
     ``exclude``, and ``predicate(name, module)`` is true. A module reused at several places is
     judged by its first name, converted once and stays shared. Layers already of the target kind
-    (with no ``layer_kwargs``) are left alone. Subclasses of torch's BatchNorm that carry more
-    behaviour (say a BatchNorm fused with an activation) are skipped with a warning unless a
-    converter is registered for that exact type (:func:`register_converter`).
+    (with no ``layer_kwargs``) are left alone. A norm-act layer (timm's ``BatchNormAct2d`` /
+    ``SyncBatchNormAct``, once timm is imported, or one registered with
+    :func:`~rethinkbn.convert.norm_act.register_norm_act`) becomes the kind's norm-act class,
+    keeping its ``drop`` and ``act``. Other subclasses of torch's BatchNorm that carry more
+    behaviour are skipped with a warning unless a converter is registered for that exact type
+    (:func:`register_converter`).
 
     ``domain`` picks which domain's statistics and affine parameters a
     :class:`~rethinkbn.layers.DomainBatchNorm` with per-domain tensors hands on; without it such
