@@ -254,6 +254,7 @@ def test_row_swa_update_bn_ignores_rethinkbn_layers():
     assert not torch.equal(model.state_dict()["1.running_mean"], before["1.running_mean"])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # fvcore's
 def test_row_fvcore_update_bn_stats_ignores_rethinkbn_layers():
     precise = need("fvcore.nn.precise_bn")
     model = ghost_net()
@@ -327,3 +328,22 @@ def test_ci_runs_the_readmes_interop_command_after_the_main_suite():
     ci = (root / ".ci" / "run").read_text().splitlines()
     main = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)[1].strip()
     assert ci.index(main) < ci.index(command)
+
+
+def test_timm_sync_norm_act_hands_its_process_group_to_ours_and_back():
+    timm_layers = need("timm.layers")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        layer = timm_layers.SyncBatchNormAct(4, process_group=group)
+        layer.drop, layer.act = nn.Identity(), nn.SiLU()  # as timm's convert_sync_batchnorm does
+        model = convert(nn.Sequential(layer), "sync")
+        assert isinstance(model[0], SyncBatchNorm) and model[0].process_group is group
+        assert model[0].act is layer.act
+        model = revert_batchnorm(model)
+        assert type(model[0]) is timm_layers.SyncBatchNormAct and model[0].process_group is group
+        assert model[0].act is layer.act
+    finally:
+        dist.destroy_process_group()
