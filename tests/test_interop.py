@@ -11,6 +11,8 @@ import functools
 import importlib
 import io
 import re
+import subprocess
+import sys
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -347,3 +349,18 @@ def test_timm_sync_norm_act_hands_its_process_group_to_ours_and_back():
         assert model[0].act is layer.act
     finally:
         dist.destroy_process_group()
+
+
+def test_a_converted_timm_model_unpickles_in_a_fresh_process_and_reverts(tmp_path):
+    # The norm-act classes are made on first use; a fresh process makes them while unpickling.
+    need("timm")
+    path = tmp_path / "model.pt"
+    torch.save(convert(model_of("timm", "mobilenetv3_small_100"), "ghost"), path)
+    code = (
+        "import sys, torch; from rethinkbn.convert import revert_batchnorm; "
+        f"m = torch.load({str(path)!r}, weights_only=False); "
+        "print(type(m.bn1).__name__, type(revert_batchnorm(m).bn1).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["GhostBatchNormAct", "BatchNormAct2d"]
