@@ -1,7 +1,9 @@
 """Model surgery: every BatchNorm converts to another kind and back, exactly, or not at all."""
 
 import copy
+import io
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -11,15 +13,24 @@ from torch import nn
 
 from rethinkbn.convert import (
     convert_batchnorm,
+    fold_batchnorm,
     freeze_bn,
+    norm_act,
     register_converter,
+    register_norm_act,
     revert_batchnorm,
     surgery,
     to_domain_bn,
     to_ghost_bn,
     unfreeze_bn,
 )
-from rethinkbn.layers import DomainBatchNorm, FrozenBatchNorm, GhostBatchNorm, is_batchnorm
+from rethinkbn.layers import (
+    DomainBatchNorm,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+    is_batchnorm,
+    use_domain,
+)
 
 KINDS = {
     "ghost": {"norm_batch_size": 2},
@@ -93,11 +104,11 @@ def net():
 @pytest.fixture
 def registry():
     """Restores the converter registry after a test that registers converters."""
-    saved = (dict(surgery._KINDS), dict(surgery._READERS), dict(surgery._SOURCE_CONVERTERS))
+    registries = (surgery._KINDS, surgery._READERS, surgery._SOURCE_CONVERTERS,
+                  norm_act._ACT_VARIANTS)
+    saved = tuple(dict(r) for r in registries)
     yield
-    for live, old in zip(
-        (surgery._KINDS, surgery._READERS, surgery._SOURCE_CONVERTERS), saved, strict=True
-    ):
+    for live, old in zip(registries, saved, strict=True):
         live.clear()
         live.update(old)
 
@@ -315,7 +326,8 @@ def test_revert_goes_back_to_the_torch_class_before_any_conversion(net):
 
 def test_a_layer_of_unknown_torch_class_reverts_to_the_rank_agnostic_sync_batchnorm():
     model = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))
-    model = revert_batchnorm(model)
+    with pytest.warns(UserWarning, match=r"'0' \(GhostBatchNorm\).*SyncBatchNorm.*torch_class="):
+        model = revert_batchnorm(model)
     assert type(model[0]) is nn.SyncBatchNorm
     x = torch.randn(4, 3, 2)
     assert torch.allclose(model.eval()(x), nn.BatchNorm1d(3).eval()(x))
@@ -422,3 +434,135 @@ def test_a_registered_kind_converts_and_reverts(registry, net):
 def test_register_converter_refuses_a_kind_it_cannot_build(registry):
     with pytest.raises(TypeError, match="build=fn"):
         register_converter("odd", nn.Identity)
+
+
+# ---------------------------------------------------------------------------- norm-act layers
+class TimmLikeAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: BatchNorm2d, then the children drop and act."""
+
+    def __init__(self, num_features, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.drop = nn.Identity()
+        self.act = nn.PReLU(num_features)  # an activation with a parameter: its key must stay
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def norm_act_net():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), TimmLikeAct(4), nn.Conv2d(4, 4, 1), TimmLikeAct(4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, TimmLikeAct):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 1.5)
+                m.act.weight.uniform_(-1, 1)
+    return model.double()
+
+
+def norm_act_input():
+    return torch.randn(4, 3, 3, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["ghost", "frozen", "domain"])
+def test_a_norm_act_layer_converts_with_its_activation_and_reverts_exactly(registry, kind):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    reference, x = norm_act_net().eval(), norm_act_input()
+    model = _convert(copy.deepcopy(reference), kind)
+    target = {"ghost": GhostBatchNorm, "frozen": FrozenBatchNorm, "domain": DomainBatchNorm}[kind]
+    assert isinstance(model[1], target) and isinstance(model[1].act, nn.PReLU)
+    assert type(model[1]).__name__ == f"{target.__name__}Act"
+    assert list(model.state_dict()) == list(reference.state_dict())
+    with torch.no_grad(), use_domain(model, 0) if kind == "domain" else nullcontext():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
+    reverted = _revert(model)
+    assert [type(m) for m in reverted] == [type(m) for m in reference]
+    assert_same_state(reverted, reference)
+    assert torch.equal(reverted(x), reference(x))
+
+
+def test_a_norm_act_layer_already_of_the_kind_is_left_alone(registry):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    model = freeze_bn(norm_act_net())
+    layer = model[1]
+    with pytest.warns(UserWarning, match="no BatchNorm layer to convert"):
+        freeze_bn(model)
+    assert model[1] is layer
+
+
+def test_a_norm_act_layer_trains_with_the_new_kinds_statistics_then_its_activation(registry):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    reference, x = norm_act_net().train(), norm_act_input()
+    model = to_ghost_bn(copy.deepcopy(reference), norm_batch_size=2)
+    with torch.no_grad():
+        expected = torch.cat([reference(x[:2]), reference(x[2:])])
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_norm_act_layer_reverts_to_a_torch_class_only_through_its_norm_act_counterpart(
+    registry,
+):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    model = to_ghost_bn(norm_act_net(), norm_batch_size=2)
+    assert type(revert_batchnorm(model, torch_class=nn.BatchNorm2d)[1]) is TimmLikeAct
+    model = to_ghost_bn(norm_act_net(), norm_batch_size=2)
+    with pytest.raises(ValueError, match=r"'1'.*BatchNorm3d has no norm-act counterpart"):
+        revert_batchnorm(model, torch_class=nn.BatchNorm3d)
+    assert isinstance(model[1], GhostBatchNorm)  # nothing changed
+
+
+def test_fold_batchnorm_folds_a_norm_act_layer_and_keeps_its_activation(registry):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    for model in (norm_act_net(), to_ghost_bn(norm_act_net(), norm_batch_size=2)):
+        folded, x = fold_batchnorm(model), norm_act_input()
+        assert not any(is_batchnorm(m) for m in folded.modules())
+        assert {"1.act.weight", "3.act.weight"} <= set(folded.state_dict())
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_saved_norm_act_model_reloads_and_reverts_to_its_class(registry):
+    register_norm_act(nn.BatchNorm2d, TimmLikeAct)
+    reference = norm_act_net()
+    buffer = io.BytesIO()
+    torch.save(to_ghost_bn(copy.deepcopy(reference), norm_batch_size=2), buffer)
+    buffer.seek(0)
+    reverted = revert_batchnorm(torch.load(buffer, weights_only=False))
+    assert [type(m) for m in reverted] == [type(m) for m in reference]
+    assert_same_state(reverted, reference)
+
+
+def test_an_unregistered_norm_act_subclass_is_still_skipped_with_a_warning():
+    model = nn.Sequential(*norm_act_net(), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"'1' \(TimmLikeAct\)"):
+        to_ghost_bn(model, norm_batch_size=2)
+    assert type(model[1]) is TimmLikeAct and isinstance(model[4], GhostBatchNorm)
+
+
+def test_register_norm_act_refuses_a_class_that_is_not_the_plain_ones_subclass(registry):
+    with pytest.raises(TypeError, match="subclass of BatchNorm2d"):
+        register_norm_act(nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+# ---------------------------------------------------------------------------- reloads
+def test_a_whole_saved_model_reverts_to_its_torch_classes_after_a_reload(net):
+    reference = copy.deepcopy(net)
+    buffer = io.BytesIO()
+    torch.save(to_ghost_bn(net, norm_batch_size=2), buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reverted = _revert(torch.load(buffer, weights_only=False))
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in reference.modules()]
+    assert_same_state(reverted, reference)
+
+
+def test_a_state_dict_loaded_into_rethinkbn_layers_reverts_to_the_class_named_or_warns():
+    source = to_ghost_bn(nn.Sequential(nn.BatchNorm1d(3)), norm_batch_size=2)
+    rebuilt = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))  # no record of BatchNorm1d
+    rebuilt.load_state_dict(source.state_dict())
+    with pytest.warns(UserWarning, match="torch_class="):
+        assert type(revert_batchnorm(copy.deepcopy(rebuilt))[0]) is nn.SyncBatchNorm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(revert_batchnorm(rebuilt, torch_class=nn.BatchNorm1d)[0]) is nn.BatchNorm1d

@@ -204,7 +204,19 @@ def test_conv_and_conv_transpose_of_any_rank_and_groups_fold(
     assert_folds_exactly(nn.Sequential(conv, bn), x, folded_count=1)
 
 
-def test_a_batchnorm_with_a_forward_hook_is_not_folded():
+HOOKS = {
+    "forward": lambda m: m.register_forward_hook(lambda *a: None),
+    "forward_with_kwargs": lambda m: m.register_forward_hook(lambda *a: None, with_kwargs=True),
+    "forward_pre": lambda m: m.register_forward_pre_hook(lambda *a: None),
+    "full_backward": lambda m: m.register_full_backward_hook(lambda *a: None),
+    "full_backward_pre": lambda m: m.register_full_backward_pre_hook(lambda *a: None),
+}
+
+
+@pytest.mark.parametrize("on", [0, 1])
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_a_pair_with_any_hook_is_not_folded(hook, on):
+    # fold and convert read one list of hook slots (surgery.HOOK_ATTRS)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    model[1].register_forward_hook(lambda m, i, o: None)
+    HOOKS[hook](model[on])
     assert_folds_exactly(model, torch.randn(2, 3, 4, 4), folded_count=0)

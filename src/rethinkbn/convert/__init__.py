@@ -5,9 +5,13 @@
     to_domain_bn(model, num_domains=2)
     revert_batchnorm(model, domain=0)                      # back to torch's BatchNorm1d/2d/3d
     fold_batchnorm(model)                                  # an eval-mode copy, BN folded into conv
+
+timm's BatchNormAct2d / SyncBatchNormAct (BatchNorm + drop + act) convert to every kind and back
+(``rethinkbn.convert.norm_act``); ``register_norm_act`` adds another library's.
 """
 
 from .fold import FoldedLinear, fold_batchnorm
+from .norm_act import register_norm_act
 from .surgery import (
     BatchNormState,
     convert_batchnorm,
@@ -27,6 +31,7 @@ __all__ = [
     "fold_batchnorm",
     "freeze_bn",
     "register_converter",
+    "register_norm_act",
     "revert_batchnorm",
     "swap_modules",
     "to_domain_bn",

@@ -15,7 +15,7 @@ channels are the weight's *second* dim within each group.
 from __future__ import annotations
 
 import copy
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 
 from ..layers import BatchNormBase, is_batchnorm
 from ..layers.functional import scale_shift
-from .surgery import _READERS, swap_modules
+from .norm_act import post_modules, register_known_libraries
+from .surgery import _reader, has_hooks, swap_modules
 
 __all__ = ["FoldedLinear", "fold_batchnorm"]
 
@@ -63,8 +64,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     * it is torch's ``BatchNorm1d/2d/3d`` / ``SyncBatchNorm`` with running statistics, or a
       rethinkbn layer (FrozenBatchNorm, GhostBatchNorm, ...) that in eval mode normalizes with
-      one ``(C,)`` set of running statistics (not DomainBatchNorm's per-domain ones); subclasses
-      with more behaviour (a BatchNorm fused with an activation) are never folded;
+      one ``(C,)`` set of running statistics (not DomainBatchNorm's per-domain ones), or a
+      norm-act layer of these (timm's ``BatchNormAct2d`` / ``SyncBatchNormAct``, rethinkbn's
+      ``GhostBatchNormAct``, ...), whose ``drop`` and ``act`` stay in its place as an
+      ``nn.Sequential`` with the same child names; other subclasses with more behaviour are
+      never folded;
     * its only input is the output of an ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or
       ``nn.Linear`` (exact types, not parametrized) and nothing else uses that output: checked
       on the ``torch.fx`` graph of the model, or, for a module that does not trace, by adjacency
@@ -81,20 +85,28 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    register_known_libraries()
     folded = copy.deepcopy(model).eval()
     paths = Counter(id(m) for _, m in folded.named_modules(remove_duplicate=False))
     replacements: dict[int, nn.Module] = {}
     for producer, bn in list(_pairs(folded)):
         if paths[id(producer)] == 1 and paths[id(bn)] == 1:
             replacements[id(producer)] = _fold_pair(producer, bn)
-            replacements[id(bn)] = nn.Identity()
+            replacements[id(bn)] = _after_fold(bn)
     swap_modules(folded, replacements)
     return folded
 
 
+def _after_fold(bn: nn.Module) -> nn.Module:
+    """What stays of a folded BatchNorm: nothing, or a norm-act layer's ``drop`` then ``act``
+    (under the same names, so their state_dict keys do not change)."""
+    post = post_modules(bn)
+    return nn.Sequential(OrderedDict(post)) if post else nn.Identity()
+
+
 # ---------------------------------------------------------------------------- finding pairs
 def _foldable_bn(module: nn.Module) -> bool:
-    if type(module) not in _READERS or not is_batchnorm(module):
+    if _reader(type(module)) is None or not is_batchnorm(module):
         return False
     if isinstance(module, BatchNormBase):
         if module._uses_batch_stats():
@@ -111,16 +123,7 @@ def _foldable_producer(module: nn.Module, bn: nn.Module) -> bool:
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return False
     out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-    return out == bn.num_features and not _has_hooks(module) and not _has_hooks(bn)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
+    return out == bn.num_features and not has_hooks(module) and not has_hooks(bn)
 
 
 class _Tracer(fx.Tracer):

@@ -10,8 +10,12 @@ and ``revert_batchnorm(convert_batchnorm(model, ...))`` restores the original mo
 * buffers are the same tensors, or per-domain copies of them;
 * eps, momentum, affine, track_running_stats, requires_grad, device, dtype and the training
   flag carry over;
-* the torch class a layer came from (``BatchNorm1d/2d/3d`` or ``SyncBatchNorm``) is remembered
-  on the converted layer (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds.
+* the torch class a layer came from (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` or timm's
+  ``BatchNormAct2d`` / ``SyncBatchNormAct``) is remembered on the converted layer
+  (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds;
+* a BatchNorm fused with dropout and an activation (timm's norm-act layers) converts to the
+  kind's norm-act class (:mod:`rethinkbn.convert.norm_act`), which keeps the very ``drop`` and
+  ``act`` modules.
 
 Kinds are registered by name: ``"torch"`` (torch's own classes), ``"ghost"``, ``"frozen"``,
 ``"domain"``, and ``"sync"`` once ``rethinkbn.distributed`` is imported (it registers itself
@@ -36,6 +40,14 @@ from ..layers import (
     FrozenBatchNorm,
     GhostBatchNorm,
     is_batchnorm,
+)
+from .norm_act import (
+    NormActMixin,
+    act_variant,
+    norm_act_class,
+    plain_class,
+    post_modules,
+    register_known_libraries,
 )
 
 __all__ = [
@@ -92,6 +104,8 @@ class BatchNormState:
     requires_grad: Mapping[str, bool] = field(default_factory=dict)
     # The process group of a SyncBatchNorm (torch's or ours), handed on to a target that syncs.
     process_group: Any = None
+    # What a norm-act layer applies after normalizing ({"drop": ..., "act": ...}), the very modules.
+    post: Mapping[str, nn.Module] = field(default_factory=dict)
 
     @property
     def tensors(self) -> dict[str, Tensor | None]:
@@ -192,6 +206,7 @@ def _read_torch(module: nn.Module, name: str, domain: int | None) -> BatchNormSt
         training=module.training,
         torch_class=getattr(module, "_rethinkbn_torch_class", type(module)),
         process_group=getattr(module, "process_group", None),
+        post=post_modules(module),
     )
 
 
@@ -230,6 +245,7 @@ def _read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormS
         torch_class=getattr(module, "_rethinkbn_torch_class", None),
         requires_grad=getattr(module, "_rethinkbn_requires_grad", {}),
         process_group=getattr(module, "process_group", None),
+        post=post_modules(module),
         **tensors,  # type: ignore[arg-type]
     )
 
@@ -247,6 +263,34 @@ _READERS: dict[type[nn.Module], Callable[[nn.Module, str, int | None], BatchNorm
     cls: _read_torch for cls in TORCH_CLASSES
 }
 _SOURCE_CONVERTERS: dict[tuple[type[nn.Module], str], SourceConverter] = {}
+
+
+def _reader(cls: type[nn.Module]) -> Callable[[nn.Module, str, int | None], BatchNormState] | None:
+    """How to read a layer of exactly ``cls`` into a state; None for a type no kind knows."""
+    reader = _READERS.get(cls)
+    if reader is None and issubclass(cls, NormActMixin) and issubclass(cls, BatchNormBase):
+        reader = _read_family  # a norm-act class made for a kind (rethinkbn.convert.norm_act)
+    return reader
+
+
+def attach_post(layer: nn.Module, state: BatchNormState) -> nn.Module:
+    """Give ``layer`` (just built from ``state``) the state's ``drop`` and ``act``; returns it.
+
+    A rethinkbn layer becomes its kind's norm-act class; a torch class must already be a
+    norm-act class (timm's). Raises ValueError where the activation would be lost.
+    """
+    if not state.post:
+        return layer
+    if isinstance(layer, BatchNormBase):
+        layer.__class__ = norm_act_class(type(layer))
+    elif act_variant(type(layer)) is not type(layer):
+        raise ValueError(
+            f"{type(layer).__name__} has no activation, so it would drop the layer's "
+            f"{', '.join(f'{k}={type(m).__name__}' for k, m in state.post.items())}"
+        )
+    for key, module in state.post.items():
+        layer.add_module(key, module)
+    return layer
 
 
 def _build_family(cls: type[nn.Module]) -> Builder:
@@ -310,7 +354,17 @@ def register_converter(
 def _build_torch(
     state: BatchNormState, torch_class: type[_BatchNorm] | None = None, **layer_kwargs: Any
 ) -> nn.Module:
-    cls = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
+    cls: type[nn.Module] = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
+    if state.post:
+        # timm's norm-act counterpart of the torch class (BatchNorm2d -> BatchNormAct2d)
+        variant = act_variant(cls)
+        if variant is None:
+            raise ValueError(
+                f"it applies {', '.join(type(m).__name__ for m in state.post.values())} after "
+                f"normalizing, and {cls.__name__} has no norm-act counterpart registered (timm's "
+                "BatchNormAct2d / SyncBatchNormAct are, once timm is imported)"
+            )
+        cls = variant
     if state.affine and state.bias is None:
         layer_kwargs["bias"] = False
     options = {**state.options(), **state.sync_options(cls, layer_kwargs), **layer_kwargs}
@@ -376,12 +430,17 @@ def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _K
 def _already(module: nn.Module, kind: _Kind, layer_kwargs: Mapping[str, Any]) -> bool:
     """Whether ``module`` is already what the conversion would build, so it is left alone."""
     if kind.name == "torch":
-        wanted = layer_kwargs.get("torch_class")
-        if type(module) not in TORCH_CLASSES:
-            # Torch subclasses (a BatchNorm fused with an activation) are torch layers already.
-            return isinstance(module, _BatchNorm) and wanted is None
-        return type(module) is (wanted or getattr(module, "_rethinkbn_torch_class", type(module)))
-    return type(module) is kind.cls and not layer_kwargs
+        if not isinstance(module, _BatchNorm):
+            return False
+        # A torch subclass (timm's BatchNormAct2d) is a torch layer already, unless another torch
+        # class is asked for; a norm-act layer's target is that class's norm-act counterpart.
+        target = layer_kwargs.get("torch_class") or getattr(
+            module, "_rethinkbn_torch_class", type(module)
+        )
+        if post_modules(module):
+            target = act_variant(target) or target
+        return type(module) is target
+    return plain_class(type(module)) is kind.cls and not layer_kwargs
 
 
 @dataclass(frozen=True)
@@ -437,9 +496,12 @@ def convert_batchnorm(
     ``""`` for the root) matches one of the ``include`` glob patterns (default: all), none of
     ``exclude``, and ``predicate(name, module)`` is true. A module reused at several places is
     judged by its first name, converted once and stays shared. Layers already of the target kind
-    (with no ``layer_kwargs``) are left alone. Subclasses of torch's BatchNorm that carry more
-    behaviour (say a BatchNorm fused with an activation) are skipped with a warning unless a
-    converter is registered for that exact type (:func:`register_converter`).
+    (with no ``layer_kwargs``) are left alone. A norm-act layer (timm's ``BatchNormAct2d`` /
+    ``SyncBatchNormAct``, once timm is imported, or one registered with
+    :func:`~rethinkbn.convert.norm_act.register_norm_act`) becomes the kind's norm-act class,
+    keeping its ``drop`` and ``act``. Other subclasses of torch's BatchNorm that carry more
+    behaviour are skipped with a warning unless a converter is registered for that exact type
+    (:func:`register_converter`).
 
     ``domain`` picks which domain's statistics and affine parameters a
     :class:`~rethinkbn.layers.DomainBatchNorm` with per-domain tensors hands on; without it such
@@ -454,15 +516,17 @@ def convert_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    register_known_libraries()
     kind = _resolve_kind(to, layer_kwargs)
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
 
     replacements: dict[int, nn.Module] = {}
     skipped: list[str] = []
+    unknown: list[str] = []  # reverted without a record of their torch class
     for site in _batchnorm_sites(model):
         if not _selected(site, include_p, exclude_p, predicate):
             continue
-        new = _convert_one(site, kind, domain, layer_kwargs, skipped)
+        new = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
         if new is not None:
             replacements[id(site.module)] = new
 
@@ -472,6 +536,14 @@ def convert_batchnorm(
             f"converting them would drop their extra behaviour: {', '.join(skipped)}; register "
             "a converter for their type with rethinkbn.convert.register_converter(kind, "
             "source=Type, build=fn)",
+            stacklevel=2,
+        )
+    if unknown:
+        warnings.warn(
+            f"convert_batchnorm: {len(unknown)} layer(s) hold no record of the torch class they "
+            f"came from (built as rethinkbn layers, or rebuilt so before loading a checkpoint): "
+            f"{', '.join(unknown)}; they become {DEFAULT_TORCH_CLASS.__name__}, the torch class "
+            "for every input rank; pass torch_class= to choose",
             stacklevel=2,
         )
     if not replacements:
@@ -504,12 +576,13 @@ def _convert_one(
     domain: int | None,
     layer_kwargs: dict[str, Any],
     skipped: list[str],
+    unknown: list[str],
 ) -> nn.Module | None:
     module, source_type = site.module, type(site.module)
     custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
         (source_type, "*")
     )
-    reader = _READERS.get(source_type)
+    reader = _reader(source_type)
     already = _already(module, kind, layer_kwargs)
     if custom is None and (reader is None or already):
         if not already:
@@ -522,11 +595,13 @@ def _convert_one(
             new._rethinkbn_name = site.name
             return _carry_hooks(module, new)
         state = reader(module, site.name, domain)  # type: ignore[misc]
+        if kind.name == "torch" and state.torch_class is None and "torch_class" not in layer_kwargs:
+            unknown.append(f"{site.name!r} ({source_type.__name__})")
         if state.affine and state.bias is None and kind.name != "torch":
             raise ValueError(
                 "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
             )
-        return _carry_hooks(module, kind.build(state, **layer_kwargs))
+        return _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
     except (TypeError, ValueError) as err:
         raise type(err)(
             f"convert_batchnorm: cannot convert {site.name!r} ({source_type.__name__}) to "
@@ -534,7 +609,8 @@ def _convert_one(
         ) from err
 
 
-_HOOK_ATTRS = (
+# Every per-module hook slot of nn.Module (the dicts, and the flag of full backward hooks).
+HOOK_ATTRS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks",
@@ -546,10 +622,15 @@ _HOOK_ATTRS = (
 )
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any hook is registered on ``module`` itself."""
+    return any(getattr(module, attr, None) for attr in HOOK_ATTRS)
+
+
 def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     # The new layer takes over the very hook dicts, so the handles given out for the old layer
     # still remove the hooks.
-    for attr in _HOOK_ATTRS:
+    for attr in HOOK_ATTRS:
         if hasattr(old, attr):
             object.__setattr__(new, attr, getattr(old, attr))
     return new
@@ -567,10 +648,12 @@ def revert_batchnorm(
 ) -> nn.Module:
     """Turn rethinkbn layers back into torch BatchNorm; ``convert_batchnorm(model, "torch")``.
 
-    Each layer becomes the torch class it was converted from; a layer never converted from torch
-    (or one converted to another torch class with ``torch_class=``) becomes ``torch_class``,
-    default ``nn.SyncBatchNorm``, the torch class that accepts every input rank and, without an
-    initialized process group, computes exactly what ``BatchNorm1d/2d/3d`` compute.
+    Each layer becomes the torch class it was converted from (recorded on the layer, so kept by
+    ``copy.deepcopy`` and ``torch.save(model)``); ``torch_class=`` chooses another. A layer with
+    no such record (built as a rethinkbn layer, or rebuilt so and then given a checkpoint's
+    ``state_dict``, which holds tensors only) becomes ``nn.SyncBatchNorm``, the torch class that
+    accepts every input rank and, without an initialized process group, computes exactly what
+    ``BatchNorm1d/2d/3d`` compute; a warning names those layers unless ``torch_class=`` is given.
     A DomainBatchNorm with per-domain statistics or affine parameters needs ``domain=k`` (keep
     domain ``k``'s); otherwise it raises. Side effects as in :func:`convert_batchnorm`.
     """
