@@ -8,10 +8,12 @@ point down this list only:
     convert       reversible model surgery, fold_batchnorm
     population    precise_bn, statistics banks, mini-batch inference, FrozenBN schedules
     distributed   SyncBatchNorm, cross-device shuffle, virtual devices
+    diagnose      the paper's pitfalls measured on a user's model (`rethinkbn diagnose`)
     studies, cli  the reproduction harness (`rethinkbn reproduce`)
 """
 
 from .convert import convert_batchnorm, fold_batchnorm, revert_batchnorm
+from .diagnose import Diagnosis, diagnose
 from .distributed import (
     PerDeviceBatchNorm,
     ShuffledModule,
@@ -42,7 +44,7 @@ from .stats import Moments, all_reduce_moments
 
 __version__ = "0.1.0"
 
-__all__ = ["Moments", "all_reduce_moments", "__version__"]
+__all__ = ["Moments", "all_reduce_moments", "__version__", "Diagnosis", "diagnose"]
 __all__ += ["convert_batchnorm", "fold_batchnorm", "revert_batchnorm"]
 __all__ += [
     "PerDeviceBatchNorm",
