@@ -118,7 +118,8 @@ class LayerDiagnosis:
     statistics of ``train_data``; ``train_test_gap``: RMS of ``z_train - z_pop`` over the values
     of the comparison pass (``z`` the normalized input, with the statistics the layer uses in
     training, resp. population statistics); ``domain_shift`` / ``domain_log_std``: statistics of
-    ``train_data`` vs ``eval_data``.
+    ``train_data`` vs ``eval_data``: ``(mu_train - mu_eval) / sigma_eval`` and
+    ``log(sigma_train / sigma_eval)`` (RMS over channels, as the EMA distances).
     """
 
     kind: str
