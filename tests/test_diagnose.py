@@ -80,7 +80,7 @@ def healthy():
 def run(model, train=TRAIN, val=VAL, batch=32, **kw):
     kw.setdefault("metric", accuracy)
     return diagnose(model, batches(*train, batch), None if val is None else batches(*val, 32),
-                    num_samples=kw.pop("num_samples", 256), progress=False, **kw)
+                    num_samples=kw.pop("num_samples", 512), progress=False, **kw)
 
 
 def flagged(d, check, layer="any"):
@@ -122,7 +122,7 @@ def test_tiny_normalization_batch_is_found():
     assert [r.nbs for r in d.layers.values()] == [2, 2]
     assert "ghost groups of 2" in d.layers["1"].nbs_rule
     model_level = [f for f in flagged(d, "train-test") if f.layer is None]
-    assert model_level and model_level[0].severity == "problem", d.summary()
+    assert model_level and model_level[0].value < -0.05, d.summary()
     assert flagged(d, "train-test", "4"), d.summary()  # the per-layer gap
 
 
@@ -231,7 +231,7 @@ def test_state_is_identical_after_an_error(healthy):
 
     def failing(m, batch):
         calls.append(1)
-        if len(calls) == 12:  # in the comparison pass, after statistics were installed
+        if len(calls) == 25:  # in the comparison pass (after 12 + 8 batches of statistics)
             raise RuntimeError("boom")
         return m(batch[0])
 
