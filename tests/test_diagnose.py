@@ -359,3 +359,34 @@ def test_example_runs_at_tiny_size(tmp_path, monkeypatch):
     d = module.main(["--tiny", "--out", str(tmp_path / "out"), "--cache",
                      str(tmp_path / "cache")])
     assert d.layers and (tmp_path / "out" / "report.md").exists()
+
+
+# ------------------------------------------------------------------ torch.distributed
+def diagnose_on_this_rank():
+    """Each rank: its own shard (rank 1 one batch shorter), a SyncBatchNorm and a torch BN."""
+    import torch.distributed as dist
+
+    from rethinkbn import SyncBatchNorm
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), SyncBatchNorm(4), nn.ReLU(),
+                          nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 4)).eval()
+    x, y = make_data(64 - 16 * rank, 10 + rank)
+    before = model_state(model)
+    d = diagnose(model, batches(x, y, 16), batches(x, y, 16), metric=accuracy, num_samples=64,
+                 progress=False)
+    assert_same(before, model_state(model))
+    return d.to_dict()
+
+
+def test_every_rank_returns_the_same_diagnosis_under_torch_distributed():
+    from rethinkbn.distributed.testing import GlooWorld
+
+    with GlooWorld(2) as world:
+        rank0, rank1 = world.run(diagnose_on_this_rank)
+    assert rank0 == rank1
+    assert rank0["layers"]["1"]["nbs"] == 32 and "2 ranks" in rank0["layers"]["1"]["nbs_rule"]
+    assert rank0["layers"]["4"]["nbs"] == 16
+    assert rank0["num_samples"] == 64 + 48  # precise_bn's pass, summed over the ranks

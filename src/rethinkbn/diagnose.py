@@ -260,14 +260,18 @@ def _plot(diagnosis: Diagnosis, path: Path) -> Path | None:
     fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    floor = 1e-4  # a log axis: smaller distances are drawn at the floor
     for label, key in series.items():
         values = [abs(getattr(diagnosis.layers[n], key)) for n in names]
         if any(math.isfinite(v) for v in values):
-            ax.plot(range(len(names)), values, marker="o", label=label)
-    ax.axhline(diagnosis.thresholds.shift, color="grey", ls="--", lw=1,
-               label=f"threshold {diagnosis.thresholds.shift}")
+            ax.plot(range(len(names)), [max(v, floor) for v in values], marker="o", label=label)
+    t = diagnosis.thresholds
+    ax.axhline(t.shift, color="grey", ls="--", lw=1, label=f"threshold {t.shift} (EMA, gap)")
+    if any(math.isfinite(r.domain_shift) for r in diagnosis.layers.values()):
+        ax.axhline(t.domain_shift, color="grey", ls=":", lw=1,
+                   label=f"threshold {t.domain_shift} (domain)")
     ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
-    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_yscale("log")
     ax.set_ylabel("distance")
     ax.set_title("Per-layer BatchNorm distances")
     ax.legend(fontsize=7)
