@@ -246,6 +246,15 @@ def test_bad_num_samples_is_a_clear_error(healthy, bad, error):
         diagnose(healthy, batches(*TRAIN, 32), num_samples=bad)
 
 
+def test_one_shot_iterators_and_unnamed_dict_inputs_are_clear_errors(healthy):
+    before = model_state(healthy)
+    with pytest.raises(TypeError, match="train_data is a one-shot iterator"):
+        diagnose(healthy, iter(batches(*TRAIN, 32)))
+    with pytest.raises(TypeError, match="input_key"):
+        diagnose(healthy, [{"x": TRAIN[0][:32]}], num_samples=32)
+    assert_same(before, model_state(healthy))
+
+
 def test_a_model_without_batchnorm_is_a_clear_error():
     with pytest.raises(ValueError, match="no BatchNorm"):
         diagnose(nn.Linear(2, 2), [torch.zeros(4, 2)])
@@ -281,6 +290,9 @@ def build():
     loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 128, 16)]
     return {"model": model, "train_data": loader, "eval_data": loader,
             "metric": lambda out, b: (out.argmax(1) == b[1]).float().mean()}
+
+def extra():
+    return {**build(), "colour": "blue"}
 
 def pair():
     model, loader = build()["model"], build()["train_data"]
@@ -329,6 +341,7 @@ def test_cli_loads_a_checkpoint(spec_dir, capsys):
     (["no_such_module_xyz:build"], "no module named"),
     (["{name}:missing"], "has no function 'missing'"),
     (["{name}:NOT_A_FUNCTION"], "has no function"),
+    (["{name}:extra"], "'colour'"),
     (["{name}:build", "--num-samples", "0"], "--num-samples"),
     (["{name}:build", "--checkpoint", "nowhere.pt"], "--checkpoint"),
 ])

@@ -149,9 +149,14 @@ def _diagnose_arguments(spec: str, made: Any) -> dict[str, Any]:
     else:
         raise ValueError(f"SPEC {spec!r} returned a {type(made).__name__}; expected (model, "
                          "train_loader[, eval_loader]) or a dict of diagnose's arguments")
-    if "model" not in kwargs or "train_data" not in kwargs:
+    import inspect
+
+    from .diagnose import diagnose
+
+    known = set(inspect.signature(diagnose).parameters) - {"num_samples", "progress"}
+    if "model" not in kwargs or "train_data" not in kwargs or set(kwargs) - known:
         raise ValueError(f"SPEC {spec!r} returned a dict with keys {sorted(kwargs)}; expected "
-                         "at least 'model' and 'train_data'")
+                         f"'model', 'train_data' and any of {sorted(known - {'model'})}")
     return kwargs
 
 

@@ -283,7 +283,10 @@ def _plot(diagnosis: Diagnosis, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------- data helpers
 def _model_input(batch: Any, input_key: Any) -> Any:
     if isinstance(batch, Mapping):
-        return batch[input_key] if input_key is not None else next(iter(batch.values()))
+        if input_key is None:
+            raise TypeError(f"diagnose: the batch is a mapping with keys {sorted(map(str, batch))}"
+                            "; pass input_key= (the model input) or forward=")
+        return batch[input_key]
     return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
 
 
@@ -778,7 +781,8 @@ def diagnose(
 
     Args:
         train_data: batches as the model is trained on them (the first batch's size is taken as
-            the per-device training batch); same conventions as :func:`precise_bn`:
+            the per-device training batch), re-iterable (it is read twice: a DataLoader or a
+            list, not a generator); same conventions as :func:`precise_bn`:
             ``forward(model, batch)`` runs one (default ``model(x)`` with ``x`` the batch, its
             first element or ``batch[input_key]``), batches are moved to ``device``.
         eval_data: optional evaluation batches, of the training domain or another one.
@@ -809,6 +813,11 @@ def diagnose(
     for label, fn in (("forward", forward), ("metric", metric), ("group_ids", group_ids)):
         if fn is not None and not callable(fn):
             raise TypeError(f"diagnose: {label} must be callable, got {type(fn).__name__}")
+    for label, data in (("train_data", train_data), ("eval_data", eval_data)):
+        if data is not None and iter(data) is data:  # type: ignore[comparison-overlap]
+            raise TypeError(f"diagnose: {label} is a one-shot iterator "
+                            f"({type(data).__name__}); it is read twice, pass a re-iterable "
+                            "(a DataLoader, a list of batches)")
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
         model = model.module
     layers = _bn_layers(model)
