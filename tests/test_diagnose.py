@@ -403,3 +403,11 @@ def test_every_rank_returns_the_same_diagnosis_under_torch_distributed():
     assert rank0["layers"]["1"]["nbs"] == 32 and "2 ranks" in rank0["layers"]["1"]["nbs_rule"]
     assert rank0["layers"]["4"]["nbs"] == 16
     assert rank0["num_samples"] == 64 + 48  # precise_bn's pass, summed over the ranks
+
+
+def test_dict_batches_with_input_key_and_device(healthy):
+    as_dicts = [{"x": x, "y": y} for x, y in batches(*TRAIN, 32)]
+    d = diagnose(healthy, as_dicts, input_key="x", device="cpu", num_samples=128,
+                 metric=lambda out, b: (out.argmax(1) == b["y"]).float().mean(), progress=False)
+    reference = run(healthy, val=None, num_samples=128)
+    assert d.metrics == reference.metrics and d.layers == reference.layers
