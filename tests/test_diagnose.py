@@ -190,6 +190,29 @@ def test_correlated_samples_in_a_normalization_batch_are_found(healthy):
     assert [f.check for f in d.findings].count("smell:correlated-batch") == 1
 
 
+def test_train_test_gap_matches_a_slow_reference():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -2.0, 0.0]))  # a zero weight: that channel is left out
+        bn.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    model = nn.Sequential(bn).eval()
+    data = [torch.randn(8, 3, 5) * 2 + 1 for _ in range(6)]
+    d = diagnose(model, data, num_samples=48, progress=False)  # comparisons on 24: 3 batches
+    x_all = torch.cat(data).double()
+    mu = x_all.mean((0, 2))
+    var = x_all.var((0, 2), unbiased=False) * x_all[:, 0].numel() / (x_all[:, 0].numel() - 1)
+    sq, n = 0.0, 0
+    for x in data[:3]:
+        x = x.double()[:, :2]
+        z_batch = (x - x.mean((0, 2), keepdim=True)) / (
+            x.var((0, 2), unbiased=False, keepdim=True) + 1e-5).sqrt()
+        z_pop = (x - mu[:2, None]) / (var[:2, None] + 1e-5).sqrt()
+        sq += float((z_batch - z_pop).square().sum())
+        n += z_batch.numel()
+    assert d.layers["0"].train_test_gap == pytest.approx(math.sqrt(sq / n), rel=1e-4)
+
+
 # ------------------------------------------------------------------ the model is never changed
 def model_state(model):
     return {

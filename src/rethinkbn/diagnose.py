@@ -475,29 +475,34 @@ class _Measured:
 
 
 def _gap_hook(name: str, layer: nn.Module, pop: Mapping[str, Tensor], acc: _Measured) -> Any:
-    """A forward hook measuring ``z_train - z_pop`` for one layer in training behaviour."""
-    mean, var = pop["running_mean"].double(), pop["running_var"].double()
-    eps = float(getattr(layer, "eps", 1e-5))
+    """A forward hook measuring ``z_train - z_pop`` for one layer in training behaviour.
+
+    With ``z_train = (y - bias) / weight`` (the layer's output, un-affined) and
+    ``z_pop = (x - mu) / sigma`` (``sigma = sqrt(var + eps)``), the difference is one fused
+    ``y * a - x * c + d`` per channel; channels with ``|weight| <= 1e-6`` are left out.
+    """
+    c = (pop["running_var"].double() + float(getattr(layer, "eps", 1e-5))).rsqrt()
+    mu = pop["running_mean"].double()
 
     def hook(_m: nn.Module, args: tuple[Any, ...], y: Any) -> None:
         x = args[0] if args else None
         if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape
-                and x.dim() >= 2 and x.size(1) == mean.numel()):
+                and x.dim() >= 2 and x.size(1) == c.numel()):
             return
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        z_pop = (x.double() - mean.view(shape)) / (var.view(shape) + eps).sqrt()
-        z_train = y.double()
         weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
-        keep = torch.ones_like(mean, dtype=torch.bool)
-        if isinstance(bias, Tensor):
-            z_train = z_train - bias.double().view(shape)
-        if isinstance(weight, Tensor):
-            keep = weight.abs() > 1e-6
-            z_train = z_train / weight.double().where(keep, torch.ones_like(mean)).view(shape)
-        diff = (z_train - z_pop)[:, keep]
+        w = weight.detach().double() if isinstance(weight, Tensor) else torch.ones_like(c)
+        b = bias.detach().double() if isinstance(bias, Tensor) else torch.zeros_like(c)
+        keep = w.abs() > 1e-6
+        a = torch.where(keep, 1 / w.where(keep, torch.ones_like(w)), torch.zeros_like(w))
+        d = torch.where(keep, mu * c - b * a, torch.zeros_like(c))
+        cc = torch.where(keep, c, torch.zeros_like(c))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        diff = torch.addcmul(y.to(dtype) * a.to(dtype).view(shape), x.to(dtype),
+                             cc.to(dtype).view(shape), value=-1) + d.to(dtype).view(shape)
         row = acc.gap.setdefault(name, [0.0, 0.0])
-        row[0] += float(diff.square().sum())
-        row[1] += diff.numel()
+        row[0] += float(diff.square().sum(dtype=torch.float64))
+        row[1] += x.numel() // x.size(1) * int(keep.sum())
 
     return hook
 
@@ -795,10 +800,11 @@ def diagnose(
 
     Cost, in no-grad forwards of ``N = num_samples`` samples: the population statistics of
     ``train_data`` (:func:`precise_bn`, N), then on N/2 samples of ``train_data`` eval mode and
-    training behaviour (N; plus N/2 with the EMA when there is no ``eval_data``): about two
-    passes. With ``eval_data`` add its population statistics (N) and, on N/2 of its samples,
-    eval mode with the EMA, training-domain and eval-domain statistics (3N/2 with ``metric``,
-    N/2 without).
+    training behaviour (N; plus N/2 with the EMA when there is a ``metric`` and no
+    ``eval_data``). With ``eval_data`` add its population statistics (N) and, on N/2 of its
+    samples, eval mode with the EMA, training-domain and eval-domain statistics (3N/2 with
+    ``metric``, N/2 without). ``benchmarks/bench_diagnose.py`` measures it in precise_bn
+    passes.
 
     Side effects: none. Buffers, modes and hooks of every module are as before when it returns
     or raises (restored in ``finally``). Under torch.distributed every rank must call it; the
@@ -859,8 +865,8 @@ def diagnose(
         ctx = _Context(model, layers, train_modes, bank, saved, run, metric,
                        max(num_samples // 2, 1), input_key, device, show, process_group)
         on_train = _compare(ctx, train_data, "train_data",
-                            [POPULATION, TRAINING] if eval_data is not None
-                            else [EMA, POPULATION, TRAINING])
+                            [EMA, POPULATION, TRAINING] if eval_data is None and metric
+                            else [POPULATION, TRAINING])
         on_eval = on_train if eval_data is None else _compare(
             ctx, eval_data, "eval_data", [EMA, POPULATION, DOMAIN] if metric else [EMA])
     finally:
