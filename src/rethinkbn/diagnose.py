@@ -361,11 +361,9 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
 
 
 def _bn_layers(model: nn.Module) -> dict[str, nn.Module]:
-    out: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if is_batchnorm(module) and all(m is not module for m in out.values()):
-            out[name or "<model>"] = module
-    return out
+    """Every BatchNorm layer by qualified name (named_modules lists a shared one once, as
+    precise_bn's report does; the root is ``"<model>"``)."""
+    return {name or "<model>": m for name, m in model.named_modules() if is_batchnorm(m)}
 
 
 def _is_fixed(layer: nn.Module, trains: bool) -> bool:
