@@ -434,3 +434,15 @@ def test_dict_batches_with_input_key_and_device(healthy):
                  metric=lambda out, b: (out.argmax(1) == b["y"]).float().mean(), progress=False)
     reference = run(healthy, val=None, num_samples=128)
     assert d.metrics == reference.metrics and d.layers == reference.layers
+
+
+def test_the_example_is_a_spec_the_cli_resolves_from_the_repository_root(monkeypatch):
+    from rethinkbn.cli import _load_spec
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        assert _load_spec("examples.diagnose_mnist1d:build").__name__ == "build"
+    finally:
+        for name in ("examples.diagnose_mnist1d", "examples"):
+            sys.modules.pop(name, None)
