@@ -8,6 +8,7 @@ point down this list only:
     convert       reversible model surgery, fold_batchnorm
     population    precise_bn, statistics banks, mini-batch inference, FrozenBN schedules
     distributed   SyncBatchNorm, cross-device shuffle, virtual devices
+    diagnosis     the paper's pitfalls measured on a user's model (`rethinkbn diagnose`)
     cli           the `rethinkbn` command
 
 The reproduction of the paper's studies (`rethinkbn reproduce`) is a separate package beside this
@@ -16,6 +17,7 @@ package's public API, and this package never imports it (the command imports it 
 """
 
 from .convert import convert_batchnorm, fold_batchnorm, revert_batchnorm
+from .diagnosis import Diagnosis, diagnose
 from .distributed import (
     PerDeviceBatchNorm,
     ShuffledModule,
@@ -46,7 +48,7 @@ from .stats import Moments, all_reduce_moments
 
 __version__ = "0.1.0"
 
-__all__ = ["Moments", "all_reduce_moments", "__version__"]
+__all__ = ["Moments", "all_reduce_moments", "__version__", "Diagnosis", "diagnose"]
 __all__ += ["convert_batchnorm", "fold_batchnorm", "revert_batchnorm"]
 __all__ += [
     "PerDeviceBatchNorm",

@@ -1,13 +1,18 @@
-"""The `rethinkbn` command line: ``rethinkbn reproduce`` and ``rethinkbn studies``.
+"""The `rethinkbn` command line: ``rethinkbn reproduce``, ``rethinkbn studies`` and
+``rethinkbn diagnose``.
 
-Both run the reproduction harness, the separate package ``rethinkbn_studies`` (installed with the
-``studies`` extra), imported only when one of them runs.
+The first two run the reproduction harness, the separate package ``rethinkbn_studies`` (installed
+with the ``studies`` extra), imported only when one of them runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def _positive_int(text: str) -> int:
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "devices only)")
     rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     sub.add_parser("studies", help="list the studies, one line each")
+    _add_diagnose_parser(sub)
     return parser
 
 
@@ -79,6 +85,24 @@ def _usage_error(message: str) -> int:
     return 2
 
 
+def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    diag = sub.add_parser(
+        "diagnose",
+        help="measure the paper's BatchNorm pitfalls on your own model",
+        description="SPEC is module:function (imported from the current directory, as uvicorn "
+        "does); the function takes no argument and returns (model, train_loader) or (model, "
+        "train_loader, eval_loader), or a dict of rethinkbn.diagnose's arguments (model, "
+        "train_data, eval_data, forward, metric, input_key, group_ids, device).",
+    )
+    diag.add_argument("spec", metavar="SPEC", help="module:function returning model and loaders")
+    diag.add_argument("--checkpoint", default=None,
+                      help="a state_dict file (or a dict holding one under 'state_dict' or "
+                      "'model') loaded into the model first")
+    diag.add_argument("--out", default=None, help="write report.md, diagnosis.json and "
+                      "layer_distances.png to this directory")
+    diag.add_argument("--num-samples", default="2048", help="samples per pass (default 2048)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
@@ -87,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     stay cached).
     """
     args = build_parser().parse_args(argv)
+    if args.command == "diagnose":
+        return _diagnose(args)
     missing = _missing_studies_extra()
     if missing:
         print(f"rethinkbn {args.command}: error: the reproduction harness needs the 'studies' "
@@ -129,6 +155,90 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"report: {report}")
     return 1 if any(o.error for o in outcomes) else 0
+
+
+def _load_spec(spec: str) -> Callable[[], Any]:
+    """The function named by ``module:function``, imported with the current directory first on
+    ``sys.path``; ValueError for a SPEC that does not name one."""
+    module_name, _, attr = spec.partition(":")
+    if not all(part.isidentifier() for part in [*module_name.split("."), attr]):
+        raise ValueError(f"SPEC {spec!r}: expected module:function, e.g. mypkg.train:build")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not module_name.startswith(err.name):
+            raise  # the module exists and its own imports fail: the user wants the traceback
+        raise ValueError(f"SPEC {spec!r}: no module named {module_name!r} in {os.getcwd()} or "
+                         "on sys.path") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"SPEC {spec!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def _diagnose_arguments(spec: str, made: Any) -> dict[str, Any]:
+    if isinstance(made, dict):
+        kwargs = dict(made)
+    elif isinstance(made, (tuple, list)) and len(made) in (2, 3):
+        kwargs = dict(zip(["model", "train_data", "eval_data"], made, strict=False))
+    else:
+        raise ValueError(f"SPEC {spec!r} returned a {type(made).__name__}; expected (model, "
+                         "train_loader[, eval_loader]) or a dict of diagnose's arguments")
+    import inspect
+
+    from .diagnosis import diagnose
+
+    known = set(inspect.signature(diagnose).parameters) - {"num_samples", "progress"}
+    if "model" not in kwargs or "train_data" not in kwargs or set(kwargs) - known:
+        raise ValueError(f"SPEC {spec!r} returned a dict with keys {sorted(kwargs)}; expected "
+                         f"'model', 'train_data' and any of {sorted(known - {'model'})}")
+    return kwargs
+
+
+def _load_checkpoint(model: Any, path: str) -> None:
+    import torch
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+                blob = blob[key]
+        model.load_state_dict(blob)
+    except Exception as err:  # any unreadable or mismatched checkpoint is a bad --checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--checkpoint {path}: {first}") from None
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    """``rethinkbn diagnose``: 0 done; 2 bad arguments (one line on stderr, before any work)."""
+    try:
+        num_samples = int(args.num_samples) if args.num_samples.strip().isdigit() else 0
+        if num_samples < 1:
+            raise ValueError(f"--num-samples: expected a positive integer, got {args.num_samples}")
+        if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
+        if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out}: exists and is not a directory")
+        factory = _load_spec(args.spec)
+        kwargs = _diagnose_arguments(args.spec, factory())
+        if args.checkpoint is not None:
+            _load_checkpoint(kwargs["model"], args.checkpoint)
+    except ValueError as err:
+        print(f"rethinkbn diagnose: {err}", file=sys.stderr)
+        return 2
+    from .diagnosis import diagnose
+
+    result = diagnose(kwargs.pop("model"), kwargs.pop("train_data"), num_samples=num_samples,
+                      **kwargs)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(result.summary())
+        if args.out is not None:
+            print(f"report: {result.save(args.out)[0]}")
+    return 0
 
 
 if __name__ == "__main__":
