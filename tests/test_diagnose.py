@@ -418,7 +418,7 @@ def diagnose_on_this_rank():
 
 
 def test_every_rank_returns_the_same_diagnosis_under_torch_distributed():
-    from rethinkbn.distributed.testing import GlooWorld
+    from gloo_world import GlooWorld
 
     with GlooWorld(2) as world:
         rank0, rank1 = world.run(diagnose_on_this_rank)
