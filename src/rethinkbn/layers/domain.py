@@ -222,7 +222,7 @@ class DomainBatchNorm(BatchNormBase):
             self.train_stats == "domain"
             or (self._updates_running_stats() and self.population_stats == "domain")
         )
-        BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
+        BF.require_two_values(x.size(0) * spatial, x, lambda: layer_name(self))
         if not separate or not self.validate or spatial >= 2:  # reading the ids is a host sync
             return
         assert ids is not None

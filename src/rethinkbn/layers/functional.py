@@ -15,6 +15,7 @@ as in torch's BatchNorm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,9 +47,17 @@ GROUPINGS = ("contiguous", "strided")
 # (mean, unbiased variance, number of values) of each group: shapes (G, C), (G, C), (G,).
 GroupStats = tuple[Tensor, Tensor, Tensor]
 
+# Who raises: a name, or a callable that gives it (a layer's repr costs more than the checks;
+# it is built only for the error message).
+Owner = str | Callable[[], str]
+
+
+def _name(owner: Owner) -> str:
+    return owner if isinstance(owner, str) else owner()
+
 
 def require_two_values(
-    values: int, x: Tensor, owner: str, where: str = "", detail: str = ""
+    values: int, x: Tensor, owner: Owner, where: str = "", detail: str = ""
 ) -> None:
     """Raise unless ``values`` (the fewest per channel that get a variance) is at least 2.
 
@@ -57,8 +66,8 @@ def require_two_values(
     """
     if values < 2:
         raise ValueError(
-            f"{owner}: expected more than 1 value per channel{where} to normalize with batch "
-            f"statistics, got {values} (input shape {tuple(x.shape)}{detail})"
+            f"{_name(owner)}: expected more than 1 value per channel{where} to normalize with "
+            f"batch statistics, got {values} (input shape {tuple(x.shape)}{detail})"
         )
 
 
@@ -94,9 +103,8 @@ def native_batch_norm(
     from throw-away running buffers updated with momentum 1, so they are exactly the values torch's
     BatchNorm would blend into its buffers, and nothing is written anywhere else.
     """
-    dtype = _stats_dtype(x, weight)
-    mean = torch.zeros(x.size(1), dtype=dtype, device=x.device)
-    var = torch.ones(x.size(1), dtype=dtype, device=x.device)
+    # One allocation for both buffers; any finite start value is replaced with momentum 1.
+    mean, var = torch.ones(2, x.size(1), dtype=_stats_dtype(x, weight), device=x.device).unbind()
     y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)
     return y, mean, var
 
@@ -163,21 +171,21 @@ def apply_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tenso
 # --------------------------------------------------------------------------------------------
 # Groups of samples (ghost BatchNorm)
 # --------------------------------------------------------------------------------------------
-def check_grouping(grouping: str, owner: str) -> None:
+def check_grouping(grouping: str, owner: Owner) -> None:
     """Raise, naming ``owner``, unless ``grouping`` is one of :data:`GROUPINGS`."""
     if grouping not in GROUPINGS:
-        raise ValueError(f"{owner}: grouping must be one of {GROUPINGS}, got {grouping!r}")
+        raise ValueError(f"{_name(owner)}: grouping must be one of {GROUPINGS}, got {grouping!r}")
 
 
-def check_norm_batch_size(value: object, owner: str, arg: str = "norm_batch_size") -> None:
+def check_norm_batch_size(value: object, owner: Owner, arg: str = "norm_batch_size") -> None:
     """Raise, naming ``owner`` and ``arg``, unless ``value`` is None or an int >= 1."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {arg} must be a positive int or None, got {value!r}")
+        raise TypeError(f"{_name(owner)}: {arg} must be a positive int or None, got {value!r}")
     if value < 1:
         raise ValueError(
-            f"{owner}: {arg} must be >= 1 (samples per normalization group) or None "
+            f"{_name(owner)}: {arg} must be >= 1 (samples per normalization group) or None "
             f"(the whole batch), got {value}"
         )
 
@@ -203,7 +211,7 @@ def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:
     return sizes
 
 
-def check_groups(x: Tensor, norm_batch_size: int | None, grouping: str, owner: str) -> None:
+def check_groups(x: Tensor, norm_batch_size: int | None, grouping: str, owner: Owner) -> None:
     """Raise, naming ``owner``, unless ``x`` splits into groups that each have a variance.
 
     Checks ``norm_batch_size`` and ``grouping`` and that the smallest group (see
