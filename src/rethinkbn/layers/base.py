@@ -235,9 +235,10 @@ class BatchNormBase(nn.Module):
         assert self.num_batches_tracked is not None
         mean = mean.to(self.running_mean.dtype)
         unbiased_var = unbiased_var.to(self.running_var.dtype)
-        finite = torch.isfinite(mean) & torch.isfinite(unbiased_var)
+        # v - v is 0 for a finite v and NaN for NaN or +-Inf (fewer kernels than isfinite).
+        nonfinite = torch.isnan((mean - mean).add_(unbiased_var - unbiased_var))
         # an absent row (domain) has no statistics: not an event, and it does not move
-        bad = ~finite if present is None else ~finite & present[:, None]
+        bad = nonfinite if present is None else nonfinite & present[:, None]
         if self.nonfinite == "raise":
             self._raise_if_nonfinite(bad)
         count = self.nonfinite_count
@@ -260,7 +261,7 @@ class BatchNormBase(nn.Module):
         # Where a statistic is not finite, lerp towards the old value itself: it stays
         # bit-identical (lerp by 0 towards NaN would still spread the NaN).
         for buffer, new in ((self.running_mean, mean), (self.running_var, unbiased_var)):
-            buffer.lerp_(torch.where(finite, new, buffer), factor)
+            buffer.lerp_(torch.where(nonfinite, buffer, new), factor)
 
     def _raise_if_nonfinite(self, bad: Tensor) -> None:
         if not bool(bad.any()):  # the opt-in strict mode's one host synchronization

@@ -124,7 +124,11 @@ class DomainBatchNorm(BatchNormBase):
         """Return ``domain`` as an int or a LongTensor of ids (on ``device`` when given), or
         raise a clear error. Ids are range-checked only with ``validate`` (a host sync)."""
         if isinstance(domain, Tensor) and domain.dim() == 0 and not domain.is_floating_point():
-            domain = int(domain)
+            if self.validate or batch_size is None:
+                domain = int(domain)  # a host sync: range-checked here
+            else:
+                # Without validation, the same domain as per-sample ids: nothing is read back.
+                domain = domain.reshape(1).expand(batch_size)
         if isinstance(domain, int) and not isinstance(domain, bool):
             if not 0 <= domain < self.num_domains:
                 raise ValueError(
@@ -222,7 +226,7 @@ class DomainBatchNorm(BatchNormBase):
             self.train_stats == "domain"
             or (self._updates_running_stats() and self.population_stats == "domain")
         )
-        BF.require_two_values(x.size(0) * spatial, x, layer_name(self))
+        BF.require_two_values(x.size(0) * spatial, x, lambda: layer_name(self))
         if not separate or not self.validate or spatial >= 2:  # reading the ids is a host sync
             return
         assert ids is not None

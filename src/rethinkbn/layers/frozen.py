@@ -61,7 +61,7 @@ class FrozenBatchNorm(BatchNormBase):
             )
         # Without running statistics eval normalizes with batch statistics too.
         values = x.numel() // x.size(1)
-        BF.require_two_values(values, x, layer_name(self))
+        BF.require_two_values(values, x, lambda: layer_name(self))
         y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
         if self.observer is not None:
             self._observe(Moments.from_var_mean(values, mean, var, unbiased=True))

@@ -15,6 +15,7 @@ as in torch's BatchNorm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,9 +47,17 @@ GROUPINGS = ("contiguous", "strided")
 # (mean, unbiased variance, number of values) of each group: shapes (G, C), (G, C), (G,).
 GroupStats = tuple[Tensor, Tensor, Tensor]
 
+# Who raises: a name, or a callable that gives it (a layer's repr costs more than the checks;
+# it is built only for the error message).
+Owner = str | Callable[[], str]
+
+
+def _name(owner: Owner) -> str:
+    return owner if isinstance(owner, str) else owner()
+
 
 def require_two_values(
-    values: int, x: Tensor, owner: str, where: str = "", detail: str = ""
+    values: int, x: Tensor, owner: Owner, where: str = "", detail: str = ""
 ) -> None:
     """Raise unless ``values`` (the fewest per channel that get a variance) is at least 2.
 
@@ -57,8 +66,8 @@ def require_two_values(
     """
     if values < 2:
         raise ValueError(
-            f"{owner}: expected more than 1 value per channel{where} to normalize with batch "
-            f"statistics, got {values} (input shape {tuple(x.shape)}{detail})"
+            f"{_name(owner)}: expected more than 1 value per channel{where} to normalize with "
+            f"batch statistics, got {values} (input shape {tuple(x.shape)}{detail})"
         )
 
 
@@ -94,9 +103,8 @@ def native_batch_norm(
     from throw-away running buffers updated with momentum 1, so they are exactly the values torch's
     BatchNorm would blend into its buffers, and nothing is written anywhere else.
     """
-    dtype = _stats_dtype(x, weight)
-    mean = torch.zeros(x.size(1), dtype=dtype, device=x.device)
-    var = torch.ones(x.size(1), dtype=dtype, device=x.device)
+    # One allocation for both buffers; any finite start value is replaced with momentum 1.
+    mean, var = torch.ones(2, x.size(1), dtype=_stats_dtype(x, weight), device=x.device).unbind()
     y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)
     return y, mean, var
 
@@ -140,10 +148,14 @@ def affine_normalize(
     per-sample statistics. Differentiable in ``x``, ``weight`` and ``bias`` (and the statistics).
     """
     acc = torch.promote_types(compute_dtype(x), torch.float32)
+    if x.dtype != acc and mean.dim() == 1 and not (mean.requires_grad or var.requires_grad):
+        # Reduced-precision input: torch's eval kernel is one pass that computes in float32 with
+        # a float32 scale and shift (a float16 scale times a large mean cancels badly), where
+        # x.to(float32), a multiply-add and a cast back would be three.
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     scale, shift = scale_shift(mean, var, weight, bias, eps, acc)
     if x.dtype == acc:
         return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
-    # Reduced-precision input: fuse in float32 (a float16 scale times a large mean cancels badly).
     y = torch.addcmul(channel_view(shift, x), x.to(acc), channel_view(scale, x))
     return y.to(x.dtype)
 
@@ -163,21 +175,21 @@ def apply_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tenso
 # --------------------------------------------------------------------------------------------
 # Groups of samples (ghost BatchNorm)
 # --------------------------------------------------------------------------------------------
-def check_grouping(grouping: str, owner: str) -> None:
+def check_grouping(grouping: str, owner: Owner) -> None:
     """Raise, naming ``owner``, unless ``grouping`` is one of :data:`GROUPINGS`."""
     if grouping not in GROUPINGS:
-        raise ValueError(f"{owner}: grouping must be one of {GROUPINGS}, got {grouping!r}")
+        raise ValueError(f"{_name(owner)}: grouping must be one of {GROUPINGS}, got {grouping!r}")
 
 
-def check_norm_batch_size(value: object, owner: str, arg: str = "norm_batch_size") -> None:
+def check_norm_batch_size(value: object, owner: Owner, arg: str = "norm_batch_size") -> None:
     """Raise, naming ``owner`` and ``arg``, unless ``value`` is None or an int >= 1."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {arg} must be a positive int or None, got {value!r}")
+        raise TypeError(f"{_name(owner)}: {arg} must be a positive int or None, got {value!r}")
     if value < 1:
         raise ValueError(
-            f"{owner}: {arg} must be >= 1 (samples per normalization group) or None "
+            f"{_name(owner)}: {arg} must be >= 1 (samples per normalization group) or None "
             f"(the whole batch), got {value}"
         )
 
@@ -203,7 +215,7 @@ def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:
     return sizes
 
 
-def check_groups(x: Tensor, norm_batch_size: int | None, grouping: str, owner: str) -> None:
+def check_groups(x: Tensor, norm_batch_size: int | None, grouping: str, owner: Owner) -> None:
     """Raise, naming ``owner``, unless ``x`` splits into groups that each have a variance.
 
     Checks ``norm_batch_size`` and ``grouping`` and that the smallest group (see
@@ -230,15 +242,85 @@ def group_index(batch_size: int, sizes: list[int], grouping: str, device: Any = 
     return torch.div(ids, sizes[0], rounding_mode="floor").clamp_max_(len(sizes) - 1)
 
 
+def _group_view(t: Tensor, groups: int) -> Tensor:
+    """A zero-copy ``(G, L, C, S)`` view of a dense ``(N, C, ...)`` tensor whose contiguous groups
+    of samples are normalized over dims 1 and 3: ``(G, n, C, S)`` for the contiguous format,
+    ``(G, n * S, C, 1)`` for channels_last (the samples of a group are one block of memory)."""
+    if t.dim() > 2 and _memory_format(t) != torch.contiguous_format and not t.is_contiguous():
+        return t.movedim(1, -1).view(groups, -1, t.size(1), 1)
+    return t.view(groups, t.size(0) // groups, t.size(1), -1)
+
+
+def _fused_rows(x: Tensor, xc: Tensor) -> bool:
+    """Whether the row kernels (:func:`_row_affine`, :func:`_row_sums`) apply: a contiguous
+    group view (not channels_last) of an input in the compute dtype."""
+    return xc.size(3) > 1 and xc.dtype == x.dtype and xc.is_contiguous()
+
+
+def _group_sum(xs: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sum of a :func:`_group_view` over dims 1 and 3, keepdims, in (at least) ``dtype``: the
+    contiguous dim first (several times faster on CPU than one reduction over both). Row sums
+    of a reduced-precision input are accumulated in float32 by torch and rounded once."""
+    if xs.size(3) == 1:
+        return xs.sum(dim=1, keepdim=True).to(dtype)
+    return xs.sum(dim=3, keepdim=True).to(dtype).sum(dim=1, keepdim=True)
+
+
+def _group_sumsq(xc: Tensor) -> Tensor:
+    """Sum of squares of a :func:`_group_view` over dims 1 and 3 (keepdims), without
+    materializing ``xc ** 2`` (``vector_norm`` reduces in one pass)."""
+    if xc.size(3) == 1:
+        return torch.linalg.vector_norm(xc, dim=1, keepdim=True).square_()
+    return torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
+
+
+def _group_dot(dy: Tensor, xc: Tensor) -> Tensor:
+    """``sum(dy * xc)`` over dims 1 and 3 of two :func:`_group_view` (keepdims)."""
+    if xc.size(3) == 1:
+        return torch.linalg.vecdot(dy, xc, dim=1).unsqueeze(1)
+    return torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
+
+
+def _row_affine(t: Tensor, scale: Tensor, shift: Tensor, shape: torch.Size) -> Tensor:
+    """``t * scale + shift`` for a contiguous ``(G, n, C, S)`` group view with ``(G, 1, C, 1)``
+    factors, as torch's eval BatchNorm kernel on a ``(1, G*n*C, S)`` view: one vectorized pass
+    with a factor per row (mean 0, variance 1, eps 0: its own scale and shift are exactly these),
+    returned with ``shape``. torch's ``addcmul`` with factors that broadcast over two dims is
+    several times slower."""
+    rows = t.size(0) * t.size(1) * t.size(2)
+    per_row = (lambda f: f.expand(-1, t.size(1), -1, -1).reshape(rows))
+    unit = torch.ones(2, rows, dtype=t.dtype, device=t.device)
+    unit[0].zero_()
+    y = F.batch_norm(t.view(1, rows, -1), unit[0], unit[1], per_row(scale), per_row(shift),
+                     False, 0.0, 0.0)
+    # not a view of the (1, rows, S) result: the caller may modify it in place
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
+def _row_sums(dy: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(dy), sum(dy * xc))`` over dims 1 and 3 of two contiguous ``(G, n, C, S)`` views
+    (keepdims), from one fused pass of torch's BatchNorm backward kernel over ``(1, G*n*C, S)``
+    views (per row: mean 0, invstd 1), then a sum over the ``n`` rows of each group."""
+    g, n, c, _ = xc.shape
+    unit = torch.ones(2, g * n * c, dtype=xc.dtype, device=xc.device)
+    unit[0].zero_()
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, unit[0], unit[1],
+        True, 0.0, [False, True, True])
+    return (total.view(g, n, c, 1).sum(1, keepdim=True),
+            dot.view(g, n, c, 1).sum(1, keepdim=True))
+
+
 def _contiguous_group_norm_reference(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
 ) -> Tensor:
-    """The plain autograd form of :class:`_ContiguousGroupNorm` (its output only).
+    """The plain autograd form of :class:`_ContiguousGroupNorm` (its output, in the compute
+    dtype).
 
     Used for second derivatives: every op here has a double backward, so gradients of the
     gradient are those of the formula itself.
     """
-    xs = x.view(groups, x.size(0) // groups, x.size(1), -1)
+    xs = x.to(compute_dtype(x)).reshape(groups, x.size(0) // groups, x.size(1), -1)
     mean = xs.mean(dim=(1, 3), keepdim=True)
     xc = xs - mean
     var = xc.square().mean(dim=(1, 3), keepdim=True)
@@ -250,18 +332,14 @@ def _contiguous_group_norm_reference(
     return y.reshape(x.shape)
 
 
-def _group_sum(xs: Tensor) -> Tensor:
-    """Sum of a ``(G, n, C, S)`` view over dims 1 and 3, keepdims: the contiguous dim first
-    (several times faster on CPU than one reduction over both)."""
-    return xs.sum(dim=3, keepdim=True).sum(dim=1, keepdim=True)
-
-
 class _ContiguousGroupNorm(torch.autograd.Function):
     """Batch normalization of ``G`` equal contiguous groups of samples, with a fused backward.
 
     torch's native kernel needs the normalized groups in one channel dim, which contiguous groups
     of an ``(N, C, ...)`` tensor cannot form without a copy; this function reduces over a
-    ``(G, n, C, S)`` view instead. Per group g and channel c, over its ``m = n * S`` values::
+    zero-copy :func:`_group_view` instead (contiguous or channels_last input; the output and the
+    input's gradient keep the input's memory format and dtype). Per group g and channel c, over
+    its ``m`` values::
 
         m0   = sum(x) / m,   d = sum(x - m0) / m,   mean = m0 + d   (a corrected two-pass mean)
         xc   = x - mean,     var = sum(xc^2) / m = sum((x - m0)^2) / m - d^2
@@ -270,7 +348,9 @@ class _ContiguousGroupNorm(torch.autograd.Function):
 
     The correction ``d`` makes the mean accurate far below the input's rounding (a float32 sum
     alone is off by about an ulp of a large mean, which the output would inherit divided by the
-    spread). The fused backward is first order; when a second derivative is requested
+    spread). ``x - m0`` is kept for the backward in float32/float64; for a float16/bfloat16 input
+    it is recomputed there instead, so that the saved activation is the input itself (torch's
+    memory). The fused backward is first order; when a second derivative is requested
     (``create_graph=True``) the backward is recomputed with the plain autograd formula, so
     gradients of gradients are exact.
     """
@@ -284,14 +364,13 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         groups: int,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        xs = x.view(groups, x.size(0) // groups, x.size(1), -1)
+        acc = compute_dtype(x)
+        xs = _group_view(x, groups)
         m = xs.size(1) * xs.size(3)
-        mean = _group_sum(xs).div_(m)
-        xc = xs - mean  # centered on the first-pass mean m0
-        delta = _group_sum(xc).div_(m)
-        # vector_norm reduces the contiguous last dim without materializing xc ** 2.
-        var = torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
-        var.div_(m).sub_(delta.square()).clamp_min_(0)
+        mean = _group_sum(xs, acc).div_(m)
+        xc = xs - mean  # centered on the first-pass mean m0, in the compute dtype
+        delta = _group_sum(xc, acc).div_(m)
+        var = _group_sumsq(xc).div_(m).sub_(delta.square()).clamp_min_(0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
         # (xc - delta) * scale + bias as one multiply-add: the shift absorbs the correction.
@@ -300,11 +379,15 @@ class _ContiguousGroupNorm(torch.autograd.Function):
             shift = shift + bias.view(1, 1, -1, 1)
         # addcmul is several times slower when its operands broadcast from different shapes.
         shift = shift.expand_as(scale).to(scale.dtype, copy=True)
-        # Written into a tensor of x's shape: returning a view of a (G, n, C, S) result would
-        # forbid in-place ops (ReLU(inplace=True)) on the output, which torch's BatchNorm allows.
-        y = torch.empty(x.shape, dtype=xc.dtype, device=xc.device)
-        torch.addcmul(shift, xc, scale, out=y.view(xc.shape))
-        ctx.save_for_backward(x, weight, bias, xc, delta, invstd)
+        if _fused_rows(x, xc):
+            y = _row_affine(xc, scale, shift, x.shape)
+        else:
+            # Written into a tensor of x's shape, dtype and memory format: returning a view of
+            # the group view would forbid in-place ops (ReLU(inplace=True)) on the output.
+            y = torch.empty_like(x)
+            torch.addcmul(shift, xc, scale, out=_group_view(y, groups))
+        keep = xc if xc.dtype == x.dtype else None
+        ctx.save_for_backward(x, weight, bias, keep, mean.clone(), delta, invstd)
         ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
         mean = mean.add_(delta)
         ctx.mark_non_differentiable(mean, var)
@@ -314,30 +397,43 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x, weight, bias, xc, delta, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, weight, bias, xc, m0, delta, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        groups = ctx.groups  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the plain formula, whose ops all have a double
             # backward (slower, but exact to every order).
             inputs = [t for t, need in zip((x, weight, bias), needs, strict=False) if need]
             with torch.enable_grad():
                 y = _contiguous_group_norm_reference(
-                    x, weight, bias, ctx.groups, ctx.eps)  # type: ignore[attr-defined]
+                    x, weight, bias, groups, ctx.eps)  # type: ignore[attr-defined]
                 grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
             return (*(next(grads) if need else None for need in needs[:3]), None, None)
-        dy = grad_y.reshape(xc.shape)
+        if xc is None:
+            xc = _group_view(x, groups) - m0
+        dy = _group_view(grad_y.contiguous(memory_format=_memory_format(x)), groups)
+        dy = dy.to(xc.dtype)
         m = xc.size(1) * xc.size(3)
-        sum_dy = _group_sum(dy)
+        fused = _fused_rows(x, xc)
+        if fused:
+            sum_dy, dot = _row_sums(dy, xc)
+        else:
+            sum_dy, dot = _group_sum(dy, xc.dtype), _group_dot(dy, xc)
         # sum(dy * (x - mean)) with x - mean = xc - delta
-        sum_dy_xc = torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
-        sum_dy_xc = sum_dy_xc - delta * sum_dy
+        sum_dy_xc = dot - delta * sum_dy
         k = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
         grad_x = None
         if needs[0]:
             proj = k * invstd.square() * sum_dy_xc / m
-            grad_x = torch.addcmul(-k * sum_dy / m + delta * proj, dy, k)
-            grad_x.addcmul_(xc, -proj)
-            grad_x = grad_x.view(grad_y.shape)
+            shift = -k * sum_dy / m + delta * proj
+            if fused:
+                grad_x = _row_affine(dy, k, shift, x.shape)
+                grad_x.view(xc.shape).addcmul_(xc, -proj)
+            else:
+                grad_x = torch.empty_like(x, dtype=xc.dtype)
+                gx = _group_view(grad_x, groups)
+                torch.addcmul(shift, dy, k, out=gx)
+                gx.addcmul_(xc, -proj)
         grad_w = (sum_dy_xc * invstd).sum(dim=(0, 1, 3)) if needs[1] else None
         grad_b = sum_dy.sum(dim=(0, 1, 3)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None
@@ -383,21 +479,20 @@ def ghost_batch_norm(
         return y, (mean, _unbiased(var, count[:, None]), count)
     n = x.size(0) // groups
     count = torch.full((groups,), n * spatial, device=x.device)
-    xin = x.contiguous()
-    if grouping == "strided":
-        channels = groups * x.size(1)
-        rep = (lambda t: None if t is None else t.repeat(groups))
-        y, mean, var = native_batch_norm(
-            xin.view(n, channels, *x.shape[2:]), rep(weight), rep(bias), eps
-        )
-        y = y.view(x.shape)
-        mean, var = mean.view(groups, -1), var.view(groups, -1)
-    else:
-        y, mean, var = _ContiguousGroupNorm.apply(xin.to(compute_dtype(x)), weight, bias,
+    if grouping == "contiguous":
+        # Contiguous and channels_last inputs are used in place; other strides are copied.
+        dense = x.is_contiguous() or fmt != torch.contiguous_format
+        y, mean, var = _ContiguousGroupNorm.apply(x if dense else x.contiguous(), weight, bias,
                                                   groups, eps)
-        y = y.to(x.dtype)
-        var = _unbiased(var, n * spatial)
-    return y.contiguous(memory_format=fmt), (mean, var, count)
+        return y, (mean, _unbiased(var, n * spatial), count)
+    channels = groups * x.size(1)
+    rep = (lambda t: None if t is None else t.repeat(groups))
+    y, mean, var = native_batch_norm(
+        x.contiguous().view(n, channels, *x.shape[2:]), rep(weight), rep(bias), eps
+    )
+    # A channels_last input's strided groups are not one channel dim of any view: copied.
+    y = y.view(x.shape).contiguous(memory_format=fmt)
+    return y, (mean.view(groups, -1), var.view(groups, -1), count)
 
 
 # --------------------------------------------------------------------------------------------

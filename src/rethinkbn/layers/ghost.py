@@ -71,7 +71,16 @@ class GhostBatchNorm(BatchNormBase):
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         nbs = self.norm_batch_size if self.training else None
-        BF.check_groups(x, nbs, self.grouping, layer_name(self))
+        BF.check_groups(x, nbs, self.grouping, lambda: layer_name(self))
+        if nbs is None or nbs >= x.size(0):
+            # The whole batch: torch's kernel and nothing else (no per-group bookkeeping).
+            y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
+            if self._updates_running_stats():
+                self._update_running_stats(mean, var)
+            if self.observer is not None:
+                self._observe(Moments.from_var_mean(x.numel() // x.size(1), mean, var,
+                                                    unbiased=True))
+            return y
         y, (mean, var, count) = BF.ghost_batch_norm(
             x, self.weight, self.bias, self.eps, nbs, self.grouping
         )
