@@ -6,7 +6,7 @@ chunk ``d`` being device ``d``'s local batch (what a DistributedSampler gives ra
 * per-GPU BN: ``virtual_devices(model, k)`` turns every BatchNorm into :class:`PerDeviceBatchNorm`,
   which normalizes each chunk with its own statistics (ghost BN with contiguous groups);
 * SyncBN over the ``k`` devices: the model's plain BatchNorm over the whole batch;
-* shuffled BN: ``ShuffledModule(virtual_devices(head, k), virtual_devices=k)`` permutes the
+* shuffled BN: ``ShuffledModule(virtual_devices(head, k), num_devices=k)`` permutes the
   samples across the chunks before the head and puts them back after, with the same permutation
   that :class:`~rethinkbn.distributed.ShufflePlan` makes across ``k`` real ranks.
 

@@ -248,7 +248,7 @@ class DomainBatchNorm(BatchNormBase):
         else:
             if x.size(0) == 0:
                 return Moments.zeros((self.num_domains, x.size(1)), device=x.device)
-            rows, index = Moments.of(x, groups=x.size(0)), domain
+            rows, index = Moments.of(x, num_groups=x.size(0)), domain
         return rows.segment_merge(index, self.num_domains)
 
     # ------------------------------------------------------------------ checkpoints

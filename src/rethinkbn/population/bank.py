@@ -142,8 +142,16 @@ class StatsBank:
     def names(self) -> list[str]:
         return list(self._snapshots)
 
-    def capture(self, name: str, model: nn.Module) -> None:
-        """Store (a copy of) the model's current statistics under ``name``."""
+    def capture(self, model: nn.Module, name: str) -> None:
+        """Store (a copy of) the model's current statistics under ``name``.
+
+        The model comes first, then the name, as in :meth:`install` and :meth:`use`.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"StatsBank.capture(model, name): model must be an nn.Module, got "
+                f"{type(model).__name__} (the model comes first, then the name)"
+            )
         self[name] = capture_stats(model)
 
     # ------------------------------------------------------------------ switching
