@@ -12,16 +12,8 @@ PUBLIC_SUBPACKAGES = ["stats", "layers", "convert", "population", "distributed"]
 # Building blocks for writing a new layer or collective: they stay in rethinkbn.stats, a user
 # of the layers never needs them.
 NOT_AT_TOP_LEVEL = {
-    "stats": {
-        "centered",
-        "channel_view",
-        "check_same_layout",
-        "compute_dtype",
-        "reduce_dims",
-        "require",
-        "segment_var_mean",
-        "split_mean",
-    },
+    "stats": {"centered", "channel_view", "check_same_layout", "compute_dtype", "reduce_dims",
+              "require", "segment_var_mean", "split_mean"},
 }
 
 

@@ -19,116 +19,22 @@ The top level offers every name of the ``__all__`` of ``layers``, ``convert``, `
 for writing a layer stay there (``tests/test_exports.py`` holds the rule and its exclusions).
 """
 
-from .convert import (
-    BatchNormState,
-    FoldedLinear,
-    convert_batchnorm,
-    fold_batchnorm,
-    freeze_bn,
-    register_converter,
-    register_norm_act,
-    revert_batchnorm,
-    swap_modules,
-    to_domain_bn,
-    to_ghost_bn,
-    unfreeze_bn,
-)
-from .distributed import (
-    PerDeviceBatchNorm,
-    ShuffledModule,
-    ShufflePlan,
-    SyncBatchNorm,
-    consecutive_group,
-    shuffle_permutation,
-    to_sync_bn,
-    virtual_devices,
-)
-from .layers import (
-    BatchNormBase,
-    DomainBatchNorm,
-    FrozenBatchNorm,
-    GhostBatchNorm,
-    is_batchnorm,
-    layer_name,
-    nonfinite_report,
-    set_nonfinite,
-    use_domain,
-)
-from .population import (
-    EMALayerReport,
-    EMAReport,
-    FreezeBNHook,
-    LayerReport,
-    PreciseBNHook,
-    PreciseBNOptions,
-    PreciseBNReport,
-    Snapshot,
-    StatsBank,
-    batch_stats_inference,
-    capture_stats,
-    ema_report,
-    freeze_epoch_for,
-    freeze_with_precise_stats,
-    install_stats,
-    precise_bn,
-    recompute_stats,
-)
+from . import convert, distributed, layers, population
+from .convert import *  # noqa: F403 - the names of convert.__all__
+from .distributed import *  # noqa: F403
+from .layers import *  # noqa: F403
+from .population import *  # noqa: F403
 from .stats import Moments, all_gather_moments, all_reduce_moments
 
 __version__ = "0.1.0"
 
-__all__ = ["Moments", "all_gather_moments", "all_reduce_moments", "__version__"]
-__all__ += [
-    "BatchNormState",
-    "FoldedLinear",
-    "convert_batchnorm",
-    "fold_batchnorm",
-    "freeze_bn",
-    "register_converter",
-    "register_norm_act",
-    "revert_batchnorm",
-    "swap_modules",
-    "to_domain_bn",
-    "to_ghost_bn",
-    "unfreeze_bn",
-]
-__all__ += [
-    "PerDeviceBatchNorm",
-    "ShuffledModule",
-    "ShufflePlan",
-    "SyncBatchNorm",
-    "consecutive_group",
-    "shuffle_permutation",
-    "to_sync_bn",
-    "virtual_devices",
-]
-__all__ += [
-    "BatchNormBase",
-    "DomainBatchNorm",
-    "FrozenBatchNorm",
-    "GhostBatchNorm",
-    "is_batchnorm",
-    "layer_name",
-    "nonfinite_report",
-    "set_nonfinite",
-    "use_domain",
-]
-__all__ += [
-    "EMALayerReport",
-    "EMAReport",
-    "FreezeBNHook",
-    "LayerReport",
-    "PreciseBNHook",
-    "PreciseBNOptions",
-    "PreciseBNReport",
-    "Snapshot",
-    "StatsBank",
-    "batch_stats_inference",
-    "capture_stats",
-    "ema_report",
-    "freeze_epoch_for",
-    "freeze_with_precise_stats",
-    "install_stats",
-    "precise_bn",
-    "recompute_stats",
+__all__ = [
+    "Moments",
+    "all_gather_moments",
+    "all_reduce_moments",
+    "__version__",
+    *convert.__all__,
+    *distributed.__all__,
+    *layers.__all__,
+    *population.__all__,
 ]
