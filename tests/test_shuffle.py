@@ -76,9 +76,10 @@ def test_virtual_plan_needs_equal_devices():
 
 @pytest.mark.parametrize("devices", [0, 1.5, True])
 def test_virtual_devices_must_be_a_positive_int(devices):
-    with pytest.raises(ValueError, match=rf"num_devices must be a positive int, got {devices!r}"):
+    error = ValueError if type(devices) is int else TypeError  # a bool is not a count
+    with pytest.raises(error, match=rf"num_devices must be a positive int, got {devices!r}"):
         ShufflePlan.virtual(4, devices, seed=0, step=0)
-    with pytest.raises(ValueError, match=rf"num_devices must be a positive int or None, "
+    with pytest.raises(error, match=rf"num_devices must be a positive int or None, "
                                          rf"got {devices!r}"):
         ShuffledModule(nn.Identity(), num_devices=devices)
 

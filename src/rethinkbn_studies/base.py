@@ -135,6 +135,17 @@ class Verdict:
         return out
 
 
+def check_count(value: object, name: str, owner: str, allow_none: bool = False) -> None:
+    """The harness's positive-int check, by the library's rule (the library's helper is private):
+    ``TypeError`` for a non-int (``bool`` included), ``ValueError`` below 1."""
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 def verdict(criterion: str, holds: bool, detail: str = "") -> Verdict:
     """A verdict whose outcome is ``holds``, computed by the caller from measured numbers."""
     return Verdict(agrees=bool(holds), criterion=criterion, detail=detail)
@@ -242,8 +253,7 @@ class RunContext:
     ranks: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
-            raise ValueError(f"RunContext: ranks must be a positive int, got {self.ranks!r}")
+        check_count(self.ranks, "ranks", "RunContext")
 
     def plot_path(self, name: str) -> Path:
         """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""

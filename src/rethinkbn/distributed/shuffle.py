@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..layers.base import layer_name
 
 __all__ = ["ShufflePlan", "ShuffledModule", "shuffle_permutation"]
@@ -115,10 +115,7 @@ class ShufflePlan:
 
         ``batch_size`` must split into ``num_devices`` equal chunks.
         """
-        if not is_positive_int(num_devices):
-            raise ValueError(
-                f"ShufflePlan.virtual: num_devices must be a positive int, got {num_devices!r}"
-            )
+        check_positive_int(num_devices, "num_devices", "ShufflePlan.virtual")
         if batch_size % num_devices:
             raise ValueError(
                 f"ShufflePlan.virtual: a batch of {batch_size} samples does not split into "
@@ -263,11 +260,7 @@ class ShuffledModule(nn.Module):
         num_devices: int | None = None,
     ) -> None:
         super().__init__()
-        if num_devices is not None and not is_positive_int(num_devices):
-            raise ValueError(
-                f"ShuffledModule: num_devices must be a positive int or None, "
-                f"got {num_devices!r}"
-            )
+        check_positive_int(num_devices, "num_devices", "ShuffledModule", allow_none=True)
         if num_devices is not None and process_group is not None:
             raise ValueError("ShuffledModule: give process_group or num_devices, not both")
         self.inner = inner

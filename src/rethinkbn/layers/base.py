@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..stats import Moments
 
 __all__ = [
@@ -82,8 +82,7 @@ class BatchNormBase(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if not is_positive_int(num_features):
-            raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+        check_positive_int(num_features, "num_features", owner)
         if eps <= 0:
             raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
