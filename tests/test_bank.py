@@ -103,7 +103,7 @@ def test_a_snapshot_of_another_model_is_refused_and_changes_nothing():
     other = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(5))
     bank = StatsBank({"other": capture_stats(other)})
     before = state(model)
-    with pytest.raises(KeyError, match=r"missing \['5'\], not in the model \['0'\]"):
+    with pytest.raises(ValueError, match=r"missing \['5'\], not in the model \['0'\]"):
         bank.install(model, "other")
     model_like = {"1": capture_stats(model)["1"], "5": {"running_mean": torch.zeros(7),
                                                        "running_var": torch.ones(7)}}

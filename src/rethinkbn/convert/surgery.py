@@ -34,6 +34,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._checks import check_int
 from ..layers import (
     BatchNormBase,
     DomainBatchNorm,
@@ -516,6 +517,7 @@ def convert_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    check_int(domain, "domain", "convert_batchnorm", minimum=0, allow_none=True)
     register_known_libraries()
     kind = _resolve_kind(to, layer_kwargs)
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")

@@ -87,6 +87,7 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
     created once per initialized world; the first call is a collective over the whole world (every
     rank must make it, in the same order relative to other group creations).
     """
+    check_positive_int(group_size, "group_size", "consecutive_group")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"consecutive_group(group_size={group_size}) needs an initialized process group "
@@ -94,11 +95,10 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
         )
     world = dist.group.WORLD
     world_size = dist.get_world_size()
-    check_positive_int(group_size, "group_size", "consecutive_group")
     if world_size % group_size:
         raise ValueError(
-            f"group_size must be a positive divisor of the world size {world_size}, "
-            f"got {group_size!r}"
+            f"consecutive_group: group_size must be a positive divisor of the world size "
+            f"{world_size}, got {group_size!r}"
         )
     key = (id(world), group_size)
     if key not in _SUBGROUPS:
@@ -313,7 +313,7 @@ class SyncBatchNorm(BatchNormBase):
             self.process_group = consecutive_group(self.group_size)
         size = dist.get_world_size(self.process_group)
         if size < 1:
-            raise RuntimeError(
+            raise ValueError(
                 f"{layer_name(self)}: rank {dist.get_rank()} is not a member of its "
                 f"process_group {self.process_group!r}; expected a group containing this rank"
             )
