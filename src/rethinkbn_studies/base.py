@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from rethinkbn.population import markdown_table
+
 if TYPE_CHECKING:
     from .cache import RunCache
     from .data import DataSplit
@@ -56,7 +58,6 @@ __all__ = [
     "mean_std",
     "register_study",
     "registered_studies",
-    "table_cell",
     "verdict",
 ]
 
@@ -164,11 +165,6 @@ class SummaryRow:
     verdict: Verdict
 
 
-def table_cell(text: str) -> str:
-    """``text`` made safe inside a markdown table cell: ``|`` escaped, newlines as spaces."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 @dataclass
 class Table:
     """A small table for the report: a title, column names and rows of cells (str or number).
@@ -187,13 +183,11 @@ class Table:
             return f"{mean:.{self.digits}f} ± {std:.{self.digits}f}"
         if isinstance(value, float):
             return f"{value:.{self.digits}f}"
-        return table_cell(value)
+        return str(value)
 
     def to_markdown(self) -> str:
-        head = "| " + " | ".join(table_cell(c) for c in self.columns) + " |"
-        rule = "|" + "|".join("---" for _ in self.columns) + "|"
-        body = ["| " + " | ".join(self.cell(v) for v in row) + " |" for row in self.rows]
-        return "\n".join([f"*{self.title}*", "", head, rule, *body])
+        body = [[self.cell(v) for v in row] for row in self.rows]
+        return markdown_table(f"*{self.title}*\n", self.columns, body, right_aligned=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"title": self.title, "columns": self.columns, "rows": self.rows}

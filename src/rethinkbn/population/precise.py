@@ -57,11 +57,26 @@ class PreciseBNReport:
         )
 
 
-def markdown_table(title: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A title line and a markdown table, the first column left-aligned, the others right."""
-    lines = [title, "| " + " | ".join(header) + " |",
-             "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+def markdown_table(
+    title: str,
+    header: Sequence[object],
+    rows: Iterable[Sequence[object]],
+    *,
+    right_aligned: bool = True,
+) -> str:
+    """A title line (none when empty) and a markdown table of ``str(cell)``s.
+
+    In every cell ``|`` is escaped and a newline becomes a space. The first column is
+    left-aligned, the others right-aligned (numbers) unless ``right_aligned=False``. The reports'
+    ``str()`` and the studies' tables both print with it.
+    """
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    rule = "|---|" + ("---:|" if right_aligned else "---|") * (len(header) - 1)
+    lines = [title] if title else []
+    lines += ["| " + " | ".join(map(cell, header)) + " |", rule]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 
