@@ -233,9 +233,6 @@ class Moments:
         denom = self.count - 1 if unbiased else self.count
         return self.m2 / denom.where(denom > 0, torch.full_like(denom, float("nan")))
 
-    def to(self, device: torch.device | str) -> Moments:
-        return Moments(self.count.to(device), self.mean.to(device), self.m2.to(device))
-
     # ----------------------------------------------------------------- merging
     def merge(self, other: Moments) -> Moments:
         """The exact moments of the union of both sets of values (Chan et al.)."""
@@ -270,11 +267,6 @@ class Moments:
         index = torch.zeros(self.mean.shape[0], dtype=torch.long, device=self.mean.device)
         merged = self.segment_merge(index, 1)
         return Moments(merged.count[0], merged.mean[0], merged.m2[0])
-
-    # ----------------------------------------------------------------- distributed
-    def all_reduce(self, group: dist.ProcessGroup | None = None) -> Moments:
-        """The moments of the union over every rank of ``group``, in one all_reduce."""
-        return all_reduce_moments([self], group)[0]
 
 
 def _pack(moments: Sequence[Moments]) -> Tensor:

@@ -107,6 +107,10 @@ class BatchNormState:
     process_group: Any = None
     # What a norm-act layer applies after normalizing ({"drop": ..., "act": ...}), the very modules.
     post: Mapping[str, nn.Module] = field(default_factory=dict)
+    # Written by install(): requires_grad flags to set on the built layer's parameters once every
+    # layer of the conversion has been built (setting them earlier would change the source
+    # layer's Parameter objects before the conversion is known to succeed).
+    pending_requires_grad: dict[str, bool] = field(default_factory=dict, compare=False)
 
     @property
     def tensors(self) -> dict[str, Tensor | None]:
@@ -146,8 +150,8 @@ class BatchNormState:
         ``(D, *shape)`` receives ``D`` copies (a new Parameter with the same ``requires_grad``).
         Only ``layer`` is changed, never the tensors of this state: where ``layer`` wants a
         parameter frozen (its own had ``requires_grad=False``) or this state records a flag to
-        restore, the change is left in ``layer._rethinkbn_pending_requires_grad`` for
-        :func:`convert_batchnorm` to apply once every layer has been built.
+        restore, the change is recorded in :attr:`pending_requires_grad` (replacing what an earlier
+        install recorded) for :func:`convert_batchnorm` to apply once every layer has been built.
         """
         pending: dict[str, bool] = {}
         frozen_from: dict[str, bool] = {}
@@ -179,7 +183,8 @@ class BatchNormState:
                 elif key in self.requires_grad:
                     pending[key] = self.requires_grad[key]
             setattr(layer, key, value)
-        layer._rethinkbn_pending_requires_grad = pending  # type: ignore[assignment]
+        self.pending_requires_grad.clear()
+        self.pending_requires_grad.update(pending)
         if frozen_from:
             layer._rethinkbn_requires_grad = frozen_from  # type: ignore[assignment]
         layer.train(self.training)
@@ -523,14 +528,17 @@ def convert_batchnorm(
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
 
     replacements: dict[int, nn.Module] = {}
+    pending: list[tuple[nn.Module, Mapping[str, bool]]] = []  # requires_grad flags to set last
     skipped: list[str] = []
     unknown: list[str] = []  # reverted without a record of their torch class
     for site in _batchnorm_sites(model):
         if not _selected(site, include_p, exclude_p, predicate):
             continue
-        new = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
-        if new is not None:
+        converted = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
+        if converted is not None:
+            new, flags = converted
             replacements[id(site.module)] = new
+            pending.append((new, flags))
 
     if skipped:
         warnings.warn(
@@ -557,8 +565,8 @@ def convert_batchnorm(
         )
         return model
 
-    for new in replacements.values():
-        for key, flag in new.__dict__.pop("_rethinkbn_pending_requires_grad", {}).items():
+    for new, flags in pending:
+        for key, flag in flags.items():
             getattr(new, key).requires_grad_(flag)
     swap_modules(model, replacements)
     return replacements.get(id(model), model)
@@ -579,7 +587,8 @@ def _convert_one(
     layer_kwargs: dict[str, Any],
     skipped: list[str],
     unknown: list[str],
-) -> nn.Module | None:
+) -> tuple[nn.Module, Mapping[str, bool]] | None:
+    """The new layer for ``site`` and the requires_grad flags to set on it last; None: skipped."""
     module, source_type = site.module, type(site.module)
     custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
         (source_type, "*")
@@ -595,7 +604,7 @@ def _convert_one(
         if custom is not None:
             new = custom(module, **layer_kwargs)
             new._rethinkbn_name = site.name
-            return _carry_hooks(module, new)
+            return _carry_hooks(module, new), {}
         state = reader(module, site.name, domain)  # type: ignore[misc]
         if kind.name == "torch" and state.torch_class is None and "torch_class" not in layer_kwargs:
             unknown.append(f"{site.name!r} ({source_type.__name__})")
@@ -603,7 +612,8 @@ def _convert_one(
             raise ValueError(
                 "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
             )
-        return _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
+        new = _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
+        return new, state.pending_requires_grad
     except (TypeError, ValueError) as err:
         raise type(err)(
             f"convert_batchnorm: cannot convert {site.name!r} ({source_type.__name__}) to "
