@@ -12,7 +12,9 @@ and ``revert_batchnorm(convert_batchnorm(model, ...))`` restores the original mo
   flag carry over;
 * the torch class a layer came from (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` or timm's
   ``BatchNormAct2d`` / ``SyncBatchNormAct``) is remembered on the converted layer
-  (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds;
+  (``_rethinkbn_torch_class``), travels in its ``state_dict``'s metadata (a checkpoint loaded
+  into layers built directly as rethinkbn layers hands it on) and is what ``revert_batchnorm``
+  rebuilds;
 * a BatchNorm fused with dropout and an activation (timm's norm-act layers) converts to the
   kind's norm-act class (:mod:`rethinkbn.convert.norm_act`), which keeps the very ``drop`` and
   ``act`` modules.
@@ -661,9 +663,10 @@ def revert_batchnorm(
     """Turn rethinkbn layers back into torch BatchNorm; ``convert_batchnorm(model, "torch")``.
 
     Each layer becomes the torch class it was converted from (recorded on the layer, so kept by
-    ``copy.deepcopy`` and ``torch.save(model)``); ``torch_class=`` chooses another. A layer with
-    no such record (built as a rethinkbn layer, or rebuilt so and then given a checkpoint's
-    ``state_dict``, which holds tensors only) becomes ``nn.SyncBatchNorm``, the torch class that
+    ``copy.deepcopy`` and ``torch.save(model)``, and in the metadata of its ``state_dict``, so a
+    checkpoint loaded into layers built as rethinkbn layers hands it on); ``torch_class=``
+    chooses another. A layer with no such record (built as a rethinkbn layer and never given a
+    converted layer's checkpoint) becomes ``nn.SyncBatchNorm``, the torch class that
     accepts every input rank and, without an initialized process group, computes exactly what
     ``BatchNorm1d/2d/3d`` compute; a warning names those layers unless ``torch_class=`` is given.
     A DomainBatchNorm with per-domain statistics or affine parameters needs ``domain=k`` (keep
