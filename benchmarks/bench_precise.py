@@ -155,7 +155,7 @@ def bank_table() -> None:
         layers += [nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
     model = nn.Sequential(*layers).eval()
     bank = StatsBank()
-    bank.capture("source", model)
+    bank.capture(model, "source")
     bank["target"] = {name: {k: v + 1 for k, v in stats.items()}
                       for name, stats in capture_stats(model).items()}
     x = torch.randn(8, 32, 16, 16)

@@ -46,7 +46,7 @@ def test_recompute_stats_installs_when_asked():
 def test_use_switches_statistics_and_restores_bit_identical_state():
     model, source, contrast = model_and_domains()
     bank = StatsBank()
-    bank.capture("source", model)
+    bank.capture(model, "source")
     bank["contrast"] = recompute_stats(model, contrast, num_batches=3)
     before = state(model)
     x = contrast[0]
@@ -80,7 +80,7 @@ def test_switching_copies_into_the_same_tensors():
 def test_the_bank_keeps_copies_not_views_of_the_model():
     model, _, _ = model_and_domains()
     bank = StatsBank()
-    bank.capture("source", model)
+    bank.capture(model, "source")
     model[1].running_mean.add_(1)
     assert torch.equal(bank["source"]["1"]["running_mean"], torch.zeros(3))
 
@@ -103,7 +103,7 @@ def test_a_snapshot_of_another_model_is_refused_and_changes_nothing():
     other = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(5))
     bank = StatsBank({"other": capture_stats(other)})
     before = state(model)
-    with pytest.raises(KeyError, match=r"missing \['5'\], not in the model \['0'\]"):
+    with pytest.raises(ValueError, match=r"missing \['5'\], not in the model \['0'\]"):
         bank.install(model, "other")
     model_like = {"1": capture_stats(model)["1"], "5": {"running_mean": torch.zeros(7),
                                                        "running_var": torch.ones(7)}}

@@ -102,7 +102,8 @@ def test_threads_flag_holds_while_the_studies_run_and_is_restored(tiny_out, tiny
 
 @pytest.mark.parametrize("ranks", [0, -1, 1.5, True])
 def test_context_rejects_ranks_that_are_not_a_positive_int(ranks):
-    with pytest.raises(ValueError, match=f"ranks must be a positive int, got {ranks!r}"):
+    error = ValueError if type(ranks) is int else TypeError  # a bool is not a count
+    with pytest.raises(error, match=f"ranks must be a positive int, got {ranks!r}"):
         RunContext(quick=True, seeds=(0,), out_dir=Path("."), device=torch.device("cpu"),
                    cache=RunCache(None), progress=lambda it=None, **kw: it,
                    dataset=lambda: None, ranks=ranks)

@@ -24,6 +24,7 @@ from rethinkbn.convert import (
     to_ghost_bn,
     unfreeze_bn,
 )
+from rethinkbn.distributed import to_sync_bn
 from rethinkbn.layers import (
     DomainBatchNorm,
     FrozenBatchNorm,
@@ -557,10 +558,39 @@ def test_a_whole_saved_model_reverts_to_its_torch_classes_after_a_reload(net):
     assert_same_state(reverted, reference)
 
 
-def test_a_state_dict_loaded_into_rethinkbn_layers_reverts_to_the_class_named_or_warns():
-    source = to_ghost_bn(nn.Sequential(nn.BatchNorm1d(3)), norm_batch_size=2)
-    rebuilt = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))  # no record of BatchNorm1d
-    rebuilt.load_state_dict(source.state_dict())
+def _saved_and_loaded(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("kind", ["ghost", "frozen", "domain", "sync"])
+def test_a_checkpoint_loaded_into_fresh_rethinkbn_layers_reverts_to_the_original_classes(net, kind):
+    convert = to_sync_bn if kind == "sync" else lambda model: _convert(model, kind)
+    reference = copy.deepcopy(net)
+    checkpoint = _saved_and_loaded(convert(net).state_dict())
+    fresh = convert(Net())
+    for module in fresh.modules():  # as if built directly as rethinkbn layers: no record
+        module.__dict__.pop("_rethinkbn_torch_class", None)
+    fresh.load_state_dict(checkpoint)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reverted = _revert(fresh)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in reference.modules()]
+    if kind != "domain":  # a DomainBatchNorm's per-domain rows are copies, not the originals
+        assert_same_state(reverted, reference)
+    # Metadata, not a key: the keys are torch's, and torch's own layers load the checkpoint
+    # (strictly; a DomainBatchNorm's per-domain buffers have another shape).
+    assert list(checkpoint) == list(reference.state_dict())
+    if kind != "domain":
+        Net().load_state_dict(checkpoint)
+
+
+def test_a_checkpoint_without_a_torch_class_reverts_to_the_class_named_or_warns():
+    source = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))  # built directly: no record
+    rebuilt = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2))
+    rebuilt.load_state_dict(_saved_and_loaded(source.state_dict()))
     with pytest.warns(UserWarning, match="torch_class="):
         assert type(revert_batchnorm(copy.deepcopy(rebuilt))[0]) is nn.SyncBatchNorm
     with warnings.catch_warnings():

@@ -115,7 +115,7 @@ def test_precise_bn_on_cuda_equals_cpu():
 def test_stats_bank_switches_cuda_buffers_and_restores_them_exactly(tmp_path):
     model = small_model().cuda()
     bank = StatsBank()
-    bank.capture("a", model)
+    bank.capture(model, "a")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     precise_bn(model, [batch(seed=5)[0].cuda()], num_samples=None, num_batches=1)
     with bank.use(model, "a"):
@@ -137,8 +137,8 @@ def test_virtual_shuffle_and_shuffled_module_on_cuda():
     x = batch()[0].cuda()
     plan = ShufflePlan.virtual(8, 2, seed=0, step=0)
     assert torch.equal(plan.unshuffle(plan.shuffle(x)), x)
-    head = ShuffledModule(PerDeviceBatchNorm(3, num_devices=2), virtual_devices=2).cuda()
-    cpu_head = ShuffledModule(PerDeviceBatchNorm(3, num_devices=2), virtual_devices=2)
+    head = ShuffledModule(PerDeviceBatchNorm(3, num_devices=2), num_devices=2).cuda()
+    cpu_head = ShuffledModule(PerDeviceBatchNorm(3, num_devices=2), num_devices=2)
     assert_close(head(x).cpu(), cpu_head(x.cpu()), **TOL)
 
 

@@ -209,18 +209,18 @@ def test_output_can_feed_an_inplace_relu_like_torch_bn(make):
 
 @pytest.mark.parametrize("cls", [GhostBatchNorm, FrozenBatchNorm, DomainBatchNorm])
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"num_features": 0}, "num_features must be a positive int, got 0"),
-        ({"num_features": True}, "num_features must be a positive int, got True"),
-        ({"eps": 0.0}, r"eps must be > 0, got 0.0"),
-        ({"momentum": 1.5}, r"momentum must be in \[0, 1\] or None, got 1.5"),
+        ({"num_features": 0}, ValueError, "num_features must be a positive int, got 0"),
+        ({"num_features": True}, TypeError, "num_features must be a positive int, got True"),
+        ({"eps": 0.0}, ValueError, r"eps must be > 0, got 0.0"),
+        ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\] or None, got 1.5"),
     ],
 )
-def test_bad_constructor_arguments_name_the_class_and_the_value(cls, kwargs, message):
+def test_bad_constructor_arguments_name_the_class_and_the_value(cls, kwargs, error, message):
     args = {"num_features": 3, **kwargs}
     extra = {"num_domains": 2} if cls is DomainBatchNorm else {}
-    with pytest.raises(ValueError, match=f"{cls.__name__}: {message}"):
+    with pytest.raises(error, match=f"{cls.__name__}: {message}"):
         cls(**args, **extra)
 
 

@@ -202,13 +202,13 @@ def test_observer_gets_the_whole_batch_moments_from_groups_of_any_size(grouping,
 
 @pytest.mark.parametrize("nbs", [0, -3])
 def test_norm_batch_size_below_one_is_rejected_with_the_value(nbs):
-    with pytest.raises(ValueError, match=f"norm_batch_size must be >= 1.*got {nbs}"):
+    with pytest.raises(ValueError, match=f"norm_batch_size must be a positive int.*got {nbs}"):
         GhostBatchNorm(3, nbs)
     layer = GhostBatchNorm(3, 2)
     layer._rethinkbn_name = "block.bn"
     layer.norm_batch_size = nbs
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    with pytest.raises(ValueError, match="'block.bn'.*norm_batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="'block.bn'.*norm_batch_size must be a positive int"):
         layer(torch.randn(4, 3))
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
 

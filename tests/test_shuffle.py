@@ -76,11 +76,12 @@ def test_virtual_plan_needs_equal_devices():
 
 @pytest.mark.parametrize("devices", [0, 1.5, True])
 def test_virtual_devices_must_be_a_positive_int(devices):
-    with pytest.raises(ValueError, match=rf"num_devices must be a positive int, got {devices!r}"):
+    error = ValueError if type(devices) is int else TypeError  # a bool is not a count
+    with pytest.raises(error, match=rf"num_devices must be a positive int, got {devices!r}"):
         ShufflePlan.virtual(4, devices, seed=0, step=0)
-    with pytest.raises(ValueError, match=rf"virtual_devices must be a positive int or None, "
+    with pytest.raises(error, match=rf"num_devices must be a positive int or None, "
                                          rf"got {devices!r}"):
-        ShuffledModule(nn.Identity(), virtual_devices=devices)
+        ShuffledModule(nn.Identity(), num_devices=devices)
 
 def test_per_device_bn_normalizes_each_virtual_device_alone():
     x = global_batch([12], tail=(3, 4)).float()
@@ -108,7 +109,7 @@ def test_virtual_devices_converts_every_batchnorm_and_reverts():
 def test_shuffled_module_on_virtual_devices_equals_the_loop_over_shuffled_shares():
     x = global_batch([8]).float().requires_grad_()
     head = ShuffledModule(virtual_devices(nn.Sequential(nn.BatchNorm1d(3)), 4), seed=5,
-                          virtual_devices=4)
+                          num_devices=4)
     y = head(x)
     perm = shuffle_permutation(8, 5, 0)
     x_ref = x.detach().clone().requires_grad_()
@@ -121,7 +122,7 @@ def test_shuffled_module_on_virtual_devices_equals_the_loop_over_shuffled_shares
 
 
 def test_shuffled_module_uses_a_new_permutation_every_training_step():
-    head = ShuffledModule(nn.Identity(), seed=0, virtual_devices=2)
+    head = ShuffledModule(nn.Identity(), seed=0, num_devices=2)
     x = global_batch([40])
     plans = [head.plan(x)]
     head(x)
@@ -131,13 +132,13 @@ def test_shuffled_module_uses_a_new_permutation_every_training_step():
 
 def test_shuffled_module_in_eval_is_the_inner_module():
     inner = virtual_devices(nn.Sequential(nn.BatchNorm1d(3)), 2).eval()
-    head = ShuffledModule(inner, virtual_devices=2).eval()
+    head = ShuffledModule(inner, num_devices=2).eval()
     x = global_batch([4]).float()
     assert torch.equal(head(x), inner(x)) and head.step == 0
 
 
 def test_shuffled_module_refuses_an_inner_module_that_changes_the_batch():
-    head = ShuffledModule(nn.Flatten(0), virtual_devices=1)
+    head = ShuffledModule(nn.Flatten(0), num_devices=1)
     with pytest.raises(TypeError, match="expected the inner module to return one tensor with 4"):
         head(global_batch([4]))
 
@@ -231,12 +232,12 @@ def test_virtual_plan_moves_samples_exactly_as_the_plan_across_as_many_ranks(wor
 
 
 def test_shuffled_module_does_not_advance_when_the_forward_raises():
-    head = ShuffledModule(nn.BatchNorm1d(3), virtual_devices=2)
+    head = ShuffledModule(nn.BatchNorm1d(3), num_devices=2)
     with pytest.raises(RuntimeError, match="running_mean should contain 5"):
         head(torch.randn(4, 5))  # wrong channel count: the inner BatchNorm raises
     assert head.step == 0
     with pytest.raises(TypeError):
-        ShuffledModule(nn.Flatten(0), virtual_devices=1)(global_batch([4]))
+        ShuffledModule(nn.Flatten(0), num_devices=1)(global_batch([4]))
     head(torch.randn(4, 3))
     assert head.step == 1
 

@@ -67,7 +67,7 @@ def test_segment_merge_equals_a_loop_over_segments():
 
 def test_moments_of_groups_equal_a_loop_over_groups():
     x = torch.randn(12, 3, 5, dtype=torch.float64)
-    grouped = Moments.of(x, groups=4)
+    grouped = Moments.of(x, num_groups=4)
     assert grouped.shape == (4, 3)
     for g in range(4):
         count, mean, var = reference(x[3 * g: 3 * g + 3])
@@ -75,7 +75,7 @@ def test_moments_of_groups_equal_a_loop_over_groups():
         torch.testing.assert_close(grouped.mean[g], mean)
         torch.testing.assert_close(grouped.var()[g], var)
     with pytest.raises(ValueError, match="does not split"):
-        Moments.of(x, groups=5)
+        Moments.of(x, num_groups=5)
 
 
 def test_an_empty_batch_has_zero_count():

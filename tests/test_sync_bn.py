@@ -337,7 +337,9 @@ def test_process_group_and_group_size_are_exclusive():
 
 @pytest.mark.parametrize("group_size", [0, -2, 1.5, True])
 def test_group_size_must_be_a_positive_int(group_size):
-    with pytest.raises(ValueError, match=rf"group_size must be a positive int, got {group_size!r}"):
+    error = ValueError if type(group_size) is int else TypeError  # a bool is not a count
+    with pytest.raises(error, match=rf"group_size must be a positive int or None, "
+                                    rf"got {group_size!r}"):
         SyncBatchNorm(3, group_size=group_size)
 
 def rank1_raises_mid_step(spec):

@@ -14,59 +14,31 @@ point down this list only:
 The reproduction of the paper's studies (`rethinkbn reproduce`) is a separate package beside this
 one, `rethinkbn_studies` (its dependencies come with the `studies` extra): it uses only this
 package's public API, and this package never imports it (the command imports it when it runs).
+
+The top level offers every name of the ``__all__`` of ``layers``, ``convert``, ``population`` and
+``distributed``, and of ``stats`` the moments and their collectives; ``stats``' building blocks
+for writing a layer stay there (``tests/test_exports.py`` holds the rule and its exclusions).
 """
 
-from .convert import convert_batchnorm, fold_batchnorm, revert_batchnorm
+from . import convert, distributed, layers, population
+from .convert import *  # noqa: F403 - the names of convert.__all__
 from .diagnosis import Diagnosis, diagnose
-from .distributed import (
-    PerDeviceBatchNorm,
-    ShuffledModule,
-    ShufflePlan,
-    SyncBatchNorm,
-    to_sync_bn,
-    virtual_devices,
-)
-from .layers import (
-    DomainBatchNorm,
-    FrozenBatchNorm,
-    GhostBatchNorm,
-    is_batchnorm,
-    use_domain,
-)
-from .population import (
-    FreezeBNHook,
-    PreciseBNHook,
-    PreciseBNReport,
-    StatsBank,
-    batch_stats_inference,
-    ema_report,
-    freeze_with_precise_stats,
-    precise_bn,
-    recompute_stats,
-)
-from .stats import Moments, all_reduce_moments
+from .distributed import *  # noqa: F403
+from .layers import *  # noqa: F403
+from .population import *  # noqa: F403
+from .stats import Moments, all_gather_moments, all_reduce_moments
 
 __version__ = "0.1.0"
 
-__all__ = ["Moments", "all_reduce_moments", "__version__", "Diagnosis", "diagnose"]
-__all__ += ["convert_batchnorm", "fold_batchnorm", "revert_batchnorm"]
-__all__ += [
-    "PerDeviceBatchNorm",
-    "ShuffledModule",
-    "ShufflePlan",
-    "SyncBatchNorm",
-    "to_sync_bn",
-    "virtual_devices",
-]
-__all__ += ["DomainBatchNorm", "FrozenBatchNorm", "GhostBatchNorm", "is_batchnorm", "use_domain"]
-__all__ += [
-    "FreezeBNHook",
-    "PreciseBNHook",
-    "PreciseBNReport",
-    "StatsBank",
-    "batch_stats_inference",
-    "ema_report",
-    "freeze_with_precise_stats",
-    "precise_bn",
-    "recompute_stats",
+__all__ = [
+    "Moments",
+    "all_gather_moments",
+    "all_reduce_moments",
+    "__version__",
+    "Diagnosis",
+    "diagnose",
+    *convert.__all__,
+    *distributed.__all__,
+    *layers.__all__,
+    *population.__all__,
 ]

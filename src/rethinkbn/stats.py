@@ -167,11 +167,11 @@ class Moments:
         return cls(count_t.clone(), mean, var.detach().to(ACC_DTYPE) * dof)
 
     @classmethod
-    def of(cls, x: Tensor, groups: int | None = None) -> Moments:
+    def of(cls, x: Tensor, num_groups: int | None = None) -> Moments:
         """Per-channel moments of ``x`` (channel dim 1, every other dim is batch), detached.
 
-        With ``groups``, the moments of each of ``groups`` equal contiguous groups of samples,
-        shape ``(groups, C)`` (``groups=N`` gives per-sample moments).
+        With ``num_groups``, the moments of each of ``num_groups`` equal contiguous groups of
+        samples, shape ``(num_groups, C)`` (``num_groups=N`` gives per-sample moments).
 
         Two passes: a mean, then the squared deviations from it, never ``E[x^2] - E[x]^2``.
         float64 and 2-D ``(N, C)`` inputs: ``mean = sum(x) / n`` in float64, then
@@ -187,13 +187,13 @@ class Moments:
         A large mean costs the spread none of its digits and nothing cancels.
         """
         with torch.no_grad():
-            if groups is not None:
-                if groups < 1 or x.size(0) % groups:
+            if num_groups is not None:
+                if num_groups < 1 or x.size(0) % num_groups:
                     raise ValueError(
                         f"Moments.of: a batch of {x.size(0)} samples does not split into "
-                        f"{groups} equal groups"
+                        f"{num_groups} equal groups"
                     )
-                x = x.reshape(groups, x.size(0) // groups, *x.shape[1:]).transpose(0, 1)
+                x = x.reshape(num_groups, x.size(0) // num_groups, *x.shape[1:]).transpose(0, 1)
                 x = x.reshape(x.size(0), -1, *x.shape[3:])  # (n, groups * C, ...)
             count = x.numel() // max(x.size(1), 1)
             if count == 0:
@@ -206,9 +206,9 @@ class Moments:
                 moments = cls(torch.full_like(mean, count), mean, m2)
             else:
                 moments = cls._of_per_sample(x, count)
-        if groups is None:
+        if num_groups is None:
             return moments
-        shape = (groups, -1)
+        shape = (num_groups, -1)
         return cls(moments.count.view(shape), moments.mean.view(shape), moments.m2.view(shape))
 
     @classmethod
@@ -232,9 +232,6 @@ class Moments:
         """Biased (``m2 / n``) or unbiased (``m2 / (n - 1)``) variance; NaN where undefined."""
         denom = self.count - 1 if unbiased else self.count
         return self.m2 / denom.where(denom > 0, torch.full_like(denom, float("nan")))
-
-    def to(self, device: torch.device | str) -> Moments:
-        return Moments(self.count.to(device), self.mean.to(device), self.m2.to(device))
 
     # ----------------------------------------------------------------- merging
     def merge(self, other: Moments) -> Moments:
@@ -270,11 +267,6 @@ class Moments:
         index = torch.zeros(self.mean.shape[0], dtype=torch.long, device=self.mean.device)
         merged = self.segment_merge(index, 1)
         return Moments(merged.count[0], merged.mean[0], merged.m2[0])
-
-    # ----------------------------------------------------------------- distributed
-    def all_reduce(self, group: dist.ProcessGroup | None = None) -> Moments:
-        """The moments of the union over every rank of ``group``, in one all_reduce."""
-        return all_reduce_moments([self], group)[0]
 
 
 def _pack(moments: Sequence[Moments]) -> Tensor:
@@ -342,13 +334,13 @@ def require(ok: Tensor, message: str, error: type[Exception] = ValueError) -> No
 
 def check_same_layout(
     moments: Sequence[Moments],
-    group: dist.ProcessGroup | None = None,
+    process_group: dist.ProcessGroup | None = None,
     *,
     what: str = "all_gather_moments",
     tag: Sequence[float] = (),
     tag_names: Sequence[str] = (),
 ) -> None:
-    """Raise ``ValueError`` on every rank unless all ranks of ``group`` hold the same layout.
+    """Raise ``ValueError`` on every rank unless all ranks of ``process_group`` agree on the layout.
 
     One all_gather of a few numbers per rank (and one read of them on the host): the number of
     sets of moments, their sizes, and the caller's ``tag`` (e.g. a layer's channel count and
@@ -358,8 +350,8 @@ def check_same_layout(
     layout = _layout(moments, tag)
     device = moments[0].mean.device if moments else "cpu"
     mine = _full(layout, device)
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, mine, group=group)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(rows, mine, group=process_group)
     gathered = torch.stack(rows).tolist()
     if any(row != gathered[0] for row in gathered):
         detail = "; ".join(f"rank {r}: {_describe(row, tag_names)}"
@@ -380,7 +372,7 @@ def _full(values: Sequence[float], device: torch.device | str) -> Tensor:
 
 def all_reduce_moments(
     moments: Sequence[Moments],
-    group: dist.ProcessGroup | None = None,
+    process_group: dist.ProcessGroup | None = None,
     *,
     what: str = "all_reduce_moments",
     tag: Sequence[float] = (),
@@ -402,12 +394,12 @@ def all_reduce_moments(
     moments = list(moments)
     if not moments or not dist.is_available() or not dist.is_initialized():
         return moments
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(process_group)
     if world == 1:
         return moments
     layout = _layout(moments, tag)
     flat = torch.cat([_full(layout, moments[0].mean.device), _pack(moments)])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
     k = len(layout)
     expected = _full(layout, flat.device) * world
     require(
@@ -421,7 +413,7 @@ def all_reduce_moments(
 
 def all_gather_moments(
     moments: Sequence[Moments],
-    group: dist.ProcessGroup | None = None,
+    process_group: dist.ProcessGroup | None = None,
     *,
     what: str = "all_gather_moments",
 ) -> list[Moments]:
@@ -438,15 +430,15 @@ def all_gather_moments(
     moments = list(moments)
     if not dist.is_available() or not dist.is_initialized():
         return moments
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(process_group)
     if world == 1:
         return moments
-    check_same_layout(moments, group, what=what)
+    check_same_layout(moments, process_group, what=what)
     if not moments:
         return moments
     flat = torch.cat([t.reshape(-1) for m in moments for t in (m.count, m.mean, m.m2)])
     rows = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(rows, flat, group=group)
+    dist.all_gather(rows, flat, group=process_group)
     gathered = torch.stack(rows)  # (world, total)
     out, offset = [], 0
     for m in moments:

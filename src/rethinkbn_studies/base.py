@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from rethinkbn.population import markdown_table
+
 if TYPE_CHECKING:
     from .cache import RunCache
     from .data import DataSplit
@@ -56,7 +58,6 @@ __all__ = [
     "mean_std",
     "register_study",
     "registered_studies",
-    "table_cell",
     "verdict",
 ]
 
@@ -135,6 +136,17 @@ class Verdict:
         return out
 
 
+def check_count(value: object, name: str, owner: str, allow_none: bool = False) -> None:
+    """The harness's positive-int check, by the library's rule (the library's helper is private):
+    ``TypeError`` for a non-int (``bool`` included), ``ValueError`` below 1."""
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 def verdict(criterion: str, holds: bool, detail: str = "") -> Verdict:
     """A verdict whose outcome is ``holds``, computed by the caller from measured numbers."""
     return Verdict(agrees=bool(holds), criterion=criterion, detail=detail)
@@ -151,11 +163,6 @@ class SummaryRow:
     ours: str
     paper: str
     verdict: Verdict
-
-
-def table_cell(text: str) -> str:
-    """``text`` made safe inside a markdown table cell: ``|`` escaped, newlines as spaces."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 @dataclass
@@ -176,13 +183,11 @@ class Table:
             return f"{mean:.{self.digits}f} ± {std:.{self.digits}f}"
         if isinstance(value, float):
             return f"{value:.{self.digits}f}"
-        return table_cell(value)
+        return str(value)
 
     def to_markdown(self) -> str:
-        head = "| " + " | ".join(table_cell(c) for c in self.columns) + " |"
-        rule = "|" + "|".join("---" for _ in self.columns) + "|"
-        body = ["| " + " | ".join(self.cell(v) for v in row) + " |" for row in self.rows]
-        return "\n".join([f"*{self.title}*", "", head, rule, *body])
+        body = [[self.cell(v) for v in row] for row in self.rows]
+        return markdown_table(f"*{self.title}*\n", self.columns, body, right_aligned=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"title": self.title, "columns": self.columns, "rows": self.rows}
@@ -242,8 +247,7 @@ class RunContext:
     ranks: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
-            raise ValueError(f"RunContext: ranks must be a positive int, got {self.ranks!r}")
+        check_count(self.ranks, "ranks", "RunContext")
 
     def plot_path(self, name: str) -> Path:
         """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import ProgressFactory, RunContext, get_study, registered_studies
+from .base import ProgressFactory, RunContext, check_count, get_study, registered_studies
 from .cache import RunCache
 from .data import DataSplit, check_data_spec, load_data
 from .processes import cpu_threads
@@ -78,11 +78,8 @@ def reproduce(
     log = sys.stderr if log is None else log
     studies = [get_study(n) for n in only] if only else registered_studies()
     n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
-    if n_seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"--threads must be a positive int or None, got {threads!r}")
+    check_count(n_seeds, "--seeds", "reproduce")
+    check_count(threads, "--threads", "reproduce", allow_none=True)
     if ranks != 1 and not any(s.uses_ranks for s in studies):
         users = [s.name for s in registered_studies() if s.uses_ranks]
         raise ValueError(f"--ranks {ranks}: only {', '.join(users)} uses it, and it is not "

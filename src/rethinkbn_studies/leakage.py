@@ -210,7 +210,7 @@ def build_model(variant: Variant, scale: LeakageScale, seed: int, *, distributed
     if variant.shuffle:
         assert variant.images_per_device is not None
         devices = scale.images_per_step // variant.images_per_device
-        head = ShuffledModule(head, seed=seed, virtual_devices=None if distributed else devices)
+        head = ShuffledModule(head, seed=seed, num_devices=None if distributed else devices)
     return RoiNet(head, task.window, hidden)
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .data import DataSplit
 
-__all__ = ["BasicBlock", "ResNet", "build_model", "resnet1d", "resnet2d"]
+__all__ = ["BasicBlock", "ResNet", "build_model"]
 
 
 class BasicBlock(nn.Module):
@@ -80,18 +80,6 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
-
-
-def resnet1d(in_channels: int = 1, num_classes: int = 10,
-             widths: tuple[int, ...] = (32, 64, 128), blocks: int = 1) -> ResNet:
-    """A 1-D ResNet with BatchNorm1d (for MNIST-1D: inputs (N, 1, 40))."""
-    return ResNet(1, in_channels, num_classes, widths, blocks)
-
-
-def resnet2d(in_channels: int = 3, num_classes: int = 10,
-             widths: tuple[int, ...] = (32, 64, 128), blocks: int = 1) -> ResNet:
-    """A small 2-D ResNet with BatchNorm2d, for CIFAR-10 or image folders."""
-    return ResNet(2, in_channels, num_classes, widths, blocks)
 
 
 def build_model(data: DataSplit, widths: tuple[int, ...] = (32, 64, 128), blocks: int = 1

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .base import AGREES, INCONCLUSIVE, Study, StudyResult, table_cell
+from rethinkbn.population import markdown_table
+
+from .base import AGREES, INCONCLUSIVE, Study, StudyResult
 
 __all__ = ["StudyOutcome", "environment", "render_report", "write_outputs"]
 
@@ -75,18 +77,15 @@ def _json_safe(value: Any) -> Any:
 
 
 def _summary_table(outcomes: list[StudyOutcome]) -> list[str]:
-    lines = ["| study | claim | ours | paper | verdict |", "|---|---|---|---|---|"]
+    rows: list[list[str]] = []
     for o in outcomes:
         if o.result is None:
-            lines.append(f"| `{o.study.name}` | (failed: {table_cell(o.error)}) | - | - | - |")
+            rows.append([f"`{o.study.name}`", f"(failed: {o.error})", "-", "-", "-"])
             continue
-        for row in o.result.summary:
-            lines.append(
-                f"| `{o.study.name}` | {table_cell(row.claim)} | {table_cell(row.ours)} | "
-                f"{table_cell(row.paper)} | "
-                f"**{row.verdict.label}** |"
-            )
-    return lines
+        rows += [[f"`{o.study.name}`", row.claim, row.ours, row.paper, f"**{row.verdict.label}**"]
+                 for row in o.result.summary]
+    header = ["study", "claim", "ours", "paper", "verdict"]
+    return markdown_table("", header, rows, right_aligned=False).split("\n")
 
 
 def _cache_note(env: dict[str, Any]) -> str:

@@ -12,7 +12,9 @@ and ``revert_batchnorm(convert_batchnorm(model, ...))`` restores the original mo
   flag carry over;
 * the torch class a layer came from (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` or timm's
   ``BatchNormAct2d`` / ``SyncBatchNormAct``) is remembered on the converted layer
-  (``_rethinkbn_torch_class``) and is what ``revert_batchnorm`` rebuilds;
+  (``_rethinkbn_torch_class``), travels in its ``state_dict``'s metadata (a checkpoint loaded
+  into layers built directly as rethinkbn layers hands it on) and is what ``revert_batchnorm``
+  rebuilds;
 * a BatchNorm fused with dropout and an activation (timm's norm-act layers) converts to the
   kind's norm-act class (:mod:`rethinkbn.convert.norm_act`), which keeps the very ``drop`` and
   ``act`` modules.
@@ -34,6 +36,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._checks import check_int
 from ..layers import (
     BatchNormBase,
     DomainBatchNorm,
@@ -106,6 +109,10 @@ class BatchNormState:
     process_group: Any = None
     # What a norm-act layer applies after normalizing ({"drop": ..., "act": ...}), the very modules.
     post: Mapping[str, nn.Module] = field(default_factory=dict)
+    # Written by install(): requires_grad flags to set on the built layer's parameters once every
+    # layer of the conversion has been built (setting them earlier would change the source
+    # layer's Parameter objects before the conversion is known to succeed).
+    pending_requires_grad: dict[str, bool] = field(default_factory=dict, compare=False)
 
     @property
     def tensors(self) -> dict[str, Tensor | None]:
@@ -145,8 +152,8 @@ class BatchNormState:
         ``(D, *shape)`` receives ``D`` copies (a new Parameter with the same ``requires_grad``).
         Only ``layer`` is changed, never the tensors of this state: where ``layer`` wants a
         parameter frozen (its own had ``requires_grad=False``) or this state records a flag to
-        restore, the change is left in ``layer._rethinkbn_pending_requires_grad`` for
-        :func:`convert_batchnorm` to apply once every layer has been built.
+        restore, the change is recorded in :attr:`pending_requires_grad` (replacing what an earlier
+        install recorded) for :func:`convert_batchnorm` to apply once every layer has been built.
         """
         pending: dict[str, bool] = {}
         frozen_from: dict[str, bool] = {}
@@ -178,7 +185,8 @@ class BatchNormState:
                 elif key in self.requires_grad:
                     pending[key] = self.requires_grad[key]
             setattr(layer, key, value)
-        layer._rethinkbn_pending_requires_grad = pending  # type: ignore[assignment]
+        self.pending_requires_grad.clear()
+        self.pending_requires_grad.update(pending)
         if frozen_from:
             layer._rethinkbn_requires_grad = frozen_from  # type: ignore[assignment]
         layer.train(self.training)
@@ -516,19 +524,23 @@ def convert_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    check_int(domain, "domain", "convert_batchnorm", minimum=0, allow_none=True)
     register_known_libraries()
     kind = _resolve_kind(to, layer_kwargs)
     include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
 
     replacements: dict[int, nn.Module] = {}
+    pending: list[tuple[nn.Module, Mapping[str, bool]]] = []  # requires_grad flags to set last
     skipped: list[str] = []
     unknown: list[str] = []  # reverted without a record of their torch class
     for site in _batchnorm_sites(model):
         if not _selected(site, include_p, exclude_p, predicate):
             continue
-        new = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
-        if new is not None:
+        converted = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
+        if converted is not None:
+            new, flags = converted
             replacements[id(site.module)] = new
+            pending.append((new, flags))
 
     if skipped:
         warnings.warn(
@@ -555,8 +567,8 @@ def convert_batchnorm(
         )
         return model
 
-    for new in replacements.values():
-        for key, flag in new.__dict__.pop("_rethinkbn_pending_requires_grad", {}).items():
+    for new, flags in pending:
+        for key, flag in flags.items():
             getattr(new, key).requires_grad_(flag)
     swap_modules(model, replacements)
     return replacements.get(id(model), model)
@@ -577,7 +589,8 @@ def _convert_one(
     layer_kwargs: dict[str, Any],
     skipped: list[str],
     unknown: list[str],
-) -> nn.Module | None:
+) -> tuple[nn.Module, Mapping[str, bool]] | None:
+    """The new layer for ``site`` and the requires_grad flags to set on it last; None: skipped."""
     module, source_type = site.module, type(site.module)
     custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
         (source_type, "*")
@@ -593,7 +606,7 @@ def _convert_one(
         if custom is not None:
             new = custom(module, **layer_kwargs)
             new._rethinkbn_name = site.name
-            return _carry_hooks(module, new)
+            return _carry_hooks(module, new), {}
         state = reader(module, site.name, domain)  # type: ignore[misc]
         if kind.name == "torch" and state.torch_class is None and "torch_class" not in layer_kwargs:
             unknown.append(f"{site.name!r} ({source_type.__name__})")
@@ -601,7 +614,8 @@ def _convert_one(
             raise ValueError(
                 "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
             )
-        return _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
+        new = _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
+        return new, state.pending_requires_grad
     except (TypeError, ValueError) as err:
         raise type(err)(
             f"convert_batchnorm: cannot convert {site.name!r} ({source_type.__name__}) to "
@@ -649,9 +663,10 @@ def revert_batchnorm(
     """Turn rethinkbn layers back into torch BatchNorm; ``convert_batchnorm(model, "torch")``.
 
     Each layer becomes the torch class it was converted from (recorded on the layer, so kept by
-    ``copy.deepcopy`` and ``torch.save(model)``); ``torch_class=`` chooses another. A layer with
-    no such record (built as a rethinkbn layer, or rebuilt so and then given a checkpoint's
-    ``state_dict``, which holds tensors only) becomes ``nn.SyncBatchNorm``, the torch class that
+    ``copy.deepcopy`` and ``torch.save(model)``, and in the metadata of its ``state_dict``, so a
+    checkpoint loaded into layers built as rethinkbn layers hands it on); ``torch_class=``
+    chooses another. A layer with no such record (built as a rethinkbn layer and never given a
+    converted layer's checkpoint) becomes ``nn.SyncBatchNorm``, the torch class that
     accepts every input rank and, without an initialized process group, computes exactly what
     ``BatchNorm1d/2d/3d`` compute; a warning names those layers unless ``torch_class=`` is given.
     A DomainBatchNorm with per-domain statistics or affine parameters needs ``domain=k`` (keep

@@ -3,7 +3,7 @@
     model = to_sync_bn(model)                      # every BatchNorm -> SyncBatchNorm (world)
     model = to_sync_bn(model, group_size=4)        # sync within consecutive groups of 4 ranks
     head = ShuffledModule(head)                    # MoCo / Fig. 9 shuffle BN across ranks
-    head = ShuffledModule(virtual_devices(head, 8), virtual_devices=8)   # the same, one process
+    head = ShuffledModule(virtual_devices(head, 8), num_devices=8)   # the same, one process
 
 Importing this package registers the conversion kinds ``"sync"`` (:class:`SyncBatchNorm`) and
 ``"per_device"`` (:class:`PerDeviceBatchNorm`) with :func:`rethinkbn.convert.register_converter`,

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..layers.base import layer_name
 
 __all__ = ["ShufflePlan", "ShuffledModule", "shuffle_permutation"]
@@ -70,26 +70,27 @@ class _Route:
             torch.argsort(self.send_index),
         )
 
-    def apply(self, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    def apply(self, x: Tensor, process_group: dist.ProcessGroup | None) -> Tensor:
         send = x.index_select(0, self.send_index.to(x.device)).contiguous()
         recv = x.new_empty((sum(self.recv_counts), *x.shape[1:]))
-        dist.all_to_all_single(recv, send, self.recv_counts, self.send_counts, group=group)
+        dist.all_to_all_single(recv, send, self.recv_counts, self.send_counts, group=process_group)
         return recv.index_select(0, self.recv_index.to(x.device))
 
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, route: _Route, group: dist.ProcessGroup | None
+        ctx: Any, x: Tensor, route: _Route, process_group: dist.ProcessGroup | None
     ) -> Tensor:
-        ctx.route, ctx.group = route, group
-        return route.apply(x, group)
+        ctx.route, ctx.process_group = route, process_group
+        return route.apply(x, process_group)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         # The reverse exchange, itself differentiable: second derivatives (create_graph=True)
         # flow through it too.
-        return _Exchange.apply(grad.contiguous(), ctx.route.reversed(), ctx.group), None, None
+        back = _Exchange.apply(grad.contiguous(), ctx.route.reversed(), ctx.process_group)
+        return back, None, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +105,7 @@ class ShufflePlan:
     sizes: tuple[int, ...]
     perm: Tensor
     rank: int | None = None
-    group: dist.ProcessGroup | None = None
+    process_group: dist.ProcessGroup | None = None
     route: _Route | None = None
 
     # ------------------------------------------------------------------ construction
@@ -114,10 +115,7 @@ class ShufflePlan:
 
         ``batch_size`` must split into ``num_devices`` equal chunks.
         """
-        if not is_positive_int(num_devices):
-            raise ValueError(
-                f"ShufflePlan.virtual: num_devices must be a positive int, got {num_devices!r}"
-            )
+        check_positive_int(num_devices, "num_devices", "ShufflePlan.virtual")
         if batch_size % num_devices:
             raise ValueError(
                 f"ShufflePlan.virtual: a batch of {batch_size} samples does not split into "
@@ -132,11 +130,11 @@ class ShufflePlan:
         local_batch_size: int,
         seed: int,
         step: int,
-        group: dist.ProcessGroup | None = None,
+        process_group: dist.ProcessGroup | None = None,
         sizes: Sequence[int] | None = None,
         device: torch.device | str | None = None,
     ) -> ShufflePlan:
-        """This rank's plan for the global batch of every rank of ``group`` (default: world).
+        """This rank's plan for the global batch of the ranks of ``process_group`` (default: world).
 
         Without ``sizes`` (every rank's local batch size, in rank order) they are exchanged in
         one small all_gather, and read once on the host (the all_to_all needs them there). The
@@ -148,12 +146,12 @@ class ShufflePlan:
         """
         if not dist.is_available() or not dist.is_initialized():
             return cls((local_batch_size,), shuffle_permutation(local_batch_size, seed, step), 0)
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         if sizes is None:
-            where = _exchange_device(group, device)
+            where = _exchange_device(process_group, device)
             mine = torch.full((1,), local_batch_size, dtype=torch.long, device=where)
             gathered = [torch.empty_like(mine) for _ in range(world)]
-            dist.all_gather(gathered, mine, group=group)
+            dist.all_gather(gathered, mine, group=process_group)
             sizes = torch.cat(gathered).tolist()  # one read, not one per rank
         sizes = tuple(int(s) for s in sizes)
         if len(sizes) != world or sizes[rank] != local_batch_size or min(sizes) < 0:
@@ -165,7 +163,7 @@ class ShufflePlan:
         route = _route(sizes, perm, rank)
         if device is not None and torch.device(device).type != "cpu":
             route = route.to(torch.device(device))
-        return cls(sizes, perm, rank, group, route)
+        return cls(sizes, perm, rank, process_group, route)
 
     # ------------------------------------------------------------------ use
     @property
@@ -177,14 +175,14 @@ class ShufflePlan:
         self._check(x, "shuffle")
         if self.route is None:
             return x.index_select(0, self.perm.to(x.device))
-        return _Exchange.apply(x, self.route, self.group)
+        return _Exchange.apply(x, self.route, self.process_group)
 
     def unshuffle(self, y: Tensor) -> Tensor:
         """The inverse of :meth:`shuffle`: row ``i`` of the result belongs to input sample ``i``."""
         self._check(y, "unshuffle")
         if self.route is None:
             return y.index_select(0, torch.argsort(self.perm).to(y.device))
-        return _Exchange.apply(y, self.route.reversed(), self.group)
+        return _Exchange.apply(y, self.route.reversed(), self.process_group)
 
     def _check(self, x: Tensor, what: str) -> None:
         expected = sum(self.sizes) if self.rank is None else self.sizes[self.rank]
@@ -196,14 +194,14 @@ class ShufflePlan:
 
 
 def _exchange_device(
-    group: dist.ProcessGroup | None, device: torch.device | str | None
+    process_group: dist.ProcessGroup | None, device: torch.device | str | None
 ) -> torch.device:
     """CPU when the group's backend takes CPU tensors (gloo), else ``device`` or the GPU's.
 
     A pure NCCL group refuses CPU tensors; a gloo group (or ``"cpu:gloo,cuda:nccl"``) takes them
     without any host-device traffic.
     """
-    backend = str(dist.get_backend(group)).lower()
+    backend = str(dist.get_backend(process_group)).lower()
     if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
         return torch.device("cpu")
     if device is not None and torch.device(device).type != "cpu":
@@ -244,11 +242,11 @@ class ShuffledModule(nn.Module):
     (a plain attribute, not saved in the state dict; a forward that raises leaves it) and uses
     the permutation of ``(seed, step)``, the same on every rank.
 
-    * Across ranks (``virtual_devices=None``): the plan of ``process_group`` (default: world);
+    * Across ranks (``num_devices=None``): the plan of ``process_group`` (default: world);
       every rank must call the wrapper in the same step. Each step makes one small all_gather of
       the local batch sizes and one all_to_all per direction. Without an initialized process
       group the batch is shuffled within the process.
-    * ``virtual_devices=k`` (one process): the batch is ``k`` contiguous virtual devices; use
+    * ``num_devices=k`` (one process): the batch is ``k`` contiguous virtual devices; use
       :func:`~rethinkbn.distributed.virtual.virtual_devices` on ``inner`` for per-device BN.
 
     ``inner`` must return one tensor with the batch in dim 0.
@@ -259,29 +257,25 @@ class ShuffledModule(nn.Module):
         inner: nn.Module,
         seed: int = 0,
         process_group: dist.ProcessGroup | None = None,
-        virtual_devices: int | None = None,
+        num_devices: int | None = None,
     ) -> None:
         super().__init__()
-        if virtual_devices is not None and not is_positive_int(virtual_devices):
-            raise ValueError(
-                f"ShuffledModule: virtual_devices must be a positive int or None, "
-                f"got {virtual_devices!r}"
-            )
-        if virtual_devices is not None and process_group is not None:
-            raise ValueError("ShuffledModule: give process_group or virtual_devices, not both")
+        check_positive_int(num_devices, "num_devices", "ShuffledModule", allow_none=True)
+        if num_devices is not None and process_group is not None:
+            raise ValueError("ShuffledModule: give process_group or num_devices, not both")
         self.inner = inner
         self.seed = seed
         self.process_group = process_group
-        self.virtual_devices = virtual_devices
+        self.num_devices = num_devices
         self.step = 0
 
     def extra_repr(self) -> str:
-        return f"seed={self.seed}, virtual_devices={self.virtual_devices}"
+        return f"seed={self.seed}, num_devices={self.num_devices}"
 
     def plan(self, x: Tensor) -> ShufflePlan:
         """The plan of this step for the batch ``x`` (does not advance ``step``)."""
-        if self.virtual_devices is not None:
-            return ShufflePlan.virtual(x.size(0), self.virtual_devices, self.seed, self.step)
+        if self.num_devices is not None:
+            return ShufflePlan.virtual(x.size(0), self.num_devices, self.seed, self.step)
         return ShufflePlan.across_ranks(
             x.size(0), self.seed, self.step, self.process_group, device=x.device
         )

@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..layers.base import BatchNormBase, layer_name
 from ..stats import (
     Moments,
@@ -87,6 +87,7 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
     created once per initialized world; the first call is a collective over the whole world (every
     rank must make it, in the same order relative to other group creations).
     """
+    check_positive_int(group_size, "group_size", "consecutive_group")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"consecutive_group(group_size={group_size}) needs an initialized process group "
@@ -94,10 +95,10 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
         )
     world = dist.group.WORLD
     world_size = dist.get_world_size()
-    if not is_positive_int(group_size) or world_size % group_size:
+    if world_size % group_size:
         raise ValueError(
-            f"group_size must be a positive divisor of the world size {world_size}, "
-            f"got {group_size!r}"
+            f"consecutive_group: group_size must be a positive divisor of the world size "
+            f"{world_size}, got {group_size!r}"
         )
     key = (id(world), group_size)
     if key not in _SUBGROUPS:
@@ -287,11 +288,8 @@ class SyncBatchNorm(BatchNormBase):
                 f"SyncBatchNorm({num_features}): give process_group or group_size, not both "
                 f"(got process_group={process_group!r}, group_size={group_size!r})"
             )
-        if group_size is not None and not is_positive_int(group_size):
-            raise ValueError(
-                f"SyncBatchNorm({num_features}): group_size must be a positive int, "
-                f"got {group_size!r}"
-            )
+        check_positive_int(group_size, "group_size", f"SyncBatchNorm({num_features})",
+                           allow_none=True)
         self.process_group = process_group
         self.group_size = group_size
         # The group's mean at the last synced forward: identical on every rank of the group (it
@@ -315,7 +313,7 @@ class SyncBatchNorm(BatchNormBase):
             self.process_group = consecutive_group(self.group_size)
         size = dist.get_world_size(self.process_group)
         if size < 1:
-            raise RuntimeError(
+            raise ValueError(
                 f"{layer_name(self)}: rank {dist.get_rank()} is not a member of its "
                 f"process_group {self.process_group!r}; expected a group containing this rank"
             )

@@ -6,7 +6,7 @@ chunk ``d`` being device ``d``'s local batch (what a DistributedSampler gives ra
 * per-GPU BN: ``virtual_devices(model, k)`` turns every BatchNorm into :class:`PerDeviceBatchNorm`,
   which normalizes each chunk with its own statistics (ghost BN with contiguous groups);
 * SyncBN over the ``k`` devices: the model's plain BatchNorm over the whole batch;
-* shuffled BN: ``ShuffledModule(virtual_devices(head, k), virtual_devices=k)`` permutes the
+* shuffled BN: ``ShuffledModule(virtual_devices(head, k), num_devices=k)`` permutes the
   samples across the chunks before the head and puts them back after, with the same permutation
   that :class:`~rethinkbn.distributed.ShufflePlan` makes across ``k`` real ranks.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..convert import convert_batchnorm
 from ..layers import GhostBatchNorm, layer_name
 
@@ -40,11 +40,7 @@ class PerDeviceBatchNorm(GhostBatchNorm):
     """
 
     def __init__(self, num_features: int, num_devices: int = 1, **kwargs: object) -> None:
-        if not is_positive_int(num_devices):
-            raise ValueError(
-                f"PerDeviceBatchNorm({num_features}): num_devices must be a positive int, "
-                f"got {num_devices!r}"
-            )
+        check_positive_int(num_devices, "num_devices", f"PerDeviceBatchNorm({num_features})")
         kwargs.setdefault("grouping", "contiguous")
         if kwargs["grouping"] != "contiguous":
             raise ValueError(
@@ -83,9 +79,6 @@ def virtual_devices(model: nn.Module, num_devices: int, **kwargs: object) -> nn.
     keywords (``include``, ``exclude``, ``predicate``) are those of ``convert_batchnorm``. Changes
     ``model`` in place and returns it (the new root if the root itself was a BatchNorm).
     """
-    if not is_positive_int(num_devices):
-        raise ValueError(
-            f"virtual_devices: num_devices must be a positive int, got {num_devices!r}"
-        )
+    check_positive_int(num_devices, "num_devices", "virtual_devices")
     return convert_batchnorm(model, "per_device", num_devices=num_devices, **kwargs)
 

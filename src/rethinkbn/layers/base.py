@@ -8,13 +8,14 @@ training batch is normalized.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..stats import Moments
 
 __all__ = [
@@ -30,6 +31,29 @@ MomentsObserver = Callable[["BatchNormBase", Moments], None]
 
 # What a training step does with a non-finite batch statistic (see BatchNormBase).
 NONFINITE_POLICIES = ("skip", "raise")
+
+# The entry of a layer's state_dict metadata (``state_dict._metadata[prefix]``, beside torch's
+# "version") that names the torch class the layer was converted from, "module:qualname": a
+# checkpoint then reverts to that class after loading into layers built directly as rethinkbn
+# layers. Metadata, not a state_dict key: torch's BatchNorm loads the same checkpoint unchanged.
+TORCH_CLASS_KEY = "rethinkbn_torch_class"
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _torch_class_from_path(path: object) -> type | None:
+    """The BatchNorm class named by ``path``, looked up in modules already imported (a checkpoint
+    never makes us import anything); None when it is not one."""
+    if not isinstance(path, str) or ":" not in path:
+        return None
+    module_name, _, qualname = path.partition(":")
+    found: object = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    is_bn = isinstance(found, type) and issubclass(found, nn.modules.batchnorm._BatchNorm)
+    return found if is_bn else None  # type: ignore[return-value]
 
 
 def layer_name(module: nn.Module) -> str:
@@ -82,8 +106,7 @@ class BatchNormBase(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        if not is_positive_int(num_features):
-            raise ValueError(f"{owner}: num_features must be a positive int, got {num_features!r}")
+        check_positive_int(num_features, "num_features", owner)
         if eps <= 0:
             raise ValueError(f"{owner}: eps must be > 0, got {eps!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -148,6 +171,15 @@ class BatchNormBase(nn.Module):
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
 
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        torch_class = getattr(self, "_rethinkbn_torch_class", None)
+        metadata = getattr(destination, "_metadata", None)
+        if torch_class is not None and metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]][TORCH_CLASS_KEY] = _class_path(torch_class)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -158,6 +190,9 @@ class BatchNormBase(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        torch_class = _torch_class_from_path(local_metadata.get(TORCH_CLASS_KEY))
+        if torch_class is not None:
+            self._rethinkbn_torch_class = torch_class
         # Checkpoints from before torch added num_batches_tracked (version < 2) lack it.
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats:

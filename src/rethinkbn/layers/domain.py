@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import is_positive_int
+from .._checks import check_positive_int
 from ..stats import Moments
 from . import functional as BF
 from .base import BatchNormBase, layer_name
@@ -74,9 +74,7 @@ class DomainBatchNorm(BatchNormBase):
         dtype: torch.dtype | None = None,
         validate: bool = True,
     ) -> None:
-        if not is_positive_int(num_domains):
-            raise ValueError(f"DomainBatchNorm: num_domains must be an int >= 1, got "
-                             f"{num_domains!r}")
+        check_positive_int(num_domains, "num_domains", "DomainBatchNorm")
         for name, value in (("train_stats", train_stats), ("population_stats", population_stats)):
             if value not in STATS_CHOICES:
                 raise ValueError(
@@ -252,7 +250,7 @@ class DomainBatchNorm(BatchNormBase):
         else:
             if x.size(0) == 0:
                 return Moments.zeros((self.num_domains, x.size(1)), device=x.device)
-            rows, index = Moments.of(x, groups=x.size(0)), domain
+            rows, index = Moments.of(x, num_groups=x.size(0)), domain
         return rows.segment_merge(index, self.num_domains)
 
     # ------------------------------------------------------------------ checkpoints

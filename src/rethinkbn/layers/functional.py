@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from .._checks import check_positive_int
 from ..stats import channel_view, compute_dtype, segment_var_mean
 
 __all__ = [
@@ -183,15 +184,10 @@ def check_grouping(grouping: str, owner: Owner) -> None:
 
 def check_norm_batch_size(value: object, owner: Owner, arg: str = "norm_batch_size") -> None:
     """Raise, naming ``owner`` and ``arg``, unless ``value`` is None or an int >= 1."""
-    if value is None:
+    if value is None or (type(value) is int and value >= 1):  # valid: no layer name built
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_name(owner)}: {arg} must be a positive int or None, got {value!r}")
-    if value < 1:
-        raise ValueError(
-            f"{_name(owner)}: {arg} must be >= 1 (samples per normalization group) or None "
-            f"(the whole batch), got {value}"
-        )
+    check_positive_int(value, arg, _name(owner), allow_none=True, expected=(
+        "a positive int (samples per normalization group) or None (the whole batch)"))
 
 
 def group_sizes(batch_size: int, norm_batch_size: int | None) -> list[int]:

@@ -3,7 +3,7 @@
 from .bank import Snapshot, StatsBank, capture_stats, install_stats
 from .inference import batch_stats_inference
 from .options import PreciseBNOptions
-from .precise import LayerReport, PreciseBNReport, precise_bn, recompute_stats
+from .precise import LayerReport, PreciseBNReport, markdown_table, precise_bn, recompute_stats
 from .report import EMALayerReport, EMAReport, ema_report
 from .schedule import (
     FreezeBNHook,
@@ -28,6 +28,7 @@ __all__ = [
     "StatsBank",
     "capture_stats",
     "install_stats",
+    "markdown_table",
     "precise_bn",
     "recompute_stats",
 ]

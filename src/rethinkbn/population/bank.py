@@ -45,7 +45,7 @@ def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping
     missing = [] if partial else sorted(set(layers) - set(stats))
     unknown = sorted(set(stats) - set(layers))
     if missing or unknown:
-        raise KeyError(
+        raise ValueError(
             f"{what}: the snapshot does not match the model's BatchNorm layers; missing "
             f"{missing or 'none'}, not in the model {unknown or 'none'}"
         )
@@ -111,7 +111,8 @@ class StatsBank:
             raise TypeError(f"snapshot names are strings, got {type(name).__name__}")
         for layer, value in snapshot.items():
             if not all(isinstance(value.get(key), Tensor) for key in STAT_BUFFERS):
-                raise ValueError(
+                missing = any(key not in value for key in STAT_BUFFERS)
+                raise (ValueError if missing else TypeError)(
                     f"StatsBank[{name!r}]: layer {layer!r} needs tensors {list(STAT_BUFFERS)}, "
                     f"got {sorted(value)}"
                 )
@@ -142,8 +143,16 @@ class StatsBank:
     def names(self) -> list[str]:
         return list(self._snapshots)
 
-    def capture(self, name: str, model: nn.Module) -> None:
-        """Store (a copy of) the model's current statistics under ``name``."""
+    def capture(self, model: nn.Module, name: str) -> None:
+        """Store (a copy of) the model's current statistics under ``name``.
+
+        The model comes first, then the name, as in :meth:`install` and :meth:`use`.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"StatsBank.capture(model, name): model must be an nn.Module, got "
+                f"{type(model).__name__} (the model comes first, then the name)"
+            )
         self[name] = capture_stats(model)
 
     # ------------------------------------------------------------------ switching
@@ -179,8 +188,8 @@ class StatsBank:
         """Read a file written by :meth:`save` (loaded with ``weights_only=True``).
 
         Raises ValueError naming the file when it is not a StatsBank file (empty, truncated,
-        junk, or a ``torch.save`` of something else); a missing or unreadable file raises the
-        usual OSError.
+        junk, or a ``torch.save`` of something else); a missing file raises FileNotFoundError, an
+        unreadable one the usual OSError.
         """
         def not_a_bank(why: str) -> ValueError:
             return ValueError(

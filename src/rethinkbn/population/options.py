@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._checks import check_positive_int
+
 __all__ = ["ForwardFn", "PreciseBNOptions", "options_from", "with_options"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -54,13 +56,6 @@ OPTIONS_DOC = """\
             naming it; when one never arrives (dead, stuck, or not calling the function), the
             others raise RuntimeError after ``timeout`` instead of the process group's timeout.
 """
-
-
-def _check_count(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"PreciseBNOptions: {name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"PreciseBNOptions: {name} must be >= 1, got {value}")
 
 
 def _check_flag(value: Any, name: str) -> None:
@@ -98,7 +93,7 @@ class PreciseBNOptions:
         for name in ("num_samples", "num_batches", "pass_norm_batch_size"):
             value = getattr(self, name)
             if value is not None:
-                _check_count(value, name)
+                check_positive_int(value, name, "PreciseBNOptions")
         for name in ("include_frozen", "keep_modes", "strict"):
             _check_flag(getattr(self, name), name)
         if self.progress is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from ._state import running_buffers, unwrap
 from .bank import Snapshot, capture_stats, install_stats
 from .options import PreciseBNOptions, options_from, with_options
 
-__all__ = ["LayerReport", "PreciseBNReport", "precise_bn", "recompute_stats"]
+__all__ = ["LayerReport", "PreciseBNReport", "markdown_table", "precise_bn", "recompute_stats"]
 
 
 @dataclass(frozen=True)
@@ -40,28 +40,61 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
-class PreciseBNReport:
-    """What :func:`precise_bn` did: per layer (qualified name) a :class:`LayerReport`."""
+class PassReport:
+    """What a statistics pass saw, per layer (qualified name); ``str()`` prints a table."""
 
-    layers: dict[str, LayerReport]
+    layers: dict[str, Any]
     num_samples: int
     num_batches: int
 
+    TITLE: ClassVar[str] = "Statistics"
+    COLUMNS: ClassVar[tuple[str, ...]] = ()
+
+    def row(self, layer: Any) -> list[object]:
+        """The table's cells for one layer's report, after its name."""
+        return []
+
     def __str__(self) -> str:
         return markdown_table(
-            f"PreciseBN over {self.num_samples} samples in {self.num_batches} batches",
-            ["layer", "samples", "values/channel", "calls", "mean shift (sigma)",
-             "log std ratio"],
-            [[name, r.samples, r.count, r.calls, f"{r.mean_shift:.4f}", f"{r.std_log_ratio:.4f}"]
-             for name, r in self.layers.items()],
+            f"{self.TITLE} over {self.num_samples} samples in {self.num_batches} batches",
+            ["layer", *self.COLUMNS], [[name, *self.row(r)] for name, r in self.layers.items()],
         )
 
 
-def markdown_table(title: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A title line and a markdown table, the first column left-aligned, the others right."""
-    lines = [title, "| " + " | ".join(header) + " |",
-             "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+@dataclass(frozen=True)
+class PreciseBNReport(PassReport):
+    """What :func:`precise_bn` did: per layer (qualified name) a :class:`LayerReport`."""
+
+    layers: dict[str, LayerReport]
+    TITLE: ClassVar[str] = "PreciseBN"
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "samples", "values/channel", "calls", "mean shift (sigma)", "log std ratio")
+
+    def row(self, layer: LayerReport) -> list[object]:
+        return [layer.samples, layer.count, layer.calls, f"{layer.mean_shift:.4f}",
+                f"{layer.std_log_ratio:.4f}"]
+
+
+def markdown_table(
+    title: str,
+    header: Sequence[object],
+    rows: Iterable[Sequence[object]],
+    *,
+    right_aligned: bool = True,
+) -> str:
+    """A title line (none when empty) and a markdown table of ``str(cell)``s.
+
+    In every cell ``|`` is escaped and a newline becomes a space. The first column is
+    left-aligned, the others right-aligned (numbers) unless ``right_aligned=False``. The reports'
+    ``str()`` and the studies' tables both print with it.
+    """
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    rule = "|---|" + ("---:|" if right_aligned else "---|") * (len(header) - 1)
+    lines = [title] if title else []
+    lines += ["| " + " | ".join(map(cell, header)) + " |", rule]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 

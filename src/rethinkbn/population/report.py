@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from torch import Tensor
 from ..stats import Moments
 from ._state import running_buffers
 from .options import PreciseBNOptions, options_from, with_options
-from .precise import distances, estimate, markdown_table
+from .precise import PassReport, distances, estimate
 
 __all__ = ["EMALayerReport", "EMAReport", "ema_report"]
 
@@ -41,23 +41,18 @@ class EMALayerReport:
 
 
 @dataclass(frozen=True)
-class EMAReport:
+class EMAReport(PassReport):
     """Per layer (qualified name) an :class:`EMALayerReport`; ``str()`` prints a table."""
 
     layers: dict[str, EMALayerReport]
-    num_samples: int
-    num_batches: int
+    TITLE: ClassVar[str] = "EMA vs precise statistics"
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "batches", "mean shift (sigma)", "log std ratio", "EMA mean outside batch means",
+        "EMA mean percentile")
 
-    def __str__(self) -> str:
-        return markdown_table(
-            f"EMA vs precise statistics over {self.num_samples} samples in {self.num_batches} "
-            "batches",
-            ["layer", "batches", "mean shift (sigma)", "log std ratio",
-             "EMA mean outside batch means", "EMA mean percentile"],
-            [[name, r.calls, f"{r.mean_shift:.4f}", f"{r.std_log_ratio:.4f}",
-              f"{r.outside_fraction:.1%}", f"{r.mean_percentile:.1%}"]
-             for name, r in self.layers.items()],
-        )
+    def row(self, layer: EMALayerReport) -> list[object]:
+        return [layer.calls, f"{layer.mean_shift:.4f}", f"{layer.std_log_ratio:.4f}",
+                f"{layer.outside_fraction:.1%}", f"{layer.mean_percentile:.1%}"]
 
 
 def _per_call_like(calls: Moments, buffer: Tensor) -> Moments:

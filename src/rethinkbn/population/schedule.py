@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from .._checks import check_int, check_positive_int
 from ..convert import freeze_bn
 from ..layers import FrozenBatchNorm
 from ._state import batchnorm_layers, is_frozen, unwrap
@@ -124,8 +125,7 @@ class PreciseBNHook:
         options: PreciseBNOptions | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
+        check_positive_int(every_n_epochs, "every_n_epochs", "PreciseBNHook")
         self.data = data
         self.every_n_epochs = every_n_epochs
         self.options = options_from(options, kwargs, "PreciseBNHook")
@@ -163,8 +163,7 @@ class FreezeBNHook:
         options: PreciseBNOptions | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(freeze_epoch, int) or freeze_epoch < 0:
-            raise ValueError(f"freeze_epoch must be an int >= 0, got {freeze_epoch!r}")
+        check_int(freeze_epoch, "freeze_epoch", "FreezeBNHook", minimum=0)
         # a misspelt keyword fails now, not many epochs later at the freeze
         self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs, "FreezeBNHook")
         self.data = data
@@ -202,6 +201,5 @@ class FreezeBNHook:
 
 def freeze_epoch_for(fraction: float, total_epochs: int) -> int:
     """The first epoch (0-based) of the last ``fraction`` of ``total_epochs``: 80 for 0.2, 100."""
-    if not isinstance(total_epochs, int) or total_epochs < 1:
-        raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
+    check_positive_int(total_epochs, "total_epochs", "freeze_epoch_for")
     return total_epochs - math.ceil(round(fraction * total_epochs, 9))
