@@ -232,3 +232,59 @@ def test_train_on_ranks_refuses_ranks_that_split_a_device_before_starting_torchr
     scale = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1)
     with pytest.raises(ValueError, match=r"--ranks 8 .* devices of 2 images .* \[1, 2, 4\]"):
         leakage.train_on_ranks("bn-2img", scale, seed=0, ranks=8, timeout_s=1.0)
+
+
+def _inputs_in_training(model, batches):
+    """Every head BN layer's inputs over ``batches`` in a training forward (float64)."""
+    norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+    seen = {id(m): [] for m in norms}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen[id(m)].append(args[0].double()))
+             for m in norms]
+    model.train()
+    try:
+        with torch.no_grad():
+            for x, rois in batches:
+                model(x, rois)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(seen[id(m)]) for m in norms]
+
+
+@pytest.mark.parametrize("name", ["bn-1img", "bn-2img", "syncbn"])
+def test_population_stats_are_those_of_the_inputs_normalized_as_in_training(name):
+    """precise_bn's statistics of the second head layer are the moments of its inputs when the
+    first layer normalizes each device alone (per-device BN), as in training."""
+    import copy
+    from itertools import islice
+
+    variant = leakage.VARIANTS[name]
+    model = leakage.build_model(variant, TINY, seed=0)
+    train, _, _ = leakage.task_images(TINY, seed=0)
+    batches = list(islice(leakage.step_batches(train, TINY, seed=7, epoch=0),
+                          TINY.precise_batches))
+    reference = _inputs_in_training(copy.deepcopy(model), batches)
+    leakage.population_stats(model, variant, train, TINY, seed=0)
+    norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+    for layer, x in zip(norms, reference, strict=True):
+        torch.testing.assert_close(layer.running_mean.double(), x.mean(0), rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(layer.running_var.double(), x.var(0), rtol=1e-4, atol=1e-6)
+
+
+def test_whole_step_normalization_would_give_other_statistics():
+    """The test above is not vacuous: normalizing the whole step at once changes layer 2."""
+    import copy
+    from itertools import islice
+
+    model = leakage.build_model(leakage.VARIANTS["bn-1img"], TINY, seed=0)
+    train, _, _ = leakage.task_images(TINY, seed=0)
+    batches = list(islice(leakage.step_batches(train, TINY, seed=7, epoch=0),
+                          TINY.precise_batches))
+    per_device = _inputs_in_training(copy.deepcopy(model), batches)[1]
+    whole = copy.deepcopy(model)
+    for m in whole.modules():
+        if isinstance(m, GhostBatchNorm):
+            m.norm_batch_size = None
+    assert not torch.allclose(_inputs_in_training(whole, batches)[1].mean(0),
+                              per_device.mean(0), atol=1e-3)

@@ -190,21 +190,20 @@ def build_model(variant: Variant, scale: LeakageScale, seed: int, *, distributed
     parameters, buffers and state-dict keys equal the virtual form's.
     """
     task, hidden = scale.task, scale.hidden
-    rois_per_device = None
-    if variant.images_per_device is not None:
-        if scale.images_per_step % variant.images_per_device:
-            raise ValueError(
-                f"leakage: {scale.images_per_step} images per step do not split into devices of "
-                f"{variant.images_per_device} images"
-            )
-        rois_per_device = variant.images_per_device * task.rois_per_image
+    if variant.images_per_device is not None and scale.images_per_step % \
+            variant.images_per_device:
+        raise ValueError(
+            f"leakage: {scale.images_per_step} images per step do not split into devices of "
+            f"{variant.images_per_device} images"
+        )
+    per_device = rois_per_device(variant, scale)
     torch.manual_seed(seed)
     head: nn.Module = nn.Sequential(
         nn.Linear(task.window * 16, hidden),
-        _norm(variant, hidden, rois_per_device, distributed),
+        _norm(variant, hidden, per_device, distributed),
         nn.ReLU(),
         nn.Linear(hidden, hidden),
-        _norm(variant, hidden, rois_per_device, distributed),
+        _norm(variant, hidden, per_device, distributed),
         nn.ReLU(),
     )
     if variant.shuffle:
@@ -287,12 +286,22 @@ def has_batchnorm(variant: Variant) -> bool:
     return variant.norm in ("per-device", "sync")
 
 
-def population_stats(model: RoiNet, images: RoiImages, scale: LeakageScale, seed: int,
-                     rank: int = 0, world: int = 1) -> None:
+def rois_per_device(variant: Variant, scale: LeakageScale) -> int | None:
+    """The RoIs one device normalizes together (None: the whole step, i.e. SyncBN or no BN)."""
+    if variant.images_per_device is None:
+        return None
+    return variant.images_per_device * scale.task.rois_per_image
+
+
+def population_stats(model: RoiNet, variant: Variant, images: RoiImages, scale: LeakageScale,
+                     seed: int, rank: int = 0, world: int = 1) -> None:
     """PreciseBN over ``precise_batches`` training steps, normalized exactly as in training.
 
-    The model is put in train mode with ``keep_modes=True`` so that the shuffle (a training-only
-    module) also runs during the pass. Across ranks, precise_bn pools every rank's moments.
+    Per-device BN normalizes each device's RoIs alone during the pass too
+    (``pass_norm_batch_size`` = the RoIs of one device, :func:`rois_per_device`), so every
+    layer's inputs are those it saw in training. The model is put in train mode with
+    ``keep_modes=True`` so that the shuffle (a training-only module) also runs during the pass.
+    Across ranks, precise_bn pools every rank's moments.
     Side effects: the BN layers' running statistics are replaced; the model is left in eval mode.
     """
     # Only the steps used are drawn (the first steps of the epoch's seeded stream).
@@ -301,7 +310,8 @@ def population_stats(model: RoiNet, images: RoiImages, scale: LeakageScale, seed
     model.train()
     try:
         precise_bn(model, batches, num_batches=len(batches), forward=lambda m, b: m(*b),
-                   keep_modes=True, progress=False)
+                   keep_modes=True, progress=False,
+                   pass_norm_batch_size=rois_per_device(variant, scale))
     finally:
         model.eval()
 
@@ -329,7 +339,7 @@ def run_variant(name: str, scale: LeakageScale, seed: int, progress: Any = None
     model = build_model(variant, scale, seed)
     loss = train_model(model, train, scale, seed, progress=progress)
     if has_batchnorm(variant):
-        population_stats(model, train, scale, seed)
+        population_stats(model, variant, train, scale, seed)
     return {**evaluate(model, test, test_rois, scale), "train_loss": loss}
 
 
@@ -498,7 +508,7 @@ def run(ctx: RunContext) -> StudyResult:
     scale = scale_for(ctx)
     ranks = ctx.ranks
     check_ranks(scale, ranks)  # before any training, not after the virtual runs
-    base_key = {"study": "leakage", "v": 1, "scale": scale.as_dict()}
+    base_key = {"study": "leakage", "v": 2, "scale": scale.as_dict()}
     per_seed: dict[str, list[dict[str, float]]] = {n: [] for n in VARIANTS}
     jobs = [(n, s) for n in VARIANTS for s in ctx.seeds]
     for name, seed in ctx.progress(jobs, desc="leakage runs", total=len(jobs), leave=True):

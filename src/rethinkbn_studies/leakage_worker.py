@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(variant, scale, args.seed, distributed=True)
         loss = train_model(model, train, scale, args.seed, rank, world)
         if has_batchnorm(variant):
-            population_stats(model, train, scale, args.seed, rank, world)
+            population_stats(model, variant, train, scale, args.seed, rank, world)
         # The step's mean loss: every rank's mean over an equal share.
         total = torch.tensor([loss])
         dist.all_reduce(total)
