@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,36 +131,82 @@ def test_domain_specific_training_normalizes_each_level_alone():
 
 
 # ---------------------------------------------------------------------------- leakage
-def leak_numbers():
-    mean = {"bn-1img": {"pop": 30.0, "mu_B": 12.0}, "bn-2img": {"pop": 15.0, "mu_B": 14.0},
-            "bn-shuffle-1img": {"pop": 13.5, "mu_B": 20.0},
-            "bn-shuffle-2img": {"pop": 13.0, "mu_B": 22.0},
-            "syncbn": {"pop": 13.0, "mu_B": 28.0}, "no-norm": {"pop": 18.0, "mu_B": 18.0},
-            "groupnorm": {"pop": 17.0, "mu_B": 17.0}}
-    return {"mean": mean}
+def errs(rate, n=2000, seeds=3, shift=0):
+    """(seeds, n) 0/1 errors: the first ``rate`` % of the samples (rotated by ``shift``) wrong.
+    Nested sets (shift 0) give a narrow paired interval; ``n`` small and shifted sets a wide
+    one."""
+    row = np.zeros(n, dtype=bool)
+    row[: int(round(rate / 100 * n))] = True
+    return np.tile(np.roll(row, shift), (seeds, 1))
+
+
+LEAK_RATES = {"bn-1img": (30, 12), "bn-2img": (15, 14), "bn-shuffle-1img": (13.5, 20),
+              "bn-shuffle-2img": (13, 22), "syncbn": (13, 28), "no-norm": (18, 18),
+              "groupnorm": (17, 17)}
+
+
+def leak_wrong(**rates):
+    return {n: {"pop": errs(p), "mu_B": errs(m)}
+            for n, (p, m) in {**LEAK_RATES, **rates}.items()}
 
 
 def test_leakage_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(leakage.verdicts(leak_numbers())) == ["agrees"] * 4
+    assert labels(leakage.verdicts(leak_wrong())) == ["agrees"] * 5
 
 
-def test_leakage_verdict_flips_without_a_leak(labels):
-    numbers = leak_numbers()
-    numbers["mean"]["bn-1img"] = {"pop": 13.0, "mu_B": 12.0}
-    assert labels(leakage.verdicts(numbers))[0] == "disagrees"
+@pytest.mark.parametrize("rates, outcome", [((12, 20), "disagrees"),
+                                            ((12, 12), "inconclusive")])
+def test_leakage_verdict_flips_without_a_leak(labels, rates, outcome):
+    assert labels(leakage.verdicts(leak_wrong(**{"bn-1img": rates})))[0] == outcome
+
+
+def test_leakage_verdict_is_inconclusive_on_too_few_rois(labels):
+    wrong = {n: {"pop": errs(p, n=40, shift=5), "mu_B": errs(m, n=40)}
+             for n, (p, m) in LEAK_RATES.items()}
+    wrong["bn-1img"] = {"pop": errs(20, n=40, shift=7), "mu_B": errs(15, n=40)}
+    assert labels(leakage.verdicts(wrong))[0] == "inconclusive"
 
 
 def test_leakage_verdict_flips_when_shuffle_does_not_help(labels):
-    numbers = leak_numbers()
-    numbers["mean"]["bn-shuffle-1img"]["pop"] = 29.0
-    assert labels(leakage.verdicts(numbers))[2] == "disagrees"
+    wrong = leak_wrong(**{"bn-shuffle-1img": (31, 20)})
+    assert labels(leakage.verdicts(wrong))[2:4] == ["disagrees", "disagrees"]
 
 
-def test_ranks_row_compares_real_and_virtual_errors():
-    numbers = leak_numbers()
-    numbers["ranks"] = {"world": 2, "mean": {"syncbn": {"pop": 20.0, "mu_B": 28.0}}}
-    rows = leakage.verdicts(numbers)
-    assert len(rows) == 5 and rows[-1].verdict.label == "disagrees"
+def test_shuffle_equivalence_is_inconclusive_near_its_margin(labels):
+    wrong = leak_wrong(**{"bn-shuffle-1img": (15, 20)})  # 2.0 pt from SyncBN: on the margin
+    wrong["syncbn"]["pop"] = errs(13, shift=700)
+    assert labels(leakage.verdicts(wrong))[3] == "inconclusive"
+
+
+@pytest.mark.parametrize("sync, outcome", [(13, "agrees"), (20, "disagrees"),
+                                           (17.8, "inconclusive")])
+def test_syncbn_non_inferiority_has_three_outcomes(labels, sync, outcome):
+    wrong = leak_wrong(**{"syncbn": (sync, 28)})
+    if outcome == "inconclusive":
+        wrong["syncbn"]["pop"] = errs(sync, shift=500)
+    assert labels(leakage.verdicts(wrong))[4] == outcome
+
+
+@pytest.mark.parametrize("co, outcome", [((25, 12), "agrees"), ((12, 25), "disagrees"),
+                                         ((12, 12), "inconclusive")])
+def test_ablation_verdict_asks_for_a_leak_without_the_nuisance(labels, co, outcome):
+    ablation = {"co-occurrence only": {"pop": errs(co[0]), "mu_B": errs(co[1])},
+                "illumination only": {"pop": errs(30), "mu_B": errs(10)}}
+    rows = leakage.verdicts(leak_wrong(), ablation)
+    assert len(rows) == 6 and rows[5].verdict.label == outcome
+    assert "co-occurrence only" in leakage.ablation_note(leak_wrong(), ablation)
+
+
+@pytest.mark.parametrize("real_pop, shift, outcome", [(13, 0, "agrees"), (20, 0, "disagrees"),
+                                                      (14.6, 900, "inconclusive")])
+def test_ranks_row_is_an_equivalence_of_real_and_virtual_errors(labels, real_pop, shift,
+                                                                 outcome):
+    wrong = leak_wrong()
+    real = {"syncbn": {"pop": errs(real_pop, shift=shift), "mu_B": errs(28)},
+            "bn-1img": {"pop": errs(30), "mu_B": errs(12)}}
+    rows = leakage.verdicts(wrong, ranks=(2, real))
+    assert len(rows) == 6 and rows[-1].verdict.label == outcome
+    assert rows[-1].verdict.interval is not None and rows[-1].verdict.test
 
 
 TINY = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1, precise_batches=2,
