@@ -51,17 +51,7 @@ from rethinkbn.layers import GhostBatchNorm, is_batchnorm
 from rethinkbn.population import batch_stats_inference, precise_bn
 
 from . import paper
-from .base import (
-    AGREES,
-    DISAGREES,
-    INCONCLUSIVE,
-    RunContext,
-    StudyResult,
-    SummaryRow,
-    Table,
-    Verdict,
-    register_study,
-)
+from .base import RunContext, StudyResult, SummaryRow, Table, register_study
 from .common import fmt, over_seeds, pyplot, save_plot
 from .processes import run_command
 from .roi import (
@@ -74,7 +64,15 @@ from .roi import (
     sample_rois,
 )
 from .train import TrainConfig, sgd
-from .verdicts import Interval, equivalent, exceeds, mcnemar, paired_bootstrap, stays_below
+from .verdicts import (
+    Interval,
+    all_hold,
+    equivalent,
+    exceeds,
+    mcnemar,
+    paired_bootstrap,
+    stays_below,
+)
 
 __all__ = [
     "RANK_VARIANTS",
@@ -468,20 +466,6 @@ def ablation_note(wrong: Wrong, ablation: Wrong) -> str:
     return (f"The leak has two possible sources in this task: per-image illumination (gain/"
             f"offset) and label co-occurrence. Gap err(pop) - err(mu_B) of the 1-image model: "
             f"{shown}; {said}.")
-
-
-def all_hold(criterion: str, parts: list[Verdict]) -> Verdict:
-    """One verdict for "every part holds": disagrees when one part disagrees, agrees when all
-    agree, inconclusive otherwise; effect and interval of the decisive part (the first that
-    disagrees, else the first that is inconclusive, else the widest)."""
-    order = [p for p in parts if p.label == DISAGREES] or [
-        p for p in parts if p.label == INCONCLUSIVE] or sorted(
-        parts, key=lambda p: -(p.interval[1] - p.interval[0]) if p.interval else 0.0)
-    key = order[0]
-    return Verdict(agrees=key.label == AGREES, criterion=criterion,
-                   detail="; ".join(f"{p.criterion}: {p.detail}" for p in parts),
-                   outcome=key.label, effect=key.effect, interval=key.interval,
-                   confidence=key.confidence, test=key.test)
 
 
 def verdicts(wrong: Wrong, ablation: Wrong | None = None,
