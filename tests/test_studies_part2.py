@@ -149,27 +149,82 @@ def test_augment_shifts_and_scales_each_sample_within_its_bounds():
 
 
 # ---------------------------------------------------------------------------- multi-domain
-def domain_numbers():
-    return {"shared/shared/shared": 10.0, "shared/domain/shared": 80.0,
-            "domain/shared/shared": 30.0, "domain/domain/shared": 10.0,
-            "domain/shared/domain": 25.0, "domain/domain/domain": 9.5,
-            "GroupNorm": 9.0, "no norm": 11.0}
+DOMAIN_RATES = {"shared/shared/shared": 10.0, "shared/domain/shared": 80.0,
+                "domain/shared/shared": 30.0, "domain/domain/shared": 10.0,
+                "domain/shared/domain": 25.0, "domain/domain/domain": 9.5,
+                "GroupNorm": 10.5, "no norm": 11.0}
+
+
+def domain_wrong(**rates):
+    return {n: errs(r).astype(float) for n, r in {**DOMAIN_RATES, **rates}.items()}
 
 
 def test_multi_domain_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(multi_domain.verdicts(domain_numbers())) == ["agrees"] * 4
+    assert labels(multi_domain.verdicts(domain_wrong())) == ["agrees"] * 4
 
 
-def test_multi_domain_collapse_verdict_flips_without_a_collapse(labels):
-    mean = domain_numbers()
-    mean["shared/domain/shared"] = 20.0
-    assert labels(multi_domain.verdicts(mean))[1] == "disagrees"
+@pytest.mark.parametrize("rate, outcome", [(20.0, "disagrees"), (50.0, "inconclusive")])
+def test_multi_domain_collapse_verdict_has_three_outcomes(labels, rate, outcome):
+    wrong = domain_wrong(**{"shared/domain/shared": rate})
+    assert labels(multi_domain.verdicts(wrong))[1] == outcome
 
 
-def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins(labels):
-    mean = domain_numbers()
-    mean["domain/shared/shared"] = 9.0
-    assert labels(multi_domain.verdicts(mean))[0] == "disagrees"
+@pytest.mark.parametrize("rate, outcome", [(5.0, "disagrees"), (10.0, "inconclusive")])
+def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins(labels, rate,
+                                                                              outcome):
+    wrong = domain_wrong(**{"domain/shared/shared": rate})
+    assert labels(multi_domain.verdicts(wrong))[0] == outcome
+
+
+@pytest.mark.parametrize("gn, outcome", [(25.0, "disagrees"), (12.0, "inconclusive")])
+def test_group_norm_equivalence_uses_the_matched_heads(labels, gn, outcome):
+    wrong = domain_wrong()
+    wrong["GroupNorm (best lr)"] = errs(gn, shift=100).astype(float)
+    wrong["no norm (best lr)"] = errs(40).astype(float)
+    matched = {"GroupNorm": "GroupNorm (best lr)", "no norm": "no norm (best lr)",
+               "bn": "domain/domain/shared"}
+    assert labels(multi_domain.verdicts(wrong, matched))[3] == outcome
+
+
+def test_collapse_separation_is_the_first_separation_above_the_threshold():
+    sweep = {s: {"shared/domain/shared": errs(r).astype(float)}
+             for s, r in ((0.0, 20.0), (1.0, 52.0), (2.0, 85.0), (3.0, 90.0))}
+    assert multi_domain.collapse_separation(sweep) == 2.0
+    assert multi_domain.collapse_separation({0.0: sweep[0.0]}) is None
+
+
+def test_separation_gives_each_level_its_gain_and_offset():
+    data = load_mnist1d(100)
+    plain = multi_domain.build_model("domain/domain/shared", data, 8, seed=0)
+    apart = multi_domain.build_model("domain/domain/shared", data, 8, seed=0, separation=1.0)
+    seen = {}
+    for name, model in (("plain", plain), ("apart", apart)):
+        model.head.conv1.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].view(3, 5, 8, -1)))
+        model.eval()
+        model(data.train_x[:5])
+    for level, (gain, offset) in enumerate(((0.5, -1.0), (1.0, 0.0), (2.0, 1.0))):
+        torch.testing.assert_close(seen["apart"][level], gain * seen["plain"][level] + offset)
+
+
+def test_mean_of_levels_is_the_fixed_point_of_an_ema_over_the_levels_batches():
+    """An EMA updated with each level's batch statistics in turn (the paper's shared
+    population statistics) converges to the mean of the levels' means and variances."""
+    data = load_mnist1d(100)
+    per_level = multi_domain.build_model("domain/domain/shared", data, 8, seed=0)
+    shared = multi_domain.build_model("domain/shared/shared", data, 8, seed=0)
+    layer = per_level.head.norm1
+    layer.running_mean.copy_(torch.tensor([[0.0] * 8, [1.0] * 8, [5.0] * 8]))
+    layer.running_var.copy_(torch.tensor([[1.0] * 8, [4.0] * 8, [7.0] * 8]))
+    multi_domain.mean_of_levels(shared, per_level)
+    mean, var = torch.zeros(8), torch.ones(8)
+    for _ in range(300):  # the EMA, momentum 0.1, levels in turn
+        for level in range(3):
+            mean = 0.9 * mean + 0.1 * layer.running_mean[level]
+            var = 0.9 * var + 0.1 * layer.running_var[level]
+    torch.testing.assert_close(shared.head.norm1.running_mean, mean, atol=0.3, rtol=0)
+    torch.testing.assert_close(shared.head.norm1.running_mean, torch.full((8,), 2.0))
+    torch.testing.assert_close(shared.head.norm1.running_var, torch.full((8,), 4.0))
 
 
 def test_levels_are_the_domains_of_the_head_norm():
