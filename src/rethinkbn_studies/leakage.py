@@ -311,7 +311,9 @@ def population_stats(model: RoiNet, variant: Variant, images: RoiImages, scale: 
     (``pass_norm_batch_size`` = the RoIs of one device, :func:`rois_per_device`), so every
     layer's inputs are those it saw in training. The model is put in train mode with
     ``keep_modes=True`` so that the shuffle (a training-only module) also runs during the pass.
-    Across ranks, precise_bn pools every rank's moments.
+    Across ranks, precise_bn pools every rank's moments; it normalizes each rank's share alone,
+    which is training's normalization for per-device BN but not for SyncBN (so
+    :func:`train_on_ranks` estimates the SyncBN variant's statistics in one process).
     Side effects: the BN layers' running statistics are replaced; the model is left in eval mode.
     """
     # Only the steps used are drawn (the first steps of the epoch's seeded stream).
@@ -406,9 +408,13 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             )
         saved = torch.load(out, weights_only=False)
-    _, test, test_rois = task_images(scale, seed)
+    train, test, test_rois = task_images(scale, seed)
     model = build_model(variant, scale, seed)
     model.load_state_dict(saved["state_dict"])
+    if variant.norm == "sync":
+        # precise_bn normalizes each rank's share alone in its pass, whereas SyncBN normalized
+        # the whole step in training: estimate its statistics here, on whole steps.
+        population_stats(model, variant, train, scale, seed)
     return {**evaluate(model, test, test_rois, scale), "train_loss": saved["train_loss"]}
 
 
