@@ -61,6 +61,7 @@ SEVERITY = 3
 TARGET_COUNTS = (4, 16, 64, 256, 1024)  # target samples for the statistics (capped at the half)
 EMA_MOMENTUM = 0.1
 EQUIV_PT = 1.0  # equivalence margin (error points)
+COUNT_MARGIN_PT = 2.0  # "n target samples suffice": within this many points of all of them
 MAX_SHIFT = 3
 SGD_BATCH = 128
 LR = 0.2
@@ -266,7 +267,7 @@ def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any
         enough = None
         for c in runs[0]["counts"][n]:
             w = _stack(runs, "counts", n, c)
-            v = equivalent("", paired_bootstrap(w, exact), EQUIV_PT)
+            v = equivalent("", paired_bootstrap(w, exact), COUNT_MARGIN_PT)
             count_numbers[n][c] = {"error": _pct(w), "vs_all": v.effect, "verdict": v.label}
             if enough is None and v.label == "agrees":
                 enough = c
@@ -274,7 +275,7 @@ def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any
         count_numbers[n]["fewest_within_margin"] = enough
     counts = Table(f"error (%) at severity {SEVERITY} with target statistics from n samples; "
                    f"vs all {max(runs[0]['counts'][names[0]])}: equivalent within "
-                   f"{EQUIV_PT} pt?", ["corruption", "n", "error", "difference to all",
+                   f"{COUNT_MARGIN_PT} pt?", ["corruption", "n", "error", "difference to all",
                                         "within margin"], count_rows)
     tt_rows, tt_numbers = [], {}
     for n in names:
@@ -371,7 +372,7 @@ def run(ctx: RunContext) -> StudyResult:
         + "; ".join(f"{n.replace('_', ' ')} {sev[n][1]['gain']:+.1f} -> {sev[n][5]['gain']:+.1f}"
                     for n in names)
         + " pt. Fewest target samples whose statistics are within the "
-        f"{EQUIV_PT} pt margin of all of them (severity {SEVERITY}): "
+        f"{COUNT_MARGIN_PT} pt margin of all of them (severity {SEVERITY}): "
         + "; ".join(f"{n.replace('_', ' ')} {fewest[n] if fewest[n] is not None else 'none'}"
                     for n in names) + "."
     )
