@@ -446,3 +446,10 @@ def test_whole_step_normalization_would_give_other_statistics():
             m.norm_batch_size = None
     assert not torch.allclose(_inputs_in_training(whole, batches)[1].mean(0),
                               per_device.mean(0), atol=1e-3)
+
+
+def test_leakage_bootstrap_draws_images_not_rois():
+    """Per-RoI errors become each image's error fraction (RoIs of an image are contiguous)."""
+    wrong = {"v": {"pop": np.array([[1, 1, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1]], dtype=bool)}}
+    out = leakage.per_image(wrong, rois_per_image=3)
+    np.testing.assert_allclose(out["v"]["pop"], [[2 / 3, 1 / 3], [0.0, 1.0]])

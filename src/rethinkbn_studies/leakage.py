@@ -69,7 +69,6 @@ from .verdicts import (
     all_hold,
     equivalent,
     exceeds,
-    mcnemar,
     paired_bootstrap,
     stays_below,
 )
@@ -435,13 +434,18 @@ ABLATION_VARIANT = "bn-1img"
 Wrong = dict[str, dict[str, Any]]  # wrong[variant][pop | mu_B]: (seeds, RoIs) 0/1 errors
 
 
+def per_image(wrong: Wrong, rois_per_image: int) -> Wrong:
+    """Per-RoI 0/1 errors ``(seeds, RoIs)`` -> each test image's error fraction ``(seeds,
+    images)``: the RoIs of one image are correlated (the subject of the study), so the
+    bootstrap draws images, not RoIs (and no McNemar test, which would take RoIs as independent
+    pairs)."""
+    return {g: {k: np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1, rois_per_image)
+                .mean(-1) for k, a in d.items()} for g, d in wrong.items()}
+
+
 def _diff(wrong: Wrong, a: tuple[str, str], b: tuple[str, str]) -> Interval:
     """``err(a) - err(b)`` in points, paired over the same test RoIs and seeds."""
     return paired_bootstrap(wrong[a[0]][a[1]], wrong[b[0]][b[1]])
-
-
-def _test(wrong: Wrong, a: tuple[str, str], b: tuple[str, str]) -> str:
-    return mcnemar(wrong[a[0]][a[1]], wrong[b[0]][b[1]]).text()
 
 
 def ablation_scale(scale: LeakageScale, name: str) -> LeakageScale:
@@ -476,10 +480,12 @@ def ablation_note(wrong: Wrong, ablation: Wrong) -> str:
 
 def verdicts(wrong: Wrong, ablation: Wrong | None = None,
              ranks: tuple[int, Wrong] | None = None) -> list[SummaryRow]:
-    """The summary rows, computed from per-RoI errors: ``wrong[variant][pop | mu_B]`` of shape
-    ``(seeds, RoIs)`` on the same test RoIs for every variant; ``ablation[task][pop | mu_B]``
+    """The summary rows, computed from errors ``wrong[variant][pop | mu_B]`` of shape
+    ``(seeds, images)`` (each test image's error fraction over its RoIs, :func:`per_image`) on
+    the same test images for every variant; ``ablation[task][pop | mu_B]``
     for :data:`ABLATION_VARIANT` on the ablated tasks; ``ranks = (world, wrong)`` of the
-    variants trained on real ranks. Every effect is a paired bootstrap over RoIs and seeds."""
+    variants trained on real ranks. Every effect is a paired bootstrap over test images and
+    seeds."""
     def err(name: str, key: str = "pop") -> float:
         return 100.0 * float(np.mean(wrong[name][key]))
 
@@ -491,7 +497,7 @@ def verdicts(wrong: Wrong, ablation: Wrong | None = None,
         "own mu_B (the leak)",
         f"RoI err {err('bn-1img'):.1f} (pop) vs {err('bn-1img', 'mu_B'):.1f} (mu_B)",
         "AP 30.7 (pop) vs 41.5 (mu_B)",
-        exceeds("err(pop) - err(mu_B) > 0", leak, 0.0, _test(wrong, one, two))))
+        exceeds("err(pop) - err(mu_B) > 0", leak, 0.0)))
     gap = {n: np.asarray(wrong[n]["pop"], float) - np.asarray(wrong[n]["mu_B"], float)
            for n in ("bn-1img", "bn-2img")}
     less = paired_bootstrap(gap["bn-1img"], gap["bn-2img"])
@@ -506,14 +512,13 @@ def verdicts(wrong: Wrong, ablation: Wrong | None = None,
         "Sec. 6: shuffle removes the leak: 1 image/device + shuffle beats no shuffle",
         f"RoI err {err('bn-shuffle-1img'):.1f} (shuffle) vs {err('bn-1img'):.1f} (no shuffle)",
         "AP 41.7 vs 30.7",
-        exceeds("err(no shuffle) - err(shuffle) > 0", _diff(wrong, no_shuf, shuf), 0.0,
-                _test(wrong, no_shuf, shuf))))
+        exceeds("err(no shuffle) - err(shuffle) > 0", _diff(wrong, no_shuf, shuf), 0.0)))
     rows.append(SummaryRow(
         "Sec. 6: 1 image/device + shuffle ~ SyncBN",
         f"RoI err {err('bn-shuffle-1img'):.1f} (shuffle) vs {err('syncbn'):.1f} (SyncBN)",
         "AP 41.7 vs 41.7",
         equivalent(f"|err(shuffle) - err(SyncBN)| <= {EQUIV_PT} pt (equivalence margin)",
-                   _diff(wrong, shuf, sync), EQUIV_PT, _test(wrong, shuf, sync))))
+                   _diff(wrong, shuf, sync), EQUIV_PT)))
     alt = min(("no-norm", "groupnorm"), key=err)
     rows.append(SummaryRow(
         "Sec. 6: SyncBN in the head is at least as good as no norm and GroupNorm",
@@ -521,7 +526,7 @@ def verdicts(wrong: Wrong, ablation: Wrong | None = None,
         f"{err('groupnorm'):.1f} (GN)", "AP 41.7 vs 41.1 vs 41.4",
         stays_below(f"err(SyncBN) - err(best of no norm, GN = {alt}) < {NONINFERIOR_PT} pt "
                     "(non-inferiority margin)", _diff(wrong, sync, (alt, "pop")),
-                    NONINFERIOR_PT, _test(wrong, sync, (alt, "pop")))))
+                    NONINFERIOR_PT)))
     if ablation is not None:
         co = "co-occurrence only"
         rows.append(SummaryRow(
@@ -531,8 +536,7 @@ def verdicts(wrong: Wrong, ablation: Wrong | None = None,
             f"{100 * np.mean(ablation[co]['mu_B']):.1f} (mu_B)",
             "- (the paper's explanation, Sec. 6)",
             exceeds("err(pop) - err(mu_B) > 0 without the illumination nuisance",
-                    _diff(ablation, (co, "pop"), (co, "mu_B")), 0.0,
-                    _test(ablation, (co, "pop"), (co, "mu_B")))))
+                    _diff(ablation, (co, "pop"), (co, "mu_B")), 0.0)))
     if ranks is not None:
         world, real = ranks
         parts = [equivalent(f"{n} {k}", paired_bootstrap(real[n][k], wrong[n][k]), EQUIV_PT)
@@ -617,8 +621,10 @@ def run(ctx: RunContext) -> StudyResult:
              "variant": ABLATION_VARIANT, "seed": seed},
             lambda a=a_scale, s=seed: run_variant(ABLATION_VARIANT, a, s, ctx.progress)))
     keys = ("pop", "mu_B")
+    rpi = scale.task.rois_per_image
     wrong, per_seed = split_wrong(per_seed)
     wrong_ablated, ablated = split_wrong(ablated)
+    wrong, wrong_ablated = per_image(wrong, rpi), per_image(wrong_ablated, rpi)
     mean, std = over_seeds(per_seed, keys)
     numbers: dict[str, Any] = {"per_seed": per_seed, "mean": mean, "std": std,
                                "ablation": {"per_seed": ablated,
@@ -636,7 +642,7 @@ def run(ctx: RunContext) -> StudyResult:
     tables.append(Table(
         f"ablation, {_describe(ABLATION_VARIANT)}: RoI error (%) on tasks with one source of "
         "correlation between an image's RoIs removed; gap = pop - mu_B, paired bootstrap over "
-        "RoIs and seeds",
+        "test images and seeds",
         ["task", "pop", "mu_B of 1 image", "gap (pt), 95% CI"],
         [["both (the study's task)", fmt([r["pop"] for r in per_seed[ABLATION_VARIANT]]),
           fmt([r["mu_B"] for r in per_seed[ABLATION_VARIANT]]),
@@ -653,7 +659,7 @@ def run(ctx: RunContext) -> StudyResult:
                 {**base_key, "variant": name, "seed": seed, "ranks": ranks},
                 lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))
         real_wrong, real = split_wrong(real)
-        ranks_wrong = (ranks, real_wrong)
+        ranks_wrong = (ranks, per_image(real_wrong, rpi))
         numbers["ranks"] = {"world": ranks, "per_seed": real, "mean": over_seeds(real, keys)[0]}
         tables.append(Table(
             f"virtual devices vs {ranks} real gloo ranks (torchrun): RoI error (%); same seeds "
