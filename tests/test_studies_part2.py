@@ -453,3 +453,19 @@ def test_leakage_bootstrap_draws_images_not_rois():
     wrong = {"v": {"pop": np.array([[1, 1, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1]], dtype=bool)}}
     out = leakage.per_image(wrong, rois_per_image=3)
     np.testing.assert_allclose(out["v"]["pop"], [[2 / 3, 1 / 3], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("two_img, outcome", [((40, 12), "disagrees"), ((22, 12),
+                                                                        "inconclusive")])
+def test_two_images_per_device_verdict_has_three_outcomes(labels, two_img, outcome):
+    wrong = leak_wrong(**{"bn-2img": two_img})
+    if outcome == "inconclusive":  # the same gap of 18 pt, with other RoIs: only noise
+        wrong["bn-1img"] = {"pop": errs(30, shift=50), "mu_B": errs(12)}
+        wrong["bn-2img"] = {"pop": errs(30, shift=120), "mu_B": errs(12, shift=60)}
+    assert labels(leakage.verdicts(wrong))[1] == outcome
+
+
+def test_domain_shift_contrast_stats_verdict_is_inconclusive_within_the_noise(labels):
+    shifted, clean = shift_errors()
+    clean["contrast"] = errs(10, shift=100)
+    assert labels(domain_shift.verdicts(shifted, clean))[3] == "inconclusive"
