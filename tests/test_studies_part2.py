@@ -469,3 +469,13 @@ def test_domain_shift_contrast_stats_verdict_is_inconclusive_within_the_noise(la
     shifted, clean = shift_errors()
     clean["contrast"] = errs(10, shift=100)
     assert labels(domain_shift.verdicts(shifted, clean))[3] == "inconclusive"
+
+
+def test_group_norm_verdict_is_inconclusive_when_training_is_not_matched(labels):
+    wrong = domain_wrong(**{"GroupNorm": 25.0, "no norm": 40.0})
+    losses = {"GroupNorm": 1.2, "no norm": 1.3, "bn": 0.4}
+    rows = multi_domain.verdicts(wrong, losses=losses)
+    assert rows[3].verdict.label == "inconclusive"
+    assert "not matched" in rows[3].verdict.detail
+    matched = {"GroupNorm": 0.42, "no norm": 1.3, "bn": 0.4}
+    assert multi_domain.verdicts(wrong, losses=matched)[3].verdict.label == "disagrees"

@@ -29,7 +29,7 @@ the learning rate with the lowest training loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,11 +43,13 @@ from rethinkbn.stats import Moments
 
 from . import paper
 from .base import (
+    INCONCLUSIVE,
     ProgressFactory,
     RunContext,
     StudyResult,
     SummaryRow,
     Table,
+    Verdict,
     mean_std,
     register_study,
 )
@@ -352,12 +354,18 @@ def _err(wrong: dict[str, np.ndarray], name: str) -> float:
     return 100.0 * float(np.mean(wrong[name]))
 
 
-def verdicts(wrong: dict[str, np.ndarray], matched: dict[str, str] | None = None
-             ) -> list[SummaryRow]:
+MATCHED_LOSS = 1.1  # training losses within this factor of the BN head's count as matched
+
+
+def verdicts(wrong: dict[str, np.ndarray], matched: dict[str, str] | None = None,
+             losses: dict[str, float] | None = None) -> list[SummaryRow]:
     """Summary rows from per-sample errors ``wrong[head]`` of shape ``(seeds, N)`` (each
     sample's error averaged over the levels, as a fraction) at the main separation; ``matched``
     names the heads compared at matched training (``"GroupNorm"``, ``"no norm"``, ``"bn"``:
-    keys of ``wrong``; default the heads themselves)."""
+    keys of ``wrong``; default the heads themselves) and ``losses`` their training losses (same
+    keys as ``matched``): when the GN / no-norm head's loss is above :data:`MATCHED_LOSS` times
+    the BN head's, training is not matched and that verdict is inconclusive whatever the
+    errors (an under-trained head says nothing about its statistics)."""
     matched = matched or {"GroupNorm": "GroupNorm", "no norm": "no norm",
                           "bn": "domain/domain/shared"}
     worst_c = max(CONSISTENT, key=lambda n: _err(wrong, n))
@@ -391,9 +399,20 @@ def verdicts(wrong: dict[str, np.ndarray], matched: dict[str, str] | None = None
             "its best learning rate on training loss)",
             f"err {_err(wrong, matched[alt]):.1f} ({alt}) vs {_err(wrong, matched['bn']):.1f}",
             "AP 39.5 / 38.7 vs 39.2",
-            equivalent(f"|err({alt}) - err(BN domain/domain/shared)| <= {EQUIV_PT} pt "
-                       "(equivalence margin)", close, EQUIV_PT)),
+            _if_matched(equivalent(f"|err({alt}) - err(BN domain/domain/shared)| <= "
+                                   f"{EQUIV_PT} pt (equivalence margin), at matched training "
+                                   f"(loss <= {MATCHED_LOSS} x BN's)", close, EQUIV_PT),
+                        alt, losses)),
     ]
+
+
+def _if_matched(v: Verdict, alt: str, losses: dict[str, float] | None) -> Verdict:
+    """``v``, or ``v`` made inconclusive when ``alt``'s training loss is not matched."""
+    if losses is None or losses[alt] <= MATCHED_LOSS * losses["bn"]:
+        return v
+    return replace(v, agrees=False, outcome=INCONCLUSIVE,
+                   detail=f"training not matched: loss {losses[alt]:.2f} ({alt}) vs "
+                          f"{losses['bn']:.2f} (BN); " + v.detail)
 
 
 def collapse_separation(sweep: dict[float, dict[str, np.ndarray]]) -> float | None:
@@ -557,14 +576,19 @@ def run(ctx: RunContext) -> StudyResult:
         f"{m['domain/pooled/domain']:.1f} vs {m['domain/shared/domain']:.1f} (affine per level). "
         f"Learning rates kept on training loss (and the loss reached): "
         + ", ".join(f"{t} {lr:g} ({loss(t, lr):.2f})" for t, lr in best_lr.items())
-        + (". At these, the GN / no-norm heads reach a training loss within 10% of the BN "
-           "head's, so their comparison is at matched training." if all(
-               loss(t, best_lr[t]) <= 1.1 * loss("domain/*/shared", best_lr["domain/*/shared"])
+        + (f". At these, the GN / no-norm heads reach a training loss within {MATCHED_LOSS} x "
+           "the BN head's, so their comparison is at matched training." if all(
+               loss(t, best_lr[t]) <= MATCHED_LOSS * loss("domain/*/shared",
+                                                           best_lr["domain/*/shared"])
                for t in ("GroupNorm", "no norm")) else
-           ". At these, the GN / no-norm heads do not reach the BN head's training loss "
-           "(more than 10% above it): their verdict compares under-trained heads, and says "
-           "nothing about their statistics at test time.")
+           f". At these, the GN / no-norm heads do not reach the BN head's training loss "
+           f"(more than {MATCHED_LOSS} x it): under-trained heads say nothing about their "
+           f"statistics at test time, so their verdict is inconclusive.")
     )
     return StudyResult(setup=setup, tables=[ours, lr_table, sweep_table],
                        paper_tables=[theirs], plots=_plot(ctx, per_seed, sweep),
-                       summary=verdicts(wrong, matched), numbers=numbers, notes=notes)
+                       summary=verdicts(wrong, matched, {
+                           "GroupNorm": loss("GroupNorm", best_lr["GroupNorm"]),
+                           "no norm": loss("no norm", best_lr["no norm"]),
+                           "bn": loss("domain/*/shared", best_lr["domain/*/shared"])}),
+                       numbers=numbers, notes=notes)
