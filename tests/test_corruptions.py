@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rethinkbn_studies.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from rethinkbn_studies.corruptions import (
+    CORRUPTIONS,
+    PER_SAMPLE_AFFINE,
+    SEVERITIES,
+    affine_residual,
+    corrupt,
+)
 
 
 def signals(n: int = 64, length: int = 40, seed: int = 0) -> torch.Tensor:
@@ -113,3 +119,23 @@ def test_unknown_corruption_and_bad_severity_are_named_in_the_error():
         corrupt(x, "blur", 6)
     with pytest.raises(TypeError, match="floating-point"):
         corrupt(torch.ones(2, 5, dtype=torch.long), "blur", 1)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("severity", [1, 5])
+def test_declared_per_sample_affine_corruptions_are_exactly_those_measured_affine(name,
+                                                                                  severity):
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = corrupt(x, name, severity, generator=torch.Generator().manual_seed(1))
+    residual = affine_residual(x, y)
+    if name in PER_SAMPLE_AFFINE:
+        assert residual < 1e-9
+    else:
+        assert residual > 1e-2
+
+
+def test_affine_residual_is_about_one_for_unrelated_signals_and_checks_shapes():
+    g = torch.Generator().manual_seed(0)
+    assert affine_residual(torch.randn(8, 500, generator=g), torch.randn(8, 500, generator=g)) > 0.9
+    with pytest.raises(ValueError, match="same shape"):
+        affine_residual(torch.zeros(2, 3), torch.zeros(2, 4))

@@ -70,3 +70,29 @@ def test_torchrun_training_matches_virtual_training():
     one_roi = 100.0 / (SCALE.num_test_images * SCALE.task.rois_per_image)
     assert abs(real["pop"] - virtual["pop"]) <= one_roi
     assert abs(real["train_loss"] - virtual["train_loss"]) < 1e-4
+
+
+def population(name, rank=0, world=1):
+    """The head's population statistics after leakage.population_stats on this rank's share."""
+    train, _, _ = leakage.task_images(SCALE, seed=0)
+    variant = leakage.VARIANTS[name]
+    model = leakage.build_model(variant, SCALE, seed=0, distributed=world > 1)
+    leakage.population_stats(model, variant, train, SCALE, seed=0, rank=rank, world=world)
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean",
+                                                                       "running_var"))}
+
+
+def rank_population(name):
+    return population(name, dist.get_rank(), dist.get_world_size())
+
+
+@pytest.mark.parametrize("name", ["bn-1img", "bn-2img", "bn-shuffle-1img"])
+def test_real_ranks_estimate_the_virtual_population_statistics(world, name):
+    """PreciseBN pooled across 2 ranks, each normalizing its devices as in training, installs
+    the statistics of the virtual devices' pass (SyncBN: estimated on whole steps in one
+    process by train_on_ranks, since precise_bn's pass normalizes each rank's share alone)."""
+    virtual = population(name)
+    stats0, stats1 = world.run(rank_population, name)
+    for k, v in virtual.items():
+        torch.testing.assert_close(stats0[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(stats1[k], v, rtol=1e-5, atol=1e-6, msg=k)

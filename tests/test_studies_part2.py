@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,28 +47,93 @@ def test_study_draws_progress_bars_for_its_runs_and_their_epochs(study, tiny_out
     assert f"{study} runs" in bars
     assert len(bars) > 1  # and, inside, at least one bar over a run's epochs
 
+def errs(rate, n=200, seeds=3, shift=0):
+    """(seeds, n) 0/1 errors: the first ``rate`` % of the samples (rotated by ``shift``) wrong.
+    Nested sets (shift 0) give a narrow paired interval; ``n`` small and shifted sets a wide
+    one."""
+    row = np.zeros(n, dtype=bool)
+    row[: int(round(rate / 100 * n))] = True
+    return np.tile(np.roll(row, shift), (seeds, 1))
+
+
 # ---------------------------------------------------------------------------- domain-shift
-def shift_numbers():
-    shifted = {n: {"source": 40.0, "target": 30.0} for n in
-               ("gaussian_noise", "contrast", "brightness", "blur", "quantization")}
-    clean = {domain_shift.TRAIN_STATS: 10.0, domain_shift.CLEAN_STATS: 10.4, "contrast": 30.0}
+def shift_errors(**rates):
+    base = {n: (40, 30) for n in
+            ("gaussian_noise", "contrast", "brightness", "blur", "quantization")}
+    shifted = {n: {"source": errs(a), "target": errs(b)} for n, (a, b) in {**base,
+                                                                          **rates}.items()}
+    clean = {domain_shift.TRAIN_STATS: errs(10), domain_shift.CLEAN_STATS: errs(10.2),
+             "contrast": errs(30)}
     return shifted, clean
 
 
 def test_domain_shift_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(domain_shift.verdicts(*shift_numbers())) == ["agrees"] * 3
+    assert labels(domain_shift.verdicts(*shift_errors())) == ["agrees"] * 4
 
 
-def test_domain_shift_verdict_flips_when_target_stats_do_not_help_on_contrast(labels):
-    shifted, clean = shift_numbers()
-    shifted["contrast"]["target"] = 39.5
-    assert labels(domain_shift.verdicts(shifted, clean))[0] == "disagrees"
+@pytest.mark.parametrize("contrast, outcome", [((30, 40), "disagrees"), ((30, 30),
+                                                                        "inconclusive")])
+def test_domain_shift_verdict_follows_the_contrast_gain(labels, contrast, outcome):
+    shifted, clean = shift_errors(contrast=contrast)
+    assert labels(domain_shift.verdicts(shifted, clean))[0] == outcome
+
+
+@pytest.mark.parametrize("rates, outcome", [
+    ({"blur": (30, 40), "quantization": (30, 40)}, "disagrees"),
+    ({"blur": (30, 30), "quantization": (30, 40)}, "inconclusive"),  # 1 yes, 1 open, 1 no
+])
+def test_non_affine_majority_has_three_outcomes(labels, rates, outcome):
+    assert labels(domain_shift.verdicts(*shift_errors(**rates)))[1] == outcome
+
+
+@pytest.mark.parametrize("unaug, shift, outcome", [(16, 0, "disagrees"),
+                                                   (10.6, 150, "inconclusive")])
+def test_domain_shift_clean_equivalence_has_three_outcomes(labels, unaug, shift, outcome):
+    shifted, clean = shift_errors()
+    clean[domain_shift.CLEAN_STATS] = errs(unaug, shift=shift)
+    assert labels(domain_shift.verdicts(shifted, clean))[2] == outcome
 
 
 def test_domain_shift_clean_verdict_flips_when_contrast_stats_are_harmless(labels):
-    shifted, clean = shift_numbers()
-    clean["contrast"] = 11.0
-    assert labels(domain_shift.verdicts(shifted, clean))[2] == "disagrees"
+    shifted, clean = shift_errors()
+    clean["contrast"] = errs(8)
+    assert labels(domain_shift.verdicts(shifted, clean))[3] == "disagrees"
+
+
+def test_ema_on_the_test_stream_adapts_in_place_and_leaves_the_model_alone():
+    """Reference: a loop that updates each BN's running stats by hand, then predicts."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.BatchNorm1d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(10, 1, 8) * 3 + 1, torch.randint(0, 3, (10,))
+    wrong = domain_shift.ema_on_stream(model, x, y, momentum=0.5, batch_size=4)
+    mean, var = model[1].running_mean.clone(), model[1].running_var.clone()
+    expected = []
+    for i in range(0, 10, 4):
+        h = model[0](x[i:i + 4])
+        mean = 0.5 * mean + 0.5 * h.mean((0, 2))
+        var = 0.5 * var + 0.5 * h.var((0, 2), unbiased=True)
+        z = (h - mean[None, :, None]) / (var[None, :, None] + model[1].eps).sqrt()
+        z = z * model[1].weight[None, :, None] + model[1].bias[None, :, None]
+        expected.append(model[3](z.flatten(1)).argmax(1) != y[i:i + 4])
+    assert torch.equal(wrong, torch.cat(expected))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_verdict_combinations_have_three_outcomes():
+    from rethinkbn_studies.verdicts import Interval, all_hold, exceeds, majority_hold
+
+    yes = exceeds("a", Interval(2.0, 1.0, 3.0, 0.95, "t"))
+    no = exceeds("b", Interval(-2.0, -3.0, -1.0, 0.95, "t"))
+    maybe = exceeds("c", Interval(0.5, -1.0, 2.0, 0.95, "t"))
+    assert [all_hold("all", p).label for p in ([yes, yes], [yes, no], [yes, maybe])] == [
+        "agrees", "disagrees", "inconclusive"]
+    assert [majority_hold("most", p).label for p in ([yes, yes, no], [yes, no, no],
+                                                     [yes, maybe, no])] == [
+        "agrees", "disagrees", "inconclusive"]
+    assert majority_hold("most", [yes, maybe, no]).interval == (1.0, 2.0)
 
 
 def test_augment_shifts_and_scales_each_sample_within_its_bounds():
@@ -83,27 +149,82 @@ def test_augment_shifts_and_scales_each_sample_within_its_bounds():
 
 
 # ---------------------------------------------------------------------------- multi-domain
-def domain_numbers():
-    return {"shared/shared/shared": 10.0, "shared/domain/shared": 80.0,
-            "domain/shared/shared": 30.0, "domain/domain/shared": 10.0,
-            "domain/shared/domain": 25.0, "domain/domain/domain": 9.5,
-            "GroupNorm": 9.0, "no norm": 11.0}
+DOMAIN_RATES = {"shared/shared/shared": 10.0, "shared/domain/shared": 80.0,
+                "domain/shared/shared": 30.0, "domain/domain/shared": 10.0,
+                "domain/shared/domain": 25.0, "domain/domain/domain": 9.5,
+                "GroupNorm": 10.5, "no norm": 11.0}
+
+
+def domain_wrong(**rates):
+    return {n: errs(r).astype(float) for n, r in {**DOMAIN_RATES, **rates}.items()}
 
 
 def test_multi_domain_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(multi_domain.verdicts(domain_numbers())) == ["agrees"] * 4
+    assert labels(multi_domain.verdicts(domain_wrong())) == ["agrees"] * 4
 
 
-def test_multi_domain_collapse_verdict_flips_without_a_collapse(labels):
-    mean = domain_numbers()
-    mean["shared/domain/shared"] = 20.0
-    assert labels(multi_domain.verdicts(mean))[1] == "disagrees"
+@pytest.mark.parametrize("rate, outcome", [(20.0, "disagrees"), (50.0, "inconclusive")])
+def test_multi_domain_collapse_verdict_has_three_outcomes(labels, rate, outcome):
+    wrong = domain_wrong(**{"shared/domain/shared": rate})
+    assert labels(multi_domain.verdicts(wrong))[1] == outcome
 
 
-def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins(labels):
-    mean = domain_numbers()
-    mean["domain/shared/shared"] = 9.0
-    assert labels(multi_domain.verdicts(mean))[0] == "disagrees"
+@pytest.mark.parametrize("rate, outcome", [(5.0, "disagrees"), (10.0, "inconclusive")])
+def test_multi_domain_consistency_verdict_flips_when_an_inconsistent_row_wins(labels, rate,
+                                                                              outcome):
+    wrong = domain_wrong(**{"domain/shared/shared": rate})
+    assert labels(multi_domain.verdicts(wrong))[0] == outcome
+
+
+@pytest.mark.parametrize("gn, outcome", [(25.0, "disagrees"), (12.0, "inconclusive")])
+def test_group_norm_equivalence_uses_the_matched_heads(labels, gn, outcome):
+    wrong = domain_wrong()
+    wrong["GroupNorm (best lr)"] = errs(gn, shift=100).astype(float)
+    wrong["no norm (best lr)"] = errs(40).astype(float)
+    matched = {"GroupNorm": "GroupNorm (best lr)", "no norm": "no norm (best lr)",
+               "bn": "domain/domain/shared"}
+    assert labels(multi_domain.verdicts(wrong, matched))[3] == outcome
+
+
+def test_collapse_separation_is_the_first_separation_above_the_threshold():
+    sweep = {s: {"shared/domain/shared": errs(r).astype(float)}
+             for s, r in ((0.0, 20.0), (1.0, 52.0), (2.0, 85.0), (3.0, 90.0))}
+    assert multi_domain.collapse_separation(sweep) == 2.0
+    assert multi_domain.collapse_separation({0.0: sweep[0.0]}) is None
+
+
+def test_separation_gives_each_level_its_gain_and_offset():
+    data = load_mnist1d(100)
+    plain = multi_domain.build_model("domain/domain/shared", data, 8, seed=0)
+    apart = multi_domain.build_model("domain/domain/shared", data, 8, seed=0, separation=1.0)
+    seen = {}
+    for name, model in (("plain", plain), ("apart", apart)):
+        model.head.conv1.register_forward_pre_hook(
+            lambda m, args, name=name: seen.__setitem__(name, args[0].view(3, 5, 8, -1)))
+        model.eval()
+        model(data.train_x[:5])
+    for level, (gain, offset) in enumerate(((0.5, -1.0), (1.0, 0.0), (2.0, 1.0))):
+        torch.testing.assert_close(seen["apart"][level], gain * seen["plain"][level] + offset)
+
+
+def test_mean_of_levels_is_the_fixed_point_of_an_ema_over_the_levels_batches():
+    """An EMA updated with each level's batch statistics in turn (the paper's shared
+    population statistics) converges to the mean of the levels' means and variances."""
+    data = load_mnist1d(100)
+    per_level = multi_domain.build_model("domain/domain/shared", data, 8, seed=0)
+    shared = multi_domain.build_model("domain/shared/shared", data, 8, seed=0)
+    layer = per_level.head.norm1
+    layer.running_mean.copy_(torch.tensor([[0.0] * 8, [1.0] * 8, [5.0] * 8]))
+    layer.running_var.copy_(torch.tensor([[1.0] * 8, [4.0] * 8, [7.0] * 8]))
+    multi_domain.mean_of_levels(shared, per_level)
+    mean, var = torch.zeros(8), torch.ones(8)
+    for _ in range(300):  # the EMA, momentum 0.1, levels in turn
+        for level in range(3):
+            mean = 0.9 * mean + 0.1 * layer.running_mean[level]
+            var = 0.9 * var + 0.1 * layer.running_var[level]
+    torch.testing.assert_close(shared.head.norm1.running_mean, mean, atol=0.3, rtol=0)
+    torch.testing.assert_close(shared.head.norm1.running_mean, torch.full((8,), 2.0))
+    torch.testing.assert_close(shared.head.norm1.running_var, torch.full((8,), 4.0))
 
 
 def test_levels_are_the_domains_of_the_head_norm():
@@ -130,36 +251,73 @@ def test_domain_specific_training_normalizes_each_level_alone():
 
 
 # ---------------------------------------------------------------------------- leakage
-def leak_numbers():
-    mean = {"bn-1img": {"pop": 30.0, "mu_B": 12.0}, "bn-2img": {"pop": 15.0, "mu_B": 14.0},
-            "bn-shuffle-1img": {"pop": 13.5, "mu_B": 20.0},
-            "bn-shuffle-2img": {"pop": 13.0, "mu_B": 22.0},
-            "syncbn": {"pop": 13.0, "mu_B": 28.0}, "no-norm": {"pop": 18.0, "mu_B": 18.0},
-            "groupnorm": {"pop": 17.0, "mu_B": 17.0}}
-    return {"mean": mean}
+LEAK_RATES = {"bn-1img": (30, 12), "bn-2img": (15, 14), "bn-shuffle-1img": (13.5, 20),
+              "bn-shuffle-2img": (13, 22), "syncbn": (13, 28), "no-norm": (18, 18),
+              "groupnorm": (17, 17)}
+
+
+def leak_wrong(**rates):
+    return {n: {"pop": errs(p), "mu_B": errs(m)}
+            for n, (p, m) in {**LEAK_RATES, **rates}.items()}
 
 
 def test_leakage_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(leakage.verdicts(leak_numbers())) == ["agrees"] * 4
+    assert labels(leakage.verdicts(leak_wrong())) == ["agrees"] * 5
 
 
-def test_leakage_verdict_flips_without_a_leak(labels):
-    numbers = leak_numbers()
-    numbers["mean"]["bn-1img"] = {"pop": 13.0, "mu_B": 12.0}
-    assert labels(leakage.verdicts(numbers))[0] == "disagrees"
+@pytest.mark.parametrize("rates, outcome", [((12, 20), "disagrees"),
+                                            ((12, 12), "inconclusive")])
+def test_leakage_verdict_flips_without_a_leak(labels, rates, outcome):
+    assert labels(leakage.verdicts(leak_wrong(**{"bn-1img": rates})))[0] == outcome
+
+
+def test_leakage_verdict_is_inconclusive_on_too_few_rois(labels):
+    wrong = {n: {"pop": errs(p, n=40, shift=5), "mu_B": errs(m, n=40)}
+             for n, (p, m) in LEAK_RATES.items()}
+    wrong["bn-1img"] = {"pop": errs(20, n=40, shift=7), "mu_B": errs(15, n=40)}
+    assert labels(leakage.verdicts(wrong))[0] == "inconclusive"
 
 
 def test_leakage_verdict_flips_when_shuffle_does_not_help(labels):
-    numbers = leak_numbers()
-    numbers["mean"]["bn-shuffle-1img"]["pop"] = 29.0
-    assert labels(leakage.verdicts(numbers))[2] == "disagrees"
+    wrong = leak_wrong(**{"bn-shuffle-1img": (36, 20)})
+    assert labels(leakage.verdicts(wrong))[2:4] == ["disagrees", "disagrees"]
 
 
-def test_ranks_row_compares_real_and_virtual_errors():
-    numbers = leak_numbers()
-    numbers["ranks"] = {"world": 2, "mean": {"syncbn": {"pop": 20.0, "mu_B": 28.0}}}
-    rows = leakage.verdicts(numbers)
-    assert len(rows) == 5 and rows[-1].verdict.label == "disagrees"
+def test_shuffle_equivalence_is_inconclusive_near_its_margin(labels):
+    wrong = leak_wrong(**{"bn-shuffle-1img": (15, 20)})  # 2.0 pt from SyncBN: on the margin
+    wrong["syncbn"]["pop"] = errs(13, shift=700)
+    assert labels(leakage.verdicts(wrong))[3] == "inconclusive"
+
+
+@pytest.mark.parametrize("sync, outcome", [(13, "agrees"), (24, "disagrees"),
+                                           (17.8, "inconclusive")])
+def test_syncbn_non_inferiority_has_three_outcomes(labels, sync, outcome):
+    wrong = leak_wrong(**{"syncbn": (sync, 28)})
+    if outcome == "inconclusive":
+        wrong["syncbn"]["pop"] = errs(sync, shift=500)
+    assert labels(leakage.verdicts(wrong))[4] == outcome
+
+
+@pytest.mark.parametrize("co, outcome", [((25, 12), "agrees"), ((12, 25), "disagrees"),
+                                         ((12, 12), "inconclusive")])
+def test_ablation_verdict_asks_for_a_leak_without_the_nuisance(labels, co, outcome):
+    ablation = {"co-occurrence only": {"pop": errs(co[0]), "mu_B": errs(co[1])},
+                "illumination only": {"pop": errs(30), "mu_B": errs(10)}}
+    rows = leakage.verdicts(leak_wrong(), ablation)
+    assert len(rows) == 6 and rows[5].verdict.label == outcome
+    assert "co-occurrence only" in leakage.ablation_note(leak_wrong(), ablation)
+
+
+@pytest.mark.parametrize("real_pop, shift, outcome", [(13, 0, "agrees"), (20, 0, "disagrees"),
+                                                      (14.6, 900, "inconclusive")])
+def test_ranks_row_is_an_equivalence_of_real_and_virtual_errors(labels, real_pop, shift,
+                                                                 outcome):
+    wrong = leak_wrong()
+    real = {"syncbn": {"pop": errs(real_pop, shift=shift), "mu_B": errs(28)},
+            "bn-1img": {"pop": errs(30), "mu_B": errs(12)}}
+    rows = leakage.verdicts(wrong, ranks=(2, real))
+    assert len(rows) == 6 and rows[-1].verdict.label == outcome
+    assert rows[-1].verdict.interval is not None and rows[-1].verdict.test
 
 
 TINY = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1, precise_batches=2,
@@ -232,3 +390,92 @@ def test_train_on_ranks_refuses_ranks_that_split_a_device_before_starting_torchr
     scale = leakage.LeakageScale(num_train_images=16, num_test_images=4, epochs=1)
     with pytest.raises(ValueError, match=r"--ranks 8 .* devices of 2 images .* \[1, 2, 4\]"):
         leakage.train_on_ranks("bn-2img", scale, seed=0, ranks=8, timeout_s=1.0)
+
+
+def _inputs_in_training(model, batches):
+    """Every head BN layer's inputs over ``batches`` in a training forward (float64)."""
+    norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+    seen = {id(m): [] for m in norms}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen[id(m)].append(args[0].double()))
+             for m in norms]
+    model.train()
+    try:
+        with torch.no_grad():
+            for x, rois in batches:
+                model(x, rois)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(seen[id(m)]) for m in norms]
+
+
+@pytest.mark.parametrize("name", ["bn-1img", "bn-2img", "syncbn"])
+def test_population_stats_are_those_of_the_inputs_normalized_as_in_training(name):
+    """precise_bn's statistics of the second head layer are the moments of its inputs when the
+    first layer normalizes each device alone (per-device BN), as in training."""
+    import copy
+    from itertools import islice
+
+    variant = leakage.VARIANTS[name]
+    model = leakage.build_model(variant, TINY, seed=0)
+    train, _, _ = leakage.task_images(TINY, seed=0)
+    batches = list(islice(leakage.step_batches(train, TINY, seed=7, epoch=0),
+                          TINY.precise_batches))
+    reference = _inputs_in_training(copy.deepcopy(model), batches)
+    leakage.population_stats(model, variant, train, TINY, seed=0)
+    norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+    for layer, x in zip(norms, reference, strict=True):
+        torch.testing.assert_close(layer.running_mean.double(), x.mean(0), rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(layer.running_var.double(), x.var(0), rtol=1e-4, atol=1e-6)
+
+
+def test_whole_step_normalization_would_give_other_statistics():
+    """The test above is not vacuous: normalizing the whole step at once changes layer 2."""
+    import copy
+    from itertools import islice
+
+    model = leakage.build_model(leakage.VARIANTS["bn-1img"], TINY, seed=0)
+    train, _, _ = leakage.task_images(TINY, seed=0)
+    batches = list(islice(leakage.step_batches(train, TINY, seed=7, epoch=0),
+                          TINY.precise_batches))
+    per_device = _inputs_in_training(copy.deepcopy(model), batches)[1]
+    whole = copy.deepcopy(model)
+    for m in whole.modules():
+        if isinstance(m, GhostBatchNorm):
+            m.norm_batch_size = None
+    assert not torch.allclose(_inputs_in_training(whole, batches)[1].mean(0),
+                              per_device.mean(0), atol=1e-3)
+
+
+def test_leakage_bootstrap_draws_images_not_rois():
+    """Per-RoI errors become each image's error fraction (RoIs of an image are contiguous)."""
+    wrong = {"v": {"pop": np.array([[1, 1, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1]], dtype=bool)}}
+    out = leakage.per_image(wrong, rois_per_image=3)
+    np.testing.assert_allclose(out["v"]["pop"], [[2 / 3, 1 / 3], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("two_img, outcome", [((40, 12), "disagrees"), ((22, 12),
+                                                                        "inconclusive")])
+def test_two_images_per_device_verdict_has_three_outcomes(labels, two_img, outcome):
+    wrong = leak_wrong(**{"bn-2img": two_img})
+    if outcome == "inconclusive":  # the same gap of 18 pt, with other RoIs: only noise
+        wrong["bn-1img"] = {"pop": errs(30, shift=50), "mu_B": errs(12)}
+        wrong["bn-2img"] = {"pop": errs(30, shift=120), "mu_B": errs(12, shift=60)}
+    assert labels(leakage.verdicts(wrong))[1] == outcome
+
+
+def test_domain_shift_contrast_stats_verdict_is_inconclusive_within_the_noise(labels):
+    shifted, clean = shift_errors()
+    clean["contrast"] = errs(10, shift=100)
+    assert labels(domain_shift.verdicts(shifted, clean))[3] == "inconclusive"
+
+
+def test_group_norm_verdict_is_inconclusive_when_training_is_not_matched(labels):
+    wrong = domain_wrong(**{"GroupNorm": 25.0, "no norm": 40.0})
+    losses = {"GroupNorm": 1.2, "no norm": 1.3, "bn": 0.4}
+    rows = multi_domain.verdicts(wrong, losses=losses)
+    assert rows[3].verdict.label == "inconclusive"
+    assert "not matched" in rows[3].verdict.detail
+    matched = {"GroupNorm": 0.42, "no norm": 1.3, "bn": 0.4}
+    assert multi_domain.verdicts(wrong, losses=matched)[3].verdict.label == "disagrees"

@@ -29,6 +29,8 @@ from torch import Tensor
 
 __all__ = [
     "CORRUPTIONS",
+    "PER_SAMPLE_AFFINE",
+    "affine_residual",
     "SEVERITIES",
     "blur",
     "brightness",
@@ -170,3 +172,24 @@ def corrupt(
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; expected one of: {', '.join(CORRUPTIONS)}")
     return CORRUPTIONS[name](x, severity, generator=generator)
+
+
+# The corruptions that are per-sample affine maps ``x -> a_i * x + b_i`` (one scalar gain and
+# offset per sample): a network whose first layer is followed by BatchNorm with statistics of the
+# corrupted domain undoes them almost by construction. ``affine_residual`` measures it.
+PER_SAMPLE_AFFINE = frozenset({"contrast", "brightness"})
+
+
+def affine_residual(x: Tensor, y: Tensor) -> float:
+    """How far ``y`` is from a per-sample affine map of ``x``: the largest, over samples, of the
+    least-squares residual of ``y_i ~ a_i * x_i + b_i`` relative to the spread of ``y_i``
+    (0 for an exact affine map, about 1 when ``y_i`` has nothing affine in common with ``x_i``).
+    Computed in float64 over every non-batch dim."""
+    if x.shape != y.shape or x.dim() < 2:
+        raise ValueError(f"affine_residual: expected two batches of the same shape (N, ...), got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    a, b = x.double().flatten(1), y.double().flatten(1)
+    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    slope = (ac * bc).sum(1, keepdim=True) / (ac * ac).sum(1, keepdim=True).clamp_min(1e-300)
+    resid = (bc - slope * ac).norm(dim=1)
+    return float((resid / bc.norm(dim=1).clamp_min(1e-300)).max())

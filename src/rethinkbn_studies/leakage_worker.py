@@ -6,7 +6,8 @@
 Each rank builds the real-rank form of the variant's model (SyncBatchNorm across ranks, the
 shuffle across ranks with ``all_to_all``), trains on its share of every step
 (:func:`rethinkbn_studies.leakage.train_model`), estimates population statistics with precise_bn
-pooled across ranks, and rank 0 saves ``{"state_dict", "train_loss"}`` to ``--out``.
+pooled across ranks (per-device variants; SyncBN's are estimated by the parent), and rank 0
+saves ``{"state_dict", "train_loss"}`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         train, _, _ = task_images(scale, args.seed)
         model = build_model(variant, scale, args.seed, distributed=True)
         loss = train_model(model, train, scale, args.seed, rank, world)
-        if has_batchnorm(variant):
-            population_stats(model, train, scale, args.seed, rank, world)
+        # SyncBN's statistics are estimated by the parent on the whole step (train_on_ranks).
+        if has_batchnorm(variant) and variant.norm != "sync":
+            population_stats(model, variant, train, scale, args.seed, rank, world)
         # The step's mean loss: every rank's mean over an equal share.
         total = torch.tensor([loss])
         dist.all_reduce(total)

@@ -42,8 +42,10 @@ from .base import AGREES, DISAGREES, INCONCLUSIVE, Verdict
 __all__ = [
     "Interval",
     "McNemar",
+    "all_hold",
     "equivalent",
     "exceeds",
+    "majority_hold",
     "mcnemar",
     "paired_bootstrap",
     "seed_interval",
@@ -202,3 +204,40 @@ def equivalent(criterion: str, interval: Interval, margin: float, detail: str = 
     inside = -margin <= interval.low and interval.high <= margin
     outside = interval.low > margin or interval.high < -margin
     return _decide(criterion, interval, inside, outside, detail)
+
+
+def all_hold(criterion: str, parts: list[Verdict]) -> Verdict:
+    """One verdict for "every part holds": disagrees when a part disagrees, agrees when all
+    agree, inconclusive otherwise; the effect, interval and test are the decisive part's (the
+    first that disagrees, else the first inconclusive one, else the widest interval), and
+    ``detail`` lists every part."""
+    if not parts:
+        raise ValueError("all_hold: expected at least one verdict")
+    order = [p for p in parts if p.label == DISAGREES] or [
+        p for p in parts if p.label == INCONCLUSIVE] or sorted(
+        parts, key=lambda p: -(p.interval[1] - p.interval[0]) if p.interval else 0.0)
+    key = order[0]
+    return Verdict(agrees=key.label == AGREES, criterion=criterion,
+                   detail="; ".join(f"{p.criterion}: {p.detail}" for p in parts),
+                   outcome=key.label, effect=key.effect, interval=key.interval,
+                   confidence=key.confidence, test=key.test)
+
+
+def majority_hold(criterion: str, parts: list[Verdict]) -> Verdict:
+    """One verdict for "most parts hold" (more than half): agrees when more than half agree,
+    disagrees when even counting every inconclusive part as agreeing would not make a majority,
+    inconclusive otherwise. The effect is the number of parts that agree, the interval
+    ``[agree, agree + inconclusive]`` (what the undecided parts could make of it)."""
+    if not parts:
+        raise ValueError("majority_hold: expected at least one verdict")
+    agree = sum(p.label == AGREES for p in parts)
+    open_ = sum(p.label == INCONCLUSIVE for p in parts)
+    outcome = (AGREES if 2 * agree > len(parts) else
+               DISAGREES if 2 * (agree + open_) <= len(parts) else INCONCLUSIVE)
+    return Verdict(agrees=outcome == AGREES, criterion=criterion,
+                   detail=f"{agree} agree, {open_} inconclusive of {len(parts)}: " + "; ".join(
+                       f"{p.criterion}: {p.label}" for p in parts),
+                   outcome=outcome, effect=float(agree), interval=(float(agree),
+                                                                   float(agree + open_)),
+                   confidence=None, test="count of the parts' own verdicts (each: "
+                   + (parts[0].test or "its own test") + ")")
