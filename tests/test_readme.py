@@ -30,3 +30,15 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     for i, block in enumerate(code_blocks("python")):
         code = compile(block, f"README.md:python-block-{i}", "exec")
         exec(code, namespace)  # noqa: S102 - the README's snippets are the specification
+
+
+def test_every_test_the_readme_names_exists():
+    """A promise in the README names the test that holds it: that test must exist."""
+    named = re.findall(r"`(?:tests/)?(test_\w+\.py)(?:::(test_\w+))?`", README)
+    assert named, "the README names the tests behind its promises"
+    for module, function in named:
+        path = ROOT / "tests" / module
+        assert path.exists(), f"README names {module}, which does not exist"
+        if function:
+            assert re.search(rf"def {function}\b", path.read_text()), (
+                f"README names {module}::{function}, which does not exist")
