@@ -20,6 +20,7 @@ __all__ = [
     "freeze_with_population_stats",
     "population_stats",
     "set_norm_batch_size",
+    "wrong_minibatch",
 ]
 
 
@@ -60,19 +61,26 @@ def freeze_with_population_stats(model: nn.Module, x: Tensor, *, batch_size: int
 
 
 @torch.no_grad()
-def eval_error_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size: int) -> float:
-    """Top-1 error (%) with mini-batch statistics: each group of ``norm_batch_size`` inputs is
-    normalized with its own statistics (the paper's "mu_B" evaluation); a remainder of fewer
-    than ``norm_batch_size`` samples is left out. The model is left as it was."""
+def wrong_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size: int) -> Tensor:
+    """Which of the first ``n`` samples (``n`` the largest multiple of ``norm_batch_size``)
+    ``model`` gets wrong with mini-batch statistics: each group of ``norm_batch_size`` inputs
+    is normalized with its own statistics (the paper's "mu_B" evaluation); a remainder of fewer
+    than ``norm_batch_size`` samples is left out. Bool, one per sample; the model is left as it
+    was."""
     n = (len(x) // norm_batch_size) * norm_batch_size
     if n == 0:
         raise ValueError(f"mini-batch evaluation needs >= norm_batch_size={norm_batch_size} "
                          f"samples, got {len(x)}")
     chunk = norm_batch_size * max(1, 1000 // norm_batch_size)
     device = next(model.parameters()).device
-    wrong = 0
+    wrong = []
     with batch_stats_inference(model, norm_batch_size=norm_batch_size):
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
-            wrong += int((model(x[i:j].to(device)).argmax(1).cpu() != y[i:j]).sum())
-    return 100.0 * wrong / n
+            wrong.append(model(x[i:j].to(device)).argmax(1).cpu() != y[i:j])
+    return torch.cat(wrong)
+
+
+def eval_error_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size: int) -> float:
+    """Top-1 error (%) with mini-batch statistics (see :func:`wrong_minibatch`)."""
+    return 100.0 * float(wrong_minibatch(model, x, y, norm_batch_size).float().mean())

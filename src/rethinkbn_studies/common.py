@@ -9,14 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import RunContext, mean_std
+from . import bn
+from .base import RunContext, Task, mean_std
 from .data import DataSplit
 from .models import build_model
+from .train import TrainConfig, train
 
 __all__ = [
     "FULL_MNIST1D_SAMPLES",
+    "GHOST_LR",
+    "GHOST_SGD_BATCH",
     "Scale",
     "fmt",
+    "ghost_model",
+    "ghost_model_task",
     "new_model",
     "over_seeds",
     "pyplot",
@@ -68,6 +74,40 @@ def new_model(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> nn.M
     """A freshly initialized ResNet for ``data`` on ``ctx.device``, initialized by ``seed``."""
     torch.manual_seed(seed)
     return build_model(data, widths=scale.widths).to(ctx.device)
+
+
+# The models trained with ghost BN at a normalization batch size (NBS), shared by the studies that
+# evaluate them (precise-batch and nbs): one cache key, one training run, many evaluations.
+GHOST_SGD_BATCH = 128
+GHOST_LR = 0.2
+
+
+def ghost_model_task(ctx: RunContext, scale: Scale, nbs: int, seed: int) -> Task:
+    """The training run of the shared NBS model: SGD batch :data:`GHOST_SGD_BATCH`, lr
+    :data:`GHOST_LR` (cosine), ghost BN with ``nbs``; its result is the trained state dict (load
+    it with :func:`ghost_model`). The key names no study, so every study asking for the same
+    model at the same scale gets the same run."""
+    config = {"model": "ghost-resnet", "v": 1, "data": ctx.data_spec, "nbs": nbs, "seed": seed,
+              "sgd_batch": GHOST_SGD_BATCH, "lr": GHOST_LR, "scale": scale.as_dict()}
+    return Task(config, _train_ghost_model, (scale, nbs, seed))
+
+
+def _train_ghost_model(ctx: RunContext, scale: Scale, nbs: int, seed: int) -> dict[str, Any]:
+    data = ctx.dataset().subset(scale.num_train, scale.num_val)
+    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
+    config = TrainConfig(epochs=scale.epochs, batch_size=GHOST_SGD_BATCH, lr=GHOST_LR)
+    train(model, data.train_x, data.train_y, config, seed=seed, progress=ctx.progress,
+          desc=f"NBS {nbs} seed {seed}")
+    return {"state": {k: v.cpu() for k, v in model.state_dict().items()}}
+
+
+def ghost_model(ctx: RunContext, scale: Scale, nbs: int, seed: int,
+                trained: dict[str, Any]) -> nn.Module:
+    """The shared NBS model of :func:`ghost_model_task` with its trained state ``trained``."""
+    data = ctx.dataset()
+    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
+    model.load_state_dict(trained["state"])
+    return model
 
 
 def over_seeds(

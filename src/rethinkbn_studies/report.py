@@ -19,7 +19,8 @@ import torch
 
 from .base import AGREES, INCONCLUSIVE, Study, StudyResult, table_cell
 
-__all__ = ["StudyOutcome", "environment", "render_report", "write_outputs"]
+__all__ = ["StudyOutcome", "environment", "render_report", "what_would_change",
+           "write_outputs"]
 
 
 @dataclass
@@ -101,6 +102,15 @@ def _ranks_note(env: dict[str, Any]) -> str:
     return f"ranks: {ranks} real gloo processes (leakage), " if ranks > 1 else ""
 
 
+def what_would_change(result: StudyResult) -> str:
+    """The study's last line: for each verdict, the measured margin against its uncertainty
+    (:meth:`~rethinkbn_studies.base.Verdict.what_would_change`), computed from its effect and
+    interval."""
+    parts = [f"{i}. {row.verdict.what_would_change()}"
+             for i, row in enumerate(result.summary, start=1)]
+    return "**What would change the verdicts** (in the order above): " + "; ".join(parts) + "."
+
+
 def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
     """The markdown text of report.md."""
     labels = [r.verdict.label for o in outcomes if o.result for r in o.result.summary]
@@ -147,6 +157,7 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         if r.notes:
             out += [r.notes, ""]
         out += [f"*Wall time of this study: {o.seconds:.0f} s.*", ""]
+        out += [what_would_change(r), ""]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     out += ["## Environment", "", f"{versions}; {env['platform']}.", ""]
     return "\n".join(out)
