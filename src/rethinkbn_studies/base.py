@@ -263,6 +263,8 @@ class RunContext:
       process of its own with one torch thread (``--jobs``; 1: one after the other, here).
     - ``pool``: the harness's process pool for ``jobs > 1`` (None otherwise); studies never
       touch it, they call :meth:`run_all`.
+    - ``data_dir``: where generated datasets are cached (the run cache's folder; None: none),
+      for studies that generate a variant of the data (``common.study_data``).
     - ``ranks``: real processes for studies that simulate devices (``--ranks``). Only
       ``leakage`` uses it: with ``ranks > 1`` its device-dependent variants also train on that
       many gloo processes (torchrun) beside the virtual devices; 1 means virtual devices only.
@@ -280,6 +282,7 @@ class RunContext:
     ranks: int = 1
     jobs: int = 1
     pool: Any = field(default=None, compare=False, repr=False)
+    data_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("ranks", "jobs"):

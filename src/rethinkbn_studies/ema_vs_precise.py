@@ -24,11 +24,14 @@ from .base import RunContext, StudyResult, SummaryRow, Table, Task, mean_std, re
 from .common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
+    data_key,
+    data_name,
     fmt,
     new_model,
     pyplot,
     save_plot,
     scale_for,
+    study_data,
 )
 from .train import EpochEnd, TrainConfig, evaluate_wrong, train
 from .verdicts import equivalent, exceeds, paired_bootstrap
@@ -80,7 +83,7 @@ def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int,
 def _run(ctx: RunContext, scale: Scale, batch: int, seed: int) -> dict[str, Any]:
     """One training run, measured after every epoch: which validation samples the model gets
     wrong with its EMA statistics and with PreciseBN's, and Fig. 2's view at a few epochs."""
-    data = ctx.dataset().subset(scale.num_train, scale.num_val)
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = new_model(ctx, data, scale, seed)
     warmup = 0.0 if batch == NORMAL_BATCH else max(1.0, scale.epochs / 10)
     config = TrainConfig(epochs=scale.epochs, batch_size=batch,
@@ -218,6 +221,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
 @register_study("ema-vs-precise",
                 "Sec. 3, Fig. 2-3: EMA vs PreciseBN statistics per epoch, normal and large batch")
 def run(ctx: RunContext) -> StudyResult:
+    study_data(ctx)  # generated here once, before worker processes read it
     scale = scale_for(ctx, quick_epochs=12, full_epochs=20,
                       mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     if scale.num_train < 2 * NORMAL_BATCH:
@@ -226,7 +230,7 @@ def run(ctx: RunContext) -> StudyResult:
     large = min(LARGE_BATCH, scale.num_train // 2)
     jobs = [(b, s) for b in (NORMAL_BATCH, large) for s in ctx.seeds]
     results = ctx.run_all(
-        [Task({"study": "ema-vs-precise", "v": 2, "data": ctx.data_spec, "batch": b, "seed": s,
+        [Task({"study": "ema-vs-precise", "v": 2, "data": data_key(ctx), "batch": b, "seed": s,
                "scale": scale.as_dict(), "precise": [PRECISE_SAMPLES, PRECISE_BATCH]},
               _run, (scale, b, s)) for b, s in jobs], desc="ema-vs-precise: training")
     runs: dict[int, list[dict[str, Any]]] = {}
@@ -275,7 +279,7 @@ def run(ctx: RunContext) -> StudyResult:
                         [[256, "EMA noisier, worse than PreciseBN", "EMA = PreciseBN"],
                          [8192, "EMA ~55-67% vs PreciseBN ~45%", "EMA slightly worse"]])
     setup = (
-        f"{ctx.dataset().name}, {scale.num_train} training / {scale.num_val} validation samples, "
+        f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples, "
         f"a 1-D ResNet (widths {list(scale.widths)}, BatchNorm momentum 0.1 = lambda 0.9), "
         f"{scale.epochs} epochs of SGD (momentum 0.9, cosine LR, lr {BASE_LR} x batch/"
         f"{NORMAL_BATCH}, warmup for the large batch) with SGD batch {NORMAL_BATCH} "

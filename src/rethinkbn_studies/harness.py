@@ -215,6 +215,7 @@ def reproduce(
         tiny=tiny,
         ranks=ranks,
         jobs=jobs,
+        data_dir=cache.root,
     )
     for study in studies:
         if study.check is not None:

@@ -36,6 +36,8 @@ from .common import (
     GHOST_LR,
     GHOST_SGD_BATCH,
     Scale,
+    data_key,
+    data_name,
     fmt,
     ghost_model,
     ghost_model_task,
@@ -43,6 +45,7 @@ from .common import (
     pyplot,
     save_plot,
     scale_for,
+    study_data,
 )
 from .train import Callback, TrainConfig, evaluate_wrong, train
 from .verdicts import Interval, exceeds, mcnemar, paired_bootstrap, stays_below
@@ -80,7 +83,7 @@ def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
               trained: dict[str, Any]) -> dict[str, Any]:
     """Per-sample errors of the shared NBS model: train and val with mini-batch statistics
     (groups of NBS), val with whole-batch PreciseBN statistics, and the EMA's val error."""
-    data = ctx.dataset().subset(scale.num_train, scale.num_val)
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = ghost_model(ctx, scale, nbs, seed, trained)
     n = min(len(data.train_x), len(data.val_x))
     ema = evaluate_wrong(model, data.val_x, data.val_y)
@@ -108,7 +111,7 @@ class FreezeAt(Callback):
 def _step_run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> Any:
     """A step-schedule run (normal, or FrozenBN for the last 20%): which validation samples it
     gets wrong with whole-batch PreciseBN statistics (FrozenBN: the frozen ones)."""
-    data = ctx.dataset().subset(scale.num_train, scale.num_val)
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
     config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR,
                          milestones=STEP_MILESTONES)
@@ -248,13 +251,14 @@ def _rate(w: Any) -> float:
 @register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
                 "population statistics, and FrozenBN for the last 20% of epochs")
 def run(ctx: RunContext) -> StudyResult:
+    study_data(ctx)  # generated here once, before worker processes read it
     scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
                       mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     sizes = nbs_values(ctx.quick)
     jobs = [(n, s) for n in sizes for s in ctx.seeds]
     ends = (sizes[0], sizes[-1])
     step_jobs = [(n, f, s) for n in ends for f in (False, True) for s in ctx.seeds]
-    step_tasks = [Task({"study": "nbs", "run": "step", "v": 3, "data": ctx.data_spec, "nbs": n,
+    step_tasks = [Task({"study": "nbs", "run": "step", "v": 3, "data": data_key(ctx), "nbs": n,
                         "frozen": f, "seed": s, "sgd_batch": SGD_BATCH, "lr": LR,
                         "milestones": list(STEP_MILESTONES), "scale": scale.as_dict()},
                        _step_run, (scale, n, f, s)) for n, f, s in step_jobs]
@@ -297,7 +301,7 @@ def run(ctx: RunContext) -> StudyResult:
                    [[label, *[paper.FIG5_NBS[key][s] for s in psizes]]
                     for key, label in CURVES.items()])
     setup = (
-        f"{ctx.dataset().name}, {scale.num_train} training / {scale.num_val} validation samples; "
+        f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples; "
         f"1-D ResNet (widths {list(scale.widths)}), {scale.epochs} epochs, SGD batch "
         f"{SGD_BATCH} (lr {LR}), ghost BN with NBS in {sizes}. The sweep's models train with a "
         f"cosine schedule (the same runs as `precise-batch`'s). Population statistics: "

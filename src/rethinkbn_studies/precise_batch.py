@@ -16,17 +16,22 @@ from torch import nn
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, Task, Verdict, register_study
 from .common import (
+    CALIBRATION_CORR_NOISE,
     FULL_MNIST1D_SAMPLES,
     GHOST_LR,
     GHOST_SGD_BATCH,
+    MNIST1D_CORR_NOISE,
     Scale,
+    data_key,
+    data_name,
     fmt,
     ghost_model,
     ghost_model_task,
     over_seeds,
     scale_for,
+    study_data,
 )
-from .train import evaluate_wrong
+from .train import evaluate_error, evaluate_wrong
 from .verdicts import equivalent, exceeds, mcnemar, paired_bootstrap
 
 SGD_BATCH = GHOST_SGD_BATCH
@@ -47,7 +52,7 @@ def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
     """Validation errors of the shared NBS model with its EMA and with PreciseBN statistics
     from all N training samples in batches of B; per column the error (%) and which validation
     samples it gets wrong (for the paired tests)."""
-    data = ctx.dataset().subset(scale.num_train, scale.num_val)
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = ghost_model(ctx, scale, nbs, seed, trained)
     n = len(data.train_x)
     wrong = {"EMA": evaluate_wrong(model, data.val_x, data.val_y)}
@@ -57,6 +62,38 @@ def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
         wrong["B=N" if b == n else f"B={b}"] = evaluate_wrong(m, data.val_x, data.val_y)
     return {"errors": {k: 100.0 * float(w.float().mean()) for k, w in wrong.items()},
             "wrong": wrong}
+
+
+def _calibration_errors(ctx: RunContext, scale: Scale, corr_noise: float | None,
+                        trained: dict[str, Any]) -> dict[str, float]:
+    """Training and validation error (EMA statistics) of the NBS=32 model, seed 0, on the data
+    with correlated noise ``corr_noise``: one row of the difficulty calibration."""
+    data = study_data(ctx, corr_noise).subset(scale.num_train, scale.num_val)
+    model = ghost_model(ctx, scale, 32, ctx.seeds[0], trained)
+    return {"train": evaluate_error(model, data.train_x, data.train_y),
+            "val": evaluate_error(model, data.val_x, data.val_y)}
+
+
+def calibration(ctx: RunContext, scale: Scale) -> Table | None:
+    """The task-difficulty calibration (MNIST-1D only): the baseline's error at a few
+    correlated-noise scales of the generator, the chosen one marked (cached runs)."""
+    if data_key(ctx) == ctx.data_spec:
+        return None
+    seed = ctx.seeds[0]
+    for c in CALIBRATION_CORR_NOISE:
+        study_data(ctx, c)  # generated here once, before worker processes read it
+    tasks = [ghost_model_task(ctx, scale, 32, seed, c) for c in CALIBRATION_CORR_NOISE]
+    models = ctx.run_all(tasks, desc="precise-batch: calibration")
+    errors = ctx.run_all([Task({"study": "precise-batch", "run": "calibration", "v": 1,
+                                "model": t.config}, _calibration_errors, (scale, c, m))
+                          for t, c, m in zip(tasks, CALIBRATION_CORR_NOISE, models, strict=True)],
+                         desc="precise-batch: calibration")
+    rows = [[f"{c:g}" + (" (chosen)" if c == MNIST1D_CORR_NOISE else
+                         " (generator default)" if c == 0.25 else ""), e["train"], e["val"]]
+            for c, e in zip(CALIBRATION_CORR_NOISE, errors, strict=True)]
+    return Table(f"task difficulty: the NBS=32 baseline (seed {seed}, {scale.epochs} epochs) "
+                 f"against MNIST-1D's correlated-noise scale; error (%) with EMA statistics",
+                 ["corr_noise_scale", "train error", "val error"], rows)
 
 
 def _paired(wrong: dict[str, dict[str, list[Any]]], a: tuple[str, str],
@@ -120,6 +157,7 @@ def mechanism_note(numbers: dict[str, Any]) -> str:
 @register_study("precise-batch",
                 "Table 2: PreciseBN batch size B vs EMA for models trained with NBS 32 and 2")
 def run(ctx: RunContext) -> StudyResult:
+    study_data(ctx)  # generated here once, before worker processes read it
     scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
                       mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     jobs = [(n, s) for n in NBS_VALUES for s in ctx.seeds]
@@ -149,13 +187,17 @@ def run(ctx: RunContext) -> StudyResult:
                    ["model", *paper.TABLE2_COLUMNS],
                    [[f"NBS={k}", *v] for k, v in paper.TABLE2.items()])
     setup = (
-        f"{ctx.dataset().name}, {scale.num_train} training / {scale.num_val} validation samples; "
+        f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples; "
         f"1-D ResNet (widths {list(scale.widths)}) trained {scale.epochs} epochs with SGD batch "
         f"{SGD_BATCH} (lr {LR}, cosine) and ghost BN with NBS 32 or 2 (the same trained models "
         f"as the `nbs` study's). Population statistics: the EMA, or PreciseBN over all "
         f"N = {scale.num_train} training samples in batches of B (normalizing over the whole "
         f"batch B). Seeds: {list(ctx.seeds)}."
     )
-    return StudyResult(setup=setup, tables=[ours], paper_tables=[theirs], plots=[],
+    calibrated = calibration(ctx, scale)
+    if calibrated is not None:
+        numbers["calibration"] = calibrated.to_json()
+    return StudyResult(setup=setup, tables=[ours, *([calibrated] if calibrated else [])],
+                       paper_tables=[theirs], plots=[],
                        summary=verdicts(numbers, wrong), numbers=numbers,
                        notes=mechanism_note(numbers))
