@@ -82,6 +82,22 @@ def test_ema_mid_training_equivalence_is_inconclusive_with_few_noisy_samples():
     assert row.verdict.label == "inconclusive"
 
 
+@pytest.mark.parametrize(("control", "fig4", "labels_"), [
+    ([80.0, 60.0], {"10": 30.0, "1000": 20.0, "8000": 20.0}, ["agrees"] * 3),
+    ([61.0, 40.0], {"10": 19.0, "1000": 22.0, "8000": 20.0}, ["disagrees"] * 3),
+])
+def test_ema_control_and_fig4_verdicts(control, fig4, labels_, labels):
+    """The control run (EMA from PreciseBN statistics) and Fig. 4 (PreciseBN error against
+    its number of samples) have verdicts of their own, after the first four."""
+    numbers, wrong = ema_case()
+    wrong_of = draws()
+    per_epoch = {"ema": control + [15.0, 8.0], "precise": [60.0, 40.0, 15.0, 8.0]}
+    wrong["control"] = {k: [np.stack([wrong_of(r)[s] for r in v]) for s in range(3)]
+                        for k, v in per_epoch.items()}
+    wrong["fig4"] = {n: wrong_of(rate) for n, rate in fig4.items()}
+    assert labels(ema_vs_precise.verdicts(numbers, wrong)[4:]) == labels_
+
+
 @pytest.mark.parametrize(("first", "last", "label"), [(0.1, 0.6, "disagrees"),
                                                       (0.3, 0.3, "inconclusive")])
 def test_fig2_verdict_outcomes(first, last, label):
