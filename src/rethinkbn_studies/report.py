@@ -94,7 +94,7 @@ def _cache_note(env: dict[str, Any]) -> str:
     cache = env.get("cache")
     if not cache:
         return ""
-    return f" ({cache['misses']} training runs trained, {cache['hits']} taken from the cache)"
+    return f" ({cache['misses']} runs computed, {cache['hits']} taken from the cache)"
 
 
 def _ranks_note(env: dict[str, Any]) -> str:
@@ -129,7 +129,9 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         f"training error; RoI classification error in `leakage`), mean ± std over seeds when "
         f"there are several; the paper's are ResNet-50 on ImageNet (error %) or "
         f"Mask R-CNN/RetinaNet on COCO (AP, higher is better). The verdicts compare the "
-        f"*direction* of each effect, with the criterion written beside it; {agreed} of "
+        f"*direction* of each effect, with the criterion written beside it; where a verdict "
+        f"states an effect, its interval and test, it agrees (disagrees) only when the whole "
+        f"interval lies on the paper's (the other) side of the threshold. {agreed} of "
         f"{total} claims agree at this scale{unsure_note}.",
         "",
         "## Summary",
