@@ -14,11 +14,11 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from rethinkbn.distributed.testing import GlooWorld
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rethinkbn.distributed import SyncBatchNorm
+from rethinkbn.distributed.testing import GlooWorld
 from rethinkbn.distributed.virtual import PerDeviceBatchNorm
 from rethinkbn.layers import (
     DomainBatchNorm,

@@ -13,7 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from rethinkbn.convert import to_ghost_bn
-from rethinkbn.population import batch_stats_inference, freeze_with_precise_stats, precise_bn
+from rethinkbn.population import (
+    PreciseBNReport,
+    batch_stats_inference,
+    freeze_with_precise_stats,
+    precise_bn,
+)
 
 __all__ = [
     "eval_error_minibatch",
@@ -38,14 +43,15 @@ def _batches(model: nn.Module, x: Tensor, batch_size: int, num_samples: int,
 
 
 def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: int,
-                     seed: int = 0, pass_norm_batch_size: int | None = None) -> None:
+                     seed: int = 0, pass_norm_batch_size: int | None = None) -> PreciseBNReport:
     """PreciseBN in place: every BN's running statistics become those of ``num_samples``
     training inputs ``x`` (a seeded random subset) run in batches of ``batch_size``.
 
     Ghost BN layers normalize each pass batch in groups of ``pass_norm_batch_size`` (None: the
-    whole batch of ``batch_size``, the paper's PreciseBN batch B)."""
+    whole batch of ``batch_size``, the paper's PreciseBN batch B). Returns PreciseBN's report:
+    per layer, the distances of the statistics it replaced from the new ones."""
     batches = _batches(model, x, batch_size, num_samples, seed)
-    precise_bn(model, batches, num_samples=None, num_batches=len(batches),
+    return precise_bn(model, batches, num_samples=None, num_batches=len(batches),
                pass_norm_batch_size=pass_norm_batch_size, progress=False)
 
 
