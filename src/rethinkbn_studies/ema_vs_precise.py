@@ -23,6 +23,7 @@ from rethinkbn.layers import is_batchnorm
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, Task, mean_std, register_study
 from .common import (
+    FULL_MNIST1D_SAMPLES,
     Scale,
     data_key,
     data_name,
@@ -308,7 +309,8 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
                 "Sec. 3, Fig. 2-3: EMA vs PreciseBN statistics per epoch, normal and large batch")
 def run(ctx: RunContext) -> StudyResult:
     data = study_data(ctx)  # generated here once, before worker processes read it
-    scale = scale_for(ctx, quick_epochs=8, full_epochs=20)
+    scale = scale_for(ctx, quick_epochs=8, full_epochs=20,
+                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)  # the narrow ResNet
     if not ctx.tiny:
         # All of the training set: the large batch gets enough steps per epoch.
         scale = dataclasses.replace(scale, num_train=len(data.train_x))
