@@ -32,7 +32,7 @@ def test_unknown_study_is_a_clear_error(tmp_path, capsys):
 
 def test_reproduce_writes_report_plots_and_results(tiny_out, tiny_data, capsys):
     code = main(["reproduce", "--tiny", "--data", tiny_data, "--only", ",".join(PART1),
-                 "--out", str(tiny_out)])
+                 "--out", str(tiny_out), "--jobs", "2"])
     assert code == 0
     out = tiny_out
     report = (out / "report.md").read_text()
@@ -41,13 +41,23 @@ def test_reproduce_writes_report_plots_and_results(tiny_out, tiny_data, capsys):
         assert f"## `{name}`" in report
         assert report.count(f"| `{name}` |") >= 3  # its rows in the summary table
     assert report.count("**Verdicts.**") == 3
-    for plot in ["ema_vs_precise.png", "ema_batch_means.png", "nbs.png"]:
+    for plot in ["ema_vs_precise.png", "ema_batch_means.png", "precise_samples.png", "nbs.png"]:
         assert (out / plot).stat().st_size > 1000
         assert f"]({plot})" in report
     results = json.loads((out / "results.json").read_text())
     assert set(results["studies"]) == set(PART1)
     assert results["environment"]["versions"]["torch"]
     assert all(s["error"] is None for s in results["studies"].values())
+    # Every verdict of these studies knows its noise: outcome, effect, interval and test.
+    for study in results["studies"].values():
+        for row in study["summary"]:
+            assert row["verdict"] in ("agrees", "disagrees", "inconclusive")
+            u = row["uncertainty"]
+            assert u["low"] <= row["effect"] <= u["high"] and row["test"] and row["rule"]
+    assert report.count("**What would change the verdicts**") == 3
+    # The NBS models of precise-batch are the nbs study's: trained once, in 2 worker processes.
+    env = results["environment"]
+    assert env["jobs"] == 2 and env["cache"]["hits"] >= 2
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
@@ -55,7 +65,7 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--seeds", "--threads", "--ranks"])
+@pytest.mark.parametrize("flag", ["--seeds", "--threads", "--ranks", "--jobs"])
 @pytest.mark.parametrize("value", ["many", "0"])
 def test_reproduce_rejects_a_count_that_is_not_positive(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -16,135 +16,175 @@ from rethinkbn_studies.base import (
 )
 
 
-# ---------------------------------------------------------------------------- ema-vs-precise
-def ema_numbers():
-    """Paper-like curves: the large batch's EMA lags early, the curves meet at the end."""
-    return {
-        "large_batch": 500,
-        "curves": {
-            "64": {"ema_mean": [30.0, 10.0, 5.0, 3.0], "precise_mean": [25.0, 8.0, 4.5, 3.0]},
-            "500": {"ema_mean": [80.0, 60.0, 20.0, 9.0], "precise_mean": [60.0, 40.0, 15.0, 8.0]},
-        },
-        "fig2_outside": [0.8, 0.3, 0.0],
-    }
+def draws(samples=2000, seeds=3, independent=False):
+    """Per seed, uniform draws deciding which samples a model gets wrong: a model with error
+    rate r errs where the draw is below r. Shared draws pair the models (as two models on one
+    validation set are); ``independent`` draws give each call its own (noisy differences)."""
+    rngs = [np.random.default_rng(s) for s in range(seeds)]
+    shared = [r.random(samples) for r in rngs]
 
+    def wrong(rate):
+        us = [r.random(samples) for r in rngs] if independent else shared
+        return [u < rate / 100 for u in us]
 
-def test_ema_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(ema_vs_precise.verdicts(ema_numbers())) == ["agrees"] * 4
-
-
-def test_ema_verdict_flips_when_precise_is_not_better_early():
-    numbers = ema_numbers()
-    numbers["curves"]["500"]["precise_mean"] = [80.0, 60.0, 20.0, 9.0]
-    rows = ema_vs_precise.verdicts(numbers)
-    assert rows[0].verdict.label == "disagrees"
-    assert rows[0].verdict.detail == "+0.00 pt"
-
-
-def test_ema_verdict_flips_when_curves_do_not_meet_at_the_end():
-    numbers = ema_numbers()
-    numbers["curves"]["64"]["ema_mean"][-1] = 6.0
-    assert ema_vs_precise.verdicts(numbers)[2].verdict.label == "disagrees"
-
-
-def test_fig2_verdict_flips_when_ema_is_outside_more_often_late():
-    numbers = ema_numbers()
-    numbers["fig2_outside"] = [0.1, 0.5]
-    assert ema_vs_precise.verdicts(numbers)[3].verdict.label == "disagrees"
-
-
-# ---------------------------------------------------------------------------- precise-batch
-def table2_numbers():
-    cols = ["EMA", "B=2", "B=10", "B=100", "B=1000", "B=N"]
-    return {"mean": {"32": dict(zip(cols, [23.7, 28.8, 24.0, 23.5, 23.5, 23.5], strict=True)),
-                     "2": dict(zip(cols, [35.5, 34.4, 32.3, 32.0, 32.0, 32.0], strict=True))}}
-
-
-def test_precise_batch_verdicts_agree_on_the_papers_own_table(labels):
-    assert labels(precise_batch.verdicts(table2_numbers())) == ["agrees"] * 4
-
-
-@pytest.mark.parametrize(
-    ("nbs_key", "column", "value", "row"),
-    [("32", "B=2", 23.6, 0), ("32", "B=100", 25.0, 1), ("2", "EMA", 31.0, 2),
-     ("2", "B=N", 23.9, 3)],
-)
-def test_precise_batch_verdict_flips_with_its_number(nbs_key, column, value, row, labels):
-    numbers = copy.deepcopy(table2_numbers())
-    numbers["mean"][nbs_key][column] = value
-    rows = precise_batch.verdicts(numbers)
-    assert rows[row].verdict.label == "disagrees"
-    assert labels(rows).count("disagrees") == 1
-
-
-# ---------------------------------------------------------------------------- nbs
-def fig5_numbers():
-    from rethinkbn_studies import paper
-
-    keep = (2, 1024)
-    return {"mean": {k: {str(n): v for n, v in curve.items() if n in keep}
-                     for k, curve in paper.FIG5_NBS.items()}}
-
-
-def fig5_wrong(numbers, samples=2000, seeds=3):
-    """Per-sample errors at the mean rates of ``numbers``: per seed, the normal and the FrozenBN
-    run err on the samples whose uniform draw is below their rate (paired, as two runs from one
-    initialization on one validation set are)."""
-    wrong = {"val_pop": {}, "val_pop_frozen": {}}
-    for nbs_key in numbers["mean"]["val_pop"]:
-        draws = [np.random.default_rng(s).random(samples) for s in range(seeds)]
-        for curve in wrong:
-            rate = numbers["mean"][curve][nbs_key] / 100
-            wrong[curve][nbs_key] = [u < rate for u in draws]
     return wrong
 
 
-def nbs_verdicts(numbers):
-    return nbs.verdicts(numbers, fig5_wrong(numbers))
+# ---------------------------------------------------------------------------- ema-vs-precise
+PAPER_LIKE_EMA = {
+    "64": {"ema": [30.0, 10.0, 5.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]},
+    "500": {"ema": [80.0, 60.0, 20.0, 9.0], "precise": [60.0, 40.0, 15.0, 8.0]},
+}
+
+
+def ema_case(curves=None, first=0.8, last=0.1, samples=2000, independent=False):
+    """numbers and per-sample errors for ema_vs_precise.verdicts from per-epoch error rates
+    (curves[batch]["ema"|"precise"]) and fractions of channels outside at two checkpoints."""
+    curves = copy.deepcopy(curves or PAPER_LIKE_EMA)
+    wrong_of = draws(samples, independent=independent)
+    wrong, numbers = {}, {"large_batch": 500, "curves": {}, "fig2_outside": [first, last]}
+    for batch, c in curves.items():
+        per_epoch = {k: [wrong_of(r) for r in c[k]] for k in ("ema", "precise")}
+        wrong[batch] = {k: [np.stack([e[s] for e in v]) for s in range(3)]
+                        for k, v in per_epoch.items()}
+        numbers["curves"][batch] = {f"{k}_mean": list(c[k]) for k in ("ema", "precise")}
+    channels = draws(64)
+    wrong["fig2"] = {"first": channels(100 * first), "last": channels(100 * last)}
+    return numbers, wrong
+
+
+def test_ema_verdicts_agree_on_paper_like_numbers(labels):
+    assert labels(ema_vs_precise.verdicts(*ema_case())) == ["agrees"] * 4
+
+
+@pytest.mark.parametrize(("row", "case", "label"), [
+    (0, {"500": {"ema": [60.0, 40.0, 15.0, 8.0], "precise": [60.0, 40.0, 15.0, 8.0]}},
+     "disagrees"),
+    (0, {"500": {"ema": [61.0, 41.0, 15.0, 8.0], "precise": [60.0, 40.0, 15.0, 8.0]}},
+     "inconclusive"),
+    (1, {"64": {"ema": [60.0, 40.0, 5.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]}},
+     "disagrees"),
+    (2, {"64": {"ema": [30.0, 15.0, 10.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]}},
+     "disagrees"),
+])
+def test_ema_verdict_outcomes_follow_the_curves(row, case, label):
+    curves = {**copy.deepcopy(PAPER_LIKE_EMA), **case}
+    verdict_ = ema_vs_precise.verdicts(*ema_case(curves))[row].verdict
+    assert verdict_.label == label
+    assert verdict_.interval[0] <= verdict_.effect <= verdict_.interval[1]
+    assert "paired bootstrap" in verdict_.test
+
+
+def test_ema_mid_training_equivalence_is_inconclusive_with_few_noisy_samples():
+    curves = copy.deepcopy(PAPER_LIKE_EMA)
+    curves["64"] = {"ema": [30.0, 12.0, 12.0, 3.0], "precise": [25.0, 12.0, 12.0, 3.0]}
+    row = ema_vs_precise.verdicts(*ema_case(curves, samples=100, independent=True))[2]
+    assert row.verdict.label == "inconclusive"
+
+
+@pytest.mark.parametrize(("control", "fig4", "labels_"), [
+    ([80.0, 60.0], {"10": 30.0, "1000": 20.0, "8000": 20.0}, ["agrees"] * 3),
+    ([61.0, 40.0], {"10": 19.0, "1000": 22.0, "8000": 20.0}, ["disagrees"] * 3),
+])
+def test_ema_control_and_fig4_verdicts(control, fig4, labels_, labels):
+    """The control run (EMA from PreciseBN statistics) and Fig. 4 (PreciseBN error against
+    its number of samples) have verdicts of their own, after the first four."""
+    numbers, wrong = ema_case()
+    wrong_of = draws()
+    per_epoch = {"ema": control + [15.0, 8.0], "precise": [60.0, 40.0, 15.0, 8.0]}
+    wrong["control"] = {k: [np.stack([wrong_of(r)[s] for r in v]) for s in range(3)]
+                        for k, v in per_epoch.items()}
+    wrong["fig4"] = {n: wrong_of(rate) for n, rate in fig4.items()}
+    assert labels(ema_vs_precise.verdicts(numbers, wrong)[4:]) == labels_
+
+
+@pytest.mark.parametrize(("first", "last", "label"), [(0.1, 0.6, "disagrees"),
+                                                      (0.3, 0.3, "inconclusive")])
+def test_fig2_verdict_outcomes(first, last, label):
+    row = ema_vs_precise.verdicts(*ema_case(first=first, last=last))[3]
+    assert row.verdict.label == label and "channels" in row.verdict.test
+
+
+# ---------------------------------------------------------------------------- precise-batch
+def table2_case(change=None, independent=False):
+    cols = ["EMA", "B=2", "B=10", "B=100", "B=1000", "B=N"]
+    mean = {"32": dict(zip(cols, [23.7, 28.8, 24.0, 23.5, 23.5, 23.5], strict=True)),
+            "2": dict(zip(cols, [35.5, 34.4, 32.3, 32.0, 32.0, 32.0], strict=True))}
+    for nbs_key, col, value in change or []:
+        mean[nbs_key][col] = value
+    wrong_of = draws(independent=independent)
+    wrong = {k: {c: wrong_of(v) for c, v in row.items()} for k, row in mean.items()}
+    return {"mean": mean}, wrong
+
+
+def test_precise_batch_verdicts_agree_on_the_papers_own_table(labels):
+    assert labels(precise_batch.verdicts(*table2_case())) == ["agrees"] * 4
+
+
+@pytest.mark.parametrize(
+    ("change", "row", "label"),
+    [([("32", "B=2", 23.6)], 0, "disagrees"), ([("32", "B=2", 24.0)], 0, "inconclusive"),
+     ([("32", "B=100", 25.0)], 1, "disagrees"), ([("32", "B=100", 23.9)], 1, "inconclusive"),
+     ([("2", "EMA", 31.0)], 2, "disagrees"), ([("2", "EMA", 32.0)], 2, "inconclusive"),
+     ([("2", "B=N", 23.5)], 3, "disagrees"), ([("2", "B=N", 24.0)], 3, "inconclusive")],
+)
+def test_precise_batch_verdict_outcomes_follow_their_numbers(change, row, label, labels):
+    rows = precise_batch.verdicts(*table2_case(change))
+    assert rows[row].verdict.label == label
+    assert labels(rows).count("agrees") == 3
+    assert "McNemar" in rows[row].verdict.detail
+
+
+# ---------------------------------------------------------------------------- nbs
+def fig5_case(change=None, independent=False):
+    from rethinkbn_studies import paper
+
+    keep = (2, 1024)
+    mean = {k: {str(n): v for n, v in curve.items() if n in keep}
+            for k, curve in paper.FIG5_NBS.items()}
+    mean["val_pop"]["32"] = 23.4  # the best NBS between the two ends
+    mean["val_pop_step"] = dict(mean["val_pop"])
+    for curve, nbs_key, value in change or []:
+        mean[curve][nbs_key] = value
+    wrong_of = draws(independent=independent)
+    wrong = {k: {n: wrong_of(v) for n, v in curve.items()} for k, curve in mean.items()}
+    return {"mean": mean}, wrong
 
 
 def test_nbs_verdicts_agree_on_the_papers_own_curves(labels):
-    assert labels(nbs_verdicts(fig5_numbers())) == ["agrees"] * 5
+    assert labels(nbs.verdicts(*fig5_case())) == ["agrees"] * 6
 
 
-@pytest.mark.parametrize(("frozen", "label"), [(33.0, "disagrees"), (32.4, "inconclusive")])
-def test_nbs_frozen_verdict_at_small_nbs_has_three_outcomes(frozen, label, labels):
-    numbers = fig5_numbers()
-    numbers["mean"]["val_pop_frozen"]["2"] = frozen  # normal: 32.5
-    rows = nbs_verdicts(numbers)
-    assert rows[3].verdict.label == label and labels(rows).count("agrees") == 4
-    v = rows[3].verdict
-    assert v.effect == pytest.approx(32.5 - frozen, abs=0.2)  # the draws add a little noise
+@pytest.mark.parametrize(("change", "row", "label"), [
+    ([("val_pop", "2", 23.8)], 0, "disagrees"),
+    ([("val_pop", "2", 24.5), ("val_pop_step", "2", 24.5)], 0, "inconclusive"),
+    ([("val_mub", "2", 36.0)], 1, "disagrees"),
+    ([("val_mub", "2", 34.0)], 2, "disagrees"),
+    ([("val_mub", "2", 32.4)], 2, "inconclusive"),
+    ([("train_mub", "2", 5.0)], 3, "disagrees"),
+    ([("val_pop_frozen", "2", 33.0)], 4, "disagrees"),
+    ([("val_pop_frozen", "2", 32.4)], 4, "inconclusive"),
+    ([("val_pop_frozen", "1024", 22.0)], 5, "disagrees"),
+    ([("val_pop_frozen", "1024", 23.2)], 5, "inconclusive"),
+])
+def test_nbs_verdict_outcomes_follow_their_numbers(change, row, label):
+    v = nbs.verdicts(*fig5_case(change))[row].verdict
+    assert v.label == label
     assert v.interval[0] <= v.effect <= v.interval[1]
-    assert "paired bootstrap over 2000 validation samples and 3 seeds" in v.test
+    assert "paired bootstrap over" in v.test and "3 seeds" in v.test
+
+
+def test_nbs_frozen_verdict_states_effect_test_and_mcnemar():
+    v = nbs.verdicts(*fig5_case([("val_pop_frozen", "2", 32.4)]))[4].verdict
+    assert v.effect == pytest.approx(32.5 - 32.4, abs=0.2)
     assert "McNemar" in v.detail
 
 
-@pytest.mark.parametrize(("frozen", "label"), [(24.5, "agrees"), (22.0, "disagrees"),
-                                               (23.2, "inconclusive")])
-def test_nbs_frozen_verdict_at_large_nbs_has_three_outcomes(frozen, label):
-    numbers = fig5_numbers()
-    numbers["mean"]["val_pop_frozen"]["1024"] = frozen  # normal: 23.7; margin 0.5 pt
-    assert nbs_verdicts(numbers)[4].verdict.label == label
-
-
-def test_nbs_verdict_flips_when_the_inconsistency_does_not_grow():
-    numbers = fig5_numbers()
-    numbers["mean"]["val_mub"]["2"] = 34.0
-    assert nbs_verdicts(numbers)[1].verdict.label == "disagrees"
-
-
-def test_nbs_verdict_flips_when_small_nbs_is_not_worse():
-    numbers = fig5_numbers()
-    numbers["mean"]["val_pop"]["2"] = 23.8
-    assert nbs_verdicts(numbers)[0].verdict.label == "disagrees"
-
-
-def test_nbs_notes_explain_a_disagreement_only_when_there_is_one():
-    numbers = fig5_numbers()
-    assert "Unlike the paper" not in nbs.notes_for(numbers)
-    numbers["mean"]["val_mub"]["2"] = 34.0
-    assert "Unlike the paper" in nbs.notes_for(numbers)
+def test_every_part1_verdict_can_be_inconclusive_with_noisy_small_samples():
+    """Independent draws on 2000 samples: tiny effects sit inside the noise."""
+    rows = nbs.verdicts(*fig5_case([("val_pop", "2", 24.0), ("val_pop_step", "2", 24.0)],
+                                   independent=True))
+    assert rows[0].verdict.label == "inconclusive"
 
 
 # ---------------------------------------------------------------------------- registry, helpers
@@ -209,3 +249,12 @@ def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
     assert (other.num_train, other.widths) == (8000, (32, 64, 128))
     quick = scale_for(_ctx(True, "MNIST-1D", 8000), 10, 20)
     assert (quick.num_train, quick.epochs) == (2000, 10)
+
+
+@pytest.mark.parametrize(("deep", "says"), [(0.2, "not the estimator, moves"),
+                                            (0.005, "neither moves")])
+def test_precise_batch_mechanism_note_is_computed_from_the_per_layer_distances(deep, says):
+    numbers, _ = table2_case()
+    numbers["layers_b2"] = {"32": {"stem.1": [0.0, 0.0], "stages.1.bn2": [deep, 0.01]}}
+    note = precise_batch.mechanism_note(numbers)
+    assert says in note and f"{deep:.3f} sigma" in note

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", default=None, metavar="STUDY,...",
                      help="comma-separated study names (see `rethinkbn studies`)")
     rep.add_argument("--seeds", type=_positive_int, default=None,
-                     help="number of seeds (default: 1 with --quick, 3 otherwise)")
+                     help="number of seeds (default 3)")
     rep.add_argument("--out", default="rethinkbn-report", help="output directory")
     rep.add_argument("--cache", default=None, help="run cache directory (default: <out>/cache)")
     rep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--threads", type=_positive_int, default=1,
                      help="torch CPU threads (default 1: the studies' small models gain little "
                      "from more, and several threads on a busy machine are much slower)")
+    rep.add_argument("--jobs", type=_positive_int, default=None,
+                     help="independent training runs at once, each in a process of its own "
+                     "with one torch thread (default: the number of CPU cores)")
     rep.add_argument("--ranks", type=_positive_int, default=1,
                      help="only the 'leakage' study uses it: with N > 1 its per-device, shuffle "
                      "and SyncBN variants also train on N real gloo processes (torchrun) and "
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:<{width}}  {s.description}")
         return 0
 
-    from rethinkbn_studies.harness import reproduce
+    from rethinkbn_studies.harness import default_jobs, reproduce
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     try:
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             tiny=args.tiny,
             ranks=args.ranks,
             threads=args.threads,
+            jobs=args.jobs if args.jobs is not None else default_jobs(),
         )
     except KeyError as err:  # an unknown study
         return _usage_error(err.args[0])

@@ -31,7 +31,7 @@ numbers and watch the verdict flip.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +51,7 @@ __all__ = [
     "RunContext",
     "Study",
     "StudyResult",
+    "Task",
     "SummaryRow",
     "Table",
     "Verdict",
@@ -93,6 +94,9 @@ class Verdict:
     Verdicts that know their noise (:mod:`rethinkbn_studies.verdicts`) also carry ``outcome``
     (``"agrees"``, ``"disagrees"`` or ``"inconclusive"``), the ``effect``, its ``interval`` at
     ``confidence`` and the ``test`` that gave it; without them the outcome follows ``agrees``.
+    ``rule`` (``"exceeds"``, ``"stays_below"`` or ``"equivalent"``) and ``threshold`` (the
+    threshold, or the equivalence margin) say how the interval was judged, so that the report can
+    say what would change the verdict (:meth:`what_would_change`).
     """
 
     agrees: bool
@@ -103,8 +107,13 @@ class Verdict:
     interval: tuple[float, float] | None = None
     confidence: float | None = None
     test: str = ""
+    threshold: float | None = None
+    rule: str = ""
 
     def __post_init__(self) -> None:
+        if self.rule not in ("", "exceeds", "stays_below", "equivalent"):
+            raise ValueError(f"Verdict: rule must be 'exceeds', 'stays_below', 'equivalent' or "
+                             f"'', got {self.rule!r}")
         if self.outcome not in (None, AGREES, DISAGREES, INCONCLUSIVE):
             raise ValueError(f"Verdict: outcome must be {AGREES!r}, {DISAGREES!r} or "
                              f"{INCONCLUSIVE!r}, got {self.outcome!r}")
@@ -132,8 +141,33 @@ class Verdict:
             low, high = self.interval if self.interval is not None else (None, None)
             out.update(effect=self.effect, uncertainty={"low": low, "high": high,
                                                         "confidence": self.confidence},
-                       test=self.test)
+                       test=self.test, rule=self.rule or None, threshold=self.threshold)
         return out
+
+    def what_would_change(self) -> str:
+        """What would change this verdict, computed from its effect, interval and threshold:
+        the measured margin (how far the interval's nearer edge is from the threshold) against
+        the uncertainty (the interval's half-width), and for an inconclusive verdict about how
+        many times more samples/seeds would decide it (the width shrinks as 1/sqrt(n))."""
+        if self.interval is None or self.effect is None or self.threshold is None:
+            return "no uncertainty stated"
+        low, high = self.interval
+        half = (high - low) / 2
+        edges = ((-self.threshold, self.threshold) if self.rule == "equivalent"
+                 else (self.threshold,))
+        # The threshold nearest to the effect decides; the margin is the effect's distance to it.
+        t = min(edges, key=lambda e: abs(self.effect - e))
+        margin = abs(self.effect - t)
+        head = (f"effect {self.effect:+.2f} vs threshold {t:+.2f}: margin {margin:.2f} pt, "
+                f"uncertainty ±{half:.2f} pt")
+        if self.label == INCONCLUSIVE:
+            if margin == 0:
+                return f"{head}; the effect sits on the threshold, more data cannot decide it"
+            return (f"{head}; decided with about {max(1.0, (half / margin) ** 2):.1f}x the "
+                    f"samples/seeds if the effect stays")
+        gap = min(abs(low - t), abs(high - t))
+        return (f"{head}; a shift of {gap:.2f} pt (or an interval {gap:.2f} pt wider on that "
+                f"side) would make it inconclusive")
 
 
 def check_count(value: object, name: str, owner: str, allow_none: bool = False) -> None:
@@ -230,6 +264,12 @@ class RunContext:
     - ``data_spec``: the ``--data`` value, to put into cache keys.
     - ``tiny``: for tests only: the smallest configuration that runs every code path in seconds
       (a handful of samples and epochs); results are meaningless.
+    - ``jobs``: how many independent training runs :meth:`run_all` may run at once, each in a
+      process of its own with one torch thread (``--jobs``; 1: one after the other, here).
+    - ``pool``: the harness's process pool for ``jobs > 1`` (None otherwise); studies never
+      touch it, they call :meth:`run_all`.
+    - ``data_dir``: where generated datasets are cached (the run cache's folder; None: none),
+      for studies that generate a variant of the data (``common.study_data``).
     - ``ranks``: real processes for studies that simulate devices (``--ranks``). Only
       ``leakage`` uses it: with ``ranks > 1`` its device-dependent variants also train on that
       many gloo processes (torchrun) beside the virtual devices; 1 means virtual devices only.
@@ -245,14 +285,42 @@ class RunContext:
     data_spec: str = "mnist1d"
     tiny: bool = False
     ranks: int = 1
+    jobs: int = 1
+    pool: Any = field(default=None, compare=False, repr=False)
+    data_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        check_count(self.ranks, "ranks", "RunContext")
+        for name in ("ranks", "jobs"):
+            check_count(getattr(self, name), name, "RunContext")
+
+    def run_all(self, tasks: Sequence[Task], desc: str = "runs") -> list[Any]:
+        """The results of ``tasks``, in order: each task's cached result, else
+        ``task.fn(ctx, *task.args)`` (stored in the cache as soon as it finishes).
+
+        With ``jobs > 1`` the missing runs go to the harness's process pool (``task.fn`` must
+        then be a module-level function and ``task.args`` picklable; the worker's context has
+        no progress bars and no cache); otherwise they run here, one after the other. Two tasks
+        with the same config run once. Ctrl-C cancels what has not started; what finished
+        stays cached.
+        """
+        from .harness import run_tasks
+
+        return run_tasks(self, list(tasks), desc)
 
     def plot_path(self, name: str) -> Path:
         """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self.out_dir / name
+
+
+@dataclass(frozen=True)
+class Task:
+    """One independent run for :meth:`RunContext.run_all`: its cache ``config`` (everything that
+    changes the result, seed included) and ``fn(ctx, *args)``, which computes it."""
+
+    config: dict[str, Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)

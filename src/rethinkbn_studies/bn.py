@@ -13,13 +13,19 @@ import torch
 from torch import Tensor, nn
 
 from rethinkbn.convert import to_ghost_bn
-from rethinkbn.population import batch_stats_inference, freeze_with_precise_stats, precise_bn
+from rethinkbn.population import (
+    PreciseBNReport,
+    batch_stats_inference,
+    freeze_with_precise_stats,
+    precise_bn,
+)
 
 __all__ = [
     "eval_error_minibatch",
     "freeze_with_population_stats",
     "population_stats",
     "set_norm_batch_size",
+    "wrong_minibatch",
 ]
 
 
@@ -37,14 +43,15 @@ def _batches(model: nn.Module, x: Tensor, batch_size: int, num_samples: int,
 
 
 def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: int,
-                     seed: int = 0, pass_norm_batch_size: int | None = None) -> None:
+                     seed: int = 0, pass_norm_batch_size: int | None = None) -> PreciseBNReport:
     """PreciseBN in place: every BN's running statistics become those of ``num_samples``
     training inputs ``x`` (a seeded random subset) run in batches of ``batch_size``.
 
     Ghost BN layers normalize each pass batch in groups of ``pass_norm_batch_size`` (None: the
-    whole batch of ``batch_size``, the paper's PreciseBN batch B)."""
+    whole batch of ``batch_size``, the paper's PreciseBN batch B). Returns PreciseBN's report:
+    per layer, the distances of the statistics it replaced from the new ones."""
     batches = _batches(model, x, batch_size, num_samples, seed)
-    precise_bn(model, batches, num_samples=None, num_batches=len(batches),
+    return precise_bn(model, batches, num_samples=None, num_batches=len(batches),
                pass_norm_batch_size=pass_norm_batch_size, progress=False)
 
 
@@ -60,19 +67,26 @@ def freeze_with_population_stats(model: nn.Module, x: Tensor, *, batch_size: int
 
 
 @torch.no_grad()
-def eval_error_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size: int) -> float:
-    """Top-1 error (%) with mini-batch statistics: each group of ``norm_batch_size`` inputs is
-    normalized with its own statistics (the paper's "mu_B" evaluation); a remainder of fewer
-    than ``norm_batch_size`` samples is left out. The model is left as it was."""
+def wrong_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size: int) -> Tensor:
+    """Which of the first ``n`` samples (``n`` the largest multiple of ``norm_batch_size``)
+    ``model`` gets wrong with mini-batch statistics: each group of ``norm_batch_size`` inputs
+    is normalized with its own statistics (the paper's "mu_B" evaluation); a remainder of fewer
+    than ``norm_batch_size`` samples is left out. Bool, one per sample; the model is left as it
+    was."""
     n = (len(x) // norm_batch_size) * norm_batch_size
     if n == 0:
         raise ValueError(f"mini-batch evaluation needs >= norm_batch_size={norm_batch_size} "
                          f"samples, got {len(x)}")
     chunk = norm_batch_size * max(1, 1000 // norm_batch_size)
     device = next(model.parameters()).device
-    wrong = 0
+    wrong = []
     with batch_stats_inference(model, norm_batch_size=norm_batch_size):
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
-            wrong += int((model(x[i:j].to(device)).argmax(1).cpu() != y[i:j]).sum())
-    return 100.0 * wrong / n
+            wrong.append(model(x[i:j].to(device)).argmax(1).cpu() != y[i:j])
+    return torch.cat(wrong)
+
+
+def eval_error_minibatch(model: nn.Module, x: Tensor, y: Tensor, norm_batch_size: int) -> float:
+    """Top-1 error (%) with mini-batch statistics (see :func:`wrong_minibatch`)."""
+    return 100.0 * float(wrong_minibatch(model, x, y, norm_batch_size).float().mean())

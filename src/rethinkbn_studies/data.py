@@ -18,6 +18,7 @@ per-channel mean and std, and int64 labels. Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from dataclasses import dataclass
@@ -94,12 +95,15 @@ def _normalized(name: str, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_
     )
 
 
-def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+def _generate_mnist1d(num_samples: int, seed: int,
+                      corr_noise_scale: float | None = None) -> dict[str, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples = num_samples
     args.seed = seed
+    if corr_noise_scale is not None:
+        args.corr_noise_scale = corr_noise_scale
     # make_dataset seeds numpy's and Python's global RNGs; nobody else's randomness may change.
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
@@ -123,23 +127,30 @@ def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def load_mnist1d(
-    num_samples: int = MNIST1D_SAMPLES, seed: int = 42, cache_dir: Path | str | None = None
+    num_samples: int = MNIST1D_SAMPLES, seed: int = 42, cache_dir: Path | str | None = None,
+    corr_noise_scale: float | None = None,
 ) -> DataSplit:
     """MNIST-1D from the ``mnist1d`` generator, run locally (never downloaded).
 
     ``num_samples`` are generated (80% train, 20% validation) with the generator's ``seed``;
     the arrays are cached as ``cache_dir/mnist1d-<num_samples>-<seed>.npz`` when given (a cached
     file that cannot be read is moved aside with a warning and generated again).
+    ``corr_noise_scale``: the generator's correlated-noise scale (its default, 0.25, when None;
+    larger is harder); a non-default value adds ``-corr<value>`` to the file name.
     """
     if num_samples < 20:
         raise ValueError(f"MNIST-1D needs num_samples >= 20 (2 per class), got {num_samples}")
-    path = None if cache_dir is None else Path(cache_dir) / f"mnist1d-{num_samples}-{seed}.npz"
+    if corr_noise_scale is not None and not corr_noise_scale >= 0:
+        raise ValueError(f"MNIST-1D: corr_noise_scale must be >= 0, got {corr_noise_scale}")
+    tag = "" if corr_noise_scale is None else f"-corr{corr_noise_scale:g}"
+    path = (None if cache_dir is None
+            else Path(cache_dir) / f"mnist1d-{num_samples}-{seed}{tag}.npz")
     arrays = None if path is None or not path.exists() else _read_npz(path)
     if arrays is None:
-        arrays = _generate_mnist1d(num_samples, seed)
+        arrays = _generate_mnist1d(num_samples, seed, corr_noise_scale)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp.npz")
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")  # one per process
             np.savez(tmp, **arrays)
             tmp.replace(path)
     return _normalized(

@@ -2,23 +2,133 @@
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import ProgressFactory, RunContext, check_count, get_study, registered_studies
+from .base import (
+    ProgressFactory,
+    RunContext,
+    Task,
+    check_count,
+    get_study,
+    registered_studies,
+)
 from .cache import RunCache
 from .data import DataSplit, check_data_spec, load_data
 from .processes import cpu_threads
 from .report import StudyOutcome, environment, write_outputs
 
-__all__ = ["reproduce", "tqdm_progress"]
+__all__ = ["DatasetLoader", "default_jobs", "reproduce", "run_tasks", "tqdm_progress"]
+
+
+def default_jobs() -> int:
+    """``--jobs``'s default: the CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def no_progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """The progress factory of worker processes: draws nothing."""
+    return iterable
+
+
+class DatasetLoader:
+    """``ctx.dataset`` of the harness: the ``--data`` split, loaded once per process (picklable,
+    so that a worker process loads it again from the cache directory, not the tensors)."""
+
+    def __init__(self, spec: str, cache_dir: Path | None) -> None:
+        self.spec, self.cache_dir = spec, cache_dir
+        self.loaded: DataSplit | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "cache_dir": self.cache_dir, "loaded": None}
+
+    def __call__(self) -> DataSplit:
+        if self.loaded is None:
+            self.loaded = load_data(self.spec, cache_dir=self.cache_dir)
+        return self.loaded
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _call(ctx: RunContext, task: Task) -> Any:
+    return task.fn(ctx, *task.args)
+
+
+def run_tasks(ctx: RunContext, tasks: list[Task], desc: str) -> list[Any]:
+    """:meth:`RunContext.run_all`: cached results, the missing ones run here or in the pool."""
+    from .cache import config_key
+
+    keys = [config_key(t.config) for t in tasks]
+    if ctx.pool is None or ctx.jobs == 1:
+        done: dict[str, Any] = {}
+        for key, task in zip(keys, tasks, strict=True):
+            if key not in done:
+                done[key] = ctx.cache.get_or_run(task.config, lambda t=task: _call(ctx, t))
+        return [done[k] for k in keys]
+    results: dict[str, Any] = {}
+    missing: dict[str, Task] = {}
+    for key, task in zip(keys, tasks, strict=True):
+        if key in results or key in missing:
+            continue
+        stored = ctx.cache.get(task.config)
+        if stored is None:
+            missing[key] = task
+        else:
+            ctx.cache.hits += 1
+            results[key] = stored
+    worker = dataclasses.replace(ctx, progress=no_progress, cache=RunCache(None), pool=None)
+    bar = ctx.progress(None, desc=desc, total=len(missing), leave=False) if missing else None
+    futures: dict[Future[Any], str] = {ctx.pool.submit(_call, worker, t): k
+                                       for k, t in missing.items()}
+    try:
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key = futures[future]
+                results[key] = future.result()
+                ctx.cache.put(missing[key].config, results[key])
+                ctx.cache.misses += 1
+                if bar is not None and hasattr(bar, "update"):
+                    bar.update(1)
+    finally:
+        for future in futures:
+            future.cancel()
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()
+    return [results[k] for k in keys]
+
+
+@contextmanager
+def process_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of ``jobs`` spawned processes with one torch thread each (None for 1 job); shut
+    down on exit, cancelling what has not started."""
+    if jobs == 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def tqdm_progress(
@@ -60,6 +170,7 @@ def reproduce(
     tiny: bool = False,
     ranks: int = 1,
     threads: int | None = 1,
+    jobs: int = 1,
 ) -> tuple[Path, list[StudyOutcome]]:
     """Run the studies ``only`` (all registered ones when None) and write the report.
 
@@ -73,17 +184,21 @@ def reproduce(
     validates it). Every option is checked before any work (``ValueError``, ``KeyError`` for an
     unknown study; ``--out`` and ``--cache`` must be writable directories). ``threads``: torch's
     CPU threads while the studies run (None: unchanged); the caller's setting is restored
-    afterwards. Returns the report's path and the outcomes.
+    afterwards. ``jobs``: independent training runs at once, each in a spawned process with
+    one torch thread (``--jobs``; 1: all in this process). Returns the report's path and the
+    outcomes.
     """
     log = sys.stderr if log is None else log
     studies = [get_study(n) for n in only] if only else registered_studies()
-    n_seeds = seeds if seeds is not None else (1 if quick or tiny else 3)
+    n_seeds = seeds if seeds is not None else (1 if tiny else 3)
     check_count(n_seeds, "--seeds", "reproduce")
     check_count(threads, "--threads", "reproduce", allow_none=True)
     if ranks != 1 and not any(s.uses_ranks for s in studies):
         users = [s.name for s in registered_studies() if s.uses_ranks]
         raise ValueError(f"--ranks {ranks}: only {', '.join(users)} uses it, and it is not "
                          f"selected ({', '.join(s.name for s in studies)})")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
     check_data_spec(data)
     out = Path(out_dir)
     cache_root = Path(cache_dir) if cache_dir is not None else out / "cache"
@@ -91,13 +206,7 @@ def reproduce(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
     cache = RunCache(cache_root)
-    loaded: list[DataSplit] = []
-
-    def dataset() -> DataSplit:
-        if not loaded:
-            loaded.append(load_data(data, cache_dir=cache.root))
-        return loaded[0]
-
+    dataset = DatasetLoader(data, cache.root)
     ctx = RunContext(
         quick=quick,
         seeds=tuple(range(n_seeds)),
@@ -109,6 +218,8 @@ def reproduce(
         data_spec=data,
         tiny=tiny,
         ranks=ranks,
+        jobs=jobs,
+        data_dir=cache.root,
     )
     for study in studies:
         if study.check is not None:
@@ -116,7 +227,8 @@ def reproduce(
     check_writable_dir(out, "--out")
     if cache_dir is not None:
         check_writable_dir(cache_root, "--cache")
-    with cpu_threads(threads):
+    with cpu_threads(threads), process_pool(jobs) as pool:
+        ctx = dataclasses.replace(ctx, pool=pool)
         start = time.perf_counter()
         dataset()  # a bad --data fails here, once, before any study starts
         outcomes: list[StudyOutcome] = []
@@ -135,5 +247,6 @@ def reproduce(
         wall = time.perf_counter() - start
         env = environment(dev, ctx.seeds, quick, data)
         env["ranks"] = ranks
+        env["jobs"] = jobs
         env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
         return write_outputs(out, outcomes, env, wall), outcomes

@@ -1,11 +1,14 @@
 """Sec. 4, Fig. 5-6: the normalization batch size (NBS) in training and in testing.
 
-At a fixed SGD batch, sweep the NBS (ghost BN) from 2 up to the SGD batch. For every NBS:
+At a fixed SGD batch, sweep the NBS (ghost BN) from 2 up to the SGD batch, with the models shared
+with ``precise-batch`` (one training run per NBS and seed, cosine schedule). For every NBS:
 training error with mini-batch statistics (groups of NBS), validation error with mini-batch
-statistics, validation error with population statistics (the EMA at the end of training, where the
-cosine LR has gone to zero), and, from a second run, validation error with population statistics
-when the model was trained with FrozenBN for the last 20% of epochs (population statistics from
-PreciseBN at the switch, normalizing in groups of NBS as in training).
+statistics, and validation error with population statistics from whole-batch PreciseBN (all
+training samples in batches of the SGD batch, each batch normalized as a whole; the EMA of ghost
+groups is biased at tiny NBS). FrozenBN late, at the smallest and the largest NBS: two more runs
+per seed with the paper's schedule shape (step decay, ``x0.1`` at 50% and 90% of training), one
+normal and one that, at the start of the last 20% of epochs (a learning rate of ``lr/10``),
+computes whole-batch PreciseBN statistics and trains on with FrozenBN.
 """
 
 from __future__ import annotations
@@ -23,34 +26,45 @@ from .base import (
     StudyResult,
     SummaryRow,
     Table,
+    Task,
     Verdict,
     mean_std,
     register_study,
-    verdict,
 )
 from .common import (
     FULL_MNIST1D_SAMPLES,
+    GHOST_LR,
+    GHOST_SGD_BATCH,
     Scale,
+    data_key,
+    data_name,
     fmt,
+    ghost_model,
+    ghost_model_task,
     new_model,
     pyplot,
     save_plot,
     scale_for,
+    study_data,
 )
 from .train import Callback, TrainConfig, evaluate_wrong, train
-from .verdicts import exceeds, mcnemar, paired_bootstrap, stays_below
+from .verdicts import Interval, exceeds, mcnemar, paired_bootstrap, stays_below
 
-SGD_BATCH = 128
-LR = 0.2
+SGD_BATCH = GHOST_SGD_BATCH
+LR = GHOST_LR
 FROZEN_FRACTION = 0.2
-PRECISE_SAMPLES = 1000
+# The FrozenBN runs' step decay: lr x0.1 at these fractions of training (the frozen phase,
+# from 80%, trains at lr/10 until 90%).
+STEP_MILESTONES = (0.5, 0.9)
 # "FrozenBN does not help": its gain stays below this many points (the paper: -0.8, it hurts).
 NO_HELP_MARGIN = 0.5
+# "Val error with population stats rises at tiny NBS": by more than this many points.
+RISE_MARGIN = 1.0
 CURVES = {
     "train_mub": "train, mini-batch stats",
     "val_mub": "val, mini-batch stats",
-    "val_pop": "val, population stats",
-    "val_pop_frozen": "val, population stats, FrozenBN last 20%",
+    "val_pop": "val, population stats (PreciseBN)",
+    "val_pop_frozen": "val, population stats, FrozenBN last 20% (step schedule)",
 }
 
 
@@ -59,60 +73,92 @@ def nbs_values(quick: bool) -> list[int]:
     return [2, 4, 8, 32, SGD_BATCH] if quick else [2, 4, 8, 16, 32, 64, SGD_BATCH]
 
 
-class FreezeAt(Callback):
-    """At the start of epoch ``epoch``: PreciseBN statistics (groups of NBS), then FrozenBN."""
+def _precise(model: nn.Module, x: Any, seed: int) -> nn.Module:
+    """Whole-batch PreciseBN in place: all of ``x`` in batches of the SGD batch."""
+    bn.population_stats(model, x, batch_size=SGD_BATCH, num_samples=len(x), seed=seed)
+    return model
 
-    def __init__(self, epoch: int, x: Any, nbs: int, seed: int) -> None:
-        self.epoch, self.x, self.nbs, self.seed = epoch, x, nbs, seed
+
+def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
+              trained: dict[str, Any]) -> dict[str, Any]:
+    """Per-sample errors of the shared NBS model: train and val with mini-batch statistics
+    (groups of NBS), val with whole-batch PreciseBN statistics, and the EMA's val error."""
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
+    model = ghost_model(ctx, scale, nbs, seed, trained)
+    n = min(len(data.train_x), len(data.val_x))
+    ema = evaluate_wrong(model, data.val_x, data.val_y)
+    return {
+        "train_mub": bn.wrong_minibatch(model, data.train_x[:n], data.train_y[:n], nbs),
+        "val_mub": bn.wrong_minibatch(model, data.val_x, data.val_y, nbs),
+        "val_pop": evaluate_wrong(_precise(model, data.train_x, seed), data.val_x, data.val_y),
+        "val_ema": 100.0 * float(ema.float().mean()),
+    }
+
+
+class FreezeAt(Callback):
+    """At the start of epoch ``epoch``: whole-batch PreciseBN statistics, then FrozenBN."""
+
+    def __init__(self, epoch: int, x: Any, seed: int) -> None:
+        self.epoch, self.x, self.seed = epoch, x, seed
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
         if epoch == self.epoch:
             bn.freeze_with_population_stats(model, self.x, batch_size=SGD_BATCH,
-                                            num_samples=PRECISE_SAMPLES, seed=self.seed,
-                                            pass_norm_batch_size=self.nbs)
+                                            num_samples=len(self.x), seed=self.seed,
+                                            pass_norm_batch_size=None)
 
 
-def _run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> dict[str, float]:
-    data = ctx.dataset().subset(scale.num_train, scale.num_val)
+def _step_run(ctx: RunContext, scale: Scale, nbs: int, frozen: bool, seed: int) -> Any:
+    """A step-schedule run (normal, or FrozenBN for the last 20%): which validation samples it
+    gets wrong with whole-batch PreciseBN statistics (FrozenBN: the frozen ones)."""
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
-    config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR)
+    config = TrainConfig(epochs=scale.epochs, batch_size=SGD_BATCH, lr=LR,
+                         milestones=STEP_MILESTONES)
     callbacks: list[Callback] = []
     if frozen:
-        start = freeze_epoch_for(FROZEN_FRACTION, scale.epochs)
-        callbacks.append(FreezeAt(start, data.train_x, nbs, seed))
-    model = train(model, data.train_x, data.train_y, config, seed=seed,
-                  callbacks=callbacks, progress=ctx.progress,
-                  desc=f"NBS {nbs}{' frozen' if frozen else ''} seed {seed}")
-    # Which validation samples the model gets wrong with population statistics: the paired
-    # tests of the FrozenBN verdicts compare the two runs sample by sample.
-    wrong = evaluate_wrong(model, data.val_x, data.val_y)
-    val_pop = 100.0 * float(wrong.float().mean())
-    if frozen:
-        return {"val_pop_frozen": val_pop, "val_pop_frozen_wrong": wrong}
-    n_train = min(len(data.train_x), len(data.val_x))
-    return {
-        "train_mub": bn.eval_error_minibatch(model, data.train_x[:n_train],
-                                             data.train_y[:n_train], nbs),
-        "val_mub": bn.eval_error_minibatch(model, data.val_x, data.val_y, nbs),
-        "val_pop": val_pop,
-        "val_pop_wrong": wrong,
-    }
+        callbacks.append(FreezeAt(freeze_epoch_for(FROZEN_FRACTION, scale.epochs),
+                                  data.train_x, seed))
+    model = train(model, data.train_x, data.train_y, config, seed=seed, callbacks=callbacks,
+                  progress=ctx.progress, desc=f"NBS {nbs}{' frozen' if frozen else ''} step "
+                  f"seed {seed}")
+    if not frozen:
+        _precise(model, data.train_x, seed)
+    return evaluate_wrong(model, data.val_x, data.val_y)
+
+
+def _stack(vectors: list[Any], n: int | None = None) -> np.ndarray:
+    """Per-seed 0/1 vectors as a float ``(seeds, samples)`` array, cut to the first ``n``."""
+    return np.stack([np.asarray(v, dtype=np.float64)[:n] for v in vectors])
+
+
+def _difference(wrong: dict[str, dict[str, list[Any]]], a: tuple[str, str],
+                b: tuple[str, str]) -> np.ndarray:
+    """Per seed and sample, err(a) - err(b) (``(curve, nbs)`` each), on the samples both have."""
+    n = min(len(wrong[a[0]][a[1]][0]), len(wrong[b[0]][b[1]][0]))
+    return _stack(wrong[a[0]][a[1]], n) - _stack(wrong[b[0]][b[1]], n)
+
+
+def _bootstrap(d: np.ndarray) -> Interval:
+    """Paired bootstrap of the mean of per-sample differences ``d`` over samples and seeds."""
+    return paired_bootstrap(d, np.zeros_like(d))
 
 
 def frozen_verdict(claim_helps: bool, nbs: str, wrong: dict[str, dict[str, Any]]) -> Verdict:
-    """FrozenBN's effect at ``nbs``: ``err(normal) - err(FrozenBN last 20%)`` in points, with a
-    paired bootstrap over the validation samples and seeds (both runs of a seed start from the
-    same initialization and are evaluated on the same samples) and McNemar's test beside it.
+    """FrozenBN's effect at ``nbs``: ``err(normal) - err(FrozenBN last 20%)`` in points, both
+    with the step schedule, with a paired bootstrap over the validation samples and seeds (both
+    runs of a seed start from the same initialization and are evaluated on the same samples)
+    and McNemar's test beside it.
 
     ``wrong[curve][nbs]``: per seed, the bool vector of validation samples a run got wrong
-    (``curve`` in ``val_pop``, ``val_pop_frozen``). ``claim_helps``: the claim is "FrozenBN
-    lowers the error" (effect > 0); else "it does not help": effect < :data:`NO_HELP_MARGIN`.
+    (``curve`` in ``val_pop_step``, ``val_pop_frozen``). ``claim_helps``: the claim is
+    "FrozenBN lowers the error" (effect > 0); else "it does not help": effect <
+    :data:`NO_HELP_MARGIN`.
     """
-    normal = np.stack([np.asarray(w, dtype=bool) for w in wrong["val_pop"][nbs]])
-    frozen = np.stack([np.asarray(w, dtype=bool) for w in wrong["val_pop_frozen"][nbs]])
+    normal = _stack(wrong["val_pop_step"][nbs]).astype(bool)
+    frozen = _stack(wrong["val_pop_frozen"][nbs]).astype(bool)
     interval = paired_bootstrap(normal, frozen)
-    test = mcnemar(normal, frozen)
-    detail = f"{test.text()} (seeds pooled)"
+    detail = f"{mcnemar(normal, frozen).text()} (seeds pooled)"
     whole = f"whole {100 * interval.confidence:.0f}% interval"
     if claim_helps:
         return exceeds(f"err(normal) - err(FrozenBN) > 0 at NBS={nbs}, {whole}", interval, 0.0,
@@ -121,63 +167,61 @@ def frozen_verdict(claim_helps: bool, nbs: str, wrong: dict[str, dict[str, Any]]
                        f"below the margin is no help), {whole}", interval, NO_HELP_MARGIN, detail)
 
 
-def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[SummaryRow]:
-    """Claims of Sec. 4 judged from the mean curves (keys: NBS as str) and, for FrozenBN, the
-    per-sample errors ``wrong`` (see :func:`frozen_verdict`)."""
+def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:
+    """Claims of Sec. 4 judged from per-sample errors ``wrong[curve][nbs]`` (per seed, a 0/1
+    vector per sample; curves ``train_mub``, ``val_mub``, ``val_pop`` at every NBS,
+    ``val_pop_step`` and ``val_pop_frozen`` at the smallest and largest), each with a paired
+    bootstrap over samples and seeds; the displayed numbers are the means ``numbers["mean"]``."""
     m = numbers["mean"]
     sizes = sorted(int(k) for k in m["val_pop"])
     lo, hi = str(sizes[0]), str(sizes[-1])
     rows = []
-    best = min(m["val_pop"].values())
-    rise = m["val_pop"][lo] - best
+    best = min((k for k in m["val_pop"] if k != lo), key=lambda k: m["val_pop"][k])
     rows.append(SummaryRow(
         f"Val error with population stats rises at tiny NBS ({lo})",
-        f"{m['val_pop'][lo]:.1f} vs best {best:.1f}", "32.5 vs best 23.2",
-        verdict(f"val_pop(NBS={lo}) - min over NBS >= 1.0 pt", rise >= 1.0, f"{rise:+.2f} pt")))
+        f"{m['val_pop'][lo]:.1f} vs best {m['val_pop'][best]:.1f} (NBS={best})",
+        "32.5 vs best 23.2",
+        exceeds(f"val_pop(NBS={lo}) - val_pop(best other NBS) > {RISE_MARGIN} pt, whole 95% "
+                f"interval", _bootstrap(_difference(wrong, ("val_pop", lo), ("val_pop", best))),
+                RISE_MARGIN)))
     gap_lo = m["val_pop"][lo] - m["val_mub"][lo]
     gap_hi = m["val_pop"][hi] - m["val_mub"][hi]
+    a = _difference(wrong, ("val_pop", lo), ("val_mub", lo))
+    b = _difference(wrong, ("val_pop", hi), ("val_mub", hi))
+    n = min(a.shape[1], b.shape[1])
+    d = a[:, :n] - b[:, :n]
     rows.append(SummaryRow(
         "Train/test inconsistency (val pop - val mu_B) grows as NBS shrinks",
         f"{gap_lo:+.1f} at NBS={lo} vs {gap_hi:+.1f} at NBS={hi}", "+6.5 at 2 vs -1.1 at 1024",
-        verdict(f"gap(NBS={lo}) > gap(NBS={hi})", gap_lo > gap_hi,
-                f"{gap_lo:+.2f} > {gap_hi:+.2f}")))
-    gen = m["val_mub"][hi] - m["train_mub"][hi]
+        exceeds(f"gap(NBS={lo}) - gap(NBS={hi}) > 0, whole 95% interval", _bootstrap(d), 0.0)))
     rows.append(SummaryRow(
-        "Generalization gap: val mu_B above train mu_B",
-        f"{gen:+.1f} pt at NBS={hi}", "~+16 pt at 1024",
-        verdict(f"val_mub(NBS={hi}) - train_mub(NBS={hi}) > 0", gen > 0, f"{gen:+.2f} pt")))
+        f"Sec. 4.3: mini-batch statistics at test time beat population statistics at tiny NBS "
+        f"({lo})",
+        f"val mu_B {m['val_mub'][lo]:.1f} vs pop {m['val_pop'][lo]:.1f}", "26.0 vs 32.5",
+        exceeds(f"val_pop(NBS={lo}) - val_mub(NBS={lo}) > 0, whole 95% interval",
+                _bootstrap(_difference(wrong, ("val_pop", lo), ("val_mub", lo))), 0.0)))
+    gen_lo = m["val_mub"][lo] - m["train_mub"][lo]
+    gen_hi = m["val_mub"][hi] - m["train_mub"][hi]
+    # Train and val samples are independent; pairing sample i of one with sample i of the other
+    # and resampling the pairs keeps the variance of the difference of the two means.
+    n = min(len(wrong[c][k][0]) for c in ("val_mub", "train_mub") for k in (lo, hi))
+    d = ((_stack(wrong["val_mub"][hi], n) - _stack(wrong["train_mub"][hi], n))
+         - (_stack(wrong["val_mub"][lo], n) - _stack(wrong["train_mub"][lo], n)))
+    rows.append(SummaryRow(
+        "Small NBS regularizes: the generalization gap (val mu_B - train mu_B) shrinks as NBS "
+        "shrinks",
+        f"{gen_lo:+.1f} at NBS={lo} vs {gen_hi:+.1f} at NBS={hi}", "+9.5 at 2 vs +16.3 at 1024",
+        exceeds(f"gen gap(NBS={hi}) - gen gap(NBS={lo}) > 0, whole 95% interval",
+                _bootstrap(d), 0.0)))
     rows.append(SummaryRow(
         f"FrozenBN for the last 20% helps at tiny NBS ({lo})",
-        f"{m['val_pop_frozen'][lo]:.1f} vs {m['val_pop'][lo]:.1f}", "25.2 vs 32.5",
+        f"{m['val_pop_frozen'][lo]:.1f} vs {m['val_pop_step'][lo]:.1f}", "25.2 vs 32.5",
         frozen_verdict(True, lo, wrong)))
     rows.append(SummaryRow(
         f"FrozenBN does not help at the largest NBS ({hi})",
-        f"{m['val_pop_frozen'][hi]:.1f} vs {m['val_pop'][hi]:.1f}", "24.5 vs 23.7 (hurts)",
+        f"{m['val_pop_frozen'][hi]:.1f} vs {m['val_pop_step'][hi]:.1f}", "24.5 vs 23.7 (hurts)",
         frozen_verdict(False, hi, wrong)))
     return rows
-
-
-def notes_for(numbers: dict[str, Any]) -> str:
-    """What the report says beside the verdicts, chosen by the measured numbers."""
-    m = numbers["mean"]
-    lo = str(min(int(k) for k in m["val_pop"]))
-    notes = ["MNIST-1D saturates at a few % error with these ResNets, so differences of a few "
-             "tenths of a point are within seed noise; read the verdicts with the std over seeds "
-             "(full mode)."]
-    if m["val_mub"][lo] > m["val_pop"][lo]:
-        notes.append(
-            f"Unlike the paper, mini-batch statistics at inference are worse than population "
-            f"statistics even at NBS={lo} ({m['val_mub'][lo]:.1f} vs {m['val_pop'][lo]:.1f}), "
-            f"so the train/test inconsistency does not show as the paper's gap. We think the "
-            f"reason is the short training: the paper's model trains 100 epochs and learns to "
-            f"rely on the statistics of its tiny groups, while ours, after a few epochs, still "
-            f"treats their noise as a regularizer that population statistics remove at test "
-            f"time.")
-    if m["val_pop_frozen"][lo] < m["val_pop"][lo]:
-        notes.append(f"FrozenBN for the last epochs does lower the error at NBS={lo} "
-                     f"({m['val_pop_frozen'][lo]:.1f} vs {m['val_pop'][lo]:.1f}), as in the "
-                     f"paper: training ends with the statistics used at test time.")
-    return "\n\n".join(notes)
 
 
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
@@ -200,51 +244,75 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     return [save_plot(ctx, fig, "nbs.png")]
 
 
+def _rate(w: Any) -> float:
+    return 100.0 * float(np.asarray(w, dtype=np.float64).mean())
+
+
 @register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
                 "population statistics, and FrozenBN for the last 20% of epochs")
 def run(ctx: RunContext) -> StudyResult:
+    study_data(ctx)  # generated here once, before worker processes read it
     scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
                       mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
-    per_seed: dict[str, dict[str, list[float]]] = {k: {} for k in CURVES}
-    wrong: dict[str, dict[str, list[Any]]] = {"val_pop": {}, "val_pop_frozen": {}}
-    jobs = [(n, f, s) for n in nbs_values(ctx.quick) for f in (False, True) for s in ctx.seeds]
-    for nbs, frozen, seed in ctx.progress(jobs, desc="nbs runs", total=len(jobs), leave=True):
-        key = {"study": "nbs", "v": 2, "data": ctx.data_spec, "nbs": nbs, "frozen": frozen,
-               "seed": seed, "sgd_batch": SGD_BATCH, "lr": LR, "scale": scale.as_dict(),
-               "precise": PRECISE_SAMPLES}
-        result = ctx.cache.get_or_run(
-            key, lambda k=nbs, f=frozen, s=seed: _run(ctx, scale, k, f, s))
-        for name, value in result.items():
-            if name.endswith("_wrong"):
-                wrong[name.removesuffix("_wrong")].setdefault(str(nbs), []).append(value)
-            else:
-                per_seed[name].setdefault(str(nbs), []).append(value)
+    sizes = nbs_values(ctx.quick)
+    jobs = [(n, s) for n in sizes for s in ctx.seeds]
+    ends = (sizes[0], sizes[-1])
+    step_jobs = [(n, f, s) for n in ends for f in (False, True) for s in ctx.seeds]
+    step_tasks = [Task({"study": "nbs", "run": "step", "v": 3, "data": data_key(ctx), "nbs": n,
+                        "frozen": f, "seed": s, "sgd_batch": SGD_BATCH, "lr": LR,
+                        "milestones": list(STEP_MILESTONES), "scale": scale.as_dict()},
+                       _step_run, (scale, n, f, s)) for n, f, s in step_jobs]
+    # Every training run at once (the shared models and the step-schedule runs), then the
+    # evaluations of the shared models.
+    trained = ctx.run_all([ghost_model_task(ctx, scale, n, s) for n, s in jobs] + step_tasks,
+                          desc="nbs: training")
+    models, step_wrong = trained[: len(jobs)], trained[len(jobs):]
+    evals = ctx.run_all(
+        [Task({"study": "nbs", "run": "eval", "v": 3,
+               "model": ghost_model_task(ctx, scale, n, s).config}, _evaluate, (scale, n, s, t))
+         for (n, s), t in zip(jobs, models, strict=True)], desc="nbs: evaluation")
+    wrong: dict[str, dict[str, list[Any]]] = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
+    for (nbs, _), result in zip(jobs, evals, strict=True):
+        for curve, value in result.items():
+            if curve != "val_ema":
+                wrong.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+                value = _rate(value)
+            per_seed.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+    for (nbs, frozen, _), w in zip(step_jobs, step_wrong, strict=True):
+        curve = "val_pop_frozen" if frozen else "val_pop_step"
+        wrong.setdefault(curve, {}).setdefault(str(nbs), []).append(w)
+        per_seed.setdefault(curve, {}).setdefault(str(nbs), []).append(_rate(w))
     stats = {k: {n: mean_std(v) for n, v in d.items()} for k, d in per_seed.items()}
     mean = {k: {n: m for n, (m, _) in d.items()} for k, d in stats.items()}
     std = {k: {n: s for n, (_, s) in d.items()} for k, d in stats.items()}
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "scale": scale.as_dict(),
-               "sgd_batch": SGD_BATCH}
-    sizes = nbs_values(ctx.quick)[::-1]
-    ours = Table("error (%) against NBS", ["", *[str(s) for s in sizes]],
-                 [[label, *[fmt(per_seed[key][str(s)]) for s in sizes]]
-                  for key, label in CURVES.items()])
+               "sgd_batch": SGD_BATCH, "step_milestones": list(STEP_MILESTONES)}
+    shown = sizes[::-1]
+    labels = {**CURVES, "val_pop_step": "val, population stats (PreciseBN), step schedule",
+              "val_ema": "val, EMA statistics"}
+    ours = Table("error (%) against NBS (- : not measured)", ["", *[str(s) for s in shown]],
+                 [[label, *[fmt(per_seed[key][str(s)]) if str(s) in per_seed[key] else "-"
+                            for s in shown]]
+                  for key, label in labels.items()])
     psizes = sorted(paper.FIG5_NBS["val_pop"], reverse=True)
     theirs = Table("Fig. 5-6 (ResNet-50, ImageNet, SGD batch 1024; read off the plots)",
                    ["", *[str(s) for s in psizes]],
                    [[label, *[paper.FIG5_NBS[key][s] for s in psizes]]
                     for key, label in CURVES.items()])
     setup = (
-        f"{ctx.dataset().name}, {scale.num_train} training / {scale.num_val} validation samples; "
+        f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples; "
         f"1-D ResNet (widths {list(scale.widths)}), {scale.epochs} epochs, SGD batch "
-        f"{SGD_BATCH} (lr {LR}, cosine), ghost BN with NBS in {sizes[::-1]}. Population "
-        f"statistics: the EMA at the end of training. Mini-batch statistics: every group of NBS "
-        f"samples normalized by its own statistics. FrozenBN: a second run that, at the start of "
-        f"the last {int(100 * FROZEN_FRACTION)}% of epochs, computes PreciseBN statistics "
-        f"({PRECISE_SAMPLES} samples, groups of NBS) and trains on with them. "
-        f"Seeds: {list(ctx.seeds)}."
+        f"{SGD_BATCH} (lr {LR}), ghost BN with NBS in {sizes}. The sweep's models train with a "
+        f"cosine schedule (the same runs as `precise-batch`'s). Population statistics: "
+        f"whole-batch PreciseBN over all {scale.num_train} training samples in batches of "
+        f"{SGD_BATCH}. Mini-batch statistics: every group of NBS samples normalized by its own "
+        f"statistics. FrozenBN, at NBS {ends[0]} and {ends[1]}: a pair of runs with step decay "
+        f"(lr x0.1 at {', '.join(f'{int(100 * f)}%' for f in STEP_MILESTONES)} of training), "
+        f"one normal, one that at the start of the last {int(100 * FROZEN_FRACTION)}% of epochs "
+        f"computes whole-batch PreciseBN statistics and trains on with FrozenBN (lr "
+        f"{LR * 0.1:g} until 90%). Seeds: {list(ctx.seeds)}."
     )
-    notes = notes_for(numbers)
     return StudyResult(setup=setup, tables=[ours], paper_tables=[theirs],
                        plots=_plot(ctx, numbers), summary=verdicts(numbers, wrong),
-                       numbers=numbers,
-                       notes=notes)
+                       numbers=numbers)

@@ -21,7 +21,8 @@ from rethinkbn.population import markdown_table
 
 from .base import AGREES, INCONCLUSIVE, Study, StudyResult
 
-__all__ = ["StudyOutcome", "environment", "render_report", "write_outputs"]
+__all__ = ["StudyOutcome", "environment", "render_report", "what_would_change",
+           "write_outputs"]
 
 
 @dataclass
@@ -92,12 +93,21 @@ def _cache_note(env: dict[str, Any]) -> str:
     cache = env.get("cache")
     if not cache:
         return ""
-    return f" ({cache['misses']} training runs trained, {cache['hits']} taken from the cache)"
+    return f" ({cache['misses']} runs computed, {cache['hits']} taken from the cache)"
 
 
 def _ranks_note(env: dict[str, Any]) -> str:
     ranks = env.get("ranks", 1)
     return f"ranks: {ranks} real gloo processes (leakage), " if ranks > 1 else ""
+
+
+def what_would_change(result: StudyResult) -> str:
+    """The study's last line: for each verdict, the measured margin against its uncertainty
+    (:meth:`~rethinkbn_studies.base.Verdict.what_would_change`), computed from its effect and
+    interval."""
+    parts = [f"{i}. {row.verdict.what_would_change()}"
+             for i, row in enumerate(result.summary, start=1)]
+    return "**What would change the verdicts** (in the order above): " + "; ".join(parts) + "."
 
 
 def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
@@ -118,7 +128,9 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         f"training error; RoI classification error in `leakage`), mean ± std over seeds when "
         f"there are several; the paper's are ResNet-50 on ImageNet (error %) or "
         f"Mask R-CNN/RetinaNet on COCO (AP, higher is better). The verdicts compare the "
-        f"*direction* of each effect, with the criterion written beside it; {agreed} of "
+        f"*direction* of each effect, with the criterion written beside it; where a verdict "
+        f"states an effect, its interval and test, it agrees (disagrees) only when the whole "
+        f"interval lies on the paper's (the other) side of the threshold. {agreed} of "
         f"{total} claims agree at this scale{unsure_note}.",
         "",
         "## Summary",
@@ -146,6 +158,7 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         if r.notes:
             out += [r.notes, ""]
         out += [f"*Wall time of this study: {o.seconds:.0f} s.*", ""]
+        out += [what_would_change(r), ""]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     out += ["## Environment", "", f"{versions}; {env['platform']}.", ""]
     return "\n".join(out)

@@ -34,16 +34,25 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.milestones:  # the cosine schedule: keys as before step decay existed
+            del out["milestones"], out["gamma"]
+        return out
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
-        """Learning rate of ``step``: linear warmup, then cosine decay to 0."""
+        """Learning rate of ``step``: linear warmup, then cosine decay to 0; or, with
+        ``milestones`` (fractions of training), a step decay: ``lr * gamma**k`` after the
+        ``k``-th milestone."""
         total = self.epochs * steps_per_epoch
         warm = self.warmup_epochs * steps_per_epoch
         if step < warm:
             return self.lr * (step + 1) / warm
+        if self.milestones:
+            return self.lr * self.gamma ** sum(step >= m * total for m in self.milestones)
         progress = (step - warm) / max(1.0, total - warm)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -89,9 +89,16 @@ def _as_errors(name: str, values: Any) -> np.ndarray:
     return arr
 
 
+def _counts(rng: np.random.Generator, resamples: int, n: int) -> np.ndarray:
+    """``(resamples, n)``: how often each of ``n`` items is taken when drawing ``n`` of them
+    with replacement, once per resample (a multinomial draw, by counting drawn indices)."""
+    idx = rng.integers(0, n, size=(resamples, n)) + n * np.arange(resamples)[:, None]
+    return np.bincount(idx.ravel(), minlength=resamples * n).reshape(resamples, n).astype(float)
+
+
 def paired_bootstrap(
     errors_a: Any, errors_b: Any, *, resamples: int = 2000, confidence: float = 0.95,
-    seed: int = 0, scale: float = 100.0,
+    seed: int = 0, scale: float = 100.0, units: str = "validation samples",
 ) -> Interval:
     """``mean(errors_a) - mean(errors_b)`` (times ``scale``: points for 0/1 errors) with a
     percentile bootstrap interval, pairing the two models on the same validation samples.
@@ -113,14 +120,13 @@ def paired_bootstrap(
     n_seeds, n_samples = diff.shape
     rng = np.random.default_rng(seed)
     # A draw's weights: how many times each sample (and seed) was taken.
-    w_samples = rng.multinomial(n_samples, np.full(n_samples, 1 / n_samples), size=resamples)
-    w_seeds = (rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=resamples)
-               if n_seeds > 1 else np.ones((resamples, 1)))
+    w_samples = _counts(rng, resamples, n_samples)
+    w_seeds = _counts(rng, resamples, n_seeds) if n_seeds > 1 else np.ones((resamples, 1))
     draws = ((w_seeds @ diff) * w_samples).sum(axis=1) / (n_seeds * n_samples) * scale
     tail = (1 - confidence) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
     effect = float(diff.mean() * scale)
-    over = f"{n_samples} validation samples" + (f" and {n_seeds} seeds" if n_seeds > 1 else "")
+    over = f"{n_samples} {units}" + (f" and {n_seeds} seeds" if n_seeds > 1 else "")
     return Interval(effect, min(float(low), effect), max(float(high), effect), confidence,
                     f"paired bootstrap over {over} ({resamples} draws)")
 
@@ -170,13 +176,13 @@ def mcnemar(wrong_a: Any, wrong_b: Any) -> McNemar:
 
 
 def _decide(criterion: str, interval: Interval, agrees: bool, disagrees: bool,
-            detail: str) -> Verdict:
+            detail: str, rule: str, threshold: float) -> Verdict:
     outcome = AGREES if agrees else DISAGREES if disagrees else INCONCLUSIVE
     return Verdict(agrees=outcome == AGREES, criterion=criterion,
                    detail=interval.text() + (f"; {detail}" if detail else ""),
                    outcome=outcome, effect=interval.effect,
                    interval=(interval.low, interval.high), confidence=interval.confidence,
-                   test=interval.test)
+                   test=interval.test, threshold=threshold, rule=rule)
 
 
 def exceeds(criterion: str, interval: Interval, threshold: float = 0.0,
@@ -184,7 +190,7 @@ def exceeds(criterion: str, interval: Interval, threshold: float = 0.0,
     """The claim "effect > ``threshold``": agrees when the whole interval is above it,
     disagrees when the whole interval is below it, inconclusive otherwise."""
     return _decide(criterion, interval, interval.low > threshold, interval.high < threshold,
-                   detail)
+                   detail, "exceeds", threshold)
 
 
 def stays_below(criterion: str, interval: Interval, threshold: float,
@@ -192,7 +198,7 @@ def stays_below(criterion: str, interval: Interval, threshold: float,
     """The claim "effect < ``threshold``" (e.g. "does not help by more than ``threshold``"):
     agrees when the whole interval is below it, disagrees when the whole interval is above."""
     return _decide(criterion, interval, interval.high < threshold, interval.low > threshold,
-                   detail)
+                   detail, "stays_below", threshold)
 
 
 def equivalent(criterion: str, interval: Interval, margin: float, detail: str = "") -> Verdict:
@@ -203,7 +209,7 @@ def equivalent(criterion: str, interval: Interval, margin: float, detail: str = 
         raise ValueError(f"equivalent: the margin must be > 0, got {margin}")
     inside = -margin <= interval.low and interval.high <= margin
     outside = interval.low > margin or interval.high < -margin
-    return _decide(criterion, interval, inside, outside, detail)
+    return _decide(criterion, interval, inside, outside, detail, "equivalent", margin)
 
 
 def all_hold(criterion: str, parts: list[Verdict]) -> Verdict:

@@ -1,0 +1,39 @@
+"""The README's reproduction summary is generated from the committed quick run, never typed in."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rethinkbn_studies import readme
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_summary_equals_what_the_script_renders_from_the_committed_results():
+    results = json.loads((ROOT / readme.RESULTS).read_text())
+    text = (ROOT / "README.md").read_text()
+    assert readme.rewrite(text, readme.render(results)) == text, (
+        "README.md's summary block is stale: run python -m rethinkbn_studies.readme")
+
+
+def _results(verdicts):
+    return {"environment": {"mode": "quick", "seeds": [0, 1, 2], "jobs": 2, "wall_time_s": 61.0},
+            "studies": {"nbs": {"error": None, "summary": [
+                {"claim": f"c{i}", "ours": "1 | 2", "paper": "p", "verdict": v, "effect": 1.5,
+                 "uncertainty": {"low": 0.5, "high": 2.5, "confidence": 0.95}}
+                for i, v in enumerate(verdicts)]}}}
+
+
+def test_render_counts_outcomes_and_shows_effect_and_interval():
+    block = readme.render(_results(["agrees", "inconclusive", "disagrees", "agrees"]))
+    assert "2 of 4 claims agree, 1 are inconclusive, 1 disagree" in block
+    assert "| `nbs` | c0 | 1 \\| 2 | p | +1.50 [+0.50, +2.50] (95%) | **agrees** |" in block
+    assert block.startswith(readme.BEGIN) and block.endswith(readme.END)
+
+
+def test_rewrite_replaces_only_the_block_and_needs_both_markers():
+    text = f"before\n{readme.BEGIN}\nold\n{readme.END}\nafter\n"
+    assert readme.rewrite(text, "NEW") == "before\nNEW\nafter\n"
+    with pytest.raises(ValueError, match="markers"):
+        readme.rewrite("no markers", "NEW")
