@@ -3,8 +3,8 @@
 Policy (README "Reliability: exact, or a clear error"): a non-finite batch statistic never
 reaches the running buffers. Per channel (and per domain row) the buffers keep their old
 values where the step's mean or variance is not finite, the event is counted on the device
-(``nonfinite_count``), and the output is torch's (NaN in, NaN out). ``nonfinite="raise"`` raises instead, naming the
-layer and the channels, before anything changes.
+(``nonfinite_count``), and the output is torch's (NaN in, NaN out). ``nonfinite="raise"``
+raises instead, naming the layer and the channels, before anything changes.
 """
 
 from __future__ import annotations
