@@ -32,6 +32,12 @@ def test_render_counts_outcomes_and_shows_effect_and_interval():
     assert block.startswith(readme.BEGIN) and block.endswith(readme.END)
 
 
+def test_a_range_without_a_confidence_level_is_shown_without_a_percentage():
+    results = _results(["agrees"])
+    results["studies"]["nbs"]["summary"][0]["uncertainty"]["confidence"] = None
+    assert "| +1.50 [+0.50, +2.50] | **agrees** |" in readme.render(results)
+
+
 def test_rewrite_replaces_only_the_block_and_needs_both_markers():
     text = f"before\n{readme.BEGIN}\nold\n{readme.END}\nafter\n"
     assert readme.rewrite(text, "NEW") == "before\nNEW\nafter\n"

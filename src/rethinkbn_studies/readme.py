@@ -30,8 +30,9 @@ def _uncertainty(row: dict[str, Any]) -> str:
     u = row.get("uncertainty")
     if row.get("effect") is None or not u or u.get("low") is None:
         return "-"
-    return (f"{row['effect']:+.2f} [{u['low']:+.2f}, {u['high']:+.2f}] "
-            f"({100 * u['confidence']:.0f}%)")
+    text = f"{row['effect']:+.2f} [{u['low']:+.2f}, {u['high']:+.2f}]"
+    # a range without a confidence level (e.g. a count of the parts' verdicts) has no percentage
+    return text if u.get("confidence") is None else f"{text} ({100 * u['confidence']:.0f}%)"
 
 
 def render(results: dict[str, Any], source: str = str(RESULTS)) -> str:
