@@ -260,17 +260,23 @@ def _mean_error(wrong: list[Any], first: int, last: int) -> float:
     return 100 * float(np.mean([np.asarray(w, dtype=np.float64)[first:last] for w in wrong]))
 
 
+def late_start(epochs: int) -> int:
+    """The lambda sweep's "late in training": the last quarter of the epochs (at least one)."""
+    return epochs - max(1, epochs // 4)
+
+
 def lambda_verdicts(sweep: dict[str, list[Any]], precise: list[Any]) -> list[SummaryRow]:
     """The momentum (lambda) sweep's claims, from ``sweep[str(momentum)]`` (per seed, the
     ``(epochs, samples)`` 0/1 errors with that momentum's EMA statistics) and ``precise`` (the
     same with PreciseBN statistics of the same weights): the smallest momentum (longest memory)
     lags PreciseBN in the first half of training, and the largest is noisier than
-    ``MIDDLE_MOMENTUM`` in the second half."""
+    ``MIDDLE_MOMENTUM`` in the last quarter (at least the last epoch: the learning rate is low,
+    the weights change little, so lag matters least and noise most)."""
     moms = sorted(sweep, key=float)
     small, large, middle = moms[0], moms[-1], str(MIDDLE_MOMENTUM)
     epochs = len(np.asarray(precise[0]))
     half = max(1, epochs // 2)
-    late = min(half, epochs - 1)
+    late = late_start(epochs)
     d_small = _epochs_gap({"ema": sweep[small], "precise": precise}, 0, half)
     d_large = _epochs_gap({"ema": sweep[large], "precise": sweep[middle]}, late, epochs)
     return [
@@ -540,7 +546,7 @@ def run(ctx: RunContext) -> StudyResult:
                        [[n, fmt([100 * float(np.asarray(w, dtype=float).mean()) for w in ws])]
                         for n, ws in wrong["fig4"].items()])
     half = max(1, scale.epochs // 2)
-    late = min(half, scale.epochs - 1)
+    late = late_start(scale.epochs)
     sweep_rows = [[m, f"{1 - float(m):.2f}", _mean_error(ws, 0, half),
                    _mean_error(ws, late, scale.epochs),
                    np.mean([d[0] for d in sweep_numbers["distance"][m][:half]]),
