@@ -105,6 +105,100 @@ def test_fig2_verdict_outcomes(first, last, label):
     assert row.verdict.label == label and "channels" in row.verdict.test
 
 
+def sweep_case(small_early, large_late, middle_late=8.0, samples=2000, independent=False):
+    """Per-sample errors for ema_vs_precise.lambda_verdicts: 4 epochs; PreciseBN at 40, 20, 10,
+    8%; every momentum's EMA as PreciseBN except the smallest (early epochs) and the largest
+    and middle (late epochs)."""
+    wrong_of = draws(samples, independent=independent)
+    precise = [40.0, 20.0, 10.0, 8.0]
+    rates = {str(m): list(precise) for m in ema_vs_precise.MOMENTA}
+    rates["0.01"][:2] = small_early
+    rates["0.9"][2:] = large_late
+    rates["0.1"][2:] = [middle_late] * 2
+    as_seeds = lambda curve: [np.stack([wrong_of(r)[s] for r in curve]) for s in range(3)]  # noqa: E731
+    return {m: as_seeds(c) for m, c in rates.items()}, as_seeds(precise)
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ({"small_early": [60.0, 35.0], "large_late": [14.0, 12.0]}, ["agrees", "agrees"]),
+    ({"small_early": [38.0, 18.0], "large_late": [6.0, 5.0]}, ["disagrees", "disagrees"]),
+    ({"small_early": [41.0, 21.0], "large_late": [8.0, 8.0]},
+     ["inconclusive", "inconclusive"]),
+])
+def test_lambda_sweep_verdicts_agree_disagree_and_are_inconclusive(case, expected, labels):
+    rows = ema_vs_precise.lambda_verdicts(*sweep_case(**case, independent=True))
+    assert labels(rows) == expected
+    for row in rows:
+        v = row.verdict
+        assert v.interval[0] <= v.effect <= v.interval[1] and "paired bootstrap" in v.test
+    assert "0.01" in rows[0].claim and "0.9" in rows[1].claim and "0.1" in rows[1].claim
+
+
+def test_lambda_sweep_verdicts_follow_the_ema_verdicts():
+    numbers, wrong = ema_case()
+    sweep, precise = sweep_case([60.0, 35.0], [14.0, 12.0])
+    wrong["control"] = {"ema": precise, "precise": precise}
+    wrong["sweep"] = sweep
+    rows = ema_vs_precise.verdicts(numbers, wrong)
+    assert [r.claim.startswith("Lambda sweep") for r in rows] == [False] * 5 + [True] * 2
+
+
+def test_momentum_sweep_matches_torchs_own_ema_and_is_exact_per_momentum(one_thread):
+    """The sweep's EMA with torch's momentum (0.1) is the layers' own running statistics after
+    training; every momentum's equals a float64 loop over the recorded batch statistics."""
+    import torch
+
+    from rethinkbn_studies.train import EpochEnd, TrainConfig, train
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(24, 3))
+    x, y = torch.randn(64, 2, 8), torch.randint(3, (64,))
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().double())
+                                       if m.training else None)
+    sweep = ema_vs_precise.MomentumSweep((0.01, 0.1, 0.9))
+    hooks_at_epoch_end = []
+    train(model, x, y, TrainConfig(epochs=3, batch_size=16), seed=0,
+          callbacks=[sweep, EpochEnd(lambda e, m: hooks_at_epoch_end.append(
+              len(m[1]._forward_pre_hooks)))])
+    assert len(seen) == 12 and hooks_at_epoch_end == [1, 1, 1]  # only `seen`'s hook is left
+    name = "1"
+    torch.testing.assert_close(sweep.stats[0.1][name][0], model[1].running_mean)
+    torch.testing.assert_close(sweep.stats[0.1][name][1], model[1].running_var)
+    for mom in (0.01, 0.9):
+        mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        for inp in seen:
+            mean = (1 - mom) * mean + mom * inp.mean(dim=(0, 2))
+            var = (1 - mom) * var + mom * inp.var(dim=(0, 2), unbiased=True)
+        torch.testing.assert_close(sweep.stats[mom][name][0].double(), mean)
+        torch.testing.assert_close(sweep.stats[mom][name][1].double(), var)
+    other = copy.deepcopy(model)
+    sweep.install(other, 0.9)
+    assert torch.equal(other[1].running_mean, sweep.stats[0.9][name][0])
+
+
+def test_ema_study_has_its_lambda_sweep_section(tiny_out, tiny_data, one_thread):
+    from rethinkbn.cli import main
+
+    assert main(["reproduce", "--tiny", "--data", tiny_data, "--only", "ema-vs-precise",
+                 "--out", str(tiny_out), "--jobs", "1"]) == 0
+    report = (tiny_out / "report.md").read_text()
+    assert "Momentum (lambda) sweep" in report
+    assert "](ema_momentum_sweep.png)" in report
+    assert (tiny_out / "ema_momentum_sweep.png").stat().st_size > 1000
+    assert report.count("Lambda sweep (large batch)") >= 2
+    import json
+
+    results = json.loads((tiny_out / "results.json").read_text())
+    study = results["studies"]["ema-vs-precise"]
+    rows = [r for r in study["summary"] if r["claim"].startswith("Lambda sweep")]
+    assert len(rows) == 2
+    assert all(r["verdict"] in ("agrees", "disagrees", "inconclusive") for r in rows)
+    sweep = study["numbers"]["lambda_sweep"]
+    assert set(sweep["ema"]) == {str(m) for m in ema_vs_precise.MOMENTA}
+
+
 # ---------------------------------------------------------------------------- precise-batch
 def table2_case(change=None, independent=False):
     cols = ["EMA", "B=2", "B=10", "B=100", "B=1000", "B=N"]

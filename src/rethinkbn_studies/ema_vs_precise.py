@@ -6,12 +6,19 @@ PreciseBN statistics (a copy of the model, ``PRECISE_SAMPLES`` training samples 
 ``PRECISE_BATCH``). At a few checkpoints, Fig. 2's view: for the channels of one BN layer, where
 the EMA mean sits against the distribution of ``NUM_BATCH_MEANS`` per-batch means of the current
 model (the fraction of channels whose EMA mean falls outside the per-batch means' 5-95% range).
+
+The momentum (lambda) sweep: the large-batch control run also keeps, beside torch's own EMA
+(momentum 0.1), one EMA per momentum of ``MOMENTA`` over the same per-step batch statistics
+(:class:`MomentumSweep`, torch's update rule, all started from the same PreciseBN statistics), so
+one training run gives every momentum's statistics for the same weights, exactly; after every
+epoch each is evaluated and compared with PreciseBN's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +56,10 @@ EARLY_MARGIN = 1.0
 SUFFICE_MARGIN = 0.5
 # "EMA about as good as PreciseBN mid-training" (normal batch): the equivalence margin (points).
 EQUAL_MARGIN = 1.0
+# The lambda sweep: torch momenta (1 - lambda) of the EMAs kept beside the control run's own.
+MOMENTA = (0.01, 0.03, 0.1, 0.3, 0.9)
+# The sweep's "middle" momentum (torch's default) that a large momentum is compared with.
+MIDDLE_MOMENTUM = 0.1
 
 
 def _probe_layer(model: nn.Module) -> nn.Module:
@@ -96,11 +107,69 @@ class PreciseStart(Callback):
                                 num_samples=PRECISE_SAMPLES, seed=self.seed)
 
 
+class MomentumSweep(Callback):
+    """Beside torch's own EMA, one EMA of the per-step batch statistics per torch momentum in
+    ``momenta``, with torch's update (``new = (1 - m) old + m batch``, the unbiased batch
+    variance), all started from the BN layers' running statistics when training starts (after
+    any callback listed before this one). The hooks run during training steps only: they are
+    removed at the end of every epoch, so copies of the model made then carry none.
+    ``install(model, m)`` writes momentum ``m``'s statistics into ``model``'s BN layers."""
+
+    def __init__(self, momenta: tuple[float, ...]) -> None:
+        self.momenta = momenta
+        self.stats: dict[float, dict[str, tuple[Tensor, Tensor]]] = {}
+        self.handles: list[Any] = []
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        layers = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
+        if not self.stats:
+            self.stats = {m: {n: (layer.running_mean.detach().clone(),
+                                  layer.running_var.detach().clone())
+                              for n, layer in layers.items()} for m in self.momenta}
+        for name, layer in layers.items():
+            self.handles.append(layer.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        @torch.no_grad()
+        def update(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            if not module.training:
+                return
+            x = inputs[0].detach()
+            dims = [0, *range(2, x.dim())]
+            mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=True)
+            for m, stats in self.stats.items():
+                old_mean, old_var = stats[name]
+                old_mean.mul_(1 - m).add_(mean, alpha=m)
+                old_var.mul_(1 - m).add_(var, alpha=m)
+        return update
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @torch.no_grad()
+    def install(self, model: nn.Module, momentum: float) -> None:
+        for name, layer in model.named_modules():
+            if is_batchnorm(layer):
+                mean, var = self.stats[momentum][name]
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+
+
+def _distance(report: Any) -> list[float]:
+    """PreciseBNReport's distances of the replaced (EMA) statistics from PreciseBN's, averaged
+    over the BN layers: [rms mean shift in sigmas, rms log std ratio]."""
+    return [float(np.mean([r.mean_shift for r in report.layers.values()])),
+            float(np.mean([r.std_log_ratio for r in report.layers.values()]))]
+
+
 def _run(ctx: RunContext, scale: Scale, batch: int, seed: int,
          control: bool = False) -> dict[str, Any]:
     """One training run, measured after every epoch: which validation samples the model gets
     wrong with its EMA statistics and with PreciseBN's, and Fig. 2's view at a few epochs.
-    ``control``: the EMA starts from PreciseBN statistics (:class:`PreciseStart`). The normal
+    ``control``: the EMA starts from PreciseBN statistics (:class:`PreciseStart`), and the run
+    also measures the EMA of every momentum in ``MOMENTA`` (:class:`MomentumSweep`). The normal
     batch's run also returns its final state (for Fig. 4)."""
     data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = new_model(ctx, data, scale, seed)
@@ -109,6 +178,9 @@ def _run(ctx: RunContext, scale: Scale, batch: int, seed: int,
                          lr=BASE_LR * batch / NORMAL_BATCH, warmup_epochs=warmup)
     checkpoints = sorted({0, scale.epochs // 4, scale.epochs - 1})
     out: dict[str, Any] = {"ema_wrong": [], "precise_wrong": [], "fig2": {}, "distance": []}
+    sweep = MomentumSweep(MOMENTA) if control else None
+    if sweep is not None:
+        out["sweep"] = {str(m): {"wrong": [], "distance": []} for m in MOMENTA}
 
     def measure(epoch: int, m: nn.Module) -> None:
         out["ema_wrong"].append(evaluate_wrong(m, data.val_x, data.val_y))
@@ -116,15 +188,22 @@ def _run(ctx: RunContext, scale: Scale, batch: int, seed: int,
         report = bn.population_stats(precise, data.train_x, batch_size=PRECISE_BATCH,
                                      num_samples=PRECISE_SAMPLES, seed=seed + epoch)
         # How far the EMA statistics are from PreciseBN's, averaged over the BN layers.
-        out["distance"].append([float(np.mean([r.mean_shift for r in report.layers.values()])),
-                                float(np.mean([r.std_log_ratio
-                                               for r in report.layers.values()]))])
+        out["distance"].append(_distance(report))
         out["precise_wrong"].append(evaluate_wrong(precise, data.val_x, data.val_y))
+        if sweep is not None:
+            for mom in MOMENTA:
+                other = copy.deepcopy(m)
+                sweep.install(other, mom)
+                out["sweep"][str(mom)]["wrong"].append(evaluate_wrong(other, data.val_x,
+                                                                      data.val_y))
+                out["sweep"][str(mom)]["distance"].append(_distance(bn.population_stats(
+                    other, data.train_x, batch_size=PRECISE_BATCH,
+                    num_samples=PRECISE_SAMPLES, seed=seed + epoch)))
         if epoch in checkpoints:
             out["fig2"][str(epoch + 1)] = _batch_means_view(
                 m, data.train_x, NORMAL_BATCH, seed, 10 if ctx.tiny else NUM_BATCH_MEANS)
 
-    start = [PreciseStart(data.train_x, seed)] if control else []
+    start = [PreciseStart(data.train_x, seed), sweep] if sweep is not None else []
     train(model, data.train_x, data.train_y, config, seed=seed,
           callbacks=[*start, EpochEnd(measure)], progress=ctx.progress,
           desc=f"batch {batch}{' control' if control else ''} seed {seed}")
@@ -174,6 +253,52 @@ def _epochs_gap(wrong: dict[str, Any], first: int, last: int) -> np.ndarray:
 def _early(wrong: dict[str, Any]) -> np.ndarray:
     epochs = len(wrong["ema"][0])
     return _epochs_gap(wrong, 0, max(1, epochs // 2))
+
+
+def _mean_error(wrong: list[Any], first: int, last: int) -> float:
+    """Mean error (%) over seeds, samples and the epochs ``first .. last-1``."""
+    return 100 * float(np.mean([np.asarray(w, dtype=np.float64)[first:last] for w in wrong]))
+
+
+def late_start(epochs: int) -> int:
+    """The lambda sweep's "late in training": the last quarter of the epochs (at least one)."""
+    return epochs - max(1, epochs // 4)
+
+
+def lambda_verdicts(sweep: dict[str, list[Any]], precise: list[Any]) -> list[SummaryRow]:
+    """The momentum (lambda) sweep's claims, from ``sweep[str(momentum)]`` (per seed, the
+    ``(epochs, samples)`` 0/1 errors with that momentum's EMA statistics) and ``precise`` (the
+    same with PreciseBN statistics of the same weights): the smallest momentum (longest memory)
+    lags PreciseBN in the first half of training, and the largest is noisier than
+    ``MIDDLE_MOMENTUM`` in the last quarter (at least the last epoch: the learning rate is low,
+    the weights change little, so lag matters least and noise most)."""
+    moms = sorted(sweep, key=float)
+    small, large, middle = moms[0], moms[-1], str(MIDDLE_MOMENTUM)
+    epochs = len(np.asarray(precise[0]))
+    half = max(1, epochs // 2)
+    late = late_start(epochs)
+    d_small = _epochs_gap({"ema": sweep[small], "precise": precise}, 0, half)
+    d_large = _epochs_gap({"ema": sweep[large], "precise": sweep[middle]}, late, epochs)
+    return [
+        SummaryRow(
+            f"Lambda sweep (large batch): a small momentum ({small}, lambda "
+            f"{1 - float(small):.2f}) lags PreciseBN early in training",
+            f"{_mean_error(sweep[small], 0, half):.1f} vs {_mean_error(precise, 0, half):.1f}"
+            f" (epochs 1-{half})", "small momentum: EMA lags the changing weights",
+            exceeds(f"momentum {small}: mean (EMA - PreciseBN) val error over epochs 1-{half} > "
+                    f"{EARLY_MARGIN} pt, whole 95% interval",
+                    paired_bootstrap(d_small, np.zeros_like(d_small)), EARLY_MARGIN)),
+        SummaryRow(
+            f"Lambda sweep (large batch): a large momentum ({large}, lambda "
+            f"{1 - float(large):.2f}) is worse than the middle one ({middle}) late in "
+            f"training (noise)",
+            f"{_mean_error(sweep[large], late, epochs):.1f} vs "
+            f"{_mean_error(sweep[middle], late, epochs):.1f} (epochs {late + 1}-{epochs})",
+            "large momentum: EMA noisy (few batches)",
+            exceeds(f"mean val error, momentum {large} - momentum {middle}, over epochs "
+                    f"{late + 1}-{epochs} > 0 pt, whole 95% interval",
+                    paired_bootstrap(d_large, np.zeros_like(d_large)), 0.0)),
+    ]
 
 
 def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[SummaryRow]:
@@ -259,6 +384,8 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[
             f"{err[few]:.1f} vs {err[n_all]:.1f}", "error rises below ~10^2-10^3 samples",
             exceeds(f"err(n={few}) - err(n={n_all}) > 0, whole 95% interval",
                     paired_bootstrap(fig4[few], fig4[n_all]), 0.0)))
+    if "sweep" in wrong:
+        rows += lambda_verdicts(wrong["sweep"], wrong["control"]["precise"])
     return rows
 
 
@@ -302,7 +429,23 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     ax.set_xlabel("PreciseBN samples")
     ax.set_ylabel("validation error (%)")
     ax.set_title("Fig. 4 analog: PreciseBN error vs samples")
-    return [curves, means, save_plot(ctx, fig, "precise_samples.png")]
+    fig4 = save_plot(ctx, fig, "precise_samples.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sweep = numbers["lambda_sweep"]
+    epochs = range(1, len(sweep["precise"]) + 1)
+    for mom, curve in sweep["ema"].items():
+        ax.plot(epochs, curve, marker=".", label=f"EMA, momentum {mom} (lambda "
+                f"{1 - float(mom):.2f})")
+    ax.plot(epochs, sweep["precise"], "k--", label="PreciseBN")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation error (%)")
+    ax.set_yscale("log")
+    ax.set_yticks([1, 2, 5, 10, 20, 50, 100], ["1", "2", "5", "10", "20", "50", "100"])
+    ax.minorticks_off()
+    ax.set_title(f"Lambda sweep: EMA momentum, batch {numbers['large_batch']} (control run)")
+    ax.legend(fontsize=8)
+    return [curves, means, fig4, save_plot(ctx, fig, "ema_momentum_sweep.png")]
 
 
 @register_study("ema-vs-precise",
@@ -323,7 +466,9 @@ def run(ctx: RunContext) -> StudyResult:
     results = ctx.run_all(
         [Task({"study": "ema-vs-precise", "v": 4, "data": data_key(ctx), "batch": b,
                "control": c, "seed": s, "scale": scale.as_dict(),
-               "precise": [PRECISE_SAMPLES, PRECISE_BATCH]},
+               "precise": [PRECISE_SAMPLES, PRECISE_BATCH],
+               # Only the control run keeps the lambda sweep (the other runs' keys as before).
+               **({"lambda_sweep": list(MOMENTA)} if c else {})},
               _run, (scale, b, s, c)) for b, c, s in jobs], desc="ema-vs-precise: training")
     runs: dict[str, list[dict[str, Any]]] = {}
     wrong: dict[str, dict[str, Any]] = {}
@@ -340,6 +485,9 @@ def run(ctx: RunContext) -> StudyResult:
                "seed": s, "scale": scale.as_dict(), "precise": PRECISE_BATCH},
               _fig4, (scale, s, state)) for s, state in finals], desc="ema-vs-precise: Fig. 4")
     wrong["fig4"] = {n: [f[n] for f in fig4] for n in fig4[0]}
+    control_runs = runs["control"]
+    wrong["sweep"] = {m: [np.stack([np.asarray(w) for w in r["sweep"][m]["wrong"]])
+                          for r in control_runs] for m in control_runs[0]["sweep"]}
     views = [r["fig2"] for r in runs[str(NORMAL_BATCH)]]
     marks_fig2 = list(views[0])
     wrong["fig2"] = {"first": [v[marks_fig2[0]]["outside"] for v in views],
@@ -362,7 +510,16 @@ def run(ctx: RunContext) -> StudyResult:
                for e in first]
     fig4_err = {n: mean_std([100 * float(np.asarray(w, dtype=float).mean()) for w in ws])
                 for n, ws in wrong["fig4"].items()}
-    numbers = {"curves": curves, "large_batch": large, "fig2_outside": outside, "fig2_views": first,
+    sweep_numbers = {
+        "momenta": list(MOMENTA),
+        "ema": {m: [_mean_error([w[e : e + 1] for w in ws], 0, 1) for e in range(scale.epochs)]
+                for m, ws in wrong["sweep"].items()},
+        "precise": curves["control"]["precise_mean"],
+        "distance": {m: [np.mean([r["sweep"][m]["distance"][e] for r in control_runs],
+                                 axis=0).tolist() for e in range(scale.epochs)]
+                     for m in wrong["sweep"]}}
+    numbers = {"lambda_sweep": sweep_numbers, "curves": curves, "large_batch": large,
+               "fig2_outside": outside, "fig2_views": first,
                "fig2_epochs": list(first), "scale": scale.as_dict(),
                "fig4": {n: {"mean": m, "std": sd} for n, (m, sd) in fig4_err.items()}}
     rows = []
@@ -388,6 +545,23 @@ def run(ctx: RunContext) -> StudyResult:
                        "PreciseBN statistics from n training samples", ["n", "error"],
                        [[n, fmt([100 * float(np.asarray(w, dtype=float).mean()) for w in ws])]
                         for n, ws in wrong["fig4"].items()])
+    half = max(1, scale.epochs // 2)
+    late = late_start(scale.epochs)
+    sweep_rows = [[m, f"{1 - float(m):.2f}", _mean_error(ws, 0, half),
+                   _mean_error(ws, late, scale.epochs),
+                   np.mean([d[0] for d in sweep_numbers["distance"][m][:half]]),
+                   np.mean([d[0] for d in sweep_numbers["distance"][m][late:]])]
+                  for m, ws in wrong["sweep"].items()]
+    sweep_rows.append(["PreciseBN", "-", _mean_error(wrong["control"]["precise"], 0, half),
+                       _mean_error(wrong["control"]["precise"], late, scale.epochs), 0.0, 0.0])
+    sweep_table = Table(
+        f"Momentum (lambda) sweep: batch {large}, EMAs of the control run's batch statistics "
+        f"(all started from PreciseBN statistics) with torch momentum m = 1 - lambda: mean "
+        f"validation error (%) over epochs 1-{half} and {late + 1}-{scale.epochs}, and the "
+        f"rms mean shift (sigmas) of the EMA from PreciseBN's statistics of the same weights",
+        ["momentum", "lambda", f"error, epochs 1-{half}", f"error, epochs {late + 1}-"
+         f"{scale.epochs}", f"mean shift, 1-{half}", f"mean shift, {late + 1}-{scale.epochs}"],
+        sweep_rows, digits=2)
     paper_table = Table("Fig. 3 (ResNet-50, ImageNet; read off the plot)",
                         ["SGD batch", "epochs 5-30", "end of training"],
                         [[256, "EMA noisier, worse than PreciseBN", "EMA = PreciseBN"],
@@ -404,9 +578,13 @@ def run(ctx: RunContext) -> StudyResult:
         f"starts from PreciseBN statistics of the initialized model (not torch's 0 and 1), so "
         f"that its early deficit is lag and noise, not start-up bias. Fig. 4: the final "
         f"normal-batch model with PreciseBN from n = {', '.join(wrong['fig4'])} samples. "
+        f"Momentum (lambda) sweep: during the control run, EMAs with torch momenta "
+        f"{', '.join(map(str, MOMENTA))} (lambda = 1 - momentum) of the same per-step batch "
+        f"statistics, started from the same PreciseBN statistics, each evaluated after every "
+        f"epoch against PreciseBN of the same weights (no retraining per momentum). "
         f"Seeds: {list(ctx.seeds)}. The paper: {paper.FIG3_NOTES}"
     )
-    return StudyResult(setup=setup, tables=[table, fig2_table, fig4_table],
+    return StudyResult(setup=setup, tables=[table, fig2_table, fig4_table, sweep_table],
                        paper_tables=[paper_table],
                        plots=_plot(ctx, numbers), summary=verdicts(numbers, wrong),
                        numbers=numbers)
