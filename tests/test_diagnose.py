@@ -263,7 +263,9 @@ def test_state_is_identical_after_an_error(healthy):
     assert_same(before, model_state(model))
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (True, ValueError), ("many", ValueError)])
+# the project's rule (and precise_bn's for the same option): a wrong type is a TypeError
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (True, TypeError), ("many", TypeError),
+                                        (2.0, TypeError)])
 def test_bad_num_samples_is_a_clear_error(healthy, bad, error):
     with pytest.raises(error, match="num_samples"):
         diagnose(healthy, batches(*TRAIN, 32), num_samples=bad)

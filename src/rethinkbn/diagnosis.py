@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import check_positive_int
 from .distributed import PerDeviceBatchNorm
 from .layers import DomainBatchNorm, FrozenBatchNorm, is_batchnorm
 from .population import (
@@ -812,8 +813,7 @@ def diagnose(
     t = thresholds or Thresholds()
     if not isinstance(model, nn.Module):
         raise TypeError(f"diagnose: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"diagnose: num_samples must be a positive int, got {num_samples!r}")
+    check_positive_int(num_samples, "num_samples", "diagnose")
     for label, fn in (("forward", forward), ("metric", metric), ("group_ids", group_ids)):
         if fn is not None and not callable(fn):
             raise TypeError(f"diagnose: {label} must be callable, got {type(fn).__name__}")
