@@ -263,7 +263,9 @@ def test_state_is_identical_after_an_error(healthy):
     assert_same(before, model_state(model))
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (True, ValueError), ("many", ValueError)])
+# the project's rule (and precise_bn's for the same option): a wrong type is a TypeError
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (True, TypeError), ("many", TypeError),
+                                        (2.0, TypeError)])
 def test_bad_num_samples_is_a_clear_error(healthy, bad, error):
     with pytest.raises(error, match="num_samples"):
         diagnose(healthy, batches(*TRAIN, 32), num_samples=bad)
@@ -446,3 +448,14 @@ def test_the_example_is_a_spec_the_cli_resolves_from_the_repository_root(monkeyp
     finally:
         for name in ("examples.diagnose_mnist1d", "examples"):
             sys.modules.pop(name, None)
+
+
+def test_a_compiled_model_gets_the_same_diagnosis_as_its_module(healthy):
+    # precise_bn names the layers of the model inside torch.compile's wrapper; diagnose must use
+    # the same names, or every layer's numbers silently come out NaN.
+    plain = run(healthy, val=None, metric=None, num_samples=64)
+    compiled = run(torch.compile(healthy), val=None, metric=None, num_samples=64)
+    assert list(compiled.layers) == list(plain.layers) == ["1", "4"]
+    for name, layer in plain.layers.items():
+        assert compiled.layers[name] == layer
+        assert math.isfinite(layer.ema_shift) and layer.values_per_channel is not None

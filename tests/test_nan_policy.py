@@ -289,3 +289,22 @@ def test_a_cuda_training_step_makes_no_host_sync(name):
         layer(x, **kwargs).nansum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", ["ghost equal contiguous", "domain ids"])
+def test_a_failing_precise_bn_pass_leaves_the_nonfinite_counters_as_they_were(name):
+    # precise_bn raises on non-finite statistics and promises the model unchanged: the pass's own
+    # NaN batch must not show up in nonfinite_report as a training event.
+    from rethinkbn import precise_bn
+
+    make, kwargs = LAYERS[name]
+    layer = make()
+    layer(batch(), **kwargs)  # one event from training
+    before = layer.nonfinite_count.clone()
+
+    def forward(model, x):
+        return model(x, **kwargs)
+
+    with pytest.raises(ValueError, match="non-finite"):
+        precise_bn(layer, [batch()], num_batches=1, forward=forward, progress=False)
+    assert torch.equal(layer.nonfinite_count, before)

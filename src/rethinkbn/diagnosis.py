@@ -17,8 +17,9 @@ for the model, and turns every number into a verdict with a stated threshold
    statistics far from the data's, samples of one normalization batch that share a group id
    (Sec. 6), a layer called several times in one forward.
 
-It uses only the public API (``precise_bn``, ``StatsBank``, ``capture_stats``/``install_stats``)
-and never changes the model.
+It uses only the public API (``precise_bn``, ``StatsBank``, ``capture_stats``/``install_stats``),
+and ``precise_bn``'s own unwrapping of DDP and ``torch.compile`` wrappers (so that its layer names
+are precise_bn's), and never changes the model.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import check_positive_int
 from .distributed import PerDeviceBatchNorm
 from .layers import DomainBatchNorm, FrozenBatchNorm, is_batchnorm
 from .population import (
@@ -48,6 +50,7 @@ from .population import (
     install_stats,
     precise_bn,
 )
+from .population._state import unwrap
 
 __all__ = ["Diagnosis", "Finding", "LayerDiagnosis", "Thresholds", "diagnose"]
 
@@ -812,8 +815,7 @@ def diagnose(
     t = thresholds or Thresholds()
     if not isinstance(model, nn.Module):
         raise TypeError(f"diagnose: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"diagnose: num_samples must be a positive int, got {num_samples!r}")
+    check_positive_int(num_samples, "num_samples", "diagnose")
     for label, fn in (("forward", forward), ("metric", metric), ("group_ids", group_ids)):
         if fn is not None and not callable(fn):
             raise TypeError(f"diagnose: {label} must be callable, got {type(fn).__name__}")
@@ -822,8 +824,8 @@ def diagnose(
             raise TypeError(f"diagnose: {label} is a one-shot iterator "
                             f"({type(data).__name__}); it is read twice, pass a re-iterable "
                             "(a DataLoader, a list of batches)")
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
-        model = model.module
+    # the model precise_bn sees (and names the layers of): no DDP or torch.compile wrapper
+    model = unwrap(model)
     layers = _bn_layers(model)
     if not layers:
         raise ValueError(f"diagnose: {type(model).__name__} has no BatchNorm layer")

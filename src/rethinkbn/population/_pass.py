@@ -201,7 +201,9 @@ def _arm_statistics(
         guard.hook(layer.register_forward_pre_hook(rec.read_input))
         return rec
     tracked = getattr(layer, "num_batches_tracked", None)
-    guard.keep_values([t for t in (mean, var, tracked) if isinstance(t, Tensor)])
+    # the family's NaN counter too: the pass's batches are no training events
+    events = getattr(layer, "nonfinite_count", None)
+    guard.keep_values([t for t in (mean, var, tracked, events) if isinstance(t, Tensor)])
     # Each rank's moments stay local until the one reduction at the end.
     syncs = syncs_across_ranks(layer)
     if syncs:
