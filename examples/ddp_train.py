@@ -100,6 +100,9 @@ def main() -> None:
             print(f"precise_bn: BatchNorm statistics {verdict} on {world} ranks", flush=True)
         if not identical:
             raise SystemExit(1)
+        # every rank done with its collectives before any tears the group down (gloo can abort a
+        # rank whose peer destroyed the group while its last send was still in flight)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
