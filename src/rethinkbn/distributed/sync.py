@@ -322,7 +322,6 @@ class SyncBatchNorm(BatchNormBase):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        self._check_dtype(x)
         if not self._uses_batch_stats():
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
@@ -359,23 +358,6 @@ class SyncBatchNorm(BatchNormBase):
             x, mean, mean_lo, invstd, self.weight, self.bias, moments.count, self.eps, group,
             sync, name,
         )
-
-    def _check_dtype(self, x: Tensor) -> None:
-        """torch's BatchNorm refuses these dtypes too, with a message that names no layer."""
-        if not x.is_floating_point():
-            raise TypeError(
-                f"{layer_name(self)}: expected a floating-point input, got dtype {x.dtype} "
-                "(convert it, e.g. x.float(); torch's BatchNorm refuses integer inputs too)"
-            )
-        params = self.weight if self.weight is not None else self.running_mean
-        if params is None or params.dtype == x.dtype:
-            return
-        if compute_dtype(x) != params.dtype:
-            raise TypeError(
-                f"{layer_name(self)}: expected an input of dtype {params.dtype} (the layer's "
-                f"parameters and buffers), or float16/bfloat16 with float32 parameters; got "
-                f"{x.dtype}. Convert the layer (layer.to({x.dtype})) or the input."
-            )
 
     def _group_moments(
         self, x: Tensor, sync: bool, group: dist.ProcessGroup | None
