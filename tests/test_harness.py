@@ -218,3 +218,29 @@ def test_run_all_runs_each_distinct_config_once_and_caches_it(tmp_path, jobs):
         # jobs > 1: the runs happened in worker processes; 1: here.
         assert all((pid != os.getpid()) == (jobs > 1) for pid, _ in results)
         assert ctx.run_all(tasks) == results and ctx.cache.hits == 2
+
+
+def test_the_command_line_of_a_run_gives_its_settings_back():
+    from rethinkbn_studies.harness import reproduce_command
+
+    assert reproduce_command(None, quick=True, seeds=None, device="cpu", data="mnist1d",
+                             ranks=1, threads=1, jobs=2) == "rethinkbn reproduce --quick --jobs 2"
+    assert reproduce_command(["nbs", "leakage"], quick=False, seeds=5, device="cuda",
+                             data="mnist1d:4000", ranks=2, threads=4, jobs=1) == (
+        "rethinkbn reproduce --only nbs,leakage --seeds 5 --device cuda --data mnist1d:4000 "
+        "--ranks 2 --threads 4 --jobs 1")
+
+
+def test_a_real_run_records_its_date_command_and_commit(tmp_path):
+    from rethinkbn_studies import base
+
+    base.register_study("dated-demo", "a demo study")(lambda ctx: _result(True))
+    try:
+        reproduce(["dated-demo"], quick=True, out_dir=tmp_path, tiny=True)
+    finally:
+        base._REGISTRY.pop("dated-demo")
+    env = json.loads((tmp_path / "results.json").read_text())["environment"]
+    assert env["command"] == "rethinkbn reproduce --quick --only dated-demo --jobs 1"
+    assert env["started"].startswith(("20", "21"))  # an ISO date
+    report = (tmp_path / "report.md").read_text()
+    assert f"Run {env['started']}" in report and f"`{env['command']}`" in report

@@ -1,4 +1,5 @@
-"""The README's reproduction summary is generated from the committed quick run, never typed in."""
+"""The README's reproduction summaries are generated from the committed quick and full runs, never
+typed in."""
 
 import json
 from pathlib import Path
@@ -10,11 +11,19 @@ from rethinkbn_studies import readme
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_summary_equals_what_the_script_renders_from_the_committed_results():
-    results = json.loads((ROOT / readme.RESULTS).read_text())
+def test_readme_summaries_equal_what_the_script_renders_from_the_committed_results():
     text = (ROOT / "README.md").read_text()
-    assert readme.rewrite(text, readme.render(results)) == text, (
-        "README.md's summary block is stale: run python -m rethinkbn_studies.readme")
+    assert readme.rewrite_all(text, ROOT) == text, (
+        "README.md's summary blocks are stale: run python -m rethinkbn_studies.readme")
+
+
+def test_both_committed_runs_have_a_block_and_a_report():
+    text = (ROOT / "README.md").read_text()
+    for source, (begin, end) in readme.BLOCKS.items():
+        assert begin in text and end in text
+        assert (ROOT / source).with_name("report.md").is_file()
+        mode = json.loads((ROOT / source).read_text())["environment"]["mode"]
+        assert mode == source.parent.name  # quick/ holds a quick run, full/ a full one
 
 
 def _results(verdicts):
@@ -30,6 +39,15 @@ def test_render_counts_outcomes_and_shows_effect_and_interval():
     assert "2 of 4 claims agree, 1 are inconclusive, 1 disagree" in block
     assert "| `nbs` | c0 | 1 \\| 2 | p | +1.50 [+0.50, +2.50] (95%) | **agrees** |" in block
     assert block.startswith(readme.BEGIN) and block.endswith(readme.END)
+
+
+def test_the_head_says_when_and_how_the_run_was_made():
+    results = _results(["agrees"])
+    results["environment"].update(started="2026-12-01T10:00:00+00:00", commit="abc1234",
+                                  command="rethinkbn reproduce --quick --jobs 2")
+    block = readme.render(results)
+    assert ("(run 2026-12-01T10:00:00+00:00, commit abc1234, `rethinkbn reproduce --quick "
+            "--jobs 2`; mode quick" in block)
 
 
 def test_a_range_without_a_confidence_level_is_shown_without_a_percentage():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +32,8 @@ from .data import DataSplit, check_data_spec, load_data
 from .processes import cpu_threads
 from .report import StudyOutcome, environment, write_outputs
 
-__all__ = ["DatasetLoader", "default_jobs", "reproduce", "run_tasks", "tqdm_progress"]
+__all__ = ["DatasetLoader", "default_jobs", "git_commit", "reproduce", "reproduce_command",
+           "run_tasks", "tqdm_progress"]
 
 
 def default_jobs() -> int:
@@ -156,6 +159,41 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
 
 
+def reproduce_command(only: Sequence[str] | None, *, quick: bool, seeds: int | None,
+                      device: str, data: str, ranks: int, threads: int | None,
+                      jobs: int) -> str:
+    """The ``rethinkbn reproduce`` command line that gives these settings (for the report: a
+    run says how to make it again). Output and cache folders are left out: they do not change
+    the numbers."""
+    parts = ["rethinkbn reproduce"]
+    parts += ["--quick"] if quick else []
+    parts += [f"--only {','.join(only)}"] if only else []
+    parts += [f"--seeds {seeds}"] if seeds is not None else []
+    parts += [f"--device {device}"] if device != "cpu" else []
+    parts += [f"--data {data}"] if data != "mnist1d" else []
+    parts += [f"--ranks {ranks}"] if ranks != 1 else []
+    parts += [f"--threads {threads}"] if threads != 1 and threads is not None else []
+    parts += [f"--jobs {jobs}"]
+    return " ".join(parts)
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (``-dirty`` when it has uncommitted
+    changes), or None outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def reproduce(
     only: Sequence[str] | None = None,
     *,
@@ -229,6 +267,7 @@ def reproduce(
         check_writable_dir(cache_root, "--cache")
     with cpu_threads(threads), process_pool(jobs) as pool:
         ctx = dataclasses.replace(ctx, pool=pool)
+        started = datetime.datetime.now(datetime.timezone.utc)
         start = time.perf_counter()
         dataset()  # a bad --data fails here, once, before any study starts
         outcomes: list[StudyOutcome] = []
@@ -249,4 +288,9 @@ def reproduce(
         env["ranks"] = ranks
         env["jobs"] = jobs
         env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
+        env["started"] = started.isoformat(timespec="seconds")
+        env["command"] = reproduce_command(
+            [s.name for s in studies] if only else None, quick=quick, seeds=seeds,
+            device=device, data=data, ranks=ranks, threads=threads, jobs=jobs)
+        env["commit"] = git_commit()
         return write_outputs(out, outcomes, env, wall), outcomes

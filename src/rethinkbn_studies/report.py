@@ -96,6 +96,15 @@ def _cache_note(env: dict[str, Any]) -> str:
     return f" ({cache['misses']} runs computed, {cache['hits']} taken from the cache)"
 
 
+def _run_note(env: dict[str, Any]) -> str:
+    """When, from which commit and with which command the run was made (older results.json
+    files lack these keys)."""
+    if not env.get("command"):
+        return ""
+    commit = f", commit {env['commit']}" if env.get("commit") else ""
+    return f"Run {env.get('started', '?')}{commit}: `{env['command']}`. "
+
+
 def _ranks_note(env: dict[str, Any]) -> str:
     ranks = env.get("ranks", 1)
     return f"ranks: {ranks} real gloo processes (leakage), " if ranks > 1 else ""
@@ -119,7 +128,7 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
     out = [
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
-        f"Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
+        f"{_run_note(env)}Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
         f"({env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}), "
         f"seeds: {env['seeds']}, "
         f"{_ranks_note(env)}wall time: {wall_s:.0f} s"
