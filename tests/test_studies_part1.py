@@ -31,9 +31,11 @@ def draws(samples=2000, seeds=3, independent=False):
 
 
 # ---------------------------------------------------------------------------- ema-vs-precise
+# Both batches end at 3% with PreciseBN (matched quality); the large batch's PreciseBN passes
+# 25% and 10% as the normal batch's does (matched checkpoints), its EMA lagging far more.
 PAPER_LIKE_EMA = {
     "64": {"ema": [30.0, 10.0, 5.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]},
-    "500": {"ema": [80.0, 60.0, 20.0, 9.0], "precise": [60.0, 40.0, 15.0, 8.0]},
+    "500": {"ema": [80.0, 45.0, 15.0, 5.0], "precise": [60.0, 25.0, 10.0, 3.0]},
 }
 
 
@@ -42,7 +44,8 @@ def ema_case(curves=None, first=0.8, last=0.1, samples=2000, independent=False):
     (curves[batch]["ema"|"precise"]) and fractions of channels outside at two checkpoints."""
     curves = copy.deepcopy(curves or PAPER_LIKE_EMA)
     wrong_of = draws(samples, independent=independent)
-    wrong, numbers = {}, {"large_batch": 500, "curves": {}, "fig2_outside": [first, last]}
+    wrong, numbers = {}, {"large_batch": 500, "large_every": 2, "curves": {},
+                          "fig2_outside": [first, last]}
     for batch, c in curves.items():
         per_epoch = {k: [wrong_of(r) for r in c[k]] for k in ("ema", "precise")}
         wrong[batch] = {k: [np.stack([e[s] for e in v]) for s in range(3)]
@@ -54,7 +57,7 @@ def ema_case(curves=None, first=0.8, last=0.1, samples=2000, independent=False):
 
 
 def test_ema_verdicts_agree_on_paper_like_numbers(labels):
-    assert labels(ema_vs_precise.verdicts(*ema_case())) == ["agrees"] * 4
+    assert labels(ema_vs_precise.verdicts(*ema_case())) == ["agrees"] * 7
 
 
 @pytest.mark.parametrize(("row", "case", "label"), [
@@ -87,15 +90,15 @@ def test_ema_mid_training_equivalence_is_inconclusive_with_few_noisy_samples():
     ([61.0, 40.0], {"10": 19.0, "1000": 22.0, "8000": 20.0}, ["disagrees"] * 3),
 ])
 def test_ema_control_and_fig4_verdicts(control, fig4, labels_, labels):
-    """The control run (EMA from PreciseBN statistics) and Fig. 4 (PreciseBN error against
-    its number of samples) have verdicts of their own, after the first four."""
+    """The control (EMA from PreciseBN statistics) and Fig. 4 (PreciseBN error against its
+    number of samples) have verdicts of their own, after the first seven."""
     numbers, wrong = ema_case()
     wrong_of = draws()
     per_epoch = {"ema": control + [15.0, 8.0], "precise": [60.0, 40.0, 15.0, 8.0]}
     wrong["control"] = {k: [np.stack([wrong_of(r)[s] for r in v]) for s in range(3)]
                         for k, v in per_epoch.items()}
     wrong["fig4"] = {n: wrong_of(rate) for n, rate in fig4.items()}
-    assert labels(ema_vs_precise.verdicts(numbers, wrong)[4:]) == labels_
+    assert labels(ema_vs_precise.verdicts(numbers, wrong)[7:]) == labels_
 
 
 @pytest.mark.parametrize(("first", "last", "label"), [(0.1, 0.6, "disagrees"),
@@ -103,6 +106,84 @@ def test_ema_control_and_fig4_verdicts(control, fig4, labels_, labels):
 def test_fig2_verdict_outcomes(first, last, label):
     row = ema_vs_precise.verdicts(*ema_case(first=first, last=last))[3]
     assert row.verdict.label == label and "channels" in row.verdict.test
+
+
+def test_windows_follow_the_fraction_rule():
+    """window(n, (start, end)): the measurements after fractions i/n of training with
+    start < i/n <= end (exact fractions, a loop), else the one at floor(n * start)."""
+    from fractions import Fraction
+
+    for n in range(1, 42):
+        for span in (ema_vs_precise.EARLY, ema_vs_precise.MID, ema_vs_precise.LATE):
+            inside = [i for i in range(n)
+                      if Fraction(span[0]) < Fraction(i + 1, n) <= Fraction(span[1])]
+            first, last = ema_vs_precise.window(n, span)
+            if inside:
+                assert (first, last) == (inside[0], inside[-1] + 1), (n, span)
+            else:
+                assert last == first + 1 and 0 <= first < n, (n, span)
+    # Quick (8 measurements) and full (20) mode.
+    assert [ema_vs_precise.window(8, s) for s in (ema_vs_precise.EARLY, ema_vs_precise.MID,
+                                                  ema_vs_precise.LATE)] == [(0, 4), (2, 6), (6, 8)]
+    assert ema_vs_precise.window(20, ema_vs_precise.LATE) == (15, 20)
+
+
+@pytest.mark.parametrize(("first", "last", "every", "text"), [
+    (0, 4, 2, "epochs 1-8"), (6, 8, 2, "epochs 13-16"), (2, 6, 1, "epochs 3-6"),
+    (0, 1, 1, "epoch 1"), (1, 2, 2, "epochs 3-4")])
+def test_epochs_text_names_the_trained_epochs_a_window_covers(first, last, every, text):
+    assert ema_vs_precise.epochs_text(first, last, every) == text
+
+
+def test_matched_checkpoints_equal_a_loop_over_all_pairs():
+    assert ema_vs_precise.matched_checkpoints([25.0, 10.0, 5.0, 3.0],
+                                              [60.0, 25.0, 10.0, 3.0]) == [(0, 1), (1, 2), (3, 3)]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        normal = list(rng.uniform(1, 60, int(rng.integers(1, 9))))
+        large = list(rng.uniform(1, 80, int(rng.integers(1, 9))))
+        expected = []
+        for i, err in enumerate(normal):
+            best = 0
+            for j in range(len(large)):
+                if abs(large[j] - err) < abs(large[best] - err):
+                    best = j
+            if abs(large[best] - err) <= ema_vs_precise.MATCH_REL * err:
+                expected.append((i, best))
+        assert ema_vs_precise.matched_checkpoints(normal, large) == expected
+
+
+@pytest.mark.parametrize(("row", "case", "label", "independent"), [
+    # Matched quality: the final PreciseBN errors 5 pt apart, or 0.8 pt with noisy draws.
+    (4, {"ema": [80.0, 45.0, 15.0, 10.0], "precise": [60.0, 25.0, 10.0, 8.0]}, "disagrees",
+     False),
+    (4, {"ema": [80.0, 45.0, 15.0, 3.8], "precise": [60.0, 25.0, 10.0, 3.8]}, "inconclusive",
+     True),
+    # Matched checkpoints: the large batch's EMA = PreciseBN where the normal batch's lags.
+    (5, {"ema": [60.0, 25.0, 10.0, 3.0], "precise": [60.0, 25.0, 10.0, 3.0]}, "disagrees",
+     False),
+    # End of training: EMA better than PreciseBN, or equal.
+    (6, {"ema": [80.0, 45.0, 15.0, 2.0], "precise": [60.0, 25.0, 10.0, 3.0]}, "disagrees",
+     False),
+    (6, {"ema": [80.0, 45.0, 15.0, 3.0], "precise": [60.0, 25.0, 10.0, 3.0]}, "inconclusive",
+     False),
+])
+def test_matched_quality_verdict_outcomes(row, case, label, independent):
+    curves = copy.deepcopy(PAPER_LIKE_EMA)
+    curves["64"]["ema"] = [30.0, 15.0, 5.0, 3.0]
+    curves["500"] = case
+    rows = ema_vs_precise.verdicts(*ema_case(curves, independent=independent))
+    assert rows[4].claim.startswith("Matched quality") and "At matched" in rows[5].claim
+    verdict_ = rows[row].verdict
+    assert verdict_.label == label
+    assert verdict_.interval[0] <= verdict_.effect <= verdict_.interval[1]
+
+
+def test_matched_checkpoints_verdict_is_inconclusive_without_a_match():
+    curves = copy.deepcopy(PAPER_LIKE_EMA)
+    curves["500"] = {"ema": [80.0, 70.0, 60.0, 50.0], "precise": [60.0, 50.0, 45.0, 40.0]}
+    row = ema_vs_precise.verdicts(*ema_case(curves))[5]
+    assert row.verdict.label == "inconclusive" and row.ours == "no matched checkpoints"
 
 
 def sweep_case(small_early, large_late, middle_late=8.0, samples=2000, independent=False):
@@ -140,7 +221,7 @@ def test_lambda_sweep_verdicts_follow_the_ema_verdicts():
     wrong["control"] = {"ema": precise, "precise": precise}
     wrong["sweep"] = sweep
     rows = ema_vs_precise.verdicts(numbers, wrong)
-    assert [r.claim.startswith("Lambda sweep") for r in rows] == [False] * 5 + [True] * 2
+    assert [r.claim.startswith("Lambda sweep") for r in rows] == [False] * 8 + [True] * 2
 
 
 def test_momentum_sweep_matches_torchs_own_ema_and_is_exact_per_momentum(one_thread):
@@ -178,6 +259,39 @@ def test_momentum_sweep_matches_torchs_own_ema_and_is_exact_per_momentum(one_thr
     assert torch.equal(other[1].running_mean, sweep.stats[0.9][name][0])
 
 
+def test_momentum_sweep_started_elsewhere_is_the_ema_of_a_run_started_there(one_thread):
+    """Running statistics do not change training: the sweep's EMA with torch's momentum,
+    started (``start``) from other statistics, is torch's own EMA of an identical run whose
+    running statistics were set to them before training (the study's control), with the same
+    weights; the model's own EMA still starts from torch's 0 and 1."""
+    import torch
+
+    from rethinkbn_studies.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(24, 3))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(64, 2, 8), torch.randint(3, (64,))
+
+    def start(m):
+        m[1].running_mean.fill_(0.5)
+        m[1].running_var.fill_(2.0)
+
+    start(twin)
+    sweep = ema_vs_precise.MomentumSweep((0.1, 0.9), start=start)
+    config = TrainConfig(epochs=3, batch_size=16)
+    train(model, x, y, config, seed=0, callbacks=[sweep])
+    train(twin, x, y, config, seed=0)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(sweep.stats[0.1]["1"][0], twin[1].running_mean)
+    torch.testing.assert_close(sweep.stats[0.1]["1"][1], twin[1].running_var)
+    # The model's own EMA started from 0 and 1: 12 steps of momentum 0.1 keep 0.9**12 of it.
+    gap = twin[1].running_mean - model[1].running_mean
+    torch.testing.assert_close(gap, torch.full_like(gap, 0.5 * 0.9 ** 12))
+
+
 def test_ema_study_has_its_lambda_sweep_section(tiny_out, tiny_data, one_thread):
     from rethinkbn.cli import main
 
@@ -197,6 +311,12 @@ def test_ema_study_has_its_lambda_sweep_section(tiny_out, tiny_data, one_thread)
     assert all(r["verdict"] in ("agrees", "disagrees", "inconclusive") for r in rows)
     sweep = study["numbers"]["lambda_sweep"]
     assert set(sweep["ema"]) == {str(m) for m in ema_vs_precise.MOMENTA}
+    # The large batch trains LARGE_EPOCHS_FACTOR x the epochs, measured as often as the normal.
+    numbers, every = study["numbers"], ema_vs_precise.LARGE_EPOCHS_FACTOR
+    normal = numbers["curves"]["64"]["epochs"]
+    assert numbers["curves"][str(numbers["large_batch"])]["epochs"] == [e * every for e in normal]
+    assert "Matched quality" in report and "Checkpoints of matched PreciseBN error" in report
+    assert [r["claim"].split(":")[0] for r in study["summary"]].count("Matched quality") == 1
 
 
 # ---------------------------------------------------------------------------- precise-batch

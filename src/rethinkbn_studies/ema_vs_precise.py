@@ -1,23 +1,35 @@
 """Sec. 3, Fig. 2-3: EMA vs PreciseBN population statistics during training.
 
 Two runs per seed, a normal and a large SGD batch (an epoch of the large batch is a few steps).
-After every epoch the model is evaluated twice: with the EMA statistics it carries, and with
-PreciseBN statistics (a copy of the model, ``PRECISE_SAMPLES`` training samples in batches of
-``PRECISE_BATCH``). At a few checkpoints, Fig. 2's view: for the channels of one BN layer, where
-the EMA mean sits against the distribution of ``NUM_BATCH_MEANS`` per-batch means of the current
+The large batch trains ``LARGE_EPOCHS_FACTOR`` times the normal batch's epochs, so that both end
+at about the same quality (matched quality: the paper's batch 8192 ends about as good as 256),
+and is measured after every ``LARGE_EPOCHS_FACTOR``-th epoch: both runs are measured at the same
+fractions ``1/epochs, 2/epochs, ..., 1`` of their learning-rate schedules. At each measurement
+the model is evaluated twice: with the EMA statistics it carries, and with PreciseBN statistics
+(a copy of the model, ``PRECISE_SAMPLES`` training samples in batches of ``PRECISE_BATCH``). At
+a few checkpoints of the normal batch, Fig. 2's view: for the channels of one BN layer, where the
+EMA mean sits against the distribution of ``NUM_BATCH_MEANS`` per-batch means of the current
 model (the fraction of channels whose EMA mean falls outside the per-batch means' 5-95% range).
 
-The momentum (lambda) sweep: the large-batch control run also keeps, beside torch's own EMA
-(momentum 0.1), one EMA per momentum of ``MOMENTA`` over the same per-step batch statistics
-(:class:`MomentumSweep`, torch's update rule, all started from the same PreciseBN statistics), so
-one training run gives every momentum's statistics for the same weights, exactly; after every
-epoch each is evaluated and compared with PreciseBN's.
+Matched quality is checked, not assumed: the two runs' final PreciseBN errors must be equivalent
+within ``MATCH_MARGIN``; and the EMA-PreciseBN gaps are also compared at checkpoints of matched
+PreciseBN error (:func:`matched_checkpoints`).
+
+The control and the momentum (lambda) sweep: the large-batch run also keeps, beside torch's own
+EMA (momentum 0.1, started from torch's 0 and 1), one EMA per momentum of ``MOMENTA`` over the
+same per-step batch statistics (:class:`MomentumSweep`, torch's update rule), all started from
+PreciseBN statistics of the initialized model. Running statistics do not change training (a BN
+layer in training normalizes with its batch's statistics), so the weights are exactly those of a
+run whose EMA started from PreciseBN statistics: the sweep's EMA with torch's momentum is the
+control (start values from PreciseBN, not 0 and 1), and every momentum's statistics belong to
+the same weights. After every measurement each is evaluated and compared with PreciseBN's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +40,17 @@ from torch import Tensor, nn
 from rethinkbn.layers import is_batchnorm
 
 from . import bn, paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, mean_std, register_study
+from .base import (
+    INCONCLUSIVE,
+    RunContext,
+    StudyResult,
+    SummaryRow,
+    Table,
+    Task,
+    Verdict,
+    mean_std,
+    register_study,
+)
 from .common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
@@ -50,16 +72,60 @@ NUM_BATCH_MEANS = 100
 NORMAL_BATCH = 64
 LARGE_BATCH = 500
 BASE_LR = 0.1
-# "EMA worse than PreciseBN early": the first-half gap must exceed this many points.
+# The large batch trains this many times the normal batch's epochs (lr scaled linearly, warmup
+# a tenth of its epochs), so that both end at about the same quality: with the same epochs batch
+# 500 ended at 14.5% vs 4.4% (8 epochs, 3 seeds). Chosen before any run of this design from a
+# one-seed pilot (seed 10, not a study seed; final PreciseBN error only, no EMA): batch 500 ended
+# at 14.7 / 5.2 / 4.0% after 8 / 16 / 32 epochs, batch 64 at 4.9% after 8; the smallest factor
+# within MATCH_MARGIN / 2 of it. Whether the study's own seeds match is a verdict (MATCH_MARGIN).
+LARGE_EPOCHS_FACTOR = 2
+# "EMA worse than PreciseBN early": the early-window gap must exceed this many points.
 EARLY_MARGIN = 1.0
 # Fig. 4: "10^3 samples suffice": PreciseBN with 1000 samples within this many points of N.
 SUFFICE_MARGIN = 0.5
 # "EMA about as good as PreciseBN mid-training" (normal batch): the equivalence margin (points).
 EQUAL_MARGIN = 1.0
-# The lambda sweep: torch momenta (1 - lambda) of the EMAs kept beside the control run's own.
+# Matched quality: the final PreciseBN errors of the two batches are equivalent within this many
+# points (90% interval): the study's equivalence margin for "about as good" (EQUAL_MARGIN).
+MATCH_MARGIN = EQUAL_MARGIN
+# Matched checkpoints: a normal-batch measurement and the large-batch measurement with the
+# nearest mean PreciseBN error form a pair when the two errors differ by at most this fraction
+# of the normal batch's (a fifth: 10% against 12%, not against 15%). Fixed before the runs.
+MATCH_REL = 0.2
+# Windows of a run, as fractions of its training, so that they follow its length: a measurement
+# after fraction i/n of the epochs lies in (start, end] when start < i/n <= end (at least one
+# measurement per window). Fixed by this rule before this design's runs. With the cosine
+# schedule, the learning rate is above half its peak in the first half: the weights move fast,
+# and an EMA's lag behind them dominates ("early"). In the last quarter it is below 15% of its
+# peak and the weights barely move, so what separates one EMA from another there is its noise,
+# not its lag ("late"). "Mid-training" (the normal batch's equivalence) is the middle half: the
+# learning rate still high, the start of training over. (The lambda sweep's late window was the
+# second half at first and became the last quarter after that verdict was seen; the rule above
+# now fixes it, with the reason, before the runs of the matched design.)
+EARLY = (0.0, 0.5)
+MID = (0.25, 0.75)
+LATE = (0.75, 1.0)
+# The lambda sweep: torch momenta (1 - lambda) of the EMAs kept beside the large run's own.
 MOMENTA = (0.01, 0.03, 0.1, 0.3, 0.9)
-# The sweep's "middle" momentum (torch's default) that a large momentum is compared with.
+# The sweep's "middle" momentum (torch's default) that a large momentum is compared with; its
+# EMA is also the control (started from PreciseBN statistics).
 MIDDLE_MOMENTUM = 0.1
+
+
+def window(points: int, span: tuple[float, float]) -> tuple[int, int]:
+    """``(first, last)``: the indices ``first .. last-1`` of a run's ``points`` measurements
+    (after fractions ``1/points, ..., 1`` of its training) whose fraction ``i/points`` lies in
+    ``span = (start, end]``; at least one measurement."""
+    start, end = span
+    first = min(points - 1, math.floor(points * start))
+    return first, max(first + 1, math.floor(points * end))
+
+
+def epochs_text(first: int, last: int, every: int = 1) -> str:
+    """The training epochs that measurements ``first .. last-1`` of a run measured after every
+    ``every``-th epoch cover: ``"epochs 1-8"`` (``"epoch 3"`` for one epoch)."""
+    a, b = first * every + 1, last * every
+    return f"epoch {b}" if a == b else f"epochs {a}-{b}"
 
 
 def _probe_layer(model: nn.Module) -> nn.Module:
@@ -94,40 +160,36 @@ def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int,
             "outside_fraction": float(outside.float().mean()), "outside": outside}
 
 
-class PreciseStart(Callback):
-    """The control run: before the first step, the EMA's start values become the PreciseBN
-    statistics of the initialized model (instead of torch's 0 and 1)."""
-
-    def __init__(self, x: Tensor, seed: int) -> None:
-        self.x, self.seed = x, seed
-
-    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        if epoch == 0:
-            bn.population_stats(model, self.x, batch_size=PRECISE_BATCH,
-                                num_samples=PRECISE_SAMPLES, seed=self.seed)
-
-
 class MomentumSweep(Callback):
     """Beside torch's own EMA, one EMA of the per-step batch statistics per torch momentum in
     ``momenta``, with torch's update (``new = (1 - m) old + m batch``, the unbiased batch
-    variance), all started from the BN layers' running statistics when training starts (after
-    any callback listed before this one). The hooks run during training steps only: they are
-    removed at the end of every epoch, so copies of the model made then carry none.
-    ``install(model, m)`` writes momentum ``m``'s statistics into ``model``'s BN layers."""
+    variance). They start when training starts, from the BN layers' running statistics or, with
+    ``start``, from those of a copy of the model that ``start(copy)`` has given new ones (e.g.
+    PreciseBN's); the model's own statistics stay as they are. The hooks run during training
+    steps only: they are removed at the end of every epoch, so copies of the model made then
+    carry none. ``install(model, m)`` writes momentum ``m``'s statistics into ``model``'s BN
+    layers."""
 
-    def __init__(self, momenta: tuple[float, ...]) -> None:
+    def __init__(self, momenta: tuple[float, ...],
+                 start: Callable[[nn.Module], Any] | None = None) -> None:
         self.momenta = momenta
+        self.start = start
         self.stats: dict[float, dict[str, tuple[Tensor, Tensor]]] = {}
         self.handles: list[Any] = []
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        layers = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
         if not self.stats:
+            source = model
+            if self.start is not None:
+                source = copy.deepcopy(model)
+                self.start(source)
             self.stats = {m: {n: (layer.running_mean.detach().clone(),
                                   layer.running_var.detach().clone())
-                              for n, layer in layers.items()} for m in self.momenta}
-        for name, layer in layers.items():
-            self.handles.append(layer.register_forward_pre_hook(self._hook(name)))
+                              for n, layer in source.named_modules() if is_batchnorm(layer)}
+                          for m in self.momenta}
+        for name, layer in model.named_modules():
+            if is_batchnorm(layer):
+                self.handles.append(layer.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         @torch.no_grad()
@@ -164,31 +226,42 @@ def _distance(report: Any) -> list[float]:
             float(np.mean([r.std_log_ratio for r in report.layers.values()]))]
 
 
-def _run(ctx: RunContext, scale: Scale, batch: int, seed: int,
-         control: bool = False) -> dict[str, Any]:
-    """One training run, measured after every epoch: which validation samples the model gets
-    wrong with its EMA statistics and with PreciseBN's, and Fig. 2's view at a few epochs.
-    ``control``: the EMA starts from PreciseBN statistics (:class:`PreciseStart`), and the run
-    also measures the EMA of every momentum in ``MOMENTA`` (:class:`MomentumSweep`). The normal
-    batch's run also returns its final state (for Fig. 4)."""
+def _run(ctx: RunContext, scale: Scale, batch: int, seed: int) -> dict[str, Any]:
+    """One training run, measured at ``scale.epochs`` points: which validation samples the
+    model gets wrong with its EMA statistics and with PreciseBN's. The normal batch trains
+    ``scale.epochs`` epochs and is measured after each, with Fig. 2's view at a few of them, and
+    also returns its final state (for Fig. 4). The large batch trains ``LARGE_EPOCHS_FACTOR``
+    times as many epochs, is measured after every ``LARGE_EPOCHS_FACTOR``-th, and also measures
+    the EMA of every momentum in ``MOMENTA`` started from PreciseBN statistics
+    (:class:`MomentumSweep`; torch's momentum's is the control)."""
     data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = new_model(ctx, data, scale, seed)
-    warmup = 0.0 if batch == NORMAL_BATCH else max(1.0, scale.epochs / 10)
-    config = TrainConfig(epochs=scale.epochs, batch_size=batch,
-                         lr=BASE_LR * batch / NORMAL_BATCH, warmup_epochs=warmup)
+    large = batch != NORMAL_BATCH
+    every = LARGE_EPOCHS_FACTOR if large else 1
+    epochs = scale.epochs * every
+    config = TrainConfig(epochs=epochs, batch_size=batch, lr=BASE_LR * batch / NORMAL_BATCH,
+                         warmup_epochs=max(1.0, epochs / 10) if large else 0.0)
     checkpoints = sorted({0, scale.epochs // 4, scale.epochs - 1})
-    out: dict[str, Any] = {"ema_wrong": [], "precise_wrong": [], "fig2": {}, "distance": []}
-    sweep = MomentumSweep(MOMENTA) if control else None
+    out: dict[str, Any] = {"epochs": [], "ema_wrong": [], "precise_wrong": [], "distance": []}
+
+    def precise_of(m: nn.Module, epoch: int) -> Any:
+        return bn.population_stats(m, data.train_x, batch_size=PRECISE_BATCH,
+                                   num_samples=PRECISE_SAMPLES, seed=seed + epoch)
+
+    sweep = MomentumSweep(MOMENTA, start=lambda m: precise_of(m, 0)) if large else None
     if sweep is not None:
         out["sweep"] = {str(m): {"wrong": [], "distance": []} for m in MOMENTA}
+    else:
+        out["fig2"] = {}
 
     def measure(epoch: int, m: nn.Module) -> None:
+        if (epoch + 1) % every:
+            return
+        out["epochs"].append(epoch + 1)
         out["ema_wrong"].append(evaluate_wrong(m, data.val_x, data.val_y))
         precise = copy.deepcopy(m)
-        report = bn.population_stats(precise, data.train_x, batch_size=PRECISE_BATCH,
-                                     num_samples=PRECISE_SAMPLES, seed=seed + epoch)
         # How far the EMA statistics are from PreciseBN's, averaged over the BN layers.
-        out["distance"].append(_distance(report))
+        out["distance"].append(_distance(precise_of(precise, epoch)))
         out["precise_wrong"].append(evaluate_wrong(precise, data.val_x, data.val_y))
         if sweep is not None:
             for mom in MOMENTA:
@@ -196,20 +269,18 @@ def _run(ctx: RunContext, scale: Scale, batch: int, seed: int,
                 sweep.install(other, mom)
                 out["sweep"][str(mom)]["wrong"].append(evaluate_wrong(other, data.val_x,
                                                                       data.val_y))
-                out["sweep"][str(mom)]["distance"].append(_distance(bn.population_stats(
-                    other, data.train_x, batch_size=PRECISE_BATCH,
-                    num_samples=PRECISE_SAMPLES, seed=seed + epoch)))
-        if epoch in checkpoints:
+                out["sweep"][str(mom)]["distance"].append(_distance(precise_of(other, epoch)))
+        elif epoch in checkpoints:
             out["fig2"][str(epoch + 1)] = _batch_means_view(
                 m, data.train_x, NORMAL_BATCH, seed, 10 if ctx.tiny else NUM_BATCH_MEANS)
 
-    start = [PreciseStart(data.train_x, seed), sweep] if sweep is not None else []
+    # The sweep's on_epoch_end (removing its hooks) runs before the measurement copies the model.
     train(model, data.train_x, data.train_y, config, seed=seed,
-          callbacks=[*start, EpochEnd(measure)], progress=ctx.progress,
-          desc=f"batch {batch}{' control' if control else ''} seed {seed}")
+          callbacks=[*([sweep] if sweep is not None else []), EpochEnd(measure)],
+          progress=ctx.progress, desc=f"batch {batch} seed {seed}")
     for key in ("ema", "precise"):
         out[key] = [100.0 * float(w.float().mean()) for w in out[f"{key}_wrong"]]
-    if batch == NORMAL_BATCH and not control:
+    if not large:
         out["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
     return out
 
@@ -235,91 +306,163 @@ def _fig4(ctx: RunContext, scale: Scale, seed: int, trained: dict[str, Any]) -> 
 
 
 def early_gap(curve: dict[str, list[float]]) -> float:
-    """Mean of (EMA error - PreciseBN error) over the first half of the epochs (at least one)."""
-    half = max(1, len(curve["ema_mean"]) // 2)
-    pairs = zip(curve["ema_mean"][:half], curve["precise_mean"][:half], strict=True)
-    return sum(e - p for e, p in pairs) / half
+    """Mean of (EMA error - PreciseBN error) over the ``EARLY`` window of the measurements."""
+    first, last = window(len(curve["ema_mean"]), EARLY)
+    pairs = zip(curve["ema_mean"][first:last], curve["precise_mean"][first:last], strict=True)
+    return sum(e - p for e, p in pairs) / (last - first)
 
 
 def _epochs_gap(wrong: dict[str, Any], first: int, last: int) -> np.ndarray:
     """Per seed and validation sample: EMA's minus PreciseBN's 0/1 error, averaged over the
-    epochs ``first .. last-1`` (``wrong["ema"]``: per seed, an ``(epochs, samples)`` array)."""
+    measurements ``first .. last-1`` (``wrong["ema"]``: per seed, a ``(points, samples)``
+    array)."""
     ema = np.stack([np.asarray(w, dtype=np.float64)[first:last].mean(0) for w in wrong["ema"]])
     pre = np.stack([np.asarray(w, dtype=np.float64)[first:last].mean(0)
                     for w in wrong["precise"]])
     return ema - pre
 
 
-def _early(wrong: dict[str, Any]) -> np.ndarray:
-    epochs = len(wrong["ema"][0])
-    return _epochs_gap(wrong, 0, max(1, epochs // 2))
+def _in_window(wrong: dict[str, Any], span: tuple[float, float]) -> np.ndarray:
+    return _epochs_gap(wrong, *window(len(wrong["ema"][0]), span))
 
 
 def _mean_error(wrong: list[Any], first: int, last: int) -> float:
-    """Mean error (%) over seeds, samples and the epochs ``first .. last-1``."""
+    """Mean error (%) over seeds, samples and the measurements ``first .. last-1``."""
     return 100 * float(np.mean([np.asarray(w, dtype=np.float64)[first:last] for w in wrong]))
 
 
-def late_start(epochs: int) -> int:
-    """The lambda sweep's "late in training": the last quarter of the epochs (at least one)."""
-    return epochs - max(1, epochs // 4)
+def nearest_checkpoints(normal: list[float], large: list[float]) -> list[int]:
+    """For each measurement ``i`` of the normal batch (mean PreciseBN error ``normal[i]``), the
+    large batch's measurement ``j`` with the nearest mean error ``large[j]`` (the earlier on a
+    tie)."""
+    return [min(range(len(large)), key=lambda k, err=err: abs(large[k] - err))
+            for err in normal]
 
 
-def lambda_verdicts(sweep: dict[str, list[Any]], precise: list[Any]) -> list[SummaryRow]:
+def matched_checkpoints(normal: list[float], large: list[float]) -> list[tuple[int, int]]:
+    """Checkpoints of matched PreciseBN error: the pairs ``(i, j)`` of
+    :func:`nearest_checkpoints` with ``|large[j] - normal[i]| <= MATCH_REL * normal[i]``."""
+    return [(i, j) for i, j in enumerate(nearest_checkpoints(normal, large))
+            if abs(large[j] - normal[i]) <= MATCH_REL * normal[i]]
+
+
+def _gap_at(wrong: dict[str, Any], point: int) -> np.ndarray:
+    """Per seed and sample: EMA's minus PreciseBN's 0/1 error at measurement ``point``."""
+    return _epochs_gap(wrong, point, point + 1)
+
+
+def matched_verdicts(numbers: dict[str, Any], wrong: dict[str, Any]) -> list[SummaryRow]:
+    """Matched quality, from ``wrong[batch]["ema"|"precise"]`` (per seed, ``(points, samples)``
+    0/1 errors) and ``numbers`` (``curves[batch]["precise_mean"]``, ``large_batch``,
+    ``large_every``): the two runs end equally good with PreciseBN (equivalence within
+    ``MATCH_MARGIN``, 90% interval); at checkpoints of matched PreciseBN error
+    (:func:`matched_checkpoints`) the large batch's EMA - PreciseBN gap is the larger; and at
+    the end of training the large batch's EMA is (slightly) worse than its PreciseBN."""
+    lb, every = numbers["large_batch"], numbers["large_every"]
+    normal, large = wrong[str(NORMAL_BATCH)], wrong[str(lb)]
+    points = len(normal["ema"][0])
+    end_n = np.stack([np.asarray(w, dtype=np.float64)[-1] for w in normal["precise"]])
+    end_l = np.stack([np.asarray(w, dtype=np.float64)[-1] for w in large["precise"]])
+    rows = [SummaryRow(
+        f"Matched quality: the large batch ({lb}, {points * every} epochs) ends as good as the "
+        f"normal batch ({NORMAL_BATCH}, {points} epochs) with PreciseBN",
+        f"{100 * end_l.mean():.1f} vs {100 * end_n.mean():.1f}",
+        "8192 ends about as good as 256 (linear scaling, warmup)",
+        equivalent(f"|final PreciseBN val error, batch {lb} - batch {NORMAL_BATCH}| <= "
+                   f"{MATCH_MARGIN} pt (equivalence margin), whole 90% interval",
+                   paired_bootstrap(end_l, end_n, confidence=0.90), MATCH_MARGIN))]
+    curves = numbers["curves"]
+    pairs = matched_checkpoints(curves[str(NORMAL_BATCH)]["precise_mean"],
+                                curves[str(lb)]["precise_mean"])
+    claim = "At matched PreciseBN error, EMA's deficit is larger with the large batch"
+    paper_ = "8k: much noisier EMA than 256"
+    rule = (f"each normal-batch epoch paired with the large-batch measurement of the nearest mean "
+            f"PreciseBN error, kept within {MATCH_REL:.0%} of it")
+    if pairs:
+        d_l = np.mean([_gap_at(large, j) for _, j in pairs], axis=0)
+        d_n = np.mean([_gap_at(normal, i) for i, _ in pairs], axis=0)
+        listed = ", ".join(f"{i + 1}~{(j + 1) * every}" for i, j in pairs)
+        rows.append(SummaryRow(
+            claim, f"{100 * d_l.mean():+.1f} vs {100 * d_n.mean():+.1f} pt "
+                   f"({len(pairs)} matched checkpoints)", paper_,
+            exceeds(f"(EMA - PreciseBN, batch {lb}) - (EMA - PreciseBN, batch {NORMAL_BATCH}) "
+                    f"val error, mean over checkpoints of matched PreciseBN error ({rule}; "
+                    f"epochs of batch {NORMAL_BATCH} ~ batch {lb}: {listed}) > 0, whole 95% "
+                    f"interval",
+                    paired_bootstrap(d_l, d_n), 0.0)))
+    else:
+        rows.append(SummaryRow(claim, "no matched checkpoints", paper_, Verdict(
+            agrees=False, criterion=f"needs a checkpoint of matched PreciseBN error ({rule}); "
+            f"none", outcome=INCONCLUSIVE)))
+    d_end = _gap_at(large, points - 1)
+    ema_end = np.stack([np.asarray(w, dtype=np.float64)[-1] for w in large["ema"]])
+    rows.append(SummaryRow(
+        f"Large batch ({lb}), matched quality: EMA slightly worse than PreciseBN at the end of "
+        f"training", f"{100 * ema_end.mean():.1f} vs {100 * end_l.mean():.1f}",
+        "8k: EMA slightly worse than PreciseBN at the end",
+        exceeds(f"(EMA - PreciseBN) val error after the last epoch ({points * every}) > 0 pt, "
+                f"whole 95% interval", paired_bootstrap(d_end, np.zeros_like(d_end)), 0.0)))
+    return rows
+
+
+def lambda_verdicts(sweep: dict[str, list[Any]], precise: list[Any],
+                    every: int = 1) -> list[SummaryRow]:
     """The momentum (lambda) sweep's claims, from ``sweep[str(momentum)]`` (per seed, the
-    ``(epochs, samples)`` 0/1 errors with that momentum's EMA statistics) and ``precise`` (the
-    same with PreciseBN statistics of the same weights): the smallest momentum (longest memory)
-    lags PreciseBN in the first half of training, and the largest is noisier than
-    ``MIDDLE_MOMENTUM`` in the last quarter (at least the last epoch: the learning rate is low,
-    the weights change little, so lag matters least and noise most)."""
+    ``(points, samples)`` 0/1 errors with that momentum's EMA statistics) and ``precise`` (the
+    same with PreciseBN statistics of the same weights), measured after every ``every``-th
+    epoch: the smallest momentum (longest memory) lags PreciseBN in the ``EARLY`` window, and
+    the largest is noisier than ``MIDDLE_MOMENTUM`` in the ``LATE`` window (where the learning
+    rate is low and the weights change little, so lag matters least and noise most)."""
     moms = sorted(sweep, key=float)
     small, large, middle = moms[0], moms[-1], str(MIDDLE_MOMENTUM)
-    epochs = len(np.asarray(precise[0]))
-    half = max(1, epochs // 2)
-    late = late_start(epochs)
-    d_small = _epochs_gap({"ema": sweep[small], "precise": precise}, 0, half)
-    d_large = _epochs_gap({"ema": sweep[large], "precise": sweep[middle]}, late, epochs)
+    points = len(np.asarray(precise[0]))
+    e0, e1 = window(points, EARLY)
+    l0, l1 = window(points, LATE)
+    early_text, late_text = epochs_text(e0, e1, every), epochs_text(l0, l1, every)
+    d_small = _epochs_gap({"ema": sweep[small], "precise": precise}, e0, e1)
+    d_large = _epochs_gap({"ema": sweep[large], "precise": sweep[middle]}, l0, l1)
     return [
         SummaryRow(
             f"Lambda sweep (large batch): a small momentum ({small}, lambda "
             f"{1 - float(small):.2f}) lags PreciseBN early in training",
-            f"{_mean_error(sweep[small], 0, half):.1f} vs {_mean_error(precise, 0, half):.1f}"
-            f" (epochs 1-{half})", "small momentum: EMA lags the changing weights",
-            exceeds(f"momentum {small}: mean (EMA - PreciseBN) val error over epochs 1-{half} > "
-                    f"{EARLY_MARGIN} pt, whole 95% interval",
+            f"{_mean_error(sweep[small], e0, e1):.1f} vs {_mean_error(precise, e0, e1):.1f}"
+            f" ({early_text})", "small momentum: EMA lags the changing weights",
+            exceeds(f"momentum {small}: mean (EMA - PreciseBN) val error over {early_text} (the "
+                    f"first half) > {EARLY_MARGIN} pt, whole 95% interval",
                     paired_bootstrap(d_small, np.zeros_like(d_small)), EARLY_MARGIN)),
         SummaryRow(
             f"Lambda sweep (large batch): a large momentum ({large}, lambda "
             f"{1 - float(large):.2f}) is worse than the middle one ({middle}) late in "
             f"training (noise)",
-            f"{_mean_error(sweep[large], late, epochs):.1f} vs "
-            f"{_mean_error(sweep[middle], late, epochs):.1f} (epochs {late + 1}-{epochs})",
+            f"{_mean_error(sweep[large], l0, l1):.1f} vs "
+            f"{_mean_error(sweep[middle], l0, l1):.1f} ({late_text})",
             "large momentum: EMA noisy (few batches)",
-            exceeds(f"mean val error, momentum {large} - momentum {middle}, over epochs "
-                    f"{late + 1}-{epochs} > 0 pt, whole 95% interval",
+            exceeds(f"mean val error, momentum {large} - momentum {middle}, over {late_text} "
+                    f"(the last quarter) > 0 pt, whole 95% interval",
                     paired_bootstrap(d_large, np.zeros_like(d_large)), 0.0)),
     ]
 
 
 def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[SummaryRow]:
     """Claims of Sec. 3 judged from per-sample errors: ``wrong[batch]["ema"|"precise"]`` (per
-    seed, the ``(epochs, samples)`` 0/1 array of validation samples the model gets wrong after
-    each epoch with that statistic) and ``wrong["fig2"]["first"|"last"]`` (per seed, which
-    channels' EMA mean lies outside the per-batch means at the first/last checkpoint). Every
-    effect comes with a paired bootstrap over samples (channels) and seeds; the displayed
+    seed, the ``(points, samples)`` 0/1 array of validation samples the model gets wrong at each
+    measurement with that statistic) and ``wrong["fig2"]["first"|"last"]`` (per seed, which
+    channels' EMA mean lies outside the per-batch means at the first/last checkpoint); then
+    :func:`matched_verdicts`, and, when present, the control, Fig. 4 and the lambda sweep.
+    Every effect comes with a paired bootstrap over samples (channels) and seeds; the displayed
     numbers are the means in ``numbers``."""
     rows = []
     curves = numbers["curves"]
     large_batch = numbers["large_batch"]
     large, normal = curves[str(large_batch)], curves[str(NORMAL_BATCH)]
     gap_large, gap_normal = early_gap(large), early_gap(normal)
-    d_large = _early(wrong[str(large_batch)])
-    d_normal = _early(wrong[str(NORMAL_BATCH)])
+    d_large = _in_window(wrong[str(large_batch)], EARLY)
+    d_normal = _in_window(wrong[str(NORMAL_BATCH)], EARLY)
     rows.append(SummaryRow(
         f"Large batch ({large_batch}): EMA worse than PreciseBN early in training",
         f"EMA - PreciseBN = {gap_large:+.1f} pt (first half)",
         "~55-67% vs ~45% (batch 8192, epochs 5-30)",
-        exceeds(f"mean (EMA - PreciseBN) val error over the first half of epochs > "
+        exceeds(f"mean (EMA - PreciseBN) val error over the first half of training > "
                 f"{EARLY_MARGIN} pt, whole 95% interval",
                 paired_bootstrap(d_large, np.zeros_like(d_large)), EARLY_MARGIN),
     ))
@@ -327,20 +470,21 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[
         "EMA's early deficit is larger with the large batch",
         f"{gap_large:+.1f} vs {gap_normal:+.1f} pt",
         "8k: much noisier EMA than 256",
-        exceeds("first-half (EMA - PreciseBN) gap: large batch - normal batch > 0, whole 95% "
-                "interval", paired_bootstrap(d_large, d_normal), 0.0),
+        exceeds("first-half (EMA - PreciseBN) gap: large batch - normal batch (the same "
+                "fractions of training) > 0, whole 95% interval",
+                paired_bootstrap(d_large, d_normal), 0.0),
     ))
-    epochs = len(normal["ema_mean"])
-    first, last = epochs // 4, max(epochs // 4 + 1, (3 * epochs) // 4)
+    first, last = window(len(normal["ema_mean"]), MID)
     d_mid = _epochs_gap(wrong[str(NORMAL_BATCH)], first, last)
     mid = float(d_mid.mean() * 100)
     rows.append(SummaryRow(
         f"Normal batch ({NORMAL_BATCH}): EMA about as good as PreciseBN mid-training",
-        f"EMA - PreciseBN = {mid:+.1f} pt (epochs {first + 1}-{last})",
+        f"EMA - PreciseBN = {mid:+.1f} pt ({epochs_text(first, last)})",
         "curves overlap for batch 256",
-        equivalent(f"|EMA - PreciseBN| val error over epochs {first + 1}-{last} (the learning "
-                   f"rate still high) <= {EQUAL_MARGIN} pt (equivalence margin), whole 90% "
-                   f"interval", paired_bootstrap(d_mid, np.zeros_like(d_mid), confidence=0.90),
+        equivalent(f"|EMA - PreciseBN| val error over {epochs_text(first, last)} (the middle "
+                   f"half: the learning rate still high) <= {EQUAL_MARGIN} pt (equivalence "
+                   f"margin), whole 90% interval",
+                   paired_bootstrap(d_mid, np.zeros_like(d_mid), confidence=0.90),
                    EQUAL_MARGIN),
     ))
     fig2 = numbers["fig2_outside"]
@@ -354,15 +498,16 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[
                 "per-batch means: first checkpoint - last checkpoint > 0 pt, whole 95% interval",
                 paired_bootstrap(out_first, out_last, units="channels"), 0.0),
     ))
+    rows += matched_verdicts(numbers, wrong)
     if "control" in wrong:
-        d_control = _early(wrong["control"])
+        d_control = _in_window(wrong["control"], EARLY)
         gap_control = float(d_control.mean() * 100)
         rows.append(SummaryRow(
             "Large batch, EMA started from PreciseBN statistics (control): still worse early "
             "(lag and noise, not the EMA's start values)",
             f"EMA - PreciseBN = {gap_control:+.1f} pt (first half)", "(the paper's mechanism)",
-            exceeds(f"control run: mean (EMA - PreciseBN) over the first half > {EARLY_MARGIN} "
-                    f"pt, whole 95% interval",
+            exceeds(f"control: mean (EMA - PreciseBN) over the first half of training > "
+                    f"{EARLY_MARGIN} pt, whole 95% interval",
                     paired_bootstrap(d_control, np.zeros_like(d_control)), EARLY_MARGIN)))
     if "fig4" in wrong:
         sizes = sorted(wrong["fig4"], key=int)
@@ -385,20 +530,24 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[
             exceeds(f"err(n={few}) - err(n={n_all}) > 0, whole 95% interval",
                     paired_bootstrap(fig4[few], fig4[n_all]), 0.0)))
     if "sweep" in wrong:
-        rows += lambda_verdicts(wrong["sweep"], wrong["control"]["precise"])
+        rows += lambda_verdicts(wrong["sweep"], wrong["control"]["precise"],
+                                numbers["large_every"])
     return rows
 
 
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
+    total = {}
     for batch, style in ((NORMAL_BATCH, "-"), (numbers["large_batch"], "--")):
         c = numbers["curves"][str(batch)]
-        epochs = range(1, len(c["ema_mean"]) + 1)
-        ax.plot(epochs, c["ema_mean"], style, color="tab:red", label=f"EMA, batch {batch}")
-        ax.plot(epochs, c["precise_mean"], style, color="tab:blue",
+        total[batch] = c["epochs"][-1]
+        progress = [e / total[batch] for e in c["epochs"]]
+        ax.plot(progress, c["ema_mean"], style, color="tab:red", label=f"EMA, batch {batch}")
+        ax.plot(progress, c["precise_mean"], style, color="tab:blue",
                 label=f"PreciseBN, batch {batch}")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("fraction of training (" + ", ".join(
+        f"batch {b}: {n} epochs" for b, n in total.items()) + ")")
     ax.set_ylabel("validation error (%)")
     ax.set_yscale("log")
     # Plain numbers on the log axis: "10^1" does not tell a reader 2% from 5%.
@@ -433,7 +582,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     sweep = numbers["lambda_sweep"]
-    epochs = range(1, len(sweep["precise"]) + 1)
+    epochs = numbers["curves"]["control"]["epochs"]
     for mom, curve in sweep["ema"].items():
         ax.plot(epochs, curve, marker=".", label=f"EMA, momentum {mom} (lambda "
                 f"{1 - float(mom):.2f})")
@@ -443,7 +592,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     ax.set_yscale("log")
     ax.set_yticks([1, 2, 5, 10, 20, 50, 100], ["1", "2", "5", "10", "20", "50", "100"])
     ax.minorticks_off()
-    ax.set_title(f"Lambda sweep: EMA momentum, batch {numbers['large_batch']} (control run)")
+    ax.set_title(f"Lambda sweep: EMA momentum, batch {numbers['large_batch']} (from PreciseBN)")
     ax.legend(fontsize=8)
     return [curves, means, fig4, save_plot(ctx, fig, "ema_momentum_sweep.png")]
 
@@ -461,50 +610,54 @@ def run(ctx: RunContext) -> StudyResult:
         raise ValueError(f"ema-vs-precise needs >= {2 * NORMAL_BATCH} training samples, "
                          f"got {scale.num_train}")
     large = min(LARGE_BATCH, scale.num_train // 2)
-    jobs = [(b, False, s) for b in (NORMAL_BATCH, large) for s in ctx.seeds]
-    jobs += [(large, True, s) for s in ctx.seeds]
+    every, points = LARGE_EPOCHS_FACTOR, scale.epochs
+    jobs = [(b, s) for b in (NORMAL_BATCH, large) for s in ctx.seeds]
     results = ctx.run_all(
-        [Task({"study": "ema-vs-precise", "v": 4, "data": data_key(ctx), "batch": b,
-               "control": c, "seed": s, "scale": scale.as_dict(),
+        [Task({"study": "ema-vs-precise", "v": 5, "data": data_key(ctx), "batch": b,
+               "seed": s, "scale": scale.as_dict(),
                "precise": [PRECISE_SAMPLES, PRECISE_BATCH],
-               # Only the control run keeps the lambda sweep (the other runs' keys as before).
-               **({"lambda_sweep": list(MOMENTA)} if c else {})},
-              _run, (scale, b, s, c)) for b, c, s in jobs], desc="ema-vs-precise: training")
+               **({"epochs": points * every, "measure_every": every,
+                   "lambda_sweep": list(MOMENTA)} if b != NORMAL_BATCH else {})},
+              _run, (scale, b, s)) for b, s in jobs], desc="ema-vs-precise: training")
     runs: dict[str, list[dict[str, Any]]] = {}
-    wrong: dict[str, dict[str, Any]] = {}
-    for (batch, control, _), r in zip(jobs, results, strict=True):
-        name = "control" if control else str(batch)
-        runs.setdefault(name, []).append(r)
-        for key in ("ema", "precise"):
-            wrong.setdefault(name, {}).setdefault(key, []).append(
-                np.stack([np.asarray(w) for w in r[f"{key}_wrong"]]))
-    finals = [(s, r["state"]) for (b, c, s), r in zip(jobs, results, strict=True)
-              if b == NORMAL_BATCH and not c]
+    for (batch, _), r in zip(jobs, results, strict=True):
+        runs.setdefault(str(batch), []).append(r)
+    # The control: the large run's EMA with torch's momentum started from PreciseBN statistics.
+    runs["control"] = [{"epochs": r["epochs"], "ema_wrong": r["sweep"][str(MIDDLE_MOMENTUM)][
+        "wrong"], "precise_wrong": r["precise_wrong"], "precise": r["precise"],
+        "distance": r["sweep"][str(MIDDLE_MOMENTUM)]["distance"]} for r in runs[str(large)]]
+    for r in runs["control"]:
+        r["ema"] = [100.0 * float(np.asarray(w, dtype=float).mean()) for w in r["ema_wrong"]]
+    wrong: dict[str, dict[str, Any]] = {
+        name: {key: [np.stack([np.asarray(w) for w in r[f"{key}_wrong"]]) for r in rs]
+               for key in ("ema", "precise")} for name, rs in runs.items()}
+    normal_runs, large_runs = runs[str(NORMAL_BATCH)], runs[str(large)]
     fig4 = ctx.run_all(
         [Task({"study": "ema-vs-precise", "run": "fig4", "v": 1, "data": data_key(ctx),
                "seed": s, "scale": scale.as_dict(), "precise": PRECISE_BATCH},
-              _fig4, (scale, s, state)) for s, state in finals], desc="ema-vs-precise: Fig. 4")
+              _fig4, (scale, s, r["state"])) for s, r in zip(ctx.seeds, normal_runs,
+                                                             strict=True)],
+        desc="ema-vs-precise: Fig. 4")
     wrong["fig4"] = {n: [f[n] for f in fig4] for n in fig4[0]}
-    control_runs = runs["control"]
     wrong["sweep"] = {m: [np.stack([np.asarray(w) for w in r["sweep"][m]["wrong"]])
-                          for r in control_runs] for m in control_runs[0]["sweep"]}
-    views = [r["fig2"] for r in runs[str(NORMAL_BATCH)]]
+                          for r in large_runs] for m in large_runs[0]["sweep"]}
+    views = [r["fig2"] for r in normal_runs]
     marks_fig2 = list(views[0])
     wrong["fig2"] = {"first": [v[marks_fig2[0]]["outside"] for v in views],
                      "last": [v[marks_fig2[-1]]["outside"] for v in views]}
     curves: dict[str, Any] = {}
     for batch, rs in runs.items():
-        ema = [mean_std([r["ema"][e] for r in rs]) for e in range(scale.epochs)]
-        pre = [mean_std([r["precise"][e] for r in rs]) for e in range(scale.epochs)]
-        curves[str(batch)] = {"ema_mean": [m for m, _ in ema], "ema_std": [s for _, s in ema],
+        ema = [mean_std([r["ema"][e] for r in rs]) for e in range(points)]
+        pre = [mean_std([r["precise"][e] for r in rs]) for e in range(points)]
+        curves[str(batch)] = {"epochs": rs[0]["epochs"],
+                              "ema_mean": [m for m, _ in ema], "ema_std": [s for _, s in ema],
                               "precise_mean": [m for m, _ in pre],
                               "precise_std": [s for _, s in pre],
                               "per_seed": [{"ema": r["ema"], "precise": r["precise"],
                                             "distance": r["distance"]} for r in rs]}
-    for r in runs[str(NORMAL_BATCH)]:
+    for r in normal_runs:
         for view in r["fig2"].values():
             view.pop("outside", None)
-    normal_runs = runs[str(NORMAL_BATCH)]
     first = normal_runs[0]["fig2"]
     outside = [sum(r["fig2"][e]["outside_fraction"] for r in normal_runs) / len(normal_runs)
                for e in first]
@@ -512,31 +665,59 @@ def run(ctx: RunContext) -> StudyResult:
                 for n, ws in wrong["fig4"].items()}
     sweep_numbers = {
         "momenta": list(MOMENTA),
-        "ema": {m: [_mean_error([w[e : e + 1] for w in ws], 0, 1) for e in range(scale.epochs)]
+        "ema": {m: [_mean_error([w[e : e + 1] for w in ws], 0, 1) for e in range(points)]
                 for m, ws in wrong["sweep"].items()},
         "precise": curves["control"]["precise_mean"],
-        "distance": {m: [np.mean([r["sweep"][m]["distance"][e] for r in control_runs],
-                                 axis=0).tolist() for e in range(scale.epochs)]
+        "distance": {m: [np.mean([r["sweep"][m]["distance"][e] for r in large_runs],
+                                 axis=0).tolist() for e in range(points)]
                      for m in wrong["sweep"]}}
+    pairs = matched_checkpoints(curves[str(NORMAL_BATCH)]["precise_mean"],
+                                curves[str(large)]["precise_mean"])
     numbers = {"lambda_sweep": sweep_numbers, "curves": curves, "large_batch": large,
+               "large_every": every, "large_epochs": points * every,
+               "matched_checkpoints": [[curves[str(NORMAL_BATCH)]["epochs"][i],
+                                        curves[str(large)]["epochs"][j]] for i, j in pairs],
                "fig2_outside": outside, "fig2_views": first,
                "fig2_epochs": list(first), "scale": scale.as_dict(),
                "fig4": {n: {"mean": m, "std": sd} for n, (m, sd) in fig4_err.items()}}
     rows = []
-    marks = sorted({max(1, e) for e in (1, scale.epochs // 4, scale.epochs // 2, scale.epochs)})
+    marks = sorted({max(1, e) for e in (1, points // 4, points // 2, points)})
     for name in (str(NORMAL_BATCH), str(large), "control"):
         rs = runs[name]
         for e in marks:
-            rows.append([f"{large}, EMA from PreciseBN" if name == "control" else name, e,
+            rows.append([f"{large}, EMA from PreciseBN" if name == "control" else name,
+                         f"{rs[0]['epochs'][e - 1]} of {rs[0]['epochs'][-1]}",
                          fmt([r["ema"][e - 1] for r in rs]),
                          fmt([r["precise"][e - 1] for r in rs]),
                          f"{np.mean([r['distance'][e - 1][0] for r in rs]):.3f}",
                          f"{np.mean([r['distance'][e - 1][1] for r in rs]):.3f}"])
-    table = Table("validation error (%) at selected epochs, and the distance of the EMA "
-                  "statistics from PreciseBN's (PreciseBNReport, mean over BN layers and seeds: "
-                  "rms mean shift in sigmas, rms log std ratio)",
+    table = Table("validation error (%) at the same fractions of training (epoch of the run's "
+                  "epochs), and the distance of the EMA statistics from PreciseBN's "
+                  "(PreciseBNReport, mean over BN layers and seeds: rms mean shift in sigmas, "
+                  "rms log std ratio)",
                   ["SGD batch", "epoch", "EMA", "PreciseBN", "mean shift", "log std ratio"],
                   rows)
+    match_table = Table(
+        f"Matched quality: validation error (%) after the last epoch, and the equivalence "
+        f"margin of the match ({MATCH_MARGIN} pt, see the verdicts)",
+        ["SGD batch", "epochs", "steps/epoch", "steps", "PreciseBN", "EMA", "EMA - PreciseBN"],
+        [[b, rs[0]["epochs"][-1], scale.num_train // b,
+          rs[0]["epochs"][-1] * (scale.num_train // b), fmt([r["precise"][-1] for r in rs]),
+          fmt([r["ema"][-1] for r in rs]), fmt([r["ema"][-1] - r["precise"][-1] for r in rs])]
+         for b, rs in ((NORMAL_BATCH, normal_runs), (large, large_runs))])
+    c_n, c_l = curves[str(NORMAL_BATCH)], curves[str(large)]
+    nearest = nearest_checkpoints(c_n["precise_mean"], c_l["precise_mean"])
+    checkpoint_table = Table(
+        f"Checkpoints of matched PreciseBN error: each epoch of batch {NORMAL_BATCH} with the "
+        f"measurement of batch {large} whose mean PreciseBN error is nearest; a pair counts "
+        f"when the two differ by at most {MATCH_REL:.0%} of batch {NORMAL_BATCH}'s. Validation "
+        f"error (%), mean over seeds",
+        [f"epoch ({NORMAL_BATCH})", f"PreciseBN ({NORMAL_BATCH})", f"epoch ({large})",
+         f"PreciseBN ({large})", "matched", f"EMA - PreciseBN ({NORMAL_BATCH})",
+         f"EMA - PreciseBN ({large})"],
+        [[c_n["epochs"][i], c_n["precise_mean"][i], c_l["epochs"][j], c_l["precise_mean"][j],
+          "yes" if (i, j) in pairs else "no", c_n["ema_mean"][i] - c_n["precise_mean"][i],
+          c_l["ema_mean"][j] - c_l["precise_mean"][j]] for i, j in enumerate(nearest)])
     fig2_table = Table("Fig. 2 view: channels of one BN layer whose EMA mean is outside the "
                        "5-95% range of 100 per-batch means (normal batch)",
                        ["epoch", "outside (%)"],
@@ -545,22 +726,23 @@ def run(ctx: RunContext) -> StudyResult:
                        "PreciseBN statistics from n training samples", ["n", "error"],
                        [[n, fmt([100 * float(np.asarray(w, dtype=float).mean()) for w in ws])]
                         for n, ws in wrong["fig4"].items()])
-    half = max(1, scale.epochs // 2)
-    late = late_start(scale.epochs)
-    sweep_rows = [[m, f"{1 - float(m):.2f}", _mean_error(ws, 0, half),
-                   _mean_error(ws, late, scale.epochs),
-                   np.mean([d[0] for d in sweep_numbers["distance"][m][:half]]),
-                   np.mean([d[0] for d in sweep_numbers["distance"][m][late:]])]
+    e0, e1 = window(points, EARLY)
+    l0, l1 = window(points, LATE)
+    early_text, late_text = epochs_text(e0, e1, every), epochs_text(l0, l1, every)
+    sweep_rows = [[m, f"{1 - float(m):.2f}", _mean_error(ws, e0, e1), _mean_error(ws, l0, l1),
+                   np.mean([d[0] for d in sweep_numbers["distance"][m][e0:e1]]),
+                   np.mean([d[0] for d in sweep_numbers["distance"][m][l0:l1]])]
                   for m, ws in wrong["sweep"].items()]
-    sweep_rows.append(["PreciseBN", "-", _mean_error(wrong["control"]["precise"], 0, half),
-                       _mean_error(wrong["control"]["precise"], late, scale.epochs), 0.0, 0.0])
+    sweep_rows.append(["PreciseBN", "-", _mean_error(wrong["control"]["precise"], e0, e1),
+                       _mean_error(wrong["control"]["precise"], l0, l1), 0.0, 0.0])
     sweep_table = Table(
-        f"Momentum (lambda) sweep: batch {large}, EMAs of the control run's batch statistics "
+        f"Momentum (lambda) sweep: batch {large}, EMAs of the large run's batch statistics "
         f"(all started from PreciseBN statistics) with torch momentum m = 1 - lambda: mean "
-        f"validation error (%) over epochs 1-{half} and {late + 1}-{scale.epochs}, and the "
-        f"rms mean shift (sigmas) of the EMA from PreciseBN's statistics of the same weights",
-        ["momentum", "lambda", f"error, epochs 1-{half}", f"error, epochs {late + 1}-"
-         f"{scale.epochs}", f"mean shift, 1-{half}", f"mean shift, {late + 1}-{scale.epochs}"],
+        f"validation error (%) over {early_text} (the first half) and {late_text} (the last "
+        f"quarter), measured after every {every} epochs, and the rms mean shift (sigmas) of the "
+        f"EMA from PreciseBN's statistics of the same weights",
+        ["momentum", "lambda", f"error, {early_text}", f"error, {late_text}",
+         f"mean shift, {early_text}", f"mean shift, {late_text}"],
         sweep_rows, digits=2)
     paper_table = Table("Fig. 3 (ResNet-50, ImageNet; read off the plot)",
                         ["SGD batch", "epochs 5-30", "end of training"],
@@ -569,22 +751,35 @@ def run(ctx: RunContext) -> StudyResult:
     setup = (
         f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples, "
         f"a 1-D ResNet (widths {list(scale.widths)}, BatchNorm momentum 0.1 = lambda 0.9), "
-        f"{scale.epochs} epochs of SGD (momentum 0.9, cosine LR, lr {BASE_LR} x batch/"
-        f"{NORMAL_BATCH}, warmup for the large batch) with SGD batch {NORMAL_BATCH} "
-        f"({scale.num_train // NORMAL_BATCH} steps/epoch) and {large} "
-        f"({scale.num_train // large} steps/epoch). After every epoch: validation error "
-        f"with the EMA statistics, and with PreciseBN over {PRECISE_SAMPLES} training samples "
-        f"in batches of {PRECISE_BATCH}. Control: a third run with the large batch whose EMA "
-        f"starts from PreciseBN statistics of the initialized model (not torch's 0 and 1), so "
-        f"that its early deficit is lag and noise, not start-up bias. Fig. 4: the final "
-        f"normal-batch model with PreciseBN from n = {', '.join(wrong['fig4'])} samples. "
-        f"Momentum (lambda) sweep: during the control run, EMAs with torch momenta "
-        f"{', '.join(map(str, MOMENTA))} (lambda = 1 - momentum) of the same per-step batch "
-        f"statistics, started from the same PreciseBN statistics, each evaluated after every "
-        f"epoch against PreciseBN of the same weights (no retraining per momentum). "
-        f"Seeds: {list(ctx.seeds)}. The paper: {paper.FIG3_NOTES}"
+        f"SGD (momentum 0.9, cosine LR, lr {BASE_LR} x batch/{NORMAL_BATCH}) with SGD batch "
+        f"{NORMAL_BATCH} ({scale.num_train // NORMAL_BATCH} steps/epoch) for {points} epochs, "
+        f"and {large} ({scale.num_train // large} steps/epoch, warmup "
+        f"{max(1.0, points * every / 10):g} epochs) for {points * every} epochs: {every}x the "
+        f"epochs, so that both end at about the same quality (matched quality; the paper's "
+        f"8192 matches 256 in the same epochs, ours did not: {every}x was chosen from a "
+        f"one-seed pilot before these runs, and the match is checked below). Measured at the "
+        f"same fractions of both schedules (after every epoch of batch {NORMAL_BATCH}, every "
+        f"{every} of batch {large}): validation error with the EMA statistics, and with "
+        f"PreciseBN over {PRECISE_SAMPLES} training samples in batches of {PRECISE_BATCH}. "
+        f"Windows, fractions of a run's training fixed by rule before the runs: early = the "
+        f"first half (the cosine learning rate above half its peak: the weights move fast, an "
+        f"EMA's lag dominates), mid = the middle half, late = the last quarter (the learning "
+        f"rate below 15% of its peak: the weights barely move, what is left between EMAs is "
+        f"noise). Matched checkpoints: each epoch of batch {NORMAL_BATCH} with the measurement "
+        f"of batch {large} whose mean PreciseBN error is nearest, kept within "
+        f"{MATCH_REL:.0%} of it. Control: the large run also keeps an EMA (torch's update, "
+        f"momentum 0.1) started from PreciseBN statistics of the initialized model (not "
+        f"torch's 0 and 1), so that its early deficit is lag and noise, not start-up bias; "
+        f"running statistics do not change training, so it is exactly the EMA of a run that "
+        f"started there. Fig. 4: the final normal-batch model with PreciseBN from n = "
+        f"{', '.join(wrong['fig4'])} samples. Momentum (lambda) sweep: in the same way, EMAs "
+        f"with torch momenta {', '.join(map(str, MOMENTA))} (lambda = 1 - momentum) of the "
+        f"large run's per-step batch statistics, started from the same PreciseBN statistics, "
+        f"each evaluated at every measurement against PreciseBN of the same weights (no "
+        f"retraining per momentum). Seeds: {list(ctx.seeds)}. The paper: {paper.FIG3_NOTES}"
     )
-    return StudyResult(setup=setup, tables=[table, fig2_table, fig4_table, sweep_table],
+    return StudyResult(setup=setup, tables=[table, match_table, checkpoint_table, fig2_table,
+                                            fig4_table, sweep_table],
                        paper_tables=[paper_table],
                        plots=_plot(ctx, numbers), summary=verdicts(numbers, wrong),
                        numbers=numbers)
