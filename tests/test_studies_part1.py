@@ -463,12 +463,3 @@ def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
     assert (other.num_train, other.widths) == (8000, (32, 64, 128))
     quick = scale_for(_ctx(True, "MNIST-1D", 8000), 10, 20)
     assert (quick.num_train, quick.epochs) == (2000, 10)
-
-
-@pytest.mark.parametrize(("deep", "says"), [(0.2, "not the estimator, moves"),
-                                            (0.005, "neither moves")])
-def test_precise_batch_mechanism_note_is_computed_from_the_per_layer_distances(deep, says):
-    numbers, _ = table2_case()
-    numbers["layers_b2"] = {"32": {"stem.1": [0.0, 0.0], "stages.1.bn2": [deep, 0.01]}}
-    note = precise_batch.mechanism_note(numbers)
-    assert says in note and f"{deep:.3f} sigma" in note

@@ -3,6 +3,23 @@
 Per seed, two models are trained with SGD batch ``SGD_BATCH`` and normalization batch size 32
 and 2 (ghost BN). Each is evaluated with its EMA statistics and with PreciseBN statistics from
 all training samples (N) run in batches of B in {2, 10, 100, 1000, N}.
+
+Why a small B hurts, in an ablation of two factors (:data:`VARIANTS`, "estimator / pass"):
+
+- the estimator: *pooled* (PreciseBN's exact merge of all batches' values, the paper's formula)
+  or *per-batch* (the average of per-batch means and unbiased variances: what
+  ``torch.optim.swa_utils.update_bn`` and older PreciseBN implementations install; its variance
+  misses the spread between batch means, about half the variance of per-sample means for B=2);
+- the pass: *whole* (every layer normalizes each batch of B with its own statistics, so a
+  layer's input depends on the earlier layers' B-sample normalization) or *layer-by-layer*
+  (every layer's input computed with all earlier layers normalizing with the exact B=N
+  statistics: only the estimator differs from B=N).
+
+pooled / layer-by-layer merges the very values B=N pools, so it *is* B=N (up to the factor
+n / (n - 1), n = N x positions, of the variance the earlier layers normalize with in eval mode;
+``tests/test_precise_batch_estimators.py`` checks it); the other three variants are measured.
+The difference pooled/whole - B=N is the earlier layers' normalization alone,
+per-batch/layer-by-layer - B=N the estimator's bias alone, per-batch/whole both.
 """
 
 from __future__ import annotations
@@ -12,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from torch import nn
+
+from rethinkbn.population import capture_stats, install_stats
 
 from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, Task, Verdict, register_study
@@ -41,6 +60,28 @@ LR = GHOST_LR
 WORSE_MARGIN = 0.5
 # "B >= 100 is as good as B=N": the equivalence margin (points), judged on a 90% interval.
 EQUAL_MARGIN = 0.5
+# The ablation at B=2 (fixed before its first run): a mechanism "moves the error" when its
+# effect on the error exceeds WORSE_MARGIN with the whole 95% interval, and "does not" when the
+# whole interval lies below WORSE_MARGIN. Which one hurts more: threshold 0.
+MECHANISM_B = 2
+# The ablation's batch sizes: from B=100 on, PreciseBN already matches B=N (the verdict above),
+# and the passes cost about a second each per model.
+ABLATION_BATCHES = (2, 10)
+
+# "estimator / pass" (see the module docstring); pooled/whole is PreciseBN (the "B=b" columns).
+POOLED_WHOLE = "pooled/whole"
+PER_BATCH_WHOLE = "per-batch/whole"
+PER_BATCH_LAYERS = "per-batch/layer-by-layer"
+VARIANTS = (POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS)
+VARIANT_NAMES = {POOLED_WHOLE: "pooled / whole (PreciseBN)",
+                 PER_BATCH_WHOLE: "per-batch / whole (update_bn)",
+                 PER_BATCH_LAYERS: "per-batch / layer-by-layer (estimator alone)"}
+
+
+def column(variant: str, b: int) -> str:
+    """The column of the validation errors of ``variant`` with batch ``b`` ("B=2" for
+    PreciseBN, as in Table 2; "per-batch/whole B=2" for the others)."""
+    return f"B={b}" if variant == POOLED_WHOLE else f"{variant} B={b}"
 
 
 def _batches(n: int) -> list[int]:
@@ -49,24 +90,34 @@ def _batches(n: int) -> list[int]:
 
 def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
               trained: dict[str, Any]) -> dict[str, Any]:
-    """Validation errors of the shared NBS model with its EMA and with PreciseBN statistics
-    from all N training samples in batches of B; per column the error (%) and which validation
-    samples it gets wrong (for the paired tests)."""
+    """Validation errors of the shared NBS model with its EMA and with population statistics
+    from all N training samples in batches of B, for every variant of :data:`VARIANTS`; per
+    column (:func:`column`) the error (%) and which validation samples it gets wrong (for the
+    paired tests); per variant and layer the distances of the B=2 statistics from B=N's."""
     data = study_data(ctx).subset(scale.num_train, scale.num_val)
     model = ghost_model(ctx, scale, nbs, seed, trained)
     n = len(data.train_x)
     wrong = {"EMA": evaluate_wrong(model, data.val_x, data.val_y)}
     exact: nn.Module = copy.deepcopy(model)
     bn.population_stats(exact, data.train_x, batch_size=n, num_samples=n, seed=seed)
-    layers: dict[str, list[float]] = {}
+    layers: dict[str, dict[str, list[float]]] = {}
     for b in _batches(n)[:-1]:
-        # Start from the B=N statistics: PreciseBN's report then gives, per layer, how far
-        # the batch-B estimate lies from them.
         m: nn.Module = copy.deepcopy(exact)
-        report = bn.population_stats(m, data.train_x, batch_size=b, num_samples=n, seed=seed)
-        wrong[f"B={b}"] = evaluate_wrong(m, data.val_x, data.val_y)
-        if b == 2:
-            layers = {k: [r.mean_shift, r.std_log_ratio] for k, r in report.layers.items()}
+        bn.population_stats(m, data.train_x, batch_size=b, num_samples=n, seed=seed)
+        stats = {POOLED_WHOLE: capture_stats(m)}
+        ablated = ((PER_BATCH_WHOLE, False), (PER_BATCH_LAYERS, True))
+        for variant, by_layer in ablated if b in ABLATION_BATCHES else ():
+            # the same pass batches as PreciseBN's (same seed); layer by layer: the earlier
+            # layers normalize with the B=N statistics of `exact`
+            moments = bn.batch_moments(exact, data.train_x, batch_size=b, num_samples=n,
+                                       seed=seed, layer_by_layer=by_layer)
+            stats[variant] = bn.per_batch_stats(moments)
+        for variant, snapshot in stats.items():
+            install_stats(m, snapshot)
+            wrong[column(variant, b)] = evaluate_wrong(m, data.val_x, data.val_y)
+            if b == MECHANISM_B:
+                layers[variant] = {k: list(d) for k, d in bn.stats_distances(exact,
+                                                                             snapshot).items()}
     wrong["B=N"] = evaluate_wrong(exact, data.val_x, data.val_y)
     return {"errors": {k: 100.0 * float(w.float().mean()) for k, w in wrong.items()},
             "wrong": wrong, "layers_b2": layers}
@@ -154,30 +205,123 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
     return rows
 
 
-def mechanism_note(numbers: dict[str, Any]) -> str:
-    """Which mechanism the per-layer distances of the B=2 statistics from B=N's point to
-    (computed): PreciseBN pools exact moments, so the first BN layer's B=2 estimate differs from
-    B=N's by sampling noise only; a distance that grows with depth comes from the earlier layers
-    normalizing each 2-sample batch with its own statistics (the inputs of later layers change),
-    not from the estimator."""
-    m = numbers["mean"]["32"]
-    d = m["B=2"] - m["B=N"]
-    layers = numbers.get("layers_b2", {}).get("32", {})
-    text = (f"For the NBS=32 model, PreciseBN with B=2 changes the error by {d:+.2f} pt against "
-            f"B=N (mean over seeds; the verdict above says whether that is beyond the noise).")
-    if len(layers) < 2:
-        return text
-    shifts = [v[0] for v in layers.values()]
-    first, deepest = shifts[0], max(shifts[1:])
-    # Every layer pools the same N samples exactly, so the first BN layer (whose inputs do not
-    # depend on any normalization) measures the estimator's own error; later layers add the
-    # effect of earlier layers normalizing each 2-sample batch with its own statistics.
-    return (text + f" Per layer, the B=2 means lie {first:.3f} sigma (rms) from B=N's in the "
-            f"first BN layer (the estimator's own error) and up to {deepest:.3f} sigma in a "
-            f"later one (the earlier layers' 2-sample normalization), so "
-            + ("the earlier layers' normalization, not the estimator, moves the statistics."
-               if deepest > first + 0.01 else
-               "neither moves the statistics by more than 0.01 sigma at our scale."))
+def ablation_verdicts(numbers: dict[str, Any],
+                      wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:
+    """The ablation's claims at B = :data:`MECHANISM_B` for the NBS=32 model (not the paper's:
+    its formula is the pooled one), judged like :func:`verdicts`."""
+    b, m = MECHANISM_B, numbers["mean"]["32"]
+    both, alone = column(PER_BATCH_WHOLE, b), column(PER_BATCH_LAYERS, b)
+    pooled = column(POOLED_WHOLE, b)
+    rows = []
+    interval, detail = _paired(wrong, ("32", both), ("32", "B=N"))
+    rows.append(SummaryRow(
+        f"Ablation, NBS=32 model: B={b} with the per-batch estimator (update_bn) is much worse "
+        f"than B=N", f"{m[both]:.1f} vs {m['B=N']:.1f}", "not in the paper",
+        exceeds(f"err(per-batch/whole, B={b}) - err(B=N) > {WORSE_MARGIN} pt, whole 95% "
+                f"interval", interval, WORSE_MARGIN, detail)))
+    interval, detail = _paired(wrong, ("32", alone), ("32", "B=N"))
+    rows.append(SummaryRow(
+        f"Ablation, NBS=32 model: the per-batch estimator's bias alone (earlier layers with "
+        f"B=N statistics) makes B={b} much worse than B=N",
+        f"{m[alone]:.1f} vs {m['B=N']:.1f}", "not in the paper",
+        exceeds(f"err(per-batch/layer-by-layer, B={b}) - err(B=N) > {WORSE_MARGIN} pt, whole "
+                f"95% interval", interval, WORSE_MARGIN, detail)))
+    interval, detail = _paired(wrong, ("32", alone), ("32", pooled))
+    rows.append(SummaryRow(
+        f"Ablation, NBS=32 model, B={b}: the per-batch estimator's bias hurts more than the "
+        f"earlier layers' {b}-sample normalization", f"{m[alone]:.1f} vs {m[pooled]:.1f}",
+        "not in the paper",
+        exceeds(f"err(per-batch/layer-by-layer, B={b}) - err(pooled/whole, B={b}) > 0, whole "
+                f"95% interval", interval, 0.0, detail)))
+    return rows
+
+
+def _moves(interval: Any) -> str:
+    """Whether a mechanism moves the error (the rule stated at :data:`MECHANISM_B`)."""
+    if interval.low > WORSE_MARGIN:
+        return "moves"
+    return "stays" if interval.high < WORSE_MARGIN else "open"
+
+
+def mechanism_note(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> str:
+    """Which mechanism drives the B = :data:`MECHANISM_B` error of the NBS=32 model (computed):
+    the earlier layers' B-sample normalization alone (pooled/whole - B=N: the only one under the
+    paper's pooled formula), the per-batch estimator's bias alone (per-batch/layer-by-layer -
+    B=N), and both (per-batch/whole - B=N, update_bn), each with its paired-bootstrap interval;
+    then what the per-layer distances of the statistics say."""
+    b = MECHANISM_B
+    effects = {v: _paired(wrong, ("32", column(v, b)), ("32", "B=N"))[0] for v in VARIANTS}
+    norm, est = effects[POOLED_WHOLE], effects[PER_BATCH_LAYERS]
+    text = (f"Against B=N, with B={b} the NBS=32 model's error changes by {norm.text()} from the "
+            f"earlier layers' {b}-sample normalization alone (pooled estimator, the paper's "
+            f"formula), by {est.text()} from the per-batch estimator's bias alone (layer by "
+            f"layer), and by {effects[PER_BATCH_WHOLE].text()} from both (update_bn). ")
+    text += {
+        ("stays", "moves"): f"The per-batch estimator's bias, not the earlier layers' "
+                            f"normalization, drives the B={b} error at our scale",
+        ("moves", "stays"): f"The earlier layers' normalization (the only mechanism the paper's "
+                            f"pooled formula leaves), not the estimator, drives the B={b} error "
+                            f"at our scale",
+        ("moves", "moves"): "Both mechanisms move the error beyond the margin at our scale",
+        ("stays", "stays"): "Neither mechanism moves the error by more than the margin at our "
+                            "scale",
+    }.get((_moves(norm), _moves(est)),
+          f"The intervals do not decide which mechanism drives the B={b} error at our scale")
+    text += (f" (a mechanism moves the error when its whole 95% interval lies above "
+             f"{WORSE_MARGIN} pt, and does not when it lies below).")
+    return text + _layer_note(numbers.get("layers_b2", {}).get("32", {}), b)
+
+
+def _layer_note(layers: dict[str, dict[str, list[float]]], b: int) -> str:
+    """The per-layer distances behind the mechanisms (computed): PreciseBN pools exact moments,
+    so its first BN layer (whose input no normalization touches) matches B=N and a distance that
+    grows with depth comes from the earlier layers' normalization; the per-batch estimator's
+    signed log std ratio shows its bias (variances too small when negative)."""
+    pooled, alone = layers.get(POOLED_WHOLE, {}), layers.get(PER_BATCH_LAYERS, {})
+    text = ""
+    if len(pooled) >= 2:
+        shifts = [v[0] for v in pooled.values()]
+        first, deepest = shifts[0], max(shifts[1:])
+        text += (f" Per layer, PreciseBN's B={b} means lie {first:.3f} sigma (rms) from B=N's in "
+                 f"the first BN layer and up to {deepest:.3f} sigma in a later one, so "
+                 + ("the earlier layers' normalization moves the statistics."
+                    if deepest > first + 0.01 else
+                    "the earlier layers' normalization moves them by at most 0.01 sigma."))
+    if alone:
+        bias = float(np.mean([v[2] for v in alone.values()]))
+        worst_name, worst = min(alone.items(), key=lambda kv: kv[1][2])
+        change = 100 * (np.exp(2 * bias) - 1)
+        text += (f" Layer by layer, the per-batch variances are {change:+.0f}% off B=N's on "
+                 f"average over the layers (mean log std ratio {bias:+.3f}; {worst[2]:+.3f} in "
+                 f"{worst_name}).")
+    return text
+
+
+def _tables(per_seed: dict[str, list[dict[str, float]]],
+            layers_b2: dict[str, dict[str, dict[str, list[float]]]],
+            scale: Scale) -> tuple[Table, Table, Table]:
+    """Table 2 (PreciseBN), the ablation's errors and its per-layer distances at B=2."""
+    columns = [c for c in per_seed["32"][0] if c == "EMA" or c.startswith("B=")]
+    ours = Table(f"validation error (%), population statistics from N = {scale.num_train}",
+                 ["model", *columns],
+                 [[f"NBS={k}", *[fmt([r[c] for r in rs]) for c in columns]]
+                  for k, rs in per_seed.items()])
+    bs = [b for b in ABLATION_BATCHES if column(PER_BATCH_WHOLE, b) in per_seed["32"][0]]
+    ablation = Table(
+        "ablation: validation error (%) by estimator / pass (B=N: one batch, the same "
+        "statistics for every variant)", ["model", "estimator / pass", *[f"B={b}" for b in bs],
+                                          "B=N"],
+        [[f"NBS={k}", VARIANT_NAMES[v], *[fmt([r[column(v, b)] for r in rs]) for b in bs],
+          fmt([r["B=N"] for r in rs])] for k, rs in per_seed.items() for v in VARIANTS])
+    heads = [(k, v) for k in layers_b2 for v in VARIANTS if v in layers_b2[k]]
+    names = next(iter(layers_b2.values()))[POOLED_WHOLE] if heads else {}
+    distances = Table(
+        f"per BN layer: distance of the B={MECHANISM_B} statistics from B=N's, mean over seeds: "
+        f"rms mean shift (sigmas) / rms log std ratio / mean log std ratio (< 0: variance too "
+        f"small)", ["layer", *[f"NBS={k} {v}" for k, v in heads]],
+        [[name, *[" / ".join(f"{d:.3f}" for d in layers_b2[k][v][name]) for k, v in heads]]
+         for name in names])
+    return ours, ablation, distances
 
 
 @register_study("precise-batch",
@@ -190,14 +334,14 @@ def run(ctx: RunContext) -> StudyResult:
     models = ctx.run_all([ghost_model_task(ctx, scale, n, s) for n, s in jobs],
                          desc="precise-batch: training")
     evals = ctx.run_all(
-        [Task({"study": "precise-batch", "v": 3,
+        [Task({"study": "precise-batch", "v": 4,
                "model": ghost_model_task(ctx, scale, n, s).config},
               _evaluate, (scale, n, s, trained))
          for (n, s), trained in zip(jobs, models, strict=True)],
         desc="precise-batch: PreciseBN")
     per_seed: dict[str, list[dict[str, float]]] = {}
     wrong: dict[str, dict[str, list[Any]]] = {}
-    layers: dict[str, list[dict[str, list[float]]]] = {}
+    layers: dict[str, list[dict[str, dict[str, list[float]]]]] = {}
     for (nbs, _), result in zip(jobs, evals, strict=True):
         per_seed.setdefault(str(nbs), []).append(result["errors"])
         layers.setdefault(str(nbs), []).append(result["layers_b2"])
@@ -205,20 +349,12 @@ def run(ctx: RunContext) -> StudyResult:
             wrong.setdefault(str(nbs), {}).setdefault(col, []).append(w)
     columns = list(per_seed["32"][0])
     mean, std = over_seeds(per_seed, columns)
-    layers_b2 = {k: {name: [float(np.mean([r[name][i] for r in rs])) for i in (0, 1)]
-                     for name in rs[0]} for k, rs in layers.items()}
+    # per model, variant and layer: the distances averaged over the seeds
+    layers_b2 = {k: {v: {name: np.mean([r[v][name] for r in rs], axis=0).tolist()
+                         for name in rs[0][v]} for v in rs[0]} for k, rs in layers.items()}
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "columns": columns,
                "scale": scale.as_dict(), "sgd_batch": SGD_BATCH, "layers_b2": layers_b2}
-    distances = Table("per BN layer: distance of the B=2 statistics from B=N's (PreciseBNReport, "
-                      "mean over seeds; rms mean shift in sigmas / rms log std ratio)",
-                      ["layer", *[f"NBS={k}" for k in layers_b2]],
-                      [[name, *[f"{v[name][0]:.3f} / {v[name][1]:.3f}"
-                                for v in layers_b2.values()]]
-                       for name in next(iter(layers_b2.values()))])
-    ours = Table(f"validation error (%), population statistics from N = {scale.num_train}",
-                 ["model", *columns],
-                 [[f"NBS={k}", *[fmt([r[c] for r in rs]) for c in columns]]
-                  for k, rs in per_seed.items()])
+    ours, ablation, distances = _tables(per_seed, layers_b2, scale)
     theirs = Table("Table 2 (ResNet-50, ImageNet, N = 10^4, SGD batch 256)",
                    ["model", *paper.TABLE2_COLUMNS],
                    [[f"NBS={k}", *v] for k, v in paper.TABLE2.items()])
@@ -228,13 +364,17 @@ def run(ctx: RunContext) -> StudyResult:
         f"{SGD_BATCH} (lr {LR}, cosine) and ghost BN with NBS 32 or 2 (the same trained models "
         f"as the `nbs` study's). Population statistics: the EMA, or PreciseBN over all "
         f"N = {scale.num_train} training samples in batches of B (normalizing over the whole "
-        f"batch B). Seeds: {list(ctx.seeds)}."
+        f"batch B). Ablation: the per-batch estimator (update_bn's) beside PreciseBN's pooled "
+        f"one, over the same batches, with every layer normalizing each batch (whole) or with "
+        f"the earlier layers at the B=N statistics (layer by layer; see the module docstring). "
+        f"Seeds: {list(ctx.seeds)}."
     )
     calibrated = calibration(ctx, scale)
     if calibrated is not None:
         numbers["calibration"] = calibrated.to_json()
     return StudyResult(setup=setup,
-                       tables=[ours, distances, *([calibrated] if calibrated else [])],
+                       tables=[ours, ablation, distances,
+                               *([calibrated] if calibrated else [])],
                        paper_tables=[theirs], plots=[],
-                       summary=verdicts(numbers, wrong), numbers=numbers,
-                       notes=mechanism_note(numbers))
+                       summary=verdicts(numbers, wrong) + ablation_verdicts(numbers, wrong),
+                       numbers=numbers, notes=mechanism_note(numbers, wrong))

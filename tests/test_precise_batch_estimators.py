@@ -1,0 +1,250 @@
+"""Table 2's ablation: the per-batch and pooled estimators, the whole and layer-by-layer passes,
+each against a slow reference (torch's own update_bn, the library's PreciseBN, a loop that
+estimates one layer at a time), and the ablation's verdicts and computed mechanism sentence."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rethinkbn.convert import revert_batchnorm
+from rethinkbn.population import capture_stats
+from rethinkbn_studies import bn, precise_batch
+from rethinkbn_studies.models import ResNet
+from rethinkbn_studies.precise_batch import (
+    PER_BATCH_LAYERS,
+    PER_BATCH_WHOLE,
+    POOLED_WHOLE,
+    column,
+)
+
+# Tiny models on a busy machine: one thread is many times faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 41  # a remainder batch for every B below (of a single sample for B=2 and 5)
+
+
+def ghost_resnet(seed: int = 0) -> nn.Module:
+    """A tiny trained-looking 1-D ResNet with ghost BN (NBS 32) and non-trivial running stats."""
+    torch.manual_seed(seed)
+    model = bn.set_norm_batch_size(ResNet(1, 1, 10, (4, 8), 1), 32)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_mean"):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return model
+
+
+def inputs(seed: int = 1, n: int = N) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # per-sample offsets: the per-batch estimator's variance then visibly misses their spread
+    return torch.randn(n, 1, 16, generator=gen) + 2 * torch.randn(n, 1, 1, generator=gen)
+
+
+def pass_batches(x: torch.Tensor, b: int, seed: int) -> list[torch.Tensor]:
+    """The pass batches in PreciseBN's order, computed the obvious way."""
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return [x[idx[i : i + b]] for i in range(0, len(x), b)]
+
+
+def assert_stats_close(a: dict, b: dict, **tol) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(a[name][key].double(), b[name][key].double(), **tol,
+                                       msg=lambda m, n=name, k=key: f"{n}.{k}: {m}")
+
+
+@pytest.mark.parametrize("b", [2, 5])
+def test_per_batch_whole_is_what_torch_update_bn_installs(b):
+    model, x = ghost_resnet(), inputs()
+    ours = bn.per_batch_stats(bn.batch_moments(model, x, batch_size=b, num_samples=N, seed=3))
+    reference = revert_batchnorm(copy.deepcopy(model))  # torch BatchNorm1d, same state
+    torch.optim.swa_utils.update_bn(pass_batches(x, b, 3), reference)
+    assert_stats_close(ours, capture_stats(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_per_batch_whole_of_a_torch_batchnorm_model_is_update_bn():
+    model = revert_batchnorm(ghost_resnet())
+    x = inputs()
+    ours = bn.per_batch_stats(bn.batch_moments(model, x, batch_size=4, num_samples=N, seed=0))
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(pass_batches(x, 4, 0), reference)
+    assert_stats_close(ours, capture_stats(reference), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [2, 10])
+def test_pooled_whole_is_the_librarys_precise_bn(b):
+    model, x = ghost_resnet(), inputs()
+    ours = bn.pooled_stats(bn.batch_moments(model, x, batch_size=b, num_samples=N, seed=3))
+    reference = copy.deepcopy(model)
+    bn.population_stats(reference, x, batch_size=b, num_samples=N, seed=3)
+    assert_stats_close(ours, capture_stats(reference), rtol=1e-5, atol=1e-6)
+
+
+def one_layer_at_a_time(exact: nn.Module, x: torch.Tensor, b: int, seed: int) -> dict:
+    """The slow layer-by-layer reference: per layer, a copy of the model in eval mode (every
+    other layer normalizing with its exact statistics), only that layer in train mode with
+    torch's cumulative average (momentum None), run over the pass batches one at a time."""
+    out = {}
+    for name in capture_stats(exact):
+        model = revert_batchnorm(copy.deepcopy(exact)).eval()
+        layer = model.get_submodule(name)
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+        with torch.no_grad():
+            for batch in pass_batches(x, b, seed):
+                model(batch)
+        out[name] = {"running_mean": layer.running_mean.clone(),
+                     "running_var": layer.running_var.clone()}
+    return out
+
+
+@pytest.mark.parametrize("b", [2, 5])
+def test_per_batch_layer_by_layer_matches_estimating_one_layer_at_a_time(b):
+    exact, x = ghost_resnet(), inputs()
+    bn.population_stats(exact, x, batch_size=N, num_samples=N, seed=0)
+    moments = bn.batch_moments(exact, x, batch_size=b, num_samples=N, seed=2,
+                               layer_by_layer=True)
+    assert_stats_close(bn.per_batch_stats(moments), one_layer_at_a_time(exact, x, b, 2),
+                       rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_layer_by_layer_is_b_equals_n():
+    """Pooling every batch of the layer-by-layer inputs pools the very values B=N pools: the
+    same statistics, once the eval-mode layers normalize with B=N's biased variance (the one a
+    whole-batch pass normalizes with; the installed one is larger by n / (n - 1), n the values
+    per channel)."""
+    exact, x = ghost_resnet(), inputs()
+    bn.population_stats(exact, x, batch_size=N, num_samples=N, seed=0)
+    counts = bn.batch_moments(exact, x, batch_size=N, num_samples=N, seed=0)
+    biased = copy.deepcopy(exact)
+    with torch.no_grad():
+        for name, m in counts.items():
+            n = float(m.count[0, 0])
+            biased.get_submodule(name).running_var.mul_((n - 1) / n)
+    moments = bn.batch_moments(biased, x, batch_size=2, num_samples=N, seed=5,
+                               layer_by_layer=True)
+    assert_stats_close(bn.pooled_stats(moments), capture_stats(exact), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_moments_groups_every_pass_batch_and_leaves_the_model_as_it_was():
+    model, x = ghost_resnet(), inputs()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    moments = bn.batch_moments(model, x, batch_size=4, num_samples=N, seed=0)
+    moments_eval = bn.batch_moments(model, x, batch_size=4, num_samples=N, seed=0,
+                                    layer_by_layer=True)
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    for m in (moments, moments_eval):
+        stem = m["stem.1"]
+        assert stem.count[:, 0].tolist() == [4 * 16] * 10 + [16]  # 10 batches of 4, then 1
+    # the first layer's input depends on no normalization: both passes see the same values
+    torch.testing.assert_close(moments["stem.1"].mean, moments_eval["stem.1"].mean)
+
+
+def test_per_batch_variance_misses_the_spread_of_the_batch_means():
+    """The per-batch estimator's bias, on the first layer's input (float64): the average of
+    the batches' unbiased variances falls short of the pooled variance by exactly the
+    (n/(n-1)-weighted) spread of the batch means, which for B = 2 is about half the variance
+    of the per-sample means."""
+    model, x = ghost_resnet(), inputs(n=2000)
+    moments = bn.batch_moments(model, x, batch_size=2, num_samples=2000, seed=0)["stem.1"]
+    per_batch = bn.per_batch_stats({"stem.1": moments})["stem.1"]["running_var"]
+    pooled = bn.pooled_stats({"stem.1": moments})["stem.1"]["running_var"]
+    k, n = len(moments.mean), moments.count[0]
+    between = (moments.mean - moments.mean.mean(0)).square().mean(0)
+    torch.testing.assert_close(per_batch, (pooled * (k * n - 1) - k * n * between)
+                               / (k * (n - 1)), rtol=1e-9, atol=1e-12)
+    samples = bn.batch_moments(model, x, batch_size=1, num_samples=2000, seed=0,
+                               layer_by_layer=True)["stem.1"]
+    expected = n / (n - 1) * (samples.mean.var(0) / 2 - pooled / n)
+    torch.testing.assert_close(pooled - per_batch, expected, rtol=0.15, atol=0)
+
+
+def test_stats_distances_are_the_precise_bn_reports():
+    model, x = ghost_resnet(), inputs()
+    old = capture_stats(model)
+    report = bn.population_stats(model, x, batch_size=2, num_samples=N, seed=0)
+    distances = bn.stats_distances(model, old)
+    for name, layer in report.layers.items():
+        shift, ratio, bias = distances[name]
+        assert shift == pytest.approx(layer.mean_shift, rel=1e-5)
+        assert ratio == pytest.approx(layer.std_log_ratio, rel=1e-5)
+        assert abs(bias) <= ratio
+
+
+def test_stats_distances_sign_says_whether_a_variance_is_too_small():
+    model = ghost_resnet()
+    stats = capture_stats(model)
+    for s in stats.values():
+        s["running_var"] = (s["running_var"] + 1e-5) * np.exp(-0.2) - 1e-5
+    for shift, ratio, bias in bn.stats_distances(model, stats).values():
+        assert shift == 0
+        assert ratio == pytest.approx(0.1, rel=1e-5) and bias == pytest.approx(-0.1, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- verdicts, note
+def ablation_case(rates: dict[str, float], samples: int = 2000, seeds: int = 3):
+    """Numbers and per-sample errors for the NBS=32 model, paired draws (one uniform per sample
+    and seed: a model with error rate r errs where it is below r)."""
+    rngs = [np.random.default_rng(s) for s in range(seeds)]
+    shared = [r.random(samples) for r in rngs]
+    wrong = {"32": {c: [u < r / 100 for u in shared] for c, r in rates.items()}}
+    return {"mean": {"32": dict(rates)}}, wrong
+
+
+def rates(norm: float, alone: float, both: float, exact: float = 23.5) -> dict[str, float]:
+    return {"B=N": exact, column(POOLED_WHOLE, 2): norm, column(PER_BATCH_LAYERS, 2): alone,
+            column(PER_BATCH_WHOLE, 2): both}
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    (rates(23.5, 28.8, 28.8), ["agrees", "agrees", "agrees"]),
+    (rates(28.8, 23.6, 23.6), ["disagrees", "disagrees", "disagrees"]),
+    (rates(24.0, 24.0, 24.0), ["inconclusive", "inconclusive", "inconclusive"]),
+])
+def test_ablation_verdicts_follow_their_numbers(case, expected, labels):
+    rows = precise_batch.ablation_verdicts(*ablation_case(case))
+    assert labels(rows) == expected
+    assert [r.verdict.outcome for r in rows] == expected
+    assert all("McNemar" in r.verdict.detail for r in rows)
+
+
+@pytest.mark.parametrize(("case", "says"), [
+    (rates(23.5, 28.8, 28.8), "The per-batch estimator's bias, not the earlier layers'"),
+    (rates(28.8, 23.6, 28.8), "The earlier layers' normalization"),
+    (rates(28.8, 28.8, 30.0), "Both mechanisms move"),
+    (rates(23.6, 23.6, 23.6), "Neither mechanism moves"),
+    (rates(24.0, 23.6, 24.0), "The intervals do not decide"),
+])
+def test_mechanism_note_is_computed_from_the_intervals(case, says):
+    numbers, wrong = ablation_case(case)
+    note = precise_batch.mechanism_note(numbers, wrong)
+    assert says in note
+    w = {c: np.stack(v) for c, v in wrong["32"].items()}
+    effect = 100 * (w[column(POOLED_WHOLE, 2)].mean() - w["B=N"].mean())
+    assert f"changes by {effect:+.2f} pt, 95% CI" in note and note.count("95% CI [") == 3
+
+
+@pytest.mark.parametrize(("deep", "says"), [(0.2, "the earlier layers' normalization moves"),
+                                            (0.005, "moves them by at most 0.01 sigma")])
+def test_mechanism_note_reads_the_per_layer_distances(deep, says):
+    numbers, wrong = ablation_case(rates(23.5, 23.5, 23.5))
+    numbers["layers_b2"] = {"32": {
+        POOLED_WHOLE: {"stem.1": [0.0, 0.0, 0.0], "stages.1.bn2": [deep, 0.01, -0.01]},
+        PER_BATCH_LAYERS: {"stem.1": [0.0, 0.02, -0.02], "stages.1.bn2": [0.0, 0.1, -0.1]}}}
+    note = precise_batch.mechanism_note(numbers, wrong)
+    assert says in note and f"{deep:.3f} sigma" in note
+    assert "-11% off B=N's" in note and "-0.100 in stages.1.bn2" in note
