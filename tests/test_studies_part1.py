@@ -401,6 +401,52 @@ def test_every_part1_verdict_can_be_inconclusive_with_noisy_small_samples():
     assert rows[0].verdict.label == "inconclusive"
 
 
+def fit_case(gaps, train=5.0):
+    """Per NBS, training error ``train`` and validation error ``train + gap`` with mini-batch
+    statistics, as per-seed 0/1 vectors (shared draws: paired, low noise)."""
+    wrong_of = draws()
+    mean = {"train_mub": {k: train for k in gaps},
+            "val_mub": {k: train + g for k, g in gaps.items()}}
+    wrong = {c: {k: wrong_of(v) for k, v in curve.items()} for c, curve in mean.items()}
+    return {"mean": mean}, wrong
+
+
+def test_training_fit_gap_is_val_minus_train_error_with_minibatch_stats():
+    _, wrong = fit_case({"2": 18.0, "128": 12.0})
+    fits = nbs.training_fit(wrong)
+    assert list(fits) == ["2", "128"]
+    for k, v in fits.items():
+        # The slow reference: count the errors one sample and seed at a time.
+        val = sum(int(x) for w in wrong["val_mub"][k] for x in w)
+        train = sum(int(x) for w in wrong["train_mub"][k] for x in w)
+        total = sum(len(w) for w in wrong["val_mub"][k])
+        assert v.effect == pytest.approx(100.0 * (val - train) / total)
+        assert v.interval[0] <= v.effect <= v.interval[1]
+        assert "3 seeds" in v.test
+
+
+@pytest.mark.parametrize(("gap", "label", "word", "groups", "says"), [
+    (18.0, "agrees", "yes", "holds at NBS 2, 4; fails at NBS 128.",
+     "judged on models that have fit their training set"),
+    (4.0, "disagrees", "no", "holds at NBS 4; fails at NBS 2, 128.",
+     "have not fit their training set"),
+    (10.2, "inconclusive", "within the noise",
+     "holds at NBS 4; fails at NBS 128; is within the noise of the margin at NBS 2.",
+     "not decided"),
+])
+def test_training_fit_table_and_note_say_each_outcome(gap, label, word, groups, says):
+    numbers, wrong = fit_case({"2": gap, "4": 18.0, "128": 4.0})
+    fits = nbs.training_fit(wrong)
+    assert fits["2"].label == label
+    note = nbs.training_fit_note(fits, 40)
+    assert f"the criterion {groups}" in note and says in note
+    assert "after 40 epochs" in note and "10 pt" in note
+    rows = nbs.training_fit_table(numbers, fits).rows
+    assert [r[0] for r in rows] == ["128", "4", "2"]  # largest NBS first, as the main table
+    assert rows[-1][4] == word and rows[0][4] == "no"
+    assert rows[-1][1] == pytest.approx(5.0) and rows[-1][2] == pytest.approx(5.0 + gap)
+
+
 # ---------------------------------------------------------------------------- registry, helpers
 def test_part1_studies_are_registered_in_report_order():
     names = [s.name for s in registered_studies()]
@@ -463,3 +509,16 @@ def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
     assert (other.num_train, other.widths) == (8000, (32, 64, 128))
     quick = scale_for(_ctx(True, "MNIST-1D", 8000), 10, 20)
     assert (quick.num_train, quick.epochs) == (2000, 10)
+
+
+def test_ghost_models_train_longer_on_fewer_mnist1d_samples_in_both_modes():
+    from rethinkbn_studies.common import GHOST_EPOCHS, GHOST_MNIST1D_SAMPLES, ghost_scale
+
+    quick, full = GHOST_EPOCHS
+    assert full >= quick  # full mode trains at least as long
+    q = ghost_scale(_ctx(True, "MNIST-1D", 8000))
+    f = ghost_scale(_ctx(False, "MNIST-1D", 8000))
+    assert (q.num_train, q.epochs, q.widths) == (GHOST_MNIST1D_SAMPLES, quick, (16, 32, 64))
+    assert (f.num_train, f.epochs, f.widths) == (GHOST_MNIST1D_SAMPLES, full, (16, 32, 64))
+    other = ghost_scale(_ctx(True, "CIFAR-10", 8000))
+    assert (other.num_train, other.epochs) == (2000, quick)

@@ -8,7 +8,10 @@ training samples in batches of the SGD batch, each batch normalized as a whole; 
 groups is biased at tiny NBS). FrozenBN late, at the smallest and the largest NBS: two more runs
 per seed with the paper's schedule shape (step decay, ``x0.1`` at 50% and 90% of training), one
 normal and one that, at the start of the last 20% of epochs (a learning rate of ``lr/10``),
-computes whole-batch PreciseBN statistics and trains on with FrozenBN.
+computes whole-batch PreciseBN statistics and trains on with FrozenBN. Every run trains as long as
+the shared models (``common.GHOST_EPOCHS``: long enough to fit the training set at NBS 2 and 4);
+the report's training-fit table shows, per NBS, how far the training error with mini-batch
+statistics lies below the validation error.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from rethinkbn.population import freeze_epoch_for
 
 from . import bn, paper
 from .base import (
+    AGREES,
+    DISAGREES,
+    INCONCLUSIVE,
     RunContext,
     StudyResult,
     SummaryRow,
@@ -32,7 +38,7 @@ from .base import (
     register_study,
 )
 from .common import (
-    FULL_MNIST1D_SAMPLES,
+    GHOST_FIT_MARGIN,
     GHOST_LR,
     GHOST_SGD_BATCH,
     Scale,
@@ -41,10 +47,10 @@ from .common import (
     fmt,
     ghost_model,
     ghost_model_task,
+    ghost_scale,
     new_model,
     pyplot,
     save_plot,
-    scale_for,
     study_data,
 )
 from .train import Callback, TrainConfig, evaluate_wrong, train
@@ -224,6 +230,74 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
     return rows
 
 
+def training_fit(wrong: dict[str, dict[str, list[Any]]]) -> dict[str, Verdict]:
+    """Per NBS, whether the models have fit their training set at that NBS: the validation
+    minus the training error, both with mini-batch statistics (groups of NBS), must exceed
+    :data:`~rethinkbn_studies.common.GHOST_FIT_MARGIN` points (the criterion the training
+    length was chosen by, see ``common.GHOST_EPOCHS``), with a bootstrap over the samples and
+    seeds (sample ``i`` of the training set paired with sample ``i`` of the validation set, as
+    the generalization-gap verdict does: independent sets, so the pairing keeps the variance).
+    Keys: the NBS as a string, in ascending order. The length was chosen on the seeds' mean
+    gap; here each NBS is judged with its noise (agrees: fit, disagrees: not fit)."""
+    fits = {}
+    for k in sorted(wrong["train_mub"], key=int):
+        n = min(len(wrong["val_mub"][k][0]), len(wrong["train_mub"][k][0]))
+        d = _stack(wrong["val_mub"][k], n) - _stack(wrong["train_mub"][k], n)
+        fits[k] = exceeds(f"val mu_B - train mu_B > {GHOST_FIT_MARGIN:g} pt at NBS={k}, whole "
+                          f"95% interval", _bootstrap(d), GHOST_FIT_MARGIN)
+    return fits
+
+
+# How the training-fit table and sentence say each outcome of :func:`training_fit`.
+FIT_WORDS = {AGREES: ("yes", "holds"), DISAGREES: ("no", "fails"),
+             INCONCLUSIVE: ("within the noise", "is within the noise of the margin")}
+
+
+def _gap(v: Verdict) -> str:
+    low, high = v.interval or (float("nan"), float("nan"))
+    return f"{v.effect:+.1f} pt, 95% CI [{low:+.1f}, {high:+.1f}]"
+
+
+def training_fit_table(numbers: dict[str, Any], fits: dict[str, Verdict]) -> Table:
+    """Training vs validation error with mini-batch statistics per NBS (largest first, as the
+    main table), their gap with its interval, and whether the training-fit criterion holds."""
+    m = numbers["mean"]
+    rows = [[k, m["train_mub"][k], m["val_mub"][k], _gap(v), FIT_WORDS[v.label][0]]
+            for k, v in sorted(fits.items(), key=lambda kv: -int(kv[0]))]
+    return Table(f"training fit: error (%) with mini-batch statistics, mean over seeds; the "
+                 f"models have fit their training set at an NBS when val - train > "
+                 f"{GHOST_FIT_MARGIN:g} pt (95% interval)",
+                 ["NBS", "train mu_B", "val mu_B", "val - train", "fit"], rows)
+
+
+def training_fit_note(fits: dict[str, Verdict], epochs: int) -> str:
+    """The sentence that says at which NBS the models have fit their training set (computed
+    from ``fits``, :func:`training_fit`), and what that means for the verdicts at the smallest
+    NBS, which the train/test inconsistency claims are judged at."""
+    groups: dict[str, list[str]] = {}
+    for k, v in fits.items():
+        groups.setdefault(v.label, []).append(k)
+    said = "; ".join(f"{FIT_WORDS[label][1]} at NBS {', '.join(groups[label])}"
+                     for label in FIT_WORDS if label in groups)
+    lo = min(fits, key=int)
+    v = fits[lo]
+    gap = _gap(v)
+    if v.label == AGREES:
+        then = (f"The train/test verdicts at NBS {lo} are judged on models that have fit their "
+                f"training set at that NBS ({gap}).")
+    elif v.label == DISAGREES:
+        then = (f"At NBS {lo} the models have not fit their training set ({gap}): the "
+                f"train/test verdicts at NBS {lo} judge models that trained too short for the "
+                f"paper's inconsistency.")
+    else:
+        then = (f"At NBS {lo} the gap is within the noise of the margin ({gap}): whether the "
+                f"models have fit their training set there is not decided.")
+    return (f"**Training fit** after {epochs} epochs (the criterion the training length was "
+            f"chosen by, fixed before the runs: training error with mini-batch statistics more "
+            f"than {GHOST_FIT_MARGIN:g} pt below the validation error with mini-batch "
+            f"statistics, whole 95% interval): the criterion {said}. {then}")
+
+
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -252,13 +326,12 @@ def _rate(w: Any) -> float:
                 "population statistics, and FrozenBN for the last 20% of epochs")
 def run(ctx: RunContext) -> StudyResult:
     study_data(ctx)  # generated here once, before worker processes read it
-    scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
-                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
+    scale = ghost_scale(ctx)  # the step-schedule runs train as long as the shared models
     sizes = nbs_values(ctx.quick)
     jobs = [(n, s) for n in sizes for s in ctx.seeds]
     ends = (sizes[0], sizes[-1])
     step_jobs = [(n, f, s) for n in ends for f in (False, True) for s in ctx.seeds]
-    step_tasks = [Task({"study": "nbs", "run": "step", "v": 3, "data": data_key(ctx), "nbs": n,
+    step_tasks = [Task({"study": "nbs", "run": "step", "v": 4, "data": data_key(ctx), "nbs": n,
                         "frozen": f, "seed": s, "sgd_batch": SGD_BATCH, "lr": LR,
                         "milestones": list(STEP_MILESTONES), "scale": scale.as_dict()},
                        _step_run, (scale, n, f, s)) for n, f, s in step_jobs]
@@ -268,7 +341,7 @@ def run(ctx: RunContext) -> StudyResult:
                           desc="nbs: training")
     models, step_wrong = trained[: len(jobs)], trained[len(jobs):]
     evals = ctx.run_all(
-        [Task({"study": "nbs", "run": "eval", "v": 3,
+        [Task({"study": "nbs", "run": "eval", "v": 4,
                "model": ghost_model_task(ctx, scale, n, s).config}, _evaluate, (scale, n, s, t))
          for (n, s), t in zip(jobs, models, strict=True)], desc="nbs: evaluation")
     wrong: dict[str, dict[str, list[Any]]] = {}
@@ -288,6 +361,9 @@ def run(ctx: RunContext) -> StudyResult:
     std = {k: {n: s for n, (_, s) in d.items()} for k, d in stats.items()}
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "scale": scale.as_dict(),
                "sgd_batch": SGD_BATCH, "step_milestones": list(STEP_MILESTONES)}
+    fits = training_fit(wrong)
+    numbers["training_fit"] = {k: {"effect": v.effect, "interval": v.interval, "label": v.label}
+                               for k, v in fits.items()}
     shown = sizes[::-1]
     labels = {**CURVES, "val_pop_step": "val, population stats (PreciseBN), step schedule",
               "val_ema": "val, EMA statistics"}
@@ -302,9 +378,11 @@ def run(ctx: RunContext) -> StudyResult:
                     for key, label in CURVES.items()])
     setup = (
         f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples; "
-        f"1-D ResNet (widths {list(scale.widths)}), {scale.epochs} epochs, SGD batch "
-        f"{SGD_BATCH} (lr {LR}), ghost BN with NBS in {sizes}. The sweep's models train with a "
-        f"cosine schedule (the same runs as `precise-batch`'s). Population statistics: "
+        f"1-D ResNet (widths {list(scale.widths)}), {scale.epochs} epochs "
+        f"({scale.epochs * (scale.num_train // SGD_BATCH)} steps), SGD batch {SGD_BATCH} "
+        f"(lr {LR}), ghost BN with NBS in {sizes}. The sweep's models train with a cosine "
+        f"schedule (the same runs as `precise-batch`'s), as long as it takes them to fit their "
+        f"training set at NBS 2 and 4 (see the training-fit table). Population statistics: "
         f"whole-batch PreciseBN over all {scale.num_train} training samples in batches of "
         f"{SGD_BATCH}. Mini-batch statistics: every group of NBS samples normalized by its own "
         f"statistics. FrozenBN, at NBS {ends[0]} and {ends[1]}: a pair of runs with step decay "
@@ -313,6 +391,7 @@ def run(ctx: RunContext) -> StudyResult:
         f"computes whole-batch PreciseBN statistics and trains on with FrozenBN (lr "
         f"{LR * 0.1:g} until 90%). Seeds: {list(ctx.seeds)}."
     )
-    return StudyResult(setup=setup, tables=[ours], paper_tables=[theirs],
-                       plots=_plot(ctx, numbers), summary=verdicts(numbers, wrong),
-                       numbers=numbers)
+    return StudyResult(setup=setup, tables=[ours, training_fit_table(numbers, fits)],
+                       paper_tables=[theirs], plots=_plot(ctx, numbers),
+                       summary=verdicts(numbers, wrong), numbers=numbers,
+                       notes=training_fit_note(fits, scale.epochs))

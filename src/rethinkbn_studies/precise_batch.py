@@ -36,7 +36,6 @@ from . import bn, paper
 from .base import RunContext, StudyResult, SummaryRow, Table, Task, Verdict, register_study
 from .common import (
     CALIBRATION_CORR_NOISE,
-    FULL_MNIST1D_SAMPLES,
     GHOST_LR,
     GHOST_SGD_BATCH,
     MNIST1D_CORR_NOISE,
@@ -46,8 +45,8 @@ from .common import (
     fmt,
     ghost_model,
     ghost_model_task,
+    ghost_scale,
     over_seeds,
-    scale_for,
     study_data,
 )
 from .train import evaluate_error, evaluate_wrong
@@ -328,8 +327,7 @@ def _tables(per_seed: dict[str, list[dict[str, float]]],
                 "Table 2: PreciseBN batch size B vs EMA for models trained with NBS 32 and 2")
 def run(ctx: RunContext) -> StudyResult:
     study_data(ctx)  # generated here once, before worker processes read it
-    scale = scale_for(ctx, quick_epochs=10, full_epochs=20,
-                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
+    scale = ghost_scale(ctx)
     jobs = [(n, s) for n in NBS_VALUES for s in ctx.seeds]
     models = ctx.run_all([ghost_model_task(ctx, scale, n, s) for n, s in jobs],
                          desc="precise-batch: training")
