@@ -24,7 +24,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / f"mnist1d-{TINY_SAMPLES}-42.npz"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_data() -> str:
     """The ``--data`` value whose file :func:`data_file` holds."""
     return f"mnist1d:{TINY_SAMPLES}"

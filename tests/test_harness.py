@@ -244,3 +244,38 @@ def test_a_real_run_records_its_date_command_and_commit(tmp_path):
     assert env["started"].startswith(("20", "21"))  # an ISO date
     report = (tmp_path / "report.md").read_text()
     assert f"Run {env['started']}" in report and f"`{env['command']}`" in report
+
+
+class _Bar:
+    """A progress bar that records what it was given (tqdm's interface, nothing drawn)."""
+
+    def __init__(self, log, desc, total):
+        self.log, self.desc, self.total, self.count = log, desc, total, 0
+        log.append(self)
+
+    def update(self, n):
+        self.count += n
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_all_counts_the_runs_it_computes_on_one_bar(tmp_path, jobs):
+    import dataclasses
+
+    from rethinkbn_studies.base import Task
+    from rethinkbn_studies.harness import process_pool
+
+    bars = []
+    tasks = [Task({"x": x}, _pid_and_square, (x,)) for x in (2, 3, 2)]
+    with process_pool(jobs) as pool:
+        ctx = dataclasses.replace(
+            _context(tmp_path, jobs, pool),
+            progress=lambda it=None, *, desc=None, total=None, leave=False: _Bar(bars, desc,
+                                                                                 total))
+        ctx.run_all(tasks[:1], desc="first")
+        ctx.run_all(tasks, desc="second")
+        ctx.run_all(tasks, desc="cached")  # nothing to compute: no bar
+    # One bar per call that computes something, over the distinct configs not yet cached.
+    assert [(b.desc, b.total, b.count) for b in bars] == [("first", 1, 1), ("second", 1, 1)]

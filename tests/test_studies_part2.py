@@ -1,6 +1,7 @@
 """Studies of Sec. 5-6 (domain-shift, multi-domain, leakage): end to end; verdicts from numbers."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -33,19 +34,56 @@ def test_study_runs_end_to_end_and_reports_every_number(study, tiny_out, tiny_da
 
 
 
-@pytest.mark.parametrize("study", PART2)
-def test_study_draws_progress_bars_for_its_runs_and_their_epochs(study, tiny_out, tiny_data,
-                                                                 one_thread):
-    bars = []
+@pytest.fixture(scope="module")
+def by_jobs(tmp_path_factory, tiny_data, data_file):
+    """The three studies run tiny with ``jobs`` 1 and 2: per ``jobs``, the progress bars drawn
+    here (their descs), the studies' results and the names of the cached runs."""
+    out = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for jobs in (1, 2):
+            bars = []
 
-    def recording(iterable=None, *, desc=None, total=None, leave=False):
-        bars.append(desc)
-        return iterable
+            def recording(iterable=None, *, desc=None, total=None, leave=False, bars=bars):
+                bars.append(desc)
+                return iterable
 
-    reproduce([study], tiny=True, data=tiny_data, out_dir=tiny_out, progress=recording,
-              log=None)
-    assert f"{study} runs" in bars
-    assert len(bars) > 1  # and, inside, at least one bar over a run's epochs
+            root = tmp_path_factory.mktemp(f"jobs{jobs}")
+            (root / "cache").mkdir()
+            shutil.copy(data_file, root / "cache")
+            _, outcomes = reproduce(PART2, tiny=True, data=tiny_data, out_dir=root,
+                                    progress=recording, log=None, jobs=jobs)
+            assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+            studies = json.loads((root / "results.json").read_text())["studies"]
+            out[jobs] = {"bars": bars,
+                         "results": {n: {k: v for k, v in s.items() if k != "wall_time_s"}
+                                     for n, s in studies.items()},
+                         "cached": sorted(p.name for p in (root / "cache").glob("*.pt"))}
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_studies_draw_a_bar_over_their_runs_and_their_epochs(by_jobs):
+    bars = by_jobs[1]["bars"]
+    for study in PART2:
+        assert f"{study} runs" in bars
+    assert len(bars) > len(PART2)  # and, inside, bars over the runs' epochs
+
+
+def test_studies_run_their_runs_in_the_worker_processes_with_two_jobs(by_jobs):
+    # The epochs go by in the workers, which draw no bar: here only each study's bar is left.
+    assert by_jobs[2]["bars"] == [f"{s} runs" for s in PART2]
+
+
+def test_studies_give_the_same_numbers_with_two_jobs(by_jobs):
+    assert by_jobs[2]["results"] == by_jobs[1]["results"]
+
+
+def test_studies_cache_the_same_runs_under_the_same_keys_with_two_jobs(by_jobs):
+    assert by_jobs[2]["cached"] == by_jobs[1]["cached"]
+
 
 def errs(rate, n=200, seeds=3, shift=0):
     """(seeds, n) 0/1 errors: the first ``rate`` % of the samples (rotated by ``shift``) wrong.

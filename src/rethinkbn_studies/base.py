@@ -299,9 +299,9 @@ class RunContext:
 
         With ``jobs > 1`` the missing runs go to the harness's process pool (``task.fn`` must
         then be a module-level function and ``task.args`` picklable; the worker's context has
-        no progress bars and no cache); otherwise they run here, one after the other. Two tasks
-        with the same config run once. Ctrl-C cancels what has not started; what finished
-        stays cached.
+        no progress bars and no cache); otherwise they run here, one after the other. One
+        progress bar ``desc`` counts the runs that were not cached. Two tasks with the same
+        config run once. Ctrl-C cancels what has not started; what finished stays cached.
         """
         from .harness import run_tasks
 

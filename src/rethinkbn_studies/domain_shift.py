@@ -40,7 +40,7 @@ from rethinkbn.layers import is_batchnorm
 from rethinkbn.population import Snapshot, StatsBank, batch_stats_inference, recompute_stats
 
 from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, register_study
+from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
 from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for
 from .corruptions import CORRUPTIONS, PER_SAMPLE_AFFINE, SEVERITIES, affine_residual, corrupt
 from .data import DataSplit
@@ -177,6 +177,11 @@ def run_seed(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> dict[
     }
     return {"shifted": shifted, "clean": clean, "counts": counts, "test_time": test_time,
             "affine_residual": affine}
+
+
+def _seed_task(ctx: RunContext, scale: Scale, seed: int) -> dict[str, Any]:
+    """:func:`run_seed` as a task of ``ctx.run_all`` (a worker process loads the data itself)."""
+    return run_seed(ctx, ctx.dataset(), scale, seed)
 
 
 def _stack(runs: list[dict[str, Any]], *path: Any) -> np.ndarray:
@@ -318,15 +323,12 @@ def _plot(ctx: RunContext, sev: dict[str, dict[int, dict[str, float]]]) -> list[
 def run(ctx: RunContext) -> StudyResult:
     data = ctx.dataset()
     scale = scale_for(ctx, quick_epochs=8, full_epochs=30)
-    runs = []
-    seeds = list(ctx.seeds)
-    for seed in ctx.progress(seeds, desc="domain-shift runs", total=len(seeds), leave=True):
-        key = {"study": "domain-shift", "v": 2, "data": ctx.data_spec, "seed": seed,
+    runs = ctx.run_all(
+        [Task({"study": "domain-shift", "v": 2, "data": ctx.data_spec, "seed": seed,
                "severities": list(SEVERITIES), "counts": list(TARGET_COUNTS),
                "ema_momentum": EMA_MOMENTUM, "sgd_batch": SGD_BATCH, "lr": LR,
-               "scale": scale.as_dict()}
-        runs.append(ctx.cache.get_or_run(
-            key, lambda s=seed: run_seed(ctx, data, scale, s)))
+               "scale": scale.as_dict()}, _seed_task, (scale, seed)) for seed in ctx.seeds],
+        desc="domain-shift runs")
     names = list(CORRUPTIONS)
     at = {n: {k: _stack(runs, "shifted", n, SEVERITY, k) for k in ("source", "target")}
           for n in names}

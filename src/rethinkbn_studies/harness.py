@@ -75,16 +75,11 @@ def _call(ctx: RunContext, task: Task) -> Any:
 
 
 def run_tasks(ctx: RunContext, tasks: list[Task], desc: str) -> list[Any]:
-    """:meth:`RunContext.run_all`: cached results, the missing ones run here or in the pool."""
+    """:meth:`RunContext.run_all`: cached results, the missing ones run here or in the pool,
+    under one progress bar ``desc`` over the missing runs (none when all are cached)."""
     from .cache import config_key
 
     keys = [config_key(t.config) for t in tasks]
-    if ctx.pool is None or ctx.jobs == 1:
-        done: dict[str, Any] = {}
-        for key, task in zip(keys, tasks, strict=True):
-            if key not in done:
-                done[key] = ctx.cache.get_or_run(task.config, lambda t=task: _call(ctx, t))
-        return [done[k] for k in keys]
     results: dict[str, Any] = {}
     missing: dict[str, Task] = {}
     for key, task in zip(keys, tasks, strict=True):
@@ -96,21 +91,29 @@ def run_tasks(ctx: RunContext, tasks: list[Task], desc: str) -> list[Any]:
         else:
             ctx.cache.hits += 1
             results[key] = stored
-    worker = dataclasses.replace(ctx, progress=no_progress, cache=RunCache(None), pool=None)
     bar = ctx.progress(None, desc=desc, total=len(missing), leave=False) if missing else None
-    futures: dict[Future[Any], str] = {ctx.pool.submit(_call, worker, t): k
-                                       for k, t in missing.items()}
+
+    def finished(key: str, result: Any) -> None:
+        results[key] = result
+        ctx.cache.put(missing[key].config, result)
+        ctx.cache.misses += 1
+        if bar is not None and hasattr(bar, "update"):
+            bar.update(1)
+
+    futures: dict[Future[Any], str] = {}
     try:
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                key = futures[future]
-                results[key] = future.result()
-                ctx.cache.put(missing[key].config, results[key])
-                ctx.cache.misses += 1
-                if bar is not None and hasattr(bar, "update"):
-                    bar.update(1)
+        if ctx.pool is None or ctx.jobs == 1:
+            for key, task in missing.items():
+                finished(key, _call(ctx, task))
+        else:
+            worker = dataclasses.replace(ctx, progress=no_progress, cache=RunCache(None),
+                                         pool=None)
+            futures = {ctx.pool.submit(_call, worker, t): k for k, t in missing.items()}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finished(futures[future], future.result())
     finally:
         for future in futures:
             future.cancel()

@@ -51,7 +51,7 @@ from rethinkbn.layers import GhostBatchNorm, is_batchnorm
 from rethinkbn.population import batch_stats_inference, precise_bn
 
 from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, register_study
+from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
 from .common import fmt, over_seeds, pyplot, save_plot
 from .processes import run_command
 from .roi import (
@@ -357,6 +357,12 @@ def run_variant(name: str, scale: LeakageScale, seed: int, progress: Any = None
     return {**evaluate(model, test, test_rois, scale), "train_loss": loss}
 
 
+def _variant_task(ctx: RunContext, name: str, scale: LeakageScale, seed: int
+                  ) -> dict[str, Any]:
+    """:func:`run_variant` as a task of ``ctx.run_all``."""
+    return run_variant(name, scale, seed, ctx.progress)
+
+
 # ----------------------------------------------------------------------------- real ranks
 def check_ranks(scale: LeakageScale, ranks: int, names: tuple[str, ...] = RANK_VARIANTS) -> None:
     """Raise ``ValueError`` unless every rank can hold whole devices of every variant ``names``.
@@ -605,21 +611,24 @@ def run(ctx: RunContext) -> StudyResult:
     ranks = ctx.ranks
     check_ranks(scale, ranks)  # before any training, not after the virtual runs
     base_key = {"study": "leakage", "v": 2, "scale": scale.as_dict()}
+    # The variants and the ablation in one call, so that the pool stays busy across both.
+    jobs = [(n, None, s) for n in VARIANTS for s in ctx.seeds]
+    jobs += [(ABLATION_VARIANT, a, s) for a in ABLATIONS for s in ctx.seeds]
+    tasks = []
+    for name, ablation, seed in jobs:
+        if ablation is None:
+            tasks.append(Task({**base_key, "variant": name, "seed": seed}, _variant_task,
+                              (name, scale, seed)))
+        else:
+            a_scale = ablation_scale(scale, ablation)
+            tasks.append(Task({"study": "leakage", "v": 2, "scale": a_scale.as_dict(),
+                               "variant": name, "seed": seed}, _variant_task,
+                              (name, a_scale, seed)))
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in VARIANTS}
-    jobs = [(n, s) for n in VARIANTS for s in ctx.seeds]
-    for name, seed in ctx.progress(jobs, desc="leakage runs", total=len(jobs), leave=True):
-        per_seed[name].append(ctx.cache.get_or_run(
-            {**base_key, "variant": name, "seed": seed},
-            lambda n=name, s=seed: run_variant(n, scale, s, ctx.progress)))
     ablated: dict[str, list[dict[str, Any]]] = {a: [] for a in ABLATIONS}
-    jobs = [(a, s) for a in ABLATIONS for s in ctx.seeds]
-    for name, seed in ctx.progress(jobs, desc="leakage ablation runs", total=len(jobs),
-                                   leave=True):
-        a_scale = ablation_scale(scale, name)
-        ablated[name].append(ctx.cache.get_or_run(
-            {"study": "leakage", "v": 2, "scale": a_scale.as_dict(),
-             "variant": ABLATION_VARIANT, "seed": seed},
-            lambda a=a_scale, s=seed: run_variant(ABLATION_VARIANT, a, s, ctx.progress)))
+    for (name, ablation, _), result in zip(jobs, ctx.run_all(tasks, desc="leakage runs"),
+                                           strict=True):
+        (per_seed[name] if ablation is None else ablated[ablation]).append(result)
     keys = ("pop", "mu_B")
     rpi = scale.task.rois_per_image
     wrong, per_seed = split_wrong(per_seed)
@@ -651,10 +660,12 @@ def run(ctx: RunContext) -> StudyResult:
             _diff(wrong_ablated, (a, "pop"), (a, "mu_B")).text()] for a in ABLATIONS]))
     ranks_wrong = None
     if ranks > 1:
+        # One run after the other, not through run_all: each run already keeps `ranks`
+        # processes (torchrun) busy.
         real: dict[str, list[dict[str, Any]]] = {n: [] for n in RANK_VARIANTS}
-        jobs = [(n, s) for n in RANK_VARIANTS for s in ctx.seeds]
-        for name, seed in ctx.progress(jobs, desc=f"leakage runs on {ranks} ranks",
-                                       total=len(jobs), leave=True):
+        rank_jobs = [(n, s) for n in RANK_VARIANTS for s in ctx.seeds]
+        for name, seed in ctx.progress(rank_jobs, desc=f"leakage runs on {ranks} ranks",
+                                       total=len(rank_jobs), leave=True):
             real[name].append(ctx.cache.get_or_run(
                 {**base_key, "variant": name, "seed": seed, "ranks": ranks},
                 lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))

@@ -49,6 +49,7 @@ from .base import (
     StudyResult,
     SummaryRow,
     Table,
+    Task,
     Verdict,
     mean_std,
     register_study,
@@ -345,6 +346,13 @@ def run_training(training: str, data: DataSplit, scale: MultiDomainScale, seed: 
     return out
 
 
+def _training_task(ctx: RunContext, training: str, scale: MultiDomainScale, seed: int,
+                   separation: float, lr: float) -> dict[str, Any]:
+    """:func:`run_training` as a task of ``ctx.run_all`` (a worker process loads the data
+    itself)."""
+    return run_training(training, ctx.dataset(), scale, seed, separation, lr, ctx.progress)
+
+
 def consistent_head(training: str) -> str:
     """The head of ``training`` whose population statistics match its training statistics."""
     heads = TRAININGS[training]
@@ -472,13 +480,13 @@ def run(ctx: RunContext) -> StudyResult:
                for t in SWEEP_TRAININGS])
     jobs = list(dict.fromkeys(jobs))
     todo = [(j, s) for j in jobs for s in ctx.seeds]
-    for (training, sep, lr), seed in ctx.progress(todo, desc="multi-domain runs",
-                                                  total=len(todo), leave=True):
-        key = {"study": "multi-domain", "v": 2, "data": ctx.data_spec, "training": training,
-               "separation": sep, "lr": lr, "seed": seed, "scale": scale.as_dict()}
-        runs.setdefault((training, sep, lr), []).append(ctx.cache.get_or_run(
-            key, lambda t=training, s=seed, p=sep, r=lr: run_training(
-                t, data, scale, s, p, r, ctx.progress)))
+    results = ctx.run_all(
+        [Task({"study": "multi-domain", "v": 2, "data": ctx.data_spec, "training": training,
+               "separation": sep, "lr": lr, "seed": seed, "scale": scale.as_dict()},
+              _training_task, (training, scale, seed, sep, lr))
+         for (training, sep, lr), seed in todo], desc="multi-domain runs")
+    for (job, _), result in zip(todo, results, strict=True):
+        runs.setdefault(job, []).append(result)
 
     def heads_of(sep: float, lrs: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
