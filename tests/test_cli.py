@@ -41,6 +41,9 @@ def test_reproduce_writes_report_plots_and_results(tiny_out, tiny_data, capsys):
         assert f"## `{name}`" in report
         assert report.count(f"| `{name}` |") >= 3  # its rows in the summary table
     assert report.count("**Verdicts.**") == 3
+    # precise-batch's deeper network: its ablation rows, verdicts and mechanism sentence
+    assert report.count("| Deeper network (NBS=32, 2 blocks per stage)") == 2
+    assert "the deeper NBS=32 model (2 blocks per stage) changes by" in report
     for plot in ["ema_vs_precise.png", "ema_batch_means.png", "precise_samples.png", "nbs.png"]:
         assert (out / plot).stat().st_size > 1000
         assert f"]({plot})" in report

@@ -16,6 +16,7 @@ from rethinkbn.population import capture_stats
 from rethinkbn_studies import bn, precise_batch
 from rethinkbn_studies.models import ResNet
 from rethinkbn_studies.precise_batch import (
+    DEEP,
     PER_BATCH_LAYERS,
     PER_BATCH_WHOLE,
     POOLED_WHOLE,
@@ -248,3 +249,90 @@ def test_mechanism_note_reads_the_per_layer_distances(deep, says):
     note = precise_batch.mechanism_note(numbers, wrong)
     assert says in note and f"{deep:.3f} sigma" in note
     assert "-11% off B=N's" in note and "-0.100 in stages.1.bn2" in note
+
+
+# ---------------------------------------------------------------------------- deeper network
+def two_depths(shallow: dict[str, float], deep: dict[str, float]):
+    """Numbers and per-sample errors for the NBS=32 model and the deeper network (paired draws,
+    as :func:`ablation_case`)."""
+    numbers, wrong = ablation_case(shallow)
+    deep_numbers, deep_wrong = ablation_case(deep)
+    numbers["mean"][DEEP] = deep_numbers["mean"]["32"]
+    wrong[DEEP] = deep_wrong["32"]
+    return numbers, wrong
+
+
+@pytest.mark.parametrize(("deep", "expected"), [
+    (rates(28.8, 23.6, 26.0), ["agrees", "agrees"]),
+    (rates(23.6, 28.8, 28.8), ["disagrees", "disagrees"]),
+    (rates(24.0, 24.0, 24.0), ["inconclusive", "inconclusive"]),
+])
+def test_deep_verdicts_follow_their_numbers(deep, expected, labels):
+    rows = precise_batch.deep_verdicts(*two_depths(rates(23.5, 23.5, 23.5), deep))
+    assert labels(rows) == expected
+    assert all("Deeper network" in r.claim and "McNemar" in r.verdict.detail for r in rows)
+    assert rows[0].ours == f"{deep[column(POOLED_WHOLE, 2)]:.1f} vs 23.5"
+    assert rows[0].paper == "28.8 vs 23.5"
+
+
+def test_deep_verdicts_are_absent_without_the_deeper_network():
+    assert precise_batch.deep_verdicts(*ablation_case(rates(28.8, 23.6, 26.0))) == []
+
+
+def test_mechanism_note_covers_both_depths():
+    numbers, wrong = two_depths(rates(24.0, 23.6, 24.0), rates(28.8, 23.6, 28.8))
+    note = precise_batch.mechanism_note(numbers, wrong)
+    assert note.count("95% CI [") == 6  # three effects per network
+    assert ("The intervals do not decide which mechanism drives the B=2 error in the NBS=32 "
+            "model (1 block per stage)") in note
+    assert ("not the estimator, drives the B=2 error in the deeper NBS=32 model (2 blocks per "
+            "stage)") in note
+    w = {c: np.stack(v) for c, v in wrong[DEEP].items()}
+    deep = 100 * (w[column(POOLED_WHOLE, 2)].mean() - w["B=N"].mean())
+    assert (f"ours shows it beyond the margin in the deeper NBS=32 model (2 blocks per stage) "
+            f"({deep:+.2f} pt); our intervals leave it undecided in the NBS=32 model "
+            f"(1 block per stage)") in note
+    assert note.index("28.8 vs 23.5") > note.index("deeper NBS=32 model (2 blocks per stage) "
+                                                   "changes by")
+
+
+def test_mechanism_note_says_where_the_paper_mechanism_does_not_show():
+    numbers, wrong = two_depths(rates(23.6, 23.6, 23.6), rates(23.6, 23.6, 23.6))
+    note = precise_batch.mechanism_note(numbers, wrong)
+    w = {c: np.stack(v) for c, v in wrong["32"].items()}
+    effect = 100 * (w[column(POOLED_WHOLE, 2)].mean() - w["B=N"].mean())  # the same draws
+    assert (f"ours does not show it beyond the margin in the NBS=32 model (1 block per stage) "
+            f"({effect:+.2f} pt) and the deeper NBS=32 model (2 blocks per stage) "
+            f"({effect:+.2f} pt)") in note
+
+
+def test_tables_give_the_deeper_network_ablation_rows_and_its_own_distances():
+    row = {"EMA": 23.7, "B=2": 24.0, "per-batch/whole B=2": 25.0,
+           "per-batch/layer-by-layer B=2": 23.6, "B=100": 23.5, "B=N": 23.5}
+    deep_row = {k: v for k, v in row.items() if k != "B=100"}
+    distance = {"stem.1": [0.0, 0.0, 0.0], "stages.0.bn1": [0.1, 0.2, -0.1]}
+    layers = {v: distance for v in (POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS)}
+    per_seed = {"32": [row], "2": [row], DEEP: [deep_row]}
+    scale = precise_batch.Scale(1000, 2000, 40, (16, 32, 64))
+    ours, ablation, shallow, deep = precise_batch._tables(
+        per_seed, {"32": layers, "2": layers, DEEP: layers}, scale)
+    assert [r[0] for r in ours.rows] == ["NBS=32", "NBS=2"]  # Table 2: the one-block models
+    assert [r[:2] for r in ablation.rows[-3:]] == [["NBS=32", 2]] * 3
+    assert ablation.rows[-3][2:] == [precise_batch.VARIANT_NAMES[POOLED_WHOLE], "24.0", "23.5"]
+    assert len(shallow.columns) == 7 and "deeper network" not in shallow.title
+    assert "deeper network" in deep.title and len(deep.columns) == 4
+    assert deep.rows[1] == ["stages.0.bn1", *["0.100 / 0.200 / -0.100"] * 3]
+
+
+@pytest.mark.parametrize("b", [2, 10])
+def test_the_deeper_networks_precise_bn_column_is_the_librarys(b):
+    """The deeper network's pooled/whole statistics come from the moments of the per-batch
+    estimator's own pass; they are the library's PreciseBN, and the other variants are the same
+    either way."""
+    exact, x = ghost_resnet(), inputs()
+    bn.population_stats(exact, x, batch_size=N, num_samples=N, seed=0)
+    fast = precise_batch._variant_stats(exact, x, b, 3, library=False)
+    slow = precise_batch._variant_stats(exact, x, b, 3, library=True)
+    assert list(fast) == list(slow) == [POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS]
+    for variant in fast:
+        assert_stats_close(fast[variant], slow[variant], rtol=1e-5, atol=1e-6)

@@ -522,3 +522,36 @@ def test_ghost_models_train_longer_on_fewer_mnist1d_samples_in_both_modes():
     assert (f.num_train, f.epochs, f.widths) == (GHOST_MNIST1D_SAMPLES, full, (16, 32, 64))
     other = ghost_scale(_ctx(True, "CIFAR-10", 8000))
     assert (other.num_train, other.epochs) == (2000, quick)
+
+
+def test_a_deeper_ghost_model_has_a_key_of_its_own_and_the_one_block_keys_stay():
+    from rethinkbn_studies.cache import config_key
+    from rethinkbn_studies.common import GHOST_LR, GHOST_SGD_BATCH, ghost_model_task, ghost_scale
+
+    ctx = _ctx(True, "MNIST-1D", 8000)
+    scale = ghost_scale(ctx)
+    old = {"model": "ghost-resnet", "v": 2, "data": "mnist1d:corr0.6", "nbs": 32, "seed": 1,
+           "sgd_batch": GHOST_SGD_BATCH, "lr": GHOST_LR, "scale": scale.as_dict()}
+    assert ghost_model_task(ctx, scale, 32, 1).config == old  # the key before `blocks` existed
+    assert ghost_model_task(ctx, scale, 32, 1, blocks=1).config == old
+    deep = ghost_model_task(ctx, scale, 32, 1, blocks=2)
+    assert deep.config == {**old, "blocks": 2} and deep.args[-1] == 2
+    assert config_key(ghost_model_task(ctx, scale, 32, 1).config) == config_key(old)
+    assert config_key(deep.config) != config_key(old)
+
+
+def test_ghost_model_loads_a_deeper_model_with_the_same_blocks():
+    import torch
+
+    from rethinkbn_studies import bn
+    from rethinkbn_studies.common import Scale, ghost_model, new_model
+
+    ctx = _ctx(True, "MNIST-1D", 200)
+    scale = Scale(200, 100, 1, (4, 8))
+    deep = new_model(ctx, ctx.dataset(), scale, 0, blocks=2)
+    assert len(deep.stages) == 4  # 2 stages x 2 blocks
+    trained = {"state": bn.set_norm_batch_size(deep, 32).state_dict()}
+    loaded = ghost_model(ctx, scale, 32, 0, trained, blocks=2)
+    assert all(torch.equal(v, trained["state"][k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(RuntimeError):  # a one-block model has no room for the second blocks
+        ghost_model(ctx, scale, 32, 0, trained)

@@ -111,10 +111,12 @@ def data_name(ctx: RunContext) -> str:
             f"0.25; see the calibration in `precise-batch`)")
 
 
-def new_model(ctx: RunContext, data: DataSplit, scale: Scale, seed: int) -> nn.Module:
-    """A freshly initialized ResNet for ``data`` on ``ctx.device``, initialized by ``seed``."""
+def new_model(ctx: RunContext, data: DataSplit, scale: Scale, seed: int,
+              blocks: int = 1) -> nn.Module:
+    """A freshly initialized ResNet for ``data`` on ``ctx.device`` (``blocks`` BasicBlocks per
+    stage), initialized by ``seed``."""
     torch.manual_seed(seed)
-    return build_model(data, widths=scale.widths).to(ctx.device)
+    return build_model(data, widths=scale.widths, blocks=blocks).to(ctx.device)
 
 
 # The models trained with ghost BN at a normalization batch size (NBS), shared by the studies that
@@ -154,32 +156,37 @@ def ghost_scale(ctx: RunContext) -> Scale:
 
 
 def ghost_model_task(ctx: RunContext, scale: Scale, nbs: int, seed: int,
-                     corr_noise: float | None = MNIST1D_CORR_NOISE) -> Task:
+                     corr_noise: float | None = MNIST1D_CORR_NOISE, blocks: int = 1) -> Task:
     """The training run of the shared NBS model: SGD batch :data:`GHOST_SGD_BATCH`, lr
     :data:`GHOST_LR` (cosine), ghost BN with ``nbs``; its result is the trained state dict (load
-    it with :func:`ghost_model`). The key names no study, so every study asking for the same
-    model at the same scale gets the same run. ``corr_noise``: the data (:func:`study_data`)."""
+    it with :func:`ghost_model`, with the same ``blocks``). The key names no study, so every
+    study asking for the same model at the same scale gets the same run. ``corr_noise``: the
+    data (:func:`study_data`); ``blocks``: BasicBlocks per stage (a deeper network for more)."""
     config = {"model": "ghost-resnet", "v": 2, "data": data_key(ctx, corr_noise), "nbs": nbs,
               "seed": seed, "sgd_batch": GHOST_SGD_BATCH, "lr": GHOST_LR,
               "scale": scale.as_dict()}
-    return Task(config, _train_ghost_model, (scale, nbs, seed, corr_noise))
+    if blocks != 1:
+        config["blocks"] = blocks  # named only when deeper: the one-block runs keep their keys
+    return Task(config, _train_ghost_model, (scale, nbs, seed, corr_noise, blocks))
 
 
 def _train_ghost_model(ctx: RunContext, scale: Scale, nbs: int, seed: int,
-                       corr_noise: float | None) -> dict[str, Any]:
+                       corr_noise: float | None, blocks: int = 1) -> dict[str, Any]:
     data = study_data(ctx, corr_noise).subset(scale.num_train, scale.num_val)
-    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
+    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed, blocks), nbs)
     config = TrainConfig(epochs=scale.epochs, batch_size=GHOST_SGD_BATCH, lr=GHOST_LR)
+    deeper = "" if blocks == 1 else f", {blocks} blocks"
     train(model, data.train_x, data.train_y, config, seed=seed, progress=ctx.progress,
-          desc=f"NBS {nbs} seed {seed}")
+          desc=f"NBS {nbs} seed {seed}{deeper}")
     return {"state": {k: v.cpu() for k, v in model.state_dict().items()}}
 
 
 def ghost_model(ctx: RunContext, scale: Scale, nbs: int, seed: int,
-                trained: dict[str, Any]) -> nn.Module:
-    """The shared NBS model of :func:`ghost_model_task` with its trained state ``trained``."""
+                trained: dict[str, Any], blocks: int = 1) -> nn.Module:
+    """The shared NBS model of :func:`ghost_model_task` (the same ``blocks``) with its trained
+    state ``trained``."""
     data = ctx.dataset()
-    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed), nbs)
+    model = bn.set_norm_batch_size(new_model(ctx, data, scale, seed, blocks), nbs)
     model.load_state_dict(trained["state"])
     return model
 
