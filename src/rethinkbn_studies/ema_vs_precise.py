@@ -346,6 +346,12 @@ def matched_checkpoints(normal: list[float], large: list[float]) -> list[tuple[i
             if abs(large[j] - normal[i]) <= MATCH_REL * normal[i]]
 
 
+def _errors_at(per_seed: list[Any], point: int) -> np.ndarray:
+    """Per seed and sample: the 0/1 errors at measurement ``point`` (``per_seed``: per seed, a
+    ``(points, samples)`` array)."""
+    return np.stack([np.asarray(w, dtype=np.float64)[point] for w in per_seed])
+
+
 def _gap_at(wrong: dict[str, Any], point: int) -> np.ndarray:
     """Per seed and sample: EMA's minus PreciseBN's 0/1 error at measurement ``point``."""
     return _epochs_gap(wrong, point, point + 1)
@@ -361,8 +367,7 @@ def matched_verdicts(numbers: dict[str, Any], wrong: dict[str, Any]) -> list[Sum
     lb, every = numbers["large_batch"], numbers["large_every"]
     normal, large = wrong[str(NORMAL_BATCH)], wrong[str(lb)]
     points = len(normal["ema"][0])
-    end_n = np.stack([np.asarray(w, dtype=np.float64)[-1] for w in normal["precise"]])
-    end_l = np.stack([np.asarray(w, dtype=np.float64)[-1] for w in large["precise"]])
+    end_n, end_l = _errors_at(normal["precise"], -1), _errors_at(large["precise"], -1)
     rows = [SummaryRow(
         f"Matched quality: the large batch ({lb}, {points * every} epochs) ends as good as the "
         f"normal batch ({NORMAL_BATCH}, {points} epochs) with PreciseBN",
@@ -395,7 +400,7 @@ def matched_verdicts(numbers: dict[str, Any], wrong: dict[str, Any]) -> list[Sum
             agrees=False, criterion=f"needs a checkpoint of matched PreciseBN error ({rule}); "
             f"none", outcome=INCONCLUSIVE)))
     d_end = _gap_at(large, points - 1)
-    ema_end = np.stack([np.asarray(w, dtype=np.float64)[-1] for w in large["ema"]])
+    ema_end = _errors_at(large["ema"], -1)
     rows.append(SummaryRow(
         f"Large batch ({lb}), matched quality: EMA slightly worse than PreciseBN at the end of "
         f"training", f"{100 * ema_end.mean():.1f} vs {100 * end_l.mean():.1f}",

@@ -616,14 +616,9 @@ def run(ctx: RunContext) -> StudyResult:
     jobs += [(ABLATION_VARIANT, a, s) for a in ABLATIONS for s in ctx.seeds]
     tasks = []
     for name, ablation, seed in jobs:
-        if ablation is None:
-            tasks.append(Task({**base_key, "variant": name, "seed": seed}, _variant_task,
-                              (name, scale, seed)))
-        else:
-            a_scale = ablation_scale(scale, ablation)
-            tasks.append(Task({"study": "leakage", "v": 2, "scale": a_scale.as_dict(),
-                               "variant": name, "seed": seed}, _variant_task,
-                              (name, a_scale, seed)))
+        s = scale if ablation is None else ablation_scale(scale, ablation)
+        tasks.append(Task({**base_key, "scale": s.as_dict(), "variant": name, "seed": seed},
+                          _variant_task, (name, s, seed)))
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in VARIANTS}
     ablated: dict[str, list[dict[str, Any]]] = {a: [] for a in ABLATIONS}
     for (name, ablation, _), result in zip(jobs, ctx.run_all(tasks, desc="leakage runs"),

@@ -18,6 +18,7 @@ from typing import Any
 from rethinkbn.population import markdown_table
 
 from .base import AGREES, INCONCLUSIVE
+from .report import run_origin
 
 __all__ = ["BEGIN", "BLOCKS", "END", "render", "rewrite"]
 
@@ -44,10 +45,8 @@ def _uncertainty(row: dict[str, Any]) -> str:
 
 
 def _run(env: dict[str, Any]) -> str:
-    if not env.get("command"):
-        return ""
-    commit = f", commit {env['commit']}" if env.get("commit") else ""
-    return f"run {env.get('started', '?')}{commit}, `{env['command']}`; "
+    origin = run_origin(env)
+    return "" if origin is None else f"run {origin}, `{env['command']}`; "
 
 
 def render(results: dict[str, Any], source: str = str(RESULTS),

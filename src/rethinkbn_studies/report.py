@@ -21,7 +21,7 @@ from rethinkbn.population import markdown_table
 
 from .base import AGREES, INCONCLUSIVE, Study, StudyResult
 
-__all__ = ["StudyOutcome", "environment", "render_report", "what_would_change",
+__all__ = ["StudyOutcome", "environment", "render_report", "run_origin", "what_would_change",
            "write_outputs"]
 
 
@@ -96,13 +96,19 @@ def _cache_note(env: dict[str, Any]) -> str:
     return f" ({cache['misses']} runs computed, {cache['hits']} taken from the cache)"
 
 
-def _run_note(env: dict[str, Any]) -> str:
-    """When, from which commit and with which command the run was made (older results.json
-    files lack these keys)."""
+def run_origin(env: dict[str, Any]) -> str | None:
+    """When and from which commit the run of ``env`` was made (``"<started>, commit <c>"``),
+    or None for an older results.json that lacks its command (the caller shows the command,
+    ``env["command"]``, beside it)."""
     if not env.get("command"):
-        return ""
+        return None
     commit = f", commit {env['commit']}" if env.get("commit") else ""
-    return f"Run {env.get('started', '?')}{commit}: `{env['command']}`. "
+    return f"{env.get('started', '?')}{commit}"
+
+
+def _run_note(env: dict[str, Any]) -> str:
+    origin = run_origin(env)
+    return "" if origin is None else f"Run {origin}: `{env['command']}`. "
 
 
 def _ranks_note(env: dict[str, Any]) -> str:
