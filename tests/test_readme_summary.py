@@ -61,3 +61,30 @@ def test_rewrite_replaces_only_the_block_and_needs_both_markers():
     assert readme.rewrite(text, "NEW") == "before\nNEW\nafter\n"
     with pytest.raises(ValueError, match="markers"):
         readme.rewrite("no markers", "NEW")
+
+
+@pytest.mark.parametrize("source", list(readme.BLOCKS))
+def test_every_committed_verdict_states_effect_uncertainty_test_and_one_of_three_outcomes(source):
+    results = json.loads((ROOT / source).read_text())
+    env = results["environment"]
+    assert len(env["seeds"]) >= 3 and env.get("command") and env.get("started")
+    folder = (ROOT / source).parent
+    for name, study in results["studies"].items():
+        assert study["error"] is None, name
+        assert all((folder / plot).is_file() for plot in study["plots"]), name
+        for row in study["summary"]:
+            assert row["verdict"] in ("agrees", "disagrees", "inconclusive"), row["claim"]
+            assert row["effect"] is not None and row["test"], row["claim"]
+            u = row["uncertainty"]
+            assert u["low"] is not None and u["low"] <= row["effect"] <= u["high"], row["claim"]
+
+
+def test_the_committed_quick_run_shows_fig4_and_the_lambda_sweep_with_plots_and_verdicts():
+    results = json.loads((ROOT / readme.RESULTS).read_text())
+    assert results["environment"]["mode"] == "quick"
+    report = (ROOT / readme.RESULTS).with_name("report.md").read_text()
+    for plot in ("precise_samples.png", "ema_momentum_sweep.png"):
+        assert f"![{plot}]({plot})" in report
+    claims = [r["claim"] for r in results["studies"]["ema-vs-precise"]["summary"]]
+    assert any(c.startswith("Fig. 4") for c in claims)
+    assert any(c.startswith("Lambda sweep") for c in claims)
