@@ -155,6 +155,22 @@ def test_batch_moments_groups_every_pass_batch_and_leaves_the_model_as_it_was():
     torch.testing.assert_close(moments["stem.1"].mean, moments_eval["stem.1"].mean)
 
 
+@pytest.mark.parametrize("layer_by_layer", [False, True])
+def test_batch_moments_refuses_non_finite_inputs_naming_the_layer(layer_by_layer):
+    model, x = ghost_resnet(), inputs()
+    x[7, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"stem\.1: its input has non-finite values"):
+        bn.batch_moments(model, x, batch_size=2, num_samples=N, seed=0,
+                         layer_by_layer=layer_by_layer)
+
+
+@pytest.mark.parametrize(("n", "num_samples"), [(0, N), (N, 0)])
+def test_batch_moments_refuses_a_pass_without_samples(n, num_samples):
+    model, x = ghost_resnet(), inputs()
+    with pytest.raises(ValueError, match="no samples"):
+        bn.batch_moments(model, x[:n], batch_size=2, num_samples=num_samples, seed=0)
+
+
 def test_per_batch_variance_misses_the_spread_of_the_batch_means():
     """The per-batch estimator's bias, on the first layer's input (float64): the average of
     the batches' unbiased variances falls short of the pooled variance by exactly the

@@ -136,6 +136,9 @@ def batch_moments(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: 
     The model ends as it was: no statistic, mode or hook changes."""
     if batch_size < 1:
         raise ValueError(f"batch_moments: batch_size must be >= 1, got {batch_size}")
+    if min(num_samples, len(x)) < 1:
+        raise ValueError(f"batch_moments: no samples to estimate statistics from (num_samples="
+                         f"{num_samples}, {len(x)} inputs); PreciseBN refuses this too")
     layers = {name: model.get_submodule(name) for name in capture_stats(model)}
     rows: dict[str, list[Moments]] = {name: [] for name in layers}
 
@@ -169,9 +172,15 @@ def batch_moments(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: 
             h.remove()
         for m, training in modes.items():
             m.training = training
-    return {name: Moments(*(torch.cat([getattr(r, f) for r in rs])
-                            for f in ("count", "mean", "m2")))
-            for name, rs in rows.items() if rs}
+    out = {name: Moments(*(torch.cat([getattr(r, f) for r in rs])
+                           for f in ("count", "mean", "m2")))
+           for name, rs in rows.items() if rs}
+    for name, m in out.items():
+        # A NaN or inf in the inputs would reach the estimators unseen: refuse it here, by layer.
+        if not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()):
+            raise ValueError(f"batch_moments: {name}: its input has non-finite values (NaN or "
+                             f"inf) in some pass batch; check the inputs and the model")
+    return out
 
 
 def per_batch_stats(moments: dict[str, Moments]) -> Snapshot:
