@@ -196,6 +196,7 @@ def test_a_root_batchnorm_is_replaced_by_a_new_root():
     eps=st.sampled_from([1e-5, 1e-3, 0.1]),
     momentum=st.sampled_from([0.1, 0.5, None]),
     affine=st.booleans(),
+    bias=st.booleans(),
     track=st.booleans(),
     training=st.booleans(),
     requires_grad=st.booleans(),
@@ -204,10 +205,10 @@ def test_a_root_batchnorm_is_replaced_by_a_new_root():
     kind=st.sampled_from(["ghost", "frozen", "domain"]),
 )
 def test_hyper_parameters_flags_and_dtype_carry_over_both_ways(
-    eps, momentum, affine, track, training, requires_grad, dtype, torch_class, kind
+    eps, momentum, affine, bias, track, training, requires_grad, dtype, torch_class, kind
 ):
     bn = torch_class(5, eps=eps, momentum=momentum, affine=affine, track_running_stats=track,
-                     dtype=dtype)
+                     dtype=dtype, bias=bias)
     bn.train(training)
     for p in bn.parameters():
         p.requires_grad_(requires_grad)
@@ -216,6 +217,7 @@ def test_hyper_parameters_flags_and_dtype_carry_over_both_ways(
     for layer in (converted, revert_batchnorm(model, domain=0)[0]):
         assert (layer.eps, layer.momentum, layer.track_running_stats) == (eps, momentum, track)
         assert layer.training == training
+        assert (layer.bias is None) == (not (affine and bias))
         assert all(p.requires_grad == requires_grad for p in layer.parameters())
         assert all(t.dtype == dtype for t in (*layer.parameters(), *layer.buffers())
                    if t.is_floating_point())
