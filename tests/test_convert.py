@@ -15,15 +15,14 @@ from rethinkbn.convert import (
     convert_batchnorm,
     fold_batchnorm,
     freeze_bn,
-    norm_act,
     register_converter,
     register_norm_act,
     revert_batchnorm,
-    surgery,
     to_domain_bn,
     to_ghost_bn,
     unfreeze_bn,
 )
+from rethinkbn.convert import registry as registry_tables
 from rethinkbn.distributed import to_sync_bn
 from rethinkbn.layers import (
     DomainBatchNorm,
@@ -97,6 +96,14 @@ def bn_layers(model):
     return [m for m in model.modules() if is_batchnorm(m)]
 
 
+def unconvertible():
+    """A layer no conversion takes without ``domain=``: per-domain statistics to choose from.
+
+    (These tests used torch's ``bias=False`` until every kind converted it.)
+    """
+    return DomainBatchNorm(4, num_domains=2)
+
+
 @pytest.fixture
 def net():
     return trained(Net())
@@ -105,8 +112,8 @@ def net():
 @pytest.fixture
 def registry():
     """Restores the converter registry after a test that registers converters."""
-    registries = (surgery._KINDS, surgery._READERS, surgery._SOURCE_CONVERTERS,
-                  norm_act._ACT_VARIANTS)
+    registries = (registry_tables.KINDS, registry_tables.READERS,
+                  registry_tables.SOURCE_CONVERTERS, registry_tables.ACT_VARIANTS)
     saved = tuple(dict(r) for r in registries)
     yield
     for live, old in zip(registries, saved, strict=True):
@@ -189,6 +196,7 @@ def test_a_root_batchnorm_is_replaced_by_a_new_root():
     eps=st.sampled_from([1e-5, 1e-3, 0.1]),
     momentum=st.sampled_from([0.1, 0.5, None]),
     affine=st.booleans(),
+    bias=st.booleans(),
     track=st.booleans(),
     training=st.booleans(),
     requires_grad=st.booleans(),
@@ -197,10 +205,10 @@ def test_a_root_batchnorm_is_replaced_by_a_new_root():
     kind=st.sampled_from(["ghost", "frozen", "domain"]),
 )
 def test_hyper_parameters_flags_and_dtype_carry_over_both_ways(
-    eps, momentum, affine, track, training, requires_grad, dtype, torch_class, kind
+    eps, momentum, affine, bias, track, training, requires_grad, dtype, torch_class, kind
 ):
     bn = torch_class(5, eps=eps, momentum=momentum, affine=affine, track_running_stats=track,
-                     dtype=dtype)
+                     dtype=dtype, bias=bias)
     bn.train(training)
     for p in bn.parameters():
         p.requires_grad_(requires_grad)
@@ -209,6 +217,7 @@ def test_hyper_parameters_flags_and_dtype_carry_over_both_ways(
     for layer in (converted, revert_batchnorm(model, domain=0)[0]):
         assert (layer.eps, layer.momentum, layer.track_running_stats) == (eps, momentum, track)
         assert layer.training == training
+        assert (layer.bias is None) == (not (affine and bias))
         assert all(p.requires_grad == requires_grad for p in layer.parameters())
         assert all(t.dtype == dtype for t in (*layer.parameters(), *layer.buffers())
                    if t.is_floating_point())
@@ -273,7 +282,7 @@ def test_freezing_the_affine_parameters_is_undone_by_unfreezing(net):
 
 
 def test_a_failed_freeze_does_not_switch_off_requires_grad(net):
-    net.heads["tail"] = nn.BatchNorm2d(4, bias=False)  # weight without bias: not convertible
+    net.heads["tail"] = unconvertible()
     with pytest.raises(ValueError, match="'heads.tail'"):
         freeze_bn(net, affine_trainable=False)
     assert all(p.requires_grad for p in net.parameters())
@@ -354,10 +363,10 @@ def test_an_invalid_argument_names_the_layer_and_value_and_changes_nothing(net):
 
 
 def test_a_failure_at_a_later_layer_leaves_the_earlier_ones_unchanged(net):
-    net.heads["tail"] = nn.BatchNorm2d(4, bias=False)  # weight without bias: not convertible
+    net.heads["tail"] = unconvertible()
     reference = copy.deepcopy(net)
     types = [type(m) for m in net.modules()]
-    with pytest.raises(ValueError, match=r"'heads\.tail'.*no bias"):
+    with pytest.raises(ValueError, match=r"'heads\.tail'.*per-domain"):
         to_ghost_bn(net, norm_batch_size=2)
     assert [type(m) for m in net.modules()] == types
     assert_same_state(net, reference)

@@ -69,3 +69,207 @@ def test_studies_use_only_the_public_api_of_the_library(path):
         public = set(importlib.import_module(module).__all__)
         private = [n for n in names if n not in public]
         assert not private, f"{where} imports {private} from {module}, not in its __all__"
+
+
+# ---------------------------------------------------------------------------- the import graph
+# Computed from the source (ast), so it sees every import a module can make: at module level,
+# inside functions (lazy imports) and under ``if TYPE_CHECKING:``. Nodes are the modules of both
+# packages; ``from pkg import sub`` points at the submodule ``pkg.sub``, ``from pkg import name``
+# at ``pkg`` (its ``__init__``). The parent packages that Python runs first are not edges:
+# every module would otherwise sit in a circle with its package's ``__init__``.
+PACKAGES = ("rethinkbn", "rethinkbn_studies")
+ROOT = SRC.parent
+
+
+def _module_files() -> dict[str, tuple[Path, bool]]:
+    """``{dotted name: (path, is_package)}`` for every module of both packages."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((SRC / package).rglob("*.py")):
+            parts = list(path.relative_to(SRC).with_suffix("").parts)
+            is_package = parts[-1] == "__init__"
+            found[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return found
+
+
+MODULES = _module_files()
+
+
+def _internal(name: str) -> str | None:
+    """The module of ours that importing ``name`` runs last (its longest known prefix)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
+    """``(line, module)`` for every import of one of our modules in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [_internal(alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else _internal(base)
+                for alias in node.names
+            ]
+        else:
+            continue
+        found += [(node.lineno, t) for t in targets if t is not None]
+    return found
+
+
+def import_graph(extra: tuple[Path, ...] = ()) -> dict[str, dict[str, int]]:
+    """``{module: {imported module: first line}}`` for both packages (and ``extra`` files, named
+    by their path relative to the repository)."""
+    graph: dict[str, dict[str, int]] = {}
+    files = [(name, path, name if is_pkg else name.rpartition(".")[0])
+             for name, (path, is_pkg) in MODULES.items()]
+    files += [(str(p.relative_to(ROOT)), p, "") for p in extra]
+    for name, path, package in files:
+        edges = graph.setdefault(name, {})
+        for line, target in _imported_modules(path, package):
+            if target != name:
+                edges.setdefault(target, line)
+    return graph
+
+
+def import_cycles(graph: dict[str, dict[str, int]]) -> list[frozenset[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = {stack.pop()}
+            while v not in component:
+                component.add(stack.pop())
+            if len(component) > 1:
+                cycles.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def _private_owner(module: str) -> str | None:
+    """The package whose private module ``module`` is (``a.b._c`` -> ``a.b``); None if public."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+GRAPH = import_graph(tuple(sorted((ROOT / "benchmarks").glob("*.py"))))
+PHASE_2 = "fixed in phase 2"
+
+# What the graph holds today and phase 2 of issue 19 removes; each entry is an xfail(strict):
+# fixing one makes its test pass, which fails until the entry is taken off this list.
+KNOWN_CYCLES = [
+    frozenset({"rethinkbn_studies.base", "rethinkbn_studies.harness", "rethinkbn_studies.report"}),
+]
+KNOWN_ARROWS_UP = [  # (importer, imported): the library's or the benchmarks' use of the harness
+    ("rethinkbn.cli", "rethinkbn_studies.base"),
+    ("rethinkbn.cli", "rethinkbn_studies.harness"),
+    ("benchmarks/bench_fold.py", "rethinkbn_studies.processes"),
+    ("benchmarks/bench_ghost.py", "rethinkbn_studies.processes"),
+    ("benchmarks/bench_precise.py", "rethinkbn_studies.processes"),
+    ("benchmarks/bench_shuffle.py", "rethinkbn_studies.processes"),
+    ("benchmarks/bench_sync.py", "rethinkbn_studies.processes"),
+]
+KNOWN_PRIVATE_IMPORTS = [  # (importer, another subpackage's private module)
+    ("rethinkbn.diagnosis", "rethinkbn.population._state"),
+    ("rethinkbn.integrations.lightning", "rethinkbn.population._state"),
+]
+
+
+def _arrows_up() -> list[tuple[str, str]]:
+    return sorted(
+        (m, t) for m, edges in GRAPH.items() for t in edges
+        if not m.startswith("rethinkbn_studies") and t.split(".")[0] == "rethinkbn_studies"
+    )
+
+
+def _private_imports() -> list[tuple[str, str]]:
+    found = []
+    for m, edges in GRAPH.items():
+        for t in edges:
+            owner = _private_owner(t)
+            if owner is not None and not _inside(m, owner):
+                found.append((m, t))
+    return sorted(found)
+
+
+def _shown(pairs: list[tuple[str, str]]) -> list[str]:
+    return [f"{m}:{GRAPH[m][t]} imports {t}" for m, t in pairs]
+
+
+def test_the_import_graph_sees_lazy_and_relative_imports():
+    # guards the graph itself: the lazy import of the CLI and a relative one of the library
+    assert "rethinkbn_studies.harness" in GRAPH["rethinkbn.cli"]
+    assert "rethinkbn.convert.surgery" in GRAPH["rethinkbn.convert"]
+    assert "rethinkbn._checks" in GRAPH["rethinkbn.convert.surgery"]
+    cycle = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}
+    assert import_cycles(cycle) == [frozenset("abc")]
+
+
+def test_no_import_cycle_but_the_known_ones():
+    new = [sorted(c) for c in import_cycles(GRAPH) if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles: {new}"
+
+
+@pytest.mark.xfail(strict=True, reason=PHASE_2)
+@pytest.mark.parametrize("cycle", KNOWN_CYCLES, ids=lambda c: "<->".join(sorted(c)))
+def test_known_import_cycle_is_gone(cycle):
+    assert cycle not in import_cycles(GRAPH)
+
+
+def test_no_arrow_up_but_the_known_ones():
+    new = [p for p in _arrows_up() if p not in KNOWN_ARROWS_UP]
+    assert not new, _shown(new)
+
+
+@pytest.mark.xfail(strict=True, reason=PHASE_2)
+@pytest.mark.parametrize("arrow", KNOWN_ARROWS_UP, ids="->".join)
+def test_known_arrow_up_is_gone(arrow):
+    assert arrow not in _arrows_up(), _shown([arrow])
+
+
+def test_no_module_imports_another_packages_private_module_but_the_known_ones():
+    new = [p for p in _private_imports() if p not in KNOWN_PRIVATE_IMPORTS]
+    assert not new, _shown(new)
+
+
+@pytest.mark.xfail(strict=True, reason=PHASE_2)
+@pytest.mark.parametrize("pair", KNOWN_PRIVATE_IMPORTS, ids="->".join)
+def test_known_private_import_is_gone(pair):
+    assert pair not in _private_imports(), _shown([pair])
+
+
+def test_the_convert_package_imports_point_down_its_layers():
+    # state -> registry -> norm_act / kinds -> surgery / fold: nothing imports a layer above it
+    order = ["state", "registry", "norm_act", "kinds", "surgery", "fold"]
+    rank = {f"rethinkbn.convert.{n}": i for i, n in enumerate(order)}
+    assert set(rank) == {m for m in MODULES if m.startswith("rethinkbn.convert.")}
+    up = [(m, t) for m in rank for t in GRAPH[m] if t in rank and rank[t] >= rank[m]]
+    assert not up, _shown(up)

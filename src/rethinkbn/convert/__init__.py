@@ -8,15 +8,20 @@
 
 timm's BatchNormAct2d / SyncBatchNormAct (BatchNorm + drop + act) convert to every kind and back
 (``rethinkbn.convert.norm_act``); ``register_norm_act`` adds another library's.
+
+Layout, imports pointing down: ``state`` (BatchNormState, reading a layer) -> ``registry`` (the
+tables of kinds, readers, source converters, norm-act variants) -> ``norm_act`` and ``kinds``
+(the factories: norm-act classes, ``register_converter`` and the builders) -> ``surgery`` and
+``fold`` (the engines).
 """
 
 from .fold import FoldedLinear, fold_batchnorm
+from .kinds import register_converter
 from .norm_act import register_norm_act
+from .state import BatchNormState
 from .surgery import (
-    BatchNormState,
     convert_batchnorm,
     freeze_bn,
-    register_converter,
     revert_batchnorm,
     swap_modules,
     to_domain_bn,

@@ -17,10 +17,20 @@ pull in torchvision, which does not load with every torch build.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .registry import (
+    ACT_VARIANTS,
+    KINDS,
+    NORM_ACT_CLASSES,
+    READERS,
+    NormActMixin,
+    act_variant,
+    plain_class,
+)
+from .state import POST_MODULES, post_modules, read_torch
 
 __all__ = [
     "POST_MODULES",
@@ -33,21 +43,6 @@ __all__ = [
     "register_norm_act",
 ]
 
-# The children a norm-act layer applies after normalizing, in this order (timm's names).
-POST_MODULES = ("drop", "act")
-
-# torch's plain class -> the library class that adds POST_MODULES to it (timm's, once registered).
-_ACT_VARIANTS: dict[type[_BatchNorm], type[_BatchNorm]] = {}
-_NORM_ACT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
-
-
-class NormActMixin:
-    """``act(drop(norm(x)))``: the forward timm's BatchNormAct2d adds to BatchNorm."""
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = super().forward(x, *args, **kwargs)  # type: ignore[misc]
-        return self.act(self.drop(y))  # type: ignore[attr-defined]
-
 
 def norm_act_class(base: type[nn.Module]) -> type[nn.Module]:
     """The subclass of ``base`` (a rethinkbn layer class) that applies ``drop`` then ``act``.
@@ -57,22 +52,13 @@ def norm_act_class(base: type[nn.Module]) -> type[nn.Module]:
     """
     if issubclass(base, NormActMixin):
         return base
-    cls = _NORM_ACT_CLASSES.get(base)
+    cls = NORM_ACT_CLASSES.get(base)
     if cls is None:
         name = f"{base.__name__}Act"
         cls = type(name, (NormActMixin, base), {"__module__": __name__, "__qualname__": name,
                                                  "__doc__": f"{base.__name__} + drop + act."})
-        _NORM_ACT_CLASSES[base] = cls
+        NORM_ACT_CLASSES[base] = cls
         globals().setdefault(name, cls)
-    return cls
-
-
-def plain_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """The kind class a norm-act class was made from (``GhostBatchNormAct`` -> ``GhostBatchNorm``);
-    any other class is its own."""
-    for base, made in _NORM_ACT_CLASSES.items():
-        if made is cls:
-            return base
     return cls
 
 
@@ -80,26 +66,10 @@ def __getattr__(name: str) -> type[nn.Module]:
     # Unpickling a saved model asks for a class this process has not created yet.
     if name.startswith("__") or not name.endswith("Act"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from .surgery import _KINDS
-
-    for kind in _KINDS.values():
+    for kind in KINDS.values():
         if name == f"{kind.cls.__name__}Act" and not issubclass(kind.cls, _BatchNorm):
             return norm_act_class(kind.cls)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def post_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """``{"drop": ..., "act": ...}`` of a norm-act layer (the ones it has), else ``{}``."""
-    children = module._modules
-    return {key: children[key] for key in POST_MODULES if children.get(key) is not None}
-
-
-def act_variant(cls: type[nn.Module]) -> type[_BatchNorm] | None:
-    """``cls`` when it is a registered norm-act torch class, else its norm-act counterpart
-    (``nn.SyncBatchNorm`` -> timm's ``SyncBatchNormAct``), else None."""
-    if cls in _ACT_VARIANTS.values():
-        return cls  # type: ignore[return-value]
-    return _ACT_VARIANTS.get(cls)  # type: ignore[call-overload]
 
 
 def register_norm_act(plain: type[_BatchNorm], norm_act: type[_BatchNorm]) -> None:
@@ -112,14 +82,12 @@ def register_norm_act(plain: type[_BatchNorm], norm_act: type[_BatchNorm]) -> No
     ``drop`` and ``act``, a revert to ``plain`` gives ``norm_act`` back, and ``fold_batchnorm``
     folds it. Side effect: changes the module-level registry.
     """
-    from .surgery import _READERS, _read_torch
-
     if not (isinstance(norm_act, type) and issubclass(norm_act, plain)):
         raise TypeError(
             f"register_norm_act: expected a subclass of {plain.__name__}, got {norm_act!r}"
         )
-    _ACT_VARIANTS[plain] = norm_act
-    _READERS[norm_act] = _read_torch
+    ACT_VARIANTS[plain] = norm_act
+    READERS[norm_act] = read_torch
 
 
 _TIMM_CLASSES = {nn.BatchNorm2d: "BatchNormAct2d", nn.SyncBatchNorm: "SyncBatchNormAct"}
@@ -136,5 +104,5 @@ def register_known_libraries() -> None:
         return
     for plain, name in _TIMM_CLASSES.items():
         cls = getattr(timm_norm_act, name, None)
-        if isinstance(cls, type) and cls not in _ACT_VARIANTS.values():
+        if isinstance(cls, type) and cls not in ACT_VARIANTS.values():
             register_norm_act(plain, cls)

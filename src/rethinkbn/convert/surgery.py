@@ -27,31 +27,30 @@ with :func:`register_converter`).
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._checks import check_int
-from ..layers import (
-    BatchNormBase,
-    DomainBatchNorm,
-    FrozenBatchNorm,
-    GhostBatchNorm,
-    is_batchnorm,
-)
-from .norm_act import (
-    NormActMixin,
+from .._model import batchnorm_layers
+from ..layers import FrozenBatchNorm
+from .kinds import attach_post, register_converter
+from .norm_act import register_known_libraries
+from .registry import (
+    DEFAULT_TORCH_CLASS,
+    KINDS,
+    SOURCE_CONVERTERS,
+    TORCH_CLASSES,
+    Kind,
     act_variant,
-    norm_act_class,
     plain_class,
-    post_modules,
-    register_known_libraries,
 )
+from .registry import reader as _reader
+from .state import BatchNormState, post_modules
 
 __all__ = [
     "BatchNormState",
@@ -65,336 +64,7 @@ __all__ = [
     "unfreeze_bn",
 ]
 
-TORCH_CLASSES: tuple[type[_BatchNorm], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-)
-# A layer whose torch class is unknown (built directly as a rethinkbn layer) reverts to the one
-# torch class that accepts every input rank; without an initialized process group it computes
-# exactly what BatchNorm1d/2d/3d compute.
-DEFAULT_TORCH_CLASS: type[_BatchNorm] = nn.SyncBatchNorm
-
 Predicate = Callable[[str, nn.Module], bool]
-Builder = Callable[..., nn.Module]
-SourceConverter = Callable[..., nn.Module]
-
-
-@dataclass(frozen=True)
-class BatchNormState:
-    """What a plain BatchNorm layer holds, read off a layer without copying anything.
-
-    ``weight``, ``bias`` and the running buffers are the layer's own objects. ``torch_class`` is
-    the torch class the layer was (or was converted from), ``None`` when unknown.
-    """
-
-    name: str
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-    weight: nn.Parameter | None
-    bias: nn.Parameter | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
-    training: bool
-    torch_class: type[_BatchNorm] | None
-    # requires_grad flags an earlier conversion switched off (FrozenBatchNorm's
-    # affine_trainable=False), to switch back on when the layer becomes something else.
-    requires_grad: Mapping[str, bool] = field(default_factory=dict)
-    # The process group of a SyncBatchNorm (torch's or ours), handed on to a target that syncs.
-    process_group: Any = None
-    # What a norm-act layer applies after normalizing ({"drop": ..., "act": ...}), the very modules.
-    post: Mapping[str, nn.Module] = field(default_factory=dict)
-    # Written by install(): requires_grad flags to set on the built layer's parameters once every
-    # layer of the conversion has been built (setting them earlier would change the source
-    # layer's Parameter objects before the conversion is known to succeed).
-    pending_requires_grad: dict[str, bool] = field(default_factory=dict, compare=False)
-
-    @property
-    def tensors(self) -> dict[str, Tensor | None]:
-        return {
-            "weight": self.weight,
-            "bias": self.bias,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "num_batches_tracked": self.num_batches_tracked,
-        }
-
-    def options(self) -> dict[str, Any]:
-        """Constructor keywords shared by torch's BatchNorm and every rethinkbn layer."""
-        like = next((t for t in (self.weight, self.running_mean) if t is not None), None)
-        return {
-            "eps": self.eps,
-            "momentum": self.momentum,
-            "affine": self.affine,
-            "track_running_stats": self.track_running_stats,
-            "device": None if like is None else like.device,
-            "dtype": None if like is None else like.dtype,
-        }
-
-    def sync_options(self, cls: type[nn.Module], layer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """``process_group=`` for a target class that syncs, unless the caller chose a group."""
-        chosen = {"process_group", "group_size"} & set(layer_kwargs)
-        if self.process_group is None or chosen:
-            return {}
-        if "process_group" not in inspect.signature(cls.__init__).parameters:
-            return {}
-        return {"process_group": self.process_group}
-
-    def install(self, layer: nn.Module) -> nn.Module:
-        """Give ``layer`` this state's tensors, training flag and provenance; returns ``layer``.
-
-        A tensor of the same shape is installed as the same object. A per-domain slot of shape
-        ``(D, *shape)`` receives ``D`` copies (a new Parameter with the same ``requires_grad``).
-        Only ``layer`` is changed, never the tensors of this state: where ``layer`` wants a
-        parameter frozen (its own had ``requires_grad=False``) or this state records a flag to
-        restore, the change is recorded in :attr:`pending_requires_grad` (replacing what an earlier
-        install recorded) for :func:`convert_batchnorm` to apply once every layer has been built.
-        """
-        pending: dict[str, bool] = {}
-        frozen_from: dict[str, bool] = {}
-        for key, source in self.tensors.items():
-            slot = getattr(layer, key, None)
-            if slot is None and source is None:
-                continue
-            if slot is None or source is None:
-                raise ValueError(
-                    f"{self.name!r}: {type(layer).__name__} expects {key} "
-                    f"{'absent' if slot is None else tuple(slot.shape)}, the layer has "
-                    f"{'none' if source is None else tuple(source.shape)}"
-                )
-            if slot.shape == source.shape:
-                value = source
-            elif slot.shape[1:] == source.shape:
-                value = source.detach().expand_as(slot).clone()
-                if isinstance(source, nn.Parameter):
-                    value = nn.Parameter(value, requires_grad=source.requires_grad)
-            else:
-                raise ValueError(
-                    f"{self.name!r}: {type(layer).__name__} expects {key} of shape "
-                    f"{tuple(slot.shape)}, the layer has {tuple(source.shape)}"
-                )
-            if isinstance(slot, nn.Parameter) and isinstance(source, nn.Parameter):
-                if not slot.requires_grad:
-                    pending[key] = False
-                    frozen_from[key] = self.requires_grad.get(key, source.requires_grad)
-                elif key in self.requires_grad:
-                    pending[key] = self.requires_grad[key]
-            setattr(layer, key, value)
-        self.pending_requires_grad.clear()
-        self.pending_requires_grad.update(pending)
-        if frozen_from:
-            layer._rethinkbn_requires_grad = frozen_from  # type: ignore[assignment]
-        layer.train(self.training)
-        layer._rethinkbn_name = self.name  # type: ignore[assignment]
-        if self.torch_class not in (None, type(layer)):
-            layer._rethinkbn_torch_class = self.torch_class  # type: ignore[assignment]
-        return layer
-
-
-# ---------------------------------------------------------------------------- reading layers
-def _read_torch(module: nn.Module, name: str, domain: int | None) -> BatchNormState:
-    assert isinstance(module, _BatchNorm)
-    return BatchNormState(
-        name=name,
-        num_features=module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-        weight=module.weight,
-        bias=module.bias,
-        running_mean=module.running_mean,
-        running_var=module.running_var,
-        num_batches_tracked=module.num_batches_tracked,
-        training=module.training,
-        torch_class=getattr(module, "_rethinkbn_torch_class", type(module)),
-        process_group=getattr(module, "process_group", None),
-        post=post_modules(module),
-    )
-
-
-def _read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormState:
-    """Read a rethinkbn layer; per-domain tensors (one more dim) give up row ``domain``."""
-    assert isinstance(module, BatchNormBase)
-    # A plain layer holds (C,) tensors and a scalar count; per-domain ones have a leading D dim.
-    plain_dims = {"weight": 1, "bias": 1, "running_mean": 1, "running_var": 1,
-                  "num_batches_tracked": 0}
-    tensors = {key: getattr(module, key) for key in plain_dims}
-    per_domain = [k for k, t in tensors.items() if t is not None and t.dim() > plain_dims[k]]
-    if per_domain:
-        rows = tensors[per_domain[0]].shape[0]  # type: ignore[union-attr]
-        if domain is None or not 0 <= domain < rows:
-            raise ValueError(
-                f"{name!r} ({type(module).__name__}) holds per-domain {', '.join(per_domain)} "
-                f"for {rows} domains: pass domain=k with 0 <= k < {rows} to choose whose to keep, "
-                f"got domain={domain!r}"
-            )
-        for key in per_domain:
-            row = tensors[key][domain].detach().clone()  # type: ignore[index]
-            source = tensors[key]
-            tensors[key] = (
-                nn.Parameter(row, requires_grad=source.requires_grad)
-                if isinstance(source, nn.Parameter)
-                else row
-            )
-    return BatchNormState(
-        name=name,
-        num_features=module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=tensors["weight"] is not None,
-        track_running_stats=module.track_running_stats,
-        training=module.training,
-        torch_class=getattr(module, "_rethinkbn_torch_class", None),
-        requires_grad=getattr(module, "_rethinkbn_requires_grad", {}),
-        process_group=getattr(module, "process_group", None),
-        post=post_modules(module),
-        **tensors,  # type: ignore[arg-type]
-    )
-
-
-# ---------------------------------------------------------------------------- the registry
-@dataclass(frozen=True)
-class _Kind:
-    name: str
-    cls: type[nn.Module]
-    build: Builder
-
-
-_KINDS: dict[str, _Kind] = {}
-_READERS: dict[type[nn.Module], Callable[[nn.Module, str, int | None], BatchNormState]] = {
-    cls: _read_torch for cls in TORCH_CLASSES
-}
-_SOURCE_CONVERTERS: dict[tuple[type[nn.Module], str], SourceConverter] = {}
-
-
-def _reader(cls: type[nn.Module]) -> Callable[[nn.Module, str, int | None], BatchNormState] | None:
-    """How to read a layer of exactly ``cls`` into a state; None for a type no kind knows."""
-    reader = _READERS.get(cls)
-    if reader is None and issubclass(cls, NormActMixin) and issubclass(cls, BatchNormBase):
-        reader = _read_family  # a norm-act class made for a kind (rethinkbn.convert.norm_act)
-    return reader
-
-
-def attach_post(layer: nn.Module, state: BatchNormState) -> nn.Module:
-    """Give ``layer`` (just built from ``state``) the state's ``drop`` and ``act``; returns it.
-
-    A rethinkbn layer becomes its kind's norm-act class; a torch class must already be a
-    norm-act class (timm's). Raises ValueError where the activation would be lost.
-    """
-    if not state.post:
-        return layer
-    if isinstance(layer, BatchNormBase):
-        layer.__class__ = norm_act_class(type(layer))
-    elif act_variant(type(layer)) is not type(layer):
-        raise ValueError(
-            f"{type(layer).__name__} has no activation, so it would drop the layer's "
-            f"{', '.join(f'{k}={type(m).__name__}' for k, m in state.post.items())}"
-        )
-    for key, module in state.post.items():
-        layer.add_module(key, module)
-    return layer
-
-
-def _build_family(cls: type[nn.Module]) -> Builder:
-    def build(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
-        options = {**state.options(), **state.sync_options(cls, layer_kwargs), **layer_kwargs}
-        return state.install(cls(state.num_features, **options))
-
-    return build
-
-
-def register_converter(
-    to: str,
-    target: type[nn.Module] | None = None,
-    *,
-    build: Builder | None = None,
-    source: type[nn.Module] | None = None,
-) -> None:
-    """Teach :func:`convert_batchnorm` a new kind, or how to convert one more source type.
-
-    Two forms:
-
-    * ``register_converter(kind, TargetClass, build=None)`` adds (or replaces) the kind ``kind``.
-      ``build(state, **layer_kwargs) -> nn.Module`` makes the new layer from a
-      :class:`BatchNormState`; when omitted, ``TargetClass`` must subclass
-      :class:`~rethinkbn.layers.BatchNormBase` and the layer is
-      ``TargetClass(state.num_features, **state.options(), **layer_kwargs)`` with the state's
-      tensors installed (:meth:`BatchNormState.install`). Layers of exactly ``TargetClass`` are
-      read back as BatchNormBase state, so they convert onwards and revert.
-    * ``register_converter(kind, source=SourceClass, build=fn)`` converts modules of exactly
-      ``SourceClass`` (for example a BatchNorm fused with an activation) to ``kind`` (``"*"``:
-      every kind) with ``fn(module, **layer_kwargs) -> nn.Module``; ``fn`` must not change
-      ``module``. Without such a converter, torch BatchNorm subclasses are skipped with a warning.
-
-    Side effect: changes the module-level registry (later calls replace earlier ones).
-    """
-    if not isinstance(to, str) or not to:
-        raise TypeError(f"register_converter: expected a kind name (str), got {to!r}")
-    if (target is None) == (source is None):
-        raise TypeError(
-            "register_converter: pass exactly one of target= (a new kind) or source= (a source "
-            f"type), got target={target!r}, source={source!r}"
-        )
-    if source is not None:
-        if build is None:
-            raise TypeError(f"register_converter: source={source.__name__} needs build=fn")
-        _SOURCE_CONVERTERS[(source, to)] = build
-        return
-    assert target is not None
-    if build is None:
-        if not issubclass(target, BatchNormBase):
-            raise TypeError(
-                f"register_converter: {target.__name__} does not subclass BatchNormBase, so "
-                "pass build=fn(state, **layer_kwargs) -> nn.Module"
-            )
-        build = _build_family(target)
-    _KINDS[to] = _Kind(to, target, build)
-    if issubclass(target, BatchNormBase):
-        _READERS[target] = _read_family
-
-
-def _build_torch(
-    state: BatchNormState, torch_class: type[_BatchNorm] | None = None, **layer_kwargs: Any
-) -> nn.Module:
-    cls: type[nn.Module] = torch_class or state.torch_class or DEFAULT_TORCH_CLASS
-    if state.post:
-        # timm's norm-act counterpart of the torch class (BatchNorm2d -> BatchNormAct2d)
-        variant = act_variant(cls)
-        if variant is None:
-            raise ValueError(
-                f"it applies {', '.join(type(m).__name__ for m in state.post.values())} after "
-                f"normalizing, and {cls.__name__} has no norm-act counterpart registered (timm's "
-                "BatchNormAct2d / SyncBatchNormAct are, once timm is imported)"
-            )
-        cls = variant
-    if state.affine and state.bias is None:
-        layer_kwargs["bias"] = False
-    options = {**state.options(), **state.sync_options(cls, layer_kwargs), **layer_kwargs}
-    return state.install(cls(state.num_features, **options))
-
-
-register_converter("torch", nn.BatchNorm2d, build=_build_torch)
-
-
-def _build_domain(state: BatchNormState, **layer_kwargs: Any) -> nn.Module:
-    options = state.options()
-    # DomainBatchNorm's affine says how weight and bias are shared ("shared" / "domain"); a layer
-    # without them stays without them.
-    if not options.pop("affine"):
-        layer_kwargs["affine"] = False
-    layer = DomainBatchNorm(state.num_features, **{**options, **layer_kwargs})
-    return state.install(layer)
-
-
-register_converter("ghost", GhostBatchNorm)
-register_converter("frozen", FrozenBatchNorm)
-register_converter("domain", DomainBatchNorm, build=_build_domain)
 
 
 # ---------------------------------------------------------------------------- selection
@@ -407,7 +77,7 @@ def _patterns(value: str | Sequence[str] | None, arg: str) -> tuple[str, ...] | 
     return patterns
 
 
-def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _Kind:
+def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> Kind:
     """The registered kind ``to`` names; a torch class becomes ``"torch"`` plus ``torch_class``."""
     if to in TORCH_CLASSES:
         if layer_kwargs.setdefault("torch_class", to) is not to:
@@ -417,14 +87,14 @@ def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _K
             )
         to = "torch"
     kind = next(
-        (k for k in _KINDS.values() if to == k.name or (to is k.cls and k.name != "torch")), None
+        (k for k in KINDS.values() if to == k.name or (to is k.cls and k.name != "torch")), None
     )
     if kind is None:
         hint = " (import rethinkbn.distributed to register it)" if to == "sync" else ""
         raise ValueError(
             f"convert_batchnorm: unknown target {to!r}{hint}; expected one of "
-            f"{sorted(_KINDS)}, or a class: {[c.__name__ for c in TORCH_CLASSES]} or "
-            f"{sorted(k.cls.__name__ for k in _KINDS.values() if k.name != 'torch')}"
+            f"{sorted(KINDS)}, or a class: {[c.__name__ for c in TORCH_CLASSES]} or "
+            f"{sorted(k.cls.__name__ for k in KINDS.values() if k.name != 'torch')}"
         )
     wanted = layer_kwargs.get("torch_class")
     if wanted is not None and (kind.name != "torch" or wanted not in TORCH_CLASSES):
@@ -435,7 +105,7 @@ def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> _K
     return kind
 
 
-def _already(module: nn.Module, kind: _Kind, layer_kwargs: Mapping[str, Any]) -> bool:
+def _already(module: nn.Module, kind: Kind, layer_kwargs: Mapping[str, Any]) -> bool:
     """Whether ``module`` is already what the conversion would build, so it is left alone."""
     if kind.name == "torch":
         if not isinstance(module, _BatchNorm):
@@ -459,11 +129,8 @@ class _Site:
 
 def _batchnorm_sites(model: nn.Module) -> list[_Site]:
     """Every BatchNorm-like module once, under its first qualified name (``named_modules``)."""
-    return [
-        _Site(name, module)
-        for name, module in model.named_modules()
-        if is_batchnorm(module) or any(type(module) is s for s, _ in _SOURCE_CONVERTERS)
-    ]
+    also = tuple({source for source, _ in SOURCE_CONVERTERS})
+    return [_Site(name, module) for name, module in batchnorm_layers(model, also=also)]
 
 
 def _selected(
@@ -527,37 +194,9 @@ def convert_batchnorm(
     check_int(domain, "domain", "convert_batchnorm", minimum=0, allow_none=True)
     register_known_libraries()
     kind = _resolve_kind(to, layer_kwargs)
-    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    selection = (_patterns(include, "include"), _patterns(exclude, "exclude"), predicate)
 
-    replacements: dict[int, nn.Module] = {}
-    pending: list[tuple[nn.Module, Mapping[str, bool]]] = []  # requires_grad flags to set last
-    skipped: list[str] = []
-    unknown: list[str] = []  # reverted without a record of their torch class
-    for site in _batchnorm_sites(model):
-        if not _selected(site, include_p, exclude_p, predicate):
-            continue
-        converted = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
-        if converted is not None:
-            new, flags = converted
-            replacements[id(site.module)] = new
-            pending.append((new, flags))
-
-    if skipped:
-        warnings.warn(
-            f"convert_batchnorm: left {len(skipped)} BatchNorm subclass layer(s) unchanged, since "
-            f"converting them would drop their extra behaviour: {', '.join(skipped)}; register "
-            "a converter for their type with rethinkbn.convert.register_converter(kind, "
-            "source=Type, build=fn)",
-            stacklevel=2,
-        )
-    if unknown:
-        warnings.warn(
-            f"convert_batchnorm: {len(unknown)} layer(s) hold no record of the torch class they "
-            f"came from (built as rethinkbn layers, or rebuilt so before loading a checkpoint): "
-            f"{', '.join(unknown)}; they become {DEFAULT_TORCH_CLASS.__name__}, the torch class "
-            "for every input rank; pass torch_class= to choose",
-            stacklevel=2,
-        )
+    replacements, pending = _plan(model, kind, domain, layer_kwargs, selection)
     if not replacements:
         warnings.warn(
             f"convert_batchnorm: no BatchNorm layer to convert to {kind.name!r} in "
@@ -574,6 +213,53 @@ def convert_batchnorm(
     return replacements.get(id(model), model)
 
 
+Selection = tuple[tuple[str, ...] | None, tuple[str, ...] | None, Predicate | None]
+
+
+def _plan(
+    model: nn.Module,
+    kind: Kind,
+    domain: int | None,
+    layer_kwargs: dict[str, Any],
+    selection: Selection,
+) -> tuple[dict[int, nn.Module], list[tuple[nn.Module, Mapping[str, bool]]]]:
+    """Build the new layer of every selected site, changing nothing in ``model``.
+
+    Returns ``{id(old): new}`` and the requires_grad flags to set on each new layer last; warns
+    about the layers left alone (a BatchNorm subclass no converter knows) and those reverted
+    without a record of their torch class.
+    """
+    replacements: dict[int, nn.Module] = {}
+    pending: list[tuple[nn.Module, Mapping[str, bool]]] = []
+    skipped: list[str] = []
+    unknown: list[str] = []  # reverted without a record of their torch class
+    for site in _batchnorm_sites(model):
+        if not _selected(site, *selection):
+            continue
+        converted = _convert_one(site, kind, domain, layer_kwargs, skipped, unknown)
+        if converted is not None:
+            new, flags = converted
+            replacements[id(site.module)] = new
+            pending.append((new, flags))
+    if skipped:
+        warnings.warn(
+            f"convert_batchnorm: left {len(skipped)} BatchNorm subclass layer(s) unchanged, since "
+            f"converting them would drop their extra behaviour: {', '.join(skipped)}; register "
+            "a converter for their type with rethinkbn.convert.register_converter(kind, "
+            "source=Type, build=fn)",
+            stacklevel=3,
+        )
+    if unknown:
+        warnings.warn(
+            f"convert_batchnorm: {len(unknown)} layer(s) hold no record of the torch class they "
+            f"came from (built as rethinkbn layers, or rebuilt so before loading a checkpoint): "
+            f"{', '.join(unknown)}; they become {DEFAULT_TORCH_CLASS.__name__}, the torch class "
+            "for every input rank; pass torch_class= to choose",
+            stacklevel=3,
+        )
+    return replacements, pending
+
+
 def swap_modules(root: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
     """Put ``replacements[id(m)]`` wherever a submodule ``m`` of ``root`` sits (every place)."""
     for parent in list(root.modules()):
@@ -584,7 +270,7 @@ def swap_modules(root: nn.Module, replacements: Mapping[int, nn.Module]) -> None
 
 def _convert_one(
     site: _Site,
-    kind: _Kind,
+    kind: Kind,
     domain: int | None,
     layer_kwargs: dict[str, Any],
     skipped: list[str],
@@ -592,7 +278,7 @@ def _convert_one(
 ) -> tuple[nn.Module, Mapping[str, bool]] | None:
     """The new layer for ``site`` and the requires_grad flags to set on it last; None: skipped."""
     module, source_type = site.module, type(site.module)
-    custom = _SOURCE_CONVERTERS.get((source_type, kind.name)) or _SOURCE_CONVERTERS.get(
+    custom = SOURCE_CONVERTERS.get((source_type, kind.name)) or SOURCE_CONVERTERS.get(
         (source_type, "*")
     )
     reader = _reader(source_type)
@@ -610,10 +296,6 @@ def _convert_one(
         state = reader(module, site.name, domain)  # type: ignore[misc]
         if kind.name == "torch" and state.torch_class is None and "torch_class" not in layer_kwargs:
             unknown.append(f"{site.name!r} ({source_type.__name__})")
-        if state.affine and state.bias is None and kind.name != "torch":
-            raise ValueError(
-                "it has a weight but no bias (torch's bias=False); rethinkbn layers expect both"
-            )
         new = _carry_hooks(module, attach_post(kind.build(state, **layer_kwargs), state))
         return new, state.pending_requires_grad
     except (TypeError, ValueError) as err:

@@ -402,6 +402,27 @@ class SyncBatchNorm(BatchNormBase):
         self._shift = group_moments.mean
         return local, group_moments
 
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None, **kwargs: Any
+    ) -> torch.nn.Module:
+        """torch's spelling of :func:`rethinkbn.to_sync_bn`: ``to_sync_bn(module, process_group,
+        **kwargs)``, for code written for ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+        Every BatchNorm of ``module`` becomes a rethinkbn :class:`SyncBatchNorm` holding the same
+        Parameter and buffer objects (``revert_batchnorm`` turns them back); ``process_group``
+        (default: the world), or ``group_size=`` and the selection keywords of
+        :func:`rethinkbn.convert.convert_batchnorm`, as for ``to_sync_bn``. Changes ``module`` in
+        place and returns it (the new layer when ``module`` itself is a BatchNorm). Unlike torch's,
+        a BatchNorm subclass that adds behaviour is left alone with a warning (timm's norm-act
+        layers convert with their activation) rather than rebuilt without it.
+        """
+        from ..convert import convert_batchnorm  # below this package: no import circle
+
+        if process_group is not None:
+            kwargs["process_group"] = process_group
+        return convert_batchnorm(module, "sync", **kwargs)
+
 
 # Codes for the dtypes a layer computes in, carried in the forward all_reduce (see above).
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}

@@ -1,7 +1,6 @@
 """The BatchNorm layer family: one state base class, thin layers that say how a batch is used."""
 
-from torch import nn
-
+from .._model import is_batchnorm
 from .base import BatchNormBase, layer_name, nonfinite_report, set_nonfinite
 from .domain import DomainBatchNorm, use_domain
 from .frozen import FrozenBatchNorm
@@ -19,8 +18,3 @@ __all__ = [
     "use_domain",
 ]
 
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for torch's BatchNorm layers (``_BatchNorm`` subclasses, SyncBatchNorm included) and
-    for every layer of rethinkbn's family (:class:`BatchNormBase` subclasses)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNormBase))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
+from .._model import BatchNormFamily, batchnorm_layers
 from ..stats import Moments
 
 __all__ = [
@@ -62,7 +63,7 @@ def layer_name(module: nn.Module) -> str:
     return f"'{qualname}' ({module.__class__.__name__})" if qualname else repr(module)
 
 
-class BatchNormBase(nn.Module):
+class BatchNormBase(nn.Module, BatchNormFamily):
     """Parameters, running statistics and momentum of a BatchNorm layer of any input rank.
 
     Accepts inputs of rank 2 to 5 with channels in dim 1 (``(N, C)``, ``(N, C, L)``,
@@ -315,7 +316,7 @@ class BatchNormBase(nn.Module):
 
 
 def _family(model: nn.Module) -> list[tuple[str, BatchNormBase]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BatchNormBase)]
+    return [(n, m) for n, m in batchnorm_layers(model) if isinstance(m, BatchNormBase)]
 
 
 def set_nonfinite(model: nn.Module, policy: str) -> int:
