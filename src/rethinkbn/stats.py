@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._checks import check_positive_int
+
 __all__ = [
     "Moments",
     "all_gather_moments",
@@ -88,6 +90,20 @@ def centered(x: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
     """
     xc = x.to(compute_dtype(x)) - channel_view(hi, x)
     return xc.sub_(channel_view(lo, x))
+
+
+def _power_of_two_scale(peak: Tensor) -> Tensor:
+    """Per channel, a power of two near ``peak`` (float64): 1 where peak is 0, NaN or Inf."""
+    peak = peak.to(ACC_DTYPE)
+    _, exponent = torch.frexp(peak)
+    usable = torch.isfinite(peak) & (peak > 0)
+    one = torch.ones_like(peak)
+    return torch.where(usable, torch.ldexp(one, exponent), one)
+
+
+def _peak(t: Tensor) -> Tensor:
+    """``max |t|`` per channel (one reduction, no temporary)."""
+    return torch.linalg.vector_norm(t, ord=float("inf"), dim=reduce_dims(t))
 
 
 def segment_var_mean(
@@ -186,9 +202,11 @@ class Moments:
 
         A large mean costs the spread none of its digits and nothing cancels.
         """
+        if num_groups is not None:
+            check_positive_int(num_groups, "num_groups", "Moments.of", allow_none=True)
         with torch.no_grad():
             if num_groups is not None:
-                if num_groups < 1 or x.size(0) % num_groups:
+                if x.size(0) % num_groups:
                     raise ValueError(
                         f"Moments.of: a batch of {x.size(0)} samples does not split into "
                         f"{num_groups} equal groups"
@@ -202,7 +220,12 @@ class Moments:
                 dims = reduce_dims(x)
                 mean = x.sum(dims, dtype=ACC_DTYPE) / count
                 xc = centered(x, *split_mean(mean, compute_dtype(x)))
-                m2 = xc.square_().sum(dims, dtype=ACC_DTYPE)
+                if xc.dtype == ACC_DTYPE:
+                    m2 = xc.square_().sum(dims, dtype=ACC_DTYPE)
+                else:  # scaled by a power of two: no overflow or underflow of the squares
+                    scale = _power_of_two_scale(_peak(xc))
+                    xc.mul_(channel_view(scale.reciprocal().to(xc.dtype), xc))
+                    m2 = xc.square_().sum(dims, dtype=ACC_DTYPE) * scale.square()
                 moments = cls(torch.full_like(mean, count), mean, m2)
             else:
                 moments = cls._of_per_sample(x, count)
@@ -218,9 +241,16 @@ class Moments:
         d = x - channel_view(pivot, x)  # one temporary, in the compute dtype and x's layout
         spatial = tuple(range(2, x.dim()))
         mean_d = d.sum(spatial).sum(0, dtype=ACC_DTYPE) / count
-        hi, lo = split_mean(mean_d, d.dtype)
-        d.sub_(channel_view(hi, d)).sub_(channel_view(lo, d))  # x - mean, in place
-        m2 = d.square_().sum(spatial).sum(0, dtype=ACC_DTYPE)
+        # Squares in the compute dtype overflow past ~1.8e19 and vanish below ~1e-23 (float32):
+        # the deviations are scaled by a power of two s near max |x - pivot| (which bounds
+        # |x - mean| within a factor 2), exact since only exponents change, and m2 by s^2 after.
+        scale = _power_of_two_scale(_peak(d))
+        inv = scale.reciprocal()
+        hi, lo = split_mean(mean_d * inv, d.dtype)
+        # (x - mean) / s, in place, in two passes as before: d * inv is exact, so one rounding
+        torch.addcmul(channel_view(-hi, d), d, channel_view(inv.to(d.dtype), d), out=d)
+        d.sub_(channel_view(lo, d))
+        m2 = d.square_().sum(spatial).sum(0, dtype=ACC_DTYPE) * scale.square()
         return cls(torch.full_like(mean_d, count), pivot.to(ACC_DTYPE) + mean_d, m2)
 
     # ----------------------------------------------------------------- read-out
@@ -235,13 +265,24 @@ class Moments:
 
     # ----------------------------------------------------------------- merging
     def merge(self, other: Moments) -> Moments:
-        """The exact moments of the union of both sets of values (Chan et al.)."""
-        n = self.count + other.count
+        """The exact moments of the union of both sets of values (Chan et al.).
+
+        An operand with count 0 is the identity whatever its mean and m2 hold (an empty batch's
+        mean is NaN): the result is the other operand, elementwise.
+        """
+        a, b = self._or_empty(), other._or_empty()
+        n = a.count + b.count
         safe_n = n.clamp_min(1)
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / safe_n)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / safe_n)
+        delta = b.mean - a.mean
+        mean = a.mean + delta * (b.count / safe_n)
+        m2 = a.m2 + b.m2 + delta.square() * (a.count * b.count / safe_n)
         return Moments(n, mean, m2)
+
+    def _or_empty(self) -> Moments:
+        """Self with mean and m2 set to 0 where the count is 0 (then they carry no value)."""
+        empty = self.count == 0
+        zero = torch.zeros((), dtype=self.mean.dtype, device=self.mean.device)
+        return Moments(self.count, self.mean.where(~empty, zero), self.m2.where(~empty, zero))
 
     def segment_merge(self, index: Tensor, num_segments: int) -> Moments:
         """Merge the rows of ``self`` (shape ``(R, ...)``) into ``num_segments`` rows by ``index``.
@@ -254,12 +295,13 @@ class Moments:
             m2_s   = sum_{r in s} (m2_r + n_r * (mean_r - mean_s)^2)
         """
         index = index.to(self.mean.device)
-        out_shape = (num_segments, *self.mean.shape[1:])
-        count = self.count.new_zeros(out_shape).index_add_(0, index, self.count)
+        rows = self._or_empty()  # an empty row adds nothing, whatever its mean
+        out_shape = (num_segments, *rows.mean.shape[1:])
+        count = rows.count.new_zeros(out_shape).index_add_(0, index, rows.count)
         safe = count.clamp_min(1)
-        mean = self.mean.new_zeros(out_shape).index_add_(0, index, self.count * self.mean) / safe
-        dev = self.m2 + self.count * (self.mean - mean[index]).square()
-        m2 = self.m2.new_zeros(out_shape).index_add_(0, index, dev)
+        mean = rows.mean.new_zeros(out_shape).index_add_(0, index, rows.count * rows.mean) / safe
+        dev = rows.m2 + rows.count * (rows.mean - mean[index]).square()
+        m2 = rows.m2.new_zeros(out_shape).index_add_(0, index, dev)
         return Moments(count, mean, m2)
 
     def total(self) -> Moments:
@@ -272,7 +314,8 @@ class Moments:
 def _pack(moments: Sequence[Moments]) -> Tensor:
     # Sums that are additive across ranks: n, n * mean, m2 + n * mean^2 (float64).
     parts = []
-    for m in moments:
+    for given in moments:
+        m = given._or_empty()
         parts += [m.count.reshape(-1), (m.count * m.mean).reshape(-1),
                   (m.m2 + m.count * m.mean.square()).reshape(-1)]
     return torch.cat(parts)

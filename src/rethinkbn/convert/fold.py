@@ -15,13 +15,16 @@ channels are the weight's *second* dim within each group.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten
 
 from ..layers import BatchNormBase, is_batchnorm
 from ..layers.functional import scale_shift
@@ -52,7 +55,7 @@ class FoldedLinear(nn.Linear):
         return super().forward(input)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> nn.Module:
     """A folded copy of ``model`` in eval mode; ``model`` itself is left untouched.
 
     Each foldable BatchNorm is merged into the layer that feeds it (see the module docstring)
@@ -78,23 +81,76 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     Caveats: the data flow checked is the one ``torch.fx`` traces for the copy in eval mode; a
     forward that takes another path later (a branch on a module attribute that changes) is not
-    covered. For a module that does not trace, the children of an ``nn.Sequential`` are assumed
-    to be called only by it.
+    covered. Below a module whose forward does not trace, the data flow is not known: the pairs
+    found there (by adjacency, or in traced children) are folded only on the assumption that the
+    untraced forward calls them only through their container. That assumption is checked when
+    ``example_inputs`` (a tuple of positional inputs) is given: the folded copy is run on it
+    beside the original in eval mode, and if the outputs differ (beyond rounding: 1e-4 of the
+    output's largest magnitude) those untraced pairs are left unfolded, with a warning. Without
+    ``example_inputs`` the untraced pairs are folded with a ``UserWarning`` naming them.
 
     The result's ``state_dict`` lacks the folded BatchNorm entries. Returns the folded copy.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm: expected an nn.Module, got {type(model).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise TypeError("fold_batchnorm: example_inputs is a tuple of the model's positional "
+                        f"inputs, got {type(example_inputs).__name__}")
     register_known_libraries()
+    folded, untraced = _fold(model, fold_untraced=True)
+    if not untraced:
+        return folded
+    names = ", ".join(f"{p} -> {b}" for p, b in untraced)
+    if example_inputs is None:
+        warnings.warn(
+            f"fold_batchnorm: the forward of a module above {names} does not trace with "
+            "torch.fx, so these pairs were folded by nn.Sequential adjacency without knowing "
+            "whether that forward also uses them elsewhere; pass example_inputs=(x,) to check "
+            "the folded copy against the model", UserWarning, stacklevel=2)
+        return folded
+    if _same_outputs(copy.deepcopy(model).eval(), folded, example_inputs):
+        return folded
+    warnings.warn(
+        f"fold_batchnorm: folding the untraced pairs {names} changed the model's outputs on "
+        "example_inputs (the untraced forward uses them elsewhere); they are left unfolded",
+        UserWarning, stacklevel=2)
+    return _fold(model, fold_untraced=False)[0]
+
+
+def _fold(model: nn.Module, fold_untraced: bool) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """A folded eval copy, and the (producer, bn) names of the pairs folded below an untraced
+    forward."""
     folded = copy.deepcopy(model).eval()
+    names = {id(m): n for n, m in folded.named_modules()}
     paths = Counter(id(m) for _, m in folded.named_modules(remove_duplicate=False))
     replacements: dict[int, nn.Module] = {}
-    for producer, bn in list(_pairs(folded)):
-        if paths[id(producer)] == 1 and paths[id(bn)] == 1:
-            replacements[id(producer)] = _fold_pair(producer, bn)
-            replacements[id(bn)] = _after_fold(bn)
+    untraced: list[tuple[str, str]] = []
+    for producer, bn, traced in list(_pairs(folded)):
+        if paths[id(producer)] != 1 or paths[id(bn)] != 1 or not (traced or fold_untraced):
+            continue
+        replacements[id(producer)] = _fold_pair(producer, bn)
+        replacements[id(bn)] = _after_fold(bn)
+        if not traced:
+            untraced.append((names[id(producer)], names[id(bn)]))
     swap_modules(folded, replacements)
-    return folded
+    return folded, untraced
+
+
+def _same_outputs(model: nn.Module, folded: nn.Module, inputs: tuple[Any, ...]) -> bool:
+    with torch.no_grad():
+        want, _ = tree_flatten(model(*inputs))
+        got, _ = tree_flatten(folded(*inputs))
+    if len(want) != len(got):
+        return False
+    for a, b in zip(want, got, strict=True):
+        if isinstance(a, Tensor) != isinstance(b, Tensor):
+            return False
+        if isinstance(a, Tensor):
+            a, b = a.double(), b.double()
+            if a.shape != b.shape or not torch.allclose(
+                    b, a, rtol=0, atol=1e-4 * max(a.abs().max().item() if a.numel() else 0, 1e-12)):
+                return False
+    return True
 
 
 def _after_fold(bn: nn.Module) -> nn.Module:
@@ -137,22 +193,24 @@ class _Tracer(fx.Tracer):
         )
 
 
-def _pairs(module: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
-    """(producer, BatchNorm) pairs inside ``module`` whose data flow allows folding."""
+def _pairs(module: nn.Module, traced: bool = True) -> Iterator[tuple[nn.Module, nn.Module, bool]]:
+    """(producer, BatchNorm, traced) for the pairs inside ``module`` whose data flow allows
+    folding; ``traced`` is False for a pair below a forward that does not trace (its data flow
+    there is assumed, not known)."""
     try:
         graph = _Tracer().trace(module)
     except Exception:  # noqa: BLE001 - any user forward may fail to trace; fall back, never fail
         graph = None
     if graph is not None:
-        yield from _graph_pairs(module, graph)
+        yield from ((p, b, traced) for p, b in _graph_pairs(module, graph))
         return
     if type(module) is nn.Sequential:
         children = list(module)
         for first, second in zip(children, children[1:], strict=False):
             if _foldable_bn(second) and _foldable_producer(first, second):
-                yield first, second
+                yield first, second, False
     for child in module.children():
-        yield from _pairs(child)
+        yield from _pairs(child, traced=False)
 
 
 def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[nn.Module, nn.Module]]:

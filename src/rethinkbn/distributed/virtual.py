@@ -29,10 +29,11 @@ class PerDeviceBatchNorm(GhostBatchNorm):
 
     In training, a batch of ``N`` samples (``N`` a multiple of ``num_devices``) is split into
     ``num_devices`` contiguous chunks and each is normalized with its own statistics: a
-    :class:`~rethinkbn.layers.GhostBatchNorm` whose ``norm_batch_size`` is set to
-    ``N / num_devices`` at every forward. The running statistics are updated with the average of
-    the devices' statistics (a real DDP job with ``broadcast_buffers`` keeps rank 0's alone: the
-    same quantity, with more noise). Eval normalizes with the running statistics.
+    :class:`~rethinkbn.layers.GhostBatchNorm` grouping by ``N / num_devices`` samples in that
+    forward (its own ``norm_batch_size`` attribute is left as it was). The running statistics
+    are updated with the average of the devices' statistics (a real DDP job with
+    ``broadcast_buffers`` keeps rank 0's alone: the same quantity, with more noise). Eval
+    normalizes with the running statistics.
 
     ``num_devices`` is a plain attribute: ``None`` turns the device split off, and the layer then
     groups by its ``norm_batch_size`` like any GhostBatchNorm (``precise_bn`` and
@@ -55,20 +56,22 @@ class PerDeviceBatchNorm(GhostBatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         split = self.num_devices is not None and self.training
+        if not (split and isinstance(x, Tensor) and x.dim() >= 1):
+            return super().forward(x)
+        if x.size(0) % self.num_devices:
+            raise ValueError(
+                f"{layer_name(self)}: a batch of {x.size(0)} samples does not split into "
+                f"{self.num_devices} equal virtual devices; expected a multiple of "
+                f"{self.num_devices}"
+            )
+        # The device split holds for this call only: norm_batch_size stays the user's (it is
+        # what the layer groups by with num_devices=None).
         before = self.norm_batch_size
-        if split and isinstance(x, Tensor) and x.dim() >= 1:
-            if x.size(0) % self.num_devices:
-                raise ValueError(
-                    f"{layer_name(self)}: a batch of {x.size(0)} samples does not split into "
-                    f"{self.num_devices} equal virtual devices; expected a multiple of "
-                    f"{self.num_devices}"
-                )
-            self.norm_batch_size = max(x.size(0) // self.num_devices, 1)
+        self.norm_batch_size = max(x.size(0) // self.num_devices, 1)
         try:
             return super().forward(x)
-        except BaseException:  # an input the layer refuses leaves it as it was
+        finally:
             self.norm_batch_size = before
-            raise
 
 
 def virtual_devices(model: nn.Module, num_devices: int, **kwargs: object) -> nn.Module:

@@ -71,7 +71,8 @@ class BatchNormBase(nn.Module, BatchNormFamily):
 
     ``momentum`` follows torch: ``running = (1 - momentum) * running + momentum * batch``, and
     ``momentum=None`` gives the cumulative average ``running = running + (batch - running) / t``
-    where ``t = num_batches_tracked``.
+    where ``t = num_batches_tracked`` (per channel, less the batches that channel skipped under
+    the NaN policy below: the average is torch's over the finite batches alone).
 
     ``observer`` (not part of the state) is a callable ``observer(layer, moments)`` that receives
     the float64 :class:`~rethinkbn.stats.Moments` of every batch that the layer normalizes with
@@ -144,21 +145,31 @@ class BatchNormBase(nn.Module, BatchNormFamily):
 
     # ------------------------------------------------------------------ state
     def _init_nonfinite_count(self) -> None:
-        """(Re)create the non-persistent event counter with the running buffers' shape."""
+        """(Re)create the non-persistent counters with the running buffers' shape.
+
+        ``nonfinite_count`` counts the skipped events (read and reset by
+        :func:`nonfinite_report`); ``skipped_batches`` counts, per channel, the batches that
+        advanced ``num_batches_tracked`` while this channel skipped them, so that the cumulative
+        average (``momentum=None``) divides each channel by the batches it really averaged.
+        """
         like = self.running_mean
-        self.register_buffer(
-            "nonfinite_count",
-            None if like is None else torch.zeros(like.shape, dtype=torch.long,
-                                                  device=like.device),
-            persistent=False,
-        )
+        for name in ("nonfinite_count", "skipped_batches"):
+            self.register_buffer(
+                name,
+                None if like is None else torch.zeros(like.shape, dtype=torch.long,
+                                                      device=like.device),
+                persistent=False,
+            )
         self.nonfinite_count: Tensor | None
+        self.skipped_batches: Tensor | None
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()  # type: ignore[union-attr]
             self.running_var.fill_(1)  # type: ignore[union-attr]
             self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+            if getattr(self, "skipped_batches", None) is not None:
+                self.skipped_batches.zero_()  # type: ignore[union-attr]
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -208,6 +219,9 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # a checkpoint's num_batches_tracked counts the batches every channel averaged
+        if getattr(self, "skipped_batches", None) is not None:
+            self.skipped_batches.zero_()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _check_input(self, x: Tensor) -> None:
@@ -259,8 +273,12 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         """Blend one step's batch statistics into the running buffers (torch's update rule).
 
         ``num_batches_tracked`` advances by one and the factor is ``momentum``, or ``1 / t`` for
-        ``momentum=None``. With ``present`` (a bool per row of per-row buffers, e.g. per domain)
-        each row keeps its own count and only the rows present in the batch advance and move.
+        ``momentum=None`` with ``t`` the batches this channel averaged. A batch skipped in every
+        channel (every channel of a domain row) does not count; a channel that skips a counted
+        batch remembers it in ``skipped_batches``, so the cumulative average of every channel is
+        torch's over the finite batches alone. With ``present`` (a bool per row of per-row
+        buffers, e.g. per domain) each row keeps its own count and only the rows present in the
+        batch advance and move.
 
         The NaN policy lives here, once for the family: where the new mean or variance is not
         finite the buffers keep their values and ``nonfinite_count`` counts the event (no host
@@ -277,27 +295,42 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         bad = nonfinite if present is None else nonfinite & present[:, None]
         if self.nonfinite == "raise":
             self._raise_if_nonfinite(bad)
-        count = self.nonfinite_count
-        if count is None or count.shape != bad.shape or count.device != bad.device:
+        count, skipped = self.nonfinite_count, getattr(self, "skipped_batches", None)
+        if any(t is None or t.shape != bad.shape or t.device != bad.device
+               for t in (count, skipped)):
             self._init_nonfinite_count()
         self.nonfinite_count.add_(bad)  # type: ignore[union-attr]
+        # A batch (a domain row) counts when at least one channel took it: a batch skipped in
+        # every channel leaves num_batches_tracked as torch fed only the finite batches would.
         factor: float | Tensor
         if present is None:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else (
-                1.0 / self.num_batches_tracked.double()).to(self.running_mean.dtype)
-        else:
-            self.num_batches_tracked.add_(present.long())
+            counted = ~nonfinite.all()
+            self.num_batches_tracked.add_(counted)
             if self.momentum is None:
-                rate = 1.0 / self.num_batches_tracked.clamp_min(1).double()
+                factor = self._cumulative_rate(nonfinite & counted, self.num_batches_tracked)
             else:
-                rate = torch.full(present.shape, self.momentum, dtype=torch.float64,
-                                  device=present.device)
-            factor = (rate * present)[:, None].to(self.running_mean.dtype)
+                factor = self.momentum
+        else:
+            counted = present & ~nonfinite.all(1)
+            self.num_batches_tracked.add_(counted)
+            if self.momentum is None:
+                rate = self._cumulative_rate(nonfinite & counted[:, None],
+                                             self.num_batches_tracked[:, None])
+            else:
+                rate = torch.full((present.size(0), 1), self.momentum,
+                                  dtype=self.running_mean.dtype, device=present.device)
+            factor = rate * counted[:, None]
         # Where a statistic is not finite, lerp towards the old value itself: it stays
         # bit-identical (lerp by 0 towards NaN would still spread the NaN).
         for buffer, new in ((self.running_mean, mean), (self.running_var, unbiased_var)):
             buffer.lerp_(torch.where(nonfinite, buffer, new), factor)
+
+    def _cumulative_rate(self, skipped_now: Tensor, tracked: Tensor) -> Tensor:
+        """``1 / t`` per channel for ``momentum=None``: ``t`` is the number of batches the
+        channel averaged (``num_batches_tracked`` less the batches it skipped)."""
+        self.skipped_batches.add_(skipped_now)  # type: ignore[union-attr]
+        averaged = (tracked - self.skipped_batches).clamp_min(1)
+        return averaged.double().reciprocal().to(self.running_mean.dtype)  # type: ignore[union-attr]
 
     def _raise_if_nonfinite(self, bad: Tensor) -> None:
         if not bool(bad.any()):  # the opt-in strict mode's one host synchronization

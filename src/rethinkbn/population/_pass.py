@@ -55,6 +55,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class _FirstCall:
+    """Dim 0 of the input of the first BatchNorm call of one forward (None: no call yet).
+
+    How a pass counts the samples of a batch it cannot read a size from (an object: a
+    dataclass, a graph batch, given with ``forward=``): where the BatchNorm layers see them.
+    """
+
+    samples: int | None = None
+
+
+@dataclass
 class _Recorder:
     """The per-call moments of one layer, kept as rows to be stacked once at the end."""
 
@@ -65,11 +76,14 @@ class _Recorder:
     raw: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
 
     samples: int = 0
+    first: _FirstCall = field(default_factory=_FirstCall)
 
     def count_samples(self, _layer: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if isinstance(x, Tensor) and x.dim() > 0:
             self.samples += int(x.size(0))
+            if self.first.samples is None:
+                self.first.samples = int(x.size(0))
 
     def observe(self, _layer: nn.Module, moments: Moments) -> None:
         self.rows.append(moments)
@@ -183,9 +197,12 @@ def default_forward(input_key: Any = None) -> ForwardFn:
     return forward
 
 
-def _arm(guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None) -> _Recorder:
+def _arm(
+    guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None, first: _FirstCall
+) -> _Recorder:
     """Put one layer in pass mode (recorded in ``guard``) and hook its recorder and sample count."""
     rec = _arm_statistics(guard, name, layer, pass_nbs)
+    rec.first = first
     guard.hook(layer.register_forward_pre_hook(rec.count_samples))
     return rec
 
@@ -282,18 +299,19 @@ def run_pass(
         return PassResult({}, {}, {}, 0, 0)
     guard = ModelGuard(model)
     recorders: list[_Recorder] = []
+    first = _FirstCall()
     seen_samples = seen_batches = 0
     try:
         if not options.keep_modes:
             for module in model.modules():
                 module.training = False
-        recorders = [_arm(guard, name, layer, options.pass_norm_batch_size)
+        recorders = [_arm(guard, name, layer, options.pass_norm_batch_size, first)
                      for name, layer in layers]
         show = sys.stderr.isatty() if options.progress is None else options.progress
         with tqdm(total=budget, unit=unit[:-1], desc=caller, disable=not show, leave=False) as bar:
             seen_samples, seen_batches = _iterate(
                 model, data, options.forward or default_forward(options.input_key),
-                options.input_key, options.device, unit, budget, bar,
+                options.input_key, options.device, unit, budget, bar, first,
             )
     except BaseException as error:
         if distributed:
@@ -306,12 +324,15 @@ def run_pass(
     finally:
         guard.restore()
     calls = {rec.name: rows for rec in recorders if (rows := rec.per_call()) is not None}
-    problem = None
+    problem = empty = None
     if seen_batches == 0:
-        problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
+        empty = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
     elif seen_samples == 0:
-        problem = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
-                   f"expected up to {budget} {unit}")
+        empty = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
+                 f"expected up to {budget} {unit}")
+    # across ranks the estimate is the union's: an empty shard fails only if every shard is
+    if empty is not None and not distributed:
+        problem = empty
     elif (seen_samples if unit == "samples" else seen_batches) < budget:
         message = (
             f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "
@@ -336,8 +357,16 @@ def run_pass(
     local_counts = [seen_samples, seen_batches, *(rec.samples for rec in recorders)]
     totals, counts = _reduce(layers, calls, local_counts, group)
     seen_samples, seen_batches = counts[0], counts[1]
+    if seen_samples == 0:  # the same sums on every rank: every rank raises
+        raise ValueError(
+            f"{caller}: the data of all {world_size(group)} ranks held no samples "
+            f"({seen_batches} batches in all); expected up to {budget} {unit} per rank"
+        )
     samples = {rec.name: n for rec, n in zip(recorders, counts[2:], strict=True)}
-    for name in totals.keys() - calls.keys():
+    for name in sorted(totals.keys() - calls.keys()):
+        if samples.get(name, 0) > 0:
+            continue  # it saw the samples of other ranks
+
         warnings.warn(
             f"{caller}: layer '{name}' was never called during the pass; its statistics are "
             "left unchanged", RuntimeWarning, stacklevel=4,
@@ -356,8 +385,14 @@ def _iterate(
     unit: str,
     budget: int,
     bar: tqdm,
+    first: _FirstCall,
 ) -> tuple[int, int]:
-    """Run ``forward`` over whole batches until the budget is met or ``data`` ends."""
+    """Run ``forward`` over whole batches until the budget is met or ``data`` ends.
+
+    A batch's samples are dim 0 of its model input (or first tensor); for a batch holding no
+    tensor to read (an object given with ``forward=``), dim 0 of the input of the first
+    BatchNorm call of its forward (``first``).
+    """
     seen_samples = seen_batches = 0
     with torch.no_grad():
         iterator = iter(data)
@@ -367,8 +402,18 @@ def _iterate(
             except StopIteration:
                 break
             batch = to_device(batch, device)
-            n = batch_size(batch, input_key)
+            try:
+                n: int | None = batch_size(batch, input_key)
+                unknown = None
+            except TypeError as error:
+                n, unknown = None, error
+            first.samples = None
             forward(model, batch)
+            if n is None:
+                if first.samples is None:
+                    raise TypeError(f"{unknown}, and no BatchNorm layer of the pass saw a tensor "
+                                    "input in its forward") from None
+                n = first.samples
             seen_samples += n
             seen_batches += 1
             bar.update(n if unit == "samples" else 1)

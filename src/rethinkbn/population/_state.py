@@ -21,6 +21,7 @@ from ..layers.functional import require_two_values
 
 __all__ = [
     "ModelGuard",
+    "check_model_first",
     "syncs_across_ranks",
     "use_local_batch_stats",
     "skip_empty_calls",
@@ -38,6 +39,20 @@ STAT_BUFFERS = ("running_mean", "running_var")
 def is_frozen(module: nn.Module) -> bool:
     """Whether ``module`` is a FrozenBatchNorm (normalizes with fixed statistics in every mode)."""
     return isinstance(module, FrozenBatchNorm)
+
+
+def check_model_first(model: object, data: object, caller: str) -> None:
+    """Raise TypeError unless ``model`` is an ``nn.Module``: ``caller(model, data)`` takes the
+    model first (torch's ``update_bn(loader, model)`` has the other order), said in the error."""
+    if isinstance(model, nn.Module):
+        return
+    swapped = isinstance(data, nn.Module)
+    raise TypeError(
+        f"{caller}: expected the model (an nn.Module) as the first argument, got "
+        f"{type(model).__name__}"
+        + ("; the arguments are swapped: call "
+           f"{caller}(model, data) (torch's update_bn takes (loader, model))" if swapped else "")
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ place: O(number of BatchNorm layers) tensor copies, no copy of the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,17 @@ def capture_stats(model: nn.Module) -> Snapshot:
     }
 
 
+def _check_layout(value: Tensor, where: str) -> None:
+    """A statistic is a dense (strided) floating-point tensor; anything else cannot be copied
+    into a running buffer exactly (a sparse tensor fails half-way, an integer one truncates)."""
+    if value.layout != torch.strided:
+        raise ValueError(f"{where}: expected a dense (strided) tensor, got layout {value.layout}")
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"{where}: expected a floating-point tensor, got dtype {value.dtype}")
+    if value.is_meta:
+        raise ValueError(f"{where}: expected a tensor with data, got one on the meta device")
+
+
 def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]],
                     what: str, partial: bool = False) -> None:
     missing = [] if partial else sorted(set(layers) - set(stats))
@@ -60,6 +71,7 @@ def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping
                     f"{what}: layer '{name}' ({layer.__class__.__name__}) expects {key} of shape "
                     f"{tuple(want.shape)}, the snapshot has {shape}"
                 )
+            _check_layout(got, f"{what}: layer '{name}' ({layer.__class__.__name__}) {key}")
 
 
 def install_stats(
@@ -77,11 +89,29 @@ def install_stats(
     _copy_into(layers, stats)
 
 
-def _copy_into(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]]) -> None:
+def _saved(layers: Mapping[str, nn.Module], names: Iterable[str]) -> Snapshot:
+    return {name: {key: getattr(layers[name], key).clone() for key in STAT_BUFFERS}
+            for name in names}
+
+
+def _copy_into(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]],
+               saved: Snapshot | None = None) -> None:
+    """Copy every statistic, all or nothing: a copy that fails puts back those already made
+    (from ``saved``, the current values, copied here when the caller has none)."""
+    if saved is None:
+        saved = _saved(layers, stats)
+    done: list[str] = []
     with torch.no_grad():
-        for name in stats:
-            for key in STAT_BUFFERS:
-                getattr(layers[name], key).copy_(stats[name][key])
+        try:
+            for name in stats:
+                done.append(name)
+                for key in STAT_BUFFERS:
+                    getattr(layers[name], key).copy_(stats[name][key])
+        except BaseException:
+            for name in done:
+                for key in STAT_BUFFERS:
+                    getattr(layers[name], key).copy_(saved[name][key])
+            raise
 
 
 class StatsBank:
@@ -116,6 +146,8 @@ class StatsBank:
                     f"StatsBank[{name!r}]: layer {layer!r} needs tensors {list(STAT_BUFFERS)}, "
                     f"got {sorted(value)}"
                 )
+            for key in STAT_BUFFERS:
+                _check_layout(value[key], f"StatsBank[{name!r}]: layer {layer!r} {key}")
         self._snapshots[name] = {
             layer: {key: value[key].detach().clone() for key in STAT_BUFFERS}
             for layer, value in snapshot.items()
@@ -170,13 +202,12 @@ class StatsBank:
         snapshot = self[name]
         layers = _stat_layers(model)
         _check_snapshot(layers, snapshot, f"StatsBank.use({name!r})")
-        saved = {name: {key: getattr(layer, key).clone() for key in STAT_BUFFERS}
-                 for name, layer in layers.items()}
+        saved = _saved(layers, layers)
         try:
-            _copy_into(layers, snapshot)
+            _copy_into(layers, snapshot, saved)
             yield model
         finally:
-            _copy_into(layers, saved)
+            _copy_into(layers, saved, saved)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:

@@ -101,7 +101,10 @@ def batch_stats_inference(
                 use_norm_batch_size(guard, layer, norm_batch_size)
                 skip_empty_calls(guard, layer)
             elif norm_batch_size is not None:
-                guard.hook(layer.register_forward_hook(_grouped_output(norm_batch_size)))
+                # first of the layer's forward hooks: the user's own hooks then act on the
+                # grouped output, as they would on GhostBatchNorm's
+                guard.hook(layer.register_forward_hook(_grouped_output(norm_batch_size),
+                                                       prepend=True))
         yield model
     finally:
         guard.restore()

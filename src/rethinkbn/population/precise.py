@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..stats import Moments
 from ._pass import PassResult, run_pass
-from ._state import running_buffers, unwrap
+from ._state import check_model_first, running_buffers, unwrap
 from .bank import Snapshot, capture_stats, install_stats
 from .options import PreciseBNOptions, options_from, with_options
 
@@ -210,6 +210,7 @@ def precise_bn(
     A (Distributed)DataParallel model is unwrapped; its buffers are the same tensors, updated
     identically on every rank.
     """
+    check_model_first(model, data, "precise_bn")
     opts = options_from(options, kwargs, "precise_bn")
     model = unwrap(model)
     old = capture_stats(model)
@@ -245,6 +246,7 @@ def recompute_stats(
     those not estimated (e.g. FrozenBatchNorm) holding their current values, so it can go into a
     :class:`StatsBank`. With ``install=False`` (default) the model is left exactly as it was.
     """
+    check_model_first(model, data, "recompute_stats")
     opts = options_from(options, kwargs, "recompute_stats")
     model = unwrap(model)
     _, stats = estimate(model, data, opts, "recompute_stats")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..stats import Moments
-from ._state import running_buffers
+from ._state import check_model_first, running_buffers
 from .options import PreciseBNOptions, options_from, with_options
 from .precise import PassReport, distances, estimate
 
@@ -89,6 +89,7 @@ def ema_report(
     Runs the same pass as :func:`~rethinkbn.population.precise_bn` (same options) and keeps
     every call's batch mean. Side effects: none; the model ends exactly as it was.
     """
+    check_model_first(model, data, "ema_report")
     opts = options_from(options, kwargs, "ema_report")
     result, stats = estimate(model, data, opts, "ema_report")
     layers = {}

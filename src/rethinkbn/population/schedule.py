@@ -28,7 +28,7 @@ from torch import nn
 from .._checks import check_int, check_positive_int
 from ..convert import freeze_bn
 from ..layers import FrozenBatchNorm
-from ._state import batchnorm_layers, is_frozen, unwrap
+from ._state import batchnorm_layers, check_model_first, is_frozen, unwrap
 from .bank import capture_stats, install_stats
 from .options import OPTION_NAMES, PreciseBNOptions, options_from, with_options
 from .precise import PreciseBNReport, precise_bn, recompute_stats
@@ -89,6 +89,7 @@ def freeze_with_precise_stats(
     The reverse is :func:`rethinkbn.convert.unfreeze_bn` (back to torch BatchNorm, with the
     frozen statistics as running statistics).
     """
+    check_model_first(model, data, "freeze_with_precise_stats")
     opts, layer_kwargs = split_freeze_kwargs(options, kwargs, "freeze_with_precise_stats")
     inner = unwrap(model)
     old = capture_stats(inner)
