@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from test_diagnose import TRAIN, VAL, accuracy, batches, conv_net, fit, run
 from torch import nn
 
 from rethinkbn import ShuffledModule, ShufflePlan, diagnose, virtual_devices
+from test_diagnose import TRAIN, VAL, accuracy, batches, conv_net, fit, run
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,8 @@ class Diagnosis:
     """What :func:`diagnose` found: ``findings`` (most important first), the per-layer table,
     the model's metrics by data and configuration, the relative RMS of the outputs in training
     behaviour vs eval mode, the samples of the statistics pass over ``train_data``, the
-    per-device training batch and the thresholds used.
+    per-device training batch (the smallest rank's under torch.distributed) and the thresholds
+    used.
 
     ``str()`` is the terminal summary; :meth:`to_markdown`, :meth:`to_dict` and :meth:`save` give
     the report, the JSON and the files.
@@ -382,8 +383,11 @@ def _is_fixed(layer: nn.Module, trains: bool) -> bool:
     return isinstance(layer, FrozenBatchNorm) or not trains
 
 
-def _nbs(layer: nn.Module, batch: int, trains: bool) -> tuple[int | None, str]:
-    """The layer's normalization batch size in training and how it follows from the batch."""
+def _nbs(layer: nn.Module, sizes: list[int], trains: bool) -> tuple[int | None, str]:
+    """The layer's normalization batch size in training and how it follows from the per-rank
+    first batches ``sizes`` (one per rank): the smallest rank's batch, or their sum for a layer
+    synced over all of them."""
+    batch = min(sizes)
     if _is_fixed(layer, trains):
         return None, "fixed statistics (frozen)"
     devices = getattr(layer, "num_devices", None)
@@ -394,6 +398,9 @@ def _nbs(layer: nn.Module, batch: int, trains: bool) -> tuple[int | None, str]:
         return min(ghost, batch), f"ghost groups of {ghost} in a batch of {batch}"
     if hasattr(layer, "process_group"):
         _, size = _world(getattr(layer, "process_group", None))
+        if size > 1 and size == len(sizes):
+            per_rank = f"batch {batch}" if len(set(sizes)) == 1 else f"batches {sizes}"
+            return sum(sizes), f"synced: {per_rank} over {size} ranks"
         if size > 1:
             return batch * size, f"synced: batch {batch} x {size} ranks"
     if isinstance(layer, DomainBatchNorm):
@@ -595,9 +602,10 @@ def _compare(ctx: _Context, data: Iterable[Any], label: str, configs: list[str])
     BatchNorm calls. The buffers are put back after every forward, the modes by the caller.
 
     Under torch.distributed the ranks decide together, per batch, whether to go on (every rank
-    has a batch) and whether to run the batch (with training behaviour among ``configs``, every
-    rank's batch holds 2 samples or more; else every rank leaves it out), so that their
-    collectives (SyncBatchNorm's, a ShuffledModule's) always match.
+    has a batch and some rank has not yet seen ``num_samples``) and whether to run the batch
+    (with training behaviour among ``configs``, every rank's batch holds 2 samples or more;
+    else every rank leaves it out), so that their collectives (SyncBatchNorm's, a
+    ShuffledModule's) always match.
 
     Raises ValueError, on every rank, when the pass ran no batch: ``data`` yielded nothing the
     second time (a one-shot stream) or only batches too small for training behaviour.
@@ -608,7 +616,10 @@ def _compare(ctx: _Context, data: Iterable[Any], label: str, configs: list[str])
     iterator = iter(data)
     with tqdm(total=ctx.num_samples, unit="sample", desc=f"diagnose: {label}",
               disable=not ctx.show, leave=False) as bar:
-        while acc.samples < ctx.num_samples:
+        while True:
+            needs = float(acc.samples < ctx.num_samples)
+            if world == 1 and not needs:
+                break
             batch = next(iterator, None)
             if batch is not None:
                 batch = _moved(batch, ctx.device)
@@ -617,8 +628,8 @@ def _compare(ctx: _Context, data: Iterable[Any], label: str, configs: list[str])
                 acc.first_batch = n
             ended, small = float(batch is None), float(trains and batch is not None and n < 2)
             if world > 1:  # ranks stop and skip together: the training forward is collective
-                ended, small = _all_sum([ended, small], ctx.group)
-            if ended:
+                ended, small, needs = _all_sum([ended, small, needs], ctx.group)
+            if ended or not needs:
                 break
             if small:  # torch's BatchNorm cannot train on one sample
                 acc.skipped += n
@@ -1019,13 +1030,17 @@ def diagnose(
     finally:
         install_stats(model, saved.stats)
         saved.restore()
-    batch = first[0] if first else on_train.first_batch
+    # every rank's first batch, so that every rank states the same sizes
+    local, (rank, world) = first[0] if first else on_train.first_batch, _world(process_group)
+    sizes = [int(v) for v in _all_sum([float(local if r == rank else 0)
+                                       for r in range(world)], process_group)]
+    batch = min(sizes)
     table = {}
     bad: dict[str, set[str]] = {"ema": set(), "train-test": set(), "domain": set()}
     nonfinite: list[Finding] = []
     for name, layer in layers.items():
         r = report.layers.get(name)
-        nbs, rule = _nbs(layer, batch, train_modes[name])
+        nbs, rule = _nbs(layer, sizes, train_modes[name])
         if nbs is not None and name in shuffled:
             rule += f", after ShuffledModule '{shuffled[name]}''s shuffle (measured with it)"
         positions = r.count / r.samples if r is not None and r.samples else math.nan
