@@ -240,14 +240,18 @@ def _unreadable(path: str, err: Exception) -> str:
         return "is empty"
     with open(path, "rb") as f:
         head = f.read(2)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+             and "weights_only" not in ln and "file an issue" not in ln]
+    detail = lines[-1].split(". ")[0] if lines else type(err).__name__  # torch's first sentence
+    if head == b"PK" and not zipfile.is_zipfile(path):
+        return ("is a truncated or damaged checkpoint (a zip archive, torch.save's format, "
+                f"that does not read to its end: {detail})")
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
         return ("is not a PyTorch checkpoint (torch.save writes a zip archive; this file is "
                 "neither that nor a legacy pickle)")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()
-             and "weights_only" not in ln and "file an issue" not in ln]
     kind = "damaged" if isinstance(err, (pickle.UnpicklingError, EOFError, RuntimeError)) \
         else "unreadable"
-    return f"is {kind}: {lines[-1] if lines else type(err).__name__}"
+    return f"is {kind}: {detail}"
 
 
 def _listed(keys: list[str], limit: int = 6) -> str:
