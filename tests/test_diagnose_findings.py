@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from rethinkbn import ShuffledModule, ShufflePlan, diagnose, virtual_devices
+from rethinkbn import ShuffledModule, ShufflePlan, convert_batchnorm, diagnose, virtual_devices
 from test_diagnose import TRAIN, VAL, accuracy, batches, conv_net, fit, run
 
 
@@ -75,8 +75,19 @@ def test_a_non_finite_train_test_gap_is_a_problem(healthy):
     with torch.no_grad():
         model[4].weight[0] = math.inf  # the last BN's output is Inf (its inputs stay finite)
     d = run(model, val=None, metric=None, num_samples=128)
-    assert [f.layer for f in by_check(d, "non-finite:train-test")] == ["4"], d.summary()
+    assert [f.layer for f in by_check(d, "non-finite:train-test")] == ["4", None], d.summary()
     assert [f.severity for f in by_check(d, "train-test") if f.layer is None] == ["problem"]
+    no_ok_about_nan(d)
+
+
+def test_non_finite_frozen_statistics_are_a_problem_everywhere(healthy):
+    model = convert_batchnorm(copy.deepcopy(healthy), "frozen", include=["4"])
+    with torch.no_grad():
+        model[4].running_mean[0] = math.nan  # the last BN: the layers before it see no NaN
+    d = run(model, num_samples=128)
+    assert [f.severity for f in by_check(d, "smell:frozen-stats")] == ["problem"]
+    assert [f.layer for f in by_check(d, "non-finite:ema")] == ["4"]
+    assert by_check(d, "non-finite:train-test")  # the model's outputs are NaN in training
     no_ok_about_nan(d)
 
 

@@ -739,8 +739,8 @@ def _unless_nonfinite(finding: Finding, bad: set[str], what: str) -> Finding:
     if not bad or finding.severity != "ok":
         return finding
     return replace(finding, severity="problem",
-                   message=f"{finding.message}; {len(bad)} layers' {what} are NaN or Inf (see "
-                   "the non-finite findings)")
+                   message=f"{finding.message}; {what} NaN or Inf in {', '.join(sorted(bad))} "
+                   "(see the non-finite findings)")
 
 
 def _nbs_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | None,
@@ -829,11 +829,14 @@ def _smells(ctx: _Context, report: PreciseBNReport, seen: _Measured,
     for name, layer in ctx.layers.items():
         r = report.layers.get(name)
         if r is not None and _is_fixed(layer, ctx.train_modes[name]):
-            far = _past(r.mean_shift, r.std_log_ratio, t.shift, t.log_std) > 1
+            finite = math.isfinite(r.mean_shift) and math.isfinite(r.std_log_ratio)
+            far = not finite or _past(r.mean_shift, r.std_log_ratio, t.shift, t.log_std) > 1
             out.append(Finding(
-                "smell:frozen-stats", "warning" if far else "ok", name, r.mean_shift, t.shift,
+                "smell:frozen-stats", "warning" if finite and far else "problem" if far else "ok",
+                name, r.mean_shift, t.shift,
                 f"frozen statistics vs train_data's: {r.mean_shift:.3g} sigma in mean, "
-                f"{r.std_log_ratio:.3g} in log std" + (" (another dataset's?)" if far else ""),
+                f"{r.std_log_ratio:.3g} in log std"
+                + (" (another dataset's?)" if finite and far else ""),
                 "recompute them on this data (rethinkbn.precise_bn(model, loader, "
                 "include_frozen=True)) or unfreeze" if far else ""))
         calls = seen.calls.get(name, 0)
@@ -1058,12 +1061,18 @@ def diagnose(
         for f in found:
             bad[f.check.removeprefix("non-finite:")].add(name)
     nonfinite += _nonfinite_metrics(on_train, on_eval)
+    output_gap = math.sqrt(on_train.out_diff / on_train.out_ref) if on_train.out_ref else math.nan
+    if (on_train.out_ref or on_train.out_diff) and not math.isfinite(output_gap):
+        bad["train-test"].add("the model's outputs")
+        nonfinite.append(Finding("non-finite:train-test", "problem", None, math.nan, 0,
+                                 f"the output gap is {output_gap}: the model's outputs are NaN "
+                                 "or Inf in training behaviour or with population statistics",
+                                 NONFINITE_ADVICE))
     trainable = {n: r for n, r in table.items() if r.norm_batch_size is not None}
     unshuffled = {n: r for n, r in trainable.items() if n not in shuffled}
     k = min((r.norm_batch_size for r in unshuffled.values() if r.norm_batch_size is not None),
             default=None)
     ratio = _group_mixing(ids, k) if k is not None and group_ids is not None else None
-    output_gap = math.sqrt(on_train.out_diff / on_train.out_ref) if on_train.out_ref else math.nan
     eval_label = "eval_data" if eval_data is not None else "train_data"
     findings = nonfinite + _smells(ctx, report, on_eval, None if ratio is None else (ratio, k), t)
     if group_ids is not None and trainable and not unshuffled:
@@ -1078,7 +1087,8 @@ def diagnose(
                               untracked, bad["ema"] & set(trainable))
     findings += _nbs_findings(trainable, on_train.paired(f"train_data, {TRAINING}",
                                                          f"train_data, {POPULATION}"),
-                              output_gap, t, bad["train-test"] & set(trainable))
+                              output_gap, t,
+                              bad["train-test"] & {*trainable, "the model's outputs"})
     if eval_data is not None:
         findings += _domain_findings(trainable, on_eval.paired(f"eval_data, {DOMAIN}",
                                                                f"eval_data, {POPULATION}"), t,
