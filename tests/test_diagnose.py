@@ -93,7 +93,7 @@ def test_healthy_model_raises_no_alarm(healthy):
     assert d.problems == [], d.summary()
     assert {f.check for f in d.findings} == {"ema", "train-test", "domain"}
     assert set(d.layers) == {"1", "4"} and d.batch_size == 32
-    assert [r.nbs for r in d.layers.values()] == [32, 32]
+    assert [r.norm_batch_size for r in d.layers.values()] == [32, 32]
     assert [r.values_per_channel for r in d.layers.values()] == [32 * 40, 32 * 20]
 
 
@@ -119,7 +119,7 @@ def test_tiny_normalization_batch_is_found():
     model = convert_batchnorm(conv_net(), "ghost", norm_batch_size=2)
     model = fit(model, *TRAIN, batch=32, lr=0.1, epochs=3)
     d = run(model)
-    assert [r.nbs for r in d.layers.values()] == [2, 2]
+    assert [r.norm_batch_size for r in d.layers.values()] == [2, 2]
     assert "ghost groups of 2" in d.layers["1"].nbs_rule
     model_level = [f for f in flagged(d, "train-test") if f.layer is None]
     assert model_level and model_level[0].value < -0.05, d.summary()
@@ -140,7 +140,7 @@ def test_bn1d_fed_two_values_per_channel_is_found():
     torch.manual_seed(0)
     d = run(conv_net(pool_bn=True), batch=2, num_samples=64, metric=None)
     row = d.layers["8"]
-    assert (row.nbs, row.values_per_channel) == (2, 2)
+    assert (row.norm_batch_size, row.values_per_channel) == (2, 2)
     found = flagged(d, "nbs", "8")
     assert found and found[0].severity == "problem" and "2 values per channel" in found[0].message
     assert not flagged(d, "nbs", "1")  # the conv layers get 2 x 40 and 2 x 20 values
@@ -174,7 +174,7 @@ def test_frozen_statistics_of_another_dataset_are_found(healthy):
     with torch.no_grad():
         model[1].running_mean += 3.0  # statistics of some other data
     d = run(model, val=None, metric=None, num_samples=64)
-    assert d.layers["1"].nbs is None and d.layers["1"].mode == "frozen"
+    assert d.layers["1"].norm_batch_size is None and d.layers["1"].mode == "frozen"
     assert flagged(d, "smell:frozen-stats", "1")
     assert not flagged(d, "smell:frozen-stats", "4") and not flagged(d, "ema", "1")
 
@@ -425,8 +425,9 @@ def test_every_rank_returns_the_same_diagnosis_under_torch_distributed():
     with GlooWorld(2) as world:
         rank0, rank1 = world.run(diagnose_on_this_rank)
     assert rank0 == rank1
-    assert rank0["layers"]["1"]["nbs"] == 32 and "2 ranks" in rank0["layers"]["1"]["nbs_rule"]
-    assert rank0["layers"]["4"]["nbs"] == 16
+    assert rank0["layers"]["1"]["norm_batch_size"] == 32
+    assert "2 ranks" in rank0["layers"]["1"]["nbs_rule"]
+    assert rank0["layers"]["4"]["norm_batch_size"] == 16
     assert rank0["num_samples"] == 64 + 48  # precise_bn's pass, summed over the ranks
 
 

@@ -104,6 +104,11 @@ def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
     diag.add_argument("--out", default=None, help="write report.md, diagnosis.json and "
                       "layer_distances.png to this directory")
     diag.add_argument("--num-samples", default="2048", help="samples per pass (default 2048)")
+    diag.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
+                      help="metric(outputs, batch) -> the batch's mean metric, higher is better "
+                      "(e.g. accuracy), imported as SPEC is; replaces a metric SPEC returns. "
+                      "Without one the model-level metric checks are skipped (the report says "
+                      "so)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,12 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(o.error for o in outcomes) else 0
 
 
-def _load_spec(spec: str) -> Callable[[], Any]:
+class _BadArgument(ValueError):
+    """A command-line argument of ``rethinkbn diagnose`` that is wrong: one line, exit 2. Errors
+    raised inside the user's own code are not these and keep their traceback."""
+
+
+def _load_spec(spec: str, option: str = "SPEC") -> Callable[[], Any]:
     """The function named by ``module:function``, imported with the current directory first on
-    ``sys.path``; ValueError for a SPEC that does not name one."""
+    ``sys.path``; _BadArgument for a SPEC that does not name one. An error raised while the
+    module itself runs propagates with its traceback."""
     module_name, _, attr = spec.partition(":")
     if not all(part.isidentifier() for part in [*module_name.split("."), attr]):
-        raise ValueError(f"SPEC {spec!r}: expected module:function, e.g. mypkg.train:build")
+        raise _BadArgument(f"{option} {spec!r}: expected module:function, e.g. "
+                           "mypkg.train:build")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -174,11 +186,11 @@ def _load_spec(spec: str) -> Callable[[], Any]:
     except ModuleNotFoundError as err:
         if err.name is None or not module_name.startswith(err.name):
             raise  # the module exists and its own imports fail: the user wants the traceback
-        raise ValueError(f"SPEC {spec!r}: no module named {module_name!r} in {os.getcwd()} or "
-                         "on sys.path") from None
+        raise _BadArgument(f"{option} {spec!r}: no module named {module_name!r} in "
+                           f"{os.getcwd()} or on sys.path") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"SPEC {spec!r}: {module_name} has no function {attr!r}")
+        raise _BadArgument(f"{option} {spec!r}: {module_name} has no function {attr!r}")
     return fn
 
 
@@ -188,48 +200,116 @@ def _diagnose_arguments(spec: str, made: Any) -> dict[str, Any]:
     elif isinstance(made, (tuple, list)) and len(made) in (2, 3):
         kwargs = dict(zip(["model", "train_data", "eval_data"], made, strict=False))
     else:
-        raise ValueError(f"SPEC {spec!r} returned a {type(made).__name__}; expected (model, "
-                         "train_loader[, eval_loader]) or a dict of diagnose's arguments")
+        raise _BadArgument(f"SPEC {spec!r} returned a {type(made).__name__}; expected (model, "
+                           "train_loader[, eval_loader]) or a dict of diagnose's arguments")
     import inspect
 
+    from torch import nn
+
     from .diagnosis import diagnose
+    from .layers import is_batchnorm
 
     known = set(inspect.signature(diagnose).parameters) - {"num_samples", "progress"}
     if "model" not in kwargs or "train_data" not in kwargs or set(kwargs) - known:
-        raise ValueError(f"SPEC {spec!r} returned a dict with keys {sorted(kwargs)}; expected "
-                         f"'model', 'train_data' and any of {sorted(known - {'model'})}")
+        raise _BadArgument(f"SPEC {spec!r} returned a dict with keys {sorted(kwargs)}; expected "
+                           f"'model', 'train_data' and any of {sorted(known - {'model'})}")
+    model = kwargs["model"]
+    if not isinstance(model, nn.Module):
+        raise _BadArgument(f"SPEC {spec!r} returned a {type(model).__name__} as the model; "
+                           "expected a torch.nn.Module")
+    if not any(is_batchnorm(m) for m in model.modules()):
+        raise _BadArgument(f"SPEC {spec!r} returned a {type(model).__name__} without any "
+                           "BatchNorm layer: there is nothing to diagnose")
     return kwargs
 
 
+def _unreadable(path: str, err: Exception) -> str:
+    """What is wrong with a checkpoint torch.load(weights_only=True) refused, in one line
+    (never torch's advice to load it with weights_only=False, which would run its code)."""
+    import pickle
+    import re
+    import zipfile
+
+    text = str(err)
+    blocked = re.search(r"GLOBAL (\S+)", text)
+    if blocked:
+        return (f"holds a Python object ({blocked.group(1)}) that only running code could "
+                "rebuild, and files read here never run code; save the model's state_dict() "
+                "(tensors and plain containers) instead")
+    if os.path.getsize(path) == 0:
+        return "is empty"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+             and "weights_only" not in ln and "file an issue" not in ln]
+    detail = lines[-1].split(". ")[0] if lines else type(err).__name__  # torch's first sentence
+    if head == b"PK" and not zipfile.is_zipfile(path):
+        return ("is a truncated or damaged checkpoint (a zip archive, torch.save's format, "
+                f"that does not read to its end: {detail})")
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        return ("is not a PyTorch checkpoint (torch.save writes a zip archive; this file is "
+                "neither that nor a legacy pickle)")
+    kind = "damaged" if isinstance(err, (pickle.UnpicklingError, EOFError, RuntimeError)) \
+        else "unreadable"
+    return f"is {kind}: {detail}"
+
+
+def _listed(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
 def _load_checkpoint(model: Any, path: str) -> None:
+    """Load the state_dict at ``path`` into ``model``, checked first (keys, shapes) so that a
+    checkpoint that does not fit leaves the model as it was; _BadArgument says what does not
+    fit."""
     import torch
 
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-                blob = blob[key]
-        model.load_state_dict(blob)
-    except Exception as err:  # any unreadable or mismatched checkpoint is a bad --checkpoint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--checkpoint {path}: {first}") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a bad --checkpoint
+        raise _BadArgument(f"--checkpoint {path}: {_unreadable(path, err)}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise _BadArgument(f"--checkpoint {path}: holds a {type(blob).__name__}, not a "
+                           "state_dict (a dict of tensors, possibly under 'state_dict' or "
+                           "'model')")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in blob]
+    unexpected = [k for k in blob if k not in expected]
+    shapes = [f"{k!r} is {tuple(blob[k].shape)} in the file, {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in blob and blob[k].shape != v.shape]
+    problems = ([f"missing keys {_listed(missing)}"] if missing else []) + (
+        [f"unexpected keys {_listed(unexpected)}"] if unexpected else []) + shapes[:3]
+    if problems:
+        raise _BadArgument(f"--checkpoint {path} does not fit {type(model).__name__} "
+                           f"({len(expected)} keys): {'; '.join(problems)}")
+    model.load_state_dict(blob)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    """``rethinkbn diagnose``: 0 done; 2 bad arguments (one line on stderr, before any work)."""
+    """``rethinkbn diagnose``: 0 done; 2 bad arguments (one line on stderr, before any work).
+    An error raised inside the user's SPEC, metric or model keeps its traceback."""
     try:
         num_samples = int(args.num_samples) if args.num_samples.strip().isdigit() else 0
         if num_samples < 1:
-            raise ValueError(f"--num-samples: expected a positive integer, got {args.num_samples}")
+            raise _BadArgument(f"--num-samples: expected a positive integer, got "
+                               f"{args.num_samples}")
         if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-            raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
+            raise _BadArgument(f"--checkpoint {args.checkpoint}: no such file")
         if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out}: exists and is not a directory")
+            raise _BadArgument(f"--out {args.out}: exists and is not a directory")
         factory = _load_spec(args.spec)
-        kwargs = _diagnose_arguments(args.spec, factory())
+        metric = None if args.metric is None else _load_spec(args.metric, "--metric")
+        made = factory()  # the user's code: its own errors propagate with their traceback
+        kwargs = _diagnose_arguments(args.spec, made)
+        if metric is not None:
+            kwargs["metric"] = metric
         if args.checkpoint is not None:
             _load_checkpoint(kwargs["model"], args.checkpoint)
-    except ValueError as err:
+    except _BadArgument as err:
         print(f"rethinkbn diagnose: {err}", file=sys.stderr)
         return 2
     from .diagnosis import diagnose

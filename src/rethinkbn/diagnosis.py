@@ -30,7 +30,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import check_positive_int
-from .distributed import PerDeviceBatchNorm
+from .distributed import PerDeviceBatchNorm, ShuffledModule
 from .layers import DomainBatchNorm, FrozenBatchNorm, is_batchnorm
 from .population import (
     PreciseBNReport,
@@ -56,7 +56,7 @@ __all__ = ["Diagnosis", "Finding", "LayerDiagnosis", "Thresholds", "diagnose"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 MetricFn = Callable[[Any, Any], "float | Tensor"]
-SEVERITIES = ("problem", "warning", "ok")
+SEVERITIES = ("problem", "warning", "ok", "skipped")
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,11 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Finding:
-    """One verdict: ``check`` (what was measured), its ``severity`` (problem / warning / ok), the
-    ``layer`` (qualified name; None for the model), the measured ``value`` against ``threshold``,
-    a ``message`` derived from them and a ``recommendation``."""
+    """One verdict: ``check`` (what was measured), its ``severity`` (problem / warning / ok, or
+    skipped: not testable, the message says why), the ``layer`` (qualified name; None for the
+    model), the measured ``value`` against ``threshold``, a ``message`` derived from them and a
+    ``recommendation``. A NaN or Inf measurement is a ``non-finite:<check>`` problem of its
+    own, never an "ok"."""
 
     check: str
     severity: str
@@ -116,20 +118,21 @@ class Finding:
 class LayerDiagnosis:
     """One BatchNorm layer's numbers (NaN where not measured).
 
-    ``nbs`` is the normalization batch size it normalizes with in training (None: fixed
-    statistics) and ``nbs_rule`` how it follows from the per-device batch; ``values_per_channel``
-    = ``nbs`` x spatial positions. ``ema_shift`` / ``ema_log_std``: running vs population
-    statistics of ``train_data``; ``train_test_gap``: RMS of ``z_train - z_pop`` over the values
-    of the comparison pass (``z`` the normalized input, with the statistics the layer uses in
-    training, resp. population statistics); ``domain_shift`` / ``domain_log_std``: statistics of
-    ``train_data`` vs ``eval_data``: ``(mu_train - mu_eval) / sigma_eval`` and
-    ``log(sigma_train / sigma_eval)`` (RMS over channels, as the EMA distances).
+    ``norm_batch_size`` is the normalization batch size it normalizes with in training (None:
+    fixed statistics) and ``nbs_rule`` how it follows from the per-device batch;
+    ``values_per_channel`` = ``norm_batch_size`` x spatial positions. ``ema_shift`` /
+    ``ema_log_std``: running vs population statistics of ``train_data``; ``train_test_gap``: RMS
+    of ``z_train - z_pop`` over the values of the comparison pass (``z`` the normalized input,
+    with the statistics the layer uses in training, resp. population statistics);
+    ``domain_shift`` / ``domain_log_std``: statistics of ``train_data`` vs ``eval_data``:
+    ``(mu_train - mu_eval) / sigma_eval`` and ``log(sigma_train / sigma_eval)`` (RMS over
+    channels, as the EMA distances).
     """
 
     kind: str
     mode: str
     calls_per_forward: int
-    nbs: int | None
+    norm_batch_size: int | None
     nbs_rule: str
     values_per_channel: int | None
     ema_shift: float
@@ -144,7 +147,8 @@ class Diagnosis:
     """What :func:`diagnose` found: ``findings`` (most important first), the per-layer table,
     the model's metrics by data and configuration, the relative RMS of the outputs in training
     behaviour vs eval mode, the samples of the statistics pass over ``train_data``, the
-    per-device training batch and the thresholds used.
+    per-device training batch (the smallest rank's under torch.distributed) and the thresholds
+    used.
 
     ``str()`` is the terminal summary; :meth:`to_markdown`, :meth:`to_dict` and :meth:`save` give
     the report, the JSON and the files.
@@ -160,7 +164,8 @@ class Diagnosis:
 
     @property
     def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity != "ok"]
+        """The findings to act on: problems and warnings."""
+        return [f for f in self.findings if f.severity in ("problem", "warning")]
 
     def summary(self) -> str:
         """One line per finding, most important first, in a fixed-width table."""
@@ -337,16 +342,20 @@ class _Saved:
     flags: list[tuple[nn.Module, bool]]
     buffers: list[tuple[Tensor, Tensor]]
     stats: Snapshot
+    steps: list[tuple[ShuffledModule, int]] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module) -> _Saved:
         return cls([(m, m.training) for m in model.modules()],
-                   [(b, b.detach().clone()) for b in model.buffers()], capture_stats(model))
+                   [(b, b.detach().clone()) for b in model.buffers()], capture_stats(model),
+                   [(m, m.step) for m in model.modules() if isinstance(m, ShuffledModule)])
 
     def restore_buffers(self) -> None:
         with torch.no_grad():
             for live, saved in self.buffers:
                 live.copy_(saved)
+        for module, step in self.steps:  # a training forward advances the shuffle's step
+            module.step = step
 
     def restore(self) -> None:
         self.restore_buffers()
@@ -374,8 +383,11 @@ def _is_fixed(layer: nn.Module, trains: bool) -> bool:
     return isinstance(layer, FrozenBatchNorm) or not trains
 
 
-def _nbs(layer: nn.Module, batch: int, trains: bool) -> tuple[int | None, str]:
-    """The layer's normalization batch size in training and how it follows from the batch."""
+def _nbs(layer: nn.Module, sizes: list[int], trains: bool) -> tuple[int | None, str]:
+    """The layer's normalization batch size in training and how it follows from the per-rank
+    first batches ``sizes`` (one per rank): the smallest rank's batch, or their sum for a layer
+    synced over all of them."""
+    batch = min(sizes)
     if _is_fixed(layer, trains):
         return None, "fixed statistics (frozen)"
     devices = getattr(layer, "num_devices", None)
@@ -386,6 +398,9 @@ def _nbs(layer: nn.Module, batch: int, trains: bool) -> tuple[int | None, str]:
         return min(ghost, batch), f"ghost groups of {ghost} in a batch of {batch}"
     if hasattr(layer, "process_group"):
         _, size = _world(getattr(layer, "process_group", None))
+        if size > 1 and size == len(sizes):
+            per_rank = f"batch {batch}" if len(set(sizes)) == 1 else f"batches {sizes}"
+            return sum(sizes), f"synced: {per_rank} over {size} ranks"
         if size > 1:
             return batch * size, f"synced: batch {batch} x {size} ranks"
     if isinstance(layer, DomainBatchNorm):
@@ -415,6 +430,7 @@ class _Context:
     device: torch.device | str | None
     show: bool
     group: dist.ProcessGroup | None
+    shufflers: dict[str, tuple[ShuffledModule, bool]] = field(default_factory=dict)
 
 
 @dataclass
@@ -423,6 +439,9 @@ class _Measured:
 
     per_batch: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     samples: int = 0
+    skipped: int = 0  # samples of batches left out: some rank's batch was too small to train on
+    trained: int = 0  # batches run in training behaviour
+    first_batch: int = 0  # this rank's first batch size (rank-local, not merged)
     out_diff: float = 0.0
     out_ref: float = 0.0
     gap: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum of squares, count]
@@ -435,11 +454,13 @@ class _Measured:
             return self
         parts: list[Any] = [None] * _world(group)[1]
         dist.all_gather_object(parts, self, group=group)
-        out = _Measured()
+        out = _Measured(first_batch=self.first_batch)
         for p in parts:
             for key, rows in p.per_batch.items():
                 out.per_batch.setdefault(key, []).extend(rows)
             out.samples += p.samples
+            out.skipped += p.skipped
+            out.trained += p.trained
             out.out_diff += p.out_diff
             out.out_ref += p.out_ref
             for name, (sq, n) in p.gap.items():
@@ -460,8 +481,9 @@ class _Measured:
     def paired(self, a: str, b: str) -> tuple[float, float] | None:
         """``(mean of metric[a] - metric[b], its standard error)`` over the batches both ran."""
         rows_a, rows_b = self.per_batch.get(a, []), self.per_batch.get(b, [])
-        if not rows_a or len(rows_a) != len(rows_b):
-            return None
+        if not rows_a or len(rows_a) != len(rows_b) or not all(
+                math.isfinite(v) for _, v in rows_a + rows_b):
+            return None  # a non-finite metric is a finding of its own (_nonfinite_metrics)
         if len(rows_a) < 2:  # no spread to judge a difference by
             return sum(n * (va - vb) for (n, va), (_, vb) in zip(rows_a, rows_b,
                                                                  strict=True)) / sum(
@@ -538,11 +560,14 @@ def _eval_forward(ctx: _Context, config: str, batch: Any, acc: _Measured,
 
 
 def _training_forward(ctx: _Context, batch: Any, acc: _Measured) -> Any:
-    """The model's outputs as in training (BatchNorm layers in their training modes, dropout
-    off), each layer's ``z_train - z_pop`` recorded; running buffers restored afterwards."""
+    """The model's outputs as in training (BatchNorm layers in their training modes, a
+    ShuffledModule shuffling as in training, dropout off), each layer's ``z_train - z_pop``
+    recorded; running buffers and shuffle steps restored afterwards."""
     pop = ctx.bank["population"]
     for m in ctx.model.modules():
         m.training = False
+    for shuffler, trains in ctx.shufflers.values():
+        shuffler.training = trains
     handles = []
     for name, layer in ctx.layers.items():
         layer.training = ctx.train_modes[name]
@@ -556,29 +581,64 @@ def _training_forward(ctx: _Context, batch: Any, acc: _Measured) -> Any:
         ctx.saved.restore_buffers()
 
 
+def _metric_value(ctx: _Context, out: Any, batch: Any, where: str) -> float:
+    """``ctx.metric(out, batch)`` as a float; TypeError naming the metric for anything but a
+    number or a one-element tensor."""
+    value = ctx.metric(out, batch)  # type: ignore[misc]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    name = getattr(ctx.metric, "__qualname__", None) or repr(ctx.metric)
+    got = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+           else f"{value!r}" if value is None else f"a {type(value).__name__}")
+    raise TypeError(f"diagnose: metric {name} returned {got} on a batch of {where}; expected the "
+                    "batch's mean metric as a number (a float or a one-element tensor)")
+
+
 def _compare(ctx: _Context, data: Iterable[Any], label: str, configs: list[str]) -> _Measured:
     """One pass over ``num_samples`` of ``data``, running each of ``configs`` on every batch
     (metric per batch and config under ``"<label>, <config>"``); the first config counts the
-    BatchNorm calls. The buffers are put back after every forward, the modes by the caller."""
+    BatchNorm calls. The buffers are put back after every forward, the modes by the caller.
+
+    Under torch.distributed the ranks decide together, per batch, whether to go on (every rank
+    has a batch and some rank has not yet seen ``num_samples``) and whether to run the batch
+    (with training behaviour among ``configs``, every rank's batch holds 2 samples or more;
+    else every rank leaves it out), so that their collectives (SyncBatchNorm's, a
+    ShuffledModule's) always match.
+
+    Raises ValueError, on every rank, when the pass ran no batch: ``data`` yielded nothing the
+    second time (a one-shot stream) or only batches too small for training behaviour.
+    """
     acc = _Measured()
     world = _world(ctx.group)[1]
+    trains = TRAINING in configs
     iterator = iter(data)
     with tqdm(total=ctx.num_samples, unit="sample", desc=f"diagnose: {label}",
               disable=not ctx.show, leave=False) as bar:
-        while acc.samples < ctx.num_samples:
-            batch = next(iterator, None)
-            if world > 1 and _all_sum([float(batch is None)], ctx.group)[0] > 0:
-                break  # ranks stop together: SyncBatchNorm's training forward is collective
-            if batch is None:
+        while True:
+            needs = float(acc.samples < ctx.num_samples)
+            if world == 1 and not needs:
                 break
-            batch = _moved(batch, ctx.device)
-            n = _num_samples(batch, ctx.input_key)
+            batch = next(iterator, None)
+            if batch is not None:
+                batch = _moved(batch, ctx.device)
+            n = 0 if batch is None else _num_samples(batch, ctx.input_key)
+            if not acc.first_batch:
+                acc.first_batch = n
+            ended, small = float(batch is None), float(trains and batch is not None and n < 2)
+            if world > 1:  # ranks stop and skip together: the training forward is collective
+                ended, small, needs = _all_sum([ended, small, needs], ctx.group)
+            if ended or not needs:
+                break
+            if small:  # torch's BatchNorm cannot train on one sample
+                acc.skipped += n
+                continue
             ref = None
             for i, config in enumerate(configs):
                 if config == TRAINING:
-                    if n < 2:
-                        continue
                     out = _training_forward(ctx, batch, acc)
+                    acc.trained += 1
                     got = _first_tensor(out)
                     if isinstance(ref, Tensor) and isinstance(got, Tensor) \
                             and got.shape == ref.shape:
@@ -589,11 +649,22 @@ def _compare(ctx: _Context, data: Iterable[Any], label: str, configs: list[str])
                     if config == POPULATION:
                         ref = _first_tensor(out)
                 if ctx.metric is not None:
-                    value = float(ctx.metric(out, batch))
-                    acc.per_batch.setdefault(f"{label}, {config}", []).append((n, value))
+                    key = f"{label}, {config}"
+                    acc.per_batch.setdefault(key, []).append(
+                        (n, _metric_value(ctx, out, batch, key)))
             acc.samples += n
             bar.update(n)
-    return acc.merged(ctx.group)
+    merged = acc.merged(ctx.group)
+    if merged.samples == 0:
+        why = (f"its {merged.skipped} samples came in batches of fewer than 2 samples (on some "
+               "rank), too few to run training behaviour" if merged.skipped else
+               f"{label} yielded no batch the second time it was read")
+        raise ValueError(
+            f"diagnose: the comparison pass over {label} saw 0 samples: {why}; {label} is read "
+            "twice (the statistics, then the comparisons) and each pass needs at least one "
+            "batch (of 2 samples or more for training behaviour): pass a re-iterable (a list of "
+            "batches, a DataLoader over a map-style Dataset), not a one-shot stream")
+    return merged
 
 
 # ---------------------------------------------------------------------------- verdicts
@@ -621,31 +692,59 @@ DOMAIN_ADVICE = ("recompute the statistics on the target domain (rethinkbn.recom
 
 
 def _ema_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | None,
-                  t: Thresholds) -> list[Finding]:
-    stale = {n: r for n, r in rows.items() if _past(r.ema_shift, r.ema_log_std, t.shift,
-                                                    t.log_std) > 1}
+                  t: Thresholds, untracked: set[str], bad: set[str]) -> list[Finding]:
+    """EMA vs population. Layers in ``untracked`` keep no running statistics (not testable),
+    those in ``bad`` have non-finite distances (a finding of their own): neither counts as
+    within the thresholds."""
+    tested = {n: r for n, r in rows.items() if n not in untracked}
+    if not tested:
+        return [Finding("ema", "skipped", None, math.nan, t.shift,
+                        f"not testable: none of the {len(rows)} training BatchNorm layers keeps "
+                        "running statistics (track_running_stats=False), so there is no EMA to "
+                        "compare with the population")]
+    finite = {n: r for n, r in tested.items() if n not in bad}
+    stale = {n: r for n, r in finite.items() if _past(r.ema_shift, r.ema_log_std, t.shift,
+                                                      t.log_std) > 1}
     out = [Finding("ema", "warning", n, max(abs(r.ema_shift), abs(r.ema_log_std)), t.shift,
                    f"EMA off the population by {r.ema_shift:.3g} sigma in mean, "
                    f"{r.ema_log_std:.3g} in log std (thresholds {t.shift}, {t.log_std})")
            for n, r in stale.items()]
-    if pair is not None:
+    untested = (f"; {len(untracked)} of {len(rows)} layers keep no running statistics (not "
+                "tested)" if untracked else "")
+    if bad:
+        out.append(Finding("ema", "problem", None, len(bad), 0,
+                           f"{len(bad)} of {len(tested)} layers' EMA distances are NaN or Inf "
+                           f"(see the non-finite findings){untested}", EMA_ADVICE))
+    elif pair is not None:
         sev = "problem" if _matters(pair, t) and pair[0] > 0 else "ok"
         out.append(Finding("ema", sev, None, pair[0], t.metric,
                            f"metric with population minus with EMA statistics: "
-                           f"{_metric_text(pair)}", EMA_ADVICE if sev == "problem" else ""))
+                           f"{_metric_text(pair)}{untested}",
+                           EMA_ADVICE if sev == "problem" else ""))
     elif stale:
         out.append(Finding("ema", "warning", None, len(stale), 0,
-                           f"{len(stale)} of {len(rows)} layers have EMA statistics past the "
-                           "thresholds (no metric given to tell whether it matters)", EMA_ADVICE))
+                           f"{len(stale)} of {len(tested)} layers have EMA statistics past the "
+                           "thresholds (no metric given to tell whether it matters)" + untested,
+                           EMA_ADVICE))
     else:
-        worst = max((abs(r.ema_shift) for r in rows.values()), default=0.0)
+        worst = max((abs(r.ema_shift) for r in finite.values()), default=0.0)
         out.append(Finding("ema", "ok", None, worst, t.shift,
-                           "EMA statistics within the thresholds in every layer"))
+                           "EMA statistics within the thresholds in every layer" + (
+                               " that keeps them" + untested if untracked else "")))
     return out
 
 
+def _unless_nonfinite(finding: Finding, bad: set[str], what: str) -> Finding:
+    """An "ok" model-level verdict is not ok when some layers' ``what`` are NaN or Inf."""
+    if not bad or finding.severity != "ok":
+        return finding
+    return replace(finding, severity="problem",
+                   message=f"{finding.message}; {what} NaN or Inf in {', '.join(sorted(bad))} "
+                   "(see the non-finite findings)")
+
+
 def _nbs_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | None,
-                  output_gap: float, t: Thresholds) -> list[Finding]:
+                  output_gap: float, t: Thresholds, bad: set[str]) -> list[Finding]:
     out = []
     for n, r in rows.items():
         v = r.values_per_channel
@@ -657,9 +756,11 @@ def _nbs_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | N
                 NBS_ADVICE))
     gapped = {n: r for n, r in rows.items() if r.train_test_gap > t.train_test_gap}
     out += [Finding("train-test", "warning", n, r.train_test_gap, t.train_test_gap,
-                    f"training-mode normalization (NBS {r.nbs}) differs from population "
-                    f"statistics by {r.train_test_gap:.3g} sigma RMS") for n, r in gapped.items()]
-    nbs = min((r.nbs for r in rows.values() if r.nbs is not None), default=None)
+                    f"training-mode normalization (NBS {r.norm_batch_size}) differs from "
+                    f"population statistics by {r.train_test_gap:.3g} sigma RMS")
+            for n, r in gapped.items()]
+    nbs = min((r.norm_batch_size for r in rows.values() if r.norm_batch_size is not None),
+              default=None)
     if pair is not None:
         # Population statistics that cost accuracy are the paper's Sec. 4 problem; eval mode
         # doing better than training behaviour costs nothing at inference, and is worth a
@@ -677,6 +778,7 @@ def _nbs_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | N
                            f"eval mode: {_metric_text(pair)}; outputs differ by "
                            f"{output_gap:.3g} relative RMS; {len(gapped)} of {len(rows)} layers "
                            "past the gap threshold", advice))
+        out[-1] = _unless_nonfinite(out[-1], bad, "train/test gaps")
     else:
         worst = max((r.train_test_gap for r in rows.values()
                      if math.isfinite(r.train_test_gap)), default=0.0)
@@ -686,11 +788,12 @@ def _nbs_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | N
                            f"training (NBS {nbs}) and eval mode past the threshold; outputs "
                            f"differ by {output_gap:.3g} relative RMS",
                            NBS_ADVICE if gapped else ""))
+        out[-1] = _unless_nonfinite(out[-1], bad, "train/test gaps")
     return out
 
 
 def _domain_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] | None,
-                     t: Thresholds) -> list[Finding]:
+                     t: Thresholds, bad: set[str]) -> list[Finding]:
     shifted = {n: r for n, r in rows.items()
                if _past(r.domain_shift, r.domain_log_std, t.domain_shift, t.domain_shift) > 1}
     out = [Finding("domain", "warning", n, max(abs(r.domain_shift), abs(r.domain_log_std)),
@@ -706,12 +809,13 @@ def _domain_findings(rows: dict[str, LayerDiagnosis], pair: tuple[float, float] 
                            f"statistics: {_metric_text(pair)}; {len(shifted)} of {len(rows)} "
                            "layers past the threshold", DOMAIN_ADVICE if sev != "ok" else ""))
     else:
-        worst = max((max(abs(r.domain_shift), abs(r.domain_log_std)) for r in rows.values()),
-                    default=0.0)
+        worst = max((max(abs(r.domain_shift), abs(r.domain_log_std)) for n, r in rows.items()
+                     if n not in bad and math.isfinite(r.domain_shift)), default=0.0)
         out.append(Finding("domain", "warning" if shifted else "ok", None, worst,
                            t.domain_shift, f"{len(shifted)} of {len(rows)} layers' statistics "
                            "differ between train_data and eval_data past the threshold",
                            DOMAIN_ADVICE if shifted else ""))
+    out[-1] = _unless_nonfinite(out[-1], bad, "domain distances")
     return out
 
 
@@ -725,11 +829,14 @@ def _smells(ctx: _Context, report: PreciseBNReport, seen: _Measured,
     for name, layer in ctx.layers.items():
         r = report.layers.get(name)
         if r is not None and _is_fixed(layer, ctx.train_modes[name]):
-            far = _past(r.mean_shift, r.std_log_ratio, t.shift, t.log_std) > 1
+            finite = math.isfinite(r.mean_shift) and math.isfinite(r.std_log_ratio)
+            far = not finite or _past(r.mean_shift, r.std_log_ratio, t.shift, t.log_std) > 1
             out.append(Finding(
-                "smell:frozen-stats", "warning" if far else "ok", name, r.mean_shift, t.shift,
+                "smell:frozen-stats", "warning" if finite and far else "problem" if far else "ok",
+                name, r.mean_shift, t.shift,
                 f"frozen statistics vs train_data's: {r.mean_shift:.3g} sigma in mean, "
-                f"{r.std_log_ratio:.3g} in log std" + (" (another dataset's?)" if far else ""),
+                f"{r.std_log_ratio:.3g} in log std"
+                + (" (another dataset's?)" if finite and far else ""),
                 "recompute them on this data (rethinkbn.precise_bn(model, loader, "
                 "include_frozen=True)) or unfreeze" if far else ""))
         calls = seen.calls.get(name, 0)
@@ -765,6 +872,51 @@ def _group_mixing(ids: list[Tensor], k: int, seed: int = 0) -> float | None:
     shuffled = flat[torch.randperm(len(flat), generator=gen)].split([len(b) for b in ids])
     base = distinct(list(shuffled))
     return distinct(ids) / base if base else None
+
+
+NONFINITE_ADVICE = ("find where the values became NaN or Inf (a diverged training step, a float16 "
+                    "overflow, a bad input) and recompute the statistics "
+                    "(rethinkbn.precise_bn(model, train_loader))")
+QUANTITIES = {"ema": "EMA vs population distance", "train-test": "train/test gap",
+              "domain": "train vs eval domain distance"}
+
+
+def _nonfinite_layer(name: str, row: LayerDiagnosis, running: Mapping[str, Tensor] | None,
+                     measured: Mapping[str, bool]) -> list[Finding]:
+    """One problem per measured quantity of a layer that came out NaN or Inf, naming the
+    running buffers that hold non-finite values when they are the cause."""
+    values = {"ema": (row.ema_shift, row.ema_log_std), "train-test": (row.train_test_gap,),
+              "domain": (row.domain_shift, row.domain_log_std)}
+    out = []
+    for check, numbers in values.items():
+        if not measured[check] or all(math.isfinite(v) for v in numbers):
+            continue
+        cause = ""
+        if check == "ema" and running is not None:
+            held = [f"{key} holds {int((~torch.isfinite(buf)).sum())} of {buf.numel()}"
+                    for key, buf in running.items() if buf.is_floating_point()
+                    and not bool(torch.isfinite(buf).all())]
+            cause = f" ({', '.join(held)} values NaN or Inf)" if held else ""
+        out.append(Finding(f"non-finite:{check}", "problem", name, math.nan, 0,
+                           f"{QUANTITIES[check]} is {', '.join(f'{v:.3g}' for v in numbers)}"
+                           f"{cause}: not a verdict", NONFINITE_ADVICE))
+    return out
+
+
+def _nonfinite_metrics(*passes: _Measured) -> list[Finding]:
+    """One problem per configuration whose metric was NaN or Inf on some batch."""
+    out, seen = [], set()
+    for acc in passes:
+        for key, rows in acc.per_batch.items():
+            k = sum(not math.isfinite(v) for _, v in rows)
+            if k and key not in seen:
+                seen.add(key)
+                out.append(Finding("non-finite:metric", "problem", None, k, 0,
+                                   f"the metric is NaN or Inf on {k} of {len(rows)} batches of "
+                                   f"{key}: the comparisons that use it give no verdict",
+                                   "make the metric finite on every batch (an empty class, a "
+                                   "division by zero?), or check the model's outputs"))
+    return out
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -834,6 +986,11 @@ def diagnose(
     # Training behaviour: the modes as they are when the model comes in train mode (an eval-mode
     # BatchNorm inside a training model is frozen); every BatchNorm training otherwise.
     train_modes = {n: (m.training if model.training else True) for n, m in layers.items()}
+    # A shuffle before BatchNorm is part of how the model trains: training behaviour runs it.
+    shufflers = {name or "<model>": (m, m.training if model.training else True)
+                 for name, m in model.named_modules() if isinstance(m, ShuffledModule)}
+    shuffled = {n: s for n in layers for s, (_, on) in shufflers.items()
+                if on and (s == "<model>" or n.startswith(s + "."))}
 
     def run(batch: Any) -> Any:
         return forward(model, batch) if forward else model(_model_input(batch, input_key))
@@ -855,6 +1012,9 @@ def diagnose(
         with warnings.catch_warnings():  # a loader shorter than the budget is fine here
             warnings.filterwarnings("ignore", message=".*short of the budget",
                                     category=RuntimeWarning)
+            # no layer keeps running statistics: the EMA check says it is not testable
+            warnings.filterwarnings("ignore", message=".*nothing was run",
+                                    category=RuntimeWarning)
             report = precise_bn(model, train_data, forward=recording_forward, **common)
             bank = StatsBank({"population": capture_stats(model)})
             eval_report = None
@@ -863,7 +1023,8 @@ def diagnose(
                 bank["eval domain"] = capture_stats(model)
         install_stats(model, saved.stats)
         ctx = _Context(model, layers, train_modes, bank, saved, run, metric,
-                       max(num_samples // 2, 1), input_key, device, show, process_group)
+                       max(num_samples // 2, 1), input_key, device, show, process_group,
+                       shufflers)
         on_train = _compare(ctx, train_data, "train_data",
                             [EMA, POPULATION, TRAINING] if eval_data is None and metric
                             else [POPULATION, TRAINING])
@@ -872,35 +1033,74 @@ def diagnose(
     finally:
         install_stats(model, saved.stats)
         saved.restore()
-    batch = first[0] if first else 0
+    # every rank's first batch, so that every rank states the same sizes
+    local, (rank, world) = first[0] if first else on_train.first_batch, _world(process_group)
+    sizes = [int(v) for v in _all_sum([float(local if r == rank else 0)
+                                       for r in range(world)], process_group)]
+    batch = min(sizes)
     table = {}
+    bad: dict[str, set[str]] = {"ema": set(), "train-test": set(), "domain": set()}
+    nonfinite: list[Finding] = []
     for name, layer in layers.items():
         r = report.layers.get(name)
-        nbs, rule = _nbs(layer, batch, train_modes[name])
+        nbs, rule = _nbs(layer, sizes, train_modes[name])
+        if nbs is not None and name in shuffled:
+            rule += f", after ShuffledModule '{shuffled[name]}''s shuffle (measured with it)"
         positions = r.count / r.samples if r is not None and r.samples else math.nan
         values = int(nbs * positions) if nbs is not None and math.isfinite(positions) else None
         e = eval_report.layers.get(name) if eval_report is not None else None
         sq, n = on_train.gap.get(name, (0.0, 0.0))
-        table[name] = LayerDiagnosis(
+        table[name] = row = LayerDiagnosis(
             type(layer).__name__, "frozen" if nbs is None else "trains", on_eval.calls.get(name, 0),
             nbs, rule, values, r.mean_shift if r else math.nan,
             r.std_log_ratio if r else math.nan, math.sqrt(sq / n) if n else math.nan,
             e.mean_shift if e else math.nan, e.std_log_ratio if e else math.nan)
-    trainable = {n: r for n, r in table.items() if r.nbs is not None}
-    k = min((r.nbs for r in trainable.values() if r.nbs is not None), default=None)
-    ratio = _group_mixing(ids, k) if k is not None and group_ids is not None else None
+        found = _nonfinite_layer(name, row, saved.stats.get(name), measured={
+            "ema": r is not None, "train-test": bool(n), "domain": e is not None})
+        nonfinite += found
+        for f in found:
+            bad[f.check.removeprefix("non-finite:")].add(name)
+    nonfinite += _nonfinite_metrics(on_train, on_eval)
     output_gap = math.sqrt(on_train.out_diff / on_train.out_ref) if on_train.out_ref else math.nan
+    if (on_train.out_ref or on_train.out_diff) and not math.isfinite(output_gap):
+        bad["train-test"].add("the model's outputs")
+        nonfinite.append(Finding("non-finite:train-test", "problem", None, math.nan, 0,
+                                 f"the output gap is {output_gap}: the model's outputs are NaN "
+                                 "or Inf in training behaviour or with population statistics",
+                                 NONFINITE_ADVICE))
+    trainable = {n: r for n, r in table.items() if r.norm_batch_size is not None}
+    unshuffled = {n: r for n, r in trainable.items() if n not in shuffled}
+    k = min((r.norm_batch_size for r in unshuffled.values() if r.norm_batch_size is not None),
+            default=None)
+    ratio = _group_mixing(ids, k) if k is not None and group_ids is not None else None
     eval_label = "eval_data" if eval_data is not None else "train_data"
-    findings = _smells(ctx, report, on_eval, None if ratio is None else (ratio, k), t)
+    findings = nonfinite + _smells(ctx, report, on_eval, None if ratio is None else (ratio, k), t)
+    if group_ids is not None and trainable and not unshuffled:
+        findings.append(Finding(
+            "smell:correlated-batch", "skipped", None, math.nan, t.group_mixing,
+            "not testable on the loader's batches: every training BatchNorm layer normalizes "
+            f"after the shuffle of ShuffledModule {sorted(set(shuffled.values()))}, which "
+            "already mixes the samples of a normalization batch"))
+    untracked = {n for n in trainable if n not in saved.stats}
     findings += _ema_findings(trainable, on_eval.paired(f"{eval_label}, {POPULATION}",
-                                                        f"{eval_label}, {EMA}"), t)
+                                                        f"{eval_label}, {EMA}"), t,
+                              untracked, bad["ema"] & set(trainable))
     findings += _nbs_findings(trainable, on_train.paired(f"train_data, {TRAINING}",
                                                          f"train_data, {POPULATION}"),
-                              output_gap, t)
+                              output_gap, t,
+                              bad["train-test"] & {*trainable, "the model's outputs"})
     if eval_data is not None:
         findings += _domain_findings(trainable, on_eval.paired(f"eval_data, {DOMAIN}",
-                                                               f"eval_data, {POPULATION}"), t)
+                                                               f"eval_data, {POPULATION}"), t,
+                                     bad["domain"] & set(trainable))
+    if metric is None:
+        findings.append(Finding(
+            "metric", "skipped", None, math.nan, t.metric,
+            "no metric given: the model-level checks (the metric with EMA vs population "
+            "statistics, in training behaviour vs eval mode, across domains) were skipped; the "
+            "verdicts rest on the layers' statistics alone"))
     metrics = {key: on_train.mean(key) for key in on_train.per_batch}
     metrics.update({key: on_eval.mean(key) for key in on_eval.per_batch})
     findings.sort(key=lambda f: f.rank)
-    return Diagnosis(findings, table, metrics, output_gap, report.num_samples, batch, t)
+    return Diagnosis(findings, table, metrics, output_gap, report.num_samples or on_train.samples,
+                     batch, t)
