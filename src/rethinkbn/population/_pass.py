@@ -330,8 +330,10 @@ def run_pass(
     elif seen_samples == 0:
         empty = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
                  f"expected up to {budget} {unit}")
-    # across ranks the estimate is the union's: an empty shard fails only if every shard is
-    if empty is not None and not distributed:
+    # across ranks the estimate is the union's: a shard of empty batches adds nothing (every rank
+    # fails only when the union is empty, below); a rank whose data yields no batch at all (a
+    # loader left unsharded or exhausted) is an error on every rank
+    if empty is not None and (not distributed or seen_batches == 0):
         problem = empty
     elif (seen_samples if unit == "samples" else seen_batches) < budget:
         message = (
