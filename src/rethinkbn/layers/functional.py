@@ -256,10 +256,12 @@ def _fused_rows(x: Tensor, xc: Tensor) -> bool:
 def _group_sum(xs: Tensor, dtype: torch.dtype) -> Tensor:
     """Sum of a :func:`_group_view` over dims 1 and 3, keepdims, in (at least) ``dtype``: the
     contiguous dim first (several times faster on CPU than one reduction over both). Row sums
-    of a reduced-precision input are accumulated in float32 by torch and rounded once."""
+    of a reduced-precision input are accumulated and returned in ``dtype``: rounded back to
+    float16 a row sum overflows past 65504 (a row of 1024 values of 100)."""
     if xs.size(3) == 1:
-        return xs.sum(dim=1, keepdim=True).to(dtype)
-    return xs.sum(dim=3, keepdim=True).to(dtype).sum(dim=1, keepdim=True)
+        return xs.sum(dim=1, keepdim=True, dtype=torch.promote_types(xs.dtype, dtype))
+    rows = xs.sum(dim=3, keepdim=True, dtype=torch.promote_types(xs.dtype, dtype))
+    return rows.sum(dim=1, keepdim=True)
 
 
 def _group_sumsq(xc: Tensor) -> Tensor:
