@@ -22,6 +22,9 @@ and ``revert_batchnorm(convert_batchnorm(model, ...))`` restores the original mo
 Kinds are registered by name: ``"torch"`` (torch's own classes), ``"ghost"``, ``"frozen"``,
 ``"domain"``, and ``"sync"`` once ``rethinkbn.distributed`` is imported (it registers itself
 with :func:`register_converter`).
+
+This module is the engine (selection, the conversion pass, the swap); the state and its readers
+live in :mod:`.state`, the tables in :mod:`.registry`, the builders in :mod:`.kinds`.
 """
 
 from __future__ import annotations
