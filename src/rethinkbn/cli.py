@@ -139,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from rethinkbn_studies.harness import default_jobs, reproduce
 
-    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    only = None
+    if args.only is not None:
+        # Blank names are refused (",," must not mean "all"); a repeated one runs once.
+        only = list(dict.fromkeys(n.strip() for n in args.only.split(",") if n.strip()))
+        if not only:
+            return _usage_error(f"--only {args.only!r}: no study named; expected "
+                                "comma-separated names (see `rethinkbn studies`)")
     try:
         report, outcomes = reproduce(
             only,

@@ -10,14 +10,23 @@ per-channel mean and std, and int64 labels. Nothing is ever downloaded.
   generator seeds numpy's and Python's global RNGs; both are restored afterwards.
 - **CIFAR-10** (:func:`load_cifar10`): a folder with the standard python version
   (``data_batch_1`` ... ``data_batch_5`` and ``test_batch``, pickles of ``b"data"`` uint8
-  ``(N, 3072)`` and ``b"labels"``); inputs ``(N, 3, 32, 32)``.
+  ``(N, 3072)`` and ``b"labels"``); inputs ``(N, 3, 32, 32)``. The pickles are read by a
+  restricted unpickler that builds only what a CIFAR batch holds (dicts, lists, bytes, str,
+  numbers and numpy arrays): anything else is refused, naming the file, before it can run.
 - **A folder of images per class** (:func:`load_image_folder`): ``root/<class>/<image>`` (or
   ``root/train/<class>/...`` with ``root/val/<class>/...``); any format PIL reads, all images of
   one size, converted to RGB. Without a train/val split, a seeded 20% of each class is held out.
+
+A file that cannot be used (truncated, not a CIFAR batch, image and label counts that differ, an
+unreadable image, a class with too few images) raises one ``ValueError`` naming the file and the
+problem, before any training. :func:`data_fingerprint` hashes the files a folder's loader reads,
+for the run cache's keys and the report.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import os
 import pickle
 import random
@@ -33,6 +42,7 @@ from .cache import set_aside
 __all__ = [
     "DataSplit",
     "check_data_spec",
+    "data_fingerprint",
     "load_cifar10",
     "load_data",
     "load_image_folder",
@@ -118,7 +128,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
     """The MNIST-1D arrays cached in ``path``, or None when it cannot be read (it is then moved
     aside with a warning and the data are generated again)."""
     try:
-        with np.load(path) as stored:
+        with np.load(path, allow_pickle=False) as stored:
             arrays = {k: stored[k] for k in MNIST1D_ARRAYS}
     except Exception as err:  # noqa: BLE001 - truncated, junk, missing arrays: regenerate
         set_aside(path, err, "generating the data again")
@@ -163,31 +173,108 @@ def load_mnist1d(
     )
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asks for something a CIFAR-10 batch never holds."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles of bytes (protocol < 3) call it: latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"refused _codecs.encode with encoding {encoding!r}: a CIFAR-10 "
+                             "batch's bytes are latin-1 (the file was not unpickled further)")
+    return codecs.encode(text, "latin1")
+
+
+# What a CIFAR-10 batch's pickle may name (numpy 1 and 2 spellings), and what each name builds.
+_CIFAR_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+for _module in ("numpy.core", "numpy._core"):
+    _CIFAR_GLOBALS[(f"{_module}.multiarray", "_reconstruct")] = np.zeros(1).__reduce__()[0]
+    _CIFAR_GLOBALS[(f"{_module}.multiarray", "scalar")] = np.int64(0).__reduce__()[0]
+    _CIFAR_GLOBALS[(f"{_module}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, tuples, bytes, str, numbers and numpy arrays
+    (numpy's own reconstruction functions) and refuses every other global, so that a crafted
+    file cannot call anything."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                "bytes, str, numbers and numpy arrays (the file was not unpickled further)")
+        return found
+
+
 def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    """One CIFAR-10 batch: uint8 images ``(N, 3, 32, 32)`` scaled to [0, 1] and int64 labels;
+    ``ValueError`` naming ``path`` for anything that is not one."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise ValueError(f"{path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - truncated or damaged pickles raise many types
+        raise ValueError(f"{path}: not a readable CIFAR-10 pickle, truncated or damaged "
+                         f"({type(err).__name__}: {err})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a CIFAR-10 batch (a dict with 'data' and 'labels'), "
+                         f"got a {type(batch).__name__}")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
         raise ValueError(f"{path}: expected a CIFAR-10 pickle with 'data' and 'labels' keys")
-    x = torch.as_tensor(np.asarray(data, dtype=np.uint8)).reshape(-1, 3, 32, 32)
-    return x.float() / 255.0, torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    try:
+        data, labels = np.asarray(data), np.asarray(labels)
+    except Exception as err:  # noqa: BLE001 - ragged lists and the like
+        raise ValueError(f"{path}: 'data' and 'labels' must be arrays ({err})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} "
+                         f"{tuple(data.shape)}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'labels' must be a list of integers, got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    if len(labels) and not (0 <= labels.min() and labels.max() < 10):
+        raise ValueError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
+    x = torch.from_numpy(data.copy()).reshape(-1, 3, 32, 32)
+    return x.float() / 255.0, torch.from_numpy(labels.astype(np.int64))
 
 
-def load_cifar10(root: Path | str) -> DataSplit:
-    """CIFAR-10 from its python pickles in ``root`` (``data_batch_*`` and ``test_batch``)."""
-    root = Path(root)
+def _cifar_files(root: Path) -> list[Path]:
+    """The batches of a CIFAR-10 folder, training first; ``FileNotFoundError`` if absent."""
     train_files = sorted(root.glob("data_batch_*"))
     if not train_files or not (root / "test_batch").exists():
         raise FileNotFoundError(
             f"{root}: expected CIFAR-10's python files data_batch_1..5 and test_batch"
         )
+    return [*train_files, root / "test_batch"]
+
+
+def load_cifar10(root: Path | str) -> DataSplit:
+    """CIFAR-10 from its python pickles in ``root`` (``data_batch_*`` and ``test_batch``), read
+    without running code (see the module docstring). ``FileNotFoundError`` without them;
+    ``ValueError`` naming the file for one that is not a CIFAR-10 batch, and for no images."""
+    root = Path(root)
+    *train_files, test_file = _cifar_files(root)
     parts = [_read_cifar_batch(p) for p in train_files]
-    val_x, val_y = _read_cifar_batch(root / "test_batch")
+    val_x, val_y = _read_cifar_batch(test_file)
+    train_y = torch.cat([y for _, y in parts])
+    if not len(train_y) or not len(val_y):
+        empty = [str(p) for p, (_, y) in zip([*train_files, test_file], [*parts, (val_x, val_y)],
+                                             strict=True) if not len(y)]
+        raise ValueError(f"{root}: no training or no validation images ({', '.join(empty)} "
+                         "hold none)")
     return _normalized(
         "CIFAR-10",
         torch.cat([x for x, _ in parts]),
-        torch.cat([y for _, y in parts]),
+        train_y,
         val_x,
         val_y,
         num_classes=10,
@@ -199,14 +286,33 @@ def _read_images(folder: Path, classes: list[str]) -> tuple[list[Tensor], list[i
 
     images, labels = [], []
     for label, cls in enumerate(classes):
-        for path in sorted((folder / cls).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        if not (folder / cls).is_dir():
+            raise ValueError(f"{folder / cls}: missing (every class of the training folder "
+                             "needs a folder here)")
+        for path in _image_files(folder / cls):
+            try:
+                with Image.open(path) as img:
+                    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            except Exception as err:  # noqa: BLE001 - PIL raises many types on a damaged file
+                raise ValueError(f"{path}: cannot be read as an image ({type(err).__name__}: "
+                                 f"{err})") from None
             images.append(torch.from_numpy(array).permute(2, 0, 1))
             labels.append(label)
     return images, labels
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+
+
+def _check_class_counts(folder: Path, classes: list[str], labels: list[int], least: int,
+                        why: str) -> None:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    for cls, n in zip(classes, counts, strict=True):
+        if n < least:
+            raise ValueError(f"{folder / cls}: {n} image{'s' if n != 1 else ''}; each class "
+                             f"needs at least {least} {why}")
 
 
 def _stack(images: list[Tensor], root: Path) -> Tensor:
@@ -227,9 +333,14 @@ def load_image_folder(root: Path | str, val_fraction: float = 0.2, seed: int = 0
     images, labels = _read_images(train_root, classes)
     if not images:
         raise ValueError(f"{train_root}: no images with suffixes {IMAGE_SUFFIXES}")
+    _check_class_counts(train_root, classes, labels, 1 if split else 2,
+                        "to train on" if split else "without a train/val split (one to train "
+                        "on, one held out for validation)")
     x, y = _stack(images, root), torch.tensor(labels)
     if split:
         val_images, val_labels = _read_images(root / "val", classes)
+        if not val_images:
+            raise ValueError(f"{root / 'val'}: no images with suffixes {IMAGE_SUFFIXES}")
         val_x, val_y = _stack(val_images, root), torch.tensor(val_labels)
         train_x, train_y = x, y
     else:
@@ -262,15 +373,49 @@ def check_data_spec(spec: str) -> int | None:
     return None
 
 
+def _cifar_root(root: Path) -> Path | None:
+    """The folder of CIFAR-10's batches in the ``--data`` folder ``root``, or None."""
+    if (root / "test_batch").exists() or (root / "data_batch_1").exists():
+        return root
+    if (root / "cifar-10-batches-py").is_dir():
+        return root / "cifar-10-batches-py"
+    return None
+
+
 def load_data(spec: str, cache_dir: Path | str | None = None) -> DataSplit:
     """The dataset named by ``--data``: ``mnist1d`` (default), ``mnist1d:<num_samples>``, or a
     folder holding CIFAR-10's python pickles or one sub-folder of images per class."""
     num = check_data_spec(spec)
     if num is not None:
         return load_mnist1d(num, cache_dir=cache_dir)
+    cifar = _cifar_root(Path(spec))
+    return load_image_folder(spec) if cifar is None else load_cifar10(cifar)
+
+
+def data_fingerprint(spec: str) -> str | None:
+    """The content fingerprint of the ``--data`` folder ``spec``: ``sha256:<16 hex digits>`` of
+    the sorted relative names, sizes and contents (sha256) of the files its loader reads (the
+    CIFAR-10 batches; the images under the folder, at any depth). None for ``mnist1d`` specs
+    (generated data: the spec says it all). Reads every file once; ``ValueError`` naming a file
+    that cannot be read."""
+    if check_data_spec(spec) is not None:
+        return None
     root = Path(spec)
-    if (root / "test_batch").exists() or (root / "data_batch_1").exists():
-        return load_cifar10(root)
-    if (root / "cifar-10-batches-py").is_dir():
-        return load_cifar10(root / "cifar-10-batches-py")
-    return load_image_folder(root)
+    cifar = _cifar_root(root)
+    if cifar is not None:
+        files = _cifar_files(cifar)
+    else:
+        files = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    total = hashlib.sha256()
+    for path in files:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as err:
+            raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
+        name = path.relative_to(root).as_posix()
+        total.update(f"{name}\0{path.stat().st_size}\0{digest.hexdigest()}\n".encode())
+    return f"sha256:{total.hexdigest()[:16]}"

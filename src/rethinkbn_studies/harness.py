@@ -28,7 +28,7 @@ from .base import (
     registered_studies,
 )
 from .cache import RunCache
-from .data import DataSplit, check_data_spec, load_data
+from .data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .processes import cpu_threads
 from .report import StudyOutcome, environment, write_outputs
 
@@ -219,9 +219,13 @@ def reproduce(
     ``0 .. seeds-1``. Finished training runs are cached in ``cache_dir`` (default
     ``<out_dir>/cache``), so an interrupted reproduction resumes where it stopped. A study that
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
-    finished stays cached). ``tiny`` is for tests (see :class:`RunContext`). ``ranks``: real
-    gloo processes for the ``leakage`` study's device-dependent variants (1: virtual devices
-    only; only studies registered with ``uses_ranks`` take it, and each study's ``check``
+    finished stays cached). A study named twice in ``only`` runs once (first order kept); an
+    empty ``only`` is a ``ValueError``. With a ``data`` folder, every cache key holds the
+    folder's content fingerprint (:func:`~rethinkbn_studies.data.data_fingerprint`, in the
+    report and results.json), so changed files are recomputed. ``tiny`` is for tests (see
+    :class:`RunContext`). ``ranks``: real gloo processes for the ``leakage`` study's
+    device-dependent variants (1: virtual devices only; only studies registered with
+    ``uses_ranks`` take it, and each study's ``check``
     validates it). Every option is checked before any work (``ValueError``, ``KeyError`` for an
     unknown study; ``--out`` and ``--cache`` must be writable directories). ``threads``: torch's
     CPU threads while the studies run (None: unchanged); the caller's setting is restored
@@ -230,7 +234,11 @@ def reproduce(
     outcomes.
     """
     log = sys.stderr if log is None else log
-    studies = [get_study(n) for n in only] if only else registered_studies()
+    if only is not None and not list(only):
+        raise ValueError("--only: no study named; expected comma-separated names (see "
+                         "`rethinkbn studies`)")
+    # A study named twice runs once, in the order first named.
+    studies = [get_study(n) for n in dict.fromkeys(only)] if only else registered_studies()
     n_seeds = seeds if seeds is not None else (1 if tiny else 3)
     check_count(n_seeds, "--seeds", "reproduce")
     check_count(threads, "--threads", "reproduce", allow_none=True)
@@ -246,7 +254,9 @@ def reproduce(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
-    cache = RunCache(cache_root)
+    # A --data folder's runs are keyed by what its files hold, not by its path.
+    fingerprint = data_fingerprint(data)
+    cache = RunCache(cache_root, data_fingerprint=fingerprint)
     dataset = DatasetLoader(data, cache.root)
     ctx = RunContext(
         quick=quick,
@@ -288,6 +298,7 @@ def reproduce(
                   flush=True)
         wall = time.perf_counter() - start
         env = environment(dev, ctx.seeds, quick, data)
+        env["data_fingerprint"] = fingerprint
         env["ranks"] = ranks
         env["jobs"] = jobs
         env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}

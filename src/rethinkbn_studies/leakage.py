@@ -52,6 +52,7 @@ from rethinkbn.population import batch_stats_inference, precise_bn
 
 from . import paper
 from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
+from .cache import load_result
 from .common import fmt, over_seeds, pyplot, save_plot
 from .processes import run_command
 from .roi import (
@@ -412,7 +413,11 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
                 f"leakage: torchrun for {name!r} failed (exit {done.returncode}):\n"
                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             )
-        saved = torch.load(out, weights_only=False)
+        try:  # the workers' file is read like a cache entry: nothing in it can run code
+            saved, _ = load_result(out)
+        except (ValueError, OSError) as err:
+            raise RuntimeError(f"leakage: torchrun for {name!r} wrote {out}, which cannot be "
+                               f"read ({type(err).__name__}: {err})") from err
     train, test, test_rois = task_images(scale, seed)
     model = build_model(variant, scale, seed)
     model.load_state_dict(saved["state_dict"])

@@ -7,7 +7,8 @@ Each rank builds the real-rank form of the variant's model (SyncBatchNorm across
 shuffle across ranks with ``all_to_all``), trains on its share of every step
 (:func:`rethinkbn_studies.leakage.train_model`), estimates population statistics with precise_bn
 pooled across ranks (per-device variants; SyncBN's are estimated by the parent), and rank 0
-saves ``{"state_dict", "train_loss"}`` to ``--out``.
+saves ``{"state_dict", "train_loss"}`` to ``--out`` with
+:func:`rethinkbn_studies.cache.save_result` (a format that cannot carry code).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .cache import save_result
 from .leakage import (
     VARIANTS,
     LeakageScale,
@@ -55,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         total = torch.tensor([loss])
         dist.all_reduce(total)
         if rank == 0:
-            torch.save({"state_dict": model.state_dict(), "train_loss": float(total) / world},
-                       args.out)
+            save_result(args.out, {"state_dict": dict(model.state_dict()),
+                                   "train_loss": float(total) / world})
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -89,6 +89,11 @@ def _summary_table(outcomes: list[StudyOutcome]) -> list[str]:
     return markdown_table("", header, rows, right_aligned=False).split("\n")
 
 
+def _fingerprint_note(env: dict[str, Any]) -> str:
+    fingerprint = env.get("data_fingerprint")
+    return f" (content fingerprint {fingerprint})" if fingerprint else ""
+
+
 def _cache_note(env: dict[str, Any]) -> str:
     cache = env.get("cache")
     if not cache:
@@ -134,7 +139,8 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
     out = [
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
-        f"{_run_note(env)}Mode: **{env['mode']}**, data: {env['data']}, device: {env['device']} "
+        f"{_run_note(env)}Mode: **{env['mode']}**, data: {env['data']}{_fingerprint_note(env)}, "
+        f"device: {env['device']} "
         f"({env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}), "
         f"seeds: {env['seeds']}, "
         f"{_ranks_note(env)}wall time: {wall_s:.0f} s"
