@@ -161,8 +161,6 @@ def test_sync_bn_without_bias_equals_torchs_layer_on_the_concatenated_batch():
         assert_close(r["running_var"], reference.running_var)
 
 
-@pytest.mark.xfail(strict=True, reason="BatchNormBase.reset_parameters zeroes self.bias even "
-                   "when it is None (layers/base.py: needs `if self.bias is not None`)")
 def test_a_converted_layer_without_bias_resets_its_parameters():
     layer = to_ghost_bn(no_bias_net(), norm_batch_size=2)[1]
     layer.reset_parameters()

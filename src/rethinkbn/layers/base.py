@@ -173,14 +173,16 @@ class BatchNormBase(nn.Module, BatchNormFamily):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:  # None for a layer converted from torch's BatchNorm(bias=False)
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            + (", bias=False" if self.affine and self.bias is None else "")
         )
 
     def _save_to_state_dict(
