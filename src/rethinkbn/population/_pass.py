@@ -324,17 +324,14 @@ def run_pass(
     finally:
         guard.restore()
     calls = {rec.name: rows for rec in recorders if (rows := rec.per_call()) is not None}
-    problem = empty = None
-    if seen_batches == 0:
-        empty = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
-    elif seen_samples == 0:
-        empty = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
-                 f"expected up to {budget} {unit}")
-    # across ranks the estimate is the union's: a shard of empty batches adds nothing (every rank
-    # fails only when the union is empty, below); a rank whose data yields no batch at all (a
-    # loader left unsharded or exhausted) is an error on every rank
-    if empty is not None and (not distributed or seen_batches == 0):
-        problem = empty
+    problem = None
+    if seen_batches == 0:  # an empty loader: a mistake on any rank
+        problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
+    elif seen_samples == 0 and not distributed:
+        problem = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
+                   f"expected up to {budget} {unit}")
+    # across ranks the estimate is the union's: a shard of empty batches fails only if every
+    # rank's does (checked after the reduction, on the summed counts)
     elif (seen_samples if unit == "samples" else seen_batches) < budget:
         message = (
             f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "
