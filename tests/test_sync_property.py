@@ -105,6 +105,7 @@ def check_against_torch(spec, results):
                 assert_close(sum(s[order][i] for s in steps), ref[order][i], **TOL)
     for _, buffers in results:
         assert not buffers.pop("nonfinite_count").any()  # ours: no non-finite batch was skipped
+        assert not buffers.pop("skipped_batches").any()  # ours: the per-channel count of those
         assert buffers.keys() == ref_buffers.keys()
         for key, value in ref_buffers.items():
             assert_close(buffers[key], value, **TOL)
