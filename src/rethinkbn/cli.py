@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:<{width}}  {s.description}")
         return 0
 
-    from rethinkbn_studies.harness import default_jobs, reproduce
+    from rethinkbn_studies.harness import default_jobs, reproduce, verdict_counts
 
     only = None
     if args.only is not None:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nrethinkbn reproduce: interrupted; finished runs are cached, rerun to resume.",
               file=sys.stderr)
         return 130
-    print(f"report: {report}")
+    print(f"report: {report} (verdicts: {verdict_counts(outcomes)})")
     return 1 if any(o.error for o in outcomes) else 0
 
 

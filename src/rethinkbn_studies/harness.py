@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -32,8 +32,8 @@ from .data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .processes import cpu_threads
 from .report import StudyOutcome, environment, write_outputs
 
-__all__ = ["DatasetLoader", "default_jobs", "git_commit", "reproduce", "reproduce_command",
-           "run_tasks", "tqdm_progress"]
+__all__ = ["DatasetLoader", "LineProgress", "default_jobs", "git_commit", "reproduce",
+           "reproduce_command", "run_tasks", "tqdm_progress", "verdict_counts"]
 
 
 def default_jobs() -> int:
@@ -137,15 +137,60 @@ def process_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class LineProgress:
+    """A progress "bar" for logs (stderr not a terminal): one line per tenth of ``total`` (and
+    the last), ``[rethinkbn] <desc>: <done>/<total> runs done, <elapsed> s``, on ``log``."""
+
+    def __init__(self, desc: str | None, total: int, log: TextIO) -> None:
+        self.desc, self.total, self.log = desc or "runs", total, log
+        self.done, self.start, self.shown = 0, time.perf_counter(), 0
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more runs done; print a line when another tenth (or all) is done."""
+        self.done += n
+        step = max(1, self.total // 10)
+        if self.done >= self.total or self.done - self.shown >= step:
+            self.shown = self.done
+            print(f"[rethinkbn] {self.desc}: {self.done}/{self.total} runs done, "
+                  f"{time.perf_counter() - self.start:.0f} s", file=self.log, flush=True)
+
+    def close(self) -> None:
+        """Nothing to tidy: every line is already written."""
+
+
 def tqdm_progress(
     iterable: Any = None, *, desc: str | None = None, total: int | None = None,
     leave: bool = False,
 ) -> Any:
-    """Progress bars on stderr (tqdm), hidden when stderr is not a terminal."""
+    """Progress bars on stderr: tqdm on a terminal; otherwise (a file or pipe) the bars over a
+    known number of runs print :class:`LineProgress` lines instead, and the others nothing."""
+    if not sys.stderr.isatty():
+        if iterable is None and total is not None:
+            return LineProgress(desc, total, sys.stderr)
+        return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True,
                 disable=None)
+
+
+def verdict_counts(outcomes: Sequence[StudyOutcome]) -> str:
+    """The verdicts of ``outcomes`` counted by label, then the failed studies, in one phrase
+    (``"3 reproduced, 1 not reproduced; 1 study failed"``), for the run's last line."""
+    from collections import Counter
+
+    labels = Counter(r.verdict.label for o in outcomes if o.result for r in o.result.summary)
+    parts = ", ".join(f"{n} {label}" for label, n in labels.items()) or "no verdicts"
+    failed = sum(1 for o in outcomes if o.error)
+    return parts + (f"; {failed} stud{'y' if failed == 1 else 'ies'} failed" if failed else "")
+
+
+def _eta(done: list[float], left: int) -> str:
+    """``"; about N s left"``: the studies left at the mean time of those done (none at the end
+    or before any is done)."""
+    if not done or not left:
+        return ""
+    return f"; about {sum(done) / len(done) * left:.0f} s left"
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -284,8 +329,9 @@ def reproduce(
         start = time.perf_counter()
         dataset()  # a bad --data fails here, once, before any study starts
         outcomes: list[StudyOutcome] = []
-        for study in studies:
-            print(f"[rethinkbn] {study.name}: {study.description}", file=log, flush=True)
+        for k, study in enumerate(studies, 1):
+            print(f"[rethinkbn] study {k} of {len(studies)}, {study.name}: "
+                  f"{study.description}", file=log, flush=True)
             t0 = time.perf_counter()
             try:
                 result = study.run(ctx)
@@ -294,8 +340,11 @@ def reproduce(
                 traceback.print_exc(file=log)
                 message = f"{type(err).__name__}: {err}"
                 outcomes.append(StudyOutcome(study, None, time.perf_counter() - t0, message))
-            print(f"[rethinkbn] {study.name} done in {outcomes[-1].seconds:.0f} s", file=log,
-                  flush=True)
+            times = [o.seconds for o in outcomes]
+            print(f"[rethinkbn] study {k} of {len(studies)}, {study.name}, "
+                  f"{'failed' if outcomes[-1].error else 'done'} in {outcomes[-1].seconds:.0f} s "
+                  f"(elapsed {time.perf_counter() - start:.0f} s"
+                  f"{_eta(times, len(studies) - k)})", file=log, flush=True)
         wall = time.perf_counter() - start
         env = environment(dev, ctx.seeds, quick, data)
         env["data_fingerprint"] = fingerprint
