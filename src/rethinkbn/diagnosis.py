@@ -312,6 +312,52 @@ def _num_samples(batch: Any, input_key: Any) -> int:
     return int(x.size(0))
 
 
+def _counted_run(layers: Mapping[str, nn.Module], run: Callable[[Any], Any], batch: Any,
+                 input_key: Any) -> tuple[int, Any]:
+    """``run(batch)`` and the batch's size; for a batch holding no tensor to read (an object
+    given with ``forward=``: a dataclass, a graph batch), dim 0 of the input of the first
+    BatchNorm call of that forward, as ``precise_bn`` counts such batches."""
+    try:
+        return _num_samples(batch, input_key), run(batch)
+    except TypeError as error:
+        unknown = error
+    seen: list[int] = []
+
+    def count(_layer: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not seen and isinstance(x, Tensor) and x.dim() > 0:
+            seen.append(int(x.size(0)))
+
+    handles = [layer.register_forward_pre_hook(count) for layer in layers.values()]
+    try:
+        out = run(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise TypeError(f"{unknown}, and no BatchNorm layer saw a tensor input in its forward")
+    return seen[0], out
+
+
+def _samples_where_layers_see_them(model: nn.Module, layers: Mapping[str, nn.Module],
+                                   run: Callable[[Any], Any], batch: Any, input_key: Any) -> int:
+    """The batch size of ``batch`` before any forward of a comparison: for an object batch, an
+    eval-mode forward without gradients counts it (see :func:`_counted_run`; every mode and
+    buffer as it was after it)."""
+    try:
+        return _num_samples(batch, input_key)
+    except TypeError:
+        pass
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return _counted_run(layers, run, batch, input_key)[0]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def _moved(batch: Any, device: torch.device | str | None) -> Any:
     if device is None:
         return batch
@@ -623,7 +669,8 @@ def _compare(ctx: _Context, data: Iterable[Any], label: str, configs: list[str])
             batch = next(iterator, None)
             if batch is not None:
                 batch = _moved(batch, ctx.device)
-            n = 0 if batch is None else _num_samples(batch, ctx.input_key)
+            n = 0 if batch is None else _samples_where_layers_see_them(
+                ctx.model, ctx.layers, ctx.run, batch, ctx.input_key)
             if not acc.first_batch:
                 acc.first_batch = n
             ended, small = float(batch is None), float(trains and batch is not None and n < 2)
@@ -999,11 +1046,13 @@ def diagnose(
     ids: list[Tensor] = []
 
     def recording_forward(_m: nn.Module, batch: Any) -> Any:
-        if not first:
-            first.append(_num_samples(batch, input_key))
         if group_ids is not None:
             ids.append(torch.as_tensor(group_ids(batch)).flatten().cpu())
-        return run(batch)
+        if first:
+            return run(batch)
+        n, out = _counted_run(layers, run, batch, input_key)
+        first.append(n)
+        return out
 
     common = {"num_samples": num_samples, "device": device, "include_frozen": True,
               "progress": show, "process_group": process_group, "input_key": input_key}
