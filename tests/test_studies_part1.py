@@ -358,6 +358,8 @@ def fig5_case(change=None, independent=False):
             for k, curve in paper.FIG5_NBS.items()}
     mean["val_pop"]["32"] = 23.4  # the best NBS between the two ends
     mean["val_pop_step"] = dict(mean["val_pop"])
+    # training error with population stats: equal at both ends (the fit check passes)
+    mean["train_pop"] = {"2": mean["train_mub"]["1024"], "1024": mean["train_mub"]["1024"]}
     for curve, nbs_key, value in change or []:
         mean[curve][nbs_key] = value
     wrong_of = draws(independent=independent)
@@ -555,3 +557,22 @@ def test_ghost_model_loads_a_deeper_model_with_the_same_blocks():
     assert all(torch.equal(v, trained["state"][k]) for k, v in loaded.state_dict().items())
     with pytest.raises(RuntimeError):  # a one-block model has no room for the second blocks
         ghost_model(ctx, scale, 32, 0, trained)
+
+
+# issue 20: preconditions fixed in advance turn a claim "not testable" instead of "disagrees"
+def test_nbs_pop_rise_is_against_the_largest_nbs_and_needs_the_fit_check():
+    rows = nbs.verdicts(*fig5_case())
+    assert "val_pop(NBS=1024)" in rows[0].verdict.criterion  # a fixed reference, not the best
+    under = nbs.verdicts(*fig5_case([("train_pop", "2", 10.0 + nbs.POP_FIT_MARGIN)]))
+    assert under[0].verdict.label == "not testable"
+    assert "under-fit" in under[0].verdict.precondition
+
+
+def test_nbs_regularization_needs_training_error_above_the_floor():
+    v = nbs.verdicts(*fig5_case([("train_mub", "2", nbs.REGULARIZATION_FLOOR / 2)]))[3].verdict
+    assert v.label == "not testable" and "floor" in v.precondition
+
+
+def test_nbs_frozen_claim_needs_a_population_statistics_penalty():
+    v = nbs.verdicts(*fig5_case([("val_pop_step", "2", 23.9)]))[4].verdict
+    assert v.label == "not testable" and "penalty" in v.precondition
