@@ -576,3 +576,18 @@ def test_nbs_regularization_needs_training_error_above_the_floor():
 def test_nbs_frozen_claim_needs_a_population_statistics_penalty():
     v = nbs.verdicts(*fig5_case([("val_pop_step", "2", 23.9)]))[4].verdict
     assert v.label == "not testable" and "penalty" in v.precondition
+
+
+def test_nbs_study_reports_the_mechanism(tiny_out, tiny_data, one_thread):
+    import json
+
+    from rethinkbn.cli import main
+
+    assert main(["reproduce", "--tiny", "--data", tiny_data, "--only", "nbs",
+                 "--out", str(tiny_out), "--jobs", "1"]) == 0
+    report = (tiny_out / "report.md").read_text()
+    assert "between-sample share" in report and "**Mechanism**" in report
+    numbers = json.loads((tiny_out / "results.json").read_text())["studies"]["nbs"]["numbers"]
+    for per_layer in numbers["between_sample_share"].values():
+        assert all(0.0 <= v <= 1.0 for v in per_layer.values())
+    assert set(numbers["mean"]["val_mub_large"]) == set(numbers["mean"]["val_pop"])
