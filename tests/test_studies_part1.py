@@ -67,8 +67,12 @@ def test_ema_verdicts_agree_on_paper_like_numbers(labels):
      "inconclusive"),
     (1, {"64": {"ema": [60.0, 40.0, 5.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]}},
      "disagrees"),
-    (2, {"64": {"ema": [30.0, 15.0, 10.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]}},
+    # issue 20: the claim is "about as good late in training" (Fig. 3: the curves meet near
+    # the end), so the EMA lags at the end here; a mid-training gap no longer disagrees
+    (2, {"64": {"ema": [30.0, 10.0, 5.0, 8.0], "precise": [25.0, 10.0, 5.0, 3.0]}},
      "disagrees"),
+    (2, {"64": {"ema": [30.0, 15.0, 10.0, 3.0], "precise": [25.0, 10.0, 5.0, 3.0]}},
+     "agrees"),
 ])
 def test_ema_verdict_outcomes_follow_the_curves(row, case, label):
     curves = {**copy.deepcopy(PAPER_LIKE_EMA), **case}
