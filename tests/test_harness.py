@@ -170,7 +170,9 @@ def test_an_inconclusive_verdict_carries_effect_uncertainty_and_test_to_both_out
     assert "| `demo` | claim Y | 0.4 | 5.0 | **inconclusive** |" in report
     assert ("**inconclusive** — gap > 0 (+0.40 pt, 95% CI [-0.30, +1.10]; paired bootstrap "
             "over 2000 validation samples)") in report
-    assert "0 of 1 claims agree at this scale and 1 are inconclusive" in report
+    # issue 20: the headline counts the paper's claims apart and names all four outcomes
+    assert ("of 1 paper claims, 0 agree, 1 are inconclusive, 0 disagree, 0 are not testable"
+            in report)
     row = json.loads((tmp_path / "results.json").read_text())["studies"]["demo"]["summary"][0]
     assert row["verdict"] == "inconclusive" and row["effect"] == 0.4
     assert row["uncertainty"] == {"low": -0.3, "high": 1.1, "confidence": 0.95}

@@ -119,3 +119,50 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_samples():
     assert (test.only_a, test.only_b) == (10, 2) and test.p == pytest.approx(expected)
     assert mcnemar(a, a).p == 1.0
     assert mcnemar(np.ones(20), np.zeros(20)).p < 1e-5
+
+
+# ---------------------------------------------------------------- not testable (issue 20)
+def test_given_turns_an_absent_precondition_into_not_testable() -> None:
+    from rethinkbn_studies.base import NOT_TESTABLE, Verdict
+    from rethinkbn_studies.verdicts import Interval, exceeds, given
+
+    judged = exceeds("pop rises", Interval(-2.0, -3.0, -1.0, 0.95, "t"))
+    assert judged.label == "disagrees"
+    v = given(False, "train error with pop stats 12.0% vs 1.0% (margin 2 pt)", judged)
+    assert v.label == NOT_TESTABLE and not v.agrees
+    assert "precondition unmet: train error" in v.line()
+    assert v.to_json()["precondition"].startswith("train error")
+    assert "not testable" in v.what_would_change()
+    assert given(True, "unused", judged) is judged
+    with pytest.raises(ValueError, match="precondition"):
+        Verdict(agrees=False, criterion="c", outcome=NOT_TESTABLE)
+    with pytest.raises(ValueError, match="precondition"):
+        Verdict(agrees=True, criterion="c", outcome="agrees", precondition="x")
+
+
+def test_combinators_leave_untestable_parts_out() -> None:
+    from rethinkbn_studies.base import NOT_TESTABLE
+    from rethinkbn_studies.verdicts import Interval, all_hold, exceeds, majority_hold, not_testable
+
+    yes = exceeds("a", Interval(2.0, 1.0, 3.0, 0.95, "t"))
+    no = exceeds("b", Interval(-2.0, -3.0, -1.0, 0.95, "t"))
+    nt = not_testable("c", "no penalty to remove")
+    assert all_hold("all", [yes, nt]).label == "agrees"
+    assert all_hold("all", [no, nt]).label == "disagrees"
+    assert all_hold("all", [nt, nt]).label == NOT_TESTABLE
+    assert majority_hold("most", [yes, nt, nt]).label == "agrees"
+    assert majority_hold("most", [nt]).label == NOT_TESTABLE
+    with pytest.raises(ValueError, match="precondition"):
+        not_testable("c", "")
+
+
+def test_headline_counts_the_papers_claims_apart() -> None:
+    from rethinkbn_studies.report import headline
+
+    rows = [("agrees", True), ("not testable", True), ("disagrees", True), ("agrees", False)]
+    assert headline(rows) == (
+        "of 3 paper claims, 1 agree, 0 are inconclusive, 1 disagree, 1 are not testable; "
+        "of 1 ablations and mechanism checks of ours, 1 agree, 0 are inconclusive, 0 disagree, "
+        "0 are not testable")
+    assert headline(rows, split=False) == (
+        "2 of 4 claims agree, 0 are inconclusive, 1 disagree, 1 are not testable")

@@ -47,6 +47,7 @@ __all__ = [
     "AGREES",
     "DISAGREES",
     "INCONCLUSIVE",
+    "NOT_TESTABLE",
     "ProgressFactory",
     "RunContext",
     "Study",
@@ -65,6 +66,10 @@ __all__ = [
 AGREES = "agrees"
 DISAGREES = "disagrees"
 INCONCLUSIVE = "inconclusive"
+NOT_TESTABLE = "not testable"
+"""The claim's precondition is absent in our runs (stated in ``Verdict.precondition``): the
+claim is neither confirmed nor refuted here, and a fixed-in-advance check said so."""
+OUTCOMES = (AGREES, INCONCLUSIVE, DISAGREES, NOT_TESTABLE)
 
 
 class ProgressFactory(Protocol):
@@ -109,14 +114,19 @@ class Verdict:
     test: str = ""
     threshold: float | None = None
     rule: str = ""
+    precondition: str = ""
+    """For a ``"not testable"`` verdict: the unmet precondition, with the numbers that show it."""
 
     def __post_init__(self) -> None:
         if self.rule not in ("", "exceeds", "stays_below", "equivalent"):
             raise ValueError(f"Verdict: rule must be 'exceeds', 'stays_below', 'equivalent' or "
                              f"'', got {self.rule!r}")
-        if self.outcome not in (None, AGREES, DISAGREES, INCONCLUSIVE):
-            raise ValueError(f"Verdict: outcome must be {AGREES!r}, {DISAGREES!r} or "
-                             f"{INCONCLUSIVE!r}, got {self.outcome!r}")
+        if self.outcome not in (None, *OUTCOMES):
+            raise ValueError(f"Verdict: outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+        if (self.outcome == NOT_TESTABLE) != bool(self.precondition):
+            raise ValueError("Verdict: a 'not testable' verdict states its unmet precondition, "
+                             f"and only it; got outcome {self.outcome!r}, precondition "
+                             f"{self.precondition!r}")
         if self.outcome is not None and self.agrees != (self.outcome == AGREES):
             raise ValueError(f"Verdict: agrees={self.agrees} contradicts {self.outcome!r}")
 
@@ -129,6 +139,8 @@ class Verdict:
     def line(self) -> str:
         """The report's verdict line: ``**agrees** — criterion (detail; test)``."""
         parts = [p for p in (self.detail, self.test) if p]
+        if self.precondition:
+            parts.insert(0, f"precondition unmet: {self.precondition}")
         tail = f" ({'; '.join(parts)})" if parts else ""
         return f"**{self.label}** — {self.criterion}{tail}"
 
@@ -142,6 +154,8 @@ class Verdict:
             out.update(effect=self.effect, uncertainty={"low": low, "high": high,
                                                         "confidence": self.confidence},
                        test=self.test, rule=self.rule or None, threshold=self.threshold)
+        if self.precondition:
+            out["precondition"] = self.precondition
         return out
 
     def what_would_change(self) -> str:
@@ -149,6 +163,8 @@ class Verdict:
         the measured margin (how far the interval's nearer edge is from the threshold) against
         the uncertainty (the interval's half-width), and for an inconclusive verdict about how
         many times more samples/seeds would decide it (the width shrinks as 1/sqrt(n))."""
+        if self.label == NOT_TESTABLE:
+            return f"not testable until its precondition holds ({self.precondition})"
         if self.interval is None or self.effect is None or self.threshold is None:
             return "no uncertainty stated"
         low, high = self.interval
@@ -197,6 +213,8 @@ class SummaryRow:
     ours: str
     paper: str
     verdict: Verdict
+    paper_claim: bool = True
+    """False for our own ablations and mechanism checks: the headline counts them apart."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from rethinkbn.population import freeze_epoch_for
+from rethinkbn.population import INCONSISTENCY_THRESHOLD, freeze_epoch_for, variance_decomposition
 
 from . import bn, paper
 from .base import (
@@ -54,7 +54,7 @@ from .common import (
     study_data,
 )
 from .train import Callback, TrainConfig, evaluate_wrong, train
-from .verdicts import Interval, exceeds, mcnemar, paired_bootstrap, stays_below
+from .verdicts import Interval, exceeds, given, mcnemar, paired_bootstrap, stays_below
 
 SGD_BATCH = GHOST_SGD_BATCH
 LR = GHOST_LR
@@ -64,8 +64,22 @@ FROZEN_FRACTION = 0.2
 STEP_MILESTONES = (0.5, 0.9)
 # "FrozenBN does not help": its gain stays below this many points (the paper: -0.8, it hurts).
 NO_HELP_MARGIN = 0.5
-# "Val error with population stats rises at tiny NBS": by more than this many points.
+# "Val error with population stats rises at tiny NBS": by more than this many points, against
+# the LARGEST NBS (a fixed reference: the minimum over the other NBS would be a winner's curse).
 RISE_MARGIN = 1.0
+# Fit check of that claim, fixed before the runs: the small-NBS models' training error with
+# population statistics within this many points of the largest NBS's; otherwise a rise of the
+# validation error shows under-fitting at small NBS (issue 20: 7-30% training error in such
+# pilots, gone with 3x the steps), not the paper's train/test inconsistency: "not testable".
+POP_FIT_MARGIN = 2.0
+# "Small NBS regularizes" is judged only where training error with mini-batch statistics is
+# above this floor (%) at both ends: at ~0 training error the generalization gap is the
+# test-time noise of the statistics, not a regularization effect.
+REGULARIZATION_FLOOR = 1.0
+# Evaluation groups large enough that mini-batch statistics are nearly population statistics:
+# mu_B over LARGE_GROUP samples beside mu_B at the training NBS says whether mu_B loses to
+# population statistics through the noise of small groups.
+LARGE_GROUP = 128
 CURVES = {
     "train_mub": "train, mini-batch stats",
     "val_mub": "val, mini-batch stats",
@@ -93,12 +107,19 @@ def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
     model = ghost_model(ctx, scale, nbs, seed, trained)
     n = min(len(data.train_x), len(data.val_x))
     ema = evaluate_wrong(model, data.val_x, data.val_y)
-    return {
+    out = {
         "train_mub": bn.wrong_minibatch(model, data.train_x[:n], data.train_y[:n], nbs),
         "val_mub": bn.wrong_minibatch(model, data.val_x, data.val_y, nbs),
+        "val_mub_large": bn.wrong_minibatch(model, data.val_x, data.val_y,
+                                            min(LARGE_GROUP, len(data.val_x))),
         "val_pop": evaluate_wrong(_precise(model, data.train_x, seed), data.val_x, data.val_y),
+        "train_pop": evaluate_wrong(model, data.train_x[:n], data.train_y[:n]),
         "val_ema": 100.0 * float(ema.float().mean()),
     }
+    layers = variance_decomposition(model, data.train_x.split(SGD_BATCH), norm_batch_size=nbs)
+    out["share"] = {r.name: r.mean_share for r in layers}
+    out["variance_bias"] = {r.name: r.variance_bias for r in layers}
+    return out
 
 
 class FreezeAt(Callback):
@@ -182,14 +203,19 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
     sizes = sorted(int(k) for k in m["val_pop"])
     lo, hi = str(sizes[0]), str(sizes[-1])
     rows = []
-    best = min((k for k in m["val_pop"] if k != lo), key=lambda k: m["val_pop"][k])
+    fit_gap = m["train_pop"][lo] - m["train_pop"][hi]
     rows.append(SummaryRow(
         f"Val error with population stats rises at tiny NBS ({lo})",
-        f"{m['val_pop'][lo]:.1f} vs best {m['val_pop'][best]:.1f} (NBS={best})",
-        "32.5 vs best 23.2",
-        exceeds(f"val_pop(NBS={lo}) - val_pop(best other NBS) > {RISE_MARGIN} pt, whole 95% "
-                f"interval", _bootstrap(_difference(wrong, ("val_pop", lo), ("val_pop", best))),
-                RISE_MARGIN)))
+        f"{m['val_pop'][lo]:.1f} vs {m['val_pop'][hi]:.1f} (NBS={hi})",
+        "32.5 vs 23.7 (NBS=1024)",
+        given(fit_gap <= POP_FIT_MARGIN,
+              f"training error with population stats {m['train_pop'][lo]:.1f}% at NBS={lo} vs "
+              f"{m['train_pop'][hi]:.1f}% at NBS={hi}: more than {POP_FIT_MARGIN:g} pt apart "
+              f"(the small-NBS models under-fit)",
+              exceeds(f"val_pop(NBS={lo}) - val_pop(NBS={hi}) > {RISE_MARGIN} pt, whole 95% "
+                      f"interval",
+                      _bootstrap(_difference(wrong, ("val_pop", lo), ("val_pop", hi))),
+                      RISE_MARGIN))))
     gap_lo = m["val_pop"][lo] - m["val_mub"][lo]
     gap_hi = m["val_pop"][hi] - m["val_mub"][hi]
     a = _difference(wrong, ("val_pop", lo), ("val_mub", lo))
@@ -217,12 +243,20 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
         "Small NBS regularizes: the generalization gap (val mu_B - train mu_B) shrinks as NBS "
         "shrinks",
         f"{gen_lo:+.1f} at NBS={lo} vs {gen_hi:+.1f} at NBS={hi}", "+9.5 at 2 vs +16.3 at 1024",
-        exceeds(f"gen gap(NBS={hi}) - gen gap(NBS={lo}) > 0, whole 95% interval",
-                _bootstrap(d), 0.0)))
+        given(min(m["train_mub"][lo], m["train_mub"][hi]) > REGULARIZATION_FLOOR,
+              f"training error with mini-batch stats {m['train_mub'][lo]:.1f}% (NBS={lo}) / "
+              f"{m['train_mub'][hi]:.1f}% (NBS={hi}), not above the {REGULARIZATION_FLOOR:g}% "
+              f"floor: the gap measures test-time noise, not regularization",
+              exceeds(f"gen gap(NBS={hi}) - gen gap(NBS={lo}) > 0, whole 95% interval",
+                      _bootstrap(d), 0.0))))
     rows.append(SummaryRow(
         f"FrozenBN for the last 20% helps at tiny NBS ({lo})",
         f"{m['val_pop_frozen'][lo]:.1f} vs {m['val_pop_step'][lo]:.1f}", "25.2 vs 32.5",
-        frozen_verdict(True, lo, wrong)))
+        given(m["val_pop_step"][lo] - m["val_pop_step"][hi] > RISE_MARGIN,
+              f"no population-statistics penalty to remove: val_pop (step schedule) "
+              f"{m['val_pop_step'][lo]:.1f} at NBS={lo} vs {m['val_pop_step'][hi]:.1f} at "
+              f"NBS={hi}, not more than {RISE_MARGIN:g} pt higher",
+              frozen_verdict(True, lo, wrong))))
     rows.append(SummaryRow(
         f"FrozenBN does not help at the largest NBS ({hi})",
         f"{m['val_pop_frozen'][hi]:.1f} vs {m['val_pop_step'][hi]:.1f}", "24.5 vs 23.7 (hurts)",
@@ -298,6 +332,35 @@ def training_fit_note(fits: dict[str, Verdict], epochs: int) -> str:
             f"statistics, whole 95% interval): the criterion {said}. {then}")
 
 
+def share_table(numbers: dict[str, Any], sizes: list[int]) -> Table:
+    """Per BN layer (rows) and NBS (columns), the between-sample share of the layer's input
+    variance (:func:`rethinkbn.population.variance_decomposition`, mean over channels and seeds)."""
+    share = numbers["between_sample_share"]
+    layers = list(share[str(sizes[0])])
+    return Table("between-sample share of each BN input's variance (mean over channels and "
+                 "seeds), per NBS the models trained at", ["layer", *[str(s) for s in sizes]],
+                 [[name, *[f"{share[str(s)][name]:.3f}" for s in sizes]] for name in layers])
+
+
+def mechanism_note(numbers: dict[str, Any], sizes: list[int]) -> str:
+    """Why mu_B wins or loses against population statistics here, from the numbers: the
+    largest between-sample share at the smallest NBS, the expected variance bias of a group of
+    that NBS (``LayerVariance.variance_bias``: ``rho/k + (1-rho)/(kL)``, the largest over
+    layers), and mu_B over large groups vs population statistics."""
+    lo = str(sizes[0])
+    m = numbers["mean"]
+    top = max(numbers["between_sample_share"][lo].values())
+    bias = max(-b for b in numbers["variance_bias"][lo].values())
+    kind = ("a train/test inconsistency" if bias > INCONSISTENCY_THRESHOLD
+            else "noise more than inconsistency")
+    return (f"**Mechanism**: at NBS {lo} the largest between-sample share of a BN input is "
+            f"{top:.3f} (ImageNet ResNets: not measured here), so a {lo}-sample group's "
+            f"variance is biased by up to -{100 * bias:.1f}% (threshold "
+            f"{100 * INCONSISTENCY_THRESHOLD:.0f}%): {kind}. Validation error with mu_B over "
+            f"{LARGE_GROUP}-sample groups {m['val_mub_large'][lo]:.1f} vs {m['val_mub'][lo]:.1f} "
+            f"over {lo}-sample groups and {m['val_pop'][lo]:.1f} with population statistics.")
+
+
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -341,13 +404,17 @@ def run(ctx: RunContext) -> StudyResult:
                           desc="nbs: training")
     models, step_wrong = trained[: len(jobs)], trained[len(jobs):]
     evals = ctx.run_all(
-        [Task({"study": "nbs", "run": "eval", "v": 4,
+        [Task({"study": "nbs", "run": "eval", "v": 5,
                "model": ghost_model_task(ctx, scale, n, s).config}, _evaluate, (scale, n, s, t))
          for (n, s), t in zip(jobs, models, strict=True)], desc="nbs: evaluation")
     wrong: dict[str, dict[str, list[Any]]] = {}
     per_seed: dict[str, dict[str, list[float]]] = {}
+    mech: dict[str, dict[str, list[dict[str, float]]]] = {}
     for (nbs, _), result in zip(jobs, evals, strict=True):
         for curve, value in result.items():
+            if curve in ("share", "variance_bias"):
+                mech.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+                continue
             if curve != "val_ema":
                 wrong.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
                 value = _rate(value)
@@ -361,12 +428,17 @@ def run(ctx: RunContext) -> StudyResult:
     std = {k: {n: s for n, (_, s) in d.items()} for k, d in stats.items()}
     numbers = {"per_seed": per_seed, "mean": mean, "std": std, "scale": scale.as_dict(),
                "sgd_batch": SGD_BATCH, "step_milestones": list(STEP_MILESTONES)}
+    for key, name in (("share", "between_sample_share"), ("variance_bias", "variance_bias")):
+        numbers[name] = {k: {layer: float(np.mean([d[layer] for d in v])) for layer in v[0]}
+                         for k, v in mech.get(key, {}).items()}
     fits = training_fit(wrong)
     numbers["training_fit"] = {k: {"effect": v.effect, "interval": v.interval, "label": v.label}
                                for k, v in fits.items()}
     shown = sizes[::-1]
     labels = {**CURVES, "val_pop_step": "val, population stats (PreciseBN), step schedule",
-              "val_ema": "val, EMA statistics"}
+              "val_ema": "val, EMA statistics",
+              "val_mub_large": f"val, mini-batch stats over {LARGE_GROUP}-sample groups",
+              "train_pop": "train, population stats (PreciseBN)"}
     ours = Table("error (%) against NBS (- : not measured)", ["", *[str(s) for s in shown]],
                  [[label, *[fmt(per_seed[key][str(s)]) if str(s) in per_seed[key] else "-"
                             for s in shown]]
@@ -391,7 +463,9 @@ def run(ctx: RunContext) -> StudyResult:
         f"computes whole-batch PreciseBN statistics and trains on with FrozenBN (lr "
         f"{LR * 0.1:g} until 90%). Seeds: {list(ctx.seeds)}."
     )
-    return StudyResult(setup=setup, tables=[ours, training_fit_table(numbers, fits)],
+    return StudyResult(setup=setup, tables=[ours, training_fit_table(numbers, fits),
+                                            share_table(numbers, sizes)],
                        paper_tables=[theirs], plots=_plot(ctx, numbers),
                        summary=verdicts(numbers, wrong), numbers=numbers,
-                       notes=training_fit_note(fits, scale.epochs))
+                       notes=training_fit_note(fits, scale.epochs) + " "
+                       + mechanism_note(numbers, sizes))

@@ -17,8 +17,7 @@ from typing import Any
 
 from rethinkbn.population import markdown_table
 
-from .base import AGREES, INCONCLUSIVE
-from .report import run_origin
+from .report import headline, run_origin
 
 __all__ = ["BEGIN", "BLOCKS", "END", "render", "rewrite"]
 
@@ -56,13 +55,11 @@ def render(results: dict[str, Any], source: str = str(RESULTS),
     env = results["environment"]
     rows = [(name, row) for name, study in results["studies"].items()
             for row in study.get("summary", [])]
-    labels = [row["verdict"] for _, row in rows]
     failed = [name for name, study in results["studies"].items() if study.get("error")]
     head = (f"From `{source}` ({_run(env)}mode {env['mode']}, seeds {env['seeds']}, "
             f"{env.get('jobs', 1)} job(s), wall time {env['wall_time_s']:.0f} s): "
-            f"{labels.count(AGREES)} of {len(labels)} claims agree, "
-            f"{labels.count(INCONCLUSIVE)} are inconclusive, "
-            f"{len(labels) - labels.count(AGREES) - labels.count(INCONCLUSIVE)} disagree"
+            + headline([(row["verdict"], row.get("paper_claim", True)) for _, row in rows],
+                       split=any("paper_claim" in row for _, row in rows))
             + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".")
     header = ["study", "claim", "ours", "paper", "effect [interval] (pt)", "verdict"]
     table = markdown_table("", header, [

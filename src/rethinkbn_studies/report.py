@@ -19,7 +19,7 @@ import torch
 
 from rethinkbn.population import markdown_table
 
-from .base import AGREES, INCONCLUSIVE, Study, StudyResult
+from .base import AGREES, DISAGREES, INCONCLUSIVE, NOT_TESTABLE, Study, StudyResult
 
 __all__ = ["StudyOutcome", "environment", "render_report", "run_origin", "what_would_change",
            "write_outputs"]
@@ -130,12 +130,35 @@ def what_would_change(result: StudyResult) -> str:
     return "**What would change the verdicts** (in the order above): " + "; ".join(parts) + "."
 
 
+def headline(rows: list[tuple[str, bool]], split: bool = True) -> str:
+    """The verdict counts of ``(label, paper_claim)`` pairs, the paper's claims apart from our own
+    ablations and mechanism checks: ``"of 30 paper claims, 12 agree, 5 are inconclusive, 3
+    disagree, 10 are not testable; of 11 ablations and mechanism checks of ours, ..."``.
+
+    ``split=False`` is for a results.json written before rows said whether they are the paper's
+    claims (no ``paper_claim`` key): one count, in that file's wording, ``"23 of 41 claims
+    agree, 12 are inconclusive, 6 disagree"`` (and the not-testable count when there are any).
+    """
+    if not split:
+        labels = [label for label, _ in rows]
+        untestable = labels.count(NOT_TESTABLE)
+        return (f"{labels.count(AGREES)} of {len(labels)} claims agree, "
+                f"{labels.count(INCONCLUSIVE)} are inconclusive, {labels.count(DISAGREES)} "
+                f"disagree" + (f", {untestable} are not testable" if untestable else ""))
+    def counts(labels: list[str], what: str) -> str:
+        return (f"of {len(labels)} {what}, {labels.count(AGREES)} agree, "
+                f"{labels.count(INCONCLUSIVE)} are inconclusive, {labels.count(DISAGREES)} "
+                f"disagree, {labels.count(NOT_TESTABLE)} are not testable")
+    paper = [label for label, ours in rows if ours]
+    own = [label for label, ours in rows if not ours]
+    return counts(paper, "paper claims") + (
+        "; " + counts(own, "ablations and mechanism checks of ours") if own else "")
+
+
 def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
     """The markdown text of report.md."""
-    labels = [r.verdict.label for o in outcomes if o.result for r in o.result.summary]
-    agreed, total = labels.count(AGREES), len(labels)
-    unsure = labels.count(INCONCLUSIVE)
-    unsure_note = f" and {unsure} are inconclusive (the noise exceeds the margin)" if unsure else ""
+    counted = [(r.verdict.label, r.paper_claim) for o in outcomes if o.result
+               for r in o.result.summary]
     out = [
         "# Rethinking 'Batch' in BatchNorm: a small-scale reproduction",
         "",
@@ -151,8 +174,9 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         f"Mask R-CNN/RetinaNet on COCO (AP, higher is better). The verdicts compare the "
         f"*direction* of each effect, with the criterion written beside it; where a verdict "
         f"states an effect, its interval and test, it agrees (disagrees) only when the whole "
-        f"interval lies on the paper's (the other) side of the threshold. {agreed} of "
-        f"{total} claims agree at this scale{unsure_note}.",
+        f"interval lies on the paper's (the other) side of the threshold; inconclusive: "
+        f"the noise exceeds the margin; not testable: a precondition of the claim, checked by "
+        f"a rule fixed in advance, is absent here. At this scale, {headline(counted)}.",
         "",
         "## Summary",
         "",
@@ -204,7 +228,7 @@ def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, An
                         "plots": o.result.plots,
                         "summary": [
                             {"claim": r.claim, "ours": r.ours, "paper": r.paper,
-                             **r.verdict.to_json()}
+                             "paper_claim": r.paper_claim, **r.verdict.to_json()}
                             for r in o.result.summary
                         ],
                     }

@@ -7,7 +7,10 @@ seeds, then decide:
 
 - **agrees**: the whole interval lies on the paper's side of the threshold;
 - **disagrees**: the whole interval lies on the other side;
-- **inconclusive**: the interval straddles the threshold (the noise is larger than the margin).
+- **inconclusive**: the interval straddles the threshold (the noise is larger than the margin);
+- **not testable**: a precondition of the claim, checked by a rule fixed before the runs, is
+  absent in our runs (:func:`given`, :func:`not_testable`); the report states the unmet
+  precondition instead of calling the claim refuted.
 
 Intervals (:class:`Interval`):
 
@@ -37,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import AGREES, DISAGREES, INCONCLUSIVE, Verdict
+from .base import AGREES, DISAGREES, INCONCLUSIVE, NOT_TESTABLE, Verdict
 
 __all__ = [
     "Interval",
@@ -45,8 +48,10 @@ __all__ = [
     "all_hold",
     "equivalent",
     "exceeds",
+    "given",
     "majority_hold",
     "mcnemar",
+    "not_testable",
     "paired_bootstrap",
     "seed_interval",
     "stays_below",
@@ -185,6 +190,34 @@ def _decide(criterion: str, interval: Interval, agrees: bool, disagrees: bool,
                    test=interval.test, threshold=threshold, rule=rule)
 
 
+def not_testable(criterion: str, precondition: str, detail: str = "") -> Verdict:
+    """The verdict for a claim whose precondition is absent; ``precondition`` says which one,
+    with the numbers that show it is unmet."""
+    if not precondition:
+        raise ValueError("not_testable: state the unmet precondition")
+    return Verdict(agrees=False, criterion=criterion, detail=detail, outcome=NOT_TESTABLE,
+                   precondition=precondition)
+
+
+def given(holds: bool, precondition: str, verdict: Verdict) -> Verdict:
+    """``verdict`` where the precondition ``holds``, else :func:`not_testable` with the same
+    criterion and the measured effect kept in its detail (the claim is not judged on it)."""
+    if holds:
+        return verdict
+    return not_testable(verdict.criterion, precondition,
+                        detail=f"measured, not judged: {verdict.detail}" if verdict.detail else "")
+
+
+def _testable(parts: list[Verdict], caller: str) -> list[Verdict]:
+    if not parts:
+        raise ValueError(f"{caller}: expected at least one verdict")
+    return [p for p in parts if p.label != NOT_TESTABLE]
+
+
+def _untestable_all(criterion: str, parts: list[Verdict]) -> Verdict:
+    return not_testable(criterion, "; ".join(f"{p.criterion}: {p.precondition}" for p in parts))
+
+
 def exceeds(criterion: str, interval: Interval, threshold: float = 0.0,
             detail: str = "") -> Verdict:
     """The claim "effect > ``threshold``": agrees when the whole interval is above it,
@@ -216,12 +249,14 @@ def all_hold(criterion: str, parts: list[Verdict]) -> Verdict:
     """One verdict for "every part holds": disagrees when a part disagrees, agrees when all
     agree, inconclusive otherwise; the effect, interval and test are the decisive part's (the
     first that disagrees, else the first inconclusive one, else the widest interval), and
-    ``detail`` lists every part."""
-    if not parts:
-        raise ValueError("all_hold: expected at least one verdict")
-    order = [p for p in parts if p.label == DISAGREES] or [
-        p for p in parts if p.label == INCONCLUSIVE] or sorted(
-        parts, key=lambda p: -(p.interval[1] - p.interval[0]) if p.interval else 0.0)
+    ``detail`` lists every part. Not-testable parts are left out of the decision; when every part
+    is not testable, so is the whole."""
+    testable = _testable(parts, "all_hold")
+    if not testable:
+        return _untestable_all(criterion, parts)
+    order = [p for p in testable if p.label == DISAGREES] or [
+        p for p in testable if p.label == INCONCLUSIVE] or sorted(
+        testable, key=lambda p: -(p.interval[1] - p.interval[0]) if p.interval else 0.0)
     key = order[0]
     return Verdict(agrees=key.label == AGREES, criterion=criterion,
                    detail="; ".join(f"{p.criterion}: {p.detail}" for p in parts),
@@ -233,16 +268,19 @@ def majority_hold(criterion: str, parts: list[Verdict]) -> Verdict:
     """One verdict for "most parts hold" (more than half): agrees when more than half agree,
     disagrees when even counting every inconclusive part as agreeing would not make a majority,
     inconclusive otherwise. The effect is the number of parts that agree, the interval
-    ``[agree, agree + inconclusive]`` (what the undecided parts could make of it)."""
+    ``[agree, agree + inconclusive]`` (what the undecided parts could make of it). Not-testable
+    parts are left out of the count; when every part is not testable, so is the whole."""
+    all_parts = parts
+    parts = _testable(parts, "majority_hold")
     if not parts:
-        raise ValueError("majority_hold: expected at least one verdict")
+        return _untestable_all(criterion, all_parts)
     agree = sum(p.label == AGREES for p in parts)
     open_ = sum(p.label == INCONCLUSIVE for p in parts)
     outcome = (AGREES if 2 * agree > len(parts) else
                DISAGREES if 2 * (agree + open_) <= len(parts) else INCONCLUSIVE)
     return Verdict(agrees=outcome == AGREES, criterion=criterion,
-                   detail=f"{agree} agree, {open_} inconclusive of {len(parts)}: " + "; ".join(
-                       f"{p.criterion}: {p.label}" for p in parts),
+                   detail=f"{agree} agree, {open_} inconclusive of {len(parts)} testable: "
+                   + "; ".join(f"{p.criterion}: {p.label}" for p in all_parts),
                    outcome=outcome, effect=float(agree), interval=(float(agree),
                                                                    float(agree + open_)),
                    confidence=None, test="count of the parts' own verdicts (each: "

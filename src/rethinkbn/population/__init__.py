@@ -2,6 +2,13 @@
 
 from .bank import Snapshot, StatsBank, capture_stats, install_stats
 from .inference import batch_stats_inference
+from .mechanism import (
+    INCONSISTENCY_THRESHOLD,
+    LayerVariance,
+    between_sample_share,
+    expected_variance_ratio,
+    variance_decomposition,
+)
 from .options import PreciseBNOptions
 from .precise import LayerReport, PreciseBNReport, markdown_table, precise_bn, recompute_stats
 from .report import EMALayerReport, EMAReport, ema_report
@@ -13,6 +20,11 @@ from .schedule import (
 )
 
 __all__ = [
+    "INCONSISTENCY_THRESHOLD",
+    "LayerVariance",
+    "between_sample_share",
+    "expected_variance_ratio",
+    "variance_decomposition",
     "FreezeBNHook",
     "PreciseBNHook",
     "freeze_epoch_for",
