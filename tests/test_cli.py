@@ -54,7 +54,10 @@ def test_reproduce_writes_report_plots_and_results(tiny_out, tiny_data, capsys):
     # Every verdict of these studies knows its noise: outcome, effect, interval and test.
     for study in results["studies"].values():
         for row in study["summary"]:
-            assert row["verdict"] in ("agrees", "disagrees", "inconclusive")
+            assert row["verdict"] in ("agrees", "disagrees", "inconclusive", "not testable")
+            if row["verdict"] == "not testable":  # issue 20: its unmet precondition, stated
+                assert row["precondition"]
+                continue
             u = row["uncertainty"]
             assert u["low"] <= row["effect"] <= u["high"] and row["test"] and row["rule"]
     assert report.count("**What would change the verdicts**") == 3
@@ -229,3 +232,16 @@ def test_without_the_studies_extra_the_commands_say_how_to_install_it(module, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"missing: {module}" in err
     assert "pip install 'rethinkbn[studies]'" in err
+
+
+def test_version_comes_from_the_package_metadata_in_one_place(capsys):
+    import importlib.metadata
+
+    import rethinkbn
+    from rethinkbn.cli import main
+
+    assert rethinkbn.__version__ == importlib.metadata.version("rethinkbn")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rethinkbn {rethinkbn.__version__}"

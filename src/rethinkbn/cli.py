@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +26,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``rethinkbn`` argument parser: sub-commands ``reproduce`` and ``studies``."""
     parser = argparse.ArgumentParser(prog="rethinkbn", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"rethinkbn {importlib.metadata.version('rethinkbn')}")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser(
         "reproduce",
