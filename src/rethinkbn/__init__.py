@@ -20,6 +20,9 @@ The top level offers every name of the ``__all__`` of ``layers``, ``convert``, `
 for writing a layer stay there (``tests/test_exports.py`` holds the rule and its exclusions).
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _metadata_version
+
 from . import convert, distributed, layers, population
 from .convert import *  # noqa: F403 - the names of convert.__all__
 from .diagnosis import Diagnosis, diagnose
@@ -28,7 +31,10 @@ from .layers import *  # noqa: F403
 from .population import *  # noqa: F403
 from .stats import Moments, all_gather_moments, all_reduce_moments
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata_version("rethinkbn")  # one place: pyproject.toml's version
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "Moments",
