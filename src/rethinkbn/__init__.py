@@ -20,7 +20,8 @@ The top level offers every name of the ``__all__`` of ``layers``, ``convert``, `
 for writing a layer stay there (``tests/test_exports.py`` holds the rule and its exclusions).
 """
 
-from importlib import metadata as _metadata
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _metadata_version
 
 from . import convert, distributed, layers, population
 from .convert import *  # noqa: F403 - the names of convert.__all__
@@ -30,10 +31,10 @@ from .layers import *  # noqa: F403
 from .population import *  # noqa: F403
 from .stats import Moments, all_gather_moments, all_reduce_moments
 
-try:  # one place for the version: the package metadata (pyproject.toml)
-    __version__ = _metadata.version("rethinkbn")
-except _metadata.PackageNotFoundError:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+try:
+    __version__ = _metadata_version("rethinkbn")  # one place: pyproject.toml's version
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "Moments",

@@ -17,7 +17,10 @@ from typing import Any
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
@@ -25,9 +28,11 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rethinkbn`` argument parser: sub-commands ``reproduce`` and ``studies``."""
-    parser = argparse.ArgumentParser(prog="rethinkbn", description=__doc__)
-    parser.add_argument("--version", action="version",
-                        version=f"rethinkbn {importlib.metadata.version('rethinkbn')}")
+    parser = argparse.ArgumentParser(
+        prog="rethinkbn", description=__doc__.replace("``", "'"))
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"rethinkbn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser(
         "reproduce",
@@ -41,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated study names (see `rethinkbn studies`)")
     rep.add_argument("--seeds", type=_positive_int, default=None,
                      help="number of seeds (default 3)")
-    rep.add_argument("--out", default="rethinkbn-report", help="output directory")
+    rep.add_argument("--out", default="rethinkbn-report",
+                     help="output directory (default: rethinkbn-report)")
     rep.add_argument("--cache", default=None, help="run cache directory (default: <out>/cache)")
     rep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     rep.add_argument("--data", default="mnist1d",

@@ -19,7 +19,12 @@ from typing import Any
 try:
     import lightning.pytorch as pl
 except ImportError:  # only the older package name is installed
-    import pytorch_lightning as pl  # type: ignore[no-redef]
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as error:
+        raise ImportError(
+            "rethinkbn.integrations.lightning needs Lightning: pip install 'rethinkbn[lightning]'"
+        ) from error
 
 from ..convert import freeze_bn
 from ..population._state import batchnorm_layers, is_frozen, running_buffers
