@@ -233,15 +233,3 @@ def test_without_the_studies_extra_the_commands_say_how_to_install_it(module, mo
     assert err.count("\n") == 1 and f"missing: {module}" in err
     assert "pip install 'rethinkbn[studies]'" in err
 
-
-def test_version_comes_from_the_package_metadata_in_one_place(capsys):
-    import importlib.metadata
-
-    import rethinkbn
-    from rethinkbn.cli import main
-
-    assert rethinkbn.__version__ == importlib.metadata.version("rethinkbn")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--version"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"rethinkbn {rethinkbn.__version__}"
