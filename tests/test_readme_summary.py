@@ -64,7 +64,9 @@ def test_rewrite_replaces_only_the_block_and_needs_both_markers():
 
 
 @pytest.mark.parametrize("source", list(readme.BLOCKS))
-def test_every_committed_verdict_states_effect_uncertainty_test_and_one_of_three_outcomes(source):
+def test_every_committed_verdict_states_effect_uncertainty_test_and_one_of_four_outcomes(source):
+    """agrees / inconclusive / disagrees with effect, interval and test; or (issue 20) not
+    testable, with the unmet precondition stated."""
     results = json.loads((ROOT / source).read_text())
     env = results["environment"]
     assert len(env["seeds"]) >= 3 and env.get("command") and env.get("started")
@@ -73,7 +75,11 @@ def test_every_committed_verdict_states_effect_uncertainty_test_and_one_of_three
         assert study["error"] is None, name
         assert all((folder / plot).is_file() for plot in study["plots"]), name
         for row in study["summary"]:
-            assert row["verdict"] in ("agrees", "disagrees", "inconclusive"), row["claim"]
+            assert row["verdict"] in ("agrees", "disagrees", "inconclusive", "not testable"), \
+                row["claim"]
+            if row["verdict"] == "not testable":
+                assert row["precondition"], row["claim"]
+                continue
             assert row["effect"] is not None and row["test"], row["claim"]
             u = row["uncertainty"]
             assert u["low"] is not None and u["low"] <= row["effect"] <= u["high"], row["claim"]

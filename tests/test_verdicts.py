@@ -166,3 +166,11 @@ def test_headline_counts_the_papers_claims_apart() -> None:
         "0 are not testable")
     assert headline(rows, split=False) == (
         "2 of 4 claims agree, 0 are inconclusive, 1 disagree, 1 are not testable")
+
+
+def test_a_row_not_in_the_paper_is_counted_apart_from_the_paper_s_claims():
+    from rethinkbn_studies.base import NOT_IN_PAPER, SummaryRow, verdict
+
+    ours = SummaryRow("ablation", "1 vs 2", NOT_IN_PAPER, verdict("x", True))
+    theirs = SummaryRow("claim", "1 vs 2", "3 vs 4", verdict("x", True))
+    assert not ours.paper_claim and theirs.paper_claim

@@ -202,6 +202,10 @@ def verdict(criterion: str, holds: bool, detail: str = "") -> Verdict:
     return Verdict(agrees=bool(holds), criterion=criterion, detail=detail)
 
 
+NOT_IN_PAPER = "not in the paper"
+"""The paper column of a row that tests our own ablation or mechanism, not a claim of the paper."""
+
+
 @dataclass(frozen=True)
 class SummaryRow:
     """One row of the report's opening table: the paper's claim, our number, theirs, the verdict.
@@ -214,7 +218,12 @@ class SummaryRow:
     paper: str
     verdict: Verdict
     paper_claim: bool = True
-    """False for our own ablations and mechanism checks: the headline counts them apart."""
+    """False for our own ablations and mechanism checks: the headline counts them apart. A row
+    whose paper column is :data:`NOT_IN_PAPER` is never one of the paper's claims."""
+
+    def __post_init__(self) -> None:
+        if self.paper == NOT_IN_PAPER:
+            object.__setattr__(self, "paper_claim", False)
 
 
 @dataclass
