@@ -5,8 +5,8 @@
 For 2 and 4 processes (one thread each), every rank shuffles its local batch across the ranks and
 unshuffles it back (one round trip, no autograd), with
 
-* ours: :class:`rethinkbn.ShufflePlan` (one all_to_all_single per direction, each sample sent
-  once, to its destination);
+* ours: :class:`rethinkbn.distributed.ShufflePlan` (one all_to_all_single per direction, each
+  sample sent once, to its destination);
 * the all_gather shuffle (MoCo's ``_batch_shuffle_ddp``): all_gather the whole batch on every
   rank, take this rank's share of the permuted batch; unshuffle by all_gather again.
 
