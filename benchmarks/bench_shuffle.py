@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rethinkbn.distributed import ShufflePlan, shuffle_permutation
-from rethinkbn_studies.processes import launch
+from rethinkbn.distributed.launch import launch
 
 SHAPE = (32, 3, 32, 32)  # per rank: a batch of small images, float32
 WORLD_SIZES = (2, 4)
