@@ -13,7 +13,8 @@ point down this list only:
 
 The reproduction of the paper's studies (`rethinkbn reproduce`) is a separate package beside this
 one, `rethinkbn_studies` (its dependencies come with the `studies` extra): it uses only this
-package's public API, and this package never imports it (the command imports it when it runs).
+package's public API, and this package never imports it (its commands reach ``rethinkbn`` through
+the entry point group ``rethinkbn.commands``).
 
 The top level offers the names a user of the layers needs (``__all__``, listed in
 ``tests/test_exports.py``): the layers, the conversions, the statistics pass and its banks,
