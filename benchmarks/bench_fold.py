@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rethinkbn.convert import fold_batchnorm
-from rethinkbn_studies.processes import cpu_threads
+from rethinkbn.distributed.launch import cpu_threads
 
 SHAPES = [(1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32)]
 REPEATS = 50

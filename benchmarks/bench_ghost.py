@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rethinkbn.distributed.launch import cpu_threads
 from rethinkbn.layers import GhostBatchNorm
-from rethinkbn_studies.processes import cpu_threads
 
 SHAPES = [(256, 64, 16, 16), (128, 256, 8, 8), (1024, 64, 40)]
 NBS = [2, 4, 32, None]

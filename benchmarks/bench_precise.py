@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from rethinkbn.distributed.launch import cpu_threads
 from rethinkbn.population import StatsBank, capture_stats, precise_bn
 from rethinkbn.stats import Moments
-from rethinkbn_studies.processes import cpu_threads
 
 REPEATS = 9
 BATCHES = 16

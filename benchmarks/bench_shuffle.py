@@ -5,8 +5,8 @@
 For 2 and 4 processes (one thread each), every rank shuffles its local batch across the ranks and
 unshuffles it back (one round trip, no autograd), with
 
-* ours: :class:`rethinkbn.ShufflePlan` (one all_to_all_single per direction, each sample sent
-  once, to its destination);
+* ours: :class:`rethinkbn.distributed.ShufflePlan` (one all_to_all_single per direction, each
+  sample sent once, to its destination);
 * the all_gather shuffle (MoCo's ``_batch_shuffle_ddp``): all_gather the whole batch on every
   rank, take this rank's share of the permuted batch; unshuffle by all_gather again.
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rethinkbn.distributed import ShufflePlan, shuffle_permutation
-from rethinkbn_studies.processes import launch
+from rethinkbn.distributed.launch import launch
 
 SHAPE = (32, 3, 32, 32)  # per rank: a batch of small images, float32
 WORLD_SIZES = (2, 4)

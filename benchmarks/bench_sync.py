@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rethinkbn.distributed import SyncBatchNorm
-from rethinkbn_studies.processes import launch
+from rethinkbn.distributed.launch import launch
 
 # (per-rank shape, dtype, channels_last): a ResNet-50 stage-1 BN on GPU, a small one on CPU.
 GPU_CASES = [

@@ -7,10 +7,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from rethinkbn_studies.data import load_mnist1d
+
+# Property-based tests draw the same examples on every run (CI must not flake on a new draw);
+# HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new failing inputs locally.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # The dataset spec the tiny end-to-end runs use; `data_file` generates exactly this file.
 TINY_SAMPLES = 1000

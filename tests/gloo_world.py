@@ -10,7 +10,7 @@ Starting processes costs seconds, so one world serves many checks. A function mu
 by the children (defined at module level in an importable module, e.g. a pytest test module).
 Results travel back serialized with ``torch.save``, so tensors are fine.
 
-Scripts run as ranks (benchmarks, examples) use :func:`rethinkbn_studies.processes.launch`.
+Scripts run as ranks (benchmarks, examples) use :func:`rethinkbn.distributed.launch.launch`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rethinkbn_studies.processes import free_port
+from rethinkbn.distributed.launch import free_port
 
 __all__ = ["GlooWorld", "Outcome"]
 

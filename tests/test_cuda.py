@@ -21,14 +21,13 @@ from rethinkbn import (
     DomainBatchNorm,
     FrozenBatchNorm,
     GhostBatchNorm,
-    PerDeviceBatchNorm,
     ShuffledModule,
-    ShufflePlan,
     StatsBank,
     SyncBatchNorm,
     fold_batchnorm,
     precise_bn,
 )
+from rethinkbn.distributed import PerDeviceBatchNorm, ShufflePlan
 
 pytestmark = [
     pytest.mark.cuda,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rethinkbn_studies.processes import launch, run_command
+from rethinkbn.distributed.launch import launch, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from rethinkbn import ShuffledModule, ShufflePlan, convert_batchnorm, diagnose, virtual_devices
+from rethinkbn import ShuffledModule, convert_batchnorm, diagnose, virtual_devices
+from rethinkbn.distributed import ShufflePlan
 from test_diagnose import TRAIN, VAL, accuracy, batches, conv_net, fit, run
 
 

@@ -17,26 +17,21 @@ from torch import nn
 import rethinkbn
 from rethinkbn import (
     DomainBatchNorm,
-    FreezeBNHook,
     FrozenBatchNorm,
     GhostBatchNorm,
     Moments,
-    PerDeviceBatchNorm,
-    PreciseBNHook,
     PreciseBNOptions,
     ShuffledModule,
-    ShufflePlan,
     StatsBank,
     SyncBatchNorm,
-    all_gather_moments,
-    all_reduce_moments,
-    consecutive_group,
-    freeze_epoch_for,
     revert_batchnorm,
     to_domain_bn,
     to_ghost_bn,
     virtual_devices,
 )
+from rethinkbn.distributed import PerDeviceBatchNorm, ShufflePlan, consecutive_group
+from rethinkbn.population import FreezeBNHook, PreciseBNHook, freeze_epoch_for
+from rethinkbn.stats import all_gather_moments, all_reduce_moments
 
 
 def _model() -> nn.Module:
@@ -107,7 +102,7 @@ def test_a_wrong_type_of_flag_or_model_is_a_type_error():
 
 def test_nonfinite_statistics_are_value_errors_in_the_layers_and_in_precise_bn():
     layer = GhostBatchNorm(2)
-    rethinkbn.set_nonfinite(layer, "raise")
+    rethinkbn.layers.set_nonfinite(layer, "raise")
     x = torch.randn(4, 2)
     x[0, 1] = math.nan
     with pytest.raises(ValueError, match="non-finite|NaN"):

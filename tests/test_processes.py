@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rethinkbn_studies.processes import run_command
+from rethinkbn.distributed.launch import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_ctrl_c_stops_torchrun_and_its_workers(tmp_path):
     command = _torchrun(tmp_path, marker)
     parent_code = (
         "import sys\n"
-        "from rethinkbn_studies.processes import run_command\n"
+        "from rethinkbn.distributed.launch import run_command\n"
         "try:\n"
         f"    run_command({command!r}, timeout_s=600)\n"
         "except KeyboardInterrupt:\n"

@@ -1,8 +1,12 @@
-"""The `rethinkbn` command line: ``rethinkbn reproduce``, ``rethinkbn studies`` and
-``rethinkbn diagnose``.
+"""The `rethinkbn` command line: ``rethinkbn diagnose``, and ``rethinkbn reproduce`` and
+``rethinkbn studies``, which run the reproduction harness (installed with the ``studies`` extra).
 
-The first two run the reproduction harness, the separate package ``rethinkbn_studies`` (installed
-with the ``studies`` extra), imported only when one of them runs.
+Every sub-command but ``diagnose`` comes from the entry point group ``rethinkbn.commands`` of the
+installed packages: the harness, ``rethinkbn_studies``, registers ``reproduce`` and ``studies``
+there (``pyproject.toml``), and this module never imports it. An entry point is
+``name = "module:add [extra]"``; ``add(sub)`` adds its sub-command to the parsers ``sub`` and
+sets ``run``, a function of the parsed arguments returning the exit code. A command whose module
+does not import (its extra is not installed) still parses, and says which extra to install.
 """
 
 from __future__ import annotations
@@ -12,88 +16,62 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+COMMANDS_GROUP = "rethinkbn.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``rethinkbn`` argument parser: sub-commands ``reproduce`` and ``studies``."""
+    """The ``rethinkbn`` argument parser: the sub-commands of :data:`COMMANDS_GROUP` (by name)
+    and ``diagnose``. Loading the group imports each command's module (only its parser)."""
     parser = argparse.ArgumentParser(
-        prog="rethinkbn", description=__doc__.replace("``", "'"))
+        prog="rethinkbn", description=__doc__.split("\n\n")[0].replace("``", "'"))
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"rethinkbn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser(
-        "reproduce",
-        help="reproduce the paper's studies at small scale and write a report",
-        description="Train small ResNets and write report.md, PNG plots and results.json. "
-        "Finished training runs are cached in <out>/cache; rerun to resume after Ctrl-C.",
-    )
-    rep.add_argument("--quick", action="store_true",
-                     help="small budget: every study together in ~10 minutes on 2 CPU cores")
-    rep.add_argument("--only", default=None, metavar="STUDY,...",
-                     help="comma-separated study names (see `rethinkbn studies`)")
-    rep.add_argument("--seeds", type=_positive_int, default=None,
-                     help="number of seeds (default 3)")
-    rep.add_argument("--out", default="rethinkbn-report",
-                     help="output directory (default: rethinkbn-report)")
-    rep.add_argument("--cache", default=None, help="run cache directory (default: <out>/cache)")
-    rep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    rep.add_argument("--data", default="mnist1d",
-                     help="'mnist1d' (default, generated locally), 'mnist1d:<num_samples>', "
-                     "or a folder with CIFAR-10's python pickles or one sub-folder per class")
-    rep.add_argument("--threads", type=_positive_int, default=1,
-                     help="torch CPU threads (default 1: the studies' small models gain little "
-                     "from more, and several threads on a busy machine are much slower)")
-    rep.add_argument("--jobs", type=_positive_int, default=None,
-                     help="independent training runs at once, each in a process of its own "
-                     "with one torch thread (default: the number of CPU cores)")
-    rep.add_argument("--ranks", type=_positive_int, default=1,
-                     help="only the 'leakage' study uses it: with N > 1 its per-device, shuffle "
-                     "and SyncBN variants also train on N real gloo processes (torchrun) and "
-                     "the report compares them with the virtual devices (default 1: virtual "
-                     "devices only)")
-    rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
-    sub.add_parser("studies", help="list the studies, one line each")
+    _add_registered_commands(sub)
     _add_diagnose_parser(sub)
     return parser
 
 
-# What `rethinkbn reproduce` imports beyond the library: its harness and the `studies` extra.
-STUDIES_MODULES = ("rethinkbn_studies", "matplotlib", "mnist1d")
-
-
-def _missing_studies_extra() -> list[str]:
-    """The modules of :data:`STUDIES_MODULES` that cannot be imported (checked without
-    importing them, before any work)."""
-    import importlib.util
-
-    missing = []
-    for name in STUDIES_MODULES:
+def _add_registered_commands(sub: argparse._SubParsersAction) -> None:
+    """Add every sub-command of the entry point group :data:`COMMANDS_GROUP`, in name order
+    (the first of a repeated name); one whose module does not import becomes a placeholder
+    that says what to install."""
+    seen = set()
+    for point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda p: p.name):
+        if point.name in seen or point.name == "diagnose":
+            continue
+        seen.add(point.name)
         try:
-            found = sys.modules[name] is not None if name in sys.modules else (
-                importlib.util.find_spec(name) is not None)
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+            add = point.load()
+        except ImportError as err:
+            _add_unavailable(sub, point, err)
+            continue
+        add(sub)
 
 
-def _usage_error(message: str) -> int:
-    """One line on stderr, argparse's way; the exit code 2 of a command-line error."""
-    print(f"rethinkbn reproduce: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+def _add_unavailable(sub: argparse._SubParsersAction, point: EntryPoint,
+                     err: ImportError) -> None:
+    """A sub-command ``point.name`` that takes any arguments and fails in one line, naming the
+    module that is missing and the extra of the entry point that installs it."""
+    missing = err.name or point.module
+    dist = point.dist.name if point.dist is not None else "rethinkbn"
+    extra = point.extras[0] if point.extras else None
+    if extra is None:
+        message = f"its module {point.module} does not import (missing: {missing})"
+    else:
+        message = (f"this command needs the '{extra}' extra (missing: {missing}); install it "
+                   f"with pip install '{dist}[{extra}]'")
+
+    def unavailable(args: argparse.Namespace) -> int:
+        print(f"rethinkbn {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+    parser = sub.add_parser(point.name, help=f"(not available: {message})")
+    parser.set_defaults(run=unavailable, any_arguments=True)
 
 
 def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
@@ -120,64 +98,15 @@ def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
-
-    0: done; 1: the report was written but a study failed; 2: bad options or ``--data`` (one
-    line on stderr; every option is checked before any work); 130: interrupted (finished runs
-    stay cached).
-    """
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code of the
+    sub-command (2: bad arguments, one line on stderr)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "diagnose":
         return _diagnose(args)
-    missing = _missing_studies_extra()
-    if missing:
-        print(f"rethinkbn {args.command}: error: the reproduction harness needs the 'studies' "
-              f"extra (missing: {', '.join(missing)}); install it with "
-              "pip install 'rethinkbn[studies]'", file=sys.stderr)
-        return 2
-    # The library never imports its reproduction harness; only this command does.
-    from rethinkbn_studies.base import registered_studies
-
-    if args.command == "studies":
-        studies = registered_studies()
-        width = max(len(s.name) for s in studies)
-        for s in studies:
-            print(f"{s.name:<{width}}  {s.description}")
-        return 0
-
-    from rethinkbn_studies.harness import default_jobs, reproduce, verdict_counts
-
-    only = None
-    if args.only is not None:
-        # Blank names are refused (",," must not mean "all"); a repeated one runs once.
-        only = list(dict.fromkeys(n.strip() for n in args.only.split(",") if n.strip()))
-        if not only:
-            return _usage_error(f"--only {args.only!r}: no study named; expected "
-                                "comma-separated names (see `rethinkbn studies`)")
-    try:
-        report, outcomes = reproduce(
-            only,
-            quick=args.quick,
-            seeds=args.seeds,
-            out_dir=args.out,
-            cache_dir=args.cache,
-            device=args.device,
-            data=args.data,
-            tiny=args.tiny,
-            ranks=args.ranks,
-            threads=args.threads,
-            jobs=args.jobs if args.jobs is not None else default_jobs(),
-        )
-    except KeyError as err:  # an unknown study
-        return _usage_error(err.args[0])
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # bad options or --data
-        return _usage_error(str(err))
-    except KeyboardInterrupt:
-        print("\nrethinkbn reproduce: interrupted; finished runs are cached, rerun to resume.",
-              file=sys.stderr)
-        return 130
-    print(f"report: {report} (verdicts: {verdict_counts(outcomes)})")
-    return 1 if any(o.error for o in outcomes) else 0
+    return args.run(args)
 
 
 class _BadArgument(ValueError):
