@@ -1,0 +1,87 @@
+"""mkdocs hooks of the documentation site (``hooks:`` in mkdocs.yml).
+
+- the user guide's plots are computed during the build from the library's code
+  (:mod:`plots`), never committed as images;
+- ``<!-- benchmark-results -->`` on a page becomes every committed benchmark result,
+  ``benchmarks/results/*.md`` (written by ``python benchmarks/run.py``), one section each;
+- ``<!-- reproduce-summary:quick -->`` / ``<!-- reproduce-summary:full -->`` become the summary of
+  the committed quick / full run, rendered by ``rethinkbn_studies.readme`` from its results.json;
+- ``<!-- cli-help: CMD -->`` becomes the output of ``rethinkbn CMD --help`` (empty CMD: the
+  top-level help), from the installed parser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS_MARKER = "<!-- benchmark-results -->"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def benchmark_results(root: Path = ROOT) -> str:
+    """Every ``benchmarks/results/*.md`` (sorted by name) under a heading naming its file."""
+    parts = []
+    for path in sorted((root / "benchmarks" / "results").glob("*.md")):
+        parts.append(f"### `benchmarks/results/{path.name}`\n\n{path.read_text().strip()}\n")
+    return "\n".join(parts) if parts else "(no committed benchmark results)"
+
+
+def reproduce_summary(mode: str, root: Path = ROOT) -> str:
+    """The summary block of the committed ``mode`` run, as the README's generator renders it."""
+    import json
+
+    from rethinkbn_studies import readme
+
+    source = Path(f"docs/results/{mode}/results.json")
+    body = readme.render(json.loads((root / source).read_text()), str(source), ("", ""))
+    return body.strip()
+
+
+def cli_help(command: str) -> str:
+    """``rethinkbn COMMAND --help`` as printed at 100 columns, in a ``text`` block."""
+    from rethinkbn.cli import main
+
+    buf = io.StringIO()
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+            main([*command.split(), "--help"])
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+    return f"```text\n$ rethinkbn {command + ' ' if command else ''}--help\n{buf.getvalue()}```"
+
+
+def expand(markdown: str, root: Path = ROOT) -> str:
+    """``markdown`` with the markers of this module replaced by what they stand for."""
+    markdown = re.sub(r"<!-- cli-help: ?([\w -]*?) ?-->", lambda m: cli_help(m.group(1)), markdown)
+    if BENCHMARKS_MARKER in markdown:
+        markdown = markdown.replace(BENCHMARKS_MARKER, benchmark_results(root))
+    for mode in ("quick", "full"):
+        marker = f"<!-- reproduce-summary:{mode} -->"
+        if marker in markdown:
+            markdown = markdown.replace(marker, reproduce_summary(mode, root))
+    return markdown
+
+
+def on_page_markdown(markdown: str, **kwargs: Any) -> str:
+    return expand(markdown)
+
+
+def on_files(files: Any, config: Any) -> Any:
+    from mkdocs.structure.files import File
+    from plots import PLOTS
+
+    for path, make in PLOTS.items():
+        files.append(File.generated(config, path, content=make()))
+    return files
