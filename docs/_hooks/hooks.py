@@ -6,8 +6,12 @@
   ``benchmarks/results/*.md`` (written by ``python benchmarks/run.py``), one section each;
 - ``<!-- reproduce-summary:quick -->`` / ``<!-- reproduce-summary:full -->`` become the summary of
   the committed quick / full run, rendered by ``rethinkbn_studies.readme`` from its results.json;
+- ``<!-- reproduce-plots:quick -->`` becomes the count and the names of the committed quick
+  run's plots, per study, from its results.json;
 - ``<!-- cli-help: CMD -->`` becomes the output of ``rethinkbn CMD --help`` (empty CMD: the
-  top-level help), from the installed parser.
+  top-level help), from the installed parser;
+- ``<!-- diagnose-example -->`` becomes the output of ``python examples/diagnose_mnist1d.py
+  --contrast 0.5``, run by the build (about 10 s on one CPU core).
 """
 
 from __future__ import annotations
@@ -62,15 +66,43 @@ def cli_help(command: str) -> str:
     return f"```text\n$ rethinkbn {command + ' ' if command else ''}--help\n{buf.getvalue()}```"
 
 
+def diagnose_example(root: Path = ROOT) -> str:
+    """The output of the MNIST-1D diagnosis example, run now, in a ``text`` block."""
+    import subprocess
+    import tempfile
+
+    command = ["examples/diagnose_mnist1d.py", "--contrast", "0.5"]
+    with tempfile.TemporaryDirectory() as cache:
+        done = subprocess.run([sys.executable, *command, "--cache", cache], cwd=root,
+                              capture_output=True, text=True, timeout=600, check=True)
+    return f"```text\n$ python {' '.join(command)}\n{done.stdout}```"
+
+
+def reproduce_plots(mode: str, root: Path = ROOT) -> str:
+    """``N plots: `a.png`, `b.png` (study), ...; none for study`` of the committed ``mode`` run."""
+    import json
+
+    studies = json.loads((root / f"docs/results/{mode}/results.json").read_text())["studies"]
+    shown = [f"`{plot}` ({name})" for name, study in studies.items() for plot in study["plots"]]
+    none = [f"`{name}`" for name, study in studies.items() if not study["plots"]]
+    return (f"{len(shown)} plots: {', '.join(shown)}"
+            + (f"; none for {', '.join(none)}" if none else ""))
+
+
 def expand(markdown: str, root: Path = ROOT) -> str:
     """``markdown`` with the markers of this module replaced by what they stand for."""
     markdown = re.sub(r"<!-- cli-help: ?([\w -]*?) ?-->", lambda m: cli_help(m.group(1)), markdown)
+    if "<!-- diagnose-example -->" in markdown:
+        markdown = markdown.replace("<!-- diagnose-example -->", diagnose_example(root))
     if BENCHMARKS_MARKER in markdown:
         markdown = markdown.replace(BENCHMARKS_MARKER, benchmark_results(root))
     for mode in ("quick", "full"):
         marker = f"<!-- reproduce-summary:{mode} -->"
         if marker in markdown:
             markdown = markdown.replace(marker, reproduce_summary(mode, root))
+        marker = f"<!-- reproduce-plots:{mode} -->"
+        if marker in markdown:
+            markdown = markdown.replace(marker, reproduce_plots(mode, root))
     return markdown
 
 
