@@ -1,14 +1,37 @@
-"""The README is a specification: its two commands, and every Python snippet in it, run."""
+"""The README and the docs pages are specifications: the README's two commands, and every code
+block of the README and of the docs pages, run (or say why they do not)."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# Generated reports (docs/results/**) hold no code blocks of ours; every other page does.
+PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md")
+               if "results" not in p.relative_to(ROOT / "docs").parts)
+# A fenced block: its language, its code, and an HTML comment just before it, if any.
+FENCE = re.compile(r"(?:<!-- (?P<note>[^\n]*?) -->\n)?^```(?P<lang>[^\n]*)\n(?P<code>.*?)^```$",
+                   flags=re.S | re.M)
+RUN = {"python", "bash"}  # languages that run
+SHOWN = {"text"}          # output, or text that is not code
 
 
-def code_blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def code_blocks(lang: str, text: str = README) -> list[str]:
+    return [m["code"] for m in FENCE.finditer(text) if m["lang"] == lang]
+
+
+def blocks(text: str) -> list[tuple[str, str, str | None]]:
+    """(language, code, note) of every fenced block, in document order."""
+    return [(m["lang"], m["code"], m["note"]) for m in FENCE.finditer(text)]
+
+
+def skipped(note: str | None) -> bool:
+    return note is not None and note.startswith("not run:")
 
 
 def test_readme_opens_with_two_commands_install_and_run_then_test():
@@ -32,13 +55,44 @@ def test_python_snippets_run(tmp_path, monkeypatch):
         exec(code, namespace)  # noqa: S102 - the README's snippets are the specification
 
 
+@pytest.mark.parametrize("page", ["README.md", *PAGES])
+def test_every_code_block_runs_or_says_why_not(page):
+    """Every block is python or bash (run), text (shown), or marked `<!-- not run: why -->`."""
+    for lang, code, note in blocks((ROOT / page).read_text()):
+        first = code.strip().splitlines()[0] if code.strip() else ""
+        assert lang in RUN | SHOWN, f"{page}: a ```{lang} block ({first!r}): use python, bash or text"
+        if skipped(note):
+            assert lang in RUN and len(note) > len("not run: ") + 10, (
+                f"{page}: {note!r} must say why the block {first!r} does not run")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_docs_page_code_blocks_run(page, tmp_path, monkeypatch):
+    """The page's python blocks in one namespace and its bash blocks, in page order, in one
+    working directory (a block may use what an earlier one wrote)."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for i, (lang, code, note) in enumerate(blocks((ROOT / page).read_text())):
+        if lang not in RUN or skipped(note):
+            continue
+        if lang == "python":
+            exec(compile(code, f"{page}:block-{i}", "exec"), namespace)  # noqa: S102
+        else:
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"{page}:block-{i} failed:\n{done.stdout}{done.stderr}"
+
+
 def test_every_test_the_readme_names_exists():
-    """A promise in the README names the test that holds it: that test must exist."""
-    named = re.findall(r"`(?:tests/)?(test_\w+\.py)(?:::(test_\w+))?`", README)
+    """A promise in the README or the docs names the test that holds it: that test must exist."""
+    texts = [README, *((ROOT / page).read_text() for page in PAGES)]
+    named = [hit for text in texts
+             for hit in re.findall(r"`(?:tests/)?(test_\w+\.py)(?:::(test_\w+))?`", text)]
     assert named, "the README names the tests behind its promises"
     for module, function in named:
         path = ROOT / "tests" / module
-        assert path.exists(), f"README names {module}, which does not exist"
+        assert path.exists(), f"the docs name {module}, which does not exist"
         if function:
             assert re.search(rf"def {function}\b", path.read_text()), (
-                f"README names {module}::{function}, which does not exist")
+                f"the docs name {module}::{function}, which does not exist")

@@ -26,7 +26,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS_MARKER = "<!-- benchmark-results -->"
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def benchmark_results(root: Path = ROOT) -> str:
@@ -112,8 +111,13 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
 
 def on_files(files: Any, config: Any) -> Any:
     from mkdocs.structure.files import File
-    from plots import PLOTS
+    import importlib.util
 
-    for path, make in PLOTS.items():
+    spec = importlib.util.spec_from_file_location("rethinkbn_docs_plots",
+                                                  Path(__file__).with_name("plots.py"))
+    assert spec is not None and spec.loader is not None
+    plots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plots)
+    for path, make in plots.PLOTS.items():
         files.append(File.generated(config, path, content=make()))
     return files
