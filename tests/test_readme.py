@@ -60,7 +60,8 @@ def test_every_code_block_runs_or_says_why_not(page):
     """Every block is python or bash (run), text (shown), or marked `<!-- not run: why -->`."""
     for lang, code, note in blocks((ROOT / page).read_text()):
         first = code.strip().splitlines()[0] if code.strip() else ""
-        assert lang in RUN | SHOWN, f"{page}: a ```{lang} block ({first!r}): use python, bash or text"
+        assert lang in RUN | SHOWN, (
+            f"{page}: a ```{lang} block ({first!r}): use python, bash or text")
         if skipped(note):
             assert lang in RUN and len(note) > len("not run: ") + 10, (
                 f"{page}: {note!r} must say why the block {first!r} does not run")

@@ -110,8 +110,9 @@ def on_page_markdown(markdown: str, **kwargs: Any) -> str:
 
 
 def on_files(files: Any, config: Any) -> Any:
-    from mkdocs.structure.files import File
     import importlib.util
+
+    from mkdocs.structure.files import File
 
     spec = importlib.util.spec_from_file_location("rethinkbn_docs_plots",
                                                   Path(__file__).with_name("plots.py"))
