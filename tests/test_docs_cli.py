@@ -1,38 +1,37 @@
-"""Issue 22: the command line's --version, readable --seeds errors, --out's default, a help
-without reST markup; the version read from the package metadata; LICENSE in the tree."""
+"""`rethinkbn --help` and each sub-command's help end with the docs page of that command."""
 
+import contextlib
+import io
+import re
 from pathlib import Path
 
 import pytest
 
-import rethinkbn
-from rethinkbn.cli import build_parser
+from rethinkbn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+NAV = (ROOT / "mkdocs.yml").read_text()
 
 
-def test_version_flag_prints_the_package_version(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["--version"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"rethinkbn {rethinkbn.__version__}"
+def help_text(*command: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return out.getvalue()
 
 
-def test_seeds_not_a_number_says_positive_integer(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["reproduce", "--seeds", "abc"])
-    err = capsys.readouterr().err
-    assert "expected a positive integer, got 'abc'" in err
-    assert "_positive_int" not in err
+@pytest.mark.parametrize("command", [(), ("diagnose",), ("reproduce",), ("studies",)])
+def test_help_names_an_existing_docs_page_of_the_site(command):
+    pytest.importorskip("rethinkbn_studies")
+    text = help_text(*command)
+    pages = re.findall(r"Documentation: docs/(\S+\.md)", text)
+    assert pages, f"rethinkbn {' '.join(command)} --help names no docs page:\n{text}"
+    page = pages[-1]
+    assert (ROOT / "docs" / page).is_file(), page
+    assert f": {page}\n" in NAV, f"docs/{page} is not in mkdocs.yml's nav"
 
 
-def test_top_level_help_has_no_rest_markup_and_out_shows_default():
-    parser = build_parser()
-    assert "``" not in parser.format_help()
-    reproduce = parser._subparsers._group_actions[0].choices["reproduce"]  # noqa: SLF001
-    assert "default: rethinkbn-report" in reproduce.format_help()
-
-
-def test_license_file_exists_and_is_declared():
-    assert "MIT License" in (ROOT / "LICENSE").read_text()
-    assert 'license-files = ["LICENSE"]' in (ROOT / "pyproject.toml").read_text()
+def test_each_command_has_its_own_page():
+    assert "guide/diagnose.md" in help_text("diagnose")
+    assert "reproduction.md" in help_text("reproduce")
+    assert "index.md" in help_text()

@@ -20,13 +20,23 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 COMMANDS_GROUP = "rethinkbn.commands"
+# The documentation site's pages, under docs/ of the repository (`mkdocs serve` renders them);
+# each command's help ends with its page (tests/test_docs_cli.py checks that they exist).
+DOCS_ROOT = "docs/"
+DOCS_PAGES = {"rethinkbn": "index.md", "diagnose": "guide/diagnose.md"}
+
+
+def docs_epilog(command: str) -> str:
+    """The last line of ``command``'s help: where its documentation page is."""
+    return f"Documentation: {DOCS_ROOT}{DOCS_PAGES[command]} in the repository (the docs site)."
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rethinkbn`` argument parser: the sub-commands of :data:`COMMANDS_GROUP` (by name)
     and ``diagnose``. Loading the group imports each command's module (only its parser)."""
     parser = argparse.ArgumentParser(
-        prog="rethinkbn", description=__doc__.split("\n\n")[0].replace("``", "'"))
+        prog="rethinkbn", description=__doc__.split("\n\n")[0].replace("``", "'"),
+        epilog=docs_epilog("rethinkbn"))
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"rethinkbn {__version__}")
@@ -82,6 +92,7 @@ def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
         "does); the function takes no argument and returns (model, train_loader) or (model, "
         "train_loader, eval_loader), or a dict of rethinkbn.diagnose's arguments (model, "
         "train_data, eval_data, forward, metric, input_key, group_ids, device).",
+        epilog=docs_epilog("diagnose"),
     )
     diag.add_argument("spec", metavar="SPEC", help="module:function returning model and loaders")
     diag.add_argument("--checkpoint", default=None,

@@ -23,6 +23,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# The last line of the commands' help: their page of the documentation site.
+DOCS_EPILOG = "Documentation: docs/reproduction.md in the repository (the docs site)."
+
+
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
     """Add the ``reproduce`` sub-command to ``sub``; its handler is :func:`run_reproduce`."""
     rep = sub.add_parser(
@@ -30,6 +34,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="reproduce the paper's studies at small scale and write a report",
         description="Train small ResNets and write report.md, PNG plots and results.json. "
         "Finished training runs are cached in <out>/cache; rerun to resume after Ctrl-C.",
+        epilog=DOCS_EPILOG,
     )
     rep.add_argument("--quick", action="store_true",
                      help="small budget: every study together in ~10 minutes on 2 CPU cores")
@@ -61,8 +66,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 def add_studies(sub: argparse._SubParsersAction) -> None:
     """Add the ``studies`` sub-command to ``sub``; its handler is :func:`run_studies`."""
-    sub.add_parser("studies", help="list the studies, one line each").set_defaults(
-        run=run_studies)
+    sub.add_parser("studies", help="list the studies, one line each",
+                   epilog=DOCS_EPILOG).set_defaults(run=run_studies)
 
 
 # What `rethinkbn reproduce` imports beyond the library: its harness and the `studies` extra.
