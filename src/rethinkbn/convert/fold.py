@@ -46,6 +46,8 @@ class FoldedLinear(nn.Linear):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        """``input @ weight.T + bias`` for ``input`` of shape ``(N, in_features)``; raises
+        ``ValueError`` for any other rank."""
         if input.dim() != 2:
             raise ValueError(
                 f"FoldedLinear (Linear + BatchNorm1d folded by fold_batchnorm): expected an input "

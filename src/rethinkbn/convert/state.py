@@ -63,6 +63,8 @@ class BatchNormState:
 
     @property
     def tensors(self) -> dict[str, Tensor | None]:
+        """The layer's own Parameter and buffer objects by ``state_dict`` name (None where the
+        layer has none); the very objects, not copies."""
         return {
             "weight": self.weight,
             "bias": self.bias,

@@ -168,6 +168,7 @@ class ShufflePlan:
     # ------------------------------------------------------------------ use
     @property
     def num_devices(self) -> int:
+        """The number of devices (ranks, or virtual devices) the plan shuffles across."""
         return len(self.sizes)
 
     def shuffle(self, x: Tensor) -> Tensor:
@@ -281,6 +282,10 @@ class ShuffledModule(nn.Module):
         )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Training: ``unshuffle(inner(shuffle(x), *args, **kwargs))`` with this step's plan,
+        then the step counter advances (only after a step that went through); ``TypeError``
+        when ``inner`` does not return one tensor with ``x``'s samples in dim 0. Eval:
+        ``inner(x, *args, **kwargs)``."""
         if not self.training:
             return self.inner(x, *args, **kwargs)
         plan = self.plan(x)

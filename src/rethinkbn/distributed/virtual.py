@@ -55,6 +55,9 @@ class PerDeviceBatchNorm(GhostBatchNorm):
         return f"{super().extra_repr()}, num_devices={self.num_devices}"
 
     def forward(self, x: Tensor) -> Tensor:
+        """In training, each of the ``num_devices`` contiguous chunks of the batch normalized
+        with its own statistics (``ValueError`` naming the layer when the batch does not split
+        into equal chunks); in eval mode, or without devices, GhostBatchNorm's forward."""
         split = self.num_devices is not None and self.training
         if not (split and isinstance(x, Tensor) and x.dim() >= 1):
             return super().forward(x)

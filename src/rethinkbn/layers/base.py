@@ -164,6 +164,8 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         self.skipped_batches: Tensor | None
 
     def reset_running_stats(self) -> None:
+        """torch's reset: ``running_mean`` 0, ``running_var`` 1, ``num_batches_tracked`` 0 (and
+        the skipped-batch counter, where the layer has one); nothing without running stats."""
         if self.track_running_stats:
             self.running_mean.zero_()  # type: ignore[union-attr]
             self.running_var.fill_(1)  # type: ignore[union-attr]
@@ -172,6 +174,7 @@ class BatchNormBase(nn.Module, BatchNormFamily):
                 self.skipped_batches.zero_()  # type: ignore[union-attr]
 
     def reset_parameters(self) -> None:
+        """:meth:`reset_running_stats`, then ``weight`` 1 and ``bias`` 0, as torch's BatchNorm."""
         self.reset_running_stats()
         if self.weight is not None:
             nn.init.ones_(self.weight)
