@@ -97,3 +97,32 @@ def test_every_test_the_readme_names_exists():
         if function:
             assert re.search(rf"def {function}\b", path.read_text()), (
                 f"the docs name {module}::{function}, which does not exist")
+
+
+def _slug(heading: str) -> str:
+    """The anchor mkdocs (and GitHub, for these headings) gives a heading."""
+    text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_every_link_of_the_readme_into_the_docs_exists_with_its_anchor():
+    links = re.findall(r"\]\((docs/[^)#\s]+)(?:#([\w-]+))?\)", README)
+    assert len(links) >= 20, "the README links into the docs"
+    for path, anchor in links:
+        target = ROOT / path
+        assert target.is_file(), f"README links to {path}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.M)
+            assert anchor in [_slug(h) for h in headings], f"README: {path}#{anchor}"
+
+
+def test_the_i_want_to_table_reaches_every_feature_in_one_click():
+    table = README[README.index("## I want to"):README.index("## The latest reproduction")]
+    rows = [row for row in table.splitlines() if row.startswith("| ") and "](docs/" in row]
+    features = ["precise_bn", "GhostBatchNorm", "FrozenBatchNorm", "DomainBatchNorm",
+                "SyncBatchNorm", "convert_batchnorm", "revert_batchnorm", "fold_batchnorm",
+                "StatsBank", "batch_stats_inference", "ShuffledModule", "virtual_devices",
+                "diagnose", "rethinkbn reproduce", "lightning", "timm", "ema_report",
+                "recompute_stats", "Moments", "nonfinite_report"]
+    for feature in features:
+        assert any(feature in row for row in rows), f"no 'I want to' row for {feature}"
