@@ -35,3 +35,8 @@ def test_each_command_has_its_own_page():
     assert "guide/diagnose.md" in help_text("diagnose")
     assert "reproduction.md" in help_text("reproduce")
     assert "index.md" in help_text()
+
+
+def test_top_level_help_shows_no_markup():
+    text = help_text()
+    assert "`" not in text and ":data:" not in text, text

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``rethinkbn`` argument parser: the sub-commands of :data:`COMMANDS_GROUP` (by name)
     and ``diagnose``. Loading the group imports each command's module (only its parser)."""
     parser = argparse.ArgumentParser(
-        prog="rethinkbn", description=__doc__.split("\n\n")[0].replace("``", "'"),
+        prog="rethinkbn",
+        description=__doc__.split("\n\n")[0].replace("``", "'").replace("`", ""),
         epilog=docs_epilog("rethinkbn"))
     from . import __version__
 
