@@ -36,12 +36,25 @@ def benchmark_results(root: Path = ROOT) -> str:
     return "\n".join(parts) if parts else "(no committed benchmark results)"
 
 
+def _studies_module(name: str) -> Any:
+    """The harness's module ``name`` wherever its package keeps it (``rethinkbn_studies.name``
+    or a sub-package's)."""
+    import importlib
+    import pkgutil
+
+    import rethinkbn_studies
+
+    for info in pkgutil.walk_packages(rethinkbn_studies.__path__, "rethinkbn_studies."):
+        if info.name.rpartition(".")[2] == name:
+            return importlib.import_module(info.name)
+    raise ImportError(f"rethinkbn_studies has no module {name!r}")
+
+
 def reproduce_summary(mode: str, root: Path = ROOT) -> str:
     """The summary block of the committed ``mode`` run, as the README's generator renders it."""
     import json
 
-    from rethinkbn_studies import readme
-
+    readme = _studies_module("readme")
     source = Path(f"docs/results/{mode}/results.json")
     body = readme.render(json.loads((root / source).read_text()), str(source), ("", ""))
     return body.strip()
