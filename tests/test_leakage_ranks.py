@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gloo_world import GlooWorld
-from rethinkbn_studies import leakage
-from rethinkbn_studies.roi import RoiTaskConfig
+from rethinkbn_studies.studies import leakage
+from rethinkbn_studies.toolkit.roi import RoiTaskConfig
 
 SCALE = leakage.LeakageScale(num_train_images=16, num_test_images=8, epochs=1,
                              precise_batches=2, task=RoiTaskConfig(rois_per_image=4))

@@ -13,15 +13,16 @@ from torch import nn
 
 from rethinkbn.convert import revert_batchnorm
 from rethinkbn.population import capture_stats
-from rethinkbn_studies import bn, precise_batch
-from rethinkbn_studies.models import ResNet
-from rethinkbn_studies.precise_batch import (
+from rethinkbn_studies.studies import precise_batch
+from rethinkbn_studies.studies.precise_batch import (
     DEEP,
     PER_BATCH_LAYERS,
     PER_BATCH_WHOLE,
     POOLED_WHOLE,
     column,
 )
+from rethinkbn_studies.toolkit import bn
+from rethinkbn_studies.toolkit.models import ResNet
 
 # Tiny models on a busy machine: one thread is many times faster.
 pytestmark = pytest.mark.usefixtures("one_thread")

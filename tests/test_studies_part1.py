@@ -5,8 +5,7 @@ import copy
 import numpy as np
 import pytest
 
-from rethinkbn_studies import ema_vs_precise, nbs, precise_batch
-from rethinkbn_studies.base import (
+from rethinkbn_studies.contract.base import (
     Table,
     get_study,
     mean_std,
@@ -14,6 +13,7 @@ from rethinkbn_studies.base import (
     registered_studies,
     verdict,
 )
+from rethinkbn_studies.studies import ema_vs_precise, nbs, precise_batch
 
 
 def draws(samples=2000, seeds=3, independent=False):
@@ -233,7 +233,7 @@ def test_momentum_sweep_matches_torchs_own_ema_and_is_exact_per_momentum(one_thr
     training; every momentum's equals a float64 loop over the recorded batch statistics."""
     import torch
 
-    from rethinkbn_studies.train import EpochEnd, TrainConfig, train
+    from rethinkbn_studies.toolkit.train import EpochEnd, TrainConfig, train
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
@@ -270,7 +270,7 @@ def test_momentum_sweep_started_elsewhere_is_the_ema_of_a_run_started_there(one_
     weights; the model's own EMA still starts from torch's 0 and 1."""
     import torch
 
-    from rethinkbn_studies.train import TrainConfig, train
+    from rethinkbn_studies.toolkit.train import TrainConfig, train
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
@@ -355,7 +355,7 @@ def test_precise_batch_verdict_outcomes_follow_their_numbers(change, row, label,
 
 # ---------------------------------------------------------------------------- nbs
 def fig5_case(change=None, independent=False):
-    from rethinkbn_studies import paper
+    from rethinkbn_studies.contract import paper
 
     keep = (2, 1024)
     mean = {k: {str(n): v for n, v in curve.items() if n in keep}
@@ -494,9 +494,9 @@ def _ctx(quick, name, num_train):
 
     import torch
 
-    from rethinkbn_studies.base import RunContext
-    from rethinkbn_studies.cache import RunCache
-    from rethinkbn_studies.data import DataSplit
+    from rethinkbn_studies.contract.base import RunContext
+    from rethinkbn_studies.infra.cache import RunCache
+    from rethinkbn_studies.toolkit.data import DataSplit
 
     x = torch.zeros(num_train, 1, 40)
     data = DataSplit(name, x, torch.zeros(num_train, dtype=torch.long), x[:100],
@@ -507,7 +507,7 @@ def _ctx(quick, name, num_train):
 
 
 def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
-    from rethinkbn_studies.common import scale_for
+    from rethinkbn_studies.toolkit.common import scale_for
 
     full = scale_for(_ctx(False, "MNIST-1D", 8000), 10, 20, mnist1d_train_samples=2000)
     assert (full.num_train, full.epochs, full.widths) == (2000, 20, (16, 32, 64))
@@ -518,7 +518,7 @@ def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
 
 
 def test_ghost_models_train_longer_on_fewer_mnist1d_samples_in_both_modes():
-    from rethinkbn_studies.common import GHOST_EPOCHS, GHOST_MNIST1D_SAMPLES, ghost_scale
+    from rethinkbn_studies.toolkit.common import GHOST_EPOCHS, GHOST_MNIST1D_SAMPLES, ghost_scale
 
     quick, full = GHOST_EPOCHS
     assert full >= quick  # full mode trains at least as long
@@ -531,8 +531,13 @@ def test_ghost_models_train_longer_on_fewer_mnist1d_samples_in_both_modes():
 
 
 def test_a_deeper_ghost_model_has_a_key_of_its_own_and_the_one_block_keys_stay():
-    from rethinkbn_studies.cache import config_key
-    from rethinkbn_studies.common import GHOST_LR, GHOST_SGD_BATCH, ghost_model_task, ghost_scale
+    from rethinkbn_studies.infra.cache import config_key
+    from rethinkbn_studies.toolkit.common import (
+        GHOST_LR,
+        GHOST_SGD_BATCH,
+        ghost_model_task,
+        ghost_scale,
+    )
 
     ctx = _ctx(True, "MNIST-1D", 8000)
     scale = ghost_scale(ctx)
@@ -549,8 +554,8 @@ def test_a_deeper_ghost_model_has_a_key_of_its_own_and_the_one_block_keys_stay()
 def test_ghost_model_loads_a_deeper_model_with_the_same_blocks():
     import torch
 
-    from rethinkbn_studies import bn
-    from rethinkbn_studies.common import Scale, ghost_model, new_model
+    from rethinkbn_studies.toolkit import bn
+    from rethinkbn_studies.toolkit.common import Scale, ghost_model, new_model
 
     ctx = _ctx(True, "MNIST-1D", 200)
     scale = Scale(200, 100, 1, (4, 8))

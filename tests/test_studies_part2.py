@@ -9,10 +9,10 @@ import torch
 
 from rethinkbn.layers import GhostBatchNorm
 from rethinkbn.population import batch_stats_inference
-from rethinkbn_studies import domain_shift, leakage, multi_domain
-from rethinkbn_studies.data import load_mnist1d
-from rethinkbn_studies.harness import reproduce
-from rethinkbn_studies.roi import RoiBatch, RoiImages, RoiTaskConfig
+from rethinkbn_studies.infra.harness import reproduce
+from rethinkbn_studies.studies import domain_shift, leakage, multi_domain
+from rethinkbn_studies.toolkit.data import load_mnist1d
+from rethinkbn_studies.toolkit.roi import RoiBatch, RoiImages, RoiTaskConfig
 
 PART2 = ["domain-shift", "multi-domain", "leakage"]
 
@@ -161,7 +161,7 @@ def test_ema_on_the_test_stream_adapts_in_place_and_leaves_the_model_alone():
 
 
 def test_verdict_combinations_have_three_outcomes():
-    from rethinkbn_studies.verdicts import Interval, all_hold, exceeds, majority_hold
+    from rethinkbn_studies.contract.verdicts import Interval, all_hold, exceeds, majority_hold
 
     yes = exceeds("a", Interval(2.0, 1.0, 3.0, 0.95, "t"))
     no = exceeds("b", Interval(-2.0, -3.0, -1.0, 0.95, "t"))

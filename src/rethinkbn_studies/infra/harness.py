@@ -4,36 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from .base import (
+from ..contract.base import (
     ProgressFactory,
     RunContext,
-    Task,
     check_count,
     get_study,
     registered_studies,
 )
+from ..contract.report import StudyOutcome, environment, write_outputs
+from ..toolkit.data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .cache import RunCache
-from .data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .processes import cpu_threads
-from .report import StudyOutcome, environment, write_outputs
+from .tasks import process_pool
 
 __all__ = ["DatasetLoader", "LineProgress", "default_jobs", "git_commit", "reproduce",
-           "reproduce_command", "run_tasks", "tqdm_progress", "verdict_counts"]
+           "reproduce_command", "tqdm_progress", "verdict_counts"]
 
 
 def default_jobs() -> int:
@@ -42,11 +39,6 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def no_progress(iterable: Any = None, **kwargs: Any) -> Any:
-    """The progress factory of worker processes: draws nothing."""
-    return iterable
 
 
 class DatasetLoader:
@@ -64,77 +56,6 @@ class DatasetLoader:
         if self.loaded is None:
             self.loaded = load_data(self.spec, cache_dir=self.cache_dir)
         return self.loaded
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _call(ctx: RunContext, task: Task) -> Any:
-    return task.fn(ctx, *task.args)
-
-
-def run_tasks(ctx: RunContext, tasks: list[Task], desc: str) -> list[Any]:
-    """:meth:`RunContext.run_all`: cached results, the missing ones run here or in the pool,
-    under one progress bar ``desc`` over the missing runs (none when all are cached)."""
-    from .cache import config_key
-
-    keys = [config_key(t.config) for t in tasks]
-    results: dict[str, Any] = {}
-    missing: dict[str, Task] = {}
-    for key, task in zip(keys, tasks, strict=True):
-        if key in results or key in missing:
-            continue
-        stored = ctx.cache.get(task.config)
-        if stored is None:
-            missing[key] = task
-        else:
-            ctx.cache.hits += 1
-            results[key] = stored
-    bar = ctx.progress(None, desc=desc, total=len(missing), leave=False) if missing else None
-
-    def finished(key: str, result: Any) -> None:
-        results[key] = result
-        ctx.cache.put(missing[key].config, result)
-        ctx.cache.misses += 1
-        if bar is not None and hasattr(bar, "update"):
-            bar.update(1)
-
-    futures: dict[Future[Any], str] = {}
-    try:
-        if ctx.pool is None or ctx.jobs == 1:
-            for key, task in missing.items():
-                finished(key, _call(ctx, task))
-        else:
-            worker = dataclasses.replace(ctx, progress=no_progress, cache=RunCache(None),
-                                         pool=None)
-            futures = {ctx.pool.submit(_call, worker, t): k for k, t in missing.items()}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finished(futures[future], future.result())
-    finally:
-        for future in futures:
-            future.cancel()
-        if bar is not None and hasattr(bar, "close"):
-            bar.close()
-    return [results[k] for k in keys]
-
-
-@contextmanager
-def process_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A pool of ``jobs`` spawned processes with one torch thread each (None for 1 job); shut
-    down on exit, cancelling what has not started."""
-    if jobs == 1:
-        yield None
-        return
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class LineProgress:
@@ -228,7 +149,7 @@ def reproduce_command(only: Sequence[str] | None, *, quick: bool, seeds: int | N
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from (``-dirty`` when it has uncommitted
     changes), or None outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():
         return None
     try:
@@ -266,7 +187,7 @@ def reproduce(
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
     finished stays cached). A study named twice in ``only`` runs once (first order kept); an
     empty ``only`` is a ``ValueError``. With a ``data`` folder, every cache key holds the
-    folder's content fingerprint (:func:`~rethinkbn_studies.data.data_fingerprint`, in the
+    folder's content fingerprint (:func:`~rethinkbn_studies.toolkit.data.data_fingerprint`, in the
     report and results.json), so changed files are recomputed. ``tiny`` is for tests (see
     :class:`RunContext`). ``ranks``: real gloo processes for the ``leakage`` study's
     device-dependent variants (1: virtual devices only; only studies registered with

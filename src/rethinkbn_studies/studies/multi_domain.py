@@ -41,8 +41,8 @@ from rethinkbn.layers import DomainBatchNorm
 from rethinkbn.population import precise_bn
 from rethinkbn.stats import Moments
 
-from . import paper
-from .base import (
+from ..contract import paper
+from ..contract.base import (
     INCONCLUSIVE,
     ProgressFactory,
     RunContext,
@@ -54,10 +54,10 @@ from .base import (
     mean_std,
     register_study,
 )
-from .common import fmt, pyplot, save_plot
-from .data import DataSplit
-from .train import TrainConfig, sgd, shuffled_batches
-from .verdicts import equivalent, exceeds, paired_bootstrap
+from ..contract.verdicts import equivalent, exceeds, paired_bootstrap
+from ..toolkit.common import fmt, pyplot, save_plot
+from ..toolkit.data import DataSplit
+from ..toolkit.train import TrainConfig, sgd, shuffled_batches
 
 __all__ = [
     "HEADS",

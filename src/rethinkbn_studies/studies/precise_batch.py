@@ -36,9 +36,19 @@ from torch import nn
 
 from rethinkbn.population import Snapshot, capture_stats, install_stats
 
-from . import bn, paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, Verdict, register_study
-from .common import (
+from ..contract import paper
+from ..contract.base import (
+    RunContext,
+    StudyResult,
+    SummaryRow,
+    Table,
+    Task,
+    Verdict,
+    register_study,
+)
+from ..contract.verdicts import equivalent, exceeds, mcnemar, paired_bootstrap
+from ..toolkit import bn
+from ..toolkit.common import (
     CALIBRATION_CORR_NOISE,
     GHOST_LR,
     GHOST_SGD_BATCH,
@@ -53,8 +63,7 @@ from .common import (
     over_seeds,
     study_data,
 )
-from .train import evaluate_error, evaluate_wrong
-from .verdicts import equivalent, exceeds, mcnemar, paired_bootstrap
+from ..toolkit.train import evaluate_error, evaluate_wrong
 
 SGD_BATCH = GHOST_SGD_BATCH
 NBS_VALUES = (32, 2)

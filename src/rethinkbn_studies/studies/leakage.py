@@ -50,12 +50,20 @@ from rethinkbn.distributed import ShuffledModule, SyncBatchNorm
 from rethinkbn.layers import GhostBatchNorm, is_batchnorm
 from rethinkbn.population import batch_stats_inference, precise_bn
 
-from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
-from .cache import load_result
-from .common import fmt, over_seeds, pyplot, save_plot
-from .processes import run_command
-from .roi import (
+from ..contract import paper
+from ..contract.base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
+from ..contract.verdicts import (
+    Interval,
+    all_hold,
+    equivalent,
+    exceeds,
+    paired_bootstrap,
+    stays_below,
+)
+from ..infra.cache import load_result
+from ..infra.processes import run_command
+from ..toolkit.common import fmt, over_seeds, pyplot, save_plot
+from ..toolkit.roi import (
     BACKGROUND,
     RoiBatch,
     RoiImages,
@@ -64,15 +72,7 @@ from .roi import (
     make_images,
     sample_rois,
 )
-from .train import TrainConfig, sgd
-from .verdicts import (
-    Interval,
-    all_hold,
-    equivalent,
-    exceeds,
-    paired_bootstrap,
-    stays_below,
-)
+from ..toolkit.train import TrainConfig, sgd
 
 __all__ = [
     "RANK_VARIANTS",
@@ -387,11 +387,12 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     """Train ``name`` on ``ranks`` real gloo processes (torchrun) and evaluate it here.
 
     Runs ``python -m torch.distributed.run --standalone --nproc_per_node=ranks`` on
-    :mod:`rethinkbn_studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
-    runs precise_bn across ranks and saves rank 0's state dict; this process loads it into the
-    virtual-device model and evaluates it like :func:`run_variant`. Raises ``RuntimeError`` with
-    the workers' output if torchrun fails or runs past ``timeout_s`` (its workers are killed
-    with it), and ``ValueError`` (:func:`check_ranks`) unless every rank holds whole devices.
+    :mod:`rethinkbn_studies.studies.leakage_worker`, which trains with the real shuffle /
+    SyncBatchNorm, runs precise_bn across ranks and saves rank 0's state dict; this process loads
+    it into the virtual-device model and evaluates it like :func:`run_variant`. Raises
+    ``RuntimeError`` with the workers' output if torchrun fails or runs past ``timeout_s`` (its
+    workers are killed with it), and ``ValueError`` (:func:`check_ranks`) unless every rank holds
+    whole devices.
     """
     variant = VARIANTS[name]
     check_ranks(scale, ranks, (name,))
@@ -399,7 +400,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
         out = Path(tmp) / "state.pt"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", "-m", "rethinkbn_studies.leakage_worker",
+            f"--nproc_per_node={ranks}", "-m", "rethinkbn_studies.studies.leakage_worker",
             "--variant", name, "--seed", str(seed), "--scale", json.dumps(scale.as_dict()),
             "--out", str(out),
         ]

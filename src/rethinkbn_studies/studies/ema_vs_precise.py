@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from rethinkbn.layers import is_batchnorm
 
-from . import bn, paper
-from .base import (
+from ..contract import paper
+from ..contract.base import (
     INCONCLUSIVE,
     RunContext,
     StudyResult,
@@ -51,7 +51,9 @@ from .base import (
     mean_std,
     register_study,
 )
-from .common import (
+from ..contract.verdicts import equivalent, exceeds, paired_bootstrap
+from ..toolkit import bn
+from ..toolkit.common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
     data_key,
@@ -63,8 +65,7 @@ from .common import (
     scale_for,
     study_data,
 )
-from .train import Callback, EpochEnd, TrainConfig, evaluate_wrong, train
-from .verdicts import equivalent, exceeds, paired_bootstrap
+from ..toolkit.train import Callback, EpochEnd, TrainConfig, evaluate_wrong, train
 
 PRECISE_SAMPLES = 1000
 PRECISE_BATCH = 100

@@ -23,8 +23,8 @@ from torch import nn
 
 from rethinkbn.population import INCONSISTENCY_THRESHOLD, freeze_epoch_for, variance_decomposition
 
-from . import bn, paper
-from .base import (
+from ..contract import paper
+from ..contract.base import (
     AGREES,
     DISAGREES,
     INCONCLUSIVE,
@@ -37,7 +37,9 @@ from .base import (
     mean_std,
     register_study,
 )
-from .common import (
+from ..contract.verdicts import Interval, exceeds, given, mcnemar, paired_bootstrap, stays_below
+from ..toolkit import bn
+from ..toolkit.common import (
     GHOST_FIT_MARGIN,
     GHOST_LR,
     GHOST_SGD_BATCH,
@@ -53,8 +55,7 @@ from .common import (
     save_plot,
     study_data,
 )
-from .train import Callback, TrainConfig, evaluate_wrong, train
-from .verdicts import Interval, exceeds, given, mcnemar, paired_bootstrap, stays_below
+from ..toolkit.train import Callback, TrainConfig, evaluate_wrong, train
 
 SGD_BATCH = GHOST_SGD_BATCH
 LR = GHOST_LR
@@ -267,7 +268,7 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
 def training_fit(wrong: dict[str, dict[str, list[Any]]]) -> dict[str, Verdict]:
     """Per NBS, whether the models have fit their training set at that NBS: the validation
     minus the training error, both with mini-batch statistics (groups of NBS), must exceed
-    :data:`~rethinkbn_studies.common.GHOST_FIT_MARGIN` points (the criterion the training
+    :data:`~rethinkbn_studies.toolkit.common.GHOST_FIT_MARGIN` points (the criterion the training
     length was chosen by, see ``common.GHOST_EPOCHS``), with a bootstrap over the samples and
     seeds (sample ``i`` of the training set paired with sample ``i`` of the validation set, as
     the generalization-gap verdict does: independent sets, so the pairing keeps the variance).

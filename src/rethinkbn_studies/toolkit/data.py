@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cache import set_aside
+from ..infra.cache import set_aside
 
 __all__ = [
     "DataSplit",

@@ -39,13 +39,9 @@ from torch import Tensor, nn
 from rethinkbn.layers import is_batchnorm
 from rethinkbn.population import Snapshot, StatsBank, batch_stats_inference, recompute_stats
 
-from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
-from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for
-from .corruptions import CORRUPTIONS, PER_SAMPLE_AFFINE, SEVERITIES, affine_residual, corrupt
-from .data import DataSplit
-from .train import TrainConfig, evaluate_wrong, predict_logits, train
-from .verdicts import (
+from ..contract import paper
+from ..contract.base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
+from ..contract.verdicts import (
     Interval,
     all_hold,
     equivalent,
@@ -54,6 +50,16 @@ from .verdicts import (
     mcnemar,
     paired_bootstrap,
 )
+from ..toolkit.common import Scale, fmt, new_model, pyplot, save_plot, scale_for
+from ..toolkit.corruptions import (
+    CORRUPTIONS,
+    PER_SAMPLE_AFFINE,
+    SEVERITIES,
+    affine_residual,
+    corrupt,
+)
+from ..toolkit.data import DataSplit
+from ..toolkit.train import TrainConfig, evaluate_wrong, predict_logits, train
 
 __all__ = ["SEVERITY", "augment", "ema_on_stream", "run", "run_seed", "verdicts"]
 

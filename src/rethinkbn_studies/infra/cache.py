@@ -185,8 +185,8 @@ class RunCache:
     None, tensors, numpy arrays; state dicts included) and returns it. ``hits`` and ``misses``
     count what happened, for the report and the tests. ``root=None`` gives a cache that keeps
     nothing (every call runs). ``data_fingerprint``: the content fingerprint of a ``--data``
-    folder (:func:`rethinkbn_studies.data.data_fingerprint`), part of every key when given, so
-    that changed data never reads old results (None: keys are the configs' alone).
+    folder (:func:`rethinkbn_studies.toolkit.data.data_fingerprint`), part of every key when
+    given, so that changed data never reads old results (None: keys are the configs' alone).
     """
 
     def __init__(self, root: Path | str | None, data_fingerprint: str | None = None) -> None:

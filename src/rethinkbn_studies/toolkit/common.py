@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract.base import RunContext, Task, mean_std
 from . import bn
-from .base import RunContext, Task, mean_std
 from .data import DataSplit, check_data_spec, load_mnist1d
 from .models import build_model
 from .train import TrainConfig, train
