@@ -188,7 +188,7 @@ def test_population_stats_are_those_of_the_inputs_normalized_as_in_training(name
     batches = list(islice(leakage.step_batches(train, TINY, seed=7, epoch=0),
                           TINY.precise_batches))
     reference = _inputs_in_training(copy.deepcopy(model), batches)
-    leakage.population_stats(model, variant, train, TINY, seed=0)
+    leakage.recompute_roi_population(model, variant, train, TINY, seed=0)
     norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
     for layer, x in zip(norms, reference, strict=True):
         torch.testing.assert_close(layer.running_mean.double(), x.mean(0), rtol=1e-5,

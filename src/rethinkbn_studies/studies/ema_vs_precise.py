@@ -246,7 +246,7 @@ def _run(ctx: RunContext, scale: Scale, batch: int, seed: int) -> dict[str, Any]
     out: dict[str, Any] = {"epochs": [], "ema_wrong": [], "precise_wrong": [], "distance": []}
 
     def precise_of(m: nn.Module, epoch: int) -> Any:
-        return bn.population_stats(m, data.train_x, batch_size=PRECISE_BATCH,
+        return bn.recompute_population(m, data.train_x, batch_size=PRECISE_BATCH,
                                    num_samples=PRECISE_SAMPLES, seed=seed + epoch)
 
     sweep = MomentumSweep(MOMENTA, start=lambda m: precise_of(m, 0)) if large else None
@@ -300,7 +300,7 @@ def _fig4(ctx: RunContext, scale: Scale, seed: int, trained: dict[str, Any]) -> 
     out = {}
     for n in fig4_samples(len(data.train_x)):
         m = copy.deepcopy(model)
-        bn.population_stats(m, data.train_x, batch_size=min(PRECISE_BATCH, n), num_samples=n,
+        bn.recompute_population(m, data.train_x, batch_size=min(PRECISE_BATCH, n), num_samples=n,
                             seed=seed)
         out[str(n)] = evaluate_wrong(m, data.val_x, data.val_y)
     return out

@@ -84,7 +84,7 @@ __all__ = [
     "check_context",
     "check_ranks",
     "evaluate",
-    "population_stats",
+    "recompute_roi_population",
     "run",
     "run_variant",
     "step_batches",
@@ -303,8 +303,9 @@ def rois_per_device(variant: Variant, scale: LeakageScale) -> int | None:
     return variant.images_per_device * scale.task.rois_per_image
 
 
-def population_stats(model: RoiNet, variant: Variant, images: RoiImages, scale: LeakageScale,
-                     seed: int, rank: int = 0, world: int = 1) -> None:
+def recompute_roi_population(model: RoiNet, variant: Variant, images: RoiImages,
+                             scale: LeakageScale, seed: int, rank: int = 0,
+                             world: int = 1) -> None:
     """PreciseBN over ``precise_batches`` training steps, normalized exactly as in training.
 
     Per-device BN normalizes each device's RoIs alone during the pass too
@@ -354,7 +355,7 @@ def run_variant(name: str, scale: LeakageScale, seed: int, progress: Any = None
     model = build_model(variant, scale, seed)
     loss = train_model(model, train, scale, seed, progress=progress)
     if has_batchnorm(variant):
-        population_stats(model, variant, train, scale, seed)
+        recompute_roi_population(model, variant, train, scale, seed)
     return {**evaluate(model, test, test_rois, scale), "train_loss": loss}
 
 
@@ -425,7 +426,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     if variant.norm == "sync":
         # precise_bn normalizes each rank's share alone in its pass, whereas SyncBN normalized
         # the whole step in training: estimate its statistics here, on whole steps.
-        population_stats(model, variant, train, scale, seed)
+        recompute_roi_population(model, variant, train, scale, seed)
     return {**evaluate(model, test, test_rois, scale), "train_loss": saved["train_loss"]}
 
 

@@ -27,7 +27,7 @@ from .leakage import (
     LeakageScale,
     build_model,
     has_batchnorm,
-    population_stats,
+    recompute_roi_population,
     task_images,
     train_model,
 )
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = train_model(model, train, scale, args.seed, rank, world)
         # SyncBN's statistics are estimated by the parent on the whole step (train_on_ranks).
         if has_batchnorm(variant) and variant.norm != "sync":
-            population_stats(model, variant, train, scale, args.seed, rank, world)
+            recompute_roi_population(model, variant, train, scale, args.seed, rank, world)
         # The step's mean loss: every rank's mean over an equal share.
         total = torch.tensor([loss])
         dist.all_reduce(total)

@@ -96,7 +96,7 @@ def nbs_values(quick: bool) -> list[int]:
 
 def _precise(model: nn.Module, x: Any, seed: int) -> nn.Module:
     """Whole-batch PreciseBN in place: all of ``x`` in batches of the SGD batch."""
-    bn.population_stats(model, x, batch_size=SGD_BATCH, num_samples=len(x), seed=seed)
+    bn.recompute_population(model, x, batch_size=SGD_BATCH, num_samples=len(x), seed=seed)
     return model
 
 

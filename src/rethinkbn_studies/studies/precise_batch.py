@@ -128,7 +128,7 @@ def _variant_stats(exact: nn.Module, x: Any, b: int, seed: int,
     stats: dict[str, Snapshot] = {}
     if library:
         m: nn.Module = copy.deepcopy(exact)
-        bn.population_stats(m, x, batch_size=b, num_samples=n, seed=seed)
+        bn.recompute_population(m, x, batch_size=b, num_samples=n, seed=seed)
         stats[POOLED_WHOLE] = capture_stats(m)
     if b not in ABLATION_BATCHES:
         return stats
@@ -159,7 +159,7 @@ def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int, trained: dict[
     n = len(data.train_x)
     wrong = {"EMA": evaluate_wrong(model, data.val_x, data.val_y)}
     exact: nn.Module = copy.deepcopy(model)
-    bn.population_stats(exact, data.train_x, batch_size=n, num_samples=n, seed=seed)
+    bn.recompute_population(exact, data.train_x, batch_size=n, num_samples=n, seed=seed)
     layers: dict[str, dict[str, list[float]]] = {}
     library = blocks == 1
     m: nn.Module = copy.deepcopy(exact)
