@@ -42,7 +42,7 @@ def environment(device: torch.device, seeds: tuple[int, ...], quick: bool,
 
     from rethinkbn import __version__
 
-    versions = {
+    versions: dict[str, str | None] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,

@@ -100,7 +100,7 @@ def ema_on_stream(model: nn.Module, x: Tensor, y: Tensor, momentum: float = EMA_
     adapted = copy.deepcopy(model)
     norms = [m for m in adapted.modules() if is_batchnorm(m)]
     for m in norms:
-        m.momentum = momentum
+        setattr(m, "momentum", momentum)  # noqa: B010 - a Module's attribute, typed as a Tensor
     device = next(adapted.parameters()).device
     wrong = []
     for i in range(0, len(x), batch_size):
@@ -259,7 +259,8 @@ def verdicts(shifted: dict[str, dict[str, np.ndarray]], clean: dict[str, np.ndar
 def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any]]:
     """The severity, sample-count and test-time tables, and their numbers."""
     names = list(runs[0]["shifted"])
-    sev_rows, sev_numbers = [], {}
+    sev_rows: list[list[Any]] = []
+    sev_numbers: dict[str, dict[int, dict[str, float]]] = {}
     for n in names:
         sev_numbers[n] = {}
         for k in SEVERITIES:
@@ -272,7 +273,8 @@ def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any
                      "= difference, paired bootstrap over samples and seeds",
                      ["corruption", "severity", "train stats", "target stats", "gain"],
                      sev_rows)
-    count_rows, count_numbers = [], {}
+    count_rows: list[list[Any]] = []
+    count_numbers: dict[str, Any] = {}
     for n in names:
         exact = _stack(runs, "shifted", n, SEVERITY, "target")
         count_numbers[n] = {}
@@ -291,13 +293,13 @@ def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any
                                         "within margin"], count_rows)
     tt_rows, tt_numbers = [], {}
     for n in names:
-        w = {k: _stack(runs, "test_time", n, k) for k in ("source", "exact", "ema", "mini-batch")}
-        ema = paired_bootstrap(w["ema"], w["exact"])
-        mb = paired_bootstrap(w["mini-batch"], w["exact"])
-        tt_numbers[n] = {**{k: _pct(v) for k, v in w.items()}, "ema_minus_exact": ema.effect,
+        tw = {k: _stack(runs, "test_time", n, k) for k in ("source", "exact", "ema", "mini-batch")}
+        ema = paired_bootstrap(tw["ema"], tw["exact"])
+        mb = paired_bootstrap(tw["mini-batch"], tw["exact"])
+        tt_numbers[n] = {**{k: _pct(v) for k, v in tw.items()}, "ema_minus_exact": ema.effect,
                          "mini_batch_minus_exact": mb.effect}
-        tt_rows.append([n.replace("_", " "), _pct(w["source"]), _pct(w["exact"]),
-                        _pct(w["ema"]), _pct(w["mini-batch"]), ema.text(), mb.text()])
+        tt_rows.append([n.replace("_", " "), _pct(tw["source"]), _pct(tw["exact"]),
+                        _pct(tw["ema"]), _pct(tw["mini-batch"]), ema.text(), mb.text()])
     test_time = Table(
         f"test-time alternatives at severity {SEVERITY}, error (%): exact recompute on held-out "
         f"target samples vs an EMA adapted in place on the test stream (AdaBN-style, momentum "

@@ -32,7 +32,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int,
     """EMA mean of each channel of the probe layer vs 100 per-batch means of the current model."""
     probe = copy.deepcopy(model)
     layer = _probe_layer(probe)
-    ema = layer.running_mean.detach().cpu().clone()
+    ema = cast(Tensor, layer.running_mean).detach().cpu().clone()
     means: list[Tensor] = []
     hook = layer.register_forward_pre_hook(
         lambda m, inp: means.append(inp[0].mean(dim=[0, *range(2, inp[0].dim())]).cpu())
@@ -337,8 +337,7 @@ def nearest_checkpoints(normal: list[float], large: list[float]) -> list[int]:
     """For each measurement ``i`` of the normal batch (mean PreciseBN error ``normal[i]``), the
     large batch's measurement ``j`` with the nearest mean error ``large[j]`` (the earlier on a
     tie)."""
-    return [min(range(len(large)), key=lambda k, err=err: abs(large[k] - err))
-            for err in normal]
+    return [min(range(len(large)), key=lambda k: abs(large[k] - err)) for err in normal]
 
 
 def matched_checkpoints(normal: list[float], large: list[float]) -> list[tuple[int, int]]:
@@ -600,7 +599,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
         ax.set_xlabel("channel")
     axes[0][0].set_ylabel("per-batch means (dots), EMA (x)")
     fig.suptitle("Fig. 2 analog: EMA mean vs per-batch means")
-    means = save_plot(ctx, fig, "ema_batch_means.png")
+    batch_means = save_plot(ctx, fig, "ema_batch_means.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     sizes = sorted(numbers["fig4"], key=int)
@@ -626,7 +625,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     ax.minorticks_off()
     ax.set_title(f"Lambda sweep: EMA momentum, batch {numbers['large_batch']} (from PreciseBN)")
     ax.legend(fontsize=8)
-    return [curves, means, fig4, save_plot(ctx, fig, "ema_momentum_sweep.png")]
+    return [curves, batch_means, fig4, save_plot(ctx, fig, "ema_momentum_sweep.png")]
 
 
 @dataclass(frozen=True)
@@ -658,7 +657,7 @@ class Curve:
         return cls(run["epochs"], sweep.wrong, run["precise_wrong"], ema, run["precise"],
                    sweep.distance)
 
-    def wrong(self) -> dict[str, list[np.ndarray]]:
+    def wrong(self) -> dict[str, np.ndarray]:
         """``{"ema"|"precise": the (points, samples) 0/1 array}`` (one seed), as the verdicts
         take it."""
         return {"ema": np.stack([np.asarray(w) for w in self.ema_wrong]),

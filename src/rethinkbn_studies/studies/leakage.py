@@ -29,6 +29,7 @@ real SyncBatchNorm. The trained weights come back and are evaluated here, beside
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -639,7 +640,7 @@ def _base_key(scale: LeakageScale) -> dict[str, Any]:
 def measure(ctx: RunContext, scale: LeakageScale) -> LeakageRuns:
     """The variants and the ablation on virtual devices, in one ``run_all`` (so that the pool
     stays busy across both), cached."""
-    jobs = [(n, None, s) for n in VARIANTS for s in ctx.seeds]
+    jobs: list[tuple[str, str | None, int]] = [(n, None, s) for n in VARIANTS for s in ctx.seeds]
     jobs += [(ABLATION_VARIANT, a, s) for a in ABLATIONS for s in ctx.seeds]
     tasks = []
     for name, ablation, seed in jobs:
@@ -669,7 +670,7 @@ def measure_ranks(ctx: RunContext, runs: LeakageRuns) -> LeakageRuns:
                                    total=len(rank_jobs), leave=True):
         real[name].append(ctx.cache.get_or_run(
             {**_base_key(scale), "variant": name, "seed": seed, "ranks": ranks},
-            lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))
+            functools.partial(train_on_ranks, name, scale, seed, ranks)))
     real_wrong, real = split_wrong(real)
     return replace(runs, ranks=ranks, real=real,
                    real_wrong=per_image(real_wrong, scale.task.rois_per_image))

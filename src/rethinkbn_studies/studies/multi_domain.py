@@ -29,6 +29,7 @@ the learning rate with the lowest training loss.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -338,7 +339,7 @@ def run_training(training: str, data: DataSplit, scale: MultiDomainScale, seed: 
     if _layers(trained):
         per_level = precise(_sibling(heads[0].split("/")[0] + "/domain/" +
                                      heads[0].split("/")[2], trained, data, scale, seed))
-    out = {}
+    out: dict[str, Any] = {}
     for head in heads:
         _, pop, _ = HEADS[head]
         model = _sibling(head, trained, data, scale, seed)
@@ -513,7 +514,7 @@ class DomainRuns:
 
     def best_lr(self) -> dict[str, float]:
         """Per training of ``LR_GRID_TRAININGS``: the learning rate of the lowest loss."""
-        return {t: min(self.scale.lr_grid, key=lambda lr, t=t: self.loss(t, lr))
+        return {t: min(self.scale.lr_grid, key=functools.partial(self.loss, t))
                 for t in LR_GRID_TRAININGS}
 
     def matched_losses(self) -> dict[str, float]:

@@ -175,9 +175,9 @@ def batch_moments(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: 
     out = {name: Moments(*(torch.cat([getattr(r, f) for r in rs])
                            for f in ("count", "mean", "m2")))
            for name, rs in rows.items() if rs}
-    for name, m in out.items():
+    for name, moments in out.items():
         # A NaN or inf in the inputs would reach the estimators unseen: refuse it here, by layer.
-        if not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()):
+        if not (torch.isfinite(moments.mean).all() and torch.isfinite(moments.m2).all()):
             raise ValueError(f"batch_moments: {name}: its input has non-finite values (NaN or "
                              f"inf) in some pass batch; check the inputs and the model")
     return out
