@@ -18,10 +18,13 @@ A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a
                            summary=[SummaryRow(claim, ours, paper, verdict(...))],
                            numbers={...})
 
-The module that holds the study must be listed in ``rethinkbn_studies.STUDY_MODULES`` so that the
-registry imports it. The harness (``rethinkbn_studies.infra.harness.reproduce``) calls each selected
-study, writes ``report.md``, the plots and ``results.json``; the study itself writes only its plot
-files (``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
+The module that holds the study lives in ``rethinkbn_studies/studies/`` and must be listed in
+``rethinkbn_studies.STUDY_MODULES`` so that the registry imports it. Its ``run`` reads best as a
+few named stages (the shipped studies: ``measure`` into a small typed record of the runs,
+``summarize`` into ``numbers``, the tables, ``verdicts``). The harness
+(``rethinkbn_studies.infra.harness.reproduce``) calls each selected study, writes ``report.md``,
+the plots and ``results.json``; the study itself writes only its plot files
+(``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
 
 Verdicts are never typed in: a study computes them from its measured numbers with :func:`verdict`,
 passing the criterion as text (shown in the report next to the verdict) and the boolean that the
