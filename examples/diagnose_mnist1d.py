@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from rethinkbn import Diagnosis, diagnose
-from rethinkbn_studies.data import load_mnist1d
-from rethinkbn_studies.models import build_model
-from rethinkbn_studies.train import TrainConfig, train
+from rethinkbn_studies.toolkit.data import load_mnist1d
+from rethinkbn_studies.toolkit.models import build_model
+from rethinkbn_studies.toolkit.train import TrainConfig, train
 
 
 def accuracy(out: torch.Tensor, batch: Any) -> torch.Tensor:

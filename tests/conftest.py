@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from rethinkbn_studies.data import load_mnist1d
+from rethinkbn_studies.toolkit.data import load_mnist1d
 
 # Property-based tests draw the same examples on every run (CI must not flake on a new draw);
 # HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new failing inputs locally.

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rethinkbn.cli import build_parser, main
-from rethinkbn_studies import harness
-from rethinkbn_studies.base import RunContext, Study
-from rethinkbn_studies.cache import RunCache
+from rethinkbn_studies.contract.base import RunContext, Study
+from rethinkbn_studies.infra import harness
+from rethinkbn_studies.infra.cache import RunCache
 
 PART1 = ["ema-vs-precise", "precise-batch", "nbs"]
 

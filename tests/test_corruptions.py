@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rethinkbn_studies.corruptions import (
+from rethinkbn_studies.toolkit.corruptions import (
     CORRUPTIONS,
     PER_SAMPLE_AFFINE,
     SEVERITIES,

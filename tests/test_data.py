@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rethinkbn_studies.data import load_cifar10, load_data, load_image_folder, load_mnist1d
+from rethinkbn_studies.toolkit.data import load_cifar10, load_data, load_image_folder, load_mnist1d
 
 
 def test_mnist1d_shapes_split_and_normalization(tmp_path):

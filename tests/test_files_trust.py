@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from rethinkbn.cli import main
-from rethinkbn_studies import harness, leakage
-from rethinkbn_studies.base import RunContext, Study, Task
-from rethinkbn_studies.cache import RunCache, load_result, save_result
-from rethinkbn_studies.data import data_fingerprint, load_cifar10, load_data
-from rethinkbn_studies.roi import RoiTaskConfig
+from rethinkbn_studies.contract.base import RunContext, Study, Task
+from rethinkbn_studies.infra import harness
+from rethinkbn_studies.infra.cache import RunCache, load_result, save_result
+from rethinkbn_studies.studies import leakage
+from rethinkbn_studies.toolkit.data import data_fingerprint, load_cifar10, load_data
+from rethinkbn_studies.toolkit.roi import RoiTaskConfig
 
 
 class Payload:
@@ -271,7 +272,7 @@ def test_changing_a_data_file_is_a_cache_miss_and_the_report_names_the_data(tmp_
 # ----------------------------------------------------------------------------- the siblings
 @pytest.mark.parametrize("how", ["pickle", "npz-object"])
 def test_a_poisoned_mnist1d_data_cache_is_regenerated_without_running(tmp_path, how):
-    from rethinkbn_studies.data import load_mnist1d
+    from rethinkbn_studies.toolkit.data import load_mnist1d
 
     marker = tmp_path / "marker"
     first = load_mnist1d(40, cache_dir=tmp_path)

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from rethinkbn_studies.base import Study, StudyResult, SummaryRow, Table, Verdict, verdict
-from rethinkbn_studies.cache import RunCache, config_key
-from rethinkbn_studies.harness import reproduce
-from rethinkbn_studies.report import StudyOutcome, write_outputs
+from rethinkbn_studies.contract.base import Study, StudyResult, SummaryRow, Table, Verdict, verdict
+from rethinkbn_studies.contract.report import StudyOutcome, write_outputs
+from rethinkbn_studies.infra.cache import RunCache, config_key
+from rethinkbn_studies.infra.harness import reproduce
 
 
 def test_cache_runs_once_per_config(tmp_path):
@@ -158,7 +158,7 @@ def test_a_truncated_cache_entry_does_not_fail_the_study_on_rerun(tiny_out, tiny
 
 
 def test_an_inconclusive_verdict_carries_effect_uncertainty_and_test_to_both_outputs(tmp_path):
-    from rethinkbn_studies.verdicts import Interval, exceeds
+    from rethinkbn_studies.contract.verdicts import Interval, exceeds
 
     result = _result(True)
     interval = Interval(0.4, -0.3, 1.1, 0.95, "paired bootstrap over 2000 validation samples")
@@ -195,8 +195,8 @@ def _pid_and_square(ctx, x):
 def _context(tmp_path, jobs, pool):
     from pathlib import Path
 
-    from rethinkbn_studies.base import RunContext
-    from rethinkbn_studies.harness import DatasetLoader
+    from rethinkbn_studies.contract.base import RunContext
+    from rethinkbn_studies.infra.harness import DatasetLoader
 
     return RunContext(quick=True, seeds=(0,), out_dir=Path(tmp_path), device=torch.device("cpu"),
                       cache=RunCache(tmp_path / "cache"), progress=lambda it=None, **k: it,
@@ -207,8 +207,8 @@ def _context(tmp_path, jobs, pool):
 def test_run_all_runs_each_distinct_config_once_and_caches_it(tmp_path, jobs):
     import os
 
-    from rethinkbn_studies.base import Task
-    from rethinkbn_studies.harness import process_pool
+    from rethinkbn_studies.contract.base import Task
+    from rethinkbn_studies.infra.tasks import process_pool
 
     tasks = [Task({"x": x}, _pid_and_square, (x,)) for x in (2, 3, 2)]
     with process_pool(jobs) as pool:
@@ -223,7 +223,7 @@ def test_run_all_runs_each_distinct_config_once_and_caches_it(tmp_path, jobs):
 
 
 def test_the_command_line_of_a_run_gives_its_settings_back():
-    from rethinkbn_studies.harness import reproduce_command
+    from rethinkbn_studies.infra.harness import reproduce_command
 
     assert reproduce_command(None, quick=True, seeds=None, device="cpu", data="mnist1d",
                              ranks=1, threads=1, jobs=2) == "rethinkbn reproduce --quick --jobs 2"
@@ -234,7 +234,7 @@ def test_the_command_line_of_a_run_gives_its_settings_back():
 
 
 def test_a_real_run_records_its_date_command_and_commit(tmp_path):
-    from rethinkbn_studies import base
+    from rethinkbn_studies.contract import base
 
     base.register_study("dated-demo", "a demo study")(lambda ctx: _result(True))
     try:
@@ -266,8 +266,8 @@ class _Bar:
 def test_run_all_counts_the_runs_it_computes_on_one_bar(tmp_path, jobs):
     import dataclasses
 
-    from rethinkbn_studies.base import Task
-    from rethinkbn_studies.harness import process_pool
+    from rethinkbn_studies.contract.base import Task
+    from rethinkbn_studies.infra.tasks import process_pool
 
     bars = []
     tasks = [Task({"x": x}, _pid_and_square, (x,)) for x in (2, 3, 2)]

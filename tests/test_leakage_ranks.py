@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gloo_world import GlooWorld
-from rethinkbn_studies import leakage
-from rethinkbn_studies.roi import RoiTaskConfig
+from rethinkbn_studies.studies import leakage
+from rethinkbn_studies.toolkit.roi import RoiTaskConfig
 
 SCALE = leakage.LeakageScale(num_train_images=16, num_test_images=8, epochs=1,
                              precise_batches=2, task=RoiTaskConfig(rois_per_image=4))
@@ -73,11 +73,12 @@ def test_torchrun_training_matches_virtual_training():
 
 
 def population(name, rank=0, world=1):
-    """The head's population statistics after leakage.population_stats on this rank's share."""
+    """The head's population statistics after leakage.recompute_roi_population on this rank's
+    share."""
     train, _, _ = leakage.task_images(SCALE, seed=0)
     variant = leakage.VARIANTS[name]
     model = leakage.build_model(variant, SCALE, seed=0, distributed=world > 1)
-    leakage.population_stats(model, variant, train, SCALE, seed=0, rank=rank, world=world)
+    leakage.recompute_roi_population(model, variant, train, SCALE, seed=0, rank=rank, world=world)
     return {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean",
                                                                        "running_var"))}
 

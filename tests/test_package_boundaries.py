@@ -189,9 +189,6 @@ PHASE_2 = "fixed in phase 2"
 
 # What the graph holds today and phase 2 of issue 19 removes; each entry is an xfail(strict):
 # fixing one makes its test pass, which fails until the entry is taken off this list.
-KNOWN_CYCLES = [
-    frozenset({"rethinkbn_studies.base", "rethinkbn_studies.harness", "rethinkbn_studies.report"}),
-]
 KNOWN_PRIVATE_IMPORTS = [  # (importer, another subpackage's private module)
     ("rethinkbn.diagnosis", "rethinkbn.population._state"),
     ("rethinkbn.integrations.lightning", "rethinkbn.population._state"),
@@ -222,22 +219,31 @@ def _shown(pairs: list[tuple[str, str]]) -> list[str]:
 def test_the_import_graph_sees_lazy_and_relative_imports():
     # guards the graph itself: the lazy import of the studies' CLI and a relative one of the
     # library
-    assert "rethinkbn_studies.harness" in GRAPH["rethinkbn_studies.cli"]
+    assert "rethinkbn_studies.infra.harness" in GRAPH["rethinkbn_studies.cli"]
     assert "rethinkbn.convert.surgery" in GRAPH["rethinkbn.convert"]
     assert "rethinkbn._checks" in GRAPH["rethinkbn.convert.surgery"]
     cycle = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}
     assert import_cycles(cycle) == [frozenset("abc")]
 
 
-def test_no_import_cycle_but_the_known_ones():
-    new = [sorted(c) for c in import_cycles(GRAPH) if c not in KNOWN_CYCLES]
+def test_no_import_cycle():
+    # the last one, the studies' base -> harness -> report -> base, went with issue 19's phase 2
+    new = [sorted(c) for c in import_cycles(GRAPH)]
     assert not new, f"import cycles: {new}"
 
 
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
-@pytest.mark.parametrize("cycle", KNOWN_CYCLES, ids=lambda c: "<->".join(sorted(c)))
-def test_known_import_cycle_is_gone(cycle):
-    assert cycle not in import_cycles(GRAPH)
+def test_the_studies_are_on_top_and_the_harness_reaches_them_through_the_registry():
+    # rethinkbn_studies.studies.* are imported by no other module (the registry imports them by
+    # name), and nothing below the harness (the contract, the toolkit, the studies) imports it
+    studies = {m for m in MODULES if m.startswith("rethinkbn_studies.studies.")}
+    into_studies = [(m, t) for m, edges in GRAPH.items() for t in edges
+                    if t in studies and m not in studies]
+    assert not into_studies, _shown(into_studies)
+    below = ("rethinkbn_studies.contract", "rethinkbn_studies.toolkit", "rethinkbn_studies.studies")
+    harness = "rethinkbn_studies.infra.harness"
+    into_harness = [(m, harness) for m in GRAPH
+                    if any(_inside(m, b) for b in below) and harness in GRAPH[m]]
+    assert not into_harness, _shown(into_harness)
 
 
 def test_no_arrow_up():

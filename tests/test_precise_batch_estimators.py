@@ -13,15 +13,16 @@ from torch import nn
 
 from rethinkbn.convert import revert_batchnorm
 from rethinkbn.population import capture_stats
-from rethinkbn_studies import bn, precise_batch
-from rethinkbn_studies.models import ResNet
-from rethinkbn_studies.precise_batch import (
+from rethinkbn_studies.studies import precise_batch
+from rethinkbn_studies.studies.precise_batch import (
     DEEP,
     PER_BATCH_LAYERS,
     PER_BATCH_WHOLE,
     POOLED_WHOLE,
     column,
 )
+from rethinkbn_studies.toolkit import bn
+from rethinkbn_studies.toolkit.models import ResNet
 
 # Tiny models on a busy machine: one thread is many times faster.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +87,7 @@ def test_pooled_whole_is_the_librarys_precise_bn(b):
     model, x = ghost_resnet(), inputs()
     ours = bn.pooled_stats(bn.batch_moments(model, x, batch_size=b, num_samples=N, seed=3))
     reference = copy.deepcopy(model)
-    bn.population_stats(reference, x, batch_size=b, num_samples=N, seed=3)
+    bn.recompute_population(reference, x, batch_size=b, num_samples=N, seed=3)
     assert_stats_close(ours, capture_stats(reference), rtol=1e-5, atol=1e-6)
 
 
@@ -112,7 +113,7 @@ def one_layer_at_a_time(exact: nn.Module, x: torch.Tensor, b: int, seed: int) ->
 @pytest.mark.parametrize("b", [2, 5])
 def test_per_batch_layer_by_layer_matches_estimating_one_layer_at_a_time(b):
     exact, x = ghost_resnet(), inputs()
-    bn.population_stats(exact, x, batch_size=N, num_samples=N, seed=0)
+    bn.recompute_population(exact, x, batch_size=N, num_samples=N, seed=0)
     moments = bn.batch_moments(exact, x, batch_size=b, num_samples=N, seed=2,
                                layer_by_layer=True)
     assert_stats_close(bn.per_batch_stats(moments), one_layer_at_a_time(exact, x, b, 2),
@@ -125,7 +126,7 @@ def test_pooled_layer_by_layer_is_b_equals_n():
     whole-batch pass normalizes with; the installed one is larger by n / (n - 1), n the values
     per channel)."""
     exact, x = ghost_resnet(), inputs()
-    bn.population_stats(exact, x, batch_size=N, num_samples=N, seed=0)
+    bn.recompute_population(exact, x, batch_size=N, num_samples=N, seed=0)
     counts = bn.batch_moments(exact, x, batch_size=N, num_samples=N, seed=0)
     biased = copy.deepcopy(exact)
     with torch.no_grad():
@@ -193,7 +194,7 @@ def test_per_batch_variance_misses_the_spread_of_the_batch_means():
 def test_stats_distances_are_the_precise_bn_reports():
     model, x = ghost_resnet(), inputs()
     old = capture_stats(model)
-    report = bn.population_stats(model, x, batch_size=2, num_samples=N, seed=0)
+    report = bn.recompute_population(model, x, batch_size=2, num_samples=N, seed=0)
     distances = bn.stats_distances(model, old)
     for name, layer in report.layers.items():
         shift, ratio, bias = distances[name]
@@ -346,7 +347,7 @@ def test_the_deeper_networks_precise_bn_column_is_the_librarys(b):
     estimator's own pass; they are the library's PreciseBN, and the other variants are the same
     either way."""
     exact, x = ghost_resnet(), inputs()
-    bn.population_stats(exact, x, batch_size=N, num_samples=N, seed=0)
+    bn.recompute_population(exact, x, batch_size=N, num_samples=N, seed=0)
     fast = precise_batch._variant_stats(exact, x, b, 3, library=False)
     slow = precise_batch._variant_stats(exact, x, b, 3, library=True)
     assert list(fast) == list(slow) == [POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS]

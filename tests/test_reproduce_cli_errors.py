@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rethinkbn.cli import main
-from rethinkbn_studies import harness
-from rethinkbn_studies.base import Study
+from rethinkbn_studies.contract.base import Study
+from rethinkbn_studies.infra import harness
 
 
 @pytest.fixture

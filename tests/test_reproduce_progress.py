@@ -7,10 +7,10 @@ import re
 import pytest
 
 from rethinkbn.cli import main
-from rethinkbn_studies import base
-from rethinkbn_studies.base import StudyResult, SummaryRow, Table, Task, verdict
-from rethinkbn_studies.harness import LineProgress, verdict_counts
-from rethinkbn_studies.report import StudyOutcome
+from rethinkbn_studies.contract import base
+from rethinkbn_studies.contract.base import StudyResult, SummaryRow, Table, Task, verdict
+from rethinkbn_studies.contract.report import StudyOutcome
+from rethinkbn_studies.infra.harness import LineProgress, verdict_counts
 
 
 def _square(ctx, x):

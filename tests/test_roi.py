@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rethinkbn_studies.roi import (
+from rethinkbn_studies.toolkit.roi import (
     BACKGROUND,
     RoiTaskConfig,
     crop,

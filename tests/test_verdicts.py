@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from rethinkbn_studies.base import AGREES, DISAGREES, INCONCLUSIVE
-from rethinkbn_studies.verdicts import (
+from rethinkbn_studies.contract.base import AGREES, DISAGREES, INCONCLUSIVE
+from rethinkbn_studies.contract.verdicts import (
     Interval,
     equivalent,
     exceeds,
@@ -123,8 +123,8 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_samples():
 
 # ---------------------------------------------------------------- not testable (issue 20)
 def test_given_turns_an_absent_precondition_into_not_testable() -> None:
-    from rethinkbn_studies.base import NOT_TESTABLE, Verdict
-    from rethinkbn_studies.verdicts import Interval, exceeds, given
+    from rethinkbn_studies.contract.base import NOT_TESTABLE, Verdict
+    from rethinkbn_studies.contract.verdicts import Interval, exceeds, given
 
     judged = exceeds("pop rises", Interval(-2.0, -3.0, -1.0, 0.95, "t"))
     assert judged.label == "disagrees"
@@ -141,8 +141,14 @@ def test_given_turns_an_absent_precondition_into_not_testable() -> None:
 
 
 def test_combinators_leave_untestable_parts_out() -> None:
-    from rethinkbn_studies.base import NOT_TESTABLE
-    from rethinkbn_studies.verdicts import Interval, all_hold, exceeds, majority_hold, not_testable
+    from rethinkbn_studies.contract.base import NOT_TESTABLE
+    from rethinkbn_studies.contract.verdicts import (
+        Interval,
+        all_hold,
+        exceeds,
+        majority_hold,
+        not_testable,
+    )
 
     yes = exceeds("a", Interval(2.0, 1.0, 3.0, 0.95, "t"))
     no = exceeds("b", Interval(-2.0, -3.0, -1.0, 0.95, "t"))
@@ -157,7 +163,7 @@ def test_combinators_leave_untestable_parts_out() -> None:
 
 
 def test_headline_counts_the_papers_claims_apart() -> None:
-    from rethinkbn_studies.report import headline
+    from rethinkbn_studies.contract.report import headline
 
     rows = [("agrees", True), ("not testable", True), ("disagrees", True), ("agrees", False)]
     assert headline(rows) == (
@@ -169,7 +175,7 @@ def test_headline_counts_the_papers_claims_apart() -> None:
 
 
 def test_a_row_not_in_the_paper_is_counted_apart_from_the_paper_s_claims():
-    from rethinkbn_studies.base import NOT_IN_PAPER, SummaryRow, verdict
+    from rethinkbn_studies.contract.base import NOT_IN_PAPER, SummaryRow, verdict
 
     ours = SummaryRow("ablation", "1 vs 2", NOT_IN_PAPER, verdict("x", True))
     theirs = SummaryRow("claim", "1 vs 2", "3 vs 4", verdict("x", True))

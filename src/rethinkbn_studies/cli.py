@@ -111,7 +111,7 @@ def run_studies(args: argparse.Namespace) -> int:
     """``rethinkbn studies``: one line per registered study; 0, or 2 without the extra."""
     if _no_studies_extra(args.command):
         return 2
-    from .base import registered_studies
+    from .contract.base import registered_studies
 
     studies = registered_studies()
     width = max(len(s.name) for s in studies)
@@ -129,7 +129,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     """
     if _no_studies_extra(args.command):
         return 2
-    from .harness import default_jobs, reproduce, verdict_counts
+    from .infra.harness import default_jobs, reproduce, verdict_counts
 
     only = None
     if args.only is not None:

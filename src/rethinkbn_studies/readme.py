@@ -17,7 +17,7 @@ from typing import Any
 
 from rethinkbn.population import markdown_table
 
-from .report import headline, run_origin
+from .contract.report import headline, run_origin
 
 __all__ = ["BEGIN", "BLOCKS", "END", "render", "rewrite"]
 

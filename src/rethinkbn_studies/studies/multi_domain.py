@@ -29,6 +29,7 @@ the learning rate with the lowest training loss.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,8 +42,8 @@ from rethinkbn.layers import DomainBatchNorm
 from rethinkbn.population import precise_bn
 from rethinkbn.stats import Moments
 
-from . import paper
-from .base import (
+from ..contract import paper
+from ..contract.base import (
     INCONCLUSIVE,
     ProgressFactory,
     RunContext,
@@ -54,10 +55,10 @@ from .base import (
     mean_std,
     register_study,
 )
-from .common import fmt, pyplot, save_plot
-from .data import DataSplit
-from .train import TrainConfig, sgd, shuffled_batches
-from .verdicts import equivalent, exceeds, paired_bootstrap
+from ..contract.verdicts import equivalent, exceeds, paired_bootstrap
+from ..toolkit.common import fmt, pyplot, save_plot
+from ..toolkit.data import DataSplit
+from ..toolkit.train import TrainConfig, sgd, shuffled_batches
 
 __all__ = [
     "HEADS",
@@ -338,7 +339,7 @@ def run_training(training: str, data: DataSplit, scale: MultiDomainScale, seed: 
     if _layers(trained):
         per_level = precise(_sibling(heads[0].split("/")[0] + "/domain/" +
                                      heads[0].split("/")[2], trained, data, scale, seed))
-    out = {}
+    out: dict[str, Any] = {}
     for head in heads:
         _, pop, _ = HEADS[head]
         model = _sibling(head, trained, data, scale, seed)
@@ -482,12 +483,71 @@ def _plot(ctx: RunContext, per_seed: dict[str, list[dict[str, Any]]],
     return [save_plot(ctx, fig, "multi_domain.png")]
 
 
-@register_study("multi-domain", "Sec. 5, Table 5: a head shared by feature levels; BN statistics "
-                                "per level or shared, in training and at inference")
-def run(ctx: RunContext) -> StudyResult:
-    data = ctx.dataset()
-    scale = scale_for(ctx, data)
-    runs: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
+Key = tuple[str, float, float]  # (training, separation, lr)
+
+
+@dataclass(frozen=True)
+class DomainRuns:
+    """Every training of the study: ``runs[(training, separation, lr)]``, per seed, the
+    cached result of :func:`run_training` (per head it serves: its errors, per-sample 0/1
+    errors, training loss; and the levels' measured separation)."""
+
+    scale: MultiDomainScale
+    runs: dict[Key, list[dict[str, Any]]]
+
+    def heads(self, sep: float, lrs: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+        """Per head (in ``TRAININGS``' order), its results per seed at separation ``sep``, each
+        training at its learning rate in ``lrs`` (default the scale's)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for training, heads in TRAININGS.items():
+            key = (training, sep, lrs.get(training, self.scale.lr))
+            if key in self.runs:
+                for h in heads:
+                    out[h] = [r[h] for r in self.runs[key]]
+        return out
+
+    def loss(self, training: str, lr: float) -> float:
+        """The mean training loss over seeds of ``training``'s consistent head at ``lr``."""
+        head = consistent_head(training)
+        return mean_std([r[head]["train_loss"]
+                         for r in self.runs[(training, SEPARATION, lr)]])[0]
+
+    def best_lr(self) -> dict[str, float]:
+        """Per training of ``LR_GRID_TRAININGS``: the learning rate of the lowest loss."""
+        return {t: min(self.scale.lr_grid, key=functools.partial(self.loss, t))
+                for t in LR_GRID_TRAININGS}
+
+    def matched_losses(self) -> dict[str, float]:
+        """The training losses of the matched comparison at the kept learning rates, keyed as
+        :func:`verdicts`' ``losses``."""
+        best = self.best_lr()
+        return {"GroupNorm": self.loss("GroupNorm", best["GroupNorm"]),
+                "no norm": self.loss("no norm", best["no norm"]),
+                "bn": self.loss("domain/*/shared", best["domain/*/shared"])}
+
+
+@dataclass(frozen=True)
+class DomainErrors:
+    """What the verdicts, tables and plots read: per head its results per seed (main
+    separation, the scale's lr), the per-sample errors ``wrong`` (heads, and the matched
+    heads at their best lr as ``"<head> (best lr)"``), per separation the same per-sample
+    errors and mean errors (%), and the first separation that collapses."""
+
+    per_seed: dict[str, list[dict[str, Any]]]
+    wrong: dict[str, np.ndarray]
+    sweep_wrong: dict[float, dict[str, np.ndarray]]
+    sweep: dict[float, dict[str, float]]
+    collapse: float | None
+
+
+MATCHED = {"GroupNorm": "GroupNorm (best lr)", "no norm": "no norm (best lr)",
+           "bn": "domain/domain/shared (best lr)"}
+
+
+def measure(ctx: RunContext, scale: MultiDomainScale) -> DomainRuns:
+    """The study's trainings (cached): every training at the main separation (those of
+    ``LR_GRID_TRAININGS`` at each learning rate of the grid), the sweep's trainings at the
+    other separations."""
     jobs = ([(t, SEPARATION, lr) for t in TRAININGS
              for lr in (scale.lr_grid if t in LR_GRID_TRAININGS else (scale.lr,))]
             + [(t, sep, scale.lr) for sep in scale.separations if sep != SEPARATION
@@ -499,63 +559,55 @@ def run(ctx: RunContext) -> StudyResult:
                "separation": sep, "lr": lr, "seed": seed, "scale": scale.as_dict()},
               _training_task, (training, scale, seed, sep, lr))
          for (training, sep, lr), seed in todo], desc="multi-domain runs")
+    runs: dict[Key, list[dict[str, Any]]] = {}
     for (job, _), result in zip(todo, results, strict=True):
         runs.setdefault(job, []).append(result)
+    return DomainRuns(scale, runs)
 
-    def heads_of(sep: float, lrs: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for training, heads in TRAININGS.items():
-            key = (training, sep, lrs.get(training, scale.lr))
-            if key in runs:
-                for h in heads:
-                    out[h] = [r[h] for r in runs[key]]
-        return out
 
-    def loss(training: str, lr: float) -> float:
-        head = consistent_head(training)
-        return mean_std([r[head]["train_loss"] for r in runs[(training, SEPARATION, lr)]])[0]
+def _stack(rs: list[dict[str, Any]]) -> np.ndarray:
+    return _per_sample(np.stack([np.asarray(r["wrong"], dtype=bool) for r in rs]))
 
-    best_lr = {t: min(scale.lr_grid, key=lambda lr, t=t: loss(t, lr))
-               for t in LR_GRID_TRAININGS}
-    per_seed = heads_of(SEPARATION, {})
-    tuned = heads_of(SEPARATION, best_lr)
 
-    def stack(rs: list[dict[str, Any]]) -> np.ndarray:
-        return _per_sample(np.stack([np.asarray(r["wrong"], dtype=bool) for r in rs]))
-
-    wrong = {n: stack(rs) for n, rs in per_seed.items()}
-    wrong.update({f"{n} (best lr)": stack(tuned[n]) for n in
+def errors_of(runs: DomainRuns) -> DomainErrors:
+    """The per-sample and mean errors of ``runs`` (see :class:`DomainErrors`)."""
+    per_seed = runs.heads(SEPARATION, {})
+    tuned = runs.heads(SEPARATION, runs.best_lr())
+    wrong = {n: _stack(rs) for n, rs in per_seed.items()}
+    wrong.update({f"{n} (best lr)": _stack(tuned[n]) for n in
                   ("GroupNorm", "no norm", "domain/domain/shared")})
-    matched = {"GroupNorm": "GroupNorm (best lr)", "no norm": "no norm (best lr)",
-               "bn": "domain/domain/shared (best lr)"}
-    sweep_wrong = {s: {n: stack(rs) for n, rs in heads_of(s, {}).items()}
-                   for s in scale.separations}
+    sweep_wrong = {s: {n: _stack(rs) for n, rs in runs.heads(s, {}).items()}
+                   for s in runs.scale.separations}
     sweep = {s: {n: 100.0 * float(w.mean()) for n, w in ws.items()}
              for s, ws in sweep_wrong.items()}
-    sep_measured = {s: [r["separation"] for r in runs[("shared/*/shared", s, scale.lr)]]
-                    for s in scale.separations}
-    sweep_rows, sweep_numbers = [], {}
-    for s in sorted(scale.separations):
-        shift = mean_std([m["mean_shift"] for m in sep_measured[s]])[0]
-        ratio = mean_std([m["std_ratio"] for m in sep_measured[s]])[0]
-        w = sweep_wrong[s]
+    return DomainErrors(per_seed, wrong, sweep_wrong, sweep, collapse_separation(sweep_wrong))
+
+
+def sweep_summary(runs: DomainRuns,
+                  errors: DomainErrors) -> tuple[dict[float, dict[str, Any]], list[list[Any]]]:
+    """Per separation (sorted): the levels' measured mean shift and std ratio, Table 5's rows
+    1-4 and their paired differences, as numbers and as the sweep table's rows."""
+    numbers, rows = {}, []
+    for s in sorted(runs.scale.separations):
+        measured = [r["separation"] for r in runs.runs[("shared/*/shared", s, runs.scale.lr)]]
+        shift = mean_std([m["mean_shift"] for m in measured])[0]
+        ratio = mean_std([m["std_ratio"] for m in measured])[0]
+        w, e = errors.sweep_wrong[s], errors.sweep[s]
         g2 = paired_bootstrap(w["shared/domain/shared"], w["shared/shared/shared"])
         g3 = paired_bootstrap(w["domain/shared/shared"], w["domain/domain/shared"])
-        sweep_numbers[s] = {"mean_shift": shift, "std_ratio": ratio, "errors": sweep[s],
-                            "row2_minus_row1": g2.effect, "row3_minus_row4": g3.effect}
-        sweep_rows.append([s, f"{shift:.2f}", f"{ratio:.2f}",
-                           sweep[s]["shared/shared/shared"], sweep[s]["shared/domain/shared"],
-                           g2.text(), sweep[s]["domain/domain/shared"],
-                           sweep[s]["domain/shared/shared"], g3.text()])
-    collapse = collapse_separation(sweep_wrong)
-    numbers = {"per_seed": {n: [{k: v for k, v in r.items() if k != "wrong"} for r in rs]
-                            for n, rs in per_seed.items()},
-               "mean_error": {n: 100.0 * float(w.mean()) for n, w in wrong.items()},
-               "best_lr": best_lr, "sweep": sweep_numbers, "collapse_separation": collapse,
-               "scale": scale.as_dict()}
+        numbers[s] = {"mean_shift": shift, "std_ratio": ratio, "errors": e,
+                      "row2_minus_row1": g2.effect, "row3_minus_row4": g3.effect}
+        rows.append([s, f"{shift:.2f}", f"{ratio:.2f}", e["shared/shared/shared"],
+                     e["shared/domain/shared"], g2.text(), e["domain/domain/shared"],
+                     e["domain/shared/shared"], g3.text()])
+    return numbers, rows
+
+
+def tables(runs: DomainRuns, errors: DomainErrors, sweep_rows: list[list[Any]]) -> list[Table]:
+    """Our tables: the heads at the main separation, the learning-rate grid, the sweep."""
     rows = []
     for name, (ts, ps, aff) in HEADS.items():
-        rs = per_seed[name]
+        rs = errors.per_seed[name]
         rows.append([ts, ps, aff, fmt([r["error"] for r in rs]),
                      " / ".join(fmt([r["levels"][i] for r in rs]) for i in range(NUM_LEVELS)),
                      fmt([r["train_loss"] for r in rs])])
@@ -564,8 +616,9 @@ def run(ctx: RunContext) -> StudyResult:
                  "statistics (the paper's EMA), 'pooled' = all levels pooled",
                  ["SGD training stats", "population stats", "affine", "error", "per level",
                   "training loss"], rows)
-    lr_rows = [[t, f"{lr:g}", f"{loss(t, lr):.3f}", "yes" if lr == best_lr[t] else ""]
-               for t in LR_GRID_TRAININGS for lr in scale.lr_grid]
+    best_lr = runs.best_lr()
+    lr_rows = [[t, f"{lr:g}", f"{runs.loss(t, lr):.3f}", "yes" if lr == best_lr[t] else ""]
+               for t in LR_GRID_TRAININGS for lr in runs.scale.lr_grid]
     lr_table = Table("matched training: training loss (eval mode, mean over seeds) per "
                      "learning rate; the lowest is kept", ["training", "lr", "training loss",
                                                            "kept"], lr_rows)
@@ -575,11 +628,13 @@ def run(ctx: RunContext) -> StudyResult:
         "paired over samples and seeds",
         ["separation", "mean shift", "std ratio", "row 1 s/s/s", "row 2 s/d/s",
          "row 2 - row 1", "row 4 d/d/s", "row 3 d/s/s", "row 3 - row 4"], sweep_rows)
-    theirs = Table("Table 5 (RetinaNet R50-FPN, COCO; AP, higher is better)",
-                   ["SGD training stats", "population stats", "affine", "AP"],
-                   [list(r) for r in paper.TABLE5])
-    setup = (
-        f"{data.name}: {scale.num_train} training / {scale.num_val} validation samples. A 1-D "
+    return [ours, lr_table, sweep_table]
+
+
+def setup_text(ctx: RunContext, name: str, scale: MultiDomainScale) -> str:
+    """The report's setup paragraph (``name``: the data's)."""
+    return (
+        f"{name}: {scale.num_train} training / {scale.num_val} validation samples. A 1-D "
         f"stem (no norm, width {scale.width}) and {NUM_LEVELS} FPN-like levels (average-pooled by "
         f"1, 2, 4, own 1x1 lateral conv, a fixed gain 2^(s(l-1)) and offset s(l-1), upsampled "
         f"back); one head conv-norm-ReLU-conv-norm-ReLU-pool-fc shared by the levels, each "
@@ -590,8 +645,15 @@ def run(ctx: RunContext) -> StudyResult:
         f"training samples. Separations {list(scale.separations)} (main table: "
         f"{SEPARATION}). Seeds: {list(ctx.seeds)}."
     )
-    m = numbers["mean_error"]
-    notes = (
+
+
+def notes_text(runs: DomainRuns, numbers: dict[str, Any]) -> str:
+    """The notes after the verdicts: where the collapse starts, pooled vs mean-of-levels
+    statistics, the kept learning rates and whether training is matched."""
+    collapse, sweep_numbers, m = (numbers["collapse_separation"], numbers["sweep"],
+                                  numbers["mean_error"])
+    best_lr = runs.best_lr()
+    return (
         "Error (lower is better) where the paper reports AP. "
         + (f"Shared training + per-level population statistics collapse (the rise over the "
            f"consistent row more than {100 * COLLAPSE_FRACTION:.0f}% of the way to chance) "
@@ -605,20 +667,39 @@ def run(ctx: RunContext) -> StudyResult:
         f"{m['domain/pooled/shared']:.1f} vs {m['domain/shared/shared']:.1f} (affine shared), "
         f"{m['domain/pooled/domain']:.1f} vs {m['domain/shared/domain']:.1f} (affine per level). "
         f"Learning rates kept on training loss (and the loss reached): "
-        + ", ".join(f"{t} {lr:g} ({loss(t, lr):.2f})" for t, lr in best_lr.items())
+        + ", ".join(f"{t} {lr:g} ({runs.loss(t, lr):.2f})" for t, lr in best_lr.items())
         + (f". At these, the GN / no-norm heads reach a training loss within {MATCHED_LOSS} x "
            "the BN head's, so their comparison is at matched training." if all(
-               loss(t, best_lr[t]) <= MATCHED_LOSS * loss("domain/*/shared",
-                                                           best_lr["domain/*/shared"])
+               runs.loss(t, best_lr[t]) <= MATCHED_LOSS * runs.loss(
+                   "domain/*/shared", best_lr["domain/*/shared"])
                for t in ("GroupNorm", "no norm")) else
            f". At these, the GN / no-norm heads do not reach the BN head's training loss "
            f"(more than {MATCHED_LOSS} x it): under-trained heads say nothing about their "
            f"statistics at test time, so their verdict is inconclusive.")
     )
-    return StudyResult(setup=setup, tables=[ours, lr_table, sweep_table],
-                       paper_tables=[theirs], plots=_plot(ctx, per_seed, sweep),
-                       summary=verdicts(wrong, matched, {
-                           "GroupNorm": loss("GroupNorm", best_lr["GroupNorm"]),
-                           "no norm": loss("no norm", best_lr["no norm"]),
-                           "bn": loss("domain/*/shared", best_lr["domain/*/shared"])}),
-                       numbers=numbers, notes=notes)
+
+
+PAPER_TABLE = Table("Table 5 (RetinaNet R50-FPN, COCO; AP, higher is better)",
+                    ["SGD training stats", "population stats", "affine", "AP"],
+                    [list(r) for r in paper.TABLE5])
+
+
+@register_study("multi-domain", "Sec. 5, Table 5: a head shared by feature levels; BN statistics "
+                                "per level or shared, in training and at inference")
+def run(ctx: RunContext) -> StudyResult:
+    """Stages: the trainings (:func:`measure`), their errors (:func:`errors_of`), the sweep
+    (:func:`sweep_summary`), the numbers, tables, verdicts (:func:`verdicts`) and plots."""
+    data = ctx.dataset()
+    runs = measure(ctx, scale_for(ctx, data))
+    errors = errors_of(runs)
+    sweep_numbers, sweep_rows = sweep_summary(runs, errors)
+    numbers = {"per_seed": {n: [{k: v for k, v in r.items() if k != "wrong"} for r in rs]
+                            for n, rs in errors.per_seed.items()},
+               "mean_error": {n: 100.0 * float(w.mean()) for n, w in errors.wrong.items()},
+               "best_lr": runs.best_lr(), "sweep": sweep_numbers,
+               "collapse_separation": errors.collapse, "scale": runs.scale.as_dict()}
+    return StudyResult(setup=setup_text(ctx, data.name, runs.scale),
+                       tables=tables(runs, errors, sweep_rows), paper_tables=[PAPER_TABLE],
+                       plots=_plot(ctx, errors.per_seed, errors.sweep),
+                       summary=verdicts(errors.wrong, MATCHED, runs.matched_losses()),
+                       numbers=numbers, notes=notes_text(runs, numbers))

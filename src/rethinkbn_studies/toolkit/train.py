@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ProgressFactory
+from ..contract.base import ProgressFactory
 
 __all__ = ["Callback", "EpochEnd", "TrainConfig", "evaluate_error", "evaluate_wrong",
            "predict_logits", "sgd", "shuffled_batches", "train"]

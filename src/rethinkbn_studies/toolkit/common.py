@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract.base import RunContext, Task, mean_std
 from . import bn
-from .base import RunContext, Task, mean_std
 from .data import DataSplit, check_data_spec, load_mnist1d
 from .models import build_model
 from .train import TrainConfig, train
@@ -70,13 +70,13 @@ def scale_for(ctx: RunContext, quick_epochs: int, full_epochs: int, *,
     data = ctx.dataset()
     if ctx.tiny:
         return Scale(min(300, len(data.train_x)), min(200, len(data.val_x)), 2, (4, 8))
-    mnist1d = mnist1d_train_samples is not None and data.name == "MNIST-1D"
+    cap_mnist1d = mnist1d_train_samples if data.name == "MNIST-1D" else None
     if ctx.quick:
-        cap = min(2000, mnist1d_train_samples) if mnist1d else 2000
+        cap = min(2000, cap_mnist1d) if cap_mnist1d is not None else 2000
         return Scale(min(cap, len(data.train_x)), min(2000, len(data.val_x)), quick_epochs,
                      (16, 32, 64))
-    if mnist1d:
-        return Scale(min(mnist1d_train_samples, len(data.train_x)), len(data.val_x),
+    if cap_mnist1d is not None:
+        return Scale(min(cap_mnist1d, len(data.train_x)), len(data.val_x),
                      full_epochs, (16, 32, 64))
     return Scale(len(data.train_x), len(data.val_x), full_epochs, (32, 64, 128))
 

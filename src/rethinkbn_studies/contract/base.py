@@ -2,7 +2,8 @@
 
 A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a name::
 
-    from rethinkbn_studies.base import RunContext, StudyResult, Table, register_study, verdict
+    from rethinkbn_studies.contract.base import (RunContext, StudyResult, Table,
+                                                 register_study, verdict)
 
     @register_study("my-study", "Sec. 9: what it measures, in one line")
     def run(ctx: RunContext) -> StudyResult:
@@ -17,10 +18,13 @@ A study is a function ``run(ctx: RunContext) -> StudyResult`` registered under a
                            summary=[SummaryRow(claim, ours, paper, verdict(...))],
                            numbers={...})
 
-The module that holds the study must be listed in ``rethinkbn_studies.STUDY_MODULES`` so that the
-registry imports it. The harness (``rethinkbn_studies.harness.reproduce``) calls each selected
-study, writes ``report.md``, the plots and ``results.json``; the study itself writes only its plot
-files (``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
+The module that holds the study lives in ``rethinkbn_studies/studies/`` and must be listed in
+``rethinkbn_studies.STUDY_MODULES`` so that the registry imports it. Its ``run`` reads best as a
+few named stages (the shipped studies: ``measure`` into a small typed record of the runs,
+``summarize`` into ``numbers``, the tables, ``verdicts``). The harness
+(``rethinkbn_studies.infra.harness.reproduce``) calls each selected study, writes ``report.md``,
+the plots and ``results.json``; the study itself writes only its plot files
+(``ctx.plot_path("name.png")``) and cached runs (``ctx.cache``).
 
 Verdicts are never typed in: a study computes them from its measured numbers with :func:`verdict`,
 passing the criterion as text (shown in the report next to the verdict) and the boolean that the
@@ -39,9 +43,11 @@ import torch
 
 from rethinkbn.population import markdown_table
 
+from ..infra.tasks import Task, run_tasks
+
 if TYPE_CHECKING:
-    from .cache import RunCache
-    from .data import DataSplit
+    from ..infra.cache import RunCache
+    from ..toolkit.data import DataSplit
 
 __all__ = [
     "AGREES",
@@ -96,12 +102,12 @@ class Verdict:
     ``criterion`` is the rule in words (``"EMA error - PreciseBN error >= 0.5 pt in the first
     half of training"``); ``detail`` shows the measured values the rule was applied to.
 
-    Verdicts that know their noise (:mod:`rethinkbn_studies.verdicts`) also carry ``outcome``
-    (``"agrees"``, ``"disagrees"`` or ``"inconclusive"``), the ``effect``, its ``interval`` at
-    ``confidence`` and the ``test`` that gave it; without them the outcome follows ``agrees``.
-    ``rule`` (``"exceeds"``, ``"stays_below"`` or ``"equivalent"``) and ``threshold`` (the
-    threshold, or the equivalence margin) say how the interval was judged, so that the report can
-    say what would change the verdict (:meth:`what_would_change`).
+    Verdicts that know their noise (:mod:`rethinkbn_studies.contract.verdicts`) also carry
+    ``outcome`` (``"agrees"``, ``"disagrees"`` or ``"inconclusive"``), the ``effect``, its
+    ``interval`` at ``confidence`` and the ``test`` that gave it; without them the outcome follows
+    ``agrees``. ``rule`` (``"exceeds"``, ``"stays_below"`` or ``"equivalent"``) and ``threshold``
+    (the threshold, or the equivalence margin) say how the interval was judged, so that the report
+    can say what would change the verdict (:meth:`what_would_change`).
     """
 
     agrees: bool
@@ -283,10 +289,10 @@ class RunContext:
     - ``seeds``: the seeds to run (one in quick mode by default, >= 3 in full mode).
     - ``out_dir``: the output directory; write plots with :meth:`plot_path`.
     - ``device``: where to train.
-    - ``cache``: the on-disk run cache (:class:`~rethinkbn_studies.cache.RunCache`); wrap every
-      training run in ``ctx.cache.get_or_run(config, fn)`` so Ctrl-C loses nothing.
+    - ``cache``: the on-disk run cache (:class:`~rethinkbn_studies.infra.cache.RunCache`); wrap
+      every training run in ``ctx.cache.get_or_run(config, fn)`` so Ctrl-C loses nothing.
     - ``progress``: a tqdm-like factory (:class:`ProgressFactory`).
-    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn_studies.data.DataSplit`
+    - ``dataset``: ``ctx.dataset()`` returns the :class:`~rethinkbn_studies.toolkit.data.DataSplit`
       selected by ``--data`` (MNIST-1D by default), generated once and cached.
     - ``data_spec``: the ``--data`` value, to put into cache keys.
     - ``tiny``: for tests only: the smallest configuration that runs every code path in seconds
@@ -330,24 +336,12 @@ class RunContext:
         progress bar ``desc`` counts the runs that were not cached. Two tasks with the same
         config run once. Ctrl-C cancels what has not started; what finished stays cached.
         """
-        from .harness import run_tasks
-
         return run_tasks(self, list(tasks), desc)
 
     def plot_path(self, name: str) -> Path:
         """Where a study writes its plot ``name`` (put ``name`` into ``StudyResult.plots``)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self.out_dir / name
-
-
-@dataclass(frozen=True)
-class Task:
-    """One independent run for :meth:`RunContext.run_all`: its cache ``config`` (everything that
-    changes the result, seed included) and ``fn(ctx, *args)``, which computes it."""
-
-    config: dict[str, Any]
-    fn: Callable[..., Any]
-    args: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -368,7 +362,7 @@ class Study:
     @property
     def order(self) -> int:
         """Position of the study's module in ``STUDY_MODULES`` (the report's order)."""
-        from . import STUDY_MODULES
+        from .. import STUDY_MODULES
 
         module = getattr(self.run, "__module__", "").rsplit(".", 1)[-1]
         return STUDY_MODULES.index(module) if module in STUDY_MODULES else len(STUDY_MODULES)
@@ -404,7 +398,7 @@ def register_study(
 
 def registered_studies() -> list[Study]:
     """Every registered study, in report order (imports the study modules first)."""
-    from . import load_studies
+    from .. import load_studies
 
     load_studies()
     return sorted(_REGISTRY.values(), key=lambda s: s.order)

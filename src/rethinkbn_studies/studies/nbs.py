@@ -16,6 +16,7 @@ statistics lies below the validation error.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,8 @@ from torch import nn
 
 from rethinkbn.population import INCONSISTENCY_THRESHOLD, freeze_epoch_for, variance_decomposition
 
-from . import bn, paper
-from .base import (
+from ..contract import paper
+from ..contract.base import (
     AGREES,
     DISAGREES,
     INCONCLUSIVE,
@@ -37,7 +38,9 @@ from .base import (
     mean_std,
     register_study,
 )
-from .common import (
+from ..contract.verdicts import Interval, exceeds, given, mcnemar, paired_bootstrap, stays_below
+from ..toolkit import bn
+from ..toolkit.common import (
     GHOST_FIT_MARGIN,
     GHOST_LR,
     GHOST_SGD_BATCH,
@@ -53,8 +56,7 @@ from .common import (
     save_plot,
     study_data,
 )
-from .train import Callback, TrainConfig, evaluate_wrong, train
-from .verdicts import Interval, exceeds, given, mcnemar, paired_bootstrap, stays_below
+from ..toolkit.train import Callback, TrainConfig, evaluate_wrong, train
 
 SGD_BATCH = GHOST_SGD_BATCH
 LR = GHOST_LR
@@ -95,7 +97,7 @@ def nbs_values(quick: bool) -> list[int]:
 
 def _precise(model: nn.Module, x: Any, seed: int) -> nn.Module:
     """Whole-batch PreciseBN in place: all of ``x`` in batches of the SGD batch."""
-    bn.population_stats(model, x, batch_size=SGD_BATCH, num_samples=len(x), seed=seed)
+    bn.recompute_population(model, x, batch_size=SGD_BATCH, num_samples=len(x), seed=seed)
     return model
 
 
@@ -267,7 +269,7 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
 def training_fit(wrong: dict[str, dict[str, list[Any]]]) -> dict[str, Verdict]:
     """Per NBS, whether the models have fit their training set at that NBS: the validation
     minus the training error, both with mini-batch statistics (groups of NBS), must exceed
-    :data:`~rethinkbn_studies.common.GHOST_FIT_MARGIN` points (the criterion the training
+    :data:`~rethinkbn_studies.toolkit.common.GHOST_FIT_MARGIN` points (the criterion the training
     length was chosen by, see ``common.GHOST_EPOCHS``), with a bootstrap over the samples and
     seeds (sample ``i`` of the training set paired with sample ``i`` of the validation set, as
     the generalization-gap verdict does: independent sets, so the pairing keeps the variance).
@@ -385,21 +387,48 @@ def _rate(w: Any) -> float:
     return 100.0 * float(np.asarray(w, dtype=np.float64).mean())
 
 
-@register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
-                "population statistics, and FrozenBN for the last 20% of epochs")
-def run(ctx: RunContext) -> StudyResult:
-    study_data(ctx)  # generated here once, before worker processes read it
-    scale = ghost_scale(ctx)  # the step-schedule runs train as long as the shared models
-    sizes = nbs_values(ctx.quick)
-    jobs = [(n, s) for n in sizes for s in ctx.seeds]
-    ends = (sizes[0], sizes[-1])
-    step_jobs = [(n, f, s) for n in ends for f in (False, True) for s in ctx.seeds]
+@dataclass(frozen=True)
+class NbsRuns:
+    """Everything the study measured, per curve (``"val_pop"``, ``"train_mub"``, ...,
+    ``"val_pop_step"``, ``"val_pop_frozen"``) and NBS: ``wrong`` (per seed, the 0/1 errors the
+    verdicts judge), ``per_seed`` (per seed, the error in %; the EMA curve has no per-sample
+    errors) and ``mech`` (per seed, the mechanism's per-layer numbers: ``"share"``,
+    ``"variance_bias"``)."""
+
+    scale: Scale
+    sizes: list[int]
+    wrong: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    per_seed: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    mech: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
+
+    @property
+    def ends(self) -> tuple[int, int]:
+        """The smallest and the largest NBS: the FrozenBN pairs'."""
+        return self.sizes[0], self.sizes[-1]
+
+    def add(self, curve: str, nbs: int, value: Any) -> None:
+        """Record one seed's ``value`` of ``curve`` at ``nbs``: per-sample 0/1 errors (and
+        their rate), the EMA's error, or a mechanism number."""
+        if curve in ("share", "variance_bias"):
+            self.mech.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+            return
+        if curve != "val_ema":
+            self.wrong.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+            value = _rate(value)
+        self.per_seed.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+
+
+def measure(ctx: RunContext, scale: Scale) -> NbsRuns:
+    """The study's runs (cached): the shared ghost models at every NBS and the step-schedule
+    pairs (normal, FrozenBN late) at the smallest and largest NBS, trained in one ``run_all``;
+    then the shared models' evaluations (:func:`_evaluate`)."""
+    runs = NbsRuns(scale, nbs_values(ctx.quick))
+    jobs = [(n, s) for n in runs.sizes for s in ctx.seeds]
+    step_jobs = [(n, f, s) for n in runs.ends for f in (False, True) for s in ctx.seeds]
     step_tasks = [Task({"study": "nbs", "run": "step", "v": 4, "data": data_key(ctx), "nbs": n,
                         "frozen": f, "seed": s, "sgd_batch": SGD_BATCH, "lr": LR,
                         "milestones": list(STEP_MILESTONES), "scale": scale.as_dict()},
                        _step_run, (scale, n, f, s)) for n, f, s in step_jobs]
-    # Every training run at once (the shared models and the step-schedule runs), then the
-    # evaluations of the shared models.
     trained = ctx.run_all([ghost_model_task(ctx, scale, n, s) for n, s in jobs] + step_tasks,
                           desc="nbs: training")
     models, step_wrong = trained[: len(jobs)], trained[len(jobs):]
@@ -407,48 +436,57 @@ def run(ctx: RunContext) -> StudyResult:
         [Task({"study": "nbs", "run": "eval", "v": 5,
                "model": ghost_model_task(ctx, scale, n, s).config}, _evaluate, (scale, n, s, t))
          for (n, s), t in zip(jobs, models, strict=True)], desc="nbs: evaluation")
-    wrong: dict[str, dict[str, list[Any]]] = {}
-    per_seed: dict[str, dict[str, list[float]]] = {}
-    mech: dict[str, dict[str, list[dict[str, float]]]] = {}
     for (nbs, _), result in zip(jobs, evals, strict=True):
         for curve, value in result.items():
-            if curve in ("share", "variance_bias"):
-                mech.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
-                continue
-            if curve != "val_ema":
-                wrong.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
-                value = _rate(value)
-            per_seed.setdefault(curve, {}).setdefault(str(nbs), []).append(value)
+            runs.add(curve, nbs, value)
     for (nbs, frozen, _), w in zip(step_jobs, step_wrong, strict=True):
-        curve = "val_pop_frozen" if frozen else "val_pop_step"
-        wrong.setdefault(curve, {}).setdefault(str(nbs), []).append(w)
-        per_seed.setdefault(curve, {}).setdefault(str(nbs), []).append(_rate(w))
-    stats = {k: {n: mean_std(v) for n, v in d.items()} for k, d in per_seed.items()}
+        runs.add("val_pop_frozen" if frozen else "val_pop_step", nbs, w)
+    return runs
+
+
+def summarize(runs: NbsRuns, fits: dict[str, Verdict]) -> dict[str, Any]:
+    """The study's numbers for results.json: per curve and NBS the errors per seed, mean and
+    std; the mechanism's per-layer means; the training fit (``fits``, :func:`training_fit`)."""
+    stats = {k: {n: mean_std(v) for n, v in d.items()} for k, d in runs.per_seed.items()}
     mean = {k: {n: m for n, (m, _) in d.items()} for k, d in stats.items()}
     std = {k: {n: s for n, (_, s) in d.items()} for k, d in stats.items()}
-    numbers = {"per_seed": per_seed, "mean": mean, "std": std, "scale": scale.as_dict(),
-               "sgd_batch": SGD_BATCH, "step_milestones": list(STEP_MILESTONES)}
+    numbers = {"per_seed": runs.per_seed, "mean": mean, "std": std,
+               "scale": runs.scale.as_dict(), "sgd_batch": SGD_BATCH,
+               "step_milestones": list(STEP_MILESTONES)}
     for key, name in (("share", "between_sample_share"), ("variance_bias", "variance_bias")):
         numbers[name] = {k: {layer: float(np.mean([d[layer] for d in v])) for layer in v[0]}
-                         for k, v in mech.get(key, {}).items()}
-    fits = training_fit(wrong)
+                         for k, v in runs.mech.get(key, {}).items()}
     numbers["training_fit"] = {k: {"effect": v.effect, "interval": v.interval, "label": v.label}
                                for k, v in fits.items()}
-    shown = sizes[::-1]
+    return numbers
+
+
+def curves_table(runs: NbsRuns) -> Table:
+    """Our table: every curve's error against NBS, the largest NBS first."""
+    shown = runs.sizes[::-1]
     labels = {**CURVES, "val_pop_step": "val, population stats (PreciseBN), step schedule",
               "val_ema": "val, EMA statistics",
               "val_mub_large": f"val, mini-batch stats over {LARGE_GROUP}-sample groups",
               "train_pop": "train, population stats (PreciseBN)"}
-    ours = Table("error (%) against NBS (- : not measured)", ["", *[str(s) for s in shown]],
+    per_seed = runs.per_seed
+    return Table("error (%) against NBS (- : not measured)", ["", *[str(s) for s in shown]],
                  [[label, *[fmt(per_seed[key][str(s)]) if str(s) in per_seed[key] else "-"
                             for s in shown]]
                   for key, label in labels.items()])
+
+
+def _paper_table() -> Table:
     psizes = sorted(paper.FIG5_NBS["val_pop"], reverse=True)
-    theirs = Table("Fig. 5-6 (ResNet-50, ImageNet, SGD batch 1024; read off the plots)",
-                   ["", *[str(s) for s in psizes]],
-                   [[label, *[paper.FIG5_NBS[key][s] for s in psizes]]
-                    for key, label in CURVES.items()])
-    setup = (
+    return Table("Fig. 5-6 (ResNet-50, ImageNet, SGD batch 1024; read off the plots)",
+                 ["", *[str(s) for s in psizes]],
+                 [[label, *[paper.FIG5_NBS[key][s] for s in psizes]]
+                  for key, label in CURVES.items()])
+
+
+def setup_text(ctx: RunContext, runs: NbsRuns) -> str:
+    """The report's setup paragraph."""
+    scale, sizes, ends = runs.scale, runs.sizes, runs.ends
+    return (
         f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples; "
         f"1-D ResNet (widths {list(scale.widths)}), {scale.epochs} epochs "
         f"({scale.epochs * (scale.num_train // SGD_BATCH)} steps), SGD batch {SGD_BATCH} "
@@ -463,9 +501,22 @@ def run(ctx: RunContext) -> StudyResult:
         f"computes whole-batch PreciseBN statistics and trains on with FrozenBN (lr "
         f"{LR * 0.1:g} until 90%). Seeds: {list(ctx.seeds)}."
     )
-    return StudyResult(setup=setup, tables=[ours, training_fit_table(numbers, fits),
-                                            share_table(numbers, sizes)],
-                       paper_tables=[theirs], plots=_plot(ctx, numbers),
-                       summary=verdicts(numbers, wrong), numbers=numbers,
-                       notes=training_fit_note(fits, scale.epochs) + " "
-                       + mechanism_note(numbers, sizes))
+
+
+@register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
+                "population statistics, and FrozenBN for the last 20% of epochs")
+def run(ctx: RunContext) -> StudyResult:
+    """Stages: the runs (:func:`measure`), the training fit (:func:`training_fit`), the
+    numbers (:func:`summarize`), tables, verdicts (:func:`verdicts`), notes and plots."""
+    study_data(ctx)  # generated here once, before worker processes read it
+    # The step-schedule runs train as long as the shared models.
+    runs = measure(ctx, ghost_scale(ctx))
+    fits = training_fit(runs.wrong)
+    numbers = summarize(runs, fits)
+    return StudyResult(setup=setup_text(ctx, runs),
+                       tables=[curves_table(runs), training_fit_table(numbers, fits),
+                               share_table(numbers, runs.sizes)],
+                       paper_tables=[_paper_table()], plots=_plot(ctx, numbers),
+                       summary=verdicts(numbers, runs.wrong), numbers=numbers,
+                       notes=training_fit_note(fits, runs.scale.epochs) + " "
+                       + mechanism_note(numbers, runs.sizes))

@@ -30,6 +30,7 @@ the training statistics a little away from clean data, as ImageNet's crops and f
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,13 +40,9 @@ from torch import Tensor, nn
 from rethinkbn.layers import is_batchnorm
 from rethinkbn.population import Snapshot, StatsBank, batch_stats_inference, recompute_stats
 
-from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
-from .common import Scale, fmt, new_model, pyplot, save_plot, scale_for
-from .corruptions import CORRUPTIONS, PER_SAMPLE_AFFINE, SEVERITIES, affine_residual, corrupt
-from .data import DataSplit
-from .train import TrainConfig, evaluate_wrong, predict_logits, train
-from .verdicts import (
+from ..contract import paper
+from ..contract.base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
+from ..contract.verdicts import (
     Interval,
     all_hold,
     equivalent,
@@ -54,6 +51,16 @@ from .verdicts import (
     mcnemar,
     paired_bootstrap,
 )
+from ..toolkit.common import Scale, fmt, new_model, pyplot, save_plot, scale_for
+from ..toolkit.corruptions import (
+    CORRUPTIONS,
+    PER_SAMPLE_AFFINE,
+    SEVERITIES,
+    affine_residual,
+    corrupt,
+)
+from ..toolkit.data import DataSplit
+from ..toolkit.train import TrainConfig, evaluate_wrong, predict_logits, train
 
 __all__ = ["SEVERITY", "augment", "ema_on_stream", "run", "run_seed", "verdicts"]
 
@@ -93,7 +100,7 @@ def ema_on_stream(model: nn.Module, x: Tensor, y: Tensor, momentum: float = EMA_
     adapted = copy.deepcopy(model)
     norms = [m for m in adapted.modules() if is_batchnorm(m)]
     for m in norms:
-        m.momentum = momentum
+        setattr(m, "momentum", momentum)  # noqa: B010 - a Module's attribute, typed as a Tensor
     device = next(adapted.parameters()).device
     wrong = []
     for i in range(0, len(x), batch_size):
@@ -252,7 +259,8 @@ def verdicts(shifted: dict[str, dict[str, np.ndarray]], clean: dict[str, np.ndar
 def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any]]:
     """The severity, sample-count and test-time tables, and their numbers."""
     names = list(runs[0]["shifted"])
-    sev_rows, sev_numbers = [], {}
+    sev_rows: list[list[Any]] = []
+    sev_numbers: dict[str, dict[int, dict[str, float]]] = {}
     for n in names:
         sev_numbers[n] = {}
         for k in SEVERITIES:
@@ -265,7 +273,8 @@ def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any
                      "= difference, paired bootstrap over samples and seeds",
                      ["corruption", "severity", "train stats", "target stats", "gain"],
                      sev_rows)
-    count_rows, count_numbers = [], {}
+    count_rows: list[list[Any]] = []
+    count_numbers: dict[str, Any] = {}
     for n in names:
         exact = _stack(runs, "shifted", n, SEVERITY, "target")
         count_numbers[n] = {}
@@ -284,13 +293,13 @@ def sweep_tables(runs: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any
                                         "within margin"], count_rows)
     tt_rows, tt_numbers = [], {}
     for n in names:
-        w = {k: _stack(runs, "test_time", n, k) for k in ("source", "exact", "ema", "mini-batch")}
-        ema = paired_bootstrap(w["ema"], w["exact"])
-        mb = paired_bootstrap(w["mini-batch"], w["exact"])
-        tt_numbers[n] = {**{k: _pct(v) for k, v in w.items()}, "ema_minus_exact": ema.effect,
+        tw = {k: _stack(runs, "test_time", n, k) for k in ("source", "exact", "ema", "mini-batch")}
+        ema = paired_bootstrap(tw["ema"], tw["exact"])
+        mb = paired_bootstrap(tw["mini-batch"], tw["exact"])
+        tt_numbers[n] = {**{k: _pct(v) for k, v in tw.items()}, "ema_minus_exact": ema.effect,
                          "mini_batch_minus_exact": mb.effect}
-        tt_rows.append([n.replace("_", " "), _pct(w["source"]), _pct(w["exact"]),
-                        _pct(w["ema"]), _pct(w["mini-batch"]), ema.text(), mb.text()])
+        tt_rows.append([n.replace("_", " "), _pct(tw["source"]), _pct(tw["exact"]),
+                        _pct(tw["ema"]), _pct(tw["mini-batch"]), ema.text(), mb.text()])
     test_time = Table(
         f"test-time alternatives at severity {SEVERITY}, error (%): exact recompute on held-out "
         f"target samples vs an EMA adapted in place on the test stream (AdaBN-style, momentum "
@@ -318,57 +327,86 @@ def _plot(ctx: RunContext, sev: dict[str, dict[int, dict[str, float]]]) -> list[
     return [save_plot(ctx, fig, "domain_shift.png")]
 
 
-@register_study("domain-shift", "Sec. 5, Table 4: population statistics re-estimated on each "
-                                "corrupted test domain vs the training domain's")
-def run(ctx: RunContext) -> StudyResult:
-    data = ctx.dataset()
-    scale = scale_for(ctx, quick_epochs=8, full_epochs=30)
-    runs = ctx.run_all(
+@dataclass(frozen=True)
+class ShiftRuns:
+    """Everything the study measured: per seed the cached result of :func:`run_seed`, and from
+    them the per-sample 0/1 errors the verdicts judge: ``at[corruption]["source"|"target"]``
+    (at ``SEVERITY``, statistics from the training domain or the target) and
+    ``clean[statistics]``, and per corruption its largest measured affine residual."""
+
+    runs: list[dict[str, Any]]
+    at: dict[str, dict[str, np.ndarray]]
+    clean: dict[str, np.ndarray]
+    residual: dict[str, float]
+
+    @classmethod
+    def of(cls, runs: list[dict[str, Any]]) -> ShiftRuns:
+        names = list(CORRUPTIONS)
+        return cls(runs,
+                   {n: {k: _stack(runs, "shifted", n, SEVERITY, k) for k in ("source", "target")}
+                    for n in names},
+                   {k: _stack(runs, "clean", k) for k in runs[0]["clean"]},
+                   {n: max(float(r["affine_residual"][n]) for r in runs) for n in names})
+
+
+def measure(ctx: RunContext, scale: Scale) -> ShiftRuns:
+    """One training run per seed (cached), evaluated on every corruption and severity."""
+    return ShiftRuns.of(ctx.run_all(
         [Task({"study": "domain-shift", "v": 2, "data": ctx.data_spec, "seed": seed,
                "severities": list(SEVERITIES), "counts": list(TARGET_COUNTS),
                "ema_momentum": EMA_MOMENTUM, "sgd_batch": SGD_BATCH, "lr": LR,
                "scale": scale.as_dict()}, _seed_task, (scale, seed)) for seed in ctx.seeds],
-        desc="domain-shift runs")
-    names = list(CORRUPTIONS)
-    at = {n: {k: _stack(runs, "shifted", n, SEVERITY, k) for k in ("source", "target")}
-          for n in names}
-    clean = {k: _stack(runs, "clean", k) for k in runs[0]["clean"]}
-    sweeps, sweep_numbers = sweep_tables(runs)
-    residual = {n: max(float(r["affine_residual"][n]) for r in runs) for n in names}
-    numbers = {"severity": SEVERITY, "scale": scale.as_dict(), **sweep_numbers,
-               "clean": {k: _pct(v) for k, v in clean.items()},
-               "affine_residual": residual}
-    theirs = Table("Table 4 (ResNet-50, ImageNet-C; error %)",
-                   ["test domain", "stats from ImageNet", "stats from the test domain"],
-                   [[n, a, b] for n, (a, b) in paper.TABLE4.items()])
-    theirs_clean = Table("Clean ImageNet val (error %) with statistics from ...",
-                         ["statistics from", "error"],
-                         [[k, v] for k, v in paper.TABLE4_CLEAN.items()])
+        desc="domain-shift runs"))
+
+
+def own_tables(shift: ShiftRuns) -> list[Table]:
+    """Our clean-validation and affine-residual tables."""
     ours_clean = Table("clean validation error (%) with statistics from ...",
                        ["statistics from", "error"],
-                       [[k, fmt([_pct(w) for w in v])] for k, v in clean.items()])
+                       [[k, fmt([_pct(w) for w in v])] for k, v in shift.clean.items()])
     affine_table = Table(
         "which corruptions are per-sample affine maps x -> a x + b (declared; measured: the "
         "largest relative least-squares residual over the evaluation samples)",
         ["corruption", "declared affine", "measured residual"],
         [[n.replace("_", " "), "yes" if n in PER_SAMPLE_AFFINE else "no",
-          f"{residual[n]:.2g}"] for n in names])
-    setup = (
-        f"{data.name}: {scale.num_train} training samples (augmented: shift <= {MAX_SHIFT}, "
+          f"{shift.residual[n]:.2g}"] for n in CORRUPTIONS])
+    return [ours_clean, affine_table]
+
+
+PAPER_TABLES = [
+    Table("Table 4 (ResNet-50, ImageNet-C; error %)",
+          ["test domain", "stats from ImageNet", "stats from the test domain"],
+          [[n, a, b] for n, (a, b) in paper.TABLE4.items()]),
+    Table("Clean ImageNet val (error %) with statistics from ...", ["statistics from", "error"],
+          [[k, v] for k, v in paper.TABLE4_CLEAN.items()]),
+]
+
+
+def setup_text(ctx: RunContext, name: str, scale: Scale) -> str:
+    """The report's setup paragraph (``name``: the data's)."""
+    return (
+        f"{name}: {scale.num_train} training samples (augmented: shift <= {MAX_SHIFT}, "
         f"gain 0.8-1.2), ResNet widths {list(scale.widths)}, {scale.epochs} epochs, SGD batch "
         f"{SGD_BATCH} ({scale.epochs * (scale.num_train // SGD_BATCH)} steps: one training run "
         f"per seed), lr {LR}. The {scale.num_val} validation samples are split in two halves: "
         f"statistics of a domain are recomputed (PreciseBN, batches of {STATS_BATCH}) on the "
-        f"first half, errors are measured on the second. Corruptions: {', '.join(names)} at "
-        f"severities {SEVERITIES[0]}-{SEVERITIES[-1]} (the summary at severity {SEVERITY}). "
+        f"first half, errors are measured on the second. Corruptions: {', '.join(CORRUPTIONS)} "
+        f"at severities {SEVERITIES[0]}-{SEVERITIES[-1]} (the summary at severity {SEVERITY}). "
         f"Seeds: {list(ctx.seeds)}. Every difference is a paired bootstrap over the evaluation "
         f"samples and seeds."
     )
+
+
+def notes_text(shift: ShiftRuns, sweep_numbers: dict[str, Any]) -> str:
+    """The notes after the verdicts: which corruptions are affine, the gain from severity 1 to
+    5, the fewest target samples that suffice."""
+    names = list(CORRUPTIONS)
     fewest = {n: sweep_numbers["counts"][n]["fewest_within_margin"] for n in names}
     sev = sweep_numbers["severity"]
-    notes = (
+    affine = [n for n in names if shift.residual[n] < 1e-6]
+    return (
         "Our 'jpeg' analog is uniform quantization. Per-sample affine corruptions (measured "
-        f"residual < 1e-6: {', '.join(n for n in names if residual[n] < 1e-6) or 'none'}) are "
+        f"residual < 1e-6: {', '.join(affine) or 'none'}) are "
         "shifts that BatchNorm statistics can undo; the others change the shape of the signal. "
         "Gain of target statistics at severity 1 -> 5: "
         + "; ".join(f"{n.replace('_', ' ')} {sev[n][1]['gain']:+.1f} -> {sev[n][5]['gain']:+.1f}"
@@ -378,6 +416,22 @@ def run(ctx: RunContext) -> StudyResult:
         + "; ".join(f"{n.replace('_', ' ')} {fewest[n] if fewest[n] is not None else 'none'}"
                     for n in names) + "."
     )
-    return StudyResult(setup=setup, tables=[*sweeps, ours_clean, affine_table],
-                       paper_tables=[theirs, theirs_clean], plots=_plot(ctx, sev),
-                       summary=verdicts(at, clean), numbers=numbers, notes=notes)
+
+
+@register_study("domain-shift", "Sec. 5, Table 4: population statistics re-estimated on each "
+                                "corrupted test domain vs the training domain's")
+def run(ctx: RunContext) -> StudyResult:
+    """Stages: the runs (:func:`measure`), the sweep's tables and numbers
+    (:func:`sweep_tables`), our other tables, the verdicts (:func:`verdicts`), notes, plots."""
+    data = ctx.dataset()
+    scale = scale_for(ctx, quick_epochs=8, full_epochs=30)
+    shift = measure(ctx, scale)
+    sweeps, sweep_numbers = sweep_tables(shift.runs)
+    numbers = {"severity": SEVERITY, "scale": scale.as_dict(), **sweep_numbers,
+               "clean": {k: _pct(v) for k, v in shift.clean.items()},
+               "affine_residual": shift.residual}
+    return StudyResult(setup=setup_text(ctx, data.name, scale),
+                       tables=[*sweeps, *own_tables(shift)], paper_tables=list(PAPER_TABLES),
+                       plots=_plot(ctx, sweep_numbers["severity"]),
+                       summary=verdicts(shift.at, shift.clean), numbers=numbers,
+                       notes=notes_text(shift, sweep_numbers))

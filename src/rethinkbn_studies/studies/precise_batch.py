@@ -29,6 +29,7 @@ earlier layer, so it should grow with depth, while the estimator's bias is per l
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,19 @@ from torch import nn
 
 from rethinkbn.population import Snapshot, capture_stats, install_stats
 
-from . import bn, paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, Verdict, register_study
-from .common import (
+from ..contract import paper
+from ..contract.base import (
+    RunContext,
+    StudyResult,
+    SummaryRow,
+    Table,
+    Task,
+    Verdict,
+    register_study,
+)
+from ..contract.verdicts import equivalent, exceeds, mcnemar, paired_bootstrap
+from ..toolkit import bn
+from ..toolkit.common import (
     CALIBRATION_CORR_NOISE,
     GHOST_LR,
     GHOST_SGD_BATCH,
@@ -53,8 +64,7 @@ from .common import (
     over_seeds,
     study_data,
 )
-from .train import evaluate_error, evaluate_wrong
-from .verdicts import equivalent, exceeds, mcnemar, paired_bootstrap
+from ..toolkit.train import evaluate_error, evaluate_wrong
 
 SGD_BATCH = GHOST_SGD_BATCH
 NBS_VALUES = (32, 2)
@@ -119,7 +129,7 @@ def _variant_stats(exact: nn.Module, x: Any, b: int, seed: int,
     stats: dict[str, Snapshot] = {}
     if library:
         m: nn.Module = copy.deepcopy(exact)
-        bn.population_stats(m, x, batch_size=b, num_samples=n, seed=seed)
+        bn.recompute_population(m, x, batch_size=b, num_samples=n, seed=seed)
         stats[POOLED_WHOLE] = capture_stats(m)
     if b not in ABLATION_BATCHES:
         return stats
@@ -150,7 +160,7 @@ def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int, trained: dict[
     n = len(data.train_x)
     wrong = {"EMA": evaluate_wrong(model, data.val_x, data.val_y)}
     exact: nn.Module = copy.deepcopy(model)
-    bn.population_stats(exact, data.train_x, batch_size=n, num_samples=n, seed=seed)
+    bn.recompute_population(exact, data.train_x, batch_size=n, num_samples=n, seed=seed)
     layers: dict[str, dict[str, list[float]]] = {}
     library = blocks == 1
     m: nn.Module = copy.deepcopy(exact)
@@ -446,13 +456,29 @@ def _tables(per_seed: dict[str, list[dict[str, float]]],
     return tables
 
 
-@register_study("precise-batch",
-                "Table 2: PreciseBN batch size B vs EMA for models trained with NBS 32 and 2")
-def run(ctx: RunContext) -> StudyResult:
-    study_data(ctx)  # generated here once, before worker processes read it
-    scale = ghost_scale(ctx)
-    # (key, nbs, blocks, seed); the deeper network's runs go through the same run_all as the
-    # one-block ones, so the process pool trains and evaluates them in parallel
+@dataclass(frozen=True)
+class PreciseBatchRuns:
+    """Everything the study measured, per model (``"32"``, ``"2"``: NBS of the one-block
+    models; ``DEEP``: the deeper one): per seed its errors per column (EMA, B=...), the 0/1
+    validation errors per column that the verdicts judge, and the per-layer distances of the
+    B=2 estimators from B=N."""
+
+    per_seed: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    wrong: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    layers: dict[str, list[dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
+
+    def add(self, key: str, result: dict[str, Any]) -> None:
+        """Record one seed's evaluation (:func:`_evaluate`) of model ``key``."""
+        self.per_seed.setdefault(key, []).append(result["errors"])
+        self.layers.setdefault(key, []).append(result["layers_b2"])
+        for col, w in result["wrong"].items():
+            self.wrong.setdefault(key, {}).setdefault(col, []).append(w)
+
+
+def measure(ctx: RunContext, scale: Scale) -> PreciseBatchRuns:
+    """The study's runs (cached): the ghost models (shared with ``nbs``) and the deeper one,
+    trained in one ``run_all`` (so that the pool trains and evaluates them in parallel), then
+    evaluated with the EMA and PreciseBN at every B (:func:`_evaluate`)."""
     jobs = ([(str(n), n, 1, s) for n in NBS_VALUES for s in ctx.seeds]
             + [(DEEP, DEEP_NBS, DEEP_BLOCKS, s) for s in ctx.seeds])
     trainings = [ghost_model_task(ctx, scale, n, s, blocks=blocks) for _, n, blocks, s in jobs]
@@ -462,14 +488,17 @@ def run(ctx: RunContext) -> StudyResult:
               _evaluate, (scale, n, s, trained, blocks))
          for (_, n, blocks, s), task, trained in zip(jobs, trainings, models, strict=True)],
         desc="precise-batch: PreciseBN")
-    per_seed: dict[str, list[dict[str, float]]] = {}
-    wrong: dict[str, dict[str, list[Any]]] = {}
-    layers: dict[str, list[dict[str, dict[str, list[float]]]]] = {}
+    runs = PreciseBatchRuns()
     for (key, *_), result in zip(jobs, evals, strict=True):
-        per_seed.setdefault(key, []).append(result["errors"])
-        layers.setdefault(key, []).append(result["layers_b2"])
-        for col, w in result["wrong"].items():
-            wrong.setdefault(key, {}).setdefault(col, []).append(w)
+        runs.add(key, result)
+    return runs
+
+
+def summarize(runs: PreciseBatchRuns, scale: Scale) -> dict[str, Any]:
+    """The study's numbers for results.json: errors per seed, their means and stds (the deeper
+    model's over its own columns), the per-layer distances averaged over seeds, the deeper
+    model's description."""
+    per_seed = runs.per_seed
     columns = list(per_seed["32"][0])
     mean, std = over_seeds({k: v for k, v in per_seed.items() if k != DEEP}, columns)
     deep_mean, deep_std = over_seeds({DEEP: per_seed[DEEP]}, list(per_seed[DEEP][0]))
@@ -477,16 +506,16 @@ def run(ctx: RunContext) -> StudyResult:
     std.update(deep_std)
     # per model, variant and layer: the distances averaged over the seeds
     layers_b2 = {k: {v: {name: np.mean([r[v][name] for r in rs], axis=0).tolist()
-                         for name in rs[0][v]} for v in rs[0]} for k, rs in layers.items()}
-    numbers = {"per_seed": per_seed, "mean": mean, "std": std, "columns": columns,
-               "scale": scale.as_dict(), "sgd_batch": SGD_BATCH, "layers_b2": layers_b2,
-               "deep": {"key": DEEP, "nbs": DEEP_NBS, "blocks": DEEP_BLOCKS,
-                        "bn_layers": len(layers_b2[DEEP].get(POOLED_WHOLE, {}))}}
-    tables = _tables(per_seed, layers_b2, scale)
-    theirs = Table("Table 2 (ResNet-50, ImageNet, N = 10^4, SGD batch 256)",
-                   ["model", *paper.TABLE2_COLUMNS],
-                   [[f"NBS={k}", *v] for k, v in paper.TABLE2.items()])
-    setup = (
+                         for name in rs[0][v]} for v in rs[0]} for k, rs in runs.layers.items()}
+    return {"per_seed": per_seed, "mean": mean, "std": std, "columns": columns,
+            "scale": scale.as_dict(), "sgd_batch": SGD_BATCH, "layers_b2": layers_b2,
+            "deep": {"key": DEEP, "nbs": DEEP_NBS, "blocks": DEEP_BLOCKS,
+                     "bn_layers": len(layers_b2[DEEP].get(POOLED_WHOLE, {}))}}
+
+
+def setup_text(ctx: RunContext, scale: Scale, bn_layers: int) -> str:
+    """The report's setup paragraph (``bn_layers``: the deeper model's)."""
+    return (
         f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples; "
         f"1-D ResNet (widths {list(scale.widths)}, 1 block per stage) trained {scale.epochs} "
         f"epochs with SGD batch {SGD_BATCH} (lr {LR}, cosine) and ghost BN with NBS 32 or 2 (the "
@@ -496,15 +525,34 @@ def run(ctx: RunContext) -> StudyResult:
         f"beside PreciseBN's pooled one, over the same batches, with every layer normalizing "
         f"each batch (whole) or with the earlier layers at the B=N statistics (layer by layer; "
         f"see the module docstring). Deeper network: the NBS={DEEP_NBS} model with "
-        f"{DEEP_BLOCKS} blocks per stage ({numbers['deep']['bn_layers']} BN layers), trained "
+        f"{DEEP_BLOCKS} blocks per stage ({bn_layers} BN layers), trained "
         f"the same way, with the ablation at B in {list(ABLATION_BATCHES)} and B=N. Seeds: "
         f"{list(ctx.seeds)}."
     )
+
+
+PAPER_TABLE = Table("Table 2 (ResNet-50, ImageNet, N = 10^4, SGD batch 256)",
+                    ["model", *paper.TABLE2_COLUMNS],
+                    [[f"NBS={k}", *v] for k, v in paper.TABLE2.items()])
+
+
+@register_study("precise-batch",
+                "Table 2: PreciseBN batch size B vs EMA for models trained with NBS 32 and 2")
+def run(ctx: RunContext) -> StudyResult:
+    """Stages: the runs (:func:`measure`), the numbers (:func:`summarize`), the tables and
+    the calibration table, the verdicts (Table 2's, the ablation's, the deeper model's)."""
+    study_data(ctx)  # generated here once, before worker processes read it
+    scale = ghost_scale(ctx)
+    runs = measure(ctx, scale)
+    numbers = summarize(runs, scale)
+    tables = _tables(runs.per_seed, numbers["layers_b2"], scale)
+    setup = setup_text(ctx, scale, numbers["deep"]["bn_layers"])
     calibrated = calibration(ctx, scale)
     if calibrated is not None:
         numbers["calibration"] = calibrated.to_json()
+    wrong = runs.wrong
     return StudyResult(setup=setup, tables=[*tables, *([calibrated] if calibrated else [])],
-                       paper_tables=[theirs], plots=[],
+                       paper_tables=[PAPER_TABLE], plots=[],
                        summary=(verdicts(numbers, wrong) + ablation_verdicts(numbers, wrong)
                                 + deep_verdicts(numbers, wrong)),
                        numbers=numbers, notes=mechanism_note(numbers, wrong))

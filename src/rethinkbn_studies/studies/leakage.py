@@ -29,6 +29,7 @@ real SyncBatchNorm. The trained weights come back and are evaluated here, beside
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -50,12 +51,20 @@ from rethinkbn.distributed import ShuffledModule, SyncBatchNorm
 from rethinkbn.layers import GhostBatchNorm, is_batchnorm
 from rethinkbn.population import batch_stats_inference, precise_bn
 
-from . import paper
-from .base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
-from .cache import load_result
-from .common import fmt, over_seeds, pyplot, save_plot
-from .processes import run_command
-from .roi import (
+from ..contract import paper
+from ..contract.base import RunContext, StudyResult, SummaryRow, Table, Task, register_study
+from ..contract.verdicts import (
+    Interval,
+    all_hold,
+    equivalent,
+    exceeds,
+    paired_bootstrap,
+    stays_below,
+)
+from ..infra.cache import load_result
+from ..infra.processes import run_command
+from ..toolkit.common import fmt, over_seeds, pyplot, save_plot
+from ..toolkit.roi import (
     BACKGROUND,
     RoiBatch,
     RoiImages,
@@ -64,15 +73,7 @@ from .roi import (
     make_images,
     sample_rois,
 )
-from .train import TrainConfig, sgd
-from .verdicts import (
-    Interval,
-    all_hold,
-    equivalent,
-    exceeds,
-    paired_bootstrap,
-    stays_below,
-)
+from ..toolkit.train import TrainConfig, sgd
 
 __all__ = [
     "RANK_VARIANTS",
@@ -84,7 +85,7 @@ __all__ = [
     "check_context",
     "check_ranks",
     "evaluate",
-    "population_stats",
+    "recompute_roi_population",
     "run",
     "run_variant",
     "step_batches",
@@ -303,8 +304,9 @@ def rois_per_device(variant: Variant, scale: LeakageScale) -> int | None:
     return variant.images_per_device * scale.task.rois_per_image
 
 
-def population_stats(model: RoiNet, variant: Variant, images: RoiImages, scale: LeakageScale,
-                     seed: int, rank: int = 0, world: int = 1) -> None:
+def recompute_roi_population(model: RoiNet, variant: Variant, images: RoiImages,
+                             scale: LeakageScale, seed: int, rank: int = 0,
+                             world: int = 1) -> None:
     """PreciseBN over ``precise_batches`` training steps, normalized exactly as in training.
 
     Per-device BN normalizes each device's RoIs alone during the pass too
@@ -354,7 +356,7 @@ def run_variant(name: str, scale: LeakageScale, seed: int, progress: Any = None
     model = build_model(variant, scale, seed)
     loss = train_model(model, train, scale, seed, progress=progress)
     if has_batchnorm(variant):
-        population_stats(model, variant, train, scale, seed)
+        recompute_roi_population(model, variant, train, scale, seed)
     return {**evaluate(model, test, test_rois, scale), "train_loss": loss}
 
 
@@ -387,11 +389,12 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     """Train ``name`` on ``ranks`` real gloo processes (torchrun) and evaluate it here.
 
     Runs ``python -m torch.distributed.run --standalone --nproc_per_node=ranks`` on
-    :mod:`rethinkbn_studies.leakage_worker`, which trains with the real shuffle / SyncBatchNorm,
-    runs precise_bn across ranks and saves rank 0's state dict; this process loads it into the
-    virtual-device model and evaluates it like :func:`run_variant`. Raises ``RuntimeError`` with
-    the workers' output if torchrun fails or runs past ``timeout_s`` (its workers are killed
-    with it), and ``ValueError`` (:func:`check_ranks`) unless every rank holds whole devices.
+    :mod:`rethinkbn_studies.studies.leakage_worker`, which trains with the real shuffle /
+    SyncBatchNorm, runs precise_bn across ranks and saves rank 0's state dict; this process loads
+    it into the virtual-device model and evaluates it like :func:`run_variant`. Raises
+    ``RuntimeError`` with the workers' output if torchrun fails or runs past ``timeout_s`` (its
+    workers are killed with it), and ``ValueError`` (:func:`check_ranks`) unless every rank holds
+    whole devices.
     """
     variant = VARIANTS[name]
     check_ranks(scale, ranks, (name,))
@@ -399,7 +402,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
         out = Path(tmp) / "state.pt"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", "-m", "rethinkbn_studies.leakage_worker",
+            f"--nproc_per_node={ranks}", "-m", "rethinkbn_studies.studies.leakage_worker",
             "--variant", name, "--seed", str(seed), "--scale", json.dumps(scale.as_dict()),
             "--out", str(out),
         ]
@@ -424,7 +427,7 @@ def train_on_ranks(name: str, scale: LeakageScale, seed: int, ranks: int = 2,
     if variant.norm == "sync":
         # precise_bn normalizes each rank's share alone in its pass, whereas SyncBN normalized
         # the whole step in training: estimate its statistics here, on whole steps.
-        population_stats(model, variant, train, scale, seed)
+        recompute_roi_population(model, variant, train, scale, seed)
     return {**evaluate(model, test, test_rois, scale), "train_loss": saved["train_loss"]}
 
 
@@ -609,82 +612,124 @@ def check_context(ctx: RunContext) -> None:
     check_ranks(scale_for(ctx), ctx.ranks)
 
 
-@register_study("leakage", "Sec. 6, Tables 3/6: per-device BN leaks through correlated RoIs; "
-                           "shuffle and SyncBN fix it", check=check_context, uses_ranks=True)
-def run(ctx: RunContext) -> StudyResult:
-    scale = scale_for(ctx)
-    ranks = ctx.ranks
-    check_ranks(scale, ranks)  # before any training, not after the virtual runs
-    base_key = {"study": "leakage", "v": 2, "scale": scale.as_dict()}
-    # The variants and the ablation in one call, so that the pool stays busy across both.
-    jobs = [(n, None, s) for n in VARIANTS for s in ctx.seeds]
+@dataclass(frozen=True)
+class LeakageRuns:
+    """Everything the study measured: per variant (and per ablation of ``ABLATION_VARIANT``)
+    its errors per seed (``"pop"``, ``"mu_B"``, ...), and the per-test-image 0/1 errors that
+    the verdicts judge (:func:`per_image`); with ``ranks > 1`` the same for the variants of
+    ``RANK_VARIANTS`` trained on real gloo ranks."""
+
+    scale: LeakageScale
+    per_seed: dict[str, list[dict[str, Any]]]
+    ablated: dict[str, list[dict[str, Any]]]
+    wrong: dict[str, Any]
+    wrong_ablated: dict[str, Any]
+    ranks: int = 1
+    real: dict[str, list[dict[str, Any]]] | None = None
+    real_wrong: dict[str, Any] | None = None
+
+    def ranks_wrong(self) -> tuple[int, dict[str, Any]] | None:
+        """``(ranks, real ranks' per-image errors)`` for :func:`verdicts`, None without ranks."""
+        return None if self.real_wrong is None else (self.ranks, self.real_wrong)
+
+
+def _base_key(scale: LeakageScale) -> dict[str, Any]:
+    return {"study": "leakage", "v": 2, "scale": scale.as_dict()}
+
+
+def measure(ctx: RunContext, scale: LeakageScale) -> LeakageRuns:
+    """The variants and the ablation on virtual devices, in one ``run_all`` (so that the pool
+    stays busy across both), cached."""
+    jobs: list[tuple[str, str | None, int]] = [(n, None, s) for n in VARIANTS for s in ctx.seeds]
     jobs += [(ABLATION_VARIANT, a, s) for a in ABLATIONS for s in ctx.seeds]
     tasks = []
     for name, ablation, seed in jobs:
         s = scale if ablation is None else ablation_scale(scale, ablation)
-        tasks.append(Task({**base_key, "scale": s.as_dict(), "variant": name, "seed": seed},
-                          _variant_task, (name, s, seed)))
+        tasks.append(Task({**_base_key(scale), "scale": s.as_dict(), "variant": name,
+                           "seed": seed}, _variant_task, (name, s, seed)))
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in VARIANTS}
     ablated: dict[str, list[dict[str, Any]]] = {a: [] for a in ABLATIONS}
     for (name, ablation, _), result in zip(jobs, ctx.run_all(tasks, desc="leakage runs"),
                                            strict=True):
         (per_seed[name] if ablation is None else ablated[ablation]).append(result)
-    keys = ("pop", "mu_B")
     rpi = scale.task.rois_per_image
     wrong, per_seed = split_wrong(per_seed)
     wrong_ablated, ablated = split_wrong(ablated)
-    wrong, wrong_ablated = per_image(wrong, rpi), per_image(wrong_ablated, rpi)
-    mean, std = over_seeds(per_seed, keys)
-    numbers: dict[str, Any] = {"per_seed": per_seed, "mean": mean, "std": std,
-                               "ablation": {"per_seed": ablated,
-                                            "mean": over_seeds(ablated, keys)[0]},
-                               "scale": scale.as_dict()}
+    return LeakageRuns(scale, per_seed, ablated, per_image(wrong, rpi),
+                       per_image(wrong_ablated, rpi))
+
+
+def measure_ranks(ctx: RunContext, runs: LeakageRuns) -> LeakageRuns:
+    """``runs`` with the variants of ``RANK_VARIANTS`` also trained on ``ctx.ranks`` real
+    gloo ranks (cached). One run after the other, not through ``run_all``: each run already
+    keeps ``ranks`` processes (torchrun) busy."""
+    scale, ranks = runs.scale, ctx.ranks
+    real: dict[str, list[dict[str, Any]]] = {n: [] for n in RANK_VARIANTS}
+    rank_jobs = [(n, s) for n in RANK_VARIANTS for s in ctx.seeds]
+    for name, seed in ctx.progress(rank_jobs, desc=f"leakage runs on {ranks} ranks",
+                                   total=len(rank_jobs), leave=True):
+        real[name].append(ctx.cache.get_or_run(
+            {**_base_key(scale), "variant": name, "seed": seed, "ranks": ranks},
+            functools.partial(train_on_ranks, name, scale, seed, ranks)))
+    real_wrong, real = split_wrong(real)
+    return replace(runs, ranks=ranks, real=real,
+                   real_wrong=per_image(real_wrong, scale.task.rois_per_image))
+
+
+def summarize(runs: LeakageRuns) -> dict[str, Any]:
+    """The study's numbers for results.json: per variant and ablation the errors per seed and
+    their means (and standard deviations), and the real ranks' when trained."""
+    keys = ("pop", "mu_B")
+    mean, std = over_seeds(runs.per_seed, keys)
+    numbers: dict[str, Any] = {"per_seed": runs.per_seed, "mean": mean, "std": std,
+                               "ablation": {"per_seed": runs.ablated,
+                                            "mean": over_seeds(runs.ablated, keys)[0]},
+                               "scale": runs.scale.as_dict()}
+    if runs.real is not None:
+        numbers["ranks"] = {"world": runs.ranks, "per_seed": runs.real,
+                            "mean": over_seeds(runs.real, keys)[0]}
+    return numbers
+
+
+def tables(runs: LeakageRuns) -> list[Table]:
+    """Our tables: the variants, the ablation, and with real ranks their comparison with the
+    virtual devices."""
+    per_seed, ablated = runs.per_seed, runs.ablated
     rows = []
     for name, variant in VARIANTS.items():
         rs = per_seed[name]
         ipd = str(variant.images_per_device) if variant.images_per_device else "-"
-        bn = has_batchnorm(variant)
         rows.append([variant.label, ipd, fmt([r["pop"] for r in rs]),
-                     fmt([r["mu_B"] for r in rs]) if bn else "-"])
-    tables = [Table("RoI classification error (%), one test image at a time",
-                    ["head normalization", "images per device", "pop", "mu_B of 1 image"], rows)]
-    tables.append(Table(
+                     fmt([r["mu_B"] for r in rs]) if has_batchnorm(variant) else "-"])
+    out = [Table("RoI classification error (%), one test image at a time",
+                 ["head normalization", "images per device", "pop", "mu_B of 1 image"], rows)]
+    out.append(Table(
         f"ablation, {_describe(ABLATION_VARIANT)}: RoI error (%) on tasks with one source of "
         "correlation between an image's RoIs removed; gap = pop - mu_B, paired bootstrap over "
         "test images and seeds",
         ["task", "pop", "mu_B of 1 image", "gap (pt), 95% CI"],
         [["both (the study's task)", fmt([r["pop"] for r in per_seed[ABLATION_VARIANT]]),
           fmt([r["mu_B"] for r in per_seed[ABLATION_VARIANT]]),
-          _diff(wrong, (ABLATION_VARIANT, "pop"), (ABLATION_VARIANT, "mu_B")).text()]]
+          _diff(runs.wrong, (ABLATION_VARIANT, "pop"), (ABLATION_VARIANT, "mu_B")).text()]]
         + [[a, fmt([r["pop"] for r in ablated[a]]), fmt([r["mu_B"] for r in ablated[a]]),
-            _diff(wrong_ablated, (a, "pop"), (a, "mu_B")).text()] for a in ABLATIONS]))
-    ranks_wrong = None
-    if ranks > 1:
-        # One run after the other, not through run_all: each run already keeps `ranks`
-        # processes (torchrun) busy.
-        real: dict[str, list[dict[str, Any]]] = {n: [] for n in RANK_VARIANTS}
-        rank_jobs = [(n, s) for n in RANK_VARIANTS for s in ctx.seeds]
-        for name, seed in ctx.progress(rank_jobs, desc=f"leakage runs on {ranks} ranks",
-                                       total=len(rank_jobs), leave=True):
-            real[name].append(ctx.cache.get_or_run(
-                {**base_key, "variant": name, "seed": seed, "ranks": ranks},
-                lambda n=name, s=seed: train_on_ranks(n, scale, s, ranks)))
-        real_wrong, real = split_wrong(real)
-        ranks_wrong = (ranks, per_image(real_wrong, rpi))
-        numbers["ranks"] = {"world": ranks, "per_seed": real, "mean": over_seeds(real, keys)[0]}
-        tables.append(Table(
+            _diff(runs.wrong_ablated, (a, "pop"), (a, "mu_B")).text()] for a in ABLATIONS]))
+    if runs.real is not None:
+        ranks, real = runs.ranks, runs.real
+        out.append(Table(
             f"virtual devices vs {ranks} real gloo ranks (torchrun): RoI error (%); same seeds "
             "and steps, so only the order of floating-point reductions differs",
             ["variant", "pop, virtual", f"pop, {ranks} ranks", "mu_B, virtual",
              f"mu_B, {ranks} ranks"],
-            [[_describe(n), *(fmt([r[k] for r in runs[n]]) for k in keys
-                               for runs in (per_seed, real))]
+            [[_describe(n), *(fmt([r[k] for r in by[n]]) for k in ("pop", "mu_B")
+                               for by in (per_seed, real))]
              for n in RANK_VARIANTS]))
-    theirs = Table("Tables 3 and 6 (Mask R-CNN, COCO; AP box / AP mask, higher is better)",
-                   ["head normalization", "images per GPU", "inference stats", "AP box / mask"],
-                   [[h, i, s, f"{a:.1f} / {b:.1f}"] for h, i, s, (a, b) in paper.TABLE6])
+    return out
+
+
+def setup_text(ctx: RunContext, scale: LeakageScale) -> str:
+    """The report's setup paragraph, with the mode (virtual devices, real ranks)."""
     t = scale.task
-    setup = (
+    return (
         f"A 1-D detection-like task ({t.image_length}-sample images, {t.objects_per_image} "
         f"MNIST-1D digits each, per-image gain/offset, objects of one image share a class with "
         f"p={t.same_class_prob}); {t.rois_per_image} RoIs per image of width {t.window}, "
@@ -693,11 +738,29 @@ def run(ctx: RunContext) -> StudyResult:
         f"variants split a step into devices of 1 or 2 images (virtual devices). Population "
         f"statistics: PreciseBN over {scale.precise_batches} training steps. Test: "
         f"{scale.num_test_images} images, one at a time. Seeds: {list(ctx.seeds)}."
-        + " " + _mode_line(ranks)
+        + " " + _mode_line(ctx.ranks)
     )
+
+
+PAPER_TABLE = Table("Tables 3 and 6 (Mask R-CNN, COCO; AP box / AP mask, higher is better)",
+                    ["head normalization", "images per GPU", "inference stats", "AP box / mask"],
+                    [[h, i, s, f"{a:.1f} / {b:.1f}"] for h, i, s, (a, b) in paper.TABLE6])
+
+
+@register_study("leakage", "Sec. 6, Tables 3/6: per-device BN leaks through correlated RoIs; "
+                           "shuffle and SyncBN fix it", check=check_context, uses_ranks=True)
+def run(ctx: RunContext) -> StudyResult:
+    """Stages: the virtual-device runs (:func:`measure`), with ``--ranks`` > 1 the real ranks
+    (:func:`measure_ranks`), the numbers, tables, verdicts (:func:`verdicts`) and plots."""
+    scale = scale_for(ctx)
+    check_ranks(scale, ctx.ranks)  # before any training, not after the virtual runs
+    runs = measure(ctx, scale)
+    if ctx.ranks > 1:
+        runs = measure_ranks(ctx, runs)
+    numbers = summarize(runs)
     notes = "Lower is better here (RoI error); the paper reports AP (higher is better). " + \
-        ablation_note(wrong, wrong_ablated)
-    return StudyResult(setup=setup, tables=tables, paper_tables=[theirs],
-                       plots=_plot(ctx, numbers),
-                       summary=verdicts(wrong, wrong_ablated, ranks_wrong), numbers=numbers,
-                       notes=notes)
+        ablation_note(runs.wrong, runs.wrong_ablated)
+    return StudyResult(setup=setup_text(ctx, scale), tables=tables(runs),
+                       paper_tables=[PAPER_TABLE], plots=_plot(ctx, numbers),
+                       summary=verdicts(runs.wrong, runs.wrong_ablated, runs.ranks_wrong()),
+                       numbers=numbers, notes=notes)

@@ -1,14 +1,15 @@
 """One rank of the ``leakage`` study on real processes; started by torchrun, never imported.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 \\
-        -m rethinkbn_studies.leakage_worker --variant syncbn --seed 0 --scale '{...}' --out s.pt
+        -m rethinkbn_studies.studies.leakage_worker --variant syncbn --seed 0 --scale '{...}' \\
+        --out s.pt
 
 Each rank builds the real-rank form of the variant's model (SyncBatchNorm across ranks, the
 shuffle across ranks with ``all_to_all``), trains on its share of every step
-(:func:`rethinkbn_studies.leakage.train_model`), estimates population statistics with precise_bn
-pooled across ranks (per-device variants; SyncBN's are estimated by the parent), and rank 0
-saves ``{"state_dict", "train_loss"}`` to ``--out`` with
-:func:`rethinkbn_studies.cache.save_result` (a format that cannot carry code).
+(:func:`rethinkbn_studies.studies.leakage.train_model`), estimates population statistics with
+precise_bn pooled across ranks (per-device variants; SyncBN's are estimated by the parent), and
+rank 0 saves ``{"state_dict", "train_loss"}`` to ``--out`` with
+:func:`rethinkbn_studies.infra.cache.save_result` (a format that cannot carry code).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cache import save_result
+from ..infra.cache import save_result
 from .leakage import (
     VARIANTS,
     LeakageScale,
     build_model,
     has_batchnorm,
-    population_stats,
+    recompute_roi_population,
     task_images,
     train_model,
 )
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = train_model(model, train, scale, args.seed, rank, world)
         # SyncBN's statistics are estimated by the parent on the whole step (train_on_ranks).
         if has_batchnorm(variant) and variant.norm != "sync":
-            population_stats(model, variant, train, scale, args.seed, rank, world)
+            recompute_roi_population(model, variant, train, scale, args.seed, rank, world)
         # The step's mean loss: every rank's mean over an equal share.
         total = torch.tensor([loss])
         dist.all_reduce(total)

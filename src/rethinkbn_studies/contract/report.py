@@ -42,7 +42,7 @@ def environment(device: torch.device, seeds: tuple[int, ...], quick: bool,
 
     from rethinkbn import __version__
 
-    versions = {
+    versions: dict[str, str | None] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
@@ -123,8 +123,8 @@ def _ranks_note(env: dict[str, Any]) -> str:
 
 def what_would_change(result: StudyResult) -> str:
     """The study's last line: for each verdict, the measured margin against its uncertainty
-    (:meth:`~rethinkbn_studies.base.Verdict.what_would_change`), computed from its effect and
-    interval."""
+    (:meth:`~rethinkbn_studies.contract.base.Verdict.what_would_change`), computed from its
+    effect and interval."""
     parts = [f"{i}. {row.verdict.what_would_change()}"
              for i, row in enumerate(result.summary, start=1)]
     return "**What would change the verdicts** (in the order above): " + "; ".join(parts) + "."

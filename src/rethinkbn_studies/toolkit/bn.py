@@ -38,7 +38,7 @@ __all__ = [
     "freeze_with_population_stats",
     "per_batch_stats",
     "pooled_stats",
-    "population_stats",
+    "recompute_population",
     "set_norm_batch_size",
     "stats_distances",
     "wrong_minibatch",
@@ -63,8 +63,8 @@ def _batches(model: nn.Module, x: Tensor, batch_size: int, num_samples: int,
     return [x[idx[i : i + batch_size]].to(device) for i in range(0, len(idx), batch_size)]
 
 
-def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: int,
-                     seed: int = 0, pass_norm_batch_size: int | None = None) -> PreciseBNReport:
+def recompute_population(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: int,
+                         seed: int = 0, pass_norm_batch_size: int | None = None) -> PreciseBNReport:
     """PreciseBN in place: every BN's running statistics become those of ``num_samples``
     training inputs ``x`` (a seeded random subset) run in batches of ``batch_size``.
 
@@ -79,7 +79,7 @@ def population_stats(model: nn.Module, x: Tensor, *, batch_size: int, num_sample
 def freeze_with_population_stats(model: nn.Module, x: Tensor, *, batch_size: int,
                                  num_samples: int, seed: int,
                                  pass_norm_batch_size: int | None) -> nn.Module:
-    """FrozenBN: PreciseBN statistics (as :func:`population_stats`), then every BN normalizes
+    """FrozenBN: PreciseBN statistics (as :func:`recompute_population`), then every BN normalizes
     with them in training too; weight and bias stay the same parameters and keep training."""
     batches = _batches(model, x, batch_size, num_samples, seed)
     return freeze_with_precise_stats(model, batches, num_samples=None,
@@ -122,7 +122,7 @@ def batch_moments(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: 
                   seed: int = 0, layer_by_layer: bool = False) -> dict[str, Moments]:
     """Per BatchNorm layer (qualified name), the moments of its input in every pass batch:
     shape ``(num_batches, C)``, batch ``k`` holding samples ``k*B .. k*B + B - 1`` of the same
-    seeded pass order as :func:`population_stats` (the last batch may be smaller).
+    seeded pass order as :func:`recompute_population` (the last batch may be smaller).
 
     ``layer_by_layer=False`` (the "whole" pass, PreciseBN's): every BatchNorm normalizes each
     batch of ``batch_size`` with that batch's own statistics, so a layer's input depends on the
@@ -175,9 +175,9 @@ def batch_moments(model: nn.Module, x: Tensor, *, batch_size: int, num_samples: 
     out = {name: Moments(*(torch.cat([getattr(r, f) for r in rs])
                            for f in ("count", "mean", "m2")))
            for name, rs in rows.items() if rs}
-    for name, m in out.items():
+    for name, moments in out.items():
         # A NaN or inf in the inputs would reach the estimators unseen: refuse it here, by layer.
-        if not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()):
+        if not (torch.isfinite(moments.mean).all() and torch.isfinite(moments.m2).all()):
             raise ValueError(f"batch_moments: {name}: its input has non-finite values (NaN or "
                              f"inf) in some pass batch; check the inputs and the model")
     return out

@@ -31,7 +31,8 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 
 from rethinkbn.layers import is_batchnorm
 
-from . import bn, paper
-from .base import (
+from ..contract import paper
+from ..contract.base import (
     INCONCLUSIVE,
     RunContext,
     StudyResult,
@@ -51,7 +52,9 @@ from .base import (
     mean_std,
     register_study,
 )
-from .common import (
+from ..contract.verdicts import equivalent, exceeds, paired_bootstrap
+from ..toolkit import bn
+from ..toolkit.common import (
     FULL_MNIST1D_SAMPLES,
     Scale,
     data_key,
@@ -63,8 +66,7 @@ from .common import (
     scale_for,
     study_data,
 )
-from .train import Callback, EpochEnd, TrainConfig, evaluate_wrong, train
-from .verdicts import equivalent, exceeds, paired_bootstrap
+from ..toolkit.train import Callback, EpochEnd, TrainConfig, evaluate_wrong, train
 
 PRECISE_SAMPLES = 1000
 PRECISE_BATCH = 100
@@ -140,7 +142,7 @@ def _batch_means_view(model: nn.Module, x: Tensor, batch: int, seed: int,
     """EMA mean of each channel of the probe layer vs 100 per-batch means of the current model."""
     probe = copy.deepcopy(model)
     layer = _probe_layer(probe)
-    ema = layer.running_mean.detach().cpu().clone()
+    ema = cast(Tensor, layer.running_mean).detach().cpu().clone()
     means: list[Tensor] = []
     hook = layer.register_forward_pre_hook(
         lambda m, inp: means.append(inp[0].mean(dim=[0, *range(2, inp[0].dim())]).cpu())
@@ -245,8 +247,8 @@ def _run(ctx: RunContext, scale: Scale, batch: int, seed: int) -> dict[str, Any]
     out: dict[str, Any] = {"epochs": [], "ema_wrong": [], "precise_wrong": [], "distance": []}
 
     def precise_of(m: nn.Module, epoch: int) -> Any:
-        return bn.population_stats(m, data.train_x, batch_size=PRECISE_BATCH,
-                                   num_samples=PRECISE_SAMPLES, seed=seed + epoch)
+        return bn.recompute_population(m, data.train_x, batch_size=PRECISE_BATCH,
+                                       num_samples=PRECISE_SAMPLES, seed=seed + epoch)
 
     sweep = MomentumSweep(MOMENTA, start=lambda m: precise_of(m, 0)) if large else None
     if sweep is not None:
@@ -299,8 +301,8 @@ def _fig4(ctx: RunContext, scale: Scale, seed: int, trained: dict[str, Any]) -> 
     out = {}
     for n in fig4_samples(len(data.train_x)):
         m = copy.deepcopy(model)
-        bn.population_stats(m, data.train_x, batch_size=min(PRECISE_BATCH, n), num_samples=n,
-                            seed=seed)
+        bn.recompute_population(m, data.train_x, batch_size=min(PRECISE_BATCH, n),
+                                num_samples=n, seed=seed)
         out[str(n)] = evaluate_wrong(m, data.val_x, data.val_y)
     return out
 
@@ -335,8 +337,7 @@ def nearest_checkpoints(normal: list[float], large: list[float]) -> list[int]:
     """For each measurement ``i`` of the normal batch (mean PreciseBN error ``normal[i]``), the
     large batch's measurement ``j`` with the nearest mean error ``large[j]`` (the earlier on a
     tie)."""
-    return [min(range(len(large)), key=lambda k, err=err: abs(large[k] - err))
-            for err in normal]
+    return [min(range(len(large)), key=lambda k: abs(large[k] - err)) for err in normal]
 
 
 def matched_checkpoints(normal: list[float], large: list[float]) -> list[tuple[int, int]]:
@@ -456,6 +457,21 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[
     :func:`matched_verdicts`, and, when present, the control, Fig. 4 and the lambda sweep.
     Every effect comes with a paired bootstrap over samples (channels) and seeds; the displayed
     numbers are the means in ``numbers``."""
+    rows = early_verdicts(numbers, wrong) + matched_verdicts(numbers, wrong)
+    if "control" in wrong:
+        rows.append(control_verdict(wrong["control"]))
+    if "fig4" in wrong:
+        rows += fig4_verdicts(wrong["fig4"])
+    if "sweep" in wrong:
+        rows += lambda_verdicts(wrong["sweep"], wrong["control"]["precise"],
+                                numbers["large_every"])
+    return rows
+
+
+def early_verdicts(numbers: dict[str, Any], wrong: dict[str, Any]) -> list[SummaryRow]:
+    """The large batch's EMA deficit early in training, against the normal batch's; the
+    normal batch's EMA as good as PreciseBN late in training; Fig. 2's channels outside the
+    per-batch means (the inputs of :func:`verdicts`)."""
     rows = []
     curves = numbers["curves"]
     large_batch = numbers["large_batch"]
@@ -507,41 +523,47 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, Any]]) -> list[
                 "per-batch means: first checkpoint - last checkpoint > 0 pt, whole 95% interval",
                 paired_bootstrap(out_first, out_last, units="channels"), 0.0),
     ))
-    rows += matched_verdicts(numbers, wrong)
-    if "control" in wrong:
-        d_control = _in_window(wrong["control"], EARLY)
-        gap_control = float(d_control.mean() * 100)
-        rows.append(SummaryRow(
-            "Large batch, EMA started from PreciseBN statistics (control): still worse early "
-            "(lag and noise, not the EMA's start values)",
-            f"EMA - PreciseBN = {gap_control:+.1f} pt (first half)", "(the paper's mechanism)",
-            exceeds(f"control: mean (EMA - PreciseBN) over the first half of training > "
-                    f"{EARLY_MARGIN} pt, whole 95% interval",
-                    paired_bootstrap(d_control, np.zeros_like(d_control)), EARLY_MARGIN)))
-    if "fig4" in wrong:
-        sizes = sorted(wrong["fig4"], key=int)
-        n_all, few = sizes[-1], sizes[0]
-        suffice = "1000" if "1000" in wrong["fig4"] else sizes[-2]
-        err = {k: 100 * float(np.mean(np.stack([np.asarray(w, dtype=float)
-                                                for w in wrong["fig4"][k]]))) for k in sizes}
-        fig4 = {k: np.stack([np.asarray(w, dtype=bool) for w in wrong["fig4"][k]])
-                for k in sizes}
-        rows.append(SummaryRow(
+    return rows
+
+
+def control_verdict(control: dict[str, Any]) -> SummaryRow:
+    """The control (the large run's EMA started from PreciseBN statistics) is still worse than
+    PreciseBN early; ``control["ema"|"precise"]`` as ``wrong[batch]`` in :func:`verdicts`."""
+    d_control = _in_window(control, EARLY)
+    gap_control = float(d_control.mean() * 100)
+    return SummaryRow(
+        "Large batch, EMA started from PreciseBN statistics (control): still worse early "
+        "(lag and noise, not the EMA's start values)",
+        f"EMA - PreciseBN = {gap_control:+.1f} pt (first half)", "(the paper's mechanism)",
+        exceeds(f"control: mean (EMA - PreciseBN) over the first half of training > "
+                f"{EARLY_MARGIN} pt, whole 95% interval",
+                paired_bootstrap(d_control, np.zeros_like(d_control)), EARLY_MARGIN))
+
+
+def fig4_verdicts(per_size: dict[str, Any]) -> list[SummaryRow]:
+    """Fig. 4 from ``per_size[str(n)]`` (per seed, the 0/1 validation errors with PreciseBN
+    from n samples): 1000 samples (else the second largest n) as good as all, the smallest n
+    too few."""
+    sizes = sorted(per_size, key=int)
+    n_all, few = sizes[-1], sizes[0]
+    suffice = "1000" if "1000" in per_size else sizes[-2]
+    err = {k: 100 * float(np.mean(np.stack([np.asarray(w, dtype=float)
+                                            for w in per_size[k]]))) for k in sizes}
+    fig4 = {k: np.stack([np.asarray(w, dtype=bool) for w in per_size[k]]) for k in sizes}
+    return [
+        SummaryRow(
             f"Fig. 4: PreciseBN with {suffice} samples is as good as with all {n_all}",
             f"{err[suffice]:.1f} vs {err[n_all]:.1f}", "10^3-10^4 samples suffice",
             equivalent(f"|err(n={suffice}) - err(n={n_all})| <= {SUFFICE_MARGIN} pt "
                        f"(equivalence margin), whole 90% interval",
                        paired_bootstrap(fig4[suffice], fig4[n_all], confidence=0.90),
-                       SUFFICE_MARGIN)))
-        rows.append(SummaryRow(
+                       SUFFICE_MARGIN)),
+        SummaryRow(
             f"Fig. 4: {few} samples are too few for PreciseBN",
             f"{err[few]:.1f} vs {err[n_all]:.1f}", "error rises below ~10^2-10^3 samples",
             exceeds(f"err(n={few}) - err(n={n_all}) > 0, whole 95% interval",
-                    paired_bootstrap(fig4[few], fig4[n_all]), 0.0)))
-    if "sweep" in wrong:
-        rows += lambda_verdicts(wrong["sweep"], wrong["control"]["precise"],
-                                numbers["large_every"])
-    return rows
+                    paired_bootstrap(fig4[few], fig4[n_all]), 0.0)),
+    ]
 
 
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
@@ -577,7 +599,7 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
         ax.set_xlabel("channel")
     axes[0][0].set_ylabel("per-batch means (dots), EMA (x)")
     fig.suptitle("Fig. 2 analog: EMA mean vs per-batch means")
-    means = save_plot(ctx, fig, "ema_batch_means.png")
+    batch_means = save_plot(ctx, fig, "ema_batch_means.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     sizes = sorted(numbers["fig4"], key=int)
@@ -603,73 +625,165 @@ def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
     ax.minorticks_off()
     ax.set_title(f"Lambda sweep: EMA momentum, batch {numbers['large_batch']} (from PreciseBN)")
     ax.legend(fontsize=8)
-    return [curves, means, fig4, save_plot(ctx, fig, "ema_momentum_sweep.png")]
+    return [curves, batch_means, fig4, save_plot(ctx, fig, "ema_momentum_sweep.png")]
 
 
-@register_study("ema-vs-precise",
-                "Sec. 3, Fig. 2-3: EMA vs PreciseBN statistics per epoch, normal and large batch")
-def run(ctx: RunContext) -> StudyResult:
+@dataclass(frozen=True)
+class Curve:
+    """One run's measurements (after fractions ``1/points, ..., 1`` of its training): per
+    measurement, the training epoch, which validation samples the model gets wrong with the EMA
+    statistics and with PreciseBN's (0/1 vectors), those error rates (%) and the EMA's distance
+    from PreciseBN's statistics (``[rms mean shift in sigmas, rms log std ratio]``)."""
+
+    epochs: list[int]
+    ema_wrong: list[Any]
+    precise_wrong: list[Any]
+    ema: list[float]
+    precise: list[float]
+    distance: list[list[float]]
+
+    @classmethod
+    def of(cls, run: dict[str, Any]) -> Curve:
+        """The curve of a cached result of :func:`_run`."""
+        return cls(run["epochs"], run["ema_wrong"], run["precise_wrong"], run["ema"],
+                   run["precise"], run["distance"])
+
+    @classmethod
+    def control(cls, run: dict[str, Any]) -> Curve:
+        """The control of a large run: the sweep's EMA with torch's momentum
+        (``MIDDLE_MOMENTUM``, started from PreciseBN statistics) against the run's PreciseBN."""
+        sweep = SweepCurve.of(run, MIDDLE_MOMENTUM)
+        ema = [100.0 * float(np.asarray(w, dtype=float).mean()) for w in sweep.wrong]
+        return cls(run["epochs"], sweep.wrong, run["precise_wrong"], ema, run["precise"],
+                   sweep.distance)
+
+    def wrong(self) -> dict[str, np.ndarray]:
+        """``{"ema"|"precise": the (points, samples) 0/1 array}`` (one seed), as the verdicts
+        take it."""
+        return {"ema": np.stack([np.asarray(w) for w in self.ema_wrong]),
+                "precise": np.stack([np.asarray(w) for w in self.precise_wrong])}
+
+
+@dataclass(frozen=True)
+class SweepCurve:
+    """One momentum's EMA in a large run's sweep: per measurement, the 0/1 validation errors
+    with its statistics and its distance from PreciseBN's."""
+
+    wrong: list[Any]
+    distance: list[list[float]]
+
+    @classmethod
+    def of(cls, run: dict[str, Any], momentum: float | str) -> SweepCurve:
+        entry = run["sweep"][str(momentum)]
+        return cls(entry["wrong"], entry["distance"])
+
+
+@dataclass(frozen=True)
+class EmaRuns:
+    """Everything the study measured, per seed: the normal- and large-batch curves, the
+    control, the lambda sweep (per momentum, as in ``MOMENTA``), Fig. 2's views of the normal
+    batch (per checkpoint epoch) and Fig. 4's errors (per number of PreciseBN samples)."""
+
+    scale: Scale
+    large_batch: int
+    normal: list[Curve]
+    large: list[Curve]
+    control: list[Curve]
+    sweep: dict[str, list[SweepCurve]]
+    fig2: list[dict[str, dict[str, Any]]]
+    fig4: list[dict[str, Any]]
+
+    @property
+    def every(self) -> int:
+        return LARGE_EPOCHS_FACTOR
+
+    @property
+    def points(self) -> int:
+        return self.scale.epochs
+
+    def by_name(self) -> dict[str, list[Curve]]:
+        """The three curves by the names of ``numbers["curves"]``: the two batches, then
+        ``"control"``."""
+        return {str(NORMAL_BATCH): self.normal, str(self.large_batch): self.large,
+                "control": self.control}
+
+    def wrong(self) -> dict[str, Any]:
+        """The per-sample errors :func:`verdicts` judges (see there)."""
+        out: dict[str, Any] = {name: {key: [c.wrong()[key] for c in curves]
+                                      for key in ("ema", "precise")}
+                               for name, curves in self.by_name().items()}
+        out["fig4"] = {n: [f[n] for f in self.fig4] for n in self.fig4[0]}
+        out["sweep"] = {m: [np.stack([np.asarray(w) for w in c.wrong]) for c in curves]
+                        for m, curves in self.sweep.items()}
+        marks = list(self.fig2[0])
+        out["fig2"] = {"first": [v[marks[0]]["outside"] for v in self.fig2],
+                       "last": [v[marks[-1]]["outside"] for v in self.fig2]}
+        return out
+
+
+def study_scale(ctx: RunContext) -> Scale:
+    """The narrow ResNet's scale; outside tiny mode all of the training set (the large batch
+    gets enough steps per epoch). ``ValueError`` below two normal batches of samples."""
     data = study_data(ctx)  # generated here once, before worker processes read it
     scale = scale_for(ctx, quick_epochs=8, full_epochs=20,
-                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)  # the narrow ResNet
+                      mnist1d_train_samples=FULL_MNIST1D_SAMPLES)
     if not ctx.tiny:
-        # All of the training set: the large batch gets enough steps per epoch.
         scale = dataclasses.replace(scale, num_train=len(data.train_x))
     if scale.num_train < 2 * NORMAL_BATCH:
         raise ValueError(f"ema-vs-precise needs >= {2 * NORMAL_BATCH} training samples, "
                          f"got {scale.num_train}")
+    return scale
+
+
+def measure(ctx: RunContext, scale: Scale) -> EmaRuns:
+    """The study's runs (cached): per seed, the normal and the large batch (:func:`_run`), then
+    Fig. 4 on each final normal-batch model (:func:`_fig4`)."""
     large = min(LARGE_BATCH, scale.num_train // 2)
-    every, points = LARGE_EPOCHS_FACTOR, scale.epochs
     jobs = [(b, s) for b in (NORMAL_BATCH, large) for s in ctx.seeds]
     results = ctx.run_all(
         [Task({"study": "ema-vs-precise", "v": 5, "data": data_key(ctx), "batch": b,
                "seed": s, "scale": scale.as_dict(),
                "precise": [PRECISE_SAMPLES, PRECISE_BATCH],
-               **({"epochs": points * every, "measure_every": every,
+               **({"epochs": scale.epochs * LARGE_EPOCHS_FACTOR,
+                   "measure_every": LARGE_EPOCHS_FACTOR,
                    "lambda_sweep": list(MOMENTA)} if b != NORMAL_BATCH else {})},
               _run, (scale, b, s)) for b, s in jobs], desc="ema-vs-precise: training")
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for (batch, _), r in zip(jobs, results, strict=True):
-        runs.setdefault(str(batch), []).append(r)
-    # The control: the large run's EMA with torch's momentum started from PreciseBN statistics.
-    runs["control"] = [{"epochs": r["epochs"], "ema_wrong": r["sweep"][str(MIDDLE_MOMENTUM)][
-        "wrong"], "precise_wrong": r["precise_wrong"], "precise": r["precise"],
-        "distance": r["sweep"][str(MIDDLE_MOMENTUM)]["distance"]} for r in runs[str(large)]]
-    for r in runs["control"]:
-        r["ema"] = [100.0 * float(np.asarray(w, dtype=float).mean()) for w in r["ema_wrong"]]
-    wrong: dict[str, dict[str, Any]] = {
-        name: {key: [np.stack([np.asarray(w) for w in r[f"{key}_wrong"]]) for r in rs]
-               for key in ("ema", "precise")} for name, rs in runs.items()}
-    normal_runs, large_runs = runs[str(NORMAL_BATCH)], runs[str(large)]
+    normal = [r for (b, _), r in zip(jobs, results, strict=True) if b == NORMAL_BATCH]
+    large_runs = [r for (b, _), r in zip(jobs, results, strict=True) if b != NORMAL_BATCH]
     fig4 = ctx.run_all(
         [Task({"study": "ema-vs-precise", "run": "fig4", "v": 1, "data": data_key(ctx),
                "seed": s, "scale": scale.as_dict(), "precise": PRECISE_BATCH},
-              _fig4, (scale, s, r["state"])) for s, r in zip(ctx.seeds, normal_runs,
-                                                             strict=True)],
+              _fig4, (scale, s, r["state"])) for s, r in zip(ctx.seeds, normal, strict=True)],
         desc="ema-vs-precise: Fig. 4")
-    wrong["fig4"] = {n: [f[n] for f in fig4] for n in fig4[0]}
-    wrong["sweep"] = {m: [np.stack([np.asarray(w) for w in r["sweep"][m]["wrong"]])
-                          for r in large_runs] for m in large_runs[0]["sweep"]}
-    views = [r["fig2"] for r in normal_runs]
-    marks_fig2 = list(views[0])
-    wrong["fig2"] = {"first": [v[marks_fig2[0]]["outside"] for v in views],
-                     "last": [v[marks_fig2[-1]]["outside"] for v in views]}
-    curves: dict[str, Any] = {}
-    for batch, rs in runs.items():
-        ema = [mean_std([r["ema"][e] for r in rs]) for e in range(points)]
-        pre = [mean_std([r["precise"][e] for r in rs]) for e in range(points)]
-        curves[str(batch)] = {"epochs": rs[0]["epochs"],
-                              "ema_mean": [m for m, _ in ema], "ema_std": [s for _, s in ema],
-                              "precise_mean": [m for m, _ in pre],
-                              "precise_std": [s for _, s in pre],
-                              "per_seed": [{"ema": r["ema"], "precise": r["precise"],
-                                            "distance": r["distance"]} for r in rs]}
-    for r in normal_runs:
-        for view in r["fig2"].values():
-            view.pop("outside", None)
-    first = normal_runs[0]["fig2"]
-    outside = [sum(r["fig2"][e]["outside_fraction"] for r in normal_runs) / len(normal_runs)
-               for e in first]
+    return EmaRuns(
+        scale=scale, large_batch=large, normal=[Curve.of(r) for r in normal],
+        large=[Curve.of(r) for r in large_runs],
+        control=[Curve.control(r) for r in large_runs],
+        sweep={m: [SweepCurve.of(r, m) for r in large_runs] for m in large_runs[0]["sweep"]},
+        fig2=[r["fig2"] for r in normal], fig4=fig4)
+
+
+def curve_numbers(curves: list[Curve], points: int) -> dict[str, Any]:
+    """``numbers["curves"][name]``: the mean and std over seeds of each measurement's EMA and
+    PreciseBN errors, and each seed's curves."""
+    ema = [mean_std([c.ema[e] for c in curves]) for e in range(points)]
+    pre = [mean_std([c.precise[e] for c in curves]) for e in range(points)]
+    return {"epochs": curves[0].epochs,
+            "ema_mean": [m for m, _ in ema], "ema_std": [s for _, s in ema],
+            "precise_mean": [m for m, _ in pre], "precise_std": [s for _, s in pre],
+            "per_seed": [{"ema": c.ema, "precise": c.precise, "distance": c.distance}
+                         for c in curves]}
+
+
+def summarize(runs: EmaRuns, wrong: dict[str, Any]) -> dict[str, Any]:
+    """The study's numbers for results.json (and the plots): curves, the lambda sweep, the
+    matched checkpoints, Fig. 2's fractions outside and views, Fig. 4's errors."""
+    points = runs.points
+    curves = {name: curve_numbers(cs, points) for name, cs in runs.by_name().items()}
+    views = [{e: {k: v for k, v in view.items() if k != "outside"} for e, view in f.items()}
+             for f in runs.fig2]
+    outside = [sum(f[e]["outside_fraction"] for f in runs.fig2) / len(runs.fig2)
+               for e in views[0]]
     fig4_err = {n: mean_std([100 * float(np.asarray(w, dtype=float).mean()) for w in ws])
                 for n, ws in wrong["fig4"].items()}
     sweep_numbers = {
@@ -677,29 +791,32 @@ def run(ctx: RunContext) -> StudyResult:
         "ema": {m: [_mean_error([w[e : e + 1] for w in ws], 0, 1) for e in range(points)]
                 for m, ws in wrong["sweep"].items()},
         "precise": curves["control"]["precise_mean"],
-        "distance": {m: [np.mean([r["sweep"][m]["distance"][e] for r in large_runs],
-                                 axis=0).tolist() for e in range(points)]
-                     for m in wrong["sweep"]}}
-    pairs = matched_checkpoints(curves[str(NORMAL_BATCH)]["precise_mean"],
-                                curves[str(large)]["precise_mean"])
-    numbers = {"lambda_sweep": sweep_numbers, "curves": curves, "large_batch": large,
-               "large_every": every, "large_epochs": points * every,
-               "matched_checkpoints": [[curves[str(NORMAL_BATCH)]["epochs"][i],
-                                        curves[str(large)]["epochs"][j]] for i, j in pairs],
-               "fig2_outside": outside, "fig2_views": first,
-               "fig2_epochs": list(first), "scale": scale.as_dict(),
-               "fig4": {n: {"mean": m, "std": sd} for n, (m, sd) in fig4_err.items()}}
+        "distance": {m: [np.mean([c.distance[e] for c in runs.sweep[m]], axis=0).tolist()
+                         for e in range(points)] for m in wrong["sweep"]}}
+    normal, large = curves[str(NORMAL_BATCH)], curves[str(runs.large_batch)]
+    pairs = matched_checkpoints(normal["precise_mean"], large["precise_mean"])
+    return {"lambda_sweep": sweep_numbers, "curves": curves, "large_batch": runs.large_batch,
+            "large_every": runs.every, "large_epochs": points * runs.every,
+            "matched_checkpoints": [[normal["epochs"][i], large["epochs"][j]]
+                                    for i, j in pairs],
+            "fig2_outside": outside, "fig2_views": views[0], "fig2_epochs": list(views[0]),
+            "scale": runs.scale.as_dict(),
+            "fig4": {n: {"mean": m, "std": sd} for n, (m, sd) in fig4_err.items()}}
+
+
+def curve_tables(runs: EmaRuns, numbers: dict[str, Any]) -> list[Table]:
+    """Our tables of the curves: the errors and distances at a few fractions of training, the
+    matched quality at the end, and the checkpoints of matched PreciseBN error."""
+    large, scale, points = runs.large_batch, runs.scale, runs.points
     rows = []
     marks = sorted({max(1, e) for e in (1, points // 4, points // 2, points)})
-    for name in (str(NORMAL_BATCH), str(large), "control"):
-        rs = runs[name]
+    for name, cs in runs.by_name().items():
         for e in marks:
             rows.append([f"{large}, EMA from PreciseBN" if name == "control" else name,
-                         f"{rs[0]['epochs'][e - 1]} of {rs[0]['epochs'][-1]}",
-                         fmt([r["ema"][e - 1] for r in rs]),
-                         fmt([r["precise"][e - 1] for r in rs]),
-                         f"{np.mean([r['distance'][e - 1][0] for r in rs]):.3f}",
-                         f"{np.mean([r['distance'][e - 1][1] for r in rs]):.3f}"])
+                         f"{cs[0].epochs[e - 1]} of {cs[0].epochs[-1]}",
+                         fmt([c.ema[e - 1] for c in cs]), fmt([c.precise[e - 1] for c in cs]),
+                         f"{np.mean([c.distance[e - 1][0] for c in cs]):.3f}",
+                         f"{np.mean([c.distance[e - 1][1] for c in cs]):.3f}"])
     table = Table("validation error (%) at the same fractions of training (epoch of the run's "
                   "epochs), and the distance of the EMA statistics from PreciseBN's "
                   "(PreciseBNReport, mean over BN layers and seeds: rms mean shift in sigmas, "
@@ -710,11 +827,12 @@ def run(ctx: RunContext) -> StudyResult:
         f"Matched quality: validation error (%) after the last epoch, and the equivalence "
         f"margin of the match ({MATCH_MARGIN} pt, see the verdicts)",
         ["SGD batch", "epochs", "steps/epoch", "steps", "PreciseBN", "EMA", "EMA - PreciseBN"],
-        [[b, rs[0]["epochs"][-1], scale.num_train // b,
-          rs[0]["epochs"][-1] * (scale.num_train // b), fmt([r["precise"][-1] for r in rs]),
-          fmt([r["ema"][-1] for r in rs]), fmt([r["ema"][-1] - r["precise"][-1] for r in rs])]
-         for b, rs in ((NORMAL_BATCH, normal_runs), (large, large_runs))])
-    c_n, c_l = curves[str(NORMAL_BATCH)], curves[str(large)]
+        [[b, cs[0].epochs[-1], scale.num_train // b,
+          cs[0].epochs[-1] * (scale.num_train // b), fmt([c.precise[-1] for c in cs]),
+          fmt([c.ema[-1] for c in cs]), fmt([c.ema[-1] - c.precise[-1] for c in cs])]
+         for b, cs in ((NORMAL_BATCH, runs.normal), (large, runs.large))])
+    c_n, c_l = numbers["curves"][str(NORMAL_BATCH)], numbers["curves"][str(large)]
+    pairs = matched_checkpoints(c_n["precise_mean"], c_l["precise_mean"])
     nearest = nearest_checkpoints(c_n["precise_mean"], c_l["precise_mean"])
     checkpoint_table = Table(
         f"Checkpoints of matched PreciseBN error: each epoch of batch {NORMAL_BATCH} with the "
@@ -727,37 +845,48 @@ def run(ctx: RunContext) -> StudyResult:
         [[c_n["epochs"][i], c_n["precise_mean"][i], c_l["epochs"][j], c_l["precise_mean"][j],
           "yes" if (i, j) in pairs else "no", c_n["ema_mean"][i] - c_n["precise_mean"][i],
           c_l["ema_mean"][j] - c_l["precise_mean"][j]] for i, j in enumerate(nearest)])
+    return [table, match_table, checkpoint_table]
+
+
+def view_tables(runs: EmaRuns, numbers: dict[str, Any], wrong: dict[str, Any]) -> list[Table]:
+    """Our tables of Fig. 2's view, Fig. 4's samples and the lambda sweep."""
     fig2_table = Table("Fig. 2 view: channels of one BN layer whose EMA mean is outside the "
                        "5-95% range of 100 per-batch means (normal batch)",
                        ["epoch", "outside (%)"],
-                       [[e, 100 * f] for e, f in zip(first, outside, strict=True)], digits=0)
+                       [[e, 100 * f] for e, f in zip(numbers["fig2_epochs"],
+                                                     numbers["fig2_outside"], strict=True)],
+                       digits=0)
     fig4_table = Table("Fig. 4 view: final normal-batch model, validation error (%) with "
                        "PreciseBN statistics from n training samples", ["n", "error"],
                        [[n, fmt([100 * float(np.asarray(w, dtype=float).mean()) for w in ws])]
                         for n, ws in wrong["fig4"].items()])
-    e0, e1 = window(points, EARLY)
-    l0, l1 = window(points, LATE)
-    early_text, late_text = epochs_text(e0, e1, every), epochs_text(l0, l1, every)
+    e0, e1 = window(runs.points, EARLY)
+    l0, l1 = window(runs.points, LATE)
+    early_text = epochs_text(e0, e1, runs.every)
+    late_text = epochs_text(l0, l1, runs.every)
+    distance = numbers["lambda_sweep"]["distance"]
     sweep_rows = [[m, f"{1 - float(m):.2f}", _mean_error(ws, e0, e1), _mean_error(ws, l0, l1),
-                   np.mean([d[0] for d in sweep_numbers["distance"][m][e0:e1]]),
-                   np.mean([d[0] for d in sweep_numbers["distance"][m][l0:l1]])]
+                   np.mean([d[0] for d in distance[m][e0:e1]]),
+                   np.mean([d[0] for d in distance[m][l0:l1]])]
                   for m, ws in wrong["sweep"].items()]
     sweep_rows.append(["PreciseBN", "-", _mean_error(wrong["control"]["precise"], e0, e1),
                        _mean_error(wrong["control"]["precise"], l0, l1), 0.0, 0.0])
     sweep_table = Table(
-        f"Momentum (lambda) sweep: batch {large}, EMAs of the large run's batch statistics "
-        f"(all started from PreciseBN statistics) with torch momentum m = 1 - lambda: mean "
-        f"validation error (%) over {early_text} (the first half) and {late_text} (the last "
-        f"quarter), measured after every {every} epochs, and the rms mean shift (sigmas) of the "
-        f"EMA from PreciseBN's statistics of the same weights",
+        f"Momentum (lambda) sweep: batch {runs.large_batch}, EMAs of the large run's batch "
+        f"statistics (all started from PreciseBN statistics) with torch momentum m = 1 - "
+        f"lambda: mean validation error (%) over {early_text} (the first half) and "
+        f"{late_text} (the last quarter), measured after every {runs.every} epochs, and the "
+        f"rms mean shift (sigmas) of the EMA from PreciseBN's statistics of the same weights",
         ["momentum", "lambda", f"error, {early_text}", f"error, {late_text}",
          f"mean shift, {early_text}", f"mean shift, {late_text}"],
         sweep_rows, digits=2)
-    paper_table = Table("Fig. 3 (ResNet-50, ImageNet; read off the plot)",
-                        ["SGD batch", "epochs 5-30", "end of training"],
-                        [[256, "EMA noisier, worse than PreciseBN", "EMA = PreciseBN"],
-                         [8192, "EMA ~55-67% vs PreciseBN ~45%", "EMA slightly worse"]])
-    setup = (
+    return [fig2_table, fig4_table, sweep_table]
+
+
+def setup_text(ctx: RunContext, runs: EmaRuns, fig4_sizes: list[str]) -> str:
+    """The report's setup paragraph."""
+    scale, large, points, every = runs.scale, runs.large_batch, runs.points, runs.every
+    return (
         f"{data_name(ctx)}, {scale.num_train} training / {scale.num_val} validation samples, "
         f"a 1-D ResNet (widths {list(scale.widths)}, BatchNorm momentum 0.1 = lambda 0.9), "
         f"SGD (momentum 0.9, cosine LR, lr {BASE_LR} x batch/{NORMAL_BATCH}) with SGD batch "
@@ -781,14 +910,29 @@ def run(ctx: RunContext) -> StudyResult:
         f"torch's 0 and 1), so that its early deficit is lag and noise, not start-up bias; "
         f"running statistics do not change training, so it is exactly the EMA of a run that "
         f"started there. Fig. 4: the final normal-batch model with PreciseBN from n = "
-        f"{', '.join(wrong['fig4'])} samples. Momentum (lambda) sweep: in the same way, EMAs "
+        f"{', '.join(fig4_sizes)} samples. Momentum (lambda) sweep: in the same way, EMAs "
         f"with torch momenta {', '.join(map(str, MOMENTA))} (lambda = 1 - momentum) of the "
         f"large run's per-step batch statistics, started from the same PreciseBN statistics, "
         f"each evaluated at every measurement against PreciseBN of the same weights (no "
         f"retraining per momentum). Seeds: {list(ctx.seeds)}. The paper: {paper.FIG3_NOTES}"
     )
-    return StudyResult(setup=setup, tables=[table, match_table, checkpoint_table, fig2_table,
-                                            fig4_table, sweep_table],
-                       paper_tables=[paper_table],
-                       plots=_plot(ctx, numbers), summary=verdicts(numbers, wrong),
-                       numbers=numbers)
+
+
+PAPER_TABLE = Table("Fig. 3 (ResNet-50, ImageNet; read off the plot)",
+                    ["SGD batch", "epochs 5-30", "end of training"],
+                    [[256, "EMA noisier, worse than PreciseBN", "EMA = PreciseBN"],
+                     [8192, "EMA ~55-67% vs PreciseBN ~45%", "EMA slightly worse"]])
+
+
+@register_study("ema-vs-precise",
+                "Sec. 3, Fig. 2-3: EMA vs PreciseBN statistics per epoch, normal and large batch")
+def run(ctx: RunContext) -> StudyResult:
+    """Stages: the scale, the runs (:func:`measure`), their numbers (:func:`summarize`), the
+    tables, the verdicts (:func:`verdicts`) and the plots."""
+    runs = measure(ctx, study_scale(ctx))
+    wrong = runs.wrong()
+    numbers = summarize(runs, wrong)
+    return StudyResult(setup=setup_text(ctx, runs, list(wrong["fig4"])),
+                       tables=curve_tables(runs, numbers) + view_tables(runs, numbers, wrong),
+                       paper_tables=[PAPER_TABLE], plots=_plot(ctx, numbers),
+                       summary=verdicts(numbers, wrong), numbers=numbers)

@@ -32,12 +32,13 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .cache import set_aside
+from ..infra.cache import set_aside
 
 __all__ = [
     "DataSplit",
@@ -106,7 +107,7 @@ def _normalized(name: str, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_
 
 
 def _generate_mnist1d(num_samples: int, seed: int,
-                      corr_noise_scale: float | None = None) -> dict[str, np.ndarray]:
+                      corr_noise_scale: float | None = None) -> dict[str, Any]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -124,7 +125,7 @@ def _generate_mnist1d(num_samples: int, seed: int,
     return {k: np.asarray(raw[k]) for k in MNIST1D_ARRAYS}
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
+def _read_npz(path: Path) -> dict[str, Any] | None:
     """The MNIST-1D arrays cached in ``path``, or None when it cannot be read (it is then moved
     aside with a warning and the data are generated again)."""
     try:

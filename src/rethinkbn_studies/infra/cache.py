@@ -105,16 +105,16 @@ def _decode(data: Any, arrays: dict[str, np.ndarray]) -> Any:
             raise UnsafeFileError(f"numpy scalar of dtype {dtype}")
         return dtype.type(data["value"])
     if set(data) == {"tensor", "dtype", "shape"}:
-        dtype = getattr(torch, str(data["dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
+        kind = getattr(torch, str(data["dtype"]), None)
+        if not isinstance(kind, torch.dtype):
             raise UnsafeFileError(f"unknown tensor dtype {data['dtype']!r}")
         raw = arrays.get(f"a{data['tensor']}")
         if raw is None:
             raise UnsafeFileError(f"missing tensor {data['tensor']!r}")
-        shape = _shape(data["shape"], raw, dtype.itemsize)
+        shape = _shape(data["shape"], raw, kind.itemsize)
         if raw.size == 0:
-            return torch.zeros(shape, dtype=dtype)
-        return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
+            return torch.zeros(shape, dtype=kind)
+        return torch.from_numpy(raw.copy()).view(kind).reshape(shape)
     if set(data) == {"ndarray", "dtype", "shape"}:
         dtype = np.dtype(str(data["dtype"]))
         raw = arrays.get(f"a{data['ndarray']}")
@@ -132,7 +132,7 @@ def save_result(path: Path | str, value: Any, meta: dict[str, Any] | None = None
     to a temporary name and rename, as :meth:`RunCache.put` does)."""
     arrays: list[np.ndarray] = []
     text = json.dumps({"format": _FORMAT, "meta": meta, "value": _encode(value, arrays)})
-    members = {f"a{i}": a for i, a in enumerate(arrays)}
+    members: dict[str, Any] = {f"a{i}": a for i, a in enumerate(arrays)}
     with open(path, "wb") as f:
         np.savez(f, structure=np.frombuffer(text.encode(), dtype=np.uint8), **members)
 
@@ -185,8 +185,8 @@ class RunCache:
     None, tensors, numpy arrays; state dicts included) and returns it. ``hits`` and ``misses``
     count what happened, for the report and the tests. ``root=None`` gives a cache that keeps
     nothing (every call runs). ``data_fingerprint``: the content fingerprint of a ``--data``
-    folder (:func:`rethinkbn_studies.data.data_fingerprint`), part of every key when given, so
-    that changed data never reads old results (None: keys are the configs' alone).
+    folder (:func:`rethinkbn_studies.toolkit.data.data_fingerprint`), part of every key when
+    given, so that changed data never reads old results (None: keys are the configs' alone).
     """
 
     def __init__(self, root: Path | str | None, data_fingerprint: str | None = None) -> None:

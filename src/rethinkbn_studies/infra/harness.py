@@ -4,36 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from .base import (
+from ..contract.base import (
     ProgressFactory,
     RunContext,
-    Task,
+    Study,
     check_count,
     get_study,
     registered_studies,
 )
+from ..contract.report import StudyOutcome, environment, write_outputs
+from ..toolkit.data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .cache import RunCache
-from .data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .processes import cpu_threads
-from .report import StudyOutcome, environment, write_outputs
+from .tasks import process_pool
 
 __all__ = ["DatasetLoader", "LineProgress", "default_jobs", "git_commit", "reproduce",
-           "reproduce_command", "run_tasks", "tqdm_progress", "verdict_counts"]
+           "reproduce_command", "run_studies", "tqdm_progress", "verdict_counts"]
 
 
 def default_jobs() -> int:
@@ -42,11 +40,6 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def no_progress(iterable: Any = None, **kwargs: Any) -> Any:
-    """The progress factory of worker processes: draws nothing."""
-    return iterable
 
 
 class DatasetLoader:
@@ -64,77 +57,6 @@ class DatasetLoader:
         if self.loaded is None:
             self.loaded = load_data(self.spec, cache_dir=self.cache_dir)
         return self.loaded
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _call(ctx: RunContext, task: Task) -> Any:
-    return task.fn(ctx, *task.args)
-
-
-def run_tasks(ctx: RunContext, tasks: list[Task], desc: str) -> list[Any]:
-    """:meth:`RunContext.run_all`: cached results, the missing ones run here or in the pool,
-    under one progress bar ``desc`` over the missing runs (none when all are cached)."""
-    from .cache import config_key
-
-    keys = [config_key(t.config) for t in tasks]
-    results: dict[str, Any] = {}
-    missing: dict[str, Task] = {}
-    for key, task in zip(keys, tasks, strict=True):
-        if key in results or key in missing:
-            continue
-        stored = ctx.cache.get(task.config)
-        if stored is None:
-            missing[key] = task
-        else:
-            ctx.cache.hits += 1
-            results[key] = stored
-    bar = ctx.progress(None, desc=desc, total=len(missing), leave=False) if missing else None
-
-    def finished(key: str, result: Any) -> None:
-        results[key] = result
-        ctx.cache.put(missing[key].config, result)
-        ctx.cache.misses += 1
-        if bar is not None and hasattr(bar, "update"):
-            bar.update(1)
-
-    futures: dict[Future[Any], str] = {}
-    try:
-        if ctx.pool is None or ctx.jobs == 1:
-            for key, task in missing.items():
-                finished(key, _call(ctx, task))
-        else:
-            worker = dataclasses.replace(ctx, progress=no_progress, cache=RunCache(None),
-                                         pool=None)
-            futures = {ctx.pool.submit(_call, worker, t): k for k, t in missing.items()}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finished(futures[future], future.result())
-    finally:
-        for future in futures:
-            future.cancel()
-        if bar is not None and hasattr(bar, "close"):
-            bar.close()
-    return [results[k] for k in keys]
-
-
-@contextmanager
-def process_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A pool of ``jobs`` spawned processes with one torch thread each (None for 1 job); shut
-    down on exit, cancelling what has not started."""
-    if jobs == 1:
-        yield None
-        return
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class LineProgress:
@@ -228,7 +150,7 @@ def reproduce_command(only: Sequence[str] | None, *, quick: bool, seeds: int | N
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from (``-dirty`` when it has uncommitted
     changes), or None outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():
         return None
     try:
@@ -266,26 +188,54 @@ def reproduce(
     raises is reported as failed and the others still run; Ctrl-C stops everything (what
     finished stays cached). A study named twice in ``only`` runs once (first order kept); an
     empty ``only`` is a ``ValueError``. With a ``data`` folder, every cache key holds the
-    folder's content fingerprint (:func:`~rethinkbn_studies.data.data_fingerprint`, in the
-    report and results.json), so changed files are recomputed. ``tiny`` is for tests (see
+    folder's content fingerprint (:func:`~rethinkbn_studies.toolkit.data.data_fingerprint`, in
+    the report and results.json), so changed files are recomputed. ``tiny`` is for tests (see
     :class:`RunContext`). ``ranks``: real gloo processes for the ``leakage`` study's
     device-dependent variants (1: virtual devices only; only studies registered with
-    ``uses_ranks`` take it, and each study's ``check``
-    validates it). Every option is checked before any work (``ValueError``, ``KeyError`` for an
-    unknown study; ``--out`` and ``--cache`` must be writable directories). ``threads``: torch's
-    CPU threads while the studies run (None: unchanged); the caller's setting is restored
-    afterwards. ``jobs``: independent training runs at once, each in a spawned process with
-    one torch thread (``--jobs``; 1: all in this process). Returns the report's path and the
-    outcomes.
+    ``uses_ranks`` take it, and each study's ``check`` validates it). Every option is checked
+    before any work (``ValueError``, ``KeyError`` for an unknown study; ``--out`` and
+    ``--cache`` must be writable directories). ``threads``: torch's CPU threads while the
+    studies run (None: unchanged); the caller's setting is restored afterwards. ``jobs``:
+    independent training runs at once, each in a spawned process with one torch thread
+    (``--jobs``; 1: all in this process). Returns the report's path and the outcomes.
+
+    Stages: :func:`select_studies` (names and counts checked), :func:`build_context` (the
+    data, cache and device checked, every study's ``check``, the folders writable),
+    :func:`run_studies` (the loop over the studies, in one process pool), then the
+    environment (:func:`run_environment`) and ``write_outputs`` (report.md, results.json).
     """
     log = sys.stderr if log is None else log
+    studies = select_studies(only, tiny=tiny, seeds=seeds, threads=threads, ranks=ranks,
+                             jobs=jobs)
+    n_seeds = seeds if seeds is not None else (1 if tiny else 3)
+    ctx = build_context(studies, quick=quick, seeds=n_seeds, out_dir=Path(out_dir),
+                        cache_dir=cache_dir, device=device, data=data, progress=progress,
+                        tiny=tiny, ranks=ranks, jobs=jobs)
+    with cpu_threads(threads), process_pool(jobs) as pool:
+        ctx = dataclasses.replace(ctx, pool=pool)
+        started = datetime.datetime.now(datetime.timezone.utc)
+        start = time.perf_counter()
+        ctx.dataset()  # a bad --data fails here, once, before any study starts
+        outcomes = run_studies(ctx, studies, log)
+        wall = time.perf_counter() - start
+        env = run_environment(ctx, started, reproduce_command(
+            [s.name for s in studies] if only else None, quick=quick, seeds=seeds,
+            device=device, data=data, ranks=ranks, threads=threads, jobs=jobs))
+        return write_outputs(ctx.out_dir, outcomes, env, wall), outcomes
+
+
+def select_studies(only: Sequence[str] | None, *, tiny: bool, seeds: int | None,
+                   threads: int | None, ranks: int, jobs: int) -> list[Study]:
+    """The studies :func:`reproduce` runs, after checking the options that need no data:
+    ``only`` (an empty list is a ``ValueError``, an unknown name a ``KeyError``, a repeated
+    one runs once), ``seeds`` and ``threads`` (positive ints), ``ranks`` (> 1 only with a study
+    that uses it) and ``jobs`` (a positive int)."""
     if only is not None and not list(only):
         raise ValueError("--only: no study named; expected comma-separated names (see "
                          "`rethinkbn studies`)")
     # A study named twice runs once, in the order first named.
     studies = [get_study(n) for n in dict.fromkeys(only)] if only else registered_studies()
-    n_seeds = seeds if seeds is not None else (1 if tiny else 3)
-    check_count(n_seeds, "--seeds", "reproduce")
+    check_count(seeds if seeds is not None else (1 if tiny else 3), "--seeds", "reproduce")
     check_count(threads, "--threads", "reproduce", allow_none=True)
     if ranks != 1 and not any(s.uses_ranks for s in studies):
         users = [s.name for s in registered_studies() if s.uses_ranks]
@@ -293,67 +243,72 @@ def reproduce(
                          f"selected ({', '.join(s.name for s in studies)})")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
+    return studies
+
+
+def build_context(studies: Sequence[Study], *, quick: bool, seeds: int, out_dir: Path,
+                  cache_dir: Path | str | None, device: str, data: str,
+                  progress: ProgressFactory, tiny: bool, ranks: int,
+                  jobs: int) -> RunContext:
+    """The :class:`RunContext` of a reproduction (no pool yet), after checking ``data``, the
+    device, every study's ``check`` and that ``out_dir`` (and ``cache_dir``, when given) are
+    writable directories. A ``--data`` folder's runs are keyed by what its files hold
+    (:func:`~rethinkbn_studies.toolkit.data.data_fingerprint`), not by its path."""
     check_data_spec(data)
-    out = Path(out_dir)
-    cache_root = Path(cache_dir) if cache_dir is not None else out / "cache"
+    cache_root = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
-    # A --data folder's runs are keyed by what its files hold, not by its path.
-    fingerprint = data_fingerprint(data)
-    cache = RunCache(cache_root, data_fingerprint=fingerprint)
-    dataset = DatasetLoader(data, cache.root)
-    ctx = RunContext(
-        quick=quick,
-        seeds=tuple(range(n_seeds)),
-        out_dir=out,
-        device=dev,
-        cache=cache,
-        progress=progress,
-        dataset=dataset,
-        data_spec=data,
-        tiny=tiny,
-        ranks=ranks,
-        jobs=jobs,
-        data_dir=cache.root,
-    )
+    cache = RunCache(cache_root, data_fingerprint=data_fingerprint(data))
+    ctx = RunContext(quick=quick, seeds=tuple(range(seeds)), out_dir=out_dir, device=dev,
+                     cache=cache, progress=progress, dataset=DatasetLoader(data, cache.root),
+                     data_spec=data, tiny=tiny, ranks=ranks, jobs=jobs, data_dir=cache.root)
     for study in studies:
         if study.check is not None:
             study.check(ctx)
-    check_writable_dir(out, "--out")
+    check_writable_dir(out_dir, "--out")
     if cache_dir is not None:
         check_writable_dir(cache_root, "--cache")
-    with cpu_threads(threads), process_pool(jobs) as pool:
-        ctx = dataclasses.replace(ctx, pool=pool)
-        started = datetime.datetime.now(datetime.timezone.utc)
-        start = time.perf_counter()
-        dataset()  # a bad --data fails here, once, before any study starts
-        outcomes: list[StudyOutcome] = []
-        for k, study in enumerate(studies, 1):
-            print(f"[rethinkbn] study {k} of {len(studies)}, {study.name}: "
-                  f"{study.description}", file=log, flush=True)
-            t0 = time.perf_counter()
-            try:
-                result = study.run(ctx)
-                outcomes.append(StudyOutcome(study, result, time.perf_counter() - t0))
-            except Exception as err:  # one broken study must not cost the others' report
-                traceback.print_exc(file=log)
-                message = f"{type(err).__name__}: {err}"
-                outcomes.append(StudyOutcome(study, None, time.perf_counter() - t0, message))
-            times = [o.seconds for o in outcomes]
-            print(f"[rethinkbn] study {k} of {len(studies)}, {study.name}, "
-                  f"{'failed' if outcomes[-1].error else 'done'} in {outcomes[-1].seconds:.0f} s "
-                  f"(elapsed {time.perf_counter() - start:.0f} s"
-                  f"{_eta(times, len(studies) - k)})", file=log, flush=True)
-        wall = time.perf_counter() - start
-        env = environment(dev, ctx.seeds, quick, data)
-        env["data_fingerprint"] = fingerprint
-        env["ranks"] = ranks
-        env["jobs"] = jobs
-        env["cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
-        env["started"] = started.isoformat(timespec="seconds")
-        env["command"] = reproduce_command(
-            [s.name for s in studies] if only else None, quick=quick, seeds=seeds,
-            device=device, data=data, ranks=ranks, threads=threads, jobs=jobs)
-        env["commit"] = git_commit()
-        return write_outputs(out, outcomes, env, wall), outcomes
+    return ctx
+
+
+def run_studies(ctx: RunContext, studies: Sequence[Study], log: TextIO) -> list[StudyOutcome]:
+    """Run every study of ``studies`` on ``ctx`` in turn, with a line on ``log`` before and
+    after each (its time, the elapsed time and an estimate of what is left). A study that
+    raises is a failed outcome (its traceback on ``log``) and the others still run."""
+    outcomes: list[StudyOutcome] = []
+    start = time.perf_counter()
+    for k, study in enumerate(studies, 1):
+        print(f"[rethinkbn] study {k} of {len(studies)}, {study.name}: "
+              f"{study.description}", file=log, flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = study.run(ctx)
+            outcomes.append(StudyOutcome(study, result, time.perf_counter() - t0))
+        except Exception as err:  # one broken study must not cost the others' report
+            traceback.print_exc(file=log)
+            message = f"{type(err).__name__}: {err}"
+            outcomes.append(StudyOutcome(study, None, time.perf_counter() - t0, message))
+        times = [o.seconds for o in outcomes]
+        print(f"[rethinkbn] study {k} of {len(studies)}, {study.name}, "
+              f"{'failed' if outcomes[-1].error else 'done'} in {outcomes[-1].seconds:.0f} s "
+              f"(elapsed {time.perf_counter() - start:.0f} s"
+              f"{_eta(times, len(studies) - k)})", file=log, flush=True)
+    return outcomes
+
+
+def run_environment(ctx: RunContext, started: datetime.datetime,
+                    command: str) -> dict[str, Any]:
+    """results.json's ``environment`` of a finished run on ``ctx``: versions and settings
+    (:func:`~rethinkbn_studies.contract.report.environment`), the data's fingerprint, ranks,
+    jobs, the cache's hits and misses, when it started, the ``command`` and the commit."""
+    env = environment(ctx.device, ctx.seeds, ctx.quick, ctx.data_spec)
+    env["data_fingerprint"] = ctx.cache.data_fingerprint
+    env["ranks"] = ctx.ranks
+    env["jobs"] = ctx.jobs
+    env["cache"] = {"dir": str(ctx.cache.root), "hits": ctx.cache.hits,
+                    "misses": ctx.cache.misses}
+    env["started"] = started.isoformat(timespec="seconds")
+    env["command"] = command
+    env["commit"] = git_commit()
+    return env

@@ -1,34 +1,17 @@
-"""Studies of Sec. 3-4: the verdicts follow from the numbers; the registry's contract."""
+"""Sec. 3, Fig. 2-4 (ema-vs-precise): the verdicts follow from the numbers; the momentum
+sweep; the study end to end."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
+import torch
 
-from rethinkbn_studies import ema_vs_precise, nbs, precise_batch
-from rethinkbn_studies.base import (
-    Table,
-    get_study,
-    mean_std,
-    register_study,
-    registered_studies,
-    verdict,
+from rethinkbn_studies.studies import (
+    ema_vs_precise,
 )
-
-
-def draws(samples=2000, seeds=3, independent=False):
-    """Per seed, uniform draws deciding which samples a model gets wrong: a model with error
-    rate r errs where the draw is below r. Shared draws pair the models (as two models on one
-    validation set are); ``independent`` draws give each call its own (noisy differences)."""
-    rngs = [np.random.default_rng(s) for s in range(seeds)]
-    shared = [r.random(samples) for r in rngs]
-
-    def wrong(rate):
-        us = [r.random(samples) for r in rngs] if independent else shared
-        return [u < rate / 100 for u in us]
-
-    return wrong
-
+from study_cases import draws
 
 # ---------------------------------------------------------------------------- ema-vs-precise
 # Both batches end at 3% with PreciseBN (matched quality); the large batch's PreciseBN passes
@@ -231,9 +214,8 @@ def test_lambda_sweep_verdicts_follow_the_ema_verdicts():
 def test_momentum_sweep_matches_torchs_own_ema_and_is_exact_per_momentum(one_thread):
     """The sweep's EMA with torch's momentum (0.1) is the layers' own running statistics after
     training; every momentum's equals a float64 loop over the recorded batch statistics."""
-    import torch
 
-    from rethinkbn_studies.train import EpochEnd, TrainConfig, train
+    from rethinkbn_studies.toolkit.train import EpochEnd, TrainConfig, train
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
@@ -268,9 +250,8 @@ def test_momentum_sweep_started_elsewhere_is_the_ema_of_a_run_started_there(one_
     started (``start``) from other statistics, is torch's own EMA of an identical run whose
     running statistics were set to them before training (the study's control), with the same
     weights; the model's own EMA still starts from torch's 0 and 1."""
-    import torch
 
-    from rethinkbn_studies.train import TrainConfig, train
+    from rethinkbn_studies.toolkit.train import TrainConfig, train
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), torch.nn.BatchNorm1d(4),
@@ -306,7 +287,6 @@ def test_ema_study_has_its_lambda_sweep_section(tiny_out, tiny_data, one_thread)
     assert "](ema_momentum_sweep.png)" in report
     assert (tiny_out / "ema_momentum_sweep.png").stat().st_size > 1000
     assert report.count("Lambda sweep (large batch)") >= 2
-    import json
 
     results = json.loads((tiny_out / "results.json").read_text())
     study = results["studies"]["ema-vs-precise"]
@@ -321,277 +301,3 @@ def test_ema_study_has_its_lambda_sweep_section(tiny_out, tiny_data, one_thread)
     assert numbers["curves"][str(numbers["large_batch"])]["epochs"] == [e * every for e in normal]
     assert "Matched quality" in report and "Checkpoints of matched PreciseBN error" in report
     assert [r["claim"].split(":")[0] for r in study["summary"]].count("Matched quality") == 1
-
-
-# ---------------------------------------------------------------------------- precise-batch
-def table2_case(change=None, independent=False):
-    cols = ["EMA", "B=2", "B=10", "B=100", "B=1000", "B=N"]
-    mean = {"32": dict(zip(cols, [23.7, 28.8, 24.0, 23.5, 23.5, 23.5], strict=True)),
-            "2": dict(zip(cols, [35.5, 34.4, 32.3, 32.0, 32.0, 32.0], strict=True))}
-    for nbs_key, col, value in change or []:
-        mean[nbs_key][col] = value
-    wrong_of = draws(independent=independent)
-    wrong = {k: {c: wrong_of(v) for c, v in row.items()} for k, row in mean.items()}
-    return {"mean": mean}, wrong
-
-
-def test_precise_batch_verdicts_agree_on_the_papers_own_table(labels):
-    assert labels(precise_batch.verdicts(*table2_case())) == ["agrees"] * 4
-
-
-@pytest.mark.parametrize(
-    ("change", "row", "label"),
-    [([("32", "B=2", 23.6)], 0, "disagrees"), ([("32", "B=2", 24.0)], 0, "inconclusive"),
-     ([("32", "B=100", 25.0)], 1, "disagrees"), ([("32", "B=100", 23.9)], 1, "inconclusive"),
-     ([("2", "EMA", 31.0)], 2, "disagrees"), ([("2", "EMA", 32.0)], 2, "inconclusive"),
-     ([("2", "B=N", 23.5)], 3, "disagrees"), ([("2", "B=N", 24.0)], 3, "inconclusive")],
-)
-def test_precise_batch_verdict_outcomes_follow_their_numbers(change, row, label, labels):
-    rows = precise_batch.verdicts(*table2_case(change))
-    assert rows[row].verdict.label == label
-    assert labels(rows).count("agrees") == 3
-    assert "McNemar" in rows[row].verdict.detail
-
-
-# ---------------------------------------------------------------------------- nbs
-def fig5_case(change=None, independent=False):
-    from rethinkbn_studies import paper
-
-    keep = (2, 1024)
-    mean = {k: {str(n): v for n, v in curve.items() if n in keep}
-            for k, curve in paper.FIG5_NBS.items()}
-    mean["val_pop"]["32"] = 23.4  # the best NBS between the two ends
-    mean["val_pop_step"] = dict(mean["val_pop"])
-    # training error with population stats: equal at both ends (the fit check passes)
-    mean["train_pop"] = {"2": mean["train_mub"]["1024"], "1024": mean["train_mub"]["1024"]}
-    for curve, nbs_key, value in change or []:
-        mean[curve][nbs_key] = value
-    wrong_of = draws(independent=independent)
-    wrong = {k: {n: wrong_of(v) for n, v in curve.items()} for k, curve in mean.items()}
-    return {"mean": mean}, wrong
-
-
-def test_nbs_verdicts_agree_on_the_papers_own_curves(labels):
-    assert labels(nbs.verdicts(*fig5_case())) == ["agrees"] * 6
-
-
-@pytest.mark.parametrize(("change", "row", "label"), [
-    ([("val_pop", "2", 23.8)], 0, "disagrees"),
-    ([("val_pop", "2", 24.5), ("val_pop_step", "2", 24.5)], 0, "inconclusive"),
-    ([("val_mub", "2", 36.0)], 1, "disagrees"),
-    ([("val_mub", "2", 34.0)], 2, "disagrees"),
-    ([("val_mub", "2", 32.4)], 2, "inconclusive"),
-    ([("train_mub", "2", 5.0)], 3, "disagrees"),
-    ([("val_pop_frozen", "2", 33.0)], 4, "disagrees"),
-    ([("val_pop_frozen", "2", 32.4)], 4, "inconclusive"),
-    ([("val_pop_frozen", "1024", 22.0)], 5, "disagrees"),
-    ([("val_pop_frozen", "1024", 23.2)], 5, "inconclusive"),
-])
-def test_nbs_verdict_outcomes_follow_their_numbers(change, row, label):
-    v = nbs.verdicts(*fig5_case(change))[row].verdict
-    assert v.label == label
-    assert v.interval[0] <= v.effect <= v.interval[1]
-    assert "paired bootstrap over" in v.test and "3 seeds" in v.test
-
-
-def test_nbs_frozen_verdict_states_effect_test_and_mcnemar():
-    v = nbs.verdicts(*fig5_case([("val_pop_frozen", "2", 32.4)]))[4].verdict
-    assert v.effect == pytest.approx(32.5 - 32.4, abs=0.2)
-    assert "McNemar" in v.detail
-
-
-def test_every_part1_verdict_can_be_inconclusive_with_noisy_small_samples():
-    """Independent draws on 2000 samples: tiny effects sit inside the noise."""
-    rows = nbs.verdicts(*fig5_case([("val_pop", "2", 24.0), ("val_pop_step", "2", 24.0)],
-                                   independent=True))
-    assert rows[0].verdict.label == "inconclusive"
-
-
-def fit_case(gaps, train=5.0):
-    """Per NBS, training error ``train`` and validation error ``train + gap`` with mini-batch
-    statistics, as per-seed 0/1 vectors (shared draws: paired, low noise)."""
-    wrong_of = draws()
-    mean = {"train_mub": {k: train for k in gaps},
-            "val_mub": {k: train + g for k, g in gaps.items()}}
-    wrong = {c: {k: wrong_of(v) for k, v in curve.items()} for c, curve in mean.items()}
-    return {"mean": mean}, wrong
-
-
-def test_training_fit_gap_is_val_minus_train_error_with_minibatch_stats():
-    _, wrong = fit_case({"2": 18.0, "128": 12.0})
-    fits = nbs.training_fit(wrong)
-    assert list(fits) == ["2", "128"]
-    for k, v in fits.items():
-        # The slow reference: count the errors one sample and seed at a time.
-        val = sum(int(x) for w in wrong["val_mub"][k] for x in w)
-        train = sum(int(x) for w in wrong["train_mub"][k] for x in w)
-        total = sum(len(w) for w in wrong["val_mub"][k])
-        assert v.effect == pytest.approx(100.0 * (val - train) / total)
-        assert v.interval[0] <= v.effect <= v.interval[1]
-        assert "3 seeds" in v.test
-
-
-@pytest.mark.parametrize(("gap", "label", "word", "groups", "says"), [
-    (18.0, "agrees", "yes", "holds at NBS 2, 4; fails at NBS 128.",
-     "judged on models that have fit their training set"),
-    (4.0, "disagrees", "no", "holds at NBS 4; fails at NBS 2, 128.",
-     "have not fit their training set"),
-    (10.2, "inconclusive", "within the noise",
-     "holds at NBS 4; fails at NBS 128; is within the noise of the margin at NBS 2.",
-     "not decided"),
-])
-def test_training_fit_table_and_note_say_each_outcome(gap, label, word, groups, says):
-    numbers, wrong = fit_case({"2": gap, "4": 18.0, "128": 4.0})
-    fits = nbs.training_fit(wrong)
-    assert fits["2"].label == label
-    note = nbs.training_fit_note(fits, 40)
-    assert f"the criterion {groups}" in note and says in note
-    assert "after 40 epochs" in note and "10 pt" in note
-    rows = nbs.training_fit_table(numbers, fits).rows
-    assert [r[0] for r in rows] == ["128", "4", "2"]  # largest NBS first, as the main table
-    assert rows[-1][4] == word and rows[0][4] == "no"
-    assert rows[-1][1] == pytest.approx(5.0) and rows[-1][2] == pytest.approx(5.0 + gap)
-
-
-# ---------------------------------------------------------------------------- registry, helpers
-def test_part1_studies_are_registered_in_report_order():
-    names = [s.name for s in registered_studies()]
-    assert names[:3] == ["ema-vs-precise", "precise-batch", "nbs"]
-
-
-def test_unknown_study_error_lists_the_known_ones():
-    with pytest.raises(KeyError, match="ema-vs-precise"):
-        get_study("emma")
-
-
-def test_register_study_rejects_bad_names_and_a_second_owner():
-    with pytest.raises(ValueError, match="lowercase"):
-        register_study("Bad Name", "x")
-    with pytest.raises(ValueError, match="already registered"):
-        register_study("nbs", "again")(lambda ctx: None)
-
-
-def test_verdict_line_shows_label_criterion_and_detail():
-    v = verdict("a > b", 2 > 1, "2 > 1")
-    assert v.line() == "**agrees** — a > b (2 > 1)"
-    assert verdict("a > b", False).label == "disagrees"
-
-
-def test_mean_std_over_seeds():
-    assert mean_std([1.0]) == (1.0, 0.0)
-    m, s = mean_std([1.0, 2.0, 3.0])
-    assert m == 2.0 and s == pytest.approx(1.0)
-
-
-def test_table_formats_mean_std_cells():
-    table = Table("t", ["a", "b"], [["x", (1.234, 0.05)], ["y", 2.0]])
-    assert "| x | 1.2 ± 0.1 |" in table.to_markdown()
-    assert "| y | 2.0 |" in table.to_markdown()
-
-
-def _ctx(quick, name, num_train):
-    from pathlib import Path
-
-    import torch
-
-    from rethinkbn_studies.base import RunContext
-    from rethinkbn_studies.cache import RunCache
-    from rethinkbn_studies.data import DataSplit
-
-    x = torch.zeros(num_train, 1, 40)
-    data = DataSplit(name, x, torch.zeros(num_train, dtype=torch.long), x[:100],
-                     torch.zeros(100, dtype=torch.long), 10)
-    return RunContext(quick=quick, seeds=(0,), out_dir=Path("."), device=torch.device("cpu"),
-                      cache=RunCache(None), progress=lambda it=None, **k: it,
-                      dataset=lambda: data)
-
-
-def test_full_mode_keeps_mnist1d_small_but_uses_all_of_other_data():
-    from rethinkbn_studies.common import scale_for
-
-    full = scale_for(_ctx(False, "MNIST-1D", 8000), 10, 20, mnist1d_train_samples=2000)
-    assert (full.num_train, full.epochs, full.widths) == (2000, 20, (16, 32, 64))
-    other = scale_for(_ctx(False, "CIFAR-10", 8000), 10, 20, mnist1d_train_samples=2000)
-    assert (other.num_train, other.widths) == (8000, (32, 64, 128))
-    quick = scale_for(_ctx(True, "MNIST-1D", 8000), 10, 20)
-    assert (quick.num_train, quick.epochs) == (2000, 10)
-
-
-def test_ghost_models_train_longer_on_fewer_mnist1d_samples_in_both_modes():
-    from rethinkbn_studies.common import GHOST_EPOCHS, GHOST_MNIST1D_SAMPLES, ghost_scale
-
-    quick, full = GHOST_EPOCHS
-    assert full >= quick  # full mode trains at least as long
-    q = ghost_scale(_ctx(True, "MNIST-1D", 8000))
-    f = ghost_scale(_ctx(False, "MNIST-1D", 8000))
-    assert (q.num_train, q.epochs, q.widths) == (GHOST_MNIST1D_SAMPLES, quick, (16, 32, 64))
-    assert (f.num_train, f.epochs, f.widths) == (GHOST_MNIST1D_SAMPLES, full, (16, 32, 64))
-    other = ghost_scale(_ctx(True, "CIFAR-10", 8000))
-    assert (other.num_train, other.epochs) == (2000, quick)
-
-
-def test_a_deeper_ghost_model_has_a_key_of_its_own_and_the_one_block_keys_stay():
-    from rethinkbn_studies.cache import config_key
-    from rethinkbn_studies.common import GHOST_LR, GHOST_SGD_BATCH, ghost_model_task, ghost_scale
-
-    ctx = _ctx(True, "MNIST-1D", 8000)
-    scale = ghost_scale(ctx)
-    old = {"model": "ghost-resnet", "v": 2, "data": "mnist1d:corr0.6", "nbs": 32, "seed": 1,
-           "sgd_batch": GHOST_SGD_BATCH, "lr": GHOST_LR, "scale": scale.as_dict()}
-    assert ghost_model_task(ctx, scale, 32, 1).config == old  # the key before `blocks` existed
-    assert ghost_model_task(ctx, scale, 32, 1, blocks=1).config == old
-    deep = ghost_model_task(ctx, scale, 32, 1, blocks=2)
-    assert deep.config == {**old, "blocks": 2} and deep.args[-1] == 2
-    assert config_key(ghost_model_task(ctx, scale, 32, 1).config) == config_key(old)
-    assert config_key(deep.config) != config_key(old)
-
-
-def test_ghost_model_loads_a_deeper_model_with_the_same_blocks():
-    import torch
-
-    from rethinkbn_studies import bn
-    from rethinkbn_studies.common import Scale, ghost_model, new_model
-
-    ctx = _ctx(True, "MNIST-1D", 200)
-    scale = Scale(200, 100, 1, (4, 8))
-    deep = new_model(ctx, ctx.dataset(), scale, 0, blocks=2)
-    assert len(deep.stages) == 4  # 2 stages x 2 blocks
-    trained = {"state": bn.set_norm_batch_size(deep, 32).state_dict()}
-    loaded = ghost_model(ctx, scale, 32, 0, trained, blocks=2)
-    assert all(torch.equal(v, trained["state"][k]) for k, v in loaded.state_dict().items())
-    with pytest.raises(RuntimeError):  # a one-block model has no room for the second blocks
-        ghost_model(ctx, scale, 32, 0, trained)
-
-
-# issue 20: preconditions fixed in advance turn a claim "not testable" instead of "disagrees"
-def test_nbs_pop_rise_is_against_the_largest_nbs_and_needs_the_fit_check():
-    rows = nbs.verdicts(*fig5_case())
-    assert "val_pop(NBS=1024)" in rows[0].verdict.criterion  # a fixed reference, not the best
-    under = nbs.verdicts(*fig5_case([("train_pop", "2", 10.0 + nbs.POP_FIT_MARGIN)]))
-    assert under[0].verdict.label == "not testable"
-    assert "under-fit" in under[0].verdict.precondition
-
-
-def test_nbs_regularization_needs_training_error_above_the_floor():
-    v = nbs.verdicts(*fig5_case([("train_mub", "2", nbs.REGULARIZATION_FLOOR / 2)]))[3].verdict
-    assert v.label == "not testable" and "floor" in v.precondition
-
-
-def test_nbs_frozen_claim_needs_a_population_statistics_penalty():
-    v = nbs.verdicts(*fig5_case([("val_pop_step", "2", 23.9)]))[4].verdict
-    assert v.label == "not testable" and "penalty" in v.precondition
-
-
-def test_nbs_study_reports_the_mechanism(tiny_out, tiny_data, one_thread):
-    import json
-
-    from rethinkbn.cli import main
-
-    assert main(["reproduce", "--tiny", "--data", tiny_data, "--only", "nbs",
-                 "--out", str(tiny_out), "--jobs", "1"]) == 0
-    report = (tiny_out / "report.md").read_text()
-    assert "between-sample share" in report and "**Mechanism**" in report
-    numbers = json.loads((tiny_out / "results.json").read_text())["studies"]["nbs"]["numbers"]
-    for per_layer in numbers["between_sample_share"].values():
-        assert all(0.0 <= v <= 1.0 for v in per_layer.values())
-    assert set(numbers["mean"]["val_mub_large"]) == set(numbers["mean"]["val_pop"])
