@@ -194,7 +194,6 @@ KNOWN_CYCLES = [
 ]
 KNOWN_PRIVATE_IMPORTS = [  # (importer, another subpackage's private module)
     ("rethinkbn.diagnosis", "rethinkbn.population._state"),
-    ("rethinkbn.integrations.lightning", "rethinkbn.population._state"),
 ]
 
 
