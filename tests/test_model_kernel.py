@@ -88,8 +88,6 @@ def test_population_lists_layers_with_the_kernel():
     assert _state.batchnorm_layers is _model.batchnorm_layers
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2: diagnosis._bn_layers is a copy of "
-                   "_model.batchnorm_layers")
 def test_diagnosis_lists_layers_with_the_kernel():
     from rethinkbn import diagnosis
 
@@ -119,8 +117,6 @@ def test_the_kernel_is_the_one_definition_of_each_model_helper():
     assert not outside, outside
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in phase 2 by the diagnosis helper: diagnosis has "
-                   "its own restore, world size, layer listing and batch conventions")
 def test_diagnosis_defines_no_copy_of_a_model_helper():
     found = [d for p in sorted(LIBRARY.rglob("*.py"))
              if "diagnosis" in p.parts or p.stem == "diagnosis" for d in _definitions(p)]

@@ -192,8 +192,7 @@ PHASE_2 = "fixed in phase 2"
 KNOWN_CYCLES = [
     frozenset({"rethinkbn_studies.base", "rethinkbn_studies.harness", "rethinkbn_studies.report"}),
 ]
-KNOWN_PRIVATE_IMPORTS = [  # (importer, another subpackage's private module)
-    ("rethinkbn.diagnosis", "rethinkbn.population._state"),
+KNOWN_PRIVATE_IMPORTS: list[tuple[str, str]] = [  # (importer, another subpackage's private module)
 ]
 
 
