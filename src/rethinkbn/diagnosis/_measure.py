@@ -28,7 +28,7 @@ from ..population import (
     install_stats,
     precise_bn,
 )
-from ..population.mechanism import LayerVariance
+from ..population.mechanism import expected_variance_ratio
 from ..stats import Moments
 from ._compare import Context, Measured, MetricFn, all_sum, compare, counted_run, is_fixed
 from ._records import Behaviour, Data, LayerDiagnosis, MetricKey
@@ -121,26 +121,31 @@ def nbs_rule(layer: nn.Module, sizes: list[int], trains: bool) -> tuple[int | No
     return batch, f"per-device batch of {batch}"
 
 
-def mechanism(name: str, parts: tuple[Moments, Moments] | None, nbs: int | None
-              ) -> tuple[float, float]:
+def mechanism(parts: tuple[Moments, Moments] | None, nbs: int | None) -> tuple[float, float]:
     """``(between-sample share, expected variance ratio at the NBS)`` of one layer, from the
     moments of all values and of the per-sample means of its input (NaN where not measured).
 
-    ``share_c = var(per-sample means)_c / var(values)_c`` (biased variances: by the law of total
+    ``s_c = var(per-sample means)_c / var(values)_c`` (biased variances: by the law of total
     variance the rest is the mean within-sample variance), averaged over the channels with a
-    variance; the ratio is :func:`~rethinkbn.population.expected_variance_ratio` at that mean.
+    variance. In the model of :mod:`rethinkbn.population.mechanism` (offsets of variance
+    ``rho * var``, i.i.d. within-sample noise) the per-sample mean of ``L`` values also carries
+    ``1/L`` of the noise: ``s = rho + (1 - rho) / L``, so ``rho = (s L - 1) / (L - 1)``
+    (clipped to [0, 1]), and the ratio is ``expected_variance_ratio(rho, k, L) = 1 - s / k``.
     """
     if parts is None:
         return math.nan, math.nan
     total, between = parts
     var = total.var()
-    share = torch.where(var > 0, between.var() / var.where(var > 0, torch.ones_like(var)),
-                        torch.full_like(var, math.nan))
-    length = max(round(float(total.count.max()) / max(float(between.count.max()), 1.0)), 1)
-    row = LayerVariance(name, share, length, nbs or 1)
-    if not math.isfinite(row.mean_share):
+    share = between.var() / var.where(var > 0, torch.ones_like(var))
+    share = share[(var > 0) & share.isfinite()]
+    if not share.numel():
         return math.nan, math.nan
-    return row.mean_share, (1.0 + row.variance_bias if nbs is not None else math.nan)
+    s = float(share.mean())
+    if nbs is None:
+        return s, math.nan
+    length = max(round(float(total.count.max()) / max(float(between.count.max()), 1.0)), 1)
+    rho = min(max((s * length - 1) / (length - 1), 0.0), 1.0) if length > 1 else s
+    return s, float(expected_variance_ratio(rho, nbs, length))
 
 
 def _nonfinite_buffers(stats: Mapping[str, Tensor] | None) -> str:
@@ -162,7 +167,7 @@ def _row(ctx: Context, name: str, s: _Statistics, on_train: Measured, on_eval: M
     values = int(nbs * positions) if nbs is not None and math.isfinite(positions) else None
     e = s.eval_report.layers.get(name) if s.eval_report is not None else None
     sq, n = on_train.gap.get(name, (0.0, 0.0))
-    share, ratio = mechanism(name, on_train.share.get(name), nbs)
+    share, ratio = mechanism(on_train.share.get(name), nbs)
     return LayerDiagnosis(
         type(layer).__name__, "frozen" if nbs is None else "trains", on_eval.calls.get(name, 0),
         nbs, rule, values, r.mean_shift if r else math.nan, r.std_log_ratio if r else math.nan,

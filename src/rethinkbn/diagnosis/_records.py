@@ -33,8 +33,8 @@ class Thresholds:
     - ``train_test_gap``: a layer's normalized output in training behaviour differs from the same
       input normalized with population statistics by more than this RMS (in sigma) (2).
     - ``variance_bias``: a ``k``-sample group's variance is expected to fall short of the
-      population's by ``rho / k + (1 - rho) / (k L)`` (``rho`` the layer's between-sample share,
-      ``L`` its values per sample; :mod:`rethinkbn.population.mechanism`). Past this relative
+      population's by ``s / k`` (``s`` the layer's between-sample share; in the terms of
+      :mod:`rethinkbn.population.mechanism`, ``rho / k + (1 - rho) / (k L)``). Past this relative
       bias a small NBS is a train/test inconsistency, below it only noise (2). The default is
       :data:`~rethinkbn.population.INCONSISTENCY_THRESHOLD` (0.10): a variance 10% short scales
       the normalized output by 1/sqrt(0.9), a 5% gain change in every channel.
@@ -123,12 +123,12 @@ class LayerDiagnosis:
     ``(mu_train - mu_eval) / sigma_eval`` and ``log(sigma_train / sigma_eval)`` (RMS over
     channels, as the EMA distances).
 
-    ``between_share``: the share of the layer's input variance that lies between samples, the
-    variance of the per-sample means over the total variance (law of total variance), averaged
-    over channels, measured on ``train_data`` in eval mode with population statistics;
-    ``variance_ratio``: the expected ``E[var_k] / var`` of a group of ``k = norm_batch_size``
-    samples, ``1 - rho / k - (1 - rho) / (k L)`` (:func:`rethinkbn.population.
-    expected_variance_ratio`, ``L`` the values per sample and channel).
+    ``between_share``: ``s``, the share of the layer's input variance that lies between
+    samples, the variance of the per-sample means over the total variance (law of total
+    variance), averaged over channels, measured on ``train_data`` in eval mode with population
+    statistics; ``variance_ratio``: the expected ``E[var_k] / var = 1 - s / k`` of a group of
+    ``k = norm_batch_size`` samples (:func:`rethinkbn.population.expected_variance_ratio` at the
+    offsets' share ``rho = (s L - 1) / (L - 1)``, ``L`` the values per sample and channel).
     """
 
     kind: str
