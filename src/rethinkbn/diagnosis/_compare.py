@@ -227,15 +227,33 @@ def _gap_hook(name: str, layer: nn.Module, pop: Mapping[str, Tensor], acc: Measu
     return hook
 
 
+def share_moments(x: Tensor) -> tuple[Moments, Moments]:
+    """``(moments of all values, moments of the per-sample means)`` of an ``(N, C, ...)`` input,
+    per channel, in float64, the two variances of the between-sample share.
+
+    With ``L`` values per sample and channel, per-sample means ``m_i`` (summed in float64) and
+    within-sample sums of squares ``w_i = sum_j (x_ij - m_i)^2`` (deviations in float32 or
+    wider), the law of total variance gives the total's ``m2 = sum_i w_i + L * m2(m)``: one
+    pass over the values, no float64 copy of them.
+    """
+    flat = x.detach().reshape(x.size(0), x.size(1), -1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    length = flat.size(-1)
+    means = flat.mean(-1, dtype=torch.float64)  # (N, C)
+    within = (flat - means.to(flat.dtype)[..., None]).square().sum(-1, dtype=torch.float64)
+    between = Moments.of(means)
+    return Moments(between.count * length, between.mean,
+                   within.sum(0) + length * between.m2), between
+
+
 def _share_hook(name: str, acc: Measured) -> Any:
-    """A forward pre-hook adding the moments (float64) of all values of the layer's input and
-    of its per-sample means: the two variances of the between-sample share."""
+    """A forward pre-hook adding the moments of the layer's input for the between-sample
+    share (:func:`share_moments`)."""
 
     def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if isinstance(x, Tensor) and x.dim() >= 2 and x.size(0) > 0:
-            per_sample = Moments.of(x.detach(), num_groups=x.size(0))  # (N, C)
-            acc.add_share(name, per_sample.total(), Moments.of(per_sample.mean))
+            acc.add_share(name, *share_moments(x))
 
     return hook
 
