@@ -17,10 +17,17 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from rethinkbn import GhostBatchNorm, diagnose
-from rethinkbn.population import INCONSISTENCY_THRESHOLD, expected_variance_ratio
+from rethinkbn.diagnosis._compare import share_moments
+from rethinkbn.population import (
+    INCONSISTENCY_THRESHOLD,
+    between_sample_share,
+    expected_variance_ratio,
+)
 
 LENGTH = 32  # values per sample and channel
 
@@ -157,3 +164,33 @@ def test_a_frozen_layer_has_a_share_but_no_variance_ratio():
     d = diagnose(net, data, num_samples=256, progress=False)
     assert math.isfinite(d.layers["1"].between_share)
     assert d.layers["1"].norm_batch_size is None and math.isnan(d.layers["1"].variance_ratio)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), c=st.integers(1, 3), spatial=st.lists(st.integers(1, 5), max_size=2),
+       offset=st.sampled_from([0.0, 1e4]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 1000))
+def test_share_moments_match_a_float64_loop(n, c, spatial, offset, dtype, seed):
+    """The one-pass moments against the obvious reference on the same (rounded) values: a loop
+    over samples and channels in float64, whatever the dtype, shape or mean."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, *spatial, generator=g, dtype=torch.float64) * 0.5
+         + torch.randn(n, c, *([1] * len(spatial)), generator=g, dtype=torch.float64) + offset)
+    if dtype in (torch.float16, torch.bfloat16):
+        x = x - offset  # half precision cannot hold 1e4 + a small spread
+    x = x.to(dtype)
+    total, between = share_moments(x)
+    ref = x.double().reshape(n, c, -1)
+    for ch in range(c):
+        values = ref[:, ch].reshape(-1)
+        means = torch.stack([ref[i, ch].mean() for i in range(n)])
+        assert float(total.count[ch]) == values.numel() and float(between.count[ch]) == n
+        assert float(total.mean[ch]) == pytest.approx(float(values.mean()), rel=1e-12)
+        assert float(total.m2[ch]) == pytest.approx(
+            float(((values - values.mean()) ** 2).sum()), rel=1e-5, abs=1e-9)
+        assert float(between.m2[ch]) == pytest.approx(
+            float(((means - means.mean()) ** 2).sum()), rel=1e-9, abs=1e-12)
+    if n > 1:
+        share = between.var() / total.var()
+        torch.testing.assert_close(share, between_sample_share(x), rtol=1e-4, atol=1e-9)

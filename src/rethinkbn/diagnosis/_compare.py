@@ -23,10 +23,11 @@ from .._model import num_samples as samples_in
 from ..distributed import ShuffledModule
 from ..layers import FrozenBatchNorm
 from ..population import PreciseBNOptions, StatsBank
-from ..stats import Moments
+from ..stats import Moments, centered, compute_dtype, split_mean
 from ._records import Behaviour, Data, MetricKey
 
-__all__ = ["Context", "Measured", "all_sum", "compare", "counted_run", "is_fixed"]
+__all__ = ["Context", "Measured", "all_sum", "compare", "counted_run", "is_fixed",
+           "share_moments"]
 
 MetricFn = Callable[[Any, Any], "float | Tensor"]
 BANK_NAMES = {Behaviour.POPULATION: "population", Behaviour.DOMAIN: "eval domain"}
@@ -232,15 +233,16 @@ def share_moments(x: Tensor) -> tuple[Moments, Moments]:
     per channel, in float64, the two variances of the between-sample share.
 
     With ``L`` values per sample and channel, per-sample means ``m_i`` (summed in float64) and
-    within-sample sums of squares ``w_i = sum_j (x_ij - m_i)^2`` (deviations in float32 or
-    wider), the law of total variance gives the total's ``m2 = sum_i w_i + L * m2(m)``: one
-    pass over the values, no float64 copy of them.
+    within-sample sums of squares ``w_i = sum_j (x_ij - m_i)^2`` (deviations in the compute
+    dtype, from the float64 mean split in two parts as :func:`rethinkbn.stats.centered` does,
+    so a large mean costs the spread no digits), the law of total variance gives the total's
+    ``m2 = sum_i w_i + L * m2(m)``: no float64 copy of the values.
     """
     flat = x.detach().reshape(x.size(0), x.size(1), -1)
-    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     length = flat.size(-1)
     means = flat.mean(-1, dtype=torch.float64)  # (N, C)
-    within = (flat - means.to(flat.dtype)[..., None]).square().sum(-1, dtype=torch.float64)
+    deviations = centered(flat, *split_mean(means, compute_dtype(flat)))
+    within = deviations.square_().sum(-1, dtype=torch.float64)
     between = Moments.of(means)
     return Moments(between.count * length, between.mean,
                    within.sum(0) + length * between.m2), between
