@@ -30,6 +30,10 @@ __all__ = ["Context", "Measured", "all_sum", "compare", "counted_run", "is_fixed
            "share_moments"]
 
 MetricFn = Callable[[Any, Any], "float | Tensor"]
+MIN_WEIGHT = 1e-6
+"""Channels whose affine ``|weight|`` is at most this are left out of the train/test gap: the
+gap un-affines the output, ``(y - bias) / weight``, and a (near) zero weight would divide the
+rounding noise of ``y`` up into a gap that the layer's output does not have."""
 BANK_NAMES = {Behaviour.POPULATION: "population", Behaviour.DOMAIN: "eval domain"}
 
 
@@ -200,7 +204,8 @@ def _gap_hook(name: str, layer: nn.Module, pop: Mapping[str, Tensor], acc: Measu
 
     With ``z_train = (y - bias) / weight`` (the layer's output, un-affined) and
     ``z_pop = (x - mu) / sigma`` (``sigma = sqrt(var + eps)``), the difference is one fused
-    ``y * a - x * c + d`` per channel; channels with ``|weight| <= 1e-6`` are left out.
+    ``y * a - x * c + d`` per channel; channels with ``|weight| <=`` :data:`MIN_WEIGHT` are
+    left out.
     """
     c = (pop["running_var"].double() + float(getattr(layer, "eps", 1e-5))).rsqrt()
     mu = pop["running_mean"].double()
@@ -213,7 +218,7 @@ def _gap_hook(name: str, layer: nn.Module, pop: Mapping[str, Tensor], acc: Measu
         weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
         w = weight.detach().double() if isinstance(weight, Tensor) else torch.ones_like(c)
         b = bias.detach().double() if isinstance(bias, Tensor) else torch.zeros_like(c)
-        keep = w.abs() > 1e-6
+        keep = w.abs() > MIN_WEIGHT
         a = torch.where(keep, 1 / w.where(keep, torch.ones_like(w)), torch.zeros_like(w))
         d = torch.where(keep, mu * c - b * a, torch.zeros_like(c))
         cc = torch.where(keep, c, torch.zeros_like(c))

@@ -29,15 +29,22 @@ DOMAIN_ADVICE = ("recompute the statistics on the target domain (rethinkbn.recom
                  "keep one snapshot per domain in a rethinkbn.StatsBank")
 
 
+STANDARD_ERRORS = 2.0
+"""A metric difference must exceed this many standard errors (over the batches) to count:
+about a 95% two-sided level for a roughly normal mean of batch differences, so that batch noise
+alone rarely triggers a recommendation."""
+
+
 def _past(shift: float, log_std: float, t_shift: float, t_log: float) -> float:
     """How far past its thresholds a pair of distances is (> 1: past)."""
     return max(abs(shift) / t_shift, abs(log_std) / t_log)
 
 
 def _matters(pair: tuple[float, float], t: Thresholds) -> bool:
-    """A metric difference matters when past the threshold and twice its standard error."""
+    """A metric difference matters when past the threshold and :data:`STANDARD_ERRORS` of its
+    standard error."""
     delta, se = pair
-    return abs(delta) > t.metric and abs(delta) > 2 * se
+    return abs(delta) > t.metric and abs(delta) > STANDARD_ERRORS * se
 
 
 def _metric_text(pair: tuple[float, float]) -> str:

@@ -71,29 +71,32 @@ def _statistics(ctx: Context, train_data: Iterable[Any], eval_data: Iterable[Any
     """``precise_bn`` over ``train_data`` (recording the first batch's size and the group ids),
     then over ``eval_data`` starting from train_data's statistics (its distances are the domain
     shift); both snapshots go into ``ctx.bank``, the incoming statistics back into the model."""
-    out = _Statistics(None, None, capture_stats(ctx.model))  # type: ignore[arg-type]
+    ema = capture_stats(ctx.model)
+    first: list[int] = []
+    ids: list[Tensor] = []
 
     def recording_forward(_m: nn.Module, batch: Any) -> Any:
         if group_ids is not None:
-            out.ids.append(torch.as_tensor(group_ids(batch)).flatten().cpu())
-        if out.first:
+            ids.append(torch.as_tensor(group_ids(batch)).flatten().cpu())
+        if first:
             return ctx.run(batch)
         n, result = counted_run(ctx, batch)
-        out.first.append(n)
+        first.append(n)
         return result
 
     with warnings.catch_warnings():  # a loader shorter than the budget is fine here
         warnings.filterwarnings("ignore", message=".*short of the budget", category=RuntimeWarning)
         # no layer keeps running statistics: the EMA check says it is not testable
         warnings.filterwarnings("ignore", message=".*nothing was run", category=RuntimeWarning)
-        out.report = precise_bn(ctx.model, train_data,
-                                options=replace(ctx.options, forward=recording_forward))
+        report = precise_bn(ctx.model, train_data,
+                            options=replace(ctx.options, forward=recording_forward))
         ctx.bank["population"] = capture_stats(ctx.model)
+        eval_report = None
         if eval_data is not None:
-            out.eval_report = precise_bn(ctx.model, eval_data, options=ctx.options)
+            eval_report = precise_bn(ctx.model, eval_data, options=ctx.options)
             ctx.bank["eval domain"] = capture_stats(ctx.model)
-    install_stats(ctx.model, out.ema)
-    return out
+    install_stats(ctx.model, ema)
+    return _Statistics(report, eval_report, ema, first, ids)
 
 
 def nbs_rule(layer: nn.Module, sizes: list[int], trains: bool) -> tuple[int | None, str]:
