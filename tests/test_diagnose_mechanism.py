@@ -194,3 +194,52 @@ def test_share_moments_match_a_float64_loop(n, c, spatial, offset, dtype, seed):
     if n > 1:
         share = between.var() / total.var()
         torch.testing.assert_close(share, between_sample_share(x), rtol=1e-4, atol=1e-9)
+
+
+class First(nn.Module):
+    """A BatchNorm layer (named ``bn``) that sees the model input itself."""
+
+    def __init__(self, bn: nn.Module, domain: int | None = None) -> None:
+        super().__init__()
+        self.bn, self.domain = bn, domain
+
+    def forward(self, x):
+        return self.bn(x) if self.domain is None else self.bn(x, self.domain)
+
+
+def every_layer():
+    from rethinkbn import DomainBatchNorm, FrozenBatchNorm, SyncBatchNorm
+    from rethinkbn.distributed import PerDeviceBatchNorm
+
+    return {
+        "torch BatchNorm1d": (First(nn.BatchNorm1d(3)), 32),
+        "GhostBatchNorm": (First(GhostBatchNorm(3, norm_batch_size=4)), 4),
+        "FrozenBatchNorm": (First(FrozenBatchNorm(3)), None),
+        "DomainBatchNorm": (First(DomainBatchNorm(3, num_domains=2), domain=1), 32),
+        "SyncBatchNorm": (First(SyncBatchNorm(3)), 32),
+        "PerDeviceBatchNorm": (First(PerDeviceBatchNorm(3, num_devices=4)), 8),
+    }
+
+
+@pytest.mark.parametrize("kind", list(every_layer()))
+def test_every_layer_kind_reports_the_share_of_its_input(kind):
+    net, nbs = every_layer()[kind]
+    data = planted([0.3, 0.6, 0.9], 256, 32)
+    d = diagnose(net.eval(), data, num_samples=256, progress=False)
+    row = d.layers["bn"]
+    seen = torch.cat(data[:4])  # the comparisons: half the budget
+    assert row.between_share == pytest.approx(float(between_sample_share(seen).mean()), rel=1e-6)
+    assert row.norm_batch_size == nbs
+    if nbs is None:
+        assert math.isnan(row.variance_ratio)
+    else:
+        assert row.variance_ratio == pytest.approx(1 - row.between_share / nbs, rel=1e-6)
+
+
+def test_empty_batches_add_nothing_to_the_share():
+    data = planted([0.5] * 3, 256, 32)
+    with_empty = [data[0], data[0][:0], *data[1:]]
+    got = diagnose(model(2), with_empty, num_samples=256, progress=False).layers["0"]
+    want = diagnose(model(2), data, num_samples=256, progress=False).layers["0"]
+    assert got.between_share == want.between_share
+    assert got.variance_ratio == want.variance_ratio

@@ -81,7 +81,8 @@ def _statistics(ctx: Context, train_data: Iterable[Any], eval_data: Iterable[Any
         if first:
             return ctx.run(batch)
         n, result = counted_run(ctx, batch)
-        first.append(n)
+        if n > 0:  # the training batch is the first non-empty one
+            first.append(n)
         return result
 
     with warnings.catch_warnings():  # a loader shorter than the budget is fine here
@@ -99,11 +100,17 @@ def _statistics(ctx: Context, train_data: Iterable[Any], eval_data: Iterable[Any
     return _Statistics(report, eval_report, ema, first, ids)
 
 
+def per_device_batch(sizes: list[int]) -> int:
+    """The per-device training batch: the smallest rank's first non-empty batch (a rank whose
+    batches were all empty normalizes nothing; 1 when no rank saw a sample)."""
+    return min((n for n in sizes if n > 0), default=1)
+
+
 def nbs_rule(layer: nn.Module, sizes: list[int], trains: bool) -> tuple[int | None, str]:
     """The layer's normalization batch size in training and how it follows from the per-rank
     first batches ``sizes`` (one per rank): the smallest rank's batch, or their sum for a layer
     synced over all of them."""
-    batch = min(sizes)
+    batch = per_device_batch(sizes)
     if is_fixed(layer, trains):
         return None, "fixed statistics (frozen)"
     devices = getattr(layer, "num_devices", None)
@@ -255,8 +262,8 @@ def measure(ctx: Context, train_data: Iterable[Any], eval_data: Iterable[Any] | 
     sizes = [int(v) for v in all_sum([float(local if r == me else 0)
                                       for r in range(world_size(group))], group)]
     table = {name: _row(ctx, name, s, on_train, on_eval, sizes) for name in ctx.layers}
-    return _numbers(ctx, s, on_train, on_eval, table, min(sizes), eval_data is not None,
-                    group_ids is not None)
+    return _numbers(ctx, s, on_train, on_eval, table, per_device_batch(sizes),
+                    eval_data is not None, group_ids is not None)
 
 
 def _numbers(ctx: Context, s: _Statistics, on_train: Measured, on_eval: Measured,
