@@ -148,7 +148,7 @@ def _small_nbs(rows: dict[str, LayerDiagnosis], t: Thresholds) -> list[Finding]:
     """A problem per layer normalizing fewer than ``t.min_values`` values per channel."""
     return [Finding("nbs", "problem", n, v, t.min_values,
                     f"normalizes {v} values per channel ({r.nbs_rule}): batch mean off by "
-                    f"~{1 / math.sqrt(v):.2g} sigma, std by "
+                    f"~{1 / math.sqrt(max(v, 1)):.2g} sigma, std by "
                     f"~{1 / math.sqrt(2 * max(v - 1, 1)):.0%}",
                     NBS_ADVICE)
             for n, r in rows.items()
