@@ -127,9 +127,9 @@ def _samples(ctx: Context, batch: Any) -> int:
 class Measured:
     """What a comparison pass saw; rank-local until :meth:`merged`.
 
-    ``share[name]`` holds the moments of all values and of the per-sample means of the layer's
-    input (in eval mode with population statistics, on ``train_data``), for the between-sample
-    share.
+    ``shares[name]`` lists, per call, the moments of all values and of the per-sample means of
+    the layer's input (in eval mode with population statistics, on ``train_data``), merged once
+    by :meth:`share`.
     """
 
     per_batch: dict[MetricKey, list[tuple[int, float]]] = field(default_factory=dict)
@@ -142,12 +142,14 @@ class Measured:
     gap: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum of squares, count]
     calls: dict[str, int] = field(default_factory=dict)  # most calls in one forward
     batch_stats_in_eval: set[str] = field(default_factory=set)
-    share: dict[str, tuple[Moments, Moments]] = field(default_factory=dict)
+    shares: dict[str, list[tuple[Moments, Moments]]] = field(default_factory=dict)
 
-    def add_share(self, name: str, total: Moments, between: Moments) -> None:
-        old = self.share.get(name)
-        self.share[name] = (total, between) if old is None else (
-            old[0].merge(total), old[1].merge(between))
+    def share(self, name: str) -> tuple[Moments, Moments] | None:
+        """The layer's two sets of moments over every call (None: never measured)."""
+        rows = self.shares.get(name)
+        if not rows:
+            return None
+        return _merged([t for t, _ in rows]), _merged([b for _, b in rows])
 
     def merged(self, group: dist.ProcessGroup | None) -> Measured:
         """The union over the ranks (every rank gets the same)."""
@@ -171,8 +173,8 @@ class Measured:
             for name, k in p.calls.items():
                 out.calls[name] = max(out.calls.get(name, 0), k)
             out.batch_stats_in_eval |= p.batch_stats_in_eval
-            for name, (total, between) in p.share.items():
-                out.add_share(name, total, between)
+            for name, rows in p.shares.items():
+                out.shares.setdefault(name, []).extend(rows)
         return out
 
     def mean(self, key: MetricKey) -> float | None:
@@ -196,6 +198,12 @@ class Measured:
         # the sample-weighted mean's standard error, from the spread of the batches' differences
         se = float(((n * (d - delta)).square().sum()).sqrt() / n.sum())
         return delta, se
+
+
+def _merged(rows: list[Moments]) -> Moments:
+    """The exact merge of moments of one shape, in one vectorized step."""
+    return Moments(*(torch.stack([getattr(r, f) for r in rows]) for f in ("count", "mean", "m2"))
+                   ).total()
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -260,7 +268,7 @@ def _share_hook(name: str, acc: Measured) -> Any:
     def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if isinstance(x, Tensor) and x.dim() >= 2 and x.size(0) > 0:
-            acc.add_share(name, *share_moments(x))
+            acc.shares.setdefault(name, []).append(share_moments(x))
 
     return hook
 

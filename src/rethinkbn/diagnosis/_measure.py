@@ -177,7 +177,7 @@ def _row(ctx: Context, name: str, s: _Statistics, on_train: Measured, on_eval: M
     values = int(nbs * positions) if nbs is not None and math.isfinite(positions) else None
     e = s.eval_report.layers.get(name) if s.eval_report is not None else None
     sq, n = on_train.gap.get(name, (0.0, 0.0))
-    share, ratio = mechanism(on_train.share.get(name), nbs)
+    share, ratio = mechanism(on_train.share(name), nbs)
     return LayerDiagnosis(
         type(layer).__name__, "frozen" if nbs is None else "trains", on_eval.calls.get(name, 0),
         nbs, rule, values, r.mean_shift if r else math.nan, r.std_log_ratio if r else math.nan,
