@@ -81,8 +81,7 @@ def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
         description="SPEC is module:function (imported from the current directory, as uvicorn "
         "does); the function takes no argument and returns (model, train_loader) or (model, "
         "train_loader, eval_loader), or a dict of rethinkbn.diagnose's arguments (model, "
-        "train_data, eval_data, metric, group_ids, thresholds, options: a PreciseBNOptions, "
-        "or its fields such as forward, input_key, device).",
+        "train_data, eval_data, forward, metric, input_key, group_ids, device).",
     )
     diag.add_argument("spec", metavar="SPEC", help="module:function returning model and loaders")
     diag.add_argument("--checkpoint", default=None,
