@@ -28,12 +28,11 @@ convention, :mod:`rethinkbn._model`'s), ``_judge`` (pure functions from those nu
 It never changes the model.
 """
 
-from ._diagnose import DEFAULT_NUM_SAMPLES, diagnose
+from ._diagnose import DEFAULT_NUM_SAMPLES, diagnose  # noqa: F401 - the default budget
 from ._records import Behaviour, Data, Finding, LayerDiagnosis, MetricKey, Thresholds
 from ._report import Diagnosis
 
 __all__ = [
-    "DEFAULT_NUM_SAMPLES",
     "Behaviour",
     "Data",
     "Diagnosis",
