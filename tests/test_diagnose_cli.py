@@ -39,6 +39,12 @@ def not_a_model():
 
 def no_batchnorm():
     return nn.Sequential(nn.Linear(16, 2)), loader()
+
+def with_options():
+    from rethinkbn import PreciseBNOptions
+
+    return {"model": model(), "train_data": loader(),
+            "options": PreciseBNOptions(num_batches=2, progress=False)}
 """
 
 BROKEN_MODULE = "raise ValueError('broken at import')\ndef build():\n    pass\n"
@@ -180,3 +186,15 @@ def test_a_bad_metric_option_is_one_line(spec, capsys, metric, needle):
     _, name = spec
     assert main(["diagnose", f"{name}:pair", "--metric", metric.format(name=name)]) == 2
     assert needle in one_line_error(capsys)
+
+
+def test_a_spec_may_return_options_whose_budget_applies_without_num_samples(spec, capsys):
+    tmp, name = spec
+    out_dir = tmp / "out"
+    assert main(["diagnose", f"{name}:with_options", "--out", str(out_dir)]) == 0
+    import json
+
+    assert json.loads((out_dir / "diagnosis.json").read_text())["num_samples"] == 2 * 16
+    assert main(["diagnose", f"{name}:with_options", "--num-samples", "64", "--out",
+                 str(out_dir)]) == 0  # the command line's budget wins
+    assert json.loads((out_dir / "diagnosis.json").read_text())["num_samples"] == 64

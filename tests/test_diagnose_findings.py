@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from rethinkbn import ShuffledModule, convert_batchnorm, diagnose, virtual_devices
+from rethinkbn import (
+    GhostBatchNorm,
+    ShuffledModule,
+    convert_batchnorm,
+    diagnose,
+    virtual_devices,
+)
 from rethinkbn.distributed import ShufflePlan
 from test_diagnose import TRAIN, VAL, accuracy, batches, conv_net, fit, run
 
@@ -210,3 +216,18 @@ def test_a_model_that_shuffles_is_not_told_to_shuffle():
     bare = diagnose(shuffled_head().inner.train(), correlated_data(), num_samples=48,
                     progress=False, group_ids=lambda b: b[1])
     assert [f.severity for f in by_check(bare, "smell:correlated-batch")] == ["problem"]
+
+
+# ------------------------------------------------------------------ empty batches
+@pytest.mark.parametrize("layer", ["torch", "ghost"])
+def test_an_empty_first_batch_is_not_the_training_batch(layer):
+    # before: the empty batch was taken as the per-device batch, NBS 0, and the verdict on it
+    # divided by zero
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3) if layer == "torch" else GhostBatchNorm(3, norm_batch_size=4)
+    data = [torch.randn(384, 3, 5)[i:i + 32] for i in range(0, 384, 32)]
+    d = diagnose(nn.Sequential(bn).eval(), [data[0][:0], *data], num_samples=128,
+                 progress=False)
+    assert d.batch_size == 32
+    assert d.layers["0"].norm_batch_size == (32 if layer == "torch" else 4)
+    assert d.layers["0"].values_per_channel == d.layers["0"].norm_batch_size * 5

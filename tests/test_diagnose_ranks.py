@@ -84,3 +84,38 @@ def test_ranks_with_different_batch_sizes_stop_together(world):
 def test_only_too_small_batches_fail_on_every_rank(world):
     errors = world.run(diagnose_all_small)
     assert all(e is not None and "fewer than 2 samples" in e for e in errors), errors
+
+
+def rank_planted(rank, rho):
+    """Rank ``rank``'s batches of planted per-sample offsets (3 channels, 8 values a sample)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    n = 64 + 32 * rank  # the ranks hold different amounts
+    a = torch.randn(n, 3, 1, generator=g, dtype=torch.float64)
+    e = torch.randn(n, 3, 8, generator=g, dtype=torch.float64)
+    return list((rho ** 0.5 * a + (1 - rho) ** 0.5 * e).float().split(16))
+
+
+def diagnose_planted(rho):
+    import torch.distributed as dist
+
+    from rethinkbn import GhostBatchNorm, diagnose
+
+    model = nn.Sequential(GhostBatchNorm(3, norm_batch_size=2)).eval()
+    # a budget past every rank's data: the comparisons read until the shortest rank's data ends
+    d = diagnose(model, rank_planted(dist.get_rank(), rho), num_samples=1024, progress=False)
+    return d.to_dict()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_the_between_sample_share_is_the_union_of_the_ranks(size):
+    from rethinkbn.population import between_sample_share
+
+    with GlooWorld(size, timeout_s=20, run_timeout_s=120) as w:
+        dicts = w.run(diagnose_planted, 0.6)
+    assert all(d == dicts[0] for d in dicts)
+    # the ranks stop together when the first one's data ends: each ran that many batches
+    steps = min(len(rank_planted(r, 0.6)) for r in range(size))
+    union = torch.cat([x for r in range(size) for x in rank_planted(r, 0.6)[:steps]])
+    want = float(between_sample_share(union).mean())
+    assert dicts[0]["layers"]["0"]["between_share"] == pytest.approx(want, rel=1e-6)
+    assert dicts[0]["layers"]["0"]["variance_ratio"] == pytest.approx(1 - want / 2, rel=1e-6)

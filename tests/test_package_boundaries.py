@@ -185,14 +185,6 @@ def _inside(module: str, package: str) -> bool:
 GRAPH = import_graph(tuple(sorted([*(ROOT / "benchmarks").glob("*.py"),
                                    ROOT / "examples" / "ddp_train.py",
                                    ROOT / "tests" / "gloo_world.py"])))
-PHASE_2 = "fixed in phase 2"
-
-# What the graph holds today and phase 2 of issue 19 removes; each entry is an xfail(strict):
-# fixing one makes its test pass, which fails until the entry is taken off this list.
-KNOWN_PRIVATE_IMPORTS = [  # (importer, another subpackage's private module)
-    ("rethinkbn.diagnosis", "rethinkbn.population._state"),
-    ("rethinkbn.integrations.lightning", "rethinkbn.population._state"),
-]
 
 
 def _arrows_up() -> list[tuple[str, str]]:
@@ -251,15 +243,8 @@ def test_no_arrow_up():
     assert not _arrows_up(), _shown(_arrows_up())
 
 
-def test_no_module_imports_another_packages_private_module_but_the_known_ones():
-    new = [p for p in _private_imports() if p not in KNOWN_PRIVATE_IMPORTS]
-    assert not new, _shown(new)
-
-
-@pytest.mark.xfail(strict=True, reason=PHASE_2)
-@pytest.mark.parametrize("pair", KNOWN_PRIVATE_IMPORTS, ids="->".join)
-def test_known_private_import_is_gone(pair):
-    assert pair not in _private_imports(), _shown([pair])
+def test_no_module_imports_another_packages_private_module():
+    assert not _private_imports(), _shown(_private_imports())
 
 
 def test_the_convert_package_imports_point_down_its_layers():

@@ -101,7 +101,9 @@ def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
                       "'model') loaded into the model first")
     diag.add_argument("--out", default=None, help="write report.md, diagnosis.json and "
                       "layer_distances.png to this directory")
-    diag.add_argument("--num-samples", default="2048", help="samples per pass (default 2048)")
+    diag.add_argument("--num-samples", default=None,
+                      help="samples per statistics pass (default: the budget of the options "
+                      "SPEC returns, else 2048); the comparisons run on half as many")
     diag.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
                       help="metric(outputs, batch) -> the batch's mean metric, higher is better "
                       "(e.g. accuracy), imported as SPEC is; replaces a metric SPEC returns. "
@@ -244,14 +246,19 @@ def _load_checkpoint(model: Any, path: str) -> None:
     model.load_state_dict(blob)
 
 
+def _positive(text: str) -> int:
+    """``--num-samples``: a positive integer, else _BadArgument."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise _BadArgument(f"--num-samples: expected a positive integer, got {text}")
+    return int(text)
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     """``rethinkbn diagnose``: 0 done; 2 bad arguments (one line on stderr, before any work).
     An error raised inside the user's SPEC, metric or model keeps its traceback."""
     try:
-        num_samples = int(args.num_samples) if args.num_samples.strip().isdigit() else 0
-        if num_samples < 1:
-            raise _BadArgument(f"--num-samples: expected a positive integer, got "
-                               f"{args.num_samples}")
+        budget: dict[str, Any] = {} if args.num_samples is None else {
+            "num_samples": _positive(args.num_samples)}
         if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
             raise _BadArgument(f"--checkpoint {args.checkpoint}: no such file")
         if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -269,8 +276,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         return 2
     from .diagnosis import diagnose
 
-    result = diagnose(kwargs.pop("model"), kwargs.pop("train_data"), num_samples=num_samples,
-                      **kwargs)
+    result = diagnose(kwargs.pop("model"), kwargs.pop("train_data"), **budget, **kwargs)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:

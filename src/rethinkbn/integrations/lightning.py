@@ -26,8 +26,9 @@ except ImportError:  # only the older package name is installed
             "rethinkbn.integrations.lightning needs Lightning: pip install 'rethinkbn[lightning]'"
         ) from error
 
+from .._model import batchnorm_layers, running_buffers
 from ..convert import freeze_bn
-from ..population._state import batchnorm_layers, is_frozen, running_buffers
+from ..layers import FrozenBatchNorm
 from ..population.options import PreciseBNOptions
 from ..population.schedule import (
     FreezeBNHook,
@@ -145,7 +146,7 @@ class FreezeBN(pl.Callback):
 
         Their running buffers hold the frozen statistics loaded from the checkpoint.
         """
-        if any(not is_frozen(layer) and running_buffers(layer) is not None
+        if any(not isinstance(layer, FrozenBatchNorm) and running_buffers(layer) is not None
                for _, layer in batchnorm_layers(pl_module)):
             with warnings.catch_warnings():
                 # with include=/exclude=, unselected layers stay plain: nothing to convert

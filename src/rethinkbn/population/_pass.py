@@ -22,7 +22,7 @@ import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,18 +31,25 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._model import (
+    FirstCall,
+    ModelGuard,
+    num_samples,
+    running_buffers,
+    select_input,
+    to_device,
+    unwrap,
+    world_size,
+)
 from ..layers.base import BatchNormBase
 from ..stats import Moments, all_gather_moments
-from ._ranks import OK, PROBLEM, RAISED, agree, world_size
+from ._ranks import OK, PROBLEM, RAISED, agree
 from ._state import (
-    ModelGuard,
-    batchnorm_layers,
     is_frozen,
     name_torch_errors,
-    running_buffers,
+    pass_layers,
     skip_empty_calls,
     syncs_across_ranks,
-    unwrap,
     use_local_batch_stats,
     use_norm_batch_size,
 )
@@ -52,17 +59,6 @@ __all__ = ["PassResult", "run_pass"]
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass
-class _FirstCall:
-    """Dim 0 of the input of the first BatchNorm call of one forward (None: no call yet).
-
-    How a pass counts the samples of a batch it cannot read a size from (an object: a
-    dataclass, a graph batch, given with ``forward=``): where the BatchNorm layers see them.
-    """
-
-    samples: int | None = None
 
 
 @dataclass
@@ -76,14 +72,11 @@ class _Recorder:
     raw: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
 
     samples: int = 0
-    first: _FirstCall = field(default_factory=_FirstCall)
 
     def count_samples(self, _layer: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if isinstance(x, Tensor) and x.dim() > 0:
             self.samples += int(x.size(0))
-            if self.first.samples is None:
-                self.first.samples = int(x.size(0))
 
     def observe(self, _layer: nn.Module, moments: Moments) -> None:
         self.rows.append(moments)
@@ -132,64 +125,6 @@ class PassResult:
     samples: dict[str, int] = field(default_factory=dict)
 
 
-def select_input(batch: Any, input_key: Any = None) -> Any:
-    """The model input of a batch: the batch itself, its first element, or ``batch[input_key]``."""
-    if isinstance(batch, Mapping):
-        if input_key is None:
-            raise TypeError(
-                f"the batch is a mapping with keys {sorted(map(str, batch))}; pass input_key= to "
-                "say which one is the model input, or forward= to call the model yourself"
-            )
-        return batch[input_key]
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("got an empty tuple/list as a batch; expected (input, ...)")
-        return batch[0]
-    return batch
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(items, (tuple, list)) or isinstance(batch, Mapping):
-        for item in items:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def batch_size(batch: Any, input_key: Any = None) -> int:
-    """Samples in a batch: dim 0 of its model input (or of its first tensor)."""
-    try:
-        x = select_input(batch, input_key)
-    except (TypeError, ValueError):
-        x = None
-    if not isinstance(x, Tensor):
-        x = _first_tensor(batch)
-    if x is None or x.dim() == 0:
-        raise TypeError(
-            f"cannot tell the batch size of a batch of type {type(batch).__name__}; expected a "
-            "tensor (N, ...) or a tuple/list/dict holding one"
-        )
-    return int(x.size(0))
-
-
-def to_device(batch: Any, device: torch.device | str | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 def default_forward(input_key: Any = None) -> ForwardFn:
     def forward(model: nn.Module, batch: Any) -> Any:
         return model(select_input(batch, input_key))
@@ -198,12 +133,12 @@ def default_forward(input_key: Any = None) -> ForwardFn:
 
 
 def _arm(
-    guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None, first: _FirstCall
+    guard: ModelGuard, name: str, layer: nn.Module, pass_nbs: int | None, first: FirstCall
 ) -> _Recorder:
     """Put one layer in pass mode (recorded in ``guard``) and hook its recorder and sample count."""
     rec = _arm_statistics(guard, name, layer, pass_nbs)
-    rec.first = first
     guard.hook(layer.register_forward_pre_hook(rec.count_samples))
+    guard.hook(layer.register_forward_pre_hook(first.hook))
     return rec
 
 
@@ -250,19 +185,6 @@ def _arm_statistics(
     return rec
 
 
-def pass_layers(model: nn.Module, include_frozen: bool) -> list[tuple[str, nn.Module]]:
-    """The layers a pass estimates: those with running statistics, FrozenBN only when asked."""
-    out = []
-    for name, layer in batchnorm_layers(model):
-        if running_buffers(layer) is None:
-            logger.debug("skipping %s: it keeps no running statistics", name)
-        elif is_frozen(layer) and not include_frozen:
-            logger.debug("skipping %s: FrozenBatchNorm (pass include_frozen=True)", name)
-        else:
-            out.append((name, layer))
-    return out
-
-
 def _check_grouping(layers: list[tuple[str, nn.Module]], pass_nbs: int | None, caller: str) -> None:
     """``pass_norm_batch_size`` needs a layer that normalizes in groups; else it means nothing."""
     if pass_nbs is None or any(
@@ -299,7 +221,7 @@ def run_pass(
         return PassResult({}, {}, {}, 0, 0)
     guard = ModelGuard(model)
     recorders: list[_Recorder] = []
-    first = _FirstCall()
+    first = FirstCall()
     seen_samples = seen_batches = 0
     try:
         if not options.keep_modes:
@@ -384,7 +306,7 @@ def _iterate(
     unit: str,
     budget: int,
     bar: tqdm,
-    first: _FirstCall,
+    first: FirstCall,
 ) -> tuple[int, int]:
     """Run ``forward`` over whole batches until the budget is met or ``data`` ends.
 
@@ -402,7 +324,7 @@ def _iterate(
                 break
             batch = to_device(batch, device)
             try:
-                n: int | None = batch_size(batch, input_key)
+                n: int | None = num_samples(batch, input_key)
                 unknown = None
             except TypeError as error:
                 n, unknown = None, error

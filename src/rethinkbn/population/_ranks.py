@@ -18,20 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._state import running_buffers
+from .._model import running_buffers, world_size
 
-__all__ = ["OK", "PROBLEM", "RAISED", "agree", "world_size"]
+__all__ = ["OK", "PROBLEM", "RAISED", "agree"]
 
 OK, PROBLEM, RAISED = 0, 1, 2
 _MESSAGE_BYTES = 160
 _HEADER = 4  # code, layers, values, fingerprint
-
-
-def world_size(group: dist.ProcessGroup | None) -> int:
-    """The group's size when torch.distributed is initialized, else 1."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
 
 
 def _describe(layers: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, tuple[int, ...]]]:

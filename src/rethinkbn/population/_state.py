@@ -1,39 +1,39 @@
-"""Finding BatchNorm layers and putting a model back exactly as it was.
+"""The temporary changes a population pass makes to a model's BatchNorm layers.
 
 Every function of :mod:`rethinkbn.population` that changes a model temporarily (modes, momenta,
-observers, hooks, buffer values) records the old state in a :class:`ModelGuard` first and calls
-:meth:`ModelGuard.restore` in ``finally``, so an exception, a ``KeyboardInterrupt`` or bad
-statistics leave the model as it was.
+observers, hooks, buffer values) records the old state in a :class:`~rethinkbn._model.ModelGuard`
+(the package's kernel) first and calls its ``restore`` in ``finally``, so an exception, a
+``KeyboardInterrupt`` or bad statistics leave the model as it was. The helpers here make those
+changes through the guard.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from ..layers import FrozenBatchNorm, is_batchnorm
+from .._model import ROOT_NAME, ModelGuard, batchnorm_layers, running_buffers
+from .._model import unwrap as unwrap  # diagnosis imports it from here until it uses the kernel
+from ..layers import FrozenBatchNorm
 from ..layers.base import layer_name
 from ..layers.functional import require_two_values
 
 __all__ = [
-    "ModelGuard",
     "check_model_first",
     "syncs_across_ranks",
     "use_local_batch_stats",
     "skip_empty_calls",
     "name_torch_errors",
-    "batchnorm_layers",
     "is_frozen",
-    "running_buffers",
-    "unwrap",
+    "pass_layers",
+    "stat_layers",
+    "use_norm_batch_size",
 ]
 
-_MISSING = object()
-STAT_BUFFERS = ("running_mean", "running_var")
+logger = logging.getLogger(__name__)
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -55,51 +55,24 @@ def check_model_first(model: object, data: object, caller: str) -> None:
     )
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside (Distributed)DataParallel and ``torch.compile`` wrappers.
-
-    Buffers are shared, not copied; layer names are those of the user's model (no ``module.`` or
-    ``_orig_mod.`` prefix). A pass over an unwrapped compiled model runs eagerly.
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.parallel.DataParallel)):
-            model = model.module
-        elif _is_compiled(model):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
+def stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The BatchNorm layers of ``model`` that keep running statistics, by qualified name (a model
+    that is itself a layer is named ``"<model>"``): those a snapshot covers."""
+    return [(name, layer) for name, layer in batchnorm_layers(model, root=ROOT_NAME)
+            if running_buffers(layer) is not None]
 
 
-def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is the wrapper that ``torch.compile(module)`` returns."""
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return False
-    return isinstance(model, OptimizedModule)
-
-
-def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, layer)`` for every BatchNorm layer of ``model``, in module order.
-
-    A layer registered under several names appears once, under its first name.
-    """
-    seen: set[int] = set()
+def pass_layers(model: nn.Module, include_frozen: bool) -> list[tuple[str, nn.Module]]:
+    """The layers a pass estimates: those with running statistics, FrozenBN only when asked."""
     out = []
-    for name, module in model.named_modules():
-        if is_batchnorm(module) and id(module) not in seen:
-            seen.add(id(module))
-            out.append((name or "<model>", module))
+    for name, layer in batchnorm_layers(model, root=ROOT_NAME):
+        if running_buffers(layer) is None:
+            logger.debug("skipping %s: it keeps no running statistics", name)
+        elif is_frozen(layer) and not include_frozen:
+            logger.debug("skipping %s: FrozenBatchNorm (pass include_frozen=True)", name)
+        else:
+            out.append((name, layer))
     return out
-
-
-def running_buffers(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """The layer's ``(running_mean, running_var)``, or None when it keeps no running statistics."""
-    mean = getattr(layer, "running_mean", None)
-    var = getattr(layer, "running_var", None)
-    if isinstance(mean, Tensor) and isinstance(var, Tensor):
-        return mean, var
-    return None
 
 
 def syncs_across_ranks(layer: nn.Module) -> bool:
@@ -195,54 +168,3 @@ def use_norm_batch_size(guard: ModelGuard, layer: nn.Module, norm_batch_size: in
         guard.set_attr(layer, "norm_batch_size", norm_batch_size)
     if getattr(layer, "num_devices", None) is not None:
         guard.set_attr(layer, "num_devices", None)
-
-
-class ModelGuard:
-    """Records what a temporary change touches and puts it back, bit for bit, on :meth:`restore`.
-
-    Training flags of every module are recorded on construction. Attributes, buffer values and
-    ``_buffers`` slots are recorded by the methods that change them; hooks registered through
-    :meth:`hook` are removed. Restoring runs in reverse order of the changes.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self._flags = [(m, m.training) for m in model.modules()]
-        self._undo: list[Any] = []
-
-    def set_attr(self, module: nn.Module, name: str, value: Any) -> None:
-        """``setattr(module, name, value)``, undone on restore (deleted if it did not exist)."""
-        self._undo.append(("attr", module, name, getattr(module, name, _MISSING)))
-        setattr(module, name, value)
-
-    def keep_values(self, tensors: list[Tensor]) -> None:
-        """Remember the values of ``tensors`` to copy them back in place (same tensor objects)."""
-        self._undo.append(("values", [(t, t.detach().clone()) for t in tensors]))
-
-    def set_buffer_slot(self, module: nn.Module, name: str, value: Tensor | None) -> None:
-        self._undo.append(("slot", module, name, module._buffers[name]))
-        module._buffers[name] = value
-
-    def hook(self, handle: RemovableHandle) -> None:
-        self._undo.append(("hook", handle))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for entry in reversed(self._undo):
-                kind = entry[0]
-                if kind == "attr":
-                    _, module, name, old = entry
-                    if old is _MISSING:
-                        delattr(module, name)
-                    else:
-                        setattr(module, name, old)
-                elif kind == "values":
-                    for live, saved in entry[1]:
-                        live.copy_(saved)
-                elif kind == "slot":
-                    _, module, name, old = entry
-                    module._buffers[name] = old
-                else:
-                    entry[1].remove()
-        self._undo.clear()
-        for module, flag in self._flags:
-            module.training = flag

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._state import STAT_BUFFERS, batchnorm_layers, running_buffers, unwrap
+from .._model import STAT_BUFFERS, unwrap
+from ._state import stat_layers
 
 __all__ = ["Snapshot", "StatsBank", "capture_stats", "install_stats"]
 
@@ -26,10 +27,7 @@ _FORMAT = "rethinkbn.StatsBank/1"
 
 
 def _stat_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        name: layer for name, layer in batchnorm_layers(unwrap(model))
-        if running_buffers(layer) is not None
-    }
+    return dict(stat_layers(unwrap(model)))
 
 
 def capture_stats(model: nn.Module) -> Snapshot:

@@ -14,16 +14,14 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._model import ROOT_NAME, ModelGuard, batchnorm_layers, unwrap
 from ..layers import functional as BF
 from ..layers.base import BatchNormBase, layer_name
 from ._state import (
-    ModelGuard,
-    batchnorm_layers,
     is_frozen,
     name_torch_errors,
     skip_empty_calls,
     syncs_across_ranks,
-    unwrap,
     use_local_batch_stats,
     use_norm_batch_size,
 )
@@ -33,7 +31,7 @@ __all__ = ["batch_stats_inference"]
 
 def _check(model: nn.Module, norm_batch_size: int | None) -> list[tuple[str, nn.Module]]:
     BF.check_norm_batch_size(norm_batch_size, "batch_stats_inference")
-    layers = [(n, m) for n, m in batchnorm_layers(model) if not is_frozen(m)]
+    layers = [(n, m) for n, m in batchnorm_layers(model, root=ROOT_NAME) if not is_frozen(m)]
     if norm_batch_size is None:
         return layers
     for name, layer in layers:

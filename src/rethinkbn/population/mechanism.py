@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._model import ROOT_NAME, ModelGuard, batchnorm_layers, select_input, to_device
 from ..stats import ACC_DTYPE, Moments
-from ._pass import select_input, to_device
-from ._state import ModelGuard, batchnorm_layers
 
 __all__ = [
     "INCONSISTENCY_THRESHOLD",
@@ -175,7 +174,7 @@ def variance_decomposition(
     Side effects: none; flags and hooks are restored in ``finally``.
     """
     _check_k_l(norm_batch_size, 1)
-    layers = batchnorm_layers(model)
+    layers = batchnorm_layers(model, root=ROOT_NAME)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no BatchNorm layer")
     acc: dict[str, list[Any]] = {name: [None, None, 1] for name, _ in layers}

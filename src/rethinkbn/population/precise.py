@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._model import running_buffers, unwrap
 from ..stats import Moments
 from ._pass import PassResult, run_pass
-from ._state import check_model_first, running_buffers, unwrap
+from ._state import check_model_first
 from .bank import Snapshot, capture_stats, install_stats
 from .options import PreciseBNOptions, options_from, with_options
 

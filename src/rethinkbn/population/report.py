@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._model import running_buffers
 from ..stats import Moments
-from ._state import check_model_first, running_buffers
+from ._state import check_model_first
 from .options import PreciseBNOptions, options_from, with_options
 from .precise import PassReport, distances, estimate
 

@@ -26,9 +26,10 @@ from typing import Any
 from torch import nn
 
 from .._checks import check_int, check_positive_int
+from .._model import ROOT_NAME, batchnorm_layers, unwrap
 from ..convert import freeze_bn
 from ..layers import FrozenBatchNorm
-from ._state import batchnorm_layers, check_model_first, is_frozen, unwrap
+from ._state import check_model_first, is_frozen
 from .bank import capture_stats, install_stats
 from .options import OPTION_NAMES, PreciseBNOptions, options_from, with_options
 from .precise import PreciseBNReport, precise_bn, recompute_stats
@@ -102,7 +103,7 @@ def freeze_with_precise_stats(
     finally:
         # layers still of their old kind (not selected, or a failed conversion) get their
         # statistics back
-        kept = {name: old[name] for name, layer in batchnorm_layers(frozen)
+        kept = {name: old[name] for name, layer in batchnorm_layers(frozen, root=ROOT_NAME)
                 if name in old and not is_frozen(layer)}
         install_stats(frozen, kept, partial=True)
     # a wrapper (DDP, torch.compile) stays the model to use, unless the root itself was replaced
