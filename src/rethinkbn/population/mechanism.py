@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import in_context
 from .._model import ROOT_NAME, ModelGuard, batchnorm_layers, select_input, to_device
 from ..stats import ACC_DTYPE, Moments
 
@@ -140,6 +141,7 @@ class LayerVariance:
         return abs(self.variance_bias) > INCONSISTENCY_THRESHOLD
 
 
+@in_context("variance_decomposition")
 def variance_decomposition(
     model: nn.Module,
     data: Iterable[Any],
