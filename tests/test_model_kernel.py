@@ -1,4 +1,5 @@
-"""``rethinkbn._model``: the one definition of "every BatchNorm layer of a model by name"."""
+"""``rethinkbn._model``: the package's kernel about models (layers by name, unwrap, the guard,
+ranks, the batch convention), each defined once."""
 
 from __future__ import annotations
 

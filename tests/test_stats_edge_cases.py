@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rethinkbn.stats import Moments, _pack, _unpack
+from rethinkbn.stats import Moments
+from rethinkbn.stats.collectives import _pack, _unpack
 
 NAN = float("nan")
 

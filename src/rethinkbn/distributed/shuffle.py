@@ -173,23 +173,24 @@ class ShufflePlan:
 
     def shuffle(self, x: Tensor) -> Tensor:
         """The shuffled batch along dim 0 (this rank's share, or the whole batch if virtual)."""
-        self._check(x, "shuffle")
+        self._check(x)
         if self.route is None:
             return x.index_select(0, self.perm.to(x.device))
         return _Exchange.apply(x, self.route, self.process_group)
 
     def unshuffle(self, y: Tensor) -> Tensor:
         """The inverse of :meth:`shuffle`: row ``i`` of the result belongs to input sample ``i``."""
-        self._check(y, "unshuffle")
+        self._check(y)
         if self.route is None:
             return y.index_select(0, torch.argsort(self.perm).to(y.device))
         return _Exchange.apply(y, self.route.reversed(), self.process_group)
 
-    def _check(self, x: Tensor, what: str) -> None:
+    def _check(self, x: Tensor) -> None:
+        """Raise ValueError unless ``x`` holds this plan's batch (as shuffle and unshuffle take)."""
         expected = sum(self.sizes) if self.rank is None else self.sizes[self.rank]
         if x.dim() == 0 or x.size(0) != expected:
             raise ValueError(
-                f"ShufflePlan.{what}: expected {expected} samples in dim 0 (device sizes "
+                f"ShufflePlan: expected {expected} samples in dim 0 (device sizes "
                 f"{list(self.sizes)}), got shape {tuple(x.shape)}"
             )
 

@@ -26,6 +26,7 @@ except ImportError:  # only the older package name is installed
             "rethinkbn.integrations.lightning needs Lightning: pip install 'rethinkbn[lightning]'"
         ) from error
 
+from .._checks import in_context
 from .._model import batchnorm_layers, running_buffers
 from ..convert import freeze_bn
 from ..layers import FrozenBatchNorm
@@ -41,7 +42,10 @@ __all__ = ["FreezeBN", "PreciseBN"]
 
 
 def _data(own: Iterable[Any] | None, trainer: pl.Trainer) -> Iterable[Any]:
-    return own if own is not None else trainer.train_dataloader
+    data = own if own is not None else trainer.train_dataloader
+    if data is None:
+        raise ValueError("the trainer has no training dataloader; pass data= to the callback")
+    return data
 
 
 class PreciseBN(pl.Callback):
@@ -112,7 +116,8 @@ class FreezeBN(pl.Callback):
     ) -> None:
         if freeze_epoch is None and not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs, "FreezeBN")
+        with in_context("FreezeBN"):
+            self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs)
         self.data = data
         self.freeze_epoch = freeze_epoch
         self.fraction = fraction

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +88,8 @@ class _Recorder:
         if n == 0:
             # torch leaves its buffers alone on an empty batch: they still hold the last call's
             return
-        self.raw.append((n, layer.running_mean.clone(), layer.running_var.clone()))
+        mean, var = running_buffers(layer)  # type: ignore[misc]
+        self.raw.append((n, mean.clone(), var.clone()))
 
     def per_call(self) -> Moments | None:
         """All calls as one Moments with a leading call dim, or None when never called."""
@@ -115,6 +115,7 @@ class PassResult:
     Layers never called have no entry in ``calls`` and zero counts in ``totals``.
     ``samples[name]`` counts the samples (dim 0 of the layer's inputs, over every call) the layer
     saw; it, ``num_samples`` and ``num_batches`` are summed over the ranks when distributed.
+    ``warnings``: messages for the entry point to emit (a short ``data``, layers never called).
     """
 
     layers: dict[str, nn.Module]
@@ -123,9 +124,12 @@ class PassResult:
     num_samples: int
     num_batches: int
     samples: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_forward(input_key: Any = None) -> ForwardFn:
+    """``model(select_input(batch, input_key))``: the forward of a pass without ``forward=``."""
+
     def forward(model: nn.Module, batch: Any) -> Any:
         return model(select_input(batch, input_key))
 
@@ -185,7 +189,7 @@ def _arm_statistics(
     return rec
 
 
-def _check_grouping(layers: list[tuple[str, nn.Module]], pass_nbs: int | None, caller: str) -> None:
+def _check_grouping(layers: list[tuple[str, nn.Module]], pass_nbs: int | None) -> None:
     """``pass_norm_batch_size`` needs a layer that normalizes in groups; else it means nothing."""
     if pass_nbs is None or any(
         hasattr(layer, "norm_batch_size") or hasattr(layer, "num_devices")
@@ -194,126 +198,149 @@ def _check_grouping(layers: list[tuple[str, nn.Module]], pass_nbs: int | None, c
         return
     kinds = sorted({type(layer).__name__ for _, layer in layers}) or ["none"]
     raise ValueError(
-        f"{caller}: pass_norm_batch_size={pass_nbs} but no layer of the pass normalizes in groups "
+        f"pass_norm_batch_size={pass_nbs} but no layer of the pass normalizes in groups "
         f"(its BatchNorm layers are {kinds}); expected a GhostBatchNorm, or pass "
         "pass_norm_batch_size=None"
     )
 
 
 def run_pass(
-    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, caller: str
+    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, *, label: str = "pass"
 ) -> PassResult:
     """Run the statistics pass (see the module docstring); the model is restored when it returns.
 
+    ``label`` titles the progress bar and the log line (the entry point's name); errors do not
+    carry it (the entry point adds its name to them).
+
     Raises ValueError for an empty ``data`` (or a short one with ``strict=True``). In a
     distributed run every rank raises together, within ``options.timeout``: the ranks exchange
-    their status (and a fingerprint of their layers) before the one reduction.
+    their status (and a fingerprint of their layers) before the one reduction (see
+    :mod:`._ranks` for which exception a rank that never arrives raises). Warnings (a short
+    ``data``, a layer never called, no layer to estimate) are returned in
+    :attr:`PassResult.warnings`, for the entry point to emit at its caller's line.
     """
-    unit, budget = options.budget
     model = unwrap(model)
     layers = pass_layers(model, options.include_frozen)
-    _check_grouping(layers, options.pass_norm_batch_size, caller)
-    group = options.process_group
-    distributed = world_size(group) > 1
+    _check_grouping(layers, options.pass_norm_batch_size)
+    distributed = world_size(options.process_group) > 1
     if not layers and not distributed:
-        warnings.warn(f"{caller}: {type(model).__name__} has no BatchNorm layer with running "
-                      "statistics to estimate; nothing was run", RuntimeWarning, stacklevel=4)
-        return PassResult({}, {}, {}, 0, 0)
+        return PassResult({}, {}, {}, 0, 0, warnings=[
+            f"{type(model).__name__} has no BatchNorm layer with running statistics to "
+            "estimate; nothing was run"])
+    recorders, seen = _guarded_pass(model, data, layers, options, distributed, label)
+    problem, warned = _data_problem(*seen, options, distributed)
+    if distributed:
+        short = agree(layers, PROBLEM if problem else OK, problem or "",
+                      options.process_group, options.timeout_seconds)
+        if problem is not None:
+            raise ValueError(problem)
+        if short:
+            raise ValueError(f"{len(short)} other rank(s) {short} had an empty or short data "
+                             "loader; every rank's model is unchanged")
+        if not layers:
+            return PassResult({}, {}, {}, 0, 0, warnings=warned)
+    elif problem is not None:
+        raise ValueError(problem)
+    result = _collect(layers, recorders, seen, options, warned)
+    logger.info("%s: %d samples in %d batches, %d BatchNorm layers", label, result.num_samples,
+                result.num_batches, len(layers))
+    return result
+
+
+def _guarded_pass(
+    model: nn.Module,
+    data: Iterable[Any],
+    layers: list[tuple[str, nn.Module]],
+    options: PreciseBNOptions,
+    distributed: bool,
+    label: str,
+) -> tuple[list[_Recorder], tuple[int, int]]:
+    """Arm every layer, run the batches, restore the model: the recorders and (samples,
+    batches) seen. An exception on one rank is announced to the others before it propagates."""
     guard = ModelGuard(model)
-    recorders: list[_Recorder] = []
     first = FirstCall()
-    seen_samples = seen_batches = 0
     try:
         if not options.keep_modes:
             for module in model.modules():
                 module.training = False
         recorders = [_arm(guard, name, layer, options.pass_norm_batch_size, first)
                      for name, layer in layers]
+        unit, budget = options.budget
         show = sys.stderr.isatty() if options.progress is None else options.progress
-        with tqdm(total=budget, unit=unit[:-1], desc=caller, disable=not show, leave=False) as bar:
-            seen_samples, seen_batches = _iterate(
-                model, data, options.forward or default_forward(options.input_key),
-                options.input_key, options.device, unit, budget, bar, first,
-            )
+        with tqdm(total=budget, unit=unit[:-1], desc=label, disable=not show,
+                  leave=False) as bar:
+            seen = _iterate(model, data, options, bar, first)
     except BaseException as error:
         if distributed:
             guard.restore()
             # tell the other ranks, so that they stop now; this rank's own error wins
             with contextlib.suppress(Exception):
-                agree(layers, RAISED, f"{type(error).__name__}: {error}", group,
-                      options.timeout_seconds, caller)
+                agree(layers, RAISED, f"{type(error).__name__}: {error}", options.process_group,
+                      options.timeout_seconds)
         raise
     finally:
         guard.restore()
-    calls = {rec.name: rows for rec in recorders if (rows := rec.per_call()) is not None}
-    problem = None
+    return recorders, seen
+
+
+def _data_problem(
+    seen_samples: int, seen_batches: int, options: PreciseBNOptions, distributed: bool
+) -> tuple[str | None, list[str]]:
+    """What is wrong with the data this rank saw (None: nothing), and what to warn about."""
+    unit, budget = options.budget
     if seen_batches == 0:  # an empty loader: a mistake on any rank
-        problem = f"{caller}: data yielded no batches; expected up to {budget} {unit}"
-    elif seen_samples == 0 and not distributed:
-        problem = (f"{caller}: data yielded {seen_batches} batches, all empty (0 samples); "
-                   f"expected up to {budget} {unit}")
+        return f"data yielded no batches; expected up to {budget} {unit}", []
+    if seen_samples == 0 and not distributed:
+        return (f"data yielded {seen_batches} batches, all empty (0 samples); expected up to "
+                f"{budget} {unit}"), []
     # across ranks the estimate is the union's: a shard of empty batches fails only if every
     # rank's does (checked after the reduction, on the summed counts)
-    elif (seen_samples if unit == "samples" else seen_batches) < budget:
-        message = (
-            f"{caller}: data ended after {seen_batches} batches ({seen_samples} samples), short "
-            f"of the budget of {budget} {unit}"
-        )
-        if options.strict:
-            problem = message + " (strict=True)"
-        else:
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-    if distributed:
-        short = agree(layers, PROBLEM if problem else OK, problem or "", group,
-                      options.timeout_seconds, caller)
-        if problem is not None:
-            raise ValueError(problem)
-        if short:
-            raise ValueError(f"{caller}: {len(short)} other rank(s) {short} had an empty or "
-                             "short data loader; every rank's model is unchanged")
-        if not layers:
-            return PassResult({}, {}, {}, 0, 0)
-    elif problem is not None:
-        raise ValueError(problem)
-    local_counts = [seen_samples, seen_batches, *(rec.samples for rec in recorders)]
-    totals, counts = _reduce(layers, calls, local_counts, group)
+    if (seen_samples if unit == "samples" else seen_batches) >= budget:
+        return None, []
+    message = (f"data ended after {seen_batches} batches ({seen_samples} samples), short of the "
+               f"budget of {budget} {unit}")
+    return (message + " (strict=True)", []) if options.strict else (None, [message])
+
+
+def _collect(
+    layers: list[tuple[str, nn.Module]],
+    recorders: list[_Recorder],
+    seen: tuple[int, int],
+    options: PreciseBNOptions,
+    warned: list[str],
+) -> PassResult:
+    """Merge the recorders' moments and counts (across ranks: one collective) into the result."""
+    calls = {rec.name: rows for rec in recorders if (rows := rec.per_call()) is not None}
+    group = options.process_group
+    totals, counts = _reduce(layers, calls, [*seen, *(rec.samples for rec in recorders)], group)
     seen_samples, seen_batches = counts[0], counts[1]
     if seen_samples == 0:  # the same sums on every rank: every rank raises
+        unit, budget = options.budget
         raise ValueError(
-            f"{caller}: the data of all {world_size(group)} ranks held no samples "
-            f"({seen_batches} batches in all); expected up to {budget} {unit} per rank"
+            f"the data of all {world_size(group)} ranks held no samples ({seen_batches} batches "
+            f"in all); expected up to {budget} {unit} per rank"
         )
     samples = {rec.name: n for rec, n in zip(recorders, counts[2:], strict=True)}
-    for name in sorted(totals.keys() - calls.keys()):
-        if samples.get(name, 0) > 0:
-            continue  # it saw the samples of other ranks
-
-        warnings.warn(
-            f"{caller}: layer '{name}' was never called during the pass; its statistics are "
-            "left unchanged", RuntimeWarning, stacklevel=4,
-        )
-    logger.info("%s: %d samples in %d batches, %d BatchNorm layers", caller, seen_samples,
-                seen_batches, len(layers))
-    return PassResult(dict(layers), calls, totals, seen_samples, seen_batches, samples)
+    # a layer not called here may have seen the samples of other ranks
+    warned += [f"layer '{name}' was never called during the pass; its statistics are left "
+               "unchanged" for name in sorted(totals.keys() - calls.keys())
+               if samples.get(name, 0) == 0]
+    return PassResult(dict(layers), calls, totals, seen_samples, seen_batches, samples, warned)
 
 
 def _iterate(
-    model: nn.Module,
-    data: Iterable[Any],
-    forward: ForwardFn,
-    input_key: Any,
-    device: torch.device | str | None,
-    unit: str,
-    budget: int,
-    bar: tqdm,
-    first: FirstCall,
+    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, bar: tqdm, first: FirstCall
 ) -> tuple[int, int]:
-    """Run ``forward`` over whole batches until the budget is met or ``data`` ends.
+    """Run the forward over whole batches until the budget is met or ``data`` ends.
 
     A batch's samples are dim 0 of its model input (or first tensor); for a batch holding no
     tensor to read (an object given with ``forward=``), dim 0 of the input of the first
-    BatchNorm call of its forward (``first``).
+    BatchNorm call of its forward (``first``): the kernel's batch convention
+    (:mod:`rethinkbn._model`).
     """
+    unit, budget = options.budget
+    input_key, device = options.input_key, options.device
+    forward = options.forward or default_forward(input_key)
     seen_samples = seen_batches = 0
     with torch.no_grad():
         iterator = iter(data)

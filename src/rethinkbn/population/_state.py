@@ -41,17 +41,17 @@ def is_frozen(module: nn.Module) -> bool:
     return isinstance(module, FrozenBatchNorm)
 
 
-def check_model_first(model: object, data: object, caller: str) -> None:
-    """Raise TypeError unless ``model`` is an ``nn.Module``: ``caller(model, data)`` takes the
-    model first (torch's ``update_bn(loader, model)`` has the other order), said in the error."""
+def check_model_first(model: object, data: object) -> None:
+    """Raise TypeError unless ``model`` is an ``nn.Module``: the population functions take
+    ``(model, data)`` (torch's ``update_bn(loader, model)`` has the other order), said in the
+    error."""
     if isinstance(model, nn.Module):
         return
     swapped = isinstance(data, nn.Module)
     raise TypeError(
-        f"{caller}: expected the model (an nn.Module) as the first argument, got "
-        f"{type(model).__name__}"
-        + ("; the arguments are swapped: call "
-           f"{caller}(model, data) (torch's update_bn takes (loader, model))" if swapped else "")
+        f"expected the model (an nn.Module) as the first argument, got {type(model).__name__}"
+        + ("; the arguments are swapped: call it as (model, data) (torch's update_bn takes "
+           "(loader, model))" if swapped else "")
     )
 
 
@@ -85,7 +85,8 @@ def syncs_across_ranks(layer: nn.Module) -> bool:
         return False
     if not dist.is_initialized():
         return False
-    return dist.get_world_size(layer.process_group or dist.group.WORLD) > 1
+    group = layer.process_group
+    return dist.get_world_size(group if isinstance(group, dist.ProcessGroup) else None) > 1
 
 
 def use_local_batch_stats(guard: ModelGuard, layer: nn.Module) -> None:

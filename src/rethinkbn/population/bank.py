@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import in_context
 from .._model import STAT_BUFFERS, unwrap
 from ._state import stat_layers
 
@@ -50,12 +51,14 @@ def _check_layout(value: Tensor, where: str) -> None:
 
 
 def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping[str, Tensor]],
-                    what: str, partial: bool = False) -> None:
+                    partial: bool = False) -> None:
+    """Raise ValueError unless ``stats`` covers ``layers`` (a subset with ``partial``) with
+    dense floating-point tensors of the buffers' shapes (the entry point adds its name)."""
     missing = [] if partial else sorted(set(layers) - set(stats))
     unknown = sorted(set(stats) - set(layers))
     if missing or unknown:
         raise ValueError(
-            f"{what}: the snapshot does not match the model's BatchNorm layers; missing "
+            "the snapshot does not match the model's BatchNorm layers; missing "
             f"{missing or 'none'}, not in the model {unknown or 'none'}"
         )
     for name in stats:
@@ -66,12 +69,13 @@ def _check_snapshot(layers: Mapping[str, nn.Module], stats: Mapping[str, Mapping
             if not isinstance(got, Tensor) or got.shape != want.shape:
                 shape = tuple(got.shape) if isinstance(got, Tensor) else got
                 raise ValueError(
-                    f"{what}: layer '{name}' ({layer.__class__.__name__}) expects {key} of shape "
+                    f"layer '{name}' ({layer.__class__.__name__}) expects {key} of shape "
                     f"{tuple(want.shape)}, the snapshot has {shape}"
                 )
-            _check_layout(got, f"{what}: layer '{name}' ({layer.__class__.__name__}) {key}")
+            _check_layout(got, f"layer '{name}' ({layer.__class__.__name__}) {key}")
 
 
+@in_context("install_stats")
 def install_stats(
     model: nn.Module, stats: Mapping[str, Mapping[str, Tensor]], *, partial: bool = False
 ) -> None:
@@ -83,7 +87,7 @@ def install_stats(
     and modes are not touched.
     """
     layers = _stat_layers(model)
-    _check_snapshot(layers, stats, "install_stats", partial)
+    _check_snapshot(layers, stats, partial)
     _copy_into(layers, stats)
 
 
@@ -199,7 +203,8 @@ class StatsBank:
         """
         snapshot = self[name]
         layers = _stat_layers(model)
-        _check_snapshot(layers, snapshot, f"StatsBank.use({name!r})")
+        with in_context(f"StatsBank.use({name!r})"):
+            _check_snapshot(layers, snapshot)
         saved = _saved(layers, layers)
         try:
             _copy_into(layers, snapshot, saved)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import in_context
 from .._model import ROOT_NAME, ModelGuard, batchnorm_layers, select_input, to_device
 from ..stats import ACC_DTYPE, Moments
 
@@ -140,6 +141,7 @@ class LayerVariance:
         return abs(self.variance_bias) > INCONSISTENCY_THRESHOLD
 
 
+@in_context("variance_decomposition")
 def variance_decomposition(
     model: nn.Module,
     data: Iterable[Any],
@@ -177,24 +179,11 @@ def variance_decomposition(
     layers = batchnorm_layers(model, root=ROOT_NAME)
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no BatchNorm layer")
-    acc: dict[str, list[Any]] = {name: [None, None, 1] for name, _ in layers}
-
-    def make_hook(name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            if x.size(0) == 0:
-                return
-            total, between = _split(x.detach(), f"BN layer {name!r}")
-            slot = acc[name]
-            slot[0] = total if slot[0] is None else slot[0].merge(total)
-            slot[1] = between if slot[1] is None else slot[1].merge(between)
-            slot[2] = int(x[0, 0].numel())
-        return hook
-
+    acc = {name: _Accumulator(f"BN layer {name!r}") for name, _ in layers}
     guard = ModelGuard(model)
     try:
         for name, layer in layers:
-            guard.hook(layer.register_forward_pre_hook(make_hook(name)))
+            guard.hook(layer.register_forward_pre_hook(acc[name].hook))
         model.eval()
         with torch.no_grad():
             for i, batch in enumerate(data):
@@ -203,11 +192,32 @@ def variance_decomposition(
                 model(select_input(to_device(batch, device), input_key))
     finally:
         guard.restore()
-    out = []
-    for name, _ in layers:
-        total, between, length = acc[name]
-        where = f"BN layer {name!r}"
-        if total is None:
-            raise ValueError(f"{where}: no samples were seen; need at least one non-empty batch")
-        out.append(LayerVariance(name, _share(total, between, where), length, norm_batch_size))
-    return out
+    return [acc[name].result(name, norm_batch_size) for name, _ in layers]
+
+
+@dataclass
+class _Accumulator:
+    """One layer's float64 moments of all input values and of the per-sample means."""
+
+    where: str
+    total: Moments | None = None
+    between: Moments | None = None
+    length: int = 1
+
+    def hook(self, _layer: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook: merge one (non-empty) input into the moments."""
+        x = args[0]
+        if x.size(0) == 0:
+            return
+        total, between = _split(x.detach(), self.where)
+        self.total = total if self.total is None else self.total.merge(total)
+        self.between = between if self.between is None else self.between.merge(between)
+        self.length = int(x[0, 0].numel())
+
+    def result(self, name: str, norm_batch_size: int) -> LayerVariance:
+        """The layer's decomposition; ValueError when it saw no sample."""
+        if self.total is None or self.between is None:
+            raise ValueError(
+                f"{self.where}: no samples were seen; need at least one non-empty batch")
+        share = _share(self.total, self.between, self.where)
+        return LayerVariance(name, share, self.length, norm_batch_size)

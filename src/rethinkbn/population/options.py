@@ -52,9 +52,11 @@ OPTIONS_DOC = """\
         process_group: when torch.distributed is initialized, the group whose ranks' moments are
             merged (default: world).
         timeout: seconds (or a ``timedelta``) every rank waits for the others at the end of the
-            pass (default 300). When a rank raises during the pass, the others raise at once,
-            naming it; when one never arrives (dead, stuck, or not calling the function), the
-            others raise RuntimeError after ``timeout`` instead of the process group's timeout.
+            pass (default 300). When a rank raises during the pass, the others raise
+            RuntimeError at once, naming it; when one never arrives (stuck, or not calling the
+            function), the others raise TimeoutError after ``timeout`` instead of the process
+            group's timeout; a rank whose process died makes the backend fail the exchange, and
+            the others raise RuntimeError as soon as it does.
 """
 
 
@@ -133,22 +135,19 @@ OPTION_NAMES = frozenset(f.name for f in fields(PreciseBNOptions))
 
 
 def options_from(
-    options: PreciseBNOptions | None, overrides: Mapping[str, Any], caller: str
+    options: PreciseBNOptions | None, overrides: Mapping[str, Any]
 ) -> PreciseBNOptions:
     """``options`` (default: all defaults) with ``overrides`` applied, checked.
 
-    Raises TypeError naming ``caller`` for an ``options`` that is not a PreciseBNOptions or a
-    keyword that is not one of its fields.
+    Raises TypeError for an ``options`` that is not a PreciseBNOptions or a keyword that is not
+    one of its fields (the entry point adds its name, :func:`rethinkbn._checks.in_context`).
     """
     if options is not None and not isinstance(options, PreciseBNOptions):
-        raise TypeError(
-            f"{caller}: options must be a PreciseBNOptions, got {type(options).__name__}"
-        )
+        raise TypeError(f"options must be a PreciseBNOptions, got {type(options).__name__}")
     unknown = sorted(set(overrides) - OPTION_NAMES)
     if unknown:
         raise TypeError(
-            f"{caller}: unknown arguments {unknown}; expected PreciseBNOptions fields "
-            f"{sorted(OPTION_NAMES)}"
+            f"unknown arguments {unknown}; expected PreciseBNOptions fields {sorted(OPTION_NAMES)}"
         )
     base = options or PreciseBNOptions()
     if "num_samples" in overrides and "num_batches" not in overrides:
@@ -159,28 +158,32 @@ def options_from(
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-# entry points whose **kwargs also take other keywords (FrozenBatchNorm's)
-_MORE_KEYWORDS = {"freeze_with_precise_stats"}
 
 
-def with_options(func: F) -> F:
+def with_options(*, other_keywords: bool = False) -> Callable[[F], F]:
     """Show ``func(..., options=None, **kwargs)`` as taking every option as a keyword.
 
     The signature (for ``help`` and IDEs) lists the fields of :class:`PreciseBNOptions` before
-    ``**kwargs`` (kept only when ``func`` takes other keywords too, named in its docstring), and
-    their documentation is appended to the docstring. The calls still go through ``**kwargs``,
-    checked by :func:`options_from`.
+    ``**kwargs``, which stays in it only with ``other_keywords=True`` (the function's
+    ``**kwargs`` also takes keywords that are not options, named in its docstring); their
+    documentation is appended to the docstring. The calls still go through ``**kwargs``,
+    checked by :func:`options_from`. Side effect: sets ``func.__signature__`` and
+    ``func.__doc__``; returns ``func`` itself.
     """
-    signature = inspect.signature(func)
-    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    var_keyword = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
-    params += [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                          annotation=f.type)
-        for f in fields(PreciseBNOptions)
-    ]
-    if getattr(func, "__name__", "") in _MORE_KEYWORDS:
-        params += var_keyword
-    func.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    func.__doc__ = f"{func.__doc__ or ''}\n{OPTIONS_DOC}"
-    return func
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        var_keyword = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+        params += [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                              annotation=f.type)
+            for f in fields(PreciseBNOptions)
+        ]
+        if other_keywords:
+            params += var_keyword
+        func.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        func.__doc__ = f"{func.__doc__ or ''}\n{OPTIONS_DOC}"
+        return func
+
+    return decorate

@@ -1,7 +1,22 @@
-"""PreciseBN: exact population statistics for every BatchNorm layer of a model."""
+"""PreciseBN: exact population statistics for every BatchNorm layer of a model.
+
+Layers: torch BatchNorm1d/2d/3d and SyncBatchNorm, and the rethinkbn layer family.
+GhostBatchNorm normalizes the pass's batches in groups of ``pass_norm_batch_size`` samples
+(None: the whole batch); DomainBatchNorm gathers per domain, with domains chosen by the model as
+in training; FrozenBatchNorm is skipped unless ``include_frozen=True`` (then the statistics of its
+inputs are gathered, while it keeps normalizing with its old ones). A layer called several times
+per forward pools every call. Layers without running statistics are skipped. For torch's
+BatchNorm each batch's ``mu_b`` and ``sigma_b^2`` are those torch's kernel computes (read back
+from the running buffers with momentum 1, in the buffers' dtype), for GhostBatchNorm those it
+normalized its groups with (float32 or wider); the merge is float64.
+
+Errors name the public function that was called once, where it is entered
+(:func:`rethinkbn._checks.in_context`); warnings point at the line that called it.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -9,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._checks import in_context
 from .._model import running_buffers, unwrap
 from ..stats import Moments
 from ._pass import PassResult, run_pass
@@ -110,7 +126,7 @@ def distances(
     return float(shift.square().mean().sqrt()), float(log_ratio.square().mean().sqrt())
 
 
-def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -> dict[str, Tensor]:
+def population_stats(name: str, layer: nn.Module, total: Moments) -> dict[str, Tensor]:
     """The buffers to install from a layer's pooled moments: mean and *unbiased* variance.
 
     Entries (channels, or domains of a DomainBatchNorm) that saw no value keep their old mean, and
@@ -125,7 +141,7 @@ def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -
             total = total.total()
         else:
             raise ValueError(
-                f"{caller}: layer {label} reported moments of shape {tuple(total.shape)}; its "
+                f"layer {label} reported moments of shape {tuple(total.shape)}; its "
                 f"running buffers have shape {tuple(old_mean.shape)}"
             )
     seen = total.count > 0
@@ -133,7 +149,7 @@ def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -
     bad = seen & ~finite
     if bad.any():
         raise ValueError(
-            f"{caller}: layer {label} has non-finite statistics in {int(bad.sum())} of "
+            f"layer {label} has non-finite statistics in {int(bad.sum())} of "
             f"{bad.numel()} entries (NaN/Inf mean or variance); expected finite activations. "
             "The model is unchanged."
         )
@@ -143,18 +159,42 @@ def population_stats(name: str, layer: nn.Module, total: Moments, caller: str) -
 
 
 def estimate(
-    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, caller: str
+    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, *, label: str
 ) -> tuple[PassResult, Snapshot]:
-    """Run the pass and turn every layer's pooled moments into the buffers to install."""
-    result = run_pass(model, data, options, caller)
+    """Run the pass and turn every layer's pooled moments into the buffers to install.
+
+    ``label`` titles the progress bar (the entry point's name). The pass's warnings are emitted
+    here, at the line that called the public function (which calls this directly, under
+    :func:`~rethinkbn._checks.in_context`).
+    """
+    result = run_pass(model, data, options, label=label)
+    for message in result.warnings:
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     stats = {
-        name: population_stats(name, result.layers[name], total, caller)
+        name: population_stats(name, result.layers[name], total)
         for name, total in result.totals.items()
     }
     return result, stats
 
 
-@with_options
+def _layer_reports(result: PassResult, stats: Snapshot, old: Snapshot) -> dict[str, LayerReport]:
+    """Each estimated layer's :class:`LayerReport`: old (EMA) vs new statistics, counts."""
+    reports = {}
+    for name, new in stats.items():
+        layer, total, calls = result.layers[name], result.totals[name], result.calls.get(name)
+        shift, ratio = distances(
+            old[name]["running_mean"], old[name]["running_var"], new["running_mean"],
+            new["running_var"], getattr(layer, "eps", 1e-5),
+        )
+        # per-domain counts (DomainBatchNorm) add up to the layer's values per channel
+        count = int(total.count.reshape(-1, total.shape[-1])[:, 0].sum())
+        reports[name] = LayerReport(result.samples.get(name, 0), count,
+                                    0 if calls is None else calls.count.shape[0], shift, ratio)
+    return reports
+
+
+@with_options()
+@in_context("precise_bn")
 def precise_bn(
     model: nn.Module,
     data: Iterable[Any],
@@ -181,17 +221,9 @@ def precise_bn(
     *unbiased* ``m2_pop / (N - 1)`` is installed because that is what torch's ``running_var``
     holds (a pass over one batch installs exactly what BatchNorm with momentum 1 would); with the
     default 10^4 samples the two differ by a factor ``1 + 1/(N - 1)``, under 10^-4. Unlike the
-    average of per-batch variances, this is not biased by small batches. For torch's BatchNorm
-    each batch's ``mu_b`` and ``sigma_b^2`` are those torch's kernel computes (read back from the
-    running buffers with momentum 1, in the buffers' dtype), for GhostBatchNorm those it normalized
-    its groups with (float32 or wider); the merge is float64.
-
-    Layers: torch BatchNorm1d/2d/3d and SyncBatchNorm, and the rethinkbn layer family.
-    GhostBatchNorm normalizes the pass's batches in groups of ``pass_norm_batch_size`` samples
-    (None: the whole batch); DomainBatchNorm gathers per domain, with domains chosen by the model
-    as in training; FrozenBatchNorm is skipped unless ``include_frozen=True`` (then the statistics
-    of its inputs are gathered, while it keeps normalizing with its old ones). A layer called
-    several times per forward pools every call. Layers without running statistics are skipped.
+    average of per-batch variances, this is not biased by small batches. Which layers and which
+    per-batch statistics: see :mod:`rethinkbn.population.precise` (every BatchNorm layer with
+    running statistics; FrozenBatchNorm only with ``include_frozen=True``).
 
     Args:
         data: an iterable of batches (see ``forward`` below). Empty batches (N=0) contribute
@@ -201,8 +233,9 @@ def precise_bn(
     (bounded by ``timeout``), then every layer's moments are gathered across ``process_group``
     in one collective and merged exactly in rank order, so every rank installs bit-identical
     statistics, those of the union of the ranks' data. A rank that raises makes every other rank
-    raise at once, naming it; ranks whose models differ in their BatchNorm layers (number, names
-    or channels) all raise ValueError naming the first layer that differs.
+    raise RuntimeError at once, naming it; a rank that never arrives makes the others raise
+    TimeoutError after ``timeout``; ranks whose models differ in their BatchNorm layers (number,
+    names or channels) all raise ValueError naming the first layer that differs.
 
     Side effects: only ``running_mean`` / ``running_var`` change, in place, and only once the
     whole pass succeeded; ``num_batches_tracked``, momenta, modes, observers and hooks end as they
@@ -211,27 +244,18 @@ def precise_bn(
     A (Distributed)DataParallel model is unwrapped; its buffers are the same tensors, updated
     identically on every rank.
     """
-    check_model_first(model, data, "precise_bn")
-    opts = options_from(options, kwargs, "precise_bn")
+    check_model_first(model, data)
+    opts = options_from(options, kwargs)
     model = unwrap(model)
     old = capture_stats(model)
-    result, stats = estimate(model, data, opts, "precise_bn")
+    result, stats = estimate(model, data, opts, label="precise_bn")
     install_stats(model, stats, partial=True)
-    reports = {}
-    for name, new in stats.items():
-        layer, total, calls = result.layers[name], result.totals[name], result.calls.get(name)
-        shift, ratio = distances(
-            old[name]["running_mean"], old[name]["running_var"], new["running_mean"],
-            new["running_var"], getattr(layer, "eps", 1e-5),
-        )
-        # per-domain counts (DomainBatchNorm) add up to the layer's values per channel
-        count = int(total.count.reshape(-1, total.shape[-1])[:, 0].sum())
-        reports[name] = LayerReport(result.samples.get(name, 0), count,
-                                    0 if calls is None else calls.count.shape[0], shift, ratio)
-    return PreciseBNReport(reports, result.num_samples, result.num_batches)
+    return PreciseBNReport(_layer_reports(result, stats, old), result.num_samples,
+                           result.num_batches)
 
 
-@with_options
+@with_options()
+@in_context("recompute_stats")
 def recompute_stats(
     model: nn.Module,
     data: Iterable[Any],
@@ -247,10 +271,10 @@ def recompute_stats(
     those not estimated (e.g. FrozenBatchNorm) holding their current values, so it can go into a
     :class:`StatsBank`. With ``install=False`` (default) the model is left exactly as it was.
     """
-    check_model_first(model, data, "recompute_stats")
-    opts = options_from(options, kwargs, "recompute_stats")
+    check_model_first(model, data)
+    opts = options_from(options, kwargs)
     model = unwrap(model)
-    _, stats = estimate(model, data, opts, "recompute_stats")
+    _, stats = estimate(model, data, opts, label="recompute_stats")
     snapshot = {**capture_stats(model), **stats}
     if install:
         install_stats(model, snapshot)

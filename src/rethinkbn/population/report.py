@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import in_context
 from .._model import running_buffers
 from ..stats import Moments
 from ._state import check_model_first
@@ -78,7 +79,8 @@ def _position(ema_mean: Tensor, calls: Moments) -> tuple[float, float]:
     return float(outside.sum()) / n_seen, float(below[seen].sum()) / n_seen
 
 
-@with_options
+@with_options()
+@in_context("ema_report")
 def ema_report(
     model: torch.nn.Module,
     data: Iterable[Any],
@@ -90,9 +92,9 @@ def ema_report(
     Runs the same pass as :func:`~rethinkbn.population.precise_bn` (same options) and keeps
     every call's batch mean. Side effects: none; the model ends exactly as it was.
     """
-    check_model_first(model, data, "ema_report")
-    opts = options_from(options, kwargs, "ema_report")
-    result, stats = estimate(model, data, opts, "ema_report")
+    check_model_first(model, data)
+    opts = options_from(options, kwargs)
+    result, stats = estimate(model, data, opts, label="ema_report")
     layers = {}
     for name, new in stats.items():
         layer = result.layers[name]

@@ -25,14 +25,14 @@ from typing import Any
 
 from torch import nn
 
-from .._checks import check_int, check_positive_int
+from .._checks import check_int, check_positive_int, in_context
 from .._model import ROOT_NAME, batchnorm_layers, unwrap
 from ..convert import freeze_bn
 from ..layers import FrozenBatchNorm
 from ._state import check_model_first, is_frozen
 from .bank import capture_stats, install_stats
 from .options import OPTION_NAMES, PreciseBNOptions, options_from, with_options
-from .precise import PreciseBNReport, precise_bn, recompute_stats
+from .precise import PreciseBNReport, estimate, precise_bn
 
 __all__ = ["FreezeBNHook", "PreciseBNHook", "freeze_epoch_for", "freeze_with_precise_stats"]
 
@@ -48,24 +48,26 @@ _SELECT_KEYS = {"include", "exclude", "predicate"}
 
 
 def split_freeze_kwargs(
-    options: PreciseBNOptions | None, kwargs: dict[str, Any], caller: str
+    options: PreciseBNOptions | None, kwargs: dict[str, Any]
 ) -> tuple[PreciseBNOptions, dict[str, Any]]:
     """(the pass's options, the FrozenBatchNorm conversion's keywords) from ``kwargs``.
 
-    Raises, naming ``caller``, for a keyword that neither takes (TypeError) or a bad option.
+    Raises TypeError for a keyword that neither takes, or as :func:`options_from` for a bad
+    option (the entry point adds its name).
     """
     unknown = set(kwargs) - OPTION_NAMES - _FREEZE_KEYS - _SELECT_KEYS
     if unknown:
         raise TypeError(
-            f"{caller}: unknown arguments {sorted(unknown)}; expected PreciseBNOptions fields "
+            f"unknown arguments {sorted(unknown)}; expected PreciseBNOptions fields "
             f"{sorted(OPTION_NAMES)}, FrozenBatchNorm's {sorted(_FREEZE_KEYS)} or a layer "
             f"selection {sorted(_SELECT_KEYS)}"
         )
-    opts = options_from(options, {k: v for k, v in kwargs.items() if k in OPTION_NAMES}, caller)
+    opts = options_from(options, {k: v for k, v in kwargs.items() if k in OPTION_NAMES})
     return opts, {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
 
 
-@with_options
+@with_options(other_keywords=True)
+@in_context("freeze_with_precise_stats")
 def freeze_with_precise_stats(
     model: nn.Module,
     data: Iterable[Any],
@@ -90,12 +92,12 @@ def freeze_with_precise_stats(
     The reverse is :func:`rethinkbn.convert.unfreeze_bn` (back to torch BatchNorm, with the
     frozen statistics as running statistics).
     """
-    check_model_first(model, data, "freeze_with_precise_stats")
-    opts, layer_kwargs = split_freeze_kwargs(options, kwargs, "freeze_with_precise_stats")
+    check_model_first(model, data)
+    opts, layer_kwargs = split_freeze_kwargs(options, kwargs)
     inner = unwrap(model)
     old = capture_stats(inner)
-    stats = recompute_stats(inner, data, opts)
-    install_stats(inner, stats)
+    _, stats = estimate(inner, data, opts, label="freeze_with_precise_stats")
+    install_stats(inner, stats, partial=True)
     frozen = inner
     try:
         frozen = freeze_bn(inner, include=include, exclude=exclude, predicate=predicate,
@@ -130,7 +132,8 @@ class PreciseBNHook:
         check_positive_int(every_n_epochs, "every_n_epochs", "PreciseBNHook")
         self.data = data
         self.every_n_epochs = every_n_epochs
-        self.options = options_from(options, kwargs, "PreciseBNHook")
+        with in_context("PreciseBNHook"):
+            self.options = options_from(options, kwargs)
         self.reports: dict[int, PreciseBNReport] = {}
 
     def due(self, epoch: int) -> bool:
@@ -142,8 +145,9 @@ class PreciseBNHook:
         """Run when due; ``data`` and ``overrides`` replace the constructor's for this call."""
         if not self.due(epoch):
             return None
-        options = options_from(self.options, overrides, "PreciseBNHook")
-        report = precise_bn(model, self.data if data is None else data, options)
+        with in_context("PreciseBNHook"):
+            options = options_from(self.options, overrides)
+        report = precise_bn(model, _data_for("PreciseBNHook", self.data, data), options)
         self.reports[epoch] = report
         logger.info("PreciseBN after epoch %d: %d samples", epoch, report.num_samples)
         return report
@@ -167,7 +171,8 @@ class FreezeBNHook:
     ) -> None:
         check_int(freeze_epoch, "freeze_epoch", "FreezeBNHook", minimum=0)
         # a misspelt keyword fails now, not many epochs later at the freeze
-        self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs, "FreezeBNHook")
+        with in_context("FreezeBNHook"):
+            self.options, self.layer_kwargs = split_freeze_kwargs(options, kwargs)
         self.data = data
         self.freeze_epoch = freeze_epoch
         self.frozen = False
@@ -193,12 +198,21 @@ class FreezeBNHook:
         """Freeze when due; ``data`` and ``overrides`` replace the constructor's for this call."""
         if self.frozen or epoch < self.freeze_epoch:
             return model
-        options, layer_kwargs = split_freeze_kwargs(self.options, overrides, "FreezeBNHook")
-        model = freeze_with_precise_stats(model, self.data if data is None else data, options,
-                                          **{**self.layer_kwargs, **layer_kwargs})
+        with in_context("FreezeBNHook"):
+            options, layer_kwargs = split_freeze_kwargs(self.options, overrides)
+        model = freeze_with_precise_stats(model, _data_for("FreezeBNHook", self.data, data),
+                                          options, **{**self.layer_kwargs, **layer_kwargs})
         self.frozen = True
         logger.info("FrozenBN from epoch %d on", epoch)
         return model
+
+
+def _data_for(hook: str, own: Iterable[Any] | None, given: Iterable[Any] | None) -> Iterable[Any]:
+    """The data of one call of a hook: ``given``, else the constructor's; TypeError if neither."""
+    data = own if given is None else given
+    if data is None:
+        raise TypeError(f"{hook}: no data; pass it to the constructor or to the call")
+    return data
 
 
 def freeze_epoch_for(fraction: float, total_epochs: int) -> int:
