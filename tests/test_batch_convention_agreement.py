@@ -55,15 +55,7 @@ def behaviour(fn, kind: str) -> object:
         return type(err)
 
 
-DIFFERENT_TODAY = {"empty tuple"}  # diagnosis's own _model_input passes () to the model
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="fixed in phase 2 by the "
-                                            "diagnosis helper: diagnose uses the kernel's batches"))
-    if k in DIFFERENT_TODAY else k
-    for k in ["dict", "defaultdict", "namedtuple", "0-d first", "empty tuple"]
-])
+@pytest.mark.parametrize("kind", ["dict", "defaultdict", "namedtuple", "0-d first", "empty tuple"])
 def test_diagnose_and_precise_bn_treat_odd_batches_alike(kind):
     got = behaviour(diagnose, kind), behaviour(precise_bn, kind)
     assert got[0] == got[1], got

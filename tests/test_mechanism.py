@@ -99,7 +99,9 @@ def test_variance_decomposition_over_a_model() -> None:
     torch.testing.assert_close(out[1].share, slow_share(h2), rtol=1e-9, atol=1e-12)
     assert out[0].values_per_sample == 18
     r = out[0]
-    assert r.variance_bias == pytest.approx(-(r.mean_share / 2 + (1 - r.mean_share) / 36))
+    # the measured share already holds 1/L of the within-sample noise: the bias is -s/k (the old
+    # -(s/k + (1-s)/(kL)) counted that noise twice)
+    assert r.variance_bias == pytest.approx(-r.mean_share / 2)
 
 
 def test_variance_decomposition_errors_name_the_layer() -> None:
@@ -113,3 +115,23 @@ def test_variance_decomposition_errors_name_the_layer() -> None:
     assert model.training and not model[1]._forward_pre_hooks
     with pytest.raises(ValueError, match="no BatchNorm"):
         variance_decomposition(nn.Linear(2, 2), [torch.randn(2, 2)], norm_batch_size=2)
+
+
+def test_group_variance_ratio_is_what_k_sample_groups_of_the_measured_share_show():
+    # Samples with correlated values (an offset plus a within-sample ramp): the measured share s
+    # gives the mean biased variance of k-sample groups as 1 - s/k, checked against the groups.
+    from rethinkbn.population.mechanism import LayerVariance, group_variance_ratio
+
+    g = torch.Generator().manual_seed(0)
+    n, length, k = 4096, 6, 4
+    x = (2.0 * torch.randn(n, 1, 1, generator=g, dtype=torch.float64)
+         + torch.linspace(-1, 1, length, dtype=torch.float64)
+         + torch.randn(n, 1, length, generator=g, dtype=torch.float64))
+    s = float(between_sample_share(x)[0])
+    groups = x.reshape(n // k, k * length)
+    measured = float(groups.var(dim=1, unbiased=False).mean() / x.var(unbiased=False))
+    assert abs(group_variance_ratio(s, k) - measured) < 0.01
+    layer = LayerVariance("bn", torch.tensor([s], dtype=torch.float64), length, k)
+    assert layer.variance_bias == pytest.approx(group_variance_ratio(s, k) - 1)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        group_variance_ratio(s, 0)

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import in_context
 from .._model import rank, unwrap
 from ..population import PreciseBNOptions
 from ..population.options import options_from, with_options
@@ -42,7 +43,8 @@ def _checked(model: object, train_data: object, eval_data: object, metric: objec
                             "(a DataLoader, a list of batches)")
 
 
-@with_options
+@with_options()
+@in_context("diagnose")
 def diagnose(
     model: nn.Module,
     train_data: Iterable[Any],
@@ -83,7 +85,7 @@ def diagnose(
     calls it and returns the same diagnosis; progress shows on rank 0 only.
     """
     _checked(model, train_data, eval_data, metric, group_ids, thresholds)
-    opts = options_from(options, kwargs, "diagnose")
+    opts = options_from(options, kwargs)
     if opts.num_samples is None and opts.num_batches is None:
         opts = replace(opts, num_samples=DEFAULT_NUM_SAMPLES)
     show = (sys.stderr.isatty() if opts.progress is None else opts.progress) \

@@ -28,7 +28,7 @@ from ..population import (
     install_stats,
     precise_bn,
 )
-from ..population.mechanism import expected_variance_ratio
+from ..population.mechanism import group_variance_ratio
 from ..stats import Moments
 from ._compare import Context, Measured, MetricFn, all_sum, compare, counted_run, is_fixed
 from ._records import Behaviour, Data, LayerDiagnosis, MetricKey
@@ -137,10 +137,8 @@ def mechanism(parts: tuple[Moments, Moments] | None, nbs: int | None) -> tuple[f
 
     ``s_c = var(per-sample means)_c / var(values)_c`` (biased variances: by the law of total
     variance the rest is the mean within-sample variance), averaged over the channels with a
-    variance. In the model of :mod:`rethinkbn.population.mechanism` (offsets of variance
-    ``rho * var``, i.i.d. within-sample noise) the per-sample mean of ``L`` values also carries
-    ``1/L`` of the noise: ``s = rho + (1 - rho) / L``, so ``rho = (s L - 1) / (L - 1)``
-    (clipped to [0, 1]), and the ratio is ``expected_variance_ratio(rho, k, L) = 1 - s / k``.
+    variance; the ratio is :func:`~rethinkbn.population.mechanism.group_variance_ratio`,
+    ``1 - s / k`` (exact for i.i.d. samples: the group mean's variance is ``s * var / k``).
     """
     if parts is None:
         return math.nan, math.nan
@@ -153,9 +151,7 @@ def mechanism(parts: tuple[Moments, Moments] | None, nbs: int | None) -> tuple[f
     s = float(share.mean())
     if nbs is None:
         return s, math.nan
-    length = max(round(float(total.count.max()) / max(float(between.count.max()), 1.0)), 1)
-    rho = min(max((s * length - 1) / (length - 1), 0.0), 1.0) if length > 1 else s
-    return s, float(expected_variance_ratio(rho, nbs, length))
+    return s, float(group_variance_ratio(s, nbs))
 
 
 def _nonfinite_buffers(stats: Mapping[str, Tensor] | None) -> str:

@@ -7,6 +7,7 @@ from .mechanism import (
     LayerVariance,
     between_sample_share,
     expected_variance_ratio,
+    group_variance_ratio,
     variance_decomposition,
 )
 from .options import PreciseBNOptions
@@ -24,6 +25,7 @@ __all__ = [
     "LayerVariance",
     "between_sample_share",
     "expected_variance_ratio",
+    "group_variance_ratio",
     "variance_decomposition",
     "FreezeBNHook",
     "PreciseBNHook",

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._model import ROOT_NAME, ModelGuard, batchnorm_layers, running_buffers
-from .._model import unwrap as unwrap  # diagnosis imports it from here until it uses the kernel
 from ..layers import FrozenBatchNorm
 from ..layers.base import layer_name
 from ..layers.functional import require_two_values

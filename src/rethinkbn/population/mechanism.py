@@ -11,7 +11,14 @@ then has a biased variance with expectation
 
     E[var_k] / var = 1 - rho / k - (1 - rho) / (k * L)
 
-(the population variance minus the variance of the group mean). Its relative bias
+(the population variance minus the variance of the group mean). What a pass measures is the
+share ``s`` of the variance of the per-sample means, which also holds ``1/L`` of the
+within-sample noise: ``s = rho + (1 - rho) / L``. In ``s`` the expectation needs no model at all
+(only i.i.d. samples: the group mean's variance is ``s * var / k``):
+
+    E[var_k] / var = 1 - s / k        (:func:`group_variance_ratio`)
+
+which is the formula above with ``rho`` written through ``s``. Its relative bias
 ``E[var_k] / var - 1 = -(rho / k + (1 - rho) / (k L))`` is what a model trained with ``k``-sample
 statistics sees and population statistics at test time do not: a train/test inconsistency. When
 its magnitude is below :data:`INCONSISTENCY_THRESHOLD`, a small NBS mostly adds noise to the
@@ -37,6 +44,7 @@ __all__ = [
     "LayerVariance",
     "between_sample_share",
     "expected_variance_ratio",
+    "group_variance_ratio",
     "variance_decomposition",
 ]
 
@@ -71,6 +79,22 @@ def expected_variance_ratio(share: float | Tensor, k: int, length: int) -> float
     """
     _check_k_l(k, length)
     return 1 - share / k - (1 - share) / (k * length)
+
+
+def group_variance_ratio(share: float | Tensor, k: int) -> float | Tensor:
+    """``E[var_k] / var = 1 - share / k`` for the *measured* share (:func:`between_sample_share`).
+
+    Args:
+        share: the variance of the per-sample means over the total variance (float or tensor).
+        k: samples per normalization group (the NBS), a positive int.
+
+    Exact for i.i.d. samples whatever the within-sample structure: a ``k``-sample group's biased
+    variance falls short of the population's by the variance of its mean, ``share * var / k``.
+    Raises ValueError for ``k < 1``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be a positive int, got {k}")
+    return 1 - share / k
 
 
 def _per_sample_means(x: Tensor) -> Tensor:
@@ -132,8 +156,7 @@ class LayerVariance:
     @property
     def variance_bias(self) -> float:
         """Expected relative bias ``E[var_k] / var - 1`` at the layer's mean share (negative)."""
-        return float(expected_variance_ratio(self.mean_share, self.norm_batch_size,
-                                             self.values_per_sample)) - 1.0
+        return float(group_variance_ratio(self.mean_share, self.norm_batch_size)) - 1.0
 
     @property
     def inconsistent(self) -> bool:
