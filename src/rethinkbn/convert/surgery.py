@@ -201,12 +201,9 @@ def convert_batchnorm(
 
     replacements, pending = _plan(model, kind, domain, layer_kwargs, selection)
     if not replacements:
-        warnings.warn(
-            f"convert_batchnorm: no BatchNorm layer to convert to {kind.name!r} in "
-            f"{type(model).__name__} (include={include!r}, exclude={exclude!r}); the model is "
-            "unchanged",
-            stacklevel=2,
-        )
+        warnings.warn(f"convert_batchnorm: no BatchNorm layer to convert to {kind.name!r} in "
+                      f"{type(model).__name__} (include={include!r}, exclude={exclude!r}); "
+                      "the model is unchanged", stacklevel=2)
         return model
 
     for new, flags in pending:
