@@ -1,8 +1,9 @@
 """Table 2: population statistics from PreciseBN with batch B, for models trained with NBS 32/2.
 
 Per seed, two models are trained with SGD batch ``SGD_BATCH`` and normalization batch size 32
-and 2 (ghost BN). Each is evaluated with its EMA statistics and with PreciseBN statistics from
-all training samples (N) run in batches of B in {2, 10, 100, 1000, N}.
+and 2 (ghost BN), and a third, the deep augmented network (below). Each is evaluated with its
+EMA statistics and with PreciseBN statistics from all training samples (N) run in batches of B
+in {2, 10, 100, 1000, N} (the deep network: :data:`DEEP_BATCHES` and N).
 
 Why a small B hurts, in an ablation of two factors (:data:`VARIANTS`, "estimator / pass"):
 
@@ -23,13 +24,14 @@ per-batch/layer-by-layer - B=N the estimator's bias alone, per-batch/whole both.
 
 The deep augmented network (:data:`DEEP_BLOCKS` BasicBlocks per stage, NBS :data:`DEEP_NBS`,
 a fresh random shift and gain per sample at every SGD step: :func:`.domain_shift.augment`) is
-where the B=2 effect exists at this scale (the pilots: :data:`PILOTS`); it gets Table 2's row at
+where an audit found the B=2 effect (issue 20; our pilots: :data:`PILOTS`); it gets Table 2's row at
 B in :data:`DEEP_BATCHES` and the ablation at :data:`ABLATION_BATCHES`, and the mechanism claims
 are judged on it. The one-block rows stay as the contrast; a mechanism claim is "not
 testable" on a network where no B=2 effect is established (:func:`_b2_effect`).
 
-The pilots (:data:`PILOTS`, printed in the report; configuration, seeds, result) ran before
-the study's seeds: the regime is the audit's (issue 20: 3 blocks per stage, 1000 samples, per-step
+The pilots (:data:`PILOTS`, printed in the report; configuration, seeds, result) ran on seeds
+100-102, apart from the study's, and one timing run on seed 0 (the study's seed-0 run is the
+same run): the regime is the audit's (issue 20: 3 blocks per stage, 1000 samples, per-step
 shift/gain augmentation, NBS 32, 280 steps), fixed before them, and they checked that its B=2
 effect exceeds :data:`WORSE_MARGIN` on every pilot seed; one block with the same augmentation
 (the contrast) and 3 blocks without it (the depth alone) were run beside it. Nothing was tuned:
