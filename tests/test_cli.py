@@ -41,9 +41,13 @@ def test_reproduce_writes_report_plots_and_results(tiny_out, tiny_data, capsys):
         assert f"## `{name}`" in report
         assert report.count(f"| `{name}` |") >= 3  # its rows in the summary table
     assert report.count("**Verdicts.**") == 3
-    # precise-batch's deeper network: its ablation rows, verdicts and mechanism sentence
-    assert report.count("| Deeper network (NBS=32, 2 blocks per stage)") == 2
-    assert "the deeper NBS=32 model (2 blocks per stage) changes by" in report
+    # precise-batch's deep augmented network: its Table 2 row, ablation rows, verdicts (the
+    # paper's two and the mechanism's), the pilots and the mechanism sentence
+    assert report.count("| Deep augmented network (NBS=32, 3 blocks per stage, per-step "
+                        "augmentation)") == 3
+    assert report.count("| NBS=32, 3 blocks, augmented |") == 4
+    assert "pilots that chose the deep augmented network" in report
+    assert "the deep augmented NBS=32 model (3 blocks per stage) changes by" in report
     for plot in ["ema_vs_precise.png", "ema_batch_means.png", "precise_samples.png", "nbs.png"]:
         assert (out / plot).stat().st_size > 1000
         assert f"]({plot})" in report

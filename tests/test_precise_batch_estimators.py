@@ -231,13 +231,28 @@ def rates(norm: float, alone: float, both: float, exact: float = 23.5) -> dict[s
 @pytest.mark.parametrize(("case", "expected"), [
     (rates(23.5, 28.8, 28.8), ["agrees", "agrees", "agrees"]),
     (rates(28.8, 23.6, 23.6), ["disagrees", "disagrees", "disagrees"]),
-    (rates(24.0, 24.0, 24.0), ["inconclusive", "inconclusive", "inconclusive"]),
+    # issue 20: the mechanisms are compared only where a B=2 effect is established
+    (rates(24.0, 24.0, 24.0), ["inconclusive", "inconclusive", "not testable"]),
 ])
 def test_ablation_verdicts_follow_their_numbers(case, expected, labels):
     rows = precise_batch.ablation_verdicts(*ablation_case(case))
     assert labels(rows) == expected
     assert [r.verdict.outcome for r in rows] == expected
     assert all("McNemar" in r.verdict.detail for r in rows)
+
+
+def test_the_mechanism_comparison_needs_a_b2_effect_and_says_which_it_lacks():
+    numbers, wrong = ablation_case(rates(24.0, 24.0, 24.0))
+    verdict = precise_batch.ablation_verdicts(numbers, wrong)[2].verdict
+    w = {c: np.stack(v) for c, v in wrong["32"].items()}
+    effect = 100 * (w[column(POOLED_WHOLE, 2)].mean() - w["B=N"].mean())
+    assert "a B=2 effect to explain" in verdict.precondition
+    assert f"pooled / whole (PreciseBN) {effect:+.2f} pt, 95% CI" in verdict.precondition
+    assert "per-batch / whole (update_bn) " in verdict.precondition
+    assert verdict.detail.startswith("measured, not judged: ")
+    # the update_bn effect alone makes the comparison testable (PreciseBN shows none here)
+    testable = precise_batch.ablation_verdicts(*ablation_case(rates(23.5, 28.8, 28.8)))[2]
+    assert testable.verdict.outcome == "agrees" and not testable.verdict.precondition
 
 
 @pytest.mark.parametrize(("case", "says"), [
@@ -268,10 +283,17 @@ def test_mechanism_note_reads_the_per_layer_distances(deep, says):
     assert "-11% off B=N's" in note and "-0.100 in stages.1.bn2" in note
 
 
-# ---------------------------------------------------------------------------- deeper network
+# ---------------------------------------------------------------------- deep augmented network
+DEEP_MODEL = "deep augmented NBS=32 model (3 blocks per stage)"
+
+
+def deep_rates(norm: float, alone: float, both: float, b100: float = 23.5) -> dict[str, float]:
+    return {**rates(norm, alone, both), "B=100": b100}
+
+
 def two_depths(shallow: dict[str, float], deep: dict[str, float]):
-    """Numbers and per-sample errors for the NBS=32 model and the deeper network (paired draws,
-    as :func:`ablation_case`)."""
+    """Numbers and per-sample errors for the NBS=32 model and the deep augmented network
+    (paired draws, as :func:`ablation_case`)."""
     numbers, wrong = ablation_case(shallow)
     deep_numbers, deep_wrong = ablation_case(deep)
     numbers["mean"][DEEP] = deep_numbers["mean"]["32"]
@@ -280,19 +302,22 @@ def two_depths(shallow: dict[str, float], deep: dict[str, float]):
 
 
 @pytest.mark.parametrize(("deep", "expected"), [
-    (rates(28.8, 23.6, 26.0), ["agrees", "agrees"]),
-    (rates(23.6, 28.8, 28.8), ["disagrees", "disagrees"]),
-    (rates(24.0, 24.0, 24.0), ["inconclusive", "inconclusive"]),
+    (deep_rates(28.8, 23.6, 26.0), ["agrees", "agrees", "agrees"]),
+    (deep_rates(23.6, 28.8, 28.8), ["disagrees", "agrees", "disagrees"]),
+    (deep_rates(28.8, 23.6, 26.0, b100=25.0), ["agrees", "disagrees", "agrees"]),
+    (deep_rates(24.0, 24.0, 24.0, b100=23.9), ["inconclusive", "inconclusive", "not testable"]),
 ])
 def test_deep_verdicts_follow_their_numbers(deep, expected, labels):
     rows = precise_batch.deep_verdicts(*two_depths(rates(23.5, 23.5, 23.5), deep))
     assert labels(rows) == expected
-    assert all("Deeper network" in r.claim and "McNemar" in r.verdict.detail for r in rows)
+    assert all(r.claim.startswith("Deep augmented network (NBS=32, 3 blocks per stage, per-step "
+                                  "augmentation)") and "McNemar" in r.verdict.detail for r in rows)
     assert rows[0].ours == f"{deep[column(POOLED_WHOLE, 2)]:.1f} vs 23.5"
-    assert rows[0].paper == "28.8 vs 23.5"
+    assert [r.paper for r in rows] == ["28.8 vs 23.5", "23.5 vs 23.5", "not in the paper"]
+    assert rows[1].ours == f"{deep['B=100']:.1f} vs 23.5"
 
 
-def test_deep_verdicts_are_absent_without_the_deeper_network():
+def test_deep_verdicts_are_absent_without_the_deep_network():
     assert precise_batch.deep_verdicts(*ablation_case(rates(28.8, 23.6, 26.0))) == []
 
 
@@ -302,15 +327,12 @@ def test_mechanism_note_covers_both_depths():
     assert note.count("95% CI [") == 6  # three effects per network
     assert ("The intervals do not decide which mechanism drives the B=2 error in the NBS=32 "
             "model (1 block per stage)") in note
-    assert ("not the estimator, drives the B=2 error in the deeper NBS=32 model (2 blocks per "
-            "stage)") in note
+    assert f"not the estimator, drives the B=2 error in the {DEEP_MODEL}" in note
     w = {c: np.stack(v) for c, v in wrong[DEEP].items()}
     deep = 100 * (w[column(POOLED_WHOLE, 2)].mean() - w["B=N"].mean())
-    assert (f"ours shows it beyond the margin in the deeper NBS=32 model (2 blocks per stage) "
-            f"({deep:+.2f} pt); our intervals leave it undecided in the NBS=32 model "
-            f"(1 block per stage)") in note
-    assert note.index("28.8 vs 23.5") > note.index("deeper NBS=32 model (2 blocks per stage) "
-                                                   "changes by")
+    assert (f"ours shows it beyond the margin in the {DEEP_MODEL} ({deep:+.2f} pt); our "
+            f"intervals leave it undecided in the NBS=32 model (1 block per stage)") in note
+    assert note.index("28.8 vs 23.5") > note.index(f"{DEEP_MODEL} changes by")
 
 
 def test_mechanism_note_says_where_the_paper_mechanism_does_not_show():
@@ -319,11 +341,10 @@ def test_mechanism_note_says_where_the_paper_mechanism_does_not_show():
     w = {c: np.stack(v) for c, v in wrong["32"].items()}
     effect = 100 * (w[column(POOLED_WHOLE, 2)].mean() - w["B=N"].mean())  # the same draws
     assert (f"ours does not show it beyond the margin in the NBS=32 model (1 block per stage) "
-            f"({effect:+.2f} pt) and the deeper NBS=32 model (2 blocks per stage) "
-            f"({effect:+.2f} pt)") in note
+            f"({effect:+.2f} pt) and the {DEEP_MODEL} ({effect:+.2f} pt)") in note
 
 
-def test_tables_give_the_deeper_network_ablation_rows_and_its_own_distances():
+def test_tables_give_the_deep_network_its_table2_row_ablation_rows_and_distances():
     row = {"EMA": 23.7, "B=2": 24.0, "per-batch/whole B=2": 25.0,
            "per-batch/layer-by-layer B=2": 23.6, "B=100": 23.5, "B=N": 23.5}
     deep_row = {k: v for k, v in row.items() if k != "B=100"}
@@ -331,25 +352,99 @@ def test_tables_give_the_deeper_network_ablation_rows_and_its_own_distances():
     layers = {v: distance for v in (POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS)}
     per_seed = {"32": [row], "2": [row], DEEP: [deep_row]}
     scale = precise_batch.Scale(1000, 2000, 40, (16, 32, 64))
-    ours, ablation, shallow, deep = precise_batch._tables(
+    ours, ablation, shallow, deep, pilots = precise_batch._tables(
         per_seed, {"32": layers, "2": layers, DEEP: layers}, scale)
-    assert [r[0] for r in ours.rows] == ["NBS=32", "NBS=2"]  # Table 2: the one-block models
-    assert [r[:2] for r in ablation.rows[-3:]] == [["NBS=32", 2]] * 3
+    deep_name = "NBS=32, 3 blocks, augmented"
+    assert [r[0] for r in ours.rows] == ["NBS=32", "NBS=2", deep_name]  # Table 2
+    assert ours.columns == ["model", "EMA", "B=2", "B=100", "B=N"]
+    assert ours.rows[2] == [deep_name, "23.7", "24.0", "-", "23.5"]  # "-": not measured
+    assert [r[:2] for r in ablation.rows[-3:]] == [[deep_name, 3]] * 3
     assert ablation.rows[-3][2:] == [precise_batch.VARIANT_NAMES[POOLED_WHOLE], "24.0", "23.5"]
-    assert len(shallow.columns) == 7 and "deeper network" not in shallow.title
-    assert "deeper network" in deep.title and len(deep.columns) == 4
+    assert len(shallow.columns) == 7 and "deep" not in shallow.title
+    assert "deep augmented network" in deep.title and len(deep.columns) == 4
     assert deep.rows[1] == ["stages.0.bn1", *["0.100 / 0.200 / -0.100"] * 3]
+    assert "pilots" in pilots.title and len(pilots.rows) == len(precise_batch.PILOTS)
 
 
-@pytest.mark.parametrize("b", [2, 10])
-def test_the_deeper_networks_precise_bn_column_is_the_librarys(b):
-    """The deeper network's pooled/whole statistics come from the moments of the per-batch
+def test_pilot_table_prints_every_recorded_pilot_run():
+    table = precise_batch._pilot_table()
+    assert table.columns == ["configuration", "seeds", "B=N", "B=2 - B=N", "B=10 - B=N",
+                             "B=100 - B=N"]
+    for (name, seeds, exact, diffs), printed in zip(precise_batch.PILOTS, table.rows,
+                                                    strict=True):
+        assert len(exact) == len(seeds) and all(len(diffs[b]) == len(seeds) for b in diffs)
+        assert printed[0] == name and printed[1] == ", ".join(map(str, seeds))
+        assert printed[3] == " / ".join(f"{d:+.2f}" for d in diffs[2])
+
+
+def synthetic_context():
+    """A run context over random data (not MNIST-1D: study_data returns it as it is)."""
+    from pathlib import Path
+
+    from rethinkbn_studies.contract.base import RunContext
+    from rethinkbn_studies.infra.cache import RunCache
+    from rethinkbn_studies.toolkit.data import DataSplit
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 1, 16, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    data = DataSplit("synthetic", x, y, x[:64], y[:64], 10)
+    return RunContext(quick=True, seeds=(0,), out_dir=Path("."), device=torch.device("cpu"),
+                      cache=RunCache(None), progress=lambda it=None, **k: it,
+                      dataset=lambda: data, data_spec="synthetic")
+
+
+def test_the_deep_models_key_is_the_shared_models_plus_its_augmentation():
+    from rethinkbn_studies.infra.cache import config_key
+    from rethinkbn_studies.toolkit.common import ghost_model_task
+
+    ctx = synthetic_context()
+    scale = precise_batch.Scale(256, 64, 2, (4, 8))
+    task = precise_batch.deep_model_task(ctx, scale, 1)
+    plain = ghost_model_task(ctx, scale, 32, 1, blocks=3)
+    assert task.config == {**plain.config, "augment": precise_batch.DEEP_AUGMENT}
+    assert config_key(task.config) != config_key(plain.config) and task.args == (scale, 1)
+
+
+def test_the_deep_model_trains_on_a_fresh_augmentation_at_every_step():
+    """The reference: the shared recipe (train.sgd) over batches augmented beforehand, one
+    draw per step in step order from the seed's generator; every view of a sample differs."""
+    from rethinkbn_studies.studies.domain_shift import augment
+    from rethinkbn_studies.toolkit.common import GHOST_LR, GHOST_SGD_BATCH, ghost_model, new_model
+    from rethinkbn_studies.toolkit.train import TrainConfig, sgd, shuffled_batches
+
+    ctx, seed = synthetic_context(), 3
+    scale = precise_batch.Scale(256, 64, 2, (4, 8))
+    data = ctx.dataset()
+    trained = ghost_model(ctx, scale, 32, seed, precise_batch._train_deep_model(ctx, scale, seed),
+                          blocks=3)
+    order, gen = shuffled_batches(256, GHOST_SGD_BATCH, seed), torch.Generator().manual_seed(seed)
+    steps = [(idx, augment(data.train_x[idx], gen)) for epoch in range(2) for idx in order(epoch)]
+    views = {}
+    for idx, xb in steps:
+        for i, v in zip(idx.tolist(), xb, strict=True):
+            views.setdefault(i, []).append(v)
+    assert all(len(v) == 2 and not torch.equal(*v) for v in views.values())
+    reference = bn.set_norm_batch_size(new_model(ctx, data, scale, seed, 3), 32)
+    loss = nn.CrossEntropyLoss()
+    sgd(reference, TrainConfig(epochs=2, batch_size=GHOST_SGD_BATCH, lr=GHOST_LR),
+        lambda epoch: steps[2 * epoch: 2 * epoch + 2],
+        lambda m, step: loss(m(step[1]), data.train_y[step[0]]), steps_per_epoch=2)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("b", [2, 10, 20])
+def test_the_deep_networks_precise_bn_column_is_the_librarys(b):
+    """The deep network's pooled/whole statistics come from the moments of the per-batch
     estimator's own pass; they are the library's PreciseBN, and the other variants are the same
     either way."""
     exact, x = ghost_resnet(), inputs()
     bn.recompute_population(exact, x, batch_size=N, num_samples=N, seed=0)
     fast = precise_batch._variant_stats(exact, x, b, 3, library=False)
     slow = precise_batch._variant_stats(exact, x, b, 3, library=True)
-    assert list(fast) == list(slow) == [POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS]
+    # outside the ablation's batch sizes (B=20 here, B=100 in the study): PreciseBN alone
+    variants = ([POOLED_WHOLE, PER_BATCH_WHOLE, PER_BATCH_LAYERS]
+                if b in precise_batch.ABLATION_BATCHES else [POOLED_WHOLE])
+    assert list(fast) == list(slow) == variants
     for variant in fast:
         assert_stats_close(fast[variant], slow[variant], rtol=1e-5, atol=1e-6)
