@@ -330,11 +330,11 @@ class BatchNormBase(nn.Module, BatchNormFamily):
     def _cumulative_rate(self, skipped_now: Tensor, tracked: Tensor) -> Tensor:
         """``1 / t`` per channel for ``momentum=None``: ``t`` is the number of batches the
         channel averaged (``num_batches_tracked`` less the batches it skipped)."""
-        skipped, like = self.skipped_batches, self.running_mean
-        assert skipped is not None and like is not None  # _update_running_stats made them first
+        skipped, running_mean = self.skipped_batches, self.running_mean
+        assert skipped is not None and running_mean is not None
         skipped.add_(skipped_now)
         averaged = (tracked - skipped).clamp_min(1)
-        return averaged.double().reciprocal().to(like.dtype)
+        return averaged.double().reciprocal().to(running_mean.dtype)
 
     def _raise_if_nonfinite(self, bad: Tensor) -> None:
         if not bool(bad.any()):  # the opt-in strict mode's one host synchronization
@@ -382,10 +382,10 @@ def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]
     layer's qualified name in ``model``. Meant for the end of an epoch: ONE host
     synchronization for the whole model (the counters are gathered into one tensor first).
     """
-    found = [(n, m, c) for n, m in _family(model) if (c := m.nonfinite_count) is not None]
-    if not found:
+    layers = [(n, m) for n, m in _family(model) if m.nonfinite_count is not None]
+    if not layers:
         return {}
-    layers, counts = [(n, m) for n, m, _ in found], [c for _, _, c in found]
+    counts = [m.nonfinite_count for _, m in layers if m.nonfinite_count is not None]
     flat = torch.cat([c.reshape(-1).to(counts[0].device) for c in counts]).cpu()
     report, offset = {}, 0
     for (name, layer), count in zip(layers, counts, strict=True):
