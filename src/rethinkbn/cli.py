@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_registered_commands(sub: argparse._SubParsersAction) -> None:
+def _add_registered_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add every sub-command of the entry point group :data:`COMMANDS_GROUP`, in name order
     (the first of a repeated name); one whose module does not import becomes a placeholder
     that says what to install."""
@@ -64,7 +64,7 @@ def _add_registered_commands(sub: argparse._SubParsersAction) -> None:
         add(sub)
 
 
-def _add_unavailable(sub: argparse._SubParsersAction, point: EntryPoint,
+def _add_unavailable(sub: argparse._SubParsersAction[argparse.ArgumentParser], point: EntryPoint,
                      err: ImportError) -> None:
     """A sub-command ``point.name`` that takes any arguments and fails in one line, naming the
     module that is missing and the extra of the entry point that installs it."""
@@ -85,7 +85,7 @@ def _add_unavailable(sub: argparse._SubParsersAction, point: EntryPoint,
     parser.set_defaults(run=unavailable, any_arguments=True)
 
 
-def _add_diagnose_parser(sub: argparse._SubParsersAction) -> None:
+def _add_diagnose_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     diag = sub.add_parser(
         "diagnose",
         help="measure the paper's BatchNorm pitfalls on your own model",

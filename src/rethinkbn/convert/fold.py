@@ -18,24 +18,30 @@ import copy
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ..layers import BatchNormBase, is_batchnorm
 from ..layers.functional import scale_shift
 from .norm_act import post_modules, register_known_libraries
-from .surgery import _reader, has_hooks, swap_modules
+from .registry import reader
+from .surgery import has_hooks, swap_modules
 
 __all__ = ["FoldedLinear", "fold_batchnorm"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PRODUCERS = (*_CONVS, *_CONV_TRANSPOSES, nn.Linear)
+# What a pair is made of: the layer that absorbs, and the BatchNorm it absorbs.
+_Producer = nn.Linear | _ConvNd
+_Norm = _BatchNorm | BatchNormBase
 
 
 class FoldedLinear(nn.Linear):
@@ -163,8 +169,9 @@ def _after_fold(bn: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- finding pairs
-def _foldable_bn(module: nn.Module) -> bool:
-    if _reader(type(module)) is None or not is_batchnorm(module):
+def _foldable_bn(module: nn.Module) -> TypeGuard[_Norm]:
+    # (_BatchNorm, BatchNormBase) is what is_batchnorm accepts, spelled so that mypy narrows it
+    if reader(type(module)) is None or not isinstance(module, (_BatchNorm, BatchNormBase)):
         return False
     if isinstance(module, BatchNormBase):
         if module._uses_batch_stats():
@@ -175,9 +182,10 @@ def _foldable_bn(module: nn.Module) -> bool:
     return all(t is None or t.dim() == 1 for t in tensors)
 
 
-def _foldable_producer(module: nn.Module, bn: nn.Module) -> bool:
+def _foldable_producer(module: nn.Module, bn: _Norm) -> TypeGuard[_Producer]:
     if type(module) not in _PRODUCERS or parametrize.is_parametrized(module):
         return False
+    assert isinstance(module, _PRODUCERS)  # its exact type is one of them
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
         return False
     out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
@@ -195,7 +203,7 @@ class _Tracer(fx.Tracer):
         )
 
 
-def _pairs(module: nn.Module, traced: bool = True) -> Iterator[tuple[nn.Module, nn.Module, bool]]:
+def _pairs(module: nn.Module, traced: bool = True) -> Iterator[tuple[_Producer, _Norm, bool]]:
     """(producer, BatchNorm, traced) for the pairs inside ``module`` whose data flow allows
     folding; ``traced`` is False for a pair below a forward that does not trace (its data flow
     there is assumed, not known)."""
@@ -215,7 +223,7 @@ def _pairs(module: nn.Module, traced: bool = True) -> Iterator[tuple[nn.Module, 
         yield from _pairs(child, traced=False)
 
 
-def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[nn.Module, nn.Module]]:
+def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[_Producer, _Norm]]:
     calls: Counter[int] = Counter()
     read = set()  # modules whose parameters or buffers the forward reads directly
     for node in graph.nodes:
@@ -230,7 +238,9 @@ def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[nn.Module, 
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        bn, producer = root.get_submodule(node.target), root.get_submodule(source.target)
+        # a call_module node's target is the module's qualified name
+        bn = root.get_submodule(str(node.target))
+        producer = root.get_submodule(str(source.target))
         if (
             _foldable_bn(bn)
             and _foldable_producer(producer, bn)
@@ -242,9 +252,10 @@ def _graph_pairs(root: nn.Module, graph: fx.Graph) -> Iterator[tuple[nn.Module, 
 
 # ---------------------------------------------------------------------------- folding
 @torch.no_grad()
-def _fold_pair(producer: nn.Module, bn: nn.Module) -> nn.Module:
+def _fold_pair(producer: _Producer, bn: _Norm) -> nn.Module:
     """A copy of ``producer`` that computes ``bn(producer(x))``."""
     acc = torch.float64
+    assert bn.running_mean is not None and bn.running_var is not None  # _foldable_bn saw them
     scale, shift = scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, acc)
 
     weight = producer.weight.to(acc)
@@ -259,6 +270,7 @@ def _fold_pair(producer: nn.Module, bn: nn.Module) -> nn.Module:
     bias = shift if producer.bias is None else producer.bias.to(acc) * scale + shift
 
     dtype, device = producer.weight.dtype, producer.weight.device
+    fused: _Producer
     if isinstance(producer, nn.Linear):
         fused = FoldedLinear(producer.in_features, producer.out_features, device=device,
                              dtype=dtype)

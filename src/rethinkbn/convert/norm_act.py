@@ -17,6 +17,7 @@ pull in torchvision, which does not load with every torch build.
 from __future__ import annotations
 
 import sys
+from typing import TypeVar, cast
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -43,8 +44,10 @@ __all__ = [
     "register_norm_act",
 ]
 
+M = TypeVar("M", bound=nn.Module)
 
-def norm_act_class(base: type[nn.Module]) -> type[nn.Module]:
+
+def norm_act_class(base: type[M]) -> type[M]:
     """The subclass of ``base`` (a rethinkbn layer class) that applies ``drop`` then ``act``.
 
     One class per base, created on first use and published in this module as
@@ -59,7 +62,7 @@ def norm_act_class(base: type[nn.Module]) -> type[nn.Module]:
                                                  "__doc__": f"{base.__name__} + drop + act."})
         NORM_ACT_CLASSES[base] = cls
         globals().setdefault(name, cls)
-    return cls
+    return cast("type[M]", cls)  # a subclass of base (NORM_ACT_CLASSES[base] always is)
 
 
 def __getattr__(name: str) -> type[nn.Module]:

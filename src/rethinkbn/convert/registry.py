@@ -64,7 +64,7 @@ READERS: dict[type[nn.Module], Reader] = {cls: read_torch for cls in TORCH_CLASS
 # (exact source class, kind name or "*") -> fn(module, **layer_kwargs) (register_converter(source=))
 SOURCE_CONVERTERS: dict[tuple[type[nn.Module], str], SourceConverter] = {}
 # torch's plain class -> the library class that adds drop + act to it (timm's, once registered)
-ACT_VARIANTS: dict[type[_BatchNorm], type[_BatchNorm]] = {}
+ACT_VARIANTS: dict[type[nn.Module], type[_BatchNorm]] = {}
 # rethinkbn kind class -> its norm-act class (norm_act.norm_act_class)
 NORM_ACT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -90,7 +90,7 @@ def act_variant(cls: type[nn.Module]) -> type[_BatchNorm] | None:
     (``nn.SyncBatchNorm`` -> timm's ``SyncBatchNormAct``), else None."""
     if cls in ACT_VARIANTS.values():
         return cls  # type: ignore[return-value]
-    return ACT_VARIANTS.get(cls)  # type: ignore[call-overload]
+    return ACT_VARIANTS.get(cls)
 
 
 def plain_class(cls: type[nn.Module]) -> type[nn.Module]:

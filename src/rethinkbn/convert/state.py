@@ -25,7 +25,7 @@ POST_MODULES = ("drop", "act")
 def post_modules(module: nn.Module) -> dict[str, nn.Module]:
     """``{"drop": ..., "act": ...}`` of a norm-act layer (the ones it has), else ``{}``."""
     children = module._modules
-    return {key: children[key] for key in POST_MODULES if children.get(key) is not None}
+    return {key: child for key in POST_MODULES if (child := children.get(key)) is not None}
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormSt
     tensors = {key: getattr(module, key) for key in plain_dims}
     per_domain = [k for k, t in tensors.items() if t is not None and t.dim() > plain_dims[k]]
     if per_domain:
-        rows = tensors[per_domain[0]].shape[0]  # type: ignore[union-attr]
+        rows = tensors[per_domain[0]].shape[0]
         if domain is None or not 0 <= domain < rows:
             raise ValueError(
                 f"{name!r} ({type(module).__name__}) holds per-domain {', '.join(per_domain)} "
@@ -195,7 +195,7 @@ def read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormSt
                 f"got domain={domain!r}"
             )
         for key in per_domain:
-            row = tensors[key][domain].detach().clone()  # type: ignore[index]
+            row = tensors[key][domain].detach().clone()
             source = tensors[key]
             tensors[key] = (
                 nn.Parameter(row, requires_grad=source.requires_grad)
@@ -214,5 +214,5 @@ def read_family(module: nn.Module, name: str, domain: int | None) -> BatchNormSt
         requires_grad=getattr(module, "_rethinkbn_requires_grad", {}),
         process_group=getattr(module, "process_group", None),
         post=post_modules(module),
-        **tensors,  # type: ignore[arg-type]
+        **tensors,
     )

@@ -85,7 +85,7 @@ def _resolve_kind(to: str | type[nn.Module], layer_kwargs: dict[str, Any]) -> Ki
     if to in TORCH_CLASSES:
         if layer_kwargs.setdefault("torch_class", to) is not to:
             raise ValueError(
-                f"convert_batchnorm: to={to.__name__} contradicts "  # type: ignore[union-attr]
+                f"convert_batchnorm: to={to.__name__} contradicts "
                 f"torch_class={layer_kwargs['torch_class']!r}"
             )
         to = "torch"
@@ -115,8 +115,9 @@ def _already(module: nn.Module, kind: Kind, layer_kwargs: Mapping[str, Any]) -> 
             return False
         # A torch subclass (timm's BatchNormAct2d) is a torch layer already, unless another torch
         # class is asked for; a norm-act layer's target is that class's norm-act counterpart.
-        target = layer_kwargs.get("torch_class") or getattr(
-            module, "_rethinkbn_torch_class", type(module)
+        wanted = layer_kwargs.get("torch_class")
+        target: type[nn.Module] = (
+            wanted if wanted else getattr(module, "_rethinkbn_torch_class", type(module))
         )
         if post_modules(module):
             target = act_variant(target) or target
@@ -291,7 +292,7 @@ def _convert_one(
     try:
         if custom is not None:
             new = custom(module, **layer_kwargs)
-            new._rethinkbn_name = site.name
+            new._rethinkbn_name = site.name  # type: ignore[assignment]
             return _carry_hooks(module, new), {}
         state = reader(module, site.name, domain)  # type: ignore[misc]
         if kind.name == "torch" and state.torch_class is None and "torch_class" not in layer_kwargs:

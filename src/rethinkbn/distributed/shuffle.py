@@ -79,14 +79,14 @@ class _Route:
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, route: _Route, process_group: dist.ProcessGroup | None
     ) -> Tensor:
         ctx.route, ctx.process_group = route, process_group
         return route.apply(x, process_group)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         # The reverse exchange, itself differentiable: second derivatives (create_graph=True)
         # flow through it too.
         back = _Exchange.apply(grad.contiguous(), ctx.route.reversed(), ctx.process_group)

@@ -15,6 +15,8 @@ chunk ``d`` being device ``d``'s local batch (what a DistributedSampler gives ra
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
@@ -77,7 +79,7 @@ class PerDeviceBatchNorm(GhostBatchNorm):
             self.norm_batch_size = before
 
 
-def virtual_devices(model: nn.Module, num_devices: int, **kwargs: object) -> nn.Module:
+def virtual_devices(model: nn.Module, num_devices: int, **kwargs: Any) -> nn.Module:
     """Make every BatchNorm of ``model`` per-device BN over ``num_devices`` virtual devices.
 
     ``convert_batchnorm(model, "per_device", num_devices=num_devices, **kwargs)``: the layers

@@ -333,9 +333,11 @@ class BatchNormBase(nn.Module, BatchNormFamily):
     def _cumulative_rate(self, skipped_now: Tensor, tracked: Tensor) -> Tensor:
         """``1 / t`` per channel for ``momentum=None``: ``t`` is the number of batches the
         channel averaged (``num_batches_tracked`` less the batches it skipped)."""
-        self.skipped_batches.add_(skipped_now)  # type: ignore[union-attr]
-        averaged = (tracked - self.skipped_batches).clamp_min(1)
-        return averaged.double().reciprocal().to(self.running_mean.dtype)  # type: ignore[union-attr]
+        skipped, running_mean = self.skipped_batches, self.running_mean
+        assert skipped is not None and running_mean is not None
+        skipped.add_(skipped_now)
+        averaged = (tracked - skipped).clamp_min(1)
+        return averaged.double().reciprocal().to(running_mean.dtype)
 
     def _raise_if_nonfinite(self, bad: Tensor) -> None:
         if not bool(bad.any()):  # the opt-in strict mode's one host synchronization
@@ -386,7 +388,7 @@ def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]
     layers = [(n, m) for n, m in _family(model) if m.nonfinite_count is not None]
     if not layers:
         return {}
-    counts = [m.nonfinite_count for _, m in layers]
+    counts = [m.nonfinite_count for _, m in layers if m.nonfinite_count is not None]
     flat = torch.cat([c.reshape(-1).to(counts[0].device) for c in counts]).cpu()
     report, offset = {}, 0
     for (name, layer), count in zip(layers, counts, strict=True):
