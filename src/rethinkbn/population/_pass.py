@@ -329,7 +329,8 @@ def _collect(
 
 
 def _iterate(
-    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, bar: "tqdm[Any]", first: FirstCall
+    model: nn.Module, data: Iterable[Any], options: PreciseBNOptions, bar: tqdm[Any],
+    first: FirstCall,
 ) -> tuple[int, int]:
     """Run the forward over whole batches until the budget is met or ``data`` ends.
 
