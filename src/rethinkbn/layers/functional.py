@@ -143,10 +143,13 @@ def affine_normalize(
     """
     acc = torch.promote_types(compute_dtype(x), torch.float32)
     per_channel = all(t is None or t.dim() == 1 for t in (mean, weight, bias))
-    if per_channel and not (mean.requires_grad or var.requires_grad) and x.numel():
-        # torch's eval kernel: one pass forward, one backward (dx = dy * scale, and the affine
-        # gradients only when asked for), computing in float32 for reduced-precision inputs with
-        # a float32 scale and shift (a float16 scale times a large mean cancels badly).
+    learns = any(t is not None and t.requires_grad for t in (weight, bias))
+    if (per_channel and not (mean.requires_grad or var.requires_grad) and x.numel()
+            and (learns or x.dtype != acc)):
+        # torch's eval kernel: one pass forward and one backward, computing in float32 for
+        # reduced-precision inputs with a float32 scale and shift (a float16 scale times a large
+        # mean cancels badly). With fixed affine parameters the multiply-add below saves no
+        # activation for the backward (torch's kernel keeps x for the weight's gradient).
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     scale, shift = scale_shift(mean, var, weight, bias, eps, acc)
     if x.dtype == acc:

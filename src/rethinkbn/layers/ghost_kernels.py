@@ -232,38 +232,39 @@ class _ContiguousGroupNorm(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Short rows: a contiguous (N, C, S) input with few values per row (S small, or S = 1)
+# Contiguous inputs: the groups' values transposed into rows
 # --------------------------------------------------------------------------------------------
-# Up to this many values per (sample, channel) row the short-row kernels are faster: their
-# reductions run over the samples of a group with the C * S values of a sample contiguous.
-SHORT_ROWS = 64
+# Up to this many values per (sample, channel) the transposed kernels are used for a contiguous
+# input (above it the row kernels of _ContiguousGroupNorm are as fast and copy nothing).
+TRANSPOSE_ROWS = 64
 
 
-def _spread(t: Tensor, spatial: int) -> Tensor:
-    """A ``(G, C)`` per-group factor as a dense ``(G, 1, C * S)`` tensor: operands that broadcast
-    over one outer dim keep torch's elementwise kernels vectorized."""
-    g, c = t.shape
-    return t[:, :, None].expand(g, c, spatial).reshape(g, 1, c * spatial)
+def _to_rows(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """A contiguous ``(G, C, n * S)`` copy (in ``dtype``) of an ``(N, C, ...)`` tensor: row
+    ``(g, c)`` holds the ``m = n * S`` values that group ``g`` normalizes in channel ``c``. One
+    copy kernel; every reduction after it runs over a contiguous last dim (vectorized)."""
+    n, c = t.size(0) // groups, t.size(1)
+    rows = torch.empty(groups, c, n, t.numel() // max(t.size(0) * c, 1), dtype=dtype,
+                       device=t.device)
+    rows.copy_(t.reshape(groups, n, c, -1).transpose(1, 2))
+    return rows.view(groups, c, -1)
 
 
-def _short_sum(t: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
-    """Sum of a ``(G, n, C * S)`` view over its samples and rows: ``(G, C)``, in (at least)
-    ``dtype``."""
-    rows = t.sum(1, dtype=torch.promote_types(t.dtype, dtype))
-    return rows.view(t.size(0), channels, -1).sum(2)
+def _from_rows(rows: Tensor, like: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`_to_rows`: a new tensor shaped and typed like ``like``."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    n, c = like.size(0) // groups, like.size(1)
+    out.view(groups, n, c, -1).copy_(rows.view(groups, c, n, -1).transpose(1, 2))
+    return out
 
 
-def _short_dot(a: Tensor, b: Tensor, channels: int) -> Tensor:
-    """``sum(a * b)`` of two ``(G, n, C * S)`` views over samples and rows: ``(G, C)``."""
-    return torch.linalg.vecdot(a, b, dim=1).view(a.size(0), channels, -1).sum(2)
-
-
-class _ShortRowGroupNorm(torch.autograd.Function):
-    """:class:`_ContiguousGroupNorm`'s formulas over a ``(G, n, C * S)`` view of a contiguous
-    input, for short rows (``S <= SHORT_ROWS``): every reduction runs over the ``n`` samples of a
-    group with the ``C * S`` values of a sample contiguous (vectorized), then over the ``S``
-    values of a ``(G, C, S)`` partial result; factors are :func:`_spread` to ``(G, 1, C * S)``.
-    Saves ``x``, the mean and ``1 / sqrt(var + eps)``; the backward recomputes ``x - mean``."""
+class _TransposedGroupNorm(torch.autograd.Function):
+    """:class:`_ContiguousGroupNorm`'s forward formulas on a :func:`_to_rows` copy of a
+    contiguous input (few values per sample and channel, where reductions over strided dims cost
+    more than a copy), and torch's own BatchNorm backward kernel on ``(1, G * C, m)`` views of
+    the rows of ``x`` and of the output's gradient: each row is one group's channel, so the
+    kernel's per-channel formula is exactly the group's. Saves ``x`` and per-row mean and
+    ``1 / sqrt(var + eps)`` (torch's memory)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -274,26 +275,25 @@ class _ShortRowGroupNorm(torch.autograd.Function):
         groups: int,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        acc, channels = compute_dtype(x), x.size(1)
-        spatial = x.numel() // max(x.size(0) * channels, 1)
-        xs = x.view(groups, x.size(0) // groups, -1)
-        m = xs.size(1) * spatial
-        m0 = _short_sum(xs, channels, acc).div_(m)
-        xc = xs - _spread(m0, spatial)  # in the compute dtype
-        delta = _short_sum(xc, channels, acc).div_(m)
-        var = _short_dot(xc, xc, channels).div_(m).sub_(delta.square()).clamp_min_(0)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(acc)
+        acc = compute_dtype(x)
+        xc = _to_rows(x, groups, acc)
+        m = xc.size(2)
+        mean = xc.sum(2, keepdim=True).div_(m)
+        xc -= mean  # centered on the first-pass mean m0
+        delta = xc.sum(2, keepdim=True).div_(m)
+        var = torch.linalg.vector_norm(xc, dim=2, keepdim=True).square_().div_(m)
+        invstd = var.sub_(delta.square()).clamp_min_(0).add(eps).rsqrt_()
+        scale = invstd if weight is None else invstd * weight.to(acc)[:, None]
         shift = -delta * scale  # (xc - delta) * scale + bias
         if bias is not None:
-            shift = shift + bias.to(acc)
-        y = torch.addcmul(_spread(shift, spatial), xc, _spread(scale, spatial)).to(x.dtype)
-        mean = m0.add_(delta)
+            shift += bias.to(acc)[:, None]
+        # in place: one buffer beside the output (each extra activation-sized buffer costs)
+        y = _from_rows(xc.mul_(scale).add_(shift), x, groups)
+        mean += delta
         ctx.save_for_backward(x, weight, bias, mean, invstd)  # type: ignore[arg-type]
         ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
-        # not a view of the group view: the caller may modify the output in place
-        return torch.ops.aten._unsafe_view(y, x.shape), mean, var
+        return y, mean, var
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -302,22 +302,23 @@ class _ShortRowGroupNorm(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             return _second_order(ctx, grad_y, x, weight, bias)
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        groups, channels = ctx.groups, x.size(1)  # type: ignore[attr-defined]
-        spatial = x.numel() // max(x.size(0) * channels, 1)
-        xc = x.view(groups, x.size(0) // groups, -1) - _spread(mean, spatial)
-        dy = grad_y.contiguous().view(xc.shape).to(xc.dtype)
-        sum_dy, dot = _short_sum(dy, channels, xc.dtype), _short_dot(dy, xc, channels)
+        needs, groups = ctx.needs_input_grad, ctx.groups  # type: ignore[attr-defined]
+        xc = _to_rows(x, groups, mean.dtype)
+        dy = _to_rows(grad_y, groups, mean.dtype)
+        r, m = xc.size(0) * xc.size(1), xc.size(2)
+        # per row: sum(dy) and sum(dy * (x - mean)) * invstd, from torch's fused kernel
+        _, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy.view(1, r, m), xc.view(1, r, m), None, None, None, mean.view(-1),
+            invstd.view(-1), True, 0.0, [False, True, True])
+        dot, sum_dy = dot.view(mean.shape), sum_dy.view(mean.shape)
         grad_x = None
         if needs[0]:
-            m = xc.size(1) * spatial
-            k = invstd if weight is None else invstd * weight.to(xc.dtype)
-            proj = k * invstd.square() * dot / m
-            grad_x = torch.addcmul(_spread(-k * sum_dy / m, spatial), dy, _spread(k, spatial))
-            grad_x = torch.ops.aten._unsafe_view(
-                grad_x.addcmul_(xc, _spread(-proj, spatial)), x.shape)
-        grad_w = (dot * invstd).sum(0) if needs[1] else None
-        grad_b = sum_dy.sum(0) if needs[2] else None
+            k = invstd if weight is None else invstd * weight.to(mean.dtype)[:, None]
+            # in place on the copies: dx = k * (dy - sum(dy) / m - (x - mean) * invstd * dot / m)
+            xc.sub_(mean).mul_(invstd * dot / m)
+            grad_x = _from_rows(dy.sub_(sum_dy / m).sub_(xc).mul_(k), x, groups)
+        grad_w = dot.sum(dim=(0, 2)) if needs[1] else None
+        grad_b = sum_dy.sum(dim=(0, 2)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -328,12 +329,12 @@ def contiguous_group_norm(
     or channels_last) with their own statistics; differentiable, exactly to every order.
 
     Returns ``(y, mean, biased_var)`` with statistics of shape ``(G, C)`` (not differentiable).
-    Formulas in :class:`_ContiguousGroupNorm`; short rows (a contiguous input with at most
-    :data:`SHORT_ROWS` values per sample and channel) use :class:`_ShortRowGroupNorm`.
+    Formulas in :class:`_ContiguousGroupNorm`; a contiguous input with at most
+    :data:`TRANSPOSE_ROWS` values per sample and channel uses :class:`_TransposedGroupNorm`.
     """
     spatial = x.numel() // max(x.size(0) * x.size(1), 1)
-    if spatial <= SHORT_ROWS and x.is_contiguous():
-        y, mean, var = _ShortRowGroupNorm.apply(x, weight, bias, groups, eps)
+    if spatial <= TRANSPOSE_ROWS and x.is_contiguous():
+        y, mean, var = _TransposedGroupNorm.apply(x, weight, bias, groups, eps)
     else:
         y, mean, var = _ContiguousGroupNorm.apply(x, weight, bias, groups, eps)
     return y, mean.view(groups, -1), var.view(groups, -1)
