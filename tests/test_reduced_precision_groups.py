@@ -3,11 +3,12 @@ accumulated in float32, so a group whose row sum passes float16's 65504 stays fi
 
 Reference: a Python loop of torch's BatchNorm over the groups, computed in float64 on the same
 reduced-precision values and rounded once (torch's float32 CPU kernel is itself off by 0.026 on
-a group of two float16 values near 3000, more than float16's rounding of the output). Strided groups run torch's own kernel in the input's
-dtype (less accurate than float32 for float16 groups of two values), so they are held to a loop
-of torch's BatchNorm in that dtype. Every entry point of the grouped path is covered:
-GhostBatchNorm (contiguous and strided groups), PerDeviceBatchNorm, batch_stats_inference with
-norm_batch_size, and precise_bn with pass_norm_batch_size.
+a group of two float16 values near 3000, more than float16's rounding of the output). Strided
+groups run torch's own kernel in the input's dtype (less accurate than float32 for float16
+groups of two values), so they are held to a loop of torch's BatchNorm in that dtype. Every
+entry point of the grouped path is covered: GhostBatchNorm (contiguous and strided groups),
+PerDeviceBatchNorm, batch_stats_inference with norm_batch_size, and precise_bn with
+pass_norm_batch_size.
 """
 
 import torch
