@@ -145,6 +145,7 @@ class Variant:
     baseline_name: str = "torch BN"
     train: bool = True
     target: float = 1.05
+    compiled: bool = True  # a row of the --compile table too
 
 
 def ghost(nbs: int | None) -> Callable[[nn.Module], nn.Module]:
@@ -155,13 +156,13 @@ def ghost(nbs: int | None) -> Callable[[nn.Module], nn.Module]:
 VARIANTS = [
     Variant("to_ghost_bn, NBS = whole batch", ghost(None)),
     Variant("to_ghost_bn, NBS 32", ghost(32)),
-    Variant("to_ghost_bn, NBS 8", ghost(8)),
+    Variant("to_ghost_bn, NBS 8", ghost(8), compiled=False),
     Variant("to_ghost_bn, NBS 2", ghost(2)),
     Variant("freeze_bn", freeze_bn, baseline_name="torch BN eval", train=False),
     Variant("freeze_bn", lambda m: freeze_bn(m, affine_trainable=False), d2_frozen,
-            "detectron2-style FrozenBatchNorm, train mode"),
+            "detectron2-style FrozenBatchNorm, train mode", compiled=False),
     Variant("freeze_bn", lambda m: freeze_bn(m, affine_trainable=False), d2_frozen,
-            "detectron2-style FrozenBatchNorm, eval mode", train=False),
+            "detectron2-style FrozenBatchNorm, eval mode", train=False, compiled=False),
     # filled by the speed-sync work (issue 21): SyncBatchNorm without a process group, and
     # DomainBatchNorm with 2 domains and per-sample ids
     Variant("SyncBatchNorm, no process group", None),
@@ -212,23 +213,42 @@ def top_ops(step: Step, rows: int = 8) -> str:
 @dataclass
 class Result:
     ratios: list[float]
-    memory: float
+    memory: float  # NaN: not measured (compiled)
     profile: str = ""
+    breaks: int = 0  # --compile: graph breaks while compiling both models
+    compiled_graphs: int = 0  # --compile: graphs compiled for both models (first two steps)
+    recompiles: int = 0  # --compile: graphs compiled or broken during the timed steps
 
     @property
     def median(self) -> float:
         return statistics.median(self.ratios)
 
 
+_COMPILED_BASELINES: dict[tuple[str, object, bool], nn.Module] = {}
+
+
 def models_for(spec: Model, variant: Variant, compiled: bool) -> tuple[nn.Module, nn.Module]:
+    """The candidate and the baseline, from copies of one torch-BN model (compiled baselines are
+    reused across rows: compiling costs far more than a step)."""
     torch.manual_seed(0)
     base = spec.build()
-    pair = []
-    for make in (variant.candidate, variant.baseline):
-        assert make is not None
-        model = make(copy.deepcopy(base)).train(variant.train)
-        pair.append(torch.compile(model) if compiled else model)
-    return pair[0], pair[1]
+    assert variant.candidate is not None
+    candidate = variant.candidate(copy.deepcopy(base)).train(variant.train)
+    key = (spec.key, variant.baseline, variant.train)
+    if compiled and key in _COMPILED_BASELINES:
+        return torch.compile(candidate), _COMPILED_BASELINES[key]
+    baseline = variant.baseline(copy.deepcopy(base)).train(variant.train)
+    if not compiled:
+        return candidate, baseline
+    _COMPILED_BASELINES[key] = torch.compile(baseline)
+    return torch.compile(candidate), _COMPILED_BASELINES[key]
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graph breaks, graphs compiled) so far in this process, from torch._dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
 def measure(spec: Model, variant: Variant, pairs: int, compiled: bool) -> Result:
@@ -236,12 +256,21 @@ def measure(spec: Model, variant: Variant, pairs: int, compiled: bool) -> Result
     x = torch.randn(spec.input_shape)
     y = torch.randint(0, 10, (spec.input_shape[0],))
     steps = sgd_step(candidate, x, y), sgd_step(baseline, x, y)
+    if not compiled:
+        ratios = paired_ratios(*steps, pairs)
+        result = Result(ratios, saved_bytes(steps[0]) / saved_bytes(steps[1]))
+        if result.median > variant.target or result.memory > variant.target:
+            result.profile = top_ops(steps[0])
+        return result
+    breaks, graphs = dynamo_counts()
+    for step in (*steps, *steps):  # compile (twice: a recompilation shows on the second step)
+        step()
+    warm_breaks, warm_graphs = dynamo_counts()
     ratios = paired_ratios(*steps, pairs)
-    memory = saved_bytes(steps[0]) / saved_bytes(steps[1])
-    result = Result(ratios, memory)
-    if result.median > variant.target or memory > variant.target:
-        result.profile = top_ops(steps[0])
-    return result
+    after_breaks, after_graphs = dynamo_counts()
+    return Result(ratios, float("nan"), breaks=warm_breaks - breaks,
+                  compiled_graphs=warm_graphs - graphs,
+                  recompiles=after_graphs - warm_graphs + after_breaks - warm_breaks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +281,9 @@ def row(variant: Variant, results: list[Result | None]) -> str:
     for result in results:
         if result is None:
             cells += ["not measured", "-"]
+        elif result.memory != result.memory:  # compiled
+            cells += [cell(result.ratios), f"{result.compiled_graphs} graphs, {result.breaks} "
+                      f"breaks, {result.recompiles} after warm-up"]
         else:
             cells += [cell(result.ratios), f"{result.memory:.2f}"]
     return "| " + " | ".join(cells) + f" | {variant.target:.2f} |"
@@ -259,11 +291,14 @@ def row(variant: Variant, results: list[Result | None]) -> str:
 
 def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool
           ) -> tuple[list[str], list[str]]:
-    head = ["| variant | " + " | ".join(f"{m.name} step | {m.name} memory" for m in models)
+    second = "dynamo" if compiled else "memory"
+    head = ["| variant | " + " | ".join(f"{m.name} step | {m.name} {second}" for m in models)
             + " | target |", "|---|" + "---|---|" * len(models) + "---|"]
     lines, profiles = list(head), []
     print("\n".join(head), flush=True)
     for variant in VARIANTS:
+        if compiled and not variant.compiled:
+            continue
         results: list[Result | None] = []
         for spec in models:
             if variant.candidate is None:
