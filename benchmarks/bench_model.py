@@ -40,6 +40,27 @@ from rethinkbn.convert import freeze_bn, to_ghost_bn
 from rethinkbn.distributed.launch import cpu_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Why the cells above target stay there (measured 2026-12-07 on the 2-core CPU machine, from the
+# profiles below and layer-level timings); written after the table.
+FLOORS = """## Floors of the cells above target
+
+- **Ghost on the 1-D ResNet (NBS 32 / 8 / 2: 1.26 / 1.30 / 1.41).** torch's kernel normalizes
+  over one channel dim, which contiguous groups of an ``(N, C, L)`` tensor cannot form without a
+  copy. With rows of 40/20/10 values, reductions over the strided group view cost more than
+  copying each group's channels into contiguous rows, so the layer copies: x into rows and the
+  output back in the forward, x and the gradient into rows and the input's gradient back in the
+  backward (4 activation-sized copies per layer; ``aten::copy_`` is 13-15% of the step against
+  3% with torch BN). Each copy touches a fresh buffer (0.6 MiB, past the L2 cache on this
+  machine), ~20-30 us each in isolation but 100-170 us inside a step. Without the copies (the
+  row kernel on zero-copy views, before this change; --quick, 11 pairs) the same cells gave
+  1.38 / 1.55 / 1.46: more
+  and slower strided reductions. Reaching torch's cost here needs a fused kernel over groups
+  (one pass for the statistics, one for the output; C++/Triton), not more torch ops.
+- **Ghost NBS 8 / 2 on ResNet-18 (1.06 / 1.09).** The same copies on its 8x8 and 4x4 stages
+  plus the row kernel's extra centring pass on the 32x32 and 16x16 stages; within the IQR of the
+  target for NBS 8.
+"""
 COMMAND = "python benchmarks/run.py model"
 
 
@@ -341,12 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         return
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    command = COMMAND + (" --compile" if args.compile else "")
+    command = " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])
     out = RESULTS / ("model_compile.md" if args.compile else "model.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(f"`{command}` on {today}, torch {torch.__version__}, CPU.\n{header}.\n\n"
-                   + "\n".join(lines) + "\n" + ("\n## Top ops of the variants above target\n\n"
-                                                + "\n".join(profiles) if profiles else ""))
+                   + "\n".join(lines) + "\n"
+                   + ("" if args.compile else "\n" + FLOORS)
+                   + ("\n## Top ops of the variants above target\n\n" + "\n".join(profiles)
+                      if profiles else ""))
     print(f"\nwritten to {out.relative_to(RESULTS.parents[1])}")
 
 
