@@ -258,8 +258,9 @@ def ghost_batch_norm(
     and the :data:`GroupStats` ``(mean, unbiased_var, count)`` of every group.
 
     One vectorized computation for all groups: torch's kernel on a zero-copy ``(n, G*C, ...)``
-    view for equal strided groups, a fused function over a ``(G, n, C, S)`` view for equal
-    contiguous groups, and segment reductions when the groups have unequal sizes.
+    view for equal strided groups, :func:`~rethinkbn.layers.ghost_kernels.contiguous_group_norm`
+    for equal contiguous groups (it keeps only ``x`` for the backward, as torch's BatchNorm does),
+    and segment reductions when the groups have unequal sizes.
     """
     sizes = group_sizes(x.size(0), norm_batch_size)
     groups, spatial = len(sizes), _spatial_numel(x)
