@@ -88,6 +88,10 @@ class GhostBatchNorm(BatchNormBase):
         if self._updates_running_stats():
             if count.numel() == 1:
                 self._update_running_stats(mean[0], var[0])
+            elif x.size(0) % count.numel() == 0 and (
+                    self.grouping == "strided" or x.size(0) // count.numel() == nbs):
+                # equal groups: the sample-weighted average is the plain one (fewer kernels)
+                self._update_running_stats(mean.mean(0), var.mean(0))
             else:
                 weights = count.to(device=mean.device, dtype=mean.dtype)[:, None]
                 weights = weights / weights.sum()
