@@ -157,7 +157,7 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         x: Tensor,
         weight: Tensor | None,
@@ -194,7 +194,7 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         return y, mean.view(groups, -1), var.view(groups, -1)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, weight, bias, m0, delta, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -267,7 +267,7 @@ class _TransposedGroupNorm(torch.autograd.Function):
     ``1 / sqrt(var + eps)`` (torch's memory)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         x: Tensor,
         weight: Tensor | None,
@@ -296,7 +296,7 @@ class _TransposedGroupNorm(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, weight, bias, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
