@@ -30,8 +30,10 @@ Communication is ONE ``all_reduce`` in the forward and ONE in the backward:
 
 Unequal local batch sizes are exact, and a rank whose local batch is empty still joins both
 collectives (it gets an empty output and zero gradients). In eval mode, and with world size 1 or
-no initialized process group, no collective is made and the layer equals torch's BatchNorm. The
-same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
+no initialized process group, no collective is made and the layer runs torch's BatchNorm kernel,
+as torch's SyncBatchNorm does: outputs and gradients bit-identical to torch's BatchNorm, at its
+cost (the running buffers still skip non-finite statistics; the float64 numerics above are the
+synced path's). The same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
 
 Second derivatives (``create_graph=True``: gradient penalties) are exact across ranks: the
 backward is then built from differentiable operations and group sums (three all_reduces).
@@ -59,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_positive_int
+from ..layers import functional as BF
 from ..layers.base import BatchNormBase, layer_name
 from ..stats import (
     Moments,
@@ -329,6 +332,8 @@ class SyncBatchNorm(BatchNormBase):
             )
         # Eval without running buffers normalizes each rank's batch alone, as torch does.
         sync, group = self._sync_group() if self.training else (False, None)
+        if not sync and self.observer is None:
+            return self._local_forward(x)
         local, moments = self._group_moments(x, sync, group)
         name = layer_name(self)
         # The local count is a host number; the group's is on the device (read only on CPU, see
@@ -358,6 +363,26 @@ class SyncBatchNorm(BatchNormBase):
             x, mean, mean_lo, invstd, self.weight, self.bias, moments.count, self.eps, group,
             sync, name,
         )
+
+    def _local_forward(self, x: Tensor) -> Tensor:
+        """Nothing to sync (no process group, a group of one rank, eval without buffers): torch's
+        kernel on the local batch, the running buffers blended under the family's NaN policy.
+
+        The statistics are torch's (float32 for float32 and half inputs), as for torch's
+        SyncBatchNorm, which falls back to ``F.batch_norm`` here too; with an ``observer``
+        (precise_bn) the float64 moments of the synced path are used instead.
+        """
+        count = x.numel() // max(x.size(1), 1)
+        if count <= 1:
+            raise ValueError(
+                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
+                f"{count} over the local batch (local input shape {tuple(x.shape)})"
+            )
+        y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
+        if self._updates_running_stats():
+            # The NaN check reads one sum on the host: free on CPU, skipped on an accelerator.
+            self._update_running_stats(mean, var, host_read=True)
+        return y
 
     def _group_moments(
         self, x: Tensor, sync: bool, group: dist.ProcessGroup | None
@@ -389,13 +414,14 @@ class SyncBatchNorm(BatchNormBase):
         shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
         shifted = Moments(local.count, local.mean - shift, local.m2)
         name = layer_name(self)
-        layout = {"tag": (x.size(1), _DTYPE_CODES.get(compute_dtype(x), 0)),
-                  "tag_names": ("channels", "dtype code"), "what": name}
+        tag = (x.size(1), _DTYPE_CODES.get(compute_dtype(x), 0))
+        tag_names = ("channels", "dtype code")
         try:
             if not self._layout_checked:
-                check_same_layout([shifted], group, **layout)
+                check_same_layout([shifted], group, what=name, tag=tag, tag_names=tag_names)
                 self._layout_checked = True
-            (reduced,) = all_reduce_moments([shifted], group, **layout)
+            (reduced,) = all_reduce_moments([shifted], group, what=name, tag=tag,
+                                            tag_names=tag_names)
         except RuntimeError as exc:
             raise _collective_failed("batch-moments", name, group, exc) from exc
         group_moments = Moments(reduced.count, reduced.mean + shift, reduced.m2)

@@ -8,6 +8,7 @@ training batch is normalized.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -268,9 +269,9 @@ class BatchNormBase(nn.Module, BatchNormFamily):
     def _updates_running_stats(self) -> bool:
         return self.training and self.track_running_stats
 
-    @torch.no_grad()
     def _update_running_stats(
-        self, mean: Tensor, unbiased_var: Tensor, present: Tensor | None = None
+        self, mean: Tensor, unbiased_var: Tensor, present: Tensor | None = None, *,
+        host_read: bool = False,
     ) -> None:
         """Blend one step's batch statistics into the running buffers (torch's update rule).
 
@@ -285,12 +286,35 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         The NaN policy lives here, once for the family: where the new mean or variance is not
         finite the buffers keep their values and ``nonfinite_count`` counts the event (no host
         synchronization), or, with ``nonfinite = "raise"``, a ValueError names the layer and the
-        channels before anything changes.
+        channels before anything changes. ``host_read=True`` (a caller whose step already reads
+        values on the host) lets a CPU step read one sum of the statistics: when every value is
+        finite (the common case) the update is torch's two lerps and a count, without the
+        skipping bookkeeping.
         """
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
+        # detached: the buffers never join a graph (cheaper than a no_grad block per step)
+        if mean.requires_grad or unbiased_var.requires_grad:
+            mean, unbiased_var = mean.detach(), unbiased_var.detach()
         mean = mean.to(self.running_mean.dtype)
         unbiased_var = unbiased_var.to(self.running_var.dtype)
+        if host_read and self.momentum is not None and _finite_on_host(mean, unbiased_var):
+            # Nothing to skip (the common case): torch's update and nothing else.
+            self.num_batches_tracked.add_(1 if present is None else present)
+            factor = (self.momentum if present is None else
+                      present[:, None].to(mean.dtype).mul_(self.momentum))
+            self.running_mean.lerp_(mean, factor)
+            self.running_var.lerp_(unbiased_var, factor)
+            return
+        with torch.no_grad():
+            self._skip_nonfinite_update(mean, unbiased_var, present)
+
+    def _skip_nonfinite_update(self, mean: Tensor, unbiased_var: Tensor,
+                               present: Tensor | None) -> None:
+        """:meth:`_update_running_stats` where a statistic may be non-finite (no host read)."""
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None
+        assert self.num_batches_tracked is not None
         # v - v is 0 for a finite v and NaN for NaN or +-Inf (fewer kernels than isfinite).
         nonfinite = torch.isnan((mean - mean).add_(unbiased_var - unbiased_var))
         # an absent row (domain) has no statistics: not an event, and it does not move
@@ -320,19 +344,21 @@ class BatchNormBase(nn.Module, BatchNormFamily):
                                              self.num_batches_tracked[:, None])
             else:
                 rate = torch.full((present.size(0), 1), self.momentum,
-                                  dtype=self.running_mean.dtype, device=present.device)
+                                  dtype=running_mean.dtype, device=present.device)
             factor = rate * counted[:, None]
         # Where a statistic is not finite, lerp towards the old value itself: it stays
         # bit-identical (lerp by 0 towards NaN would still spread the NaN).
-        for buffer, new in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+        for buffer, new in ((running_mean, mean), (running_var, unbiased_var)):
             buffer.lerp_(torch.where(nonfinite, buffer, new), factor)
 
     def _cumulative_rate(self, skipped_now: Tensor, tracked: Tensor) -> Tensor:
         """``1 / t`` per channel for ``momentum=None``: ``t`` is the number of batches the
         channel averaged (``num_batches_tracked`` less the batches it skipped)."""
-        self.skipped_batches.add_(skipped_now)  # type: ignore[union-attr]
-        averaged = (tracked - self.skipped_batches).clamp_min(1)
-        return averaged.double().reciprocal().to(self.running_mean.dtype)  # type: ignore[union-attr]
+        skipped, running_mean = self.skipped_batches, self.running_mean
+        assert skipped is not None and running_mean is not None
+        skipped.add_(skipped_now)
+        averaged = (tracked - skipped).clamp_min(1)
+        return averaged.double().reciprocal().to(running_mean.dtype)
 
     def _raise_if_nonfinite(self, bad: Tensor) -> None:
         if not bool(bad.any()):  # the opt-in strict mode's one host synchronization
@@ -348,6 +374,20 @@ class BatchNormBase(nn.Module, BatchNormFamily):
     def _observe(self, moments: Moments) -> None:
         if self.observer is not None:
             self.observer(self, moments)
+
+
+def _finite_on_host(mean: Tensor, var: Tensor) -> bool:
+    """Whether every value of ``mean`` and ``var`` is finite, read on the host where that is free
+    (CPU tensors, eager: no device to wait for, no graph to break); False elsewhere, and False
+    may also mean "not sure".
+
+    One sum for both: a sum is finite only if every term is (NaN and +-Inf propagate, and
+    ``inf - inf`` is NaN); a sum that overflows reads as not finite, which only sends the caller
+    to its general, exact path.
+    """
+    if mean.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return math.isfinite(float((mean + var).sum()))
 
 
 def _family(model: nn.Module) -> list[tuple[str, BatchNormBase]]:
@@ -383,7 +423,7 @@ def nonfinite_report(model: nn.Module, reset: bool = False) -> dict[str, Tensor]
     layers = [(n, m) for n, m in _family(model) if m.nonfinite_count is not None]
     if not layers:
         return {}
-    counts = [m.nonfinite_count for _, m in layers]
+    counts = [m.nonfinite_count for _, m in layers if m.nonfinite_count is not None]
     flat = torch.cat([c.reshape(-1).to(counts[0].device) for c in counts]).cpu()
     report, offset = {}, 0
     for (name, layer), count in zip(layers, counts, strict=True):

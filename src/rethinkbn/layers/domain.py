@@ -80,7 +80,7 @@ class DomainBatchNorm(BatchNormBase):
                 raise ValueError(
                     f"DomainBatchNorm: {name} must be one of {STATS_CHOICES}, got {value!r}"
                 )
-        affine_mode = {True: "shared", False: None}.get(affine, affine)  # type: ignore[call-overload]
+        affine_mode: object = "shared" if affine is True else None if affine is False else affine
         if affine_mode not in (*AFFINE_CHOICES, None):
             raise ValueError(
                 f"DomainBatchNorm: affine must be one of {AFFINE_CHOICES}, True or False, got "
@@ -94,7 +94,7 @@ class DomainBatchNorm(BatchNormBase):
         self.validate = validate
         self.train_stats = train_stats
         self.population_stats = population_stats
-        self.affine_mode: str | None = affine_mode
+        self.affine_mode: str | None = affine_mode  # type: ignore[assignment]  # checked above
         self.current_domain: Domain | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         shape = (num_domains, num_features)
@@ -299,5 +299,5 @@ def use_domain(model: nn.Module, domain: Domain) -> Iterator[nn.Module]:
             m.current_domain = d
         yield model
     finally:
-        for m, d in zip(layers, previous, strict=True):
-            m.current_domain = d
+        for m, before in zip(layers, previous, strict=True):
+            m.current_domain = before
