@@ -128,8 +128,9 @@ def test_a_training_step_makes_torch_s_ops_and_a_few_per_channel_ones():
     extra = ours.ops.copy()
     extra.subtract(theirs.ops)
     assert all(v >= 0 for v in extra.values()), extra  # every op torch runs, we run
-    # one (2, C) buffer for the batch statistics, one finite check read on the host, two lerps
-    assert sum(extra.values()) <= 7, extra
+    # torch's kernel blends the running buffers; beyond it: a (2, C) copy of them to restore
+    # if a statistic is not finite, and one dot product read on the host that says whether
+    assert sum(extra.values()) <= 3, extra
     assert ours.ops["aten.native_batch_norm_backward"] == 1
 
 

@@ -378,10 +378,21 @@ class SyncBatchNorm(BatchNormBase):
                 f"{layer_name(self)}: expected more than 1 value per channel when training, got "
                 f"{count} over the local batch (local input shape {tuple(x.shape)})"
             )
+        if not self._updates_running_stats():
+            if self.weight is None and x.dtype != compute_dtype(x):
+                # no float32 tensor for torch's kernel to follow: it would compute in half
+                return BF.native_batch_norm(x, None, None, self.eps)[0]
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if self._kernel_updates_buffers(x):
+            rm, rv = self.running_mean, self.running_var
+            before = torch.stack([rm, rv])  # type: ignore[list-item]
+            y = F.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum or 0.0,
+                             self.eps)
+            self._check_kernel_update(before, lambda: BF.native_batch_norm(
+                x.detach(), None, None, self.eps)[1:])
+            return y
         y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
-        if self._updates_running_stats():
-            # The NaN check reads one sum on the host: free on CPU, skipped on an accelerator.
-            self._update_running_stats(mean, var, host_read=True)
+        self._update_running_stats(mean, var)
         return y
 
     def _group_moments(

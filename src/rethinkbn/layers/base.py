@@ -270,8 +270,7 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         return self.training and self.track_running_stats
 
     def _update_running_stats(
-        self, mean: Tensor, unbiased_var: Tensor, present: Tensor | None = None, *,
-        host_read: bool = False,
+        self, mean: Tensor, unbiased_var: Tensor, present: Tensor | None = None
     ) -> None:
         """Blend one step's batch statistics into the running buffers (torch's update rule).
 
@@ -286,10 +285,8 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         The NaN policy lives here, once for the family: where the new mean or variance is not
         finite the buffers keep their values and ``nonfinite_count`` counts the event (no host
         synchronization), or, with ``nonfinite = "raise"``, a ValueError names the layer and the
-        channels before anything changes. ``host_read=True`` (a caller whose step already reads
-        values on the host) lets a CPU step read one sum of the statistics: when every value is
-        finite (the common case) the update is torch's two lerps and a count, without the
-        skipping bookkeeping.
+        channels before anything changes. (A layer may instead let torch's kernel blend the
+        statistics, see :meth:`_kernel_updates_buffers`.)
         """
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
@@ -298,20 +295,11 @@ class BatchNormBase(nn.Module, BatchNormFamily):
             mean, unbiased_var = mean.detach(), unbiased_var.detach()
         mean = mean.to(self.running_mean.dtype)
         unbiased_var = unbiased_var.to(self.running_var.dtype)
-        if host_read and self.momentum is not None and _finite_on_host(mean, unbiased_var):
-            # Nothing to skip (the common case): torch's update and nothing else.
-            self.num_batches_tracked.add_(1 if present is None else present)
-            factor = (self.momentum if present is None else
-                      present[:, None].to(mean.dtype).mul_(self.momentum))
-            self.running_mean.lerp_(mean, factor)
-            self.running_var.lerp_(unbiased_var, factor)
-            return
         with torch.no_grad():
             self._skip_nonfinite_update(mean, unbiased_var, present)
 
     def _skip_nonfinite_update(self, mean: Tensor, unbiased_var: Tensor,
                                present: Tensor | None) -> None:
-        """:meth:`_update_running_stats` where a statistic may be non-finite (no host read)."""
         running_mean, running_var = self.running_mean, self.running_var
         assert running_mean is not None and running_var is not None
         assert self.num_batches_tracked is not None
@@ -351,6 +339,53 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         for buffer, new in ((running_mean, mean), (running_var, unbiased_var)):
             buffer.lerp_(torch.where(nonfinite, buffer, new), factor)
 
+    def _kernel_updates_buffers(self, x: Tensor) -> bool:
+        """Whether this training step may let torch's kernel blend its statistics into the
+        running buffers (``F.batch_norm(..., running_mean, running_var, True, momentum)``), as
+        torch's BatchNorm does, with :meth:`_check_kernel_update` after it.
+
+        Only where that check is free: CPU tensors in eager mode (it reads one number on the
+        host), a float momentum and float32/float64 buffers. The caller must also be a step
+        that may read values on the host at all (no layer promises otherwise for it).
+        """
+        buffer = self.running_mean
+        return (buffer is not None and self._updates_running_stats()
+                and self.momentum is not None and x.device.type == "cpu"
+                and buffer.dtype in (torch.float32, torch.float64)
+                and not torch.compiler.is_compiling())
+
+    def _check_kernel_update(
+        self, before: Tensor, batch_stats: Callable[[], tuple[Tensor, Tensor]],
+        present: Tensor | None = None,
+    ) -> None:
+        """Finish a step whose statistics torch's kernel blended into the running buffers.
+
+        ``before`` holds the buffers' values before the kernel (stacked). When every new value
+        is finite (one dot product, read on the host: a non-finite term, or an overflow, makes
+        it non-finite) the batch is counted (``present``: per row) and that is all: torch's
+        update, at torch's cost. Otherwise (rare) the buffers are put back and the statistics
+        that ``batch_stats()`` recomputes go through :meth:`_update_running_stats` (the NaN
+        policy: counts, skips, ``"raise"``); the channels that took the batch then keep the
+        kernel's blend, bit-identical to a step without the non-finite channels.
+        """
+        mean, var = self.running_mean, self.running_var
+        assert mean is not None and var is not None and self.num_batches_tracked is not None
+        if math.isfinite(float(torch.dot(mean.flatten(), var.flatten()))):
+            self.num_batches_tracked.add_(1 if present is None else present)
+            return
+        with torch.no_grad():
+            blended = torch.stack([mean, var])
+            mean.copy_(before[0])
+            var.copy_(before[1])
+            batch_mean, batch_var = batch_stats()
+        self._update_running_stats(batch_mean, batch_var, present)
+        took = batch_mean.isfinite() & batch_var.isfinite()
+        if present is not None:
+            took &= present[:, None]
+        with torch.no_grad():
+            for buffer, new in zip((mean, var), blended, strict=True):
+                buffer.copy_(torch.where(took, new, buffer))
+
     def _cumulative_rate(self, skipped_now: Tensor, tracked: Tensor) -> Tensor:
         """``1 / t`` per channel for ``momentum=None``: ``t`` is the number of batches the
         channel averaged (``num_batches_tracked`` less the batches it skipped)."""
@@ -374,20 +409,6 @@ class BatchNormBase(nn.Module, BatchNormFamily):
     def _observe(self, moments: Moments) -> None:
         if self.observer is not None:
             self.observer(self, moments)
-
-
-def _finite_on_host(mean: Tensor, var: Tensor) -> bool:
-    """Whether every value of ``mean`` and ``var`` is finite, read on the host where that is free
-    (CPU tensors, eager: no device to wait for, no graph to break); False elsewhere, and False
-    may also mean "not sure".
-
-    One sum for both: a sum is finite only if every term is (NaN and +-Inf propagate, and
-    ``inf - inf`` is NaN); a sum that overflows reads as not finite, which only sends the caller
-    to its general, exact path.
-    """
-    if mean.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return math.isfinite(float((mean + var).sum()))
 
 
 def _family(model: nn.Module) -> list[tuple[str, BatchNormBase]]:

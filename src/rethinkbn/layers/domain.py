@@ -9,15 +9,16 @@ shared. It works only when training and population statistics follow one paradig
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
-from ..stats import Moments
+from ..stats import Moments, compute_dtype
 from . import functional as BF
 from .base import BatchNormBase, layer_name
 
@@ -27,6 +28,50 @@ STATS_CHOICES = ("domain", "shared")
 AFFINE_CHOICES = ("shared", "domain")
 
 Domain = int | Tensor
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, perm)`` for a permutation ``perm`` of the rows (``inverse`` its
+    inverse), whose adjoint is the inverse permutation: one pass over the gradient, where
+    autograd's ``index_select`` zero-fills a tensor and adds into it. Differentiable again
+    (double backward)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, perm: Tensor, inverse: Tensor
+    ) -> Tensor:
+        ctx.perm, ctx.inverse = perm, inverse
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return _PermuteRows.apply(grad, ctx.inverse, ctx.perm), None, None
+
+
+def _group_by_domain(
+    x: Tensor, ids: Tensor, sizes: list[int]
+) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor] | None]:
+    """The samples of each domain present (``sizes``: how many, in domain order) as contiguous
+    parts of ``x``, and the function that puts the parts' outputs back in the samples' order
+    (None when there is one part). Parts are views when the ids are already sorted; otherwise
+    ``x`` is permuted once (a stable sort of the ids) and the outputs once back."""
+    if len(sizes) == 1:
+        return [x], None
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    if torch.equal(sorted_ids, ids):
+        return list(x.split(sizes)), torch.cat
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(),
+                                                                   device=perm.device))
+    fmt = torch.contiguous_format
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        fmt = last if x.is_contiguous(memory_format=last) else fmt
+
+    def regroup(ys: list[Tensor]) -> Tensor:
+        # in the input's layout, as torch's BatchNorm
+        return _PermuteRows.apply(torch.cat(ys), inverse, perm).contiguous(memory_format=fmt)
+
+    return list(_PermuteRows.apply(x, perm, inverse).split(sizes)), regroup
 
 
 class DomainBatchNorm(BatchNormBase):
@@ -182,8 +227,10 @@ class DomainBatchNorm(BatchNormBase):
             var = self._pick(self.running_var, dom, per_domain)
             return BF.affine_normalize(x, mean, var, weight, bias, self.eps)  # type: ignore[arg-type]
         ids = dom if isinstance(dom, Tensor) else None
+        if ids is None or (self.validate and self.train_stats == "domain"):
+            return self._per_domain_forward(x, dom)
         self._check_values_per_channel(x, ids)
-        if ids is not None and self.train_stats == "domain":
+        if self.train_stats == "domain":
             y, mean, var, count = BF.segment_batch_norm(
                 x, ids, self.num_domains, weight, bias, self.eps
             )
@@ -216,6 +263,93 @@ class DomainBatchNorm(BatchNormBase):
         if self.observer is not None:
             self._observe(domain_moments)  # type: ignore[arg-type]
         return y
+
+    def _per_domain_forward(self, x: Tensor, domain: Domain) -> Tensor:
+        """Training forward with one torch BatchNorm call per domain present in the batch.
+
+        An int domain (the whole batch), or validated per-sample ids with per-domain training
+        statistics: the ids are read on the host (validation already reads them), the samples
+        are grouped by domain (no copy for one domain or ids already sorted), each group is
+        normalized by torch's kernel with its domain's statistics and affine parameters, and the
+        output is put back in the samples' order. Outputs, gradients and statistics are torch's
+        BatchNorm on each domain's samples. With per-sample ids on CPU the kernel also blends
+        each domain's running buffers, checked after (:meth:`_check_kernel_update`).
+        """
+        ids = domain if isinstance(domain, Tensor) else None
+        spatial = x.numel() // max(x.size(0) * x.size(1), 1)
+        BF.require_two_values(x.size(0) * spatial, x, lambda: layer_name(self))
+        if ids is None:
+            assert isinstance(domain, int)
+            present = torch.arange(self.num_domains, device=x.device) == domain
+            counts, rows = present * x.size(0), [domain]
+            parts, regroup = [x], None
+        else:
+            counts = torch.bincount(ids, minlength=self.num_domains)
+            sizes = counts.tolist()
+            single = [d for d, n in enumerate(sizes) if 0 < n * spatial < 2]
+            if single:
+                BF.require_two_values(1, x, layer_name(self), " for every domain in the batch",
+                                      f", domain(s) {single}")
+            present, rows = counts > 0, [d for d, n in enumerate(sizes) if n]
+            parts, regroup = _group_by_domain(x, ids, [sizes[d] for d in rows])
+        kernel = (ids is not None and self.population_stats == "domain"
+                  and self.observer is None and self._kernel_updates_buffers(x))
+        if kernel:
+            rm, rv, momentum = self.running_mean, self.running_var, self.momentum
+            assert rm is not None and rv is not None and momentum is not None
+            before, buffers = torch.stack([rm, rv]), (rm.unbind(), rv.unbind())
+        else:
+            # Every domain's statistics, (num_domains, C) each, written by torch's kernel
+            # (momentum 1) into rows of a throw-away buffer; absent domains keep ones.
+            stats = self._stats_buffer(x)
+            buffers, momentum = (stats[0].unbind(), stats[1].unbind()), 1.0
+        per_domain = self.affine_mode == "domain"
+        ys = [F.batch_norm(part, buffers[0][d], buffers[1][d],
+                           self._pick(self.weight, d, per_domain),
+                           self._pick(self.bias, d, per_domain), True, momentum, self.eps)
+              for part, d in zip(parts, rows, strict=True)]
+        y = ys[0] if regroup is None else regroup(ys)
+        if kernel:
+            self._check_kernel_update(before, lambda: self._batch_stats(x, parts, rows), present)
+        else:
+            self._use_batch_stats(stats[0], stats[1], counts * spatial, present)
+        return y
+
+    def _stats_buffer(self, x: Tensor) -> Tensor:
+        """A ``(2, num_domains, C)`` buffer of ones for torch's kernel to write statistics into,
+        in the dtype the kernel wants (the parameters', else the compute dtype)."""
+        like = self.weight if self.weight is not None else self.running_mean
+        dtype = like.dtype if like is not None else compute_dtype(x)
+        return torch.ones(2, self.num_domains, x.size(1), dtype=dtype, device=x.device)
+
+    @torch.no_grad()
+    def _batch_stats(
+        self, x: Tensor, parts: list[Tensor], rows: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Each domain's batch mean and unbiased variance, ``(num_domains, C)`` (ones where
+        absent), recomputed by torch's kernel from the domains' samples ``parts``."""
+        stats = self._stats_buffer(x)
+        for part, d in zip(parts, rows, strict=True):
+            F.batch_norm(part, stats[0, d], stats[1, d], None, None, True, 1.0, self.eps)
+        return stats[0], stats[1]
+
+    def _use_batch_stats(self, mean: Tensor, var: Tensor, count: Tensor, present: Tensor) -> None:
+        """Blend each domain's batch statistics (``var`` unbiased, ``count`` values per channel)
+        into the running buffers and give them to the observer."""
+        moments = None
+        if self.observer is not None or self.population_stats == "shared":
+            moments = Moments.from_var_mean(count[:, None], mean, var, unbiased=True)
+            keep = present[:, None]  # absent domains: count 0, mean and m2 0
+            moments = Moments(moments.count, moments.mean.where(keep, 0), moments.m2.where(keep, 0))
+        if self._updates_running_stats():
+            if self.population_stats == "domain":
+                self._update_running_stats(mean, var, present=present)
+            else:
+                assert moments is not None
+                shared = moments.total()
+                self._update_running_stats(shared.mean, shared.var(unbiased=True))
+        if moments is not None:
+            self._observe(moments)
 
     def _check_values_per_channel(self, x: Tensor, ids: Tensor | None) -> None:
         """Every set of values that gets a variance must have at least 2 per channel."""
