@@ -48,30 +48,107 @@ class _PermuteRows(torch.autograd.Function):
         return _PermuteRows.apply(grad, ctx.inverse, ctx.perm), None, None
 
 
-def _group_by_domain(
-    x: Tensor, ids: Tensor, sizes: list[int]
-) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor] | None]:
-    """The samples of each domain present (``sizes``: how many, in domain order) as contiguous
-    parts of ``x``, and the function that puts the parts' outputs back in the samples' order
-    (None when there is one part). Parts are views when the ids are already sorted; otherwise
-    ``x`` is permuted once (a stable sort of the ids) and the outputs once back."""
-    if len(sizes) == 1:
-        return [x], None
+def _rows(t: Tensor | None, per_domain: bool, domains: list[int]) -> list[Tensor | None]:
+    """Each segment's parameter: its domain's row of a per-domain ``t``, else ``t``."""
+    if t is None or not per_domain:
+        return [t] * len(domains)
+    rows = t.unbind()
+    return [rows[d] for d in domains]
+
+
+def _segment_batch_norm_reference(
+    xs: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int],
+    domains: list[int], per_domain: bool, eps: float,
+) -> Tensor:
+    """:class:`_SegmentBatchNorm`'s output from differentiable ops (for second derivatives)."""
+    ws, bs = _rows(weight, per_domain, domains), _rows(bias, per_domain, domains)
+    return torch.cat([F.batch_norm(part, None, None, w, b, True, 0.0, eps)
+                      for part, w, b in zip(xs.split(sizes), ws, bs, strict=True)])
+
+
+class _SegmentBatchNorm(torch.autograd.Function):
+    """Torch's BatchNorm kernel on each segment of consecutive samples, written in place.
+
+    Segment ``k`` (the next ``sizes[k]`` samples, of domain ``domains[k]``) is normalized with
+    its own statistics and its domain's affine parameters (``per_domain``) or the shared ones;
+    the kernel blends its statistics into that domain's row of ``running_mean``/``running_var``
+    with ``momentum``. Forward and first-order backward are the kernel's ``out=`` variants on
+    views of one output and one input gradient: no copy, no concatenation. Second derivatives
+    (``create_graph=True``) differentiate :func:`_segment_batch_norm_reference` instead.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xs: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+        running_var: Tensor, sizes: list[int], domains: list[int], per_domain: bool,
+        momentum: float, eps: float,
+    ) -> Tensor:
+        y = torch.empty_like(xs)
+        k = len(sizes)
+        save = running_mean.new_empty((2 * k, xs.size(1)))  # per segment: mean, 1 / std
+        saved, means, variances = save.unbind(), running_mean.unbind(), running_var.unbind()
+        for i, (part, out, w, b, d) in enumerate(zip(
+                xs.split(sizes), y.split(sizes), _rows(weight, per_domain, domains),
+                _rows(bias, per_domain, domains), domains, strict=True)):
+            torch.ops.aten.native_batch_norm.out(
+                part, w, b, means[d], variances[d], True, momentum, eps, out=out,
+                save_mean=saved[i], save_invstd=saved[k + i])
+        ctx.save_for_backward(xs, weight, bias, save)
+        ctx.layout, ctx.eps = (sizes, domains, per_domain), eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xs, weight, bias, save = ctx.saved_tensors
+        (sizes, domains, per_domain), eps = ctx.layout, ctx.eps
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the plain formula, exact to every order
+            inputs = [t for t, need in zip((xs, weight, bias), needs, strict=True) if need]
+            with torch.enable_grad():
+                y = _segment_batch_norm_reference(xs, weight, bias, sizes, domains, per_domain,
+                                                  eps)
+                grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+            return (*(next(grads) if need else None for need in needs), *(None,) * 7)
+        # All three outputs of the kernel (masked ones cannot be written in place), with a
+        # weight of ones where the layer has none: the parameter sums cost the kernel nothing.
+        k, c = len(sizes), xs.size(1)
+        dx = torch.empty_like(xs)
+        ws = _rows(weight, per_domain, domains) if weight is not None else [save.new_ones(c)] * k
+        # sum(dy * xhat) then sum(dy): per domain (absent ones 0) or per segment
+        rows = weight.size(0) if per_domain else k
+        sums = save.new_zeros((2 * rows, c)) if per_domain else save.new_empty((2 * rows, c))
+        saved, out = save.unbind(), sums.unbind()
+        for i, (g, part, gx, w, d) in enumerate(zip(
+                dy.split(sizes), xs.split(sizes), dx.split(sizes), ws, domains, strict=True)):
+            r = d if per_domain else i
+            torch.ops.aten.native_batch_norm_backward.out(
+                g, part, w, None, None, saved[i], saved[k + i], True, eps, [True, True, True],
+                out0=gx, out1=out[r], out2=out[rows + r])
+        sums = sums.view(2, rows, c)
+        if not per_domain:
+            sums = sums.sum(1)
+        grad_w = sums[0].to(weight.dtype) if needs[1] else None
+        grad_b = sums[1].to(bias.dtype) if needs[2] else None
+        return (dx if needs[0] else None, grad_w, grad_b, *(None,) * 7)
+
+
+def _group_by_domain(x: Tensor, ids: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` with its samples sorted by domain (stable), and the function that puts an output
+    of that order back in the samples' order (in ``x``'s memory layout, as torch's BatchNorm).
+    Ids already sorted (domains in consecutive blocks) cost no copy."""
     sorted_ids, perm = torch.sort(ids, stable=True)
     if torch.equal(sorted_ids, ids):
-        return list(x.split(sizes)), torch.cat
-    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(),
-                                                                   device=perm.device))
+        return x, lambda y: y
+    inverse = torch.argsort(perm)
     fmt = torch.contiguous_format
     if x.dim() in (4, 5) and not x.is_contiguous():
         last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         fmt = last if x.is_contiguous(memory_format=last) else fmt
 
-    def regroup(ys: list[Tensor]) -> Tensor:
-        # in the input's layout, as torch's BatchNorm
-        return _PermuteRows.apply(torch.cat(ys), inverse, perm).contiguous(memory_format=fmt)
+    def regroup(y: Tensor) -> Tensor:
+        return _PermuteRows.apply(y, inverse, perm).contiguous(memory_format=fmt)
 
-    return list(_PermuteRows.apply(x, perm, inverse).split(sizes)), regroup
+    return _PermuteRows.apply(x, perm, inverse), regroup
 
 
 class DomainBatchNorm(BatchNormBase):
@@ -281,8 +358,7 @@ class DomainBatchNorm(BatchNormBase):
         if ids is None:
             assert isinstance(domain, int)
             present = torch.arange(self.num_domains, device=x.device) == domain
-            counts, rows = present * x.size(0), [domain]
-            parts, regroup = [x], None
+            counts, domains = present * x.size(0), [domain]
         else:
             counts = torch.bincount(ids, minlength=self.num_domains)
             sizes = counts.tolist()
@@ -290,48 +366,56 @@ class DomainBatchNorm(BatchNormBase):
             if single:
                 BF.require_two_values(1, x, layer_name(self), " for every domain in the batch",
                                       f", domain(s) {single}")
-            present, rows = counts > 0, [d for d, n in enumerate(sizes) if n]
-            parts, regroup = _group_by_domain(x, ids, [sizes[d] for d in rows])
+            present = counts > 0
+            domains = [d for d, n in enumerate(sizes) if n]
         kernel = (ids is not None and self.population_stats == "domain"
                   and self.observer is None and self._kernel_updates_buffers(x))
         if kernel:
             rm, rv, momentum = self.running_mean, self.running_var, self.momentum
             assert rm is not None and rv is not None and momentum is not None
-            before, buffers = torch.stack([rm, rv]), (rm.unbind(), rv.unbind())
+            before, (mean, var) = torch.stack([rm, rv]), (rm, rv)
         else:
             # Every domain's statistics, (num_domains, C) each, written by torch's kernel
-            # (momentum 1) into rows of a throw-away buffer; absent domains keep ones.
-            stats = self._stats_buffer(x)
-            buffers, momentum = (stats[0].unbind(), stats[1].unbind()), 1.0
+            # (momentum 1) into a throw-away buffer; absent domains keep ones.
+            (mean, var), momentum = self._stats_buffer(x), 1.0
         per_domain = self.affine_mode == "domain"
-        ys = [F.batch_norm(part, buffers[0][d], buffers[1][d],
-                           self._pick(self.weight, d, per_domain),
-                           self._pick(self.bias, d, per_domain), True, momentum, self.eps)
-              for part, d in zip(parts, rows, strict=True)]
-        y = ys[0] if regroup is None else regroup(ys)
-        if kernel:
-            self._check_kernel_update(before, lambda: self._batch_stats(x, parts, rows), present)
+        if len(domains) == 1:
+            d, xs, parts = domains[0], x, [x.size(0)]
+            y = F.batch_norm(x, mean[d], var[d], self._pick(self.weight, d, per_domain),
+                             self._pick(self.bias, d, per_domain), True, momentum, self.eps)
         else:
-            self._use_batch_stats(stats[0], stats[1], counts * spatial, present)
+            assert ids is not None
+            xs, regroup = _group_by_domain(x, ids)
+            parts = [sizes[d] for d in domains]
+            y = regroup(_SegmentBatchNorm.apply(xs, self.weight, self.bias, mean, var, parts,
+                                                domains, per_domain, momentum, self.eps))
+        if kernel:
+            self._check_kernel_update(before, lambda: self._batch_stats(xs, parts, domains),
+                                      present)
+        else:
+            self._use_batch_stats(mean, var, counts * spatial, present)
         return y
 
-    def _stats_buffer(self, x: Tensor) -> Tensor:
-        """A ``(2, num_domains, C)`` buffer of ones for torch's kernel to write statistics into,
-        in the dtype the kernel wants (the parameters', else the compute dtype)."""
+    def _stats_buffer(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Two ``(num_domains, C)`` buffers of ones (one allocation) for torch's kernel to write
+        means and variances into, in the dtype it wants (the parameters', else the compute
+        dtype)."""
         like = self.weight if self.weight is not None else self.running_mean
         dtype = like.dtype if like is not None else compute_dtype(x)
-        return torch.ones(2, self.num_domains, x.size(1), dtype=dtype, device=x.device)
+        stats = torch.ones(2, self.num_domains, x.size(1), dtype=dtype, device=x.device)
+        return stats[0], stats[1]
 
     @torch.no_grad()
     def _batch_stats(
-        self, x: Tensor, parts: list[Tensor], rows: list[int]
+        self, xs: Tensor, sizes: list[int], domains: list[int]
     ) -> tuple[Tensor, Tensor]:
         """Each domain's batch mean and unbiased variance, ``(num_domains, C)`` (ones where
-        absent), recomputed by torch's kernel from the domains' samples ``parts``."""
-        stats = self._stats_buffer(x)
-        for part, d in zip(parts, rows, strict=True):
-            F.batch_norm(part, stats[0, d], stats[1, d], None, None, True, 1.0, self.eps)
-        return stats[0], stats[1]
+        absent), recomputed by torch's kernel from ``xs``, whose consecutive segments of
+        ``sizes`` samples are the samples of ``domains``."""
+        mean, var = self._stats_buffer(xs)
+        for part, d in zip(xs.split(sizes), domains, strict=True):
+            F.batch_norm(part, mean[d], var[d], None, None, True, 1.0, self.eps)
+        return mean, var
 
     def _use_batch_stats(self, mean: Tensor, var: Tensor, count: Tensor, present: Tensor) -> None:
         """Blend each domain's batch statistics (``var`` unbiased, ``count`` values per channel)
