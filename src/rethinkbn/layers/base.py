@@ -269,6 +269,7 @@ class BatchNormBase(nn.Module, BatchNormFamily):
     def _updates_running_stats(self) -> bool:
         return self.training and self.track_running_stats
 
+    @torch.no_grad()
     def _update_running_stats(
         self, mean: Tensor, unbiased_var: Tensor, present: Tensor | None = None
     ) -> None:
@@ -288,21 +289,11 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         channels before anything changes. (A layer may instead let torch's kernel blend the
         statistics, see :meth:`_kernel_updates_buffers`.)
         """
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        # detached: the buffers never join a graph (cheaper than a no_grad block per step)
-        if mean.requires_grad or unbiased_var.requires_grad:
-            mean, unbiased_var = mean.detach(), unbiased_var.detach()
-        mean = mean.to(self.running_mean.dtype)
-        unbiased_var = unbiased_var.to(self.running_var.dtype)
-        with torch.no_grad():
-            self._skip_nonfinite_update(mean, unbiased_var, present)
-
-    def _skip_nonfinite_update(self, mean: Tensor, unbiased_var: Tensor,
-                               present: Tensor | None) -> None:
         running_mean, running_var = self.running_mean, self.running_var
         assert running_mean is not None and running_var is not None
         assert self.num_batches_tracked is not None
+        mean = mean.to(running_mean.dtype)
+        unbiased_var = unbiased_var.to(running_var.dtype)
         # v - v is 0 for a finite v and NaN for NaN or +-Inf (fewer kernels than isfinite).
         nonfinite = torch.isnan((mean - mean).add_(unbiased_var - unbiased_var))
         # an absent row (domain) has no statistics: not an event, and it does not move
@@ -345,8 +336,8 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         torch's BatchNorm does, with :meth:`_check_kernel_update` after it.
 
         Only where that check is free: CPU tensors in eager mode (it reads one number on the
-        host), a float momentum and float32/float64 buffers. The caller must also be a step
-        that may read values on the host at all (no layer promises otherwise for it).
+        host), a float momentum, float32/float64 buffers, and a caller whose step may read
+        values on the host at all.
         """
         buffer = self.running_mean
         return (buffer is not None and self._updates_running_stats()
