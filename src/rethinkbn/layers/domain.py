@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from ..stats import Moments, compute_dtype
 from . import functional as BF
-from ._segments import SegmentBatchNorm, group_by_domain
+from ._segments import group_by_domain, segment_batch_norm
 from .base import BatchNormBase, layer_name
 
 __all__ = ["DomainBatchNorm", "use_domain"]
@@ -267,8 +267,8 @@ class DomainBatchNorm(BatchNormBase):
             assert ids is not None
             xs, regroup = group_by_domain(x, ids)
             parts = [sizes[d] for d in domains]
-            y = regroup(SegmentBatchNorm.apply(xs, self.weight, self.bias, mean, var, parts,
-                                                domains, per_domain, momentum, self.eps))
+            y = regroup(segment_batch_norm(xs, self.weight, self.bias, mean, var, parts,
+                                           domains, per_domain, momentum, self.eps))
         if kernel:
             self._check_kernel_update(before, lambda: self._batch_stats(xs, parts, domains),
                                       present)
