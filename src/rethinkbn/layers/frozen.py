@@ -56,6 +56,7 @@ class FrozenBatchNorm(BatchNormBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.running_mean is not None:
+            assert self.running_var is not None
             return BF.affine_normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
 from .._checks import check_positive_int
 from ..stats import channel_view, compute_dtype, segment_var_mean
+from .ghost_kernels import contiguous_group_norm
+from .ghost_kernels import memory_format as _memory_format
 
 __all__ = [
     "GroupStats",
@@ -74,14 +75,6 @@ def require_two_values(
 
 def _spatial_numel(x: Tensor) -> int:
     return x.numel() // max(x.size(0) * x.size(1), 1)
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
@@ -149,10 +142,11 @@ def affine_normalize(
     per-sample statistics. Differentiable in ``x``, ``weight`` and ``bias`` (and the statistics).
     """
     acc = torch.promote_types(compute_dtype(x), torch.float32)
-    if x.dtype != acc and mean.dim() == 1 and not (mean.requires_grad or var.requires_grad):
-        # Reduced-precision input: torch's eval kernel is one pass that computes in float32 with
-        # a float32 scale and shift (a float16 scale times a large mean cancels badly), where
-        # x.to(float32), a multiply-add and a cast back would be three.
+    per_channel = all(t is None or t.dim() == 1 for t in (mean, weight, bias))
+    if per_channel and not (mean.requires_grad or var.requires_grad) and x.numel():
+        # torch's eval kernel: one pass forward, one backward (dx = dy * scale, and the affine
+        # gradients only when asked for), computing in float32 for reduced-precision inputs with
+        # a float32 scale and shift (a float16 scale times a large mean cancels badly).
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     scale, shift = scale_shift(mean, var, weight, bias, eps, acc)
     if x.dtype == acc:
@@ -238,205 +232,6 @@ def group_index(batch_size: int, sizes: list[int], grouping: str, device: Any = 
     return torch.div(ids, sizes[0], rounding_mode="floor").clamp_max_(len(sizes) - 1)
 
 
-def _group_view(t: Tensor, groups: int) -> Tensor:
-    """A zero-copy ``(G, L, C, S)`` view of a dense ``(N, C, ...)`` tensor whose contiguous groups
-    of samples are normalized over dims 1 and 3: ``(G, n, C, S)`` for the contiguous format,
-    ``(G, n * S, C, 1)`` for channels_last (the samples of a group are one block of memory)."""
-    if t.dim() > 2 and _memory_format(t) != torch.contiguous_format and not t.is_contiguous():
-        return t.movedim(1, -1).view(groups, -1, t.size(1), 1)
-    return t.view(groups, t.size(0) // groups, t.size(1), -1)
-
-
-def _fused_rows(x: Tensor, xc: Tensor) -> bool:
-    """Whether the row kernels (:func:`_row_affine`, :func:`_row_sums`) apply: a contiguous
-    group view (not channels_last) of an input in the compute dtype."""
-    return xc.size(3) > 1 and xc.dtype == x.dtype and xc.is_contiguous()
-
-
-def _group_sum(xs: Tensor, dtype: torch.dtype) -> Tensor:
-    """Sum of a :func:`_group_view` over dims 1 and 3, keepdims, in (at least) ``dtype``: the
-    contiguous dim first (several times faster on CPU than one reduction over both). Row sums
-    of a reduced-precision input are accumulated and returned in ``dtype``: rounded back to
-    float16 a row sum overflows past 65504 (a row of 1024 values of 100)."""
-    if xs.size(3) == 1:
-        return xs.sum(dim=1, keepdim=True, dtype=torch.promote_types(xs.dtype, dtype))
-    rows = xs.sum(dim=3, keepdim=True, dtype=torch.promote_types(xs.dtype, dtype))
-    return rows.sum(dim=1, keepdim=True)
-
-
-def _group_sumsq(xc: Tensor) -> Tensor:
-    """Sum of squares of a :func:`_group_view` over dims 1 and 3 (keepdims), without
-    materializing ``xc ** 2`` (``vector_norm`` reduces in one pass)."""
-    if xc.size(3) == 1:
-        return torch.linalg.vector_norm(xc, dim=1, keepdim=True).square_()
-    return torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
-
-
-def _group_dot(dy: Tensor, xc: Tensor) -> Tensor:
-    """``sum(dy * xc)`` over dims 1 and 3 of two :func:`_group_view` (keepdims)."""
-    if xc.size(3) == 1:
-        return torch.linalg.vecdot(dy, xc, dim=1).unsqueeze(1)
-    return torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
-
-
-def _row_affine(t: Tensor, scale: Tensor, shift: Tensor, shape: torch.Size) -> Tensor:
-    """``t * scale + shift`` for a contiguous ``(G, n, C, S)`` group view with ``(G, 1, C, 1)``
-    factors, as torch's eval BatchNorm kernel on a ``(1, G*n*C, S)`` view: one vectorized pass
-    with a factor per row (mean 0, variance 1, eps 0: its own scale and shift are exactly these),
-    returned with ``shape``. torch's ``addcmul`` with factors that broadcast over two dims is
-    several times slower."""
-    rows = t.size(0) * t.size(1) * t.size(2)
-    per_row = (lambda f: f.expand(-1, t.size(1), -1, -1).reshape(rows))
-    unit = torch.ones(2, rows, dtype=t.dtype, device=t.device)
-    unit[0].zero_()
-    y = F.batch_norm(t.view(1, rows, -1), unit[0], unit[1], per_row(scale), per_row(shift),
-                     False, 0.0, 0.0)
-    # not a view of the (1, rows, S) result: the caller may modify it in place
-    return torch.ops.aten._unsafe_view(y, shape)
-
-
-def _row_sums(dy: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum(dy), sum(dy * xc))`` over dims 1 and 3 of two contiguous ``(G, n, C, S)`` views
-    (keepdims), from one fused pass of torch's BatchNorm backward kernel over ``(1, G*n*C, S)``
-    views (per row: mean 0, invstd 1), then a sum over the ``n`` rows of each group."""
-    g, n, c, _ = xc.shape
-    unit = torch.ones(2, g * n * c, dtype=xc.dtype, device=xc.device)
-    unit[0].zero_()
-    _, dot, total = torch.ops.aten.native_batch_norm_backward(
-        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, unit[0], unit[1],
-        True, 0.0, [False, True, True])
-    return (total.view(g, n, c, 1).sum(1, keepdim=True),
-            dot.view(g, n, c, 1).sum(1, keepdim=True))
-
-
-def _contiguous_group_norm_reference(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
-) -> Tensor:
-    """The plain autograd form of :class:`_ContiguousGroupNorm` (its output, in the compute
-    dtype).
-
-    Used for second derivatives: every op here has a double backward, so gradients of the
-    gradient are those of the formula itself.
-    """
-    xs = x.to(compute_dtype(x)).reshape(groups, x.size(0) // groups, x.size(1), -1)
-    mean = xs.mean(dim=(1, 3), keepdim=True)
-    xc = xs - mean
-    var = xc.square().mean(dim=(1, 3), keepdim=True)
-    y = xc * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.view(1, 1, -1, 1)
-    if bias is not None:
-        y = y + bias.view(1, 1, -1, 1)
-    return y.reshape(x.shape)
-
-
-class _ContiguousGroupNorm(torch.autograd.Function):
-    """Batch normalization of ``G`` equal contiguous groups of samples, with a fused backward.
-
-    torch's native kernel needs the normalized groups in one channel dim, which contiguous groups
-    of an ``(N, C, ...)`` tensor cannot form without a copy; this function reduces over a
-    zero-copy :func:`_group_view` instead (contiguous or channels_last input; the output and the
-    input's gradient keep the input's memory format and dtype). Per group g and channel c, over
-    its ``m`` values::
-
-        m0   = sum(x) / m,   d = sum(x - m0) / m,   mean = m0 + d   (a corrected two-pass mean)
-        xc   = x - mean,     var = sum(xc^2) / m = sum((x - m0)^2) / m - d^2
-        y    = xc * (w / sqrt(var + eps)) + b
-        dx   = w / sqrt(var + eps) * (dy - sum(dy) / m - xc * sum(dy * xc) / (m * (var + eps)))
-
-    The correction ``d`` makes the mean accurate far below the input's rounding (a float32 sum
-    alone is off by about an ulp of a large mean, which the output would inherit divided by the
-    spread). ``x - m0`` is kept for the backward in float32/float64; for a float16/bfloat16 input
-    it is recomputed there instead, so that the saved activation is the input itself (torch's
-    memory). The fused backward is first order; when a second derivative is requested
-    (``create_graph=True``) the backward is recomputed with the plain autograd formula, so
-    gradients of gradients are exact.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        groups: int,
-        eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        acc = compute_dtype(x)
-        xs = _group_view(x, groups)
-        m = xs.size(1) * xs.size(3)
-        mean = _group_sum(xs, acc).div_(m)
-        xc = xs - mean  # centered on the first-pass mean m0, in the compute dtype
-        delta = _group_sum(xc, acc).div_(m)
-        var = _group_sumsq(xc).div_(m).sub_(delta.square()).clamp_min_(0)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
-        # (xc - delta) * scale + bias as one multiply-add: the shift absorbs the correction.
-        shift = -delta * scale
-        if bias is not None:
-            shift = shift + bias.view(1, 1, -1, 1)
-        # addcmul is several times slower when its operands broadcast from different shapes.
-        shift = shift.expand_as(scale).to(scale.dtype, copy=True)
-        if _fused_rows(x, xc):
-            y = _row_affine(xc, scale, shift, x.shape)
-        else:
-            # Written into a tensor of x's shape, dtype and memory format: returning a view of
-            # the group view would forbid in-place ops (ReLU(inplace=True)) on the output.
-            y = torch.empty_like(x)
-            torch.addcmul(shift, xc, scale, out=_group_view(y, groups))
-        keep = xc if xc.dtype == x.dtype else None
-        ctx.save_for_backward(x, weight, bias, keep, mean.clone(), delta, invstd)
-        ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
-        mean = mean.add_(delta)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean.view(groups, -1), var.view(groups, -1)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, bias, xc, m0, delta, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        groups = ctx.groups  # type: ignore[attr-defined]
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate the plain formula, whose ops all have a double
-            # backward (slower, but exact to every order).
-            inputs = [t for t, need in zip((x, weight, bias), needs, strict=False) if need]
-            with torch.enable_grad():
-                y = _contiguous_group_norm_reference(
-                    x, weight, bias, groups, ctx.eps)  # type: ignore[attr-defined]
-                grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
-            return (*(next(grads) if need else None for need in needs[:3]), None, None)
-        if xc is None:
-            xc = _group_view(x, groups) - m0
-        dy = _group_view(grad_y.contiguous(memory_format=_memory_format(x)), groups)
-        dy = dy.to(xc.dtype)
-        m = xc.size(1) * xc.size(3)
-        fused = _fused_rows(x, xc)
-        if fused:
-            sum_dy, dot = _row_sums(dy, xc)
-        else:
-            sum_dy, dot = _group_sum(dy, xc.dtype), _group_dot(dy, xc)
-        # sum(dy * (x - mean)) with x - mean = xc - delta
-        sum_dy_xc = dot - delta * sum_dy
-        k = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
-        grad_x = None
-        if needs[0]:
-            proj = k * invstd.square() * sum_dy_xc / m
-            shift = -k * sum_dy / m + delta * proj
-            if fused:
-                grad_x = _row_affine(dy, k, shift, x.shape)
-                grad_x.view(xc.shape).addcmul_(xc, -proj)
-            else:
-                grad_x = torch.empty_like(x, dtype=xc.dtype)
-                gx = _group_view(grad_x, groups)
-                torch.addcmul(shift, dy, k, out=gx)
-                gx.addcmul_(xc, -proj)
-        grad_w = (sum_dy_xc * invstd).sum(dim=(0, 1, 3)) if needs[1] else None
-        grad_b = sum_dy.sum(dim=(0, 1, 3)) if needs[2] else None
-        return grad_x, grad_w, grad_b, None, None
-
-
 def _unbiased(var: Tensor, count: Tensor | int) -> Tensor:
     """Bessel's correction of a biased variance over ``count`` values (``count >= 2``)."""
     if isinstance(count, int):
@@ -480,8 +275,8 @@ def ghost_batch_norm(
     if grouping == "contiguous":
         # Contiguous and channels_last inputs are used in place; other strides are copied.
         dense = x.is_contiguous() or fmt != torch.contiguous_format
-        y, mean, var = _ContiguousGroupNorm.apply(x if dense else x.contiguous(), weight, bias,
-                                                  groups, eps)
+        y, mean, var = contiguous_group_norm(x if dense else x.contiguous(), weight, bias,
+                                             groups, eps)
         return y, (mean, _unbiased(var, n * spatial), count)
     channels = groups * x.size(1)
     rep = (lambda t: None if t is None else t.repeat(groups))

@@ -67,6 +67,7 @@ class GhostBatchNorm(BatchNormBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self._uses_batch_stats():
+            assert self.running_mean is not None and self.running_var is not None
             return BF.affine_normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

@@ -1,0 +1,319 @@
+"""Whole training steps: a model with rethinkbn layers against the same model with torch's BN.
+
+    python benchmarks/bench_model.py             # both models, writes benchmarks/results/model.md
+    python benchmarks/bench_model.py --quick     # fewer pairs, writes nothing
+    python benchmarks/bench_model.py --compile   # the same table with torch.compile (inductor)
+    python benchmarks/run.py model               # the same as the first line
+
+Two models, written here in plain torch: the studies' 1-D ResNet on MNIST-1D shapes (batch 128,
+1 x 40, channel rows of 40/20/10 values) and a CIFAR-style ResNet-18 (batch 64, 3 x 32 x 32).
+A step is forward + cross-entropy + backward + ``SGD.step``. Every variant (:data:`VARIANTS`, one
+small entry each) is a model built from the same torch-BN model and compared with a baseline
+built from it too (torch's BN in training or eval mode, or a detectron2-style frozen module).
+
+Time: the median [interquartile range] of paired ratios ``time(candidate step) / time(baseline
+step)``, the two run back to back in alternating order, each timed with the process's CPU time
+on one thread (see ``bench_ghost.paired_ratios``). Memory: the bytes of the distinct storages
+that autograd saves for the backward during one step (``saved_tensors_hooks``), candidate over
+baseline: the activation memory that sets a step's peak (the parameters are the same). For a
+variant above its target the top ops of a profile (``torch.profiler``, self CPU time) are printed
+and written beside the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench_ghost import cell, paired_ratios
+from rethinkbn.convert import freeze_bn, to_ghost_bn
+from rethinkbn.distributed.launch import cpu_threads
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COMMAND = "python benchmarks/run.py model"
+
+
+# --------------------------------------------------------------------------------------------
+# Models (plain torch, torch's BatchNorm)
+# --------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a (projected when the shape changes) shortcut, then ReLU."""
+
+    def __init__(self, dims: int, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        self.conv1 = conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = norm(out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(conv(in_ch, out_ch, 1, stride=stride, bias=False),
+                                          norm(out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(dims: int, in_ch: int, widths: tuple[int, ...], blocks: int) -> nn.Module:
+    """Stem conv-BN-ReLU, stages of ``blocks`` Blocks (stride 2 from the second), pool, linear."""
+    conv = nn.Conv1d if dims == 1 else nn.Conv2d
+    norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+    layers: list[nn.Module] = [conv(in_ch, widths[0], 3, padding=1, bias=False),
+                               norm(widths[0]), nn.ReLU()]
+    prev = widths[0]
+    for i, width in enumerate(widths):
+        for j in range(blocks):
+            layers.append(Block(dims, prev, width, 2 if i > 0 and j == 0 else 1))
+            prev = width
+    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    return nn.Sequential(*layers, pool, nn.Flatten(), nn.Linear(prev, 10))
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    key: str  # for --models
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    pairs: int  # paired steps per cell (--quick: a third)
+
+
+MODELS = [
+    # rethinkbn_studies.models.ResNet(1, 1, 10) on MNIST-1D (40 values), batch 128
+    Model("1-D ResNet", "resnet1d", lambda: resnet(1, 1, (32, 64, 128), 1), (128, 1, 40), 21),
+    # CIFAR-style ResNet-18: 3x3 stem, 4 stages of 2 blocks, batch 64
+    Model("ResNet-18", "resnet18", lambda: resnet(2, 3, (64, 128, 256, 512), 2),
+          (64, 3, 32, 32), 7),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------
+class D2FrozenBatchNorm(nn.Module):
+    """detectron2's FrozenBatchNorm2d, in ten lines (any rank): fixed buffers, one multiply-add."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, getattr(bn, name).detach().clone())
+        self.eps = bn.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(view) + shift.view(view)
+
+
+def d2_frozen(model: nn.Module) -> nn.Module:
+    """Every torch BN of ``model`` replaced by :class:`D2FrozenBatchNorm` (in place)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, D2FrozenBatchNorm(child))
+        else:
+            d2_frozen(child)
+    return model
+
+
+def same(model: nn.Module) -> nn.Module:
+    return model
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: ``candidate(model)`` timed against ``baseline(model)``, both built from a copy of
+    the same torch-BN model and stepped in training mode (``train=False``: ``model.eval()``, i.e.
+    fine-tuning with fixed BN). ``candidate=None`` is a row still to be filled ("not measured")."""
+
+    name: str
+    candidate: Callable[[nn.Module], nn.Module] | None
+    baseline: Callable[[nn.Module], nn.Module] = same
+    baseline_name: str = "torch BN"
+    train: bool = True
+    target: float = 1.05
+
+
+def ghost(nbs: int | None) -> Callable[[nn.Module], nn.Module]:
+    # NBS = whole batch: larger than any benchmarked batch
+    return lambda model: to_ghost_bn(model, nbs if nbs is not None else 1 << 20)
+
+
+VARIANTS = [
+    Variant("to_ghost_bn, NBS = whole batch", ghost(None)),
+    Variant("to_ghost_bn, NBS 32", ghost(32)),
+    Variant("to_ghost_bn, NBS 8", ghost(8)),
+    Variant("to_ghost_bn, NBS 2", ghost(2)),
+    Variant("freeze_bn", freeze_bn, baseline_name="torch BN eval", train=False),
+    Variant("freeze_bn", lambda m: freeze_bn(m, affine_trainable=False), d2_frozen,
+            "detectron2-style FrozenBatchNorm, train mode"),
+    Variant("freeze_bn", lambda m: freeze_bn(m, affine_trainable=False), d2_frozen,
+            "detectron2-style FrozenBatchNorm, eval mode", train=False),
+    # filled by the speed-sync work (issue 21): SyncBatchNorm without a process group, and
+    # DomainBatchNorm with 2 domains and per-sample ids
+    Variant("SyncBatchNorm, no process group", None),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids", None, target=1.10),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+Step = Callable[[], None]
+
+
+def sgd_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return run
+
+
+def saved_bytes(step: Step) -> int:
+    """Bytes of the distinct storages autograd saves during one step (the activation memory)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def top_ops(step: Step, rows: int = 8) -> str:
+    """The ``rows`` ops with the most self CPU time over 3 steps, as a table."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+@dataclass
+class Result:
+    ratios: list[float]
+    memory: float
+    profile: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+
+def models_for(spec: Model, variant: Variant, compiled: bool) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    base = spec.build()
+    pair = []
+    for make in (variant.candidate, variant.baseline):
+        assert make is not None
+        model = make(copy.deepcopy(base)).train(variant.train)
+        pair.append(torch.compile(model) if compiled else model)
+    return pair[0], pair[1]
+
+
+def measure(spec: Model, variant: Variant, pairs: int, compiled: bool) -> Result:
+    candidate, baseline = models_for(spec, variant, compiled)
+    x = torch.randn(spec.input_shape)
+    y = torch.randint(0, 10, (spec.input_shape[0],))
+    steps = sgd_step(candidate, x, y), sgd_step(baseline, x, y)
+    ratios = paired_ratios(*steps, pairs)
+    memory = saved_bytes(steps[0]) / saved_bytes(steps[1])
+    result = Result(ratios, memory)
+    if result.median > variant.target or memory > variant.target:
+        result.profile = top_ops(steps[0])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+def row(variant: Variant, results: list[Result | None]) -> str:
+    cells = [f"{variant.name} vs {variant.baseline_name}"]
+    for result in results:
+        if result is None:
+            cells += ["not measured", "-"]
+        else:
+            cells += [cell(result.ratios), f"{result.memory:.2f}"]
+    return "| " + " | ".join(cells) + f" | {variant.target:.2f} |"
+
+
+def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool
+          ) -> tuple[list[str], list[str]]:
+    head = ["| variant | " + " | ".join(f"{m.name} step | {m.name} memory" for m in models)
+            + " | target |", "|---|" + "---|---|" * len(models) + "---|"]
+    lines, profiles = list(head), []
+    print("\n".join(head), flush=True)
+    for variant in VARIANTS:
+        results: list[Result | None] = []
+        for spec in models:
+            if variant.candidate is None:
+                results.append(None)
+                continue
+            n = pairs or (max(3, spec.pairs // 3) if quick else spec.pairs)
+            result = measure(spec, variant, n, compiled)
+            results.append(result)
+            if result.profile:
+                profiles.append(f"### {variant.name} vs {variant.baseline_name}, {spec.name}: "
+                                f"{result.median:.2f} step, {result.memory:.2f} memory\n\n"
+                                f"```\n{result.profile}```\n")
+        lines.append(row(variant, results))
+        print(lines[-1], flush=True)
+    return lines, profiles
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a third of the pairs, nothing "
+                        "written")
+    parser.add_argument("--pairs", type=int, default=None, help="paired steps per cell "
+                        "(default: per model, 21 for the 1-D ResNet, 7 for ResNet-18)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--models", nargs="*", default=None, help="model keys (default all)",
+                        choices=[m.key for m in MODELS])
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    models = [m for m in MODELS if args.models is None or m.key in args.models]
+    pairs_text = (f"{args.pairs}" if args.pairs else
+                  ", ".join(f"{m.pairs if not args.quick else max(3, m.pairs // 3)} "
+                            f"({m.name})" for m in models))
+    header = ("time(candidate SGD step) / time(baseline SGD step), fwd + cross-entropy + bwd + "
+              "SGD.step, 1 thread, CPU time; step: median [interquartile range] of "
+              f"{pairs_text} paired steps in alternating order; memory: bytes autograd saves "
+              "for the backward in one step (saved_tensors_hooks, distinct storages), candidate "
+              "/ baseline" + ("; torch.compile (inductor, CPU) on both" if args.compile else ""))
+    print(header + "\n", flush=True)
+    with cpu_threads(1):
+        lines, profiles = table(models, args.pairs, args.quick, args.compile)
+    if args.quick:
+        return
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    command = COMMAND + (" --compile" if args.compile else "")
+    out = RESULTS / ("model_compile.md" if args.compile else "model.md")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(f"`{command}` on {today}, torch {torch.__version__}, CPU.\n{header}.\n\n"
+                   + "\n".join(lines) + "\n" + ("\n## Top ops of the variants above target\n\n"
+                                                + "\n".join(profiles) if profiles else ""))
+    print(f"\nwritten to {out.relative_to(RESULTS.parents[1])}")
+
+
+if __name__ == "__main__":
+    main()

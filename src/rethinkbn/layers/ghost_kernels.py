@@ -1,0 +1,339 @@
+"""Kernels of ghost BatchNorm over contiguous groups of samples (see :func:`contiguous_group_norm`).
+
+torch's fused BatchNorm kernel normalizes over one channel dim, which contiguous groups of an
+``(N, C, ...)`` tensor cannot form without a copy; these autograd functions reduce over
+zero-copy views of the input instead, with fused first-order backwards and the plain autograd
+formula for second derivatives. Only the input is saved for the backward (the centred input is
+recomputed there), so a step keeps what torch's BatchNorm keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from ..stats import compute_dtype
+
+__all__ = ["contiguous_group_norm", "memory_format"]
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is dense in: channels_last(_3d) when it is, else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+
+
+def _group_view(t: Tensor, groups: int) -> Tensor:
+    """A zero-copy ``(G, L, C, S)`` view of a dense ``(N, C, ...)`` tensor whose contiguous groups
+    of samples are normalized over dims 1 and 3: ``(G, n, C, S)`` for the contiguous format,
+    ``(G, n * S, C, 1)`` for channels_last (the samples of a group are one block of memory)."""
+    if t.dim() > 2 and memory_format(t) != torch.contiguous_format and not t.is_contiguous():
+        return t.movedim(1, -1).view(groups, -1, t.size(1), 1)
+    return t.view(groups, t.size(0) // groups, t.size(1), -1)
+
+
+def _fused_rows(x: Tensor, xc: Tensor) -> bool:
+    """Whether the row kernels (:func:`_row_affine`, :func:`_row_sums`) apply: a contiguous
+    group view (not channels_last) of an input in the compute dtype."""
+    return xc.size(3) > 1 and xc.dtype == x.dtype and xc.is_contiguous()
+
+
+def _group_sum(xs: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sum of a :func:`_group_view` over dims 1 and 3, keepdims, in (at least) ``dtype``: the
+    contiguous dim first (several times faster on CPU than one reduction over both). Row sums
+    of a reduced-precision input are accumulated and returned in ``dtype``: rounded back to
+    float16 a row sum overflows past 65504 (a row of 1024 values of 100)."""
+    if xs.size(3) == 1:
+        return xs.sum(dim=1, keepdim=True, dtype=torch.promote_types(xs.dtype, dtype))
+    rows = xs.sum(dim=3, keepdim=True, dtype=torch.promote_types(xs.dtype, dtype))
+    return rows.sum(dim=1, keepdim=True)
+
+
+def _group_sumsq(xc: Tensor) -> Tensor:
+    """Sum of squares of a :func:`_group_view` over dims 1 and 3 (keepdims), without
+    materializing ``xc ** 2`` (``vector_norm`` reduces in one pass)."""
+    if xc.size(3) == 1:
+        return torch.linalg.vector_norm(xc, dim=1, keepdim=True).square_()
+    return torch.linalg.vector_norm(xc, dim=3, keepdim=True).square_().sum(1, keepdim=True)
+
+
+def _group_dot(dy: Tensor, xc: Tensor) -> Tensor:
+    """``sum(dy * xc)`` over dims 1 and 3 of two :func:`_group_view` (keepdims)."""
+    if xc.size(3) == 1:
+        return torch.linalg.vecdot(dy, xc, dim=1).unsqueeze(1)
+    return torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
+
+
+def _row_affine(t: Tensor, scale: Tensor, shift: Tensor, shape: torch.Size) -> Tensor:
+    """``t * scale + shift`` for a contiguous ``(G, n, C, S)`` group view with ``(G, 1, C, 1)``
+    factors, as torch's eval BatchNorm kernel on a ``(1, G*n*C, S)`` view: one vectorized pass
+    with a factor per row (mean 0, variance 1, eps 0: its own scale and shift are exactly these),
+    returned with ``shape``. torch's ``addcmul`` with factors that broadcast over two dims is
+    several times slower."""
+    rows = t.size(0) * t.size(1) * t.size(2)
+    per_row = (lambda f: f.expand(-1, t.size(1), -1, -1).reshape(rows))
+    unit = torch.ones(2, rows, dtype=t.dtype, device=t.device)
+    unit[0].zero_()
+    y = F.batch_norm(t.view(1, rows, -1), unit[0], unit[1], per_row(scale), per_row(shift),
+                     False, 0.0, 0.0)
+    # not a view of the (1, rows, S) result: the caller may modify it in place
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
+def _row_sums(dy: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(dy), sum(dy * xc))`` over dims 1 and 3 of two contiguous ``(G, n, C, S)`` views
+    (keepdims), from one fused pass of torch's BatchNorm backward kernel over ``(1, G*n*C, S)``
+    views (per row: mean 0, invstd 1), then a sum over the ``n`` rows of each group."""
+    g, n, c, _ = xc.shape
+    unit = torch.ones(2, g * n * c, dtype=xc.dtype, device=xc.device)
+    unit[0].zero_()
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, unit[0], unit[1],
+        True, 0.0, [False, True, True])
+    return (total.view(g, n, c, 1).sum(1, keepdim=True),
+            dot.view(g, n, c, 1).sum(1, keepdim=True))
+
+
+def _contiguous_group_norm_reference(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+) -> Tensor:
+    """The plain autograd form of :class:`_ContiguousGroupNorm` (its output, in the compute
+    dtype).
+
+    Used for second derivatives: every op here has a double backward, so gradients of the
+    gradient are those of the formula itself.
+    """
+    xs = x.to(compute_dtype(x)).reshape(groups, x.size(0) // groups, x.size(1), -1)
+    mean = xs.mean(dim=(1, 3), keepdim=True)
+    xc = xs - mean
+    var = xc.square().mean(dim=(1, 3), keepdim=True)
+    y = xc * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.view(1, 1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, 1, -1, 1)
+    return y.reshape(x.shape)
+
+
+def _second_order(
+    ctx: FunctionCtx, grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The backward when a second derivative is requested (``create_graph=True``): the gradient
+    of the plain formula, whose ops all have a double backward (slower, exact to every order)."""
+    needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+    inputs = [t for t, need in zip((x, weight, bias), needs, strict=False)
+              if need and t is not None]
+    with torch.enable_grad():
+        y = _contiguous_group_norm_reference(
+            x, weight, bias, ctx.groups, ctx.eps)  # type: ignore[attr-defined]
+        grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+    return (*(next(grads) if need else None for need in needs[:3]), None, None)
+
+
+class _ContiguousGroupNorm(torch.autograd.Function):
+    """Batch normalization of ``G`` equal contiguous groups of samples, with a fused backward.
+
+    Reduces over a zero-copy :func:`_group_view` of ``x`` (contiguous or channels_last input;
+    the output and the input's gradient keep the input's memory format and dtype); the per-row
+    work goes to torch's fused kernels (:func:`_row_affine`, :func:`_row_sums`). Per group g and
+    channel c, over its ``m`` values::
+
+        m0   = sum(x) / m,   d = sum(x - m0) / m,   mean = m0 + d   (a corrected two-pass mean)
+        xc   = x - mean,     var = sum(xc^2) / m = sum((x - m0)^2) / m - d^2
+        y    = xc * (w / sqrt(var + eps)) + b
+        dx   = w / sqrt(var + eps) * (dy - sum(dy) / m - xc * sum(dy * xc) / (m * (var + eps)))
+
+    The correction ``d`` makes the mean accurate far below the input's rounding (a float32 sum
+    alone is off by about an ulp of a large mean, which the output would inherit divided by the
+    spread). Only ``x`` is saved: ``x - m0`` is recomputed in the backward (one pass), so a
+    step holds torch's memory. The fused backward is first order; with ``create_graph=True``
+    the backward differentiates the plain formula (:func:`_second_order`).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        groups: int,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = compute_dtype(x)
+        xs = _group_view(x, groups)
+        m = xs.size(1) * xs.size(3)
+        mean = _group_sum(xs, acc).div_(m)
+        xc = xs - mean  # centered on the first-pass mean m0, in the compute dtype
+        delta = _group_sum(xc, acc).div_(m)
+        var = _group_sumsq(xc).div_(m).sub_(delta.square()).clamp_min_(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
+        # (xc - delta) * scale + bias as one multiply-add: the shift absorbs the correction.
+        shift = -delta * scale
+        if bias is not None:
+            shift = shift + bias.view(1, 1, -1, 1)
+        # addcmul is several times slower when its operands broadcast from different shapes.
+        shift = shift.expand_as(scale).to(scale.dtype, copy=True)
+        if _fused_rows(x, xc):
+            y = _row_affine(xc, scale, shift, x.shape)
+        else:
+            # Written into a tensor of x's shape, dtype and memory format: returning a view of
+            # the group view would forbid in-place ops (ReLU(inplace=True)) on the output.
+            y = torch.empty_like(x)
+            torch.addcmul(shift, xc, scale, out=_group_view(y, groups))
+        ctx.save_for_backward(x, weight, bias, mean.clone(), delta, invstd)  # type: ignore[arg-type]
+        ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
+        mean = mean.add_(delta)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean.view(groups, -1), var.view(groups, -1)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, bias, m0, delta, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            return _second_order(ctx, grad_y, x, weight, bias)
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        groups = ctx.groups  # type: ignore[attr-defined]
+        xc = _group_view(x, groups) - m0
+        dy = _group_view(grad_y.contiguous(memory_format=memory_format(x)), groups)
+        dy = dy.to(xc.dtype)
+        m = xc.size(1) * xc.size(3)
+        fused = _fused_rows(x, xc)
+        if fused:
+            sum_dy, dot = _row_sums(dy, xc)
+        else:
+            sum_dy, dot = _group_sum(dy, xc.dtype), _group_dot(dy, xc)
+        # sum(dy * (x - mean)) with x - mean = xc - delta
+        sum_dy_xc = dot - delta * sum_dy
+        k = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
+        grad_x = None
+        if needs[0]:
+            proj = k * invstd.square() * sum_dy_xc / m
+            shift = -k * sum_dy / m + delta * proj
+            if fused:
+                grad_x = _row_affine(dy, k, shift, x.shape)
+                grad_x.view(xc.shape).addcmul_(xc, -proj)
+            else:
+                grad_x = torch.empty_like(x, dtype=xc.dtype)
+                gx = _group_view(grad_x, groups)
+                torch.addcmul(shift, dy, k, out=gx)
+                gx.addcmul_(xc, -proj)
+        grad_w = (sum_dy_xc * invstd).sum(dim=(0, 1, 3)) if needs[1] else None
+        grad_b = sum_dy.sum(dim=(0, 1, 3)) if needs[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Short rows: a contiguous (N, C, S) input with few values per row (S small, or S = 1)
+# --------------------------------------------------------------------------------------------
+# Up to this many values per (sample, channel) row the short-row kernels are faster: their
+# reductions run over the samples of a group with the C * S values of a sample contiguous.
+SHORT_ROWS = 64
+
+
+def _spread(t: Tensor, spatial: int) -> Tensor:
+    """A ``(G, C)`` per-group factor as a dense ``(G, 1, C * S)`` tensor: operands that broadcast
+    over one outer dim keep torch's elementwise kernels vectorized."""
+    g, c = t.shape
+    return t[:, :, None].expand(g, c, spatial).reshape(g, 1, c * spatial)
+
+
+def _short_sum(t: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    """Sum of a ``(G, n, C * S)`` view over its samples and rows: ``(G, C)``, in (at least)
+    ``dtype``."""
+    rows = t.sum(1, dtype=torch.promote_types(t.dtype, dtype))
+    return rows.view(t.size(0), channels, -1).sum(2)
+
+
+def _short_dot(a: Tensor, b: Tensor, channels: int) -> Tensor:
+    """``sum(a * b)`` of two ``(G, n, C * S)`` views over samples and rows: ``(G, C)``."""
+    return torch.linalg.vecdot(a, b, dim=1).view(a.size(0), channels, -1).sum(2)
+
+
+class _ShortRowGroupNorm(torch.autograd.Function):
+    """:class:`_ContiguousGroupNorm`'s formulas over a ``(G, n, C * S)`` view of a contiguous
+    input, for short rows (``S <= SHORT_ROWS``): every reduction runs over the ``n`` samples of a
+    group with the ``C * S`` values of a sample contiguous (vectorized), then over the ``S``
+    values of a ``(G, C, S)`` partial result; factors are :func:`_spread` to ``(G, 1, C * S)``.
+    Saves ``x``, the mean and ``1 / sqrt(var + eps)``; the backward recomputes ``x - mean``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        groups: int,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc, channels = compute_dtype(x), x.size(1)
+        spatial = x.numel() // max(x.size(0) * channels, 1)
+        xs = x.view(groups, x.size(0) // groups, -1)
+        m = xs.size(1) * spatial
+        m0 = _short_sum(xs, channels, acc).div_(m)
+        xc = xs - _spread(m0, spatial)  # in the compute dtype
+        delta = _short_sum(xc, channels, acc).div_(m)
+        var = _short_dot(xc, xc, channels).div_(m).sub_(delta.square()).clamp_min_(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -delta * scale  # (xc - delta) * scale + bias
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        y = torch.addcmul(_spread(shift, spatial), xc, _spread(scale, spatial)).to(x.dtype)
+        mean = m0.add_(delta)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)  # type: ignore[arg-type]
+        ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(mean, var)
+        # not a view of the group view: the caller may modify the output in place
+        return torch.ops.aten._unsafe_view(y, x.shape), mean, var
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            return _second_order(ctx, grad_y, x, weight, bias)
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        groups, channels = ctx.groups, x.size(1)  # type: ignore[attr-defined]
+        spatial = x.numel() // max(x.size(0) * channels, 1)
+        xc = x.view(groups, x.size(0) // groups, -1) - _spread(mean, spatial)
+        dy = grad_y.contiguous().view(xc.shape).to(xc.dtype)
+        sum_dy, dot = _short_sum(dy, channels, xc.dtype), _short_dot(dy, xc, channels)
+        grad_x = None
+        if needs[0]:
+            m = xc.size(1) * spatial
+            k = invstd if weight is None else invstd * weight.to(xc.dtype)
+            proj = k * invstd.square() * dot / m
+            grad_x = torch.addcmul(_spread(-k * sum_dy / m, spatial), dy, _spread(k, spatial))
+            grad_x = torch.ops.aten._unsafe_view(
+                grad_x.addcmul_(xc, _spread(-proj, spatial)), x.shape)
+        grad_w = (dot * invstd).sum(0) if needs[1] else None
+        grad_b = sum_dy.sum(0) if needs[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def contiguous_group_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``G = groups`` equal contiguous groups of samples of a dense ``x`` (contiguous
+    or channels_last) with their own statistics; differentiable, exactly to every order.
+
+    Returns ``(y, mean, biased_var)`` with statistics of shape ``(G, C)`` (not differentiable).
+    Formulas in :class:`_ContiguousGroupNorm`; short rows (a contiguous input with at most
+    :data:`SHORT_ROWS` values per sample and channel) use :class:`_ShortRowGroupNorm`.
+    """
+    spatial = x.numel() // max(x.size(0) * x.size(1), 1)
+    if spatial <= SHORT_ROWS and x.is_contiguous():
+        y, mean, var = _ShortRowGroupNorm.apply(x, weight, bias, groups, eps)
+    else:
+        y, mean, var = _ContiguousGroupNorm.apply(x, weight, bias, groups, eps)
+    return y, mean.view(groups, -1), var.view(groups, -1)
