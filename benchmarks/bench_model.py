@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench_ghost import cell, paired_ratios
-from rethinkbn.convert import freeze_bn, to_ghost_bn
+from rethinkbn.convert import freeze_bn, to_domain_bn, to_ghost_bn
+from rethinkbn.distributed import to_sync_bn
 from rethinkbn.distributed.launch import cpu_threads
+from rethinkbn.layers import use_domain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMAND = "python benchmarks/run.py model"
@@ -152,6 +154,34 @@ def ghost(nbs: int | None) -> Callable[[nn.Module], nn.Module]:
     return lambda model: to_ghost_bn(model, nbs if nbs is not None else 1 << 20)
 
 
+def torch_sync_bn(model: nn.Module) -> nn.Module:
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class WithDomains(nn.Module):
+    """``model`` called inside ``use_domain(model, ids)``, half of a batch's samples in each of
+    2 domains: in two consecutive blocks (a batch concatenated from two sources) or shuffled
+    (a fixed random order per batch size)."""
+
+    def __init__(self, model: nn.Module, blocks: bool) -> None:
+        super().__init__()
+        self.model, self.blocks = model, blocks
+        self.ids: dict[int, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.size(0)
+        if n not in self.ids:
+            ids = (torch.arange(n) >= n // 2).long()
+            self.ids[n] = ids if self.blocks else ids[torch.randperm(
+                n, generator=torch.Generator().manual_seed(0))]
+        with use_domain(self.model, self.ids[n]):
+            return self.model(x)
+
+
+def two_domains(blocks: bool) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: WithDomains(to_domain_bn(model, 2), blocks)
+
+
 VARIANTS = [
     Variant("to_ghost_bn, NBS = whole batch", ghost(None)),
     Variant("to_ghost_bn, NBS 32", ghost(32)),
@@ -162,10 +192,13 @@ VARIANTS = [
             "detectron2-style FrozenBatchNorm, train mode"),
     Variant("freeze_bn", lambda m: freeze_bn(m, affine_trainable=False), d2_frozen,
             "detectron2-style FrozenBatchNorm, eval mode", train=False),
-    # filled by the speed-sync work (issue 21): SyncBatchNorm without a process group, and
-    # DomainBatchNorm with 2 domains and per-sample ids
-    Variant("SyncBatchNorm, no process group", None),
-    Variant("DomainBatchNorm, 2 domains, per-sample ids", None, target=1.10),
+    Variant("SyncBatchNorm, no process group", to_sync_bn),
+    Variant("SyncBatchNorm, no process group", to_sync_bn, torch_sync_bn,
+            "torch's SyncBatchNorm, no process group"),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids (shuffled)", two_domains(False),
+            target=1.10),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids (in two blocks)", two_domains(True),
+            target=1.10),
 ]
 
 

@@ -123,6 +123,13 @@ class DomainBatchNorm(BatchNormBase):
     ) -> Domain:
         """Return ``domain`` as an int or a LongTensor of ids (on ``device`` when given), or
         raise a clear error. Ids are range-checked only with ``validate`` (a host sync)."""
+        return self._resolve_domain(domain, batch_size, device)[0]
+
+    def _resolve_domain(
+        self, domain: object, batch_size: int | None, device: torch.device | None
+    ) -> tuple[Domain, Tensor | None]:
+        """:meth:`check_domain`, and the number of samples of each domain when ``validate``
+        counted them (the range check of per-sample ids), else None."""
         if isinstance(domain, Tensor) and domain.dim() == 0 and not domain.is_floating_point():
             if self.validate or batch_size is None:
                 domain = int(domain)  # a host sync: range-checked here
@@ -134,7 +141,7 @@ class DomainBatchNorm(BatchNormBase):
                 raise ValueError(
                     f"{layer_name(self)}: domain must be in [0, {self.num_domains}), got {domain}"
                 )
-            return domain
+            return domain, None
         if isinstance(domain, Tensor):
             if domain.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
                                     torch.uint8) or domain.dim() != 1:
@@ -147,14 +154,8 @@ class DomainBatchNorm(BatchNormBase):
                     f"{layer_name(self)}: expected one domain id per sample ({batch_size}), got "
                     f"{domain.numel()}"
                 )
-            bad = self.validate and domain.numel() and (
-                int(domain.min()) < 0 or int(domain.max()) >= self.num_domains)
-            if bad:
-                raise ValueError(
-                    f"{layer_name(self)}: domain ids must be in [0, {self.num_domains}), got "
-                    f"values from {int(domain.min())} to {int(domain.max())}"
-                )
-            return domain.to(device=device, dtype=torch.long)
+            counts = self._count_ids(domain) if self.validate else None
+            return domain.to(device=device, dtype=torch.long), counts
         if domain is None:
             raise ValueError(
                 f"{layer_name(self)}: no domain given: call the layer as layer(x, domain=...) "
@@ -165,6 +166,20 @@ class DomainBatchNorm(BatchNormBase):
             f"{type(domain).__name__}"
         )
 
+    def _count_ids(self, ids: Tensor) -> Tensor:
+        """The number of samples of each domain (``bincount``), raising unless every id is in
+        ``[0, num_domains)``."""
+        try:
+            counts = torch.bincount(ids.long(), minlength=self.num_domains)
+        except RuntimeError:  # a negative id
+            counts = None
+        if counts is None or counts.numel() > self.num_domains:
+            raise ValueError(
+                f"{layer_name(self)}: domain ids must be in [0, {self.num_domains}), got "
+                f"values from {int(ids.min())} to {int(ids.max())}"
+            )
+        return counts
+
     def _pick(self, t: Tensor | None, domain: Domain, per_domain: bool) -> Tensor | None:
         """The rows of a per-domain tensor that ``domain`` selects; shared tensors unchanged."""
         if t is None or not per_domain:
@@ -174,8 +189,12 @@ class DomainBatchNorm(BatchNormBase):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, domain: Domain | None = None) -> Tensor:
         self._check_input(x)
-        dom = self.check_domain(self.current_domain if domain is None else domain, x.size(0),
-                                x.device)
+        dom, counts = self._resolve_domain(self.current_domain if domain is None else domain,
+                                           x.size(0), x.device)
+        ids = dom if isinstance(dom, Tensor) else None
+        train_domains = self._uses_batch_stats() and self.train_stats == "domain"
+        if ids is None and self._uses_batch_stats() or counts is not None and train_domains:
+            return self._per_domain_forward(x, dom, counts)
         weight = self._pick(self.weight, dom, self.affine_mode == "domain")
         bias = self._pick(self.bias, dom, self.affine_mode == "domain")
         if not self._uses_batch_stats():
@@ -183,9 +202,7 @@ class DomainBatchNorm(BatchNormBase):
             mean = self._pick(self.running_mean, dom, per_domain)
             var = self._pick(self.running_var, dom, per_domain)
             return BF.affine_normalize(x, mean, var, weight, bias, self.eps)  # type: ignore[arg-type]
-        ids = dom if isinstance(dom, Tensor) else None
-        if ids is None or (self.validate and self.train_stats == "domain"):
-            return self._per_domain_forward(x, dom)
+        assert ids is not None
         self._check_values_per_channel(x, ids)
         if self.train_stats == "domain":
             y, mean, var, count = BF.segment_batch_norm(
@@ -221,7 +238,7 @@ class DomainBatchNorm(BatchNormBase):
             self._observe(domain_moments)  # type: ignore[arg-type]
         return y
 
-    def _per_domain_forward(self, x: Tensor, domain: Domain) -> Tensor:
+    def _per_domain_forward(self, x: Tensor, domain: Domain, counts: Tensor | None) -> Tensor:
         """Training forward with one torch BatchNorm call per domain present in the batch.
 
         An int domain (the whole batch), or validated per-sample ids with per-domain training
@@ -240,7 +257,8 @@ class DomainBatchNorm(BatchNormBase):
             present = torch.arange(self.num_domains, device=x.device) == domain
             counts, domains = present * x.size(0), [domain]
         else:
-            counts = torch.bincount(ids, minlength=self.num_domains)
+            assert counts is not None
+            counts = counts.to(x.device)
             sizes = counts.tolist()
             single = [d for d, n in enumerate(sizes) if 0 < n * spatial < 2]
             if single:
