@@ -331,13 +331,15 @@ def row(variant: Variant, results: list[Result | None]) -> str:
     return "| " + " | ".join(cells) + f" | {variant.target:.2f} |"
 
 
-def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool
-          ) -> tuple[list[str], list[str]]:
+def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool,
+          only: str | None = None) -> tuple[list[str], list[str]]:
     head = ["| variant | " + " | ".join(f"{m.name} step | {m.name} memory" for m in models)
             + " | target |", "|---|" + "---|---|" * len(models) + "---|"]
     lines, profiles = list(head), []
     print("\n".join(head), flush=True)
     for variant in VARIANTS:
+        if only is not None and only not in f"{variant.name} vs {variant.baseline_name}":
+            continue
         results: list[Result | None] = []
         for spec in models:
             if variant.candidate is None:
@@ -364,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--models", nargs="*", default=None, help="model keys (default all)",
                         choices=[m.key for m in MODELS])
+    parser.add_argument("--only", default=None, help="the rows whose name contains this text "
+                        "(nothing written)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     models = [m for m in MODELS if args.models is None or m.key in args.models]
     pairs_text = (f"{args.pairs}" if args.pairs else
@@ -376,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
               "/ baseline" + ("; torch.compile (inductor, CPU) on both" if args.compile else ""))
     print(header + "\n", flush=True)
     with cpu_threads(1):
-        lines, profiles = table(models, args.pairs, args.quick, args.compile)
-    if args.quick:
+        lines, profiles = table(models, args.pairs, args.quick, args.compile, args.only)
+    if args.quick or args.only is not None:
         return
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     command = COMMAND + (" --compile" if args.compile else "")
