@@ -48,14 +48,18 @@ class DomainBatchNorm(BatchNormBase):
 
     The domain is always explicit: ``forward(x, domain)`` with an int (the whole batch is one
     domain) or a LongTensor of one id per sample (every domain present is normalized with its own
-    statistics in one vectorized pass); without it, the domain set by :func:`use_domain`.
+    statistics); without it, the domain set by :func:`use_domain`.
 
     ``validate`` (default True) checks per-sample ids: in range, and at least 2 values per channel
     for every domain present. It reads the ids on the host: one host-device synchronization per
-    layer per step on a GPU. With ``validate=False`` nothing is read back (``torch.compile``
-    sees no graph break); ids out of range then fail inside the indexing kernel (a device-side
-    assert on CUDA, without the layer's name), and a domain with a single value per channel is
-    normalized with a variance of 0. Ids are moved to the input's device.
+    layer per step on a GPU. Knowing the domains' sizes, a training step then sorts the samples
+    by domain (no copy when the ids already come in blocks) and runs torch's BatchNorm kernel on
+    each domain's samples: bit-identical to one torch BatchNorm per domain, at about the cost of
+    writing that loop by hand. With ``validate=False`` nothing is read back (``torch.compile``
+    sees no graph break) and every domain is normalized in one vectorized pass of plain autograd
+    (slower); ids out of range then fail inside the indexing kernel (a device-side assert on
+    CUDA, without the layer's name), and a domain with a single value per channel is normalized
+    with a variance of 0. Ids are moved to the input's device.
 
     ``state_dict`` keys are torch's. A torch BatchNorm checkpoint (``(C,)`` tensors) loads into
     per-domain parameters and buffers by copying it to every domain. With ``num_domains == 1`` and
