@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench_ghost import cell, paired_ratios
-from rethinkbn.convert import freeze_bn, to_ghost_bn
+from rethinkbn.convert import freeze_bn, to_domain_bn, to_ghost_bn
+from rethinkbn.distributed import to_sync_bn
 from rethinkbn.distributed.launch import cpu_threads
+from rethinkbn.layers import use_domain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,6 +62,14 @@ FLOORS = """## Floors of the cells above target
 - **Ghost NBS 8 / 2 on ResNet-18 (1.06 / 1.09).** The same copies on its 8x8 and 4x4 stages
   plus the row kernel's extra centring pass on the 32x32 and 16x16 stages; within the IQR of the
   target for NBS 8.
+- **DomainBatchNorm with shuffled per-sample ids on the 1-D ResNet.** The layer sorts the samples
+  by domain, runs torch's kernel once per domain and puts the output back in order; the rows
+  "torch BN per domain, hand-written" are that loop written with torch alone, and the layer
+  costs about what they cost (the rows "vs torch BN per domain, hand-written"). The floor is
+  the loop itself: two kernel calls per layer each way plus the gather and the concatenation,
+  per-call and Python cost on rows of 40/20/10 values (aten self-CPU equals torch BN's in the
+  profile). One torch BatchNorm over all samples computes something else (one set of
+  statistics), so no layer that keeps per-domain statistics can reach it here.
 """
 COMMAND = "python benchmarks/run.py model"
 
@@ -174,6 +184,66 @@ def ghost(nbs: int | None) -> Callable[[nn.Module], nn.Module]:
     return lambda model: to_ghost_bn(model, nbs if nbs is not None else 1 << 20)
 
 
+def torch_sync_bn(model: nn.Module) -> nn.Module:
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def domain_ids(n: int, blocks: bool) -> Tensor:
+    """Half of ``n`` samples in each of 2 domains: in two consecutive blocks (a batch
+    concatenated from two sources) or shuffled (a fixed random order per batch size)."""
+    ids = (torch.arange(n) >= n // 2).long()
+    return ids if blocks else ids[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+
+
+class WithDomains(nn.Module):
+    """``model`` called inside ``use_domain(model, domain_ids(batch size, blocks))``."""
+
+    def __init__(self, model: nn.Module, blocks: bool) -> None:
+        super().__init__()
+        self.model, self.blocks = model, blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        with use_domain(self.model, domain_ids(x.size(0), self.blocks)):
+            return self.model(x)
+
+
+class TorchBNPerDomain(nn.Module):
+    """The hand-written floor of per-domain BN: one torch BatchNorm per domain on that domain's
+    samples (``index_select``, then the outputs concatenated and put back in order; slices and a
+    concatenation for blocks), the ids known in advance: no validation, no bookkeeping."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, blocks: bool) -> None:
+        super().__init__()
+        self.bns = nn.ModuleList([copy.deepcopy(bn), copy.deepcopy(bn)])
+        self.blocks = blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.blocks:
+            half = x.size(0) // 2
+            return torch.cat([self.bns[0](x[:half]), self.bns[1](x[half:])])
+        ids = domain_ids(x.size(0), False)
+        rows = [(ids == d).nonzero().flatten() for d in (0, 1)]
+        y = torch.cat([bn(x.index_select(0, r)) for bn, r in zip(self.bns, rows, strict=True)])
+        return y.index_select(0, torch.argsort(torch.cat(rows)))
+
+
+def replace_bn(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, make(child))
+        else:
+            replace_bn(child, make)
+    return model
+
+
+def two_domains(blocks: bool) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: WithDomains(to_domain_bn(model, 2), blocks)
+
+
+def torch_bn_per_domain(blocks: bool) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: replace_bn(model, lambda bn: TorchBNPerDomain(bn, blocks))
+
+
 VARIANTS = [
     Variant("to_ghost_bn, NBS = whole batch", ghost(None)),
     Variant("to_ghost_bn, NBS 32", ghost(32)),
@@ -184,10 +254,22 @@ VARIANTS = [
             "detectron2-style FrozenBatchNorm, train mode", compiled=False),
     Variant("freeze_bn", lambda m: freeze_bn(m, affine_trainable=False), d2_frozen,
             "detectron2-style FrozenBatchNorm, eval mode", train=False, compiled=False),
-    # filled by the speed-sync work (issue 21): SyncBatchNorm without a process group, and
-    # DomainBatchNorm with 2 domains and per-sample ids
-    Variant("SyncBatchNorm, no process group", None),
-    Variant("DomainBatchNorm, 2 domains, per-sample ids", None, target=1.10),
+    Variant("SyncBatchNorm, no process group", to_sync_bn),
+    Variant("SyncBatchNorm, no process group", to_sync_bn, torch_sync_bn,
+            "torch's SyncBatchNorm, no process group"),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids (shuffled)", two_domains(False),
+            target=1.10),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids (in two blocks)", two_domains(True),
+            target=1.10),
+    # the floor of the two rows above: what torch costs for BN per domain, written by hand
+    Variant("torch BN per domain, hand-written (shuffled)", torch_bn_per_domain(False),
+            target=1.10),
+    Variant("torch BN per domain, hand-written (in two blocks)", torch_bn_per_domain(True),
+            target=1.10),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids (shuffled)", two_domains(False),
+            torch_bn_per_domain(False), "torch BN per domain, hand-written", target=1.10),
+    Variant("DomainBatchNorm, 2 domains, per-sample ids (in two blocks)", two_domains(True),
+            torch_bn_per_domain(True), "torch BN per domain, hand-written", target=1.10),
 ]
 
 
@@ -310,8 +392,8 @@ def row(variant: Variant, results: list[Result | None]) -> str:
     return "| " + " | ".join(cells) + f" | {variant.target:.2f} |"
 
 
-def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool
-          ) -> tuple[list[str], list[str]]:
+def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool,
+          only: str | None = None) -> tuple[list[str], list[str]]:
     second = "dynamo" if compiled else "memory"
     head = ["| variant | " + " | ".join(f"{m.name} step | {m.name} {second}" for m in models)
             + " | target |", "|---|" + "---|---|" * len(models) + "---|"]
@@ -319,6 +401,8 @@ def table(models: list[Model], pairs: int | None, quick: bool, compiled: bool
     print("\n".join(head), flush=True)
     for variant in VARIANTS:
         if compiled and not variant.compiled:
+            continue
+        if only is not None and only not in f"{variant.name} vs {variant.baseline_name}":
             continue
         results: list[Result | None] = []
         for spec in models:
@@ -346,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--models", nargs="*", default=None, help="model keys (default all)",
                         choices=[m.key for m in MODELS])
+    parser.add_argument("--only", default=None, help="the rows whose name contains this text "
+                        "(nothing written)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     models = [m for m in MODELS if args.models is None or m.key in args.models]
     pairs_text = (f"{args.pairs}" if args.pairs else
@@ -358,8 +444,8 @@ def main(argv: list[str] | None = None) -> None:
               "/ baseline" + ("; torch.compile (inductor, CPU) on both" if args.compile else ""))
     print(header + "\n", flush=True)
     with cpu_threads(1):
-        lines, profiles = table(models, args.pairs, args.quick, args.compile)
-    if args.quick:
+        lines, profiles = table(models, args.pairs, args.quick, args.compile, args.only)
+    if args.quick or args.only is not None:
         return
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     command = " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])

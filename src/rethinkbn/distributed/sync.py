@@ -30,8 +30,10 @@ Communication is ONE ``all_reduce`` in the forward and ONE in the backward:
 
 Unequal local batch sizes are exact, and a rank whose local batch is empty still joins both
 collectives (it gets an empty output and zero gradients). In eval mode, and with world size 1 or
-no initialized process group, no collective is made and the layer equals torch's BatchNorm. The
-same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
+no initialized process group, no collective is made and the layer runs torch's BatchNorm kernel,
+as torch's SyncBatchNorm does: outputs and gradients bit-identical to torch's BatchNorm, at its
+cost (the running buffers still skip non-finite statistics; the float64 numerics above are the
+synced path's). The same code runs on CPU tensors with gloo and on CUDA tensors with NCCL.
 
 Second derivatives (``create_graph=True``: gradient penalties) are exact across ranks: the
 backward is then built from differentiable operations and group sums (three all_reduces).
@@ -59,18 +61,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_positive_int
+from ..layers import functional as BF
 from ..layers.base import BatchNormBase, layer_name
 from ..stats import (
     Moments,
     all_reduce_moments,
-    centered,
-    channel_view,
     check_same_layout,
     compute_dtype,
-    reduce_dims,
     require,
     split_mean,
 )
+from ._sync_normalize import SyncNormalize, collective_failed
 
 __all__ = ["SyncBatchNorm", "consecutive_group"]
 
@@ -105,148 +106,6 @@ def consecutive_group(group_size: int) -> dist.ProcessGroup:
         group, _ = dist.new_subgroups(group_size)
         _SUBGROUPS[key] = (world, group)
     return _SUBGROUPS[key][1]
-
-
-def _collective_failed(what: str, name: str, group: dist.ProcessGroup | None, exc: Exception) -> (
-    RuntimeError
-):
-    size = dist.get_world_size(group)
-    return RuntimeError(
-        f"{name}: the {what} all_reduce over {size} ranks failed ({exc}). Every rank of the "
-        "group must run this layer in the same step; a rank that raised, exited or skipped the "
-        "layer leaves the others waiting until the process group's timeout "
-        "(init_process_group(timeout=...))."
-    )
-
-
-class _GroupSum(torch.autograd.Function):
-    """``sum over the group's ranks of t``, differentiable: its adjoint is the same sum.
-
-    Used by the double-backward path of :class:`_SyncNormalize` (``create_graph=True``), where
-    the group statistics must be functions of ``x`` that autograd can differentiate again.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, t: Tensor, group: dist.ProcessGroup | None, sync: bool, name: str
-    ) -> Tensor:
-        ctx.group, ctx.sync, ctx.name = group, sync, name
-        return _all_reduce_sum(t.clone(), group, sync, name)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        return _GroupSum.apply(grad, ctx.group, ctx.sync, ctx.name), None, None, None
-
-
-def _all_reduce_sum(t: Tensor, group: dist.ProcessGroup | None, sync: bool, name: str) -> Tensor:
-    if sync:
-        try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        except RuntimeError as exc:
-            raise _collective_failed("gradient-sum", name, group, exc) from exc
-    return t
-
-
-class _SyncNormalize(torch.autograd.Function):
-    """``y = weight * (x - mean) * invstd + bias`` with the group-wide backward.
-
-    ``mean`` (given as ``mean + mean_lo``) and ``invstd`` are the group's statistics, constants
-    here: their dependence on ``x`` is accounted for in the backward through the group sums of
-    ``dy`` and ``dy * xhat``.
-
-    The first-order backward is one fused computation and ONE all_reduce. When autograd records
-    the backward (``create_graph=True``: gradient penalties, double backward), the backward is
-    instead built from differentiable operations, in which the group statistics are rebuilt as
-    functions of ``x`` with a differentiable group sum (three all_reduces, and their adjoints
-    when differentiated again): second derivatives are then exact across ranks. The values stay
-    those of the float64 statistics: the rebuilt mean and inverse std enter as
-    ``value + (f(x) - f(x).detach())``, which adds exactly zero and carries ``f``'s derivative.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        mean: Tensor,
-        mean_lo: Tensor,
-        invstd: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        count: Tensor,
-        eps: float,
-        group: dist.ProcessGroup | None,
-        sync: bool,
-        name: str,
-    ) -> Tensor:
-        dtype = compute_dtype(x)
-        xmu = centered(x, mean, mean_lo)
-        scale = invstd if weight is None else invstd * weight.to(dtype)
-        # In place on the temporary xmu (torch.addcmul with a broadcast (1, C, 1, ...) first
-        # operand is many times slower on CPU).
-        y = xmu.mul_(channel_view(scale, x))
-        if bias is not None:
-            y.add_(channel_view(bias.to(dtype), x))
-        ctx.save_for_backward(x, mean, mean_lo, invstd, weight, count)
-        ctx.eps, ctx.group, ctx.sync, ctx.name = eps, group, sync, name
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():
-            return _SyncNormalize._differentiable_backward(ctx, dy)
-        x, mean, mean_lo, invstd, weight, count = ctx.saved_tensors
-        dtype = compute_dtype(x)
-        dims = reduce_dims(x)
-        xmu = centered(x, mean, mean_lo)
-        dy = dy.to(dtype)
-        sum_dy = dy.sum(dims)
-        sum_dy_xmu = (dy * xmu).sum(dims)
-        need_x, _, _, _, need_w, need_b = ctx.needs_input_grad[:6]
-        grad_x = grad_w = grad_b = None
-        if need_w:
-            grad_w = (sum_dy_xmu * invstd).to(weight.dtype)
-        if need_b:
-            grad_b = sum_dy.to(weight.dtype if weight is not None else dtype)
-        if need_x:
-            sums = _all_reduce_sum(torch.stack([sum_dy, sum_dy_xmu]), ctx.group, ctx.sync,
-                                   ctx.name)
-            mean_dy, mean_dy_xmu = sums / count.to(dtype)
-            scale = invstd if weight is None else invstd * weight.to(dtype)
-            # dx = scale * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))),
-            # in place on the temporary xmu
-            grad_x = xmu.mul_(channel_view(-invstd.square() * mean_dy_xmu, x)).add_(dy)
-            grad_x = grad_x.sub_(channel_view(mean_dy, x)).mul_(channel_view(scale, x))
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, None, None, None, grad_w, grad_b, None, None, None, None, None
-
-    @staticmethod
-    def _differentiable_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, mean, mean_lo, invstd, weight, count = ctx.saved_tensors
-        dtype = compute_dtype(x)
-        dims = reduce_dims(x)
-        n = count.to(dtype)
-
-        def group_mean(t: Tensor) -> Tensor:
-            return _GroupSum.apply(t, ctx.group, ctx.sync, ctx.name) / n
-
-        def exact(value: Tensor, f: Tensor) -> Tensor:
-            return value + (f - f.detach())
-
-        mean_x = group_mean(x.to(dtype).sum(dims))
-        xmu = centered(x, mean, mean_lo) - channel_view(mean_x - mean_x.detach(), x)
-        inv = exact(invstd, (group_mean(xmu.square().sum(dims)) + ctx.eps).rsqrt())
-        xhat = xmu * channel_view(inv, x)
-        dy = dy.to(dtype)
-        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
-        mean_dy, mean_dy_xhat = group_mean(torch.stack([sum_dy, sum_dy_xhat]))
-        scale = inv if weight is None else inv * weight.to(dtype)
-        grad_x = channel_view(scale, x) * (
-            dy - channel_view(mean_dy, x) - xhat * channel_view(mean_dy_xhat, x)
-        )
-        need_w, need_b = ctx.needs_input_grad[4:6]
-        grad_w = sum_dy_xhat.to(weight.dtype) if need_w else None
-        grad_b = sum_dy.to(weight.dtype if weight is not None else dtype) if need_b else None
-        return grad_x.to(x.dtype), None, None, None, grad_w, grad_b, None, None, None, None, None
 
 
 class SyncBatchNorm(BatchNormBase):
@@ -329,6 +188,8 @@ class SyncBatchNorm(BatchNormBase):
             )
         # Eval without running buffers normalizes each rank's batch alone, as torch does.
         sync, group = self._sync_group() if self.training else (False, None)
+        if not sync and self.observer is None:
+            return self._local_forward(x)
         local, moments = self._group_moments(x, sync, group)
         name = layer_name(self)
         # The local count is a host number; the group's is on the device (read only on CPU, see
@@ -354,10 +215,41 @@ class SyncBatchNorm(BatchNormBase):
         dtype = compute_dtype(x)
         mean, mean_lo = split_mean(moments.mean, dtype)
         invstd = (moments.var() + self.eps).rsqrt().to(dtype)
-        return _SyncNormalize.apply(
+        return SyncNormalize.apply(
             x, mean, mean_lo, invstd, self.weight, self.bias, moments.count, self.eps, group,
             sync, name,
         )
+
+    def _local_forward(self, x: Tensor) -> Tensor:
+        """Nothing to sync (no process group, a group of one rank, eval without buffers): torch's
+        kernel on the local batch, the running buffers blended under the family's NaN policy.
+
+        The statistics are torch's (float32 for float32 and half inputs), as for torch's
+        SyncBatchNorm, which falls back to ``F.batch_norm`` here too; with an ``observer``
+        (precise_bn) the float64 moments of the synced path are used instead.
+        """
+        count = x.numel() // max(x.size(1), 1)
+        if count <= 1:
+            raise ValueError(
+                f"{layer_name(self)}: expected more than 1 value per channel when training, got "
+                f"{count} over the local batch (local input shape {tuple(x.shape)})"
+            )
+        if not self._updates_running_stats():
+            if self.weight is None and x.dtype != compute_dtype(x):
+                # no float32 tensor for torch's kernel to follow: it would compute in half
+                return BF.native_batch_norm(x, None, None, self.eps)[0]
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if self._kernel_updates_buffers(x):
+            rm, rv = self.running_mean, self.running_var
+            before = torch.stack([rm, rv])  # type: ignore[list-item]
+            y = F.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum or 0.0,
+                             self.eps)
+            self._check_kernel_update(before, lambda: BF.native_batch_norm(
+                x.detach(), None, None, self.eps)[1:])
+            return y
+        y, mean, var = BF.native_batch_norm(x, self.weight, self.bias, self.eps)
+        self._update_running_stats(mean, var)
+        return y
 
     def _group_moments(
         self, x: Tensor, sync: bool, group: dist.ProcessGroup | None
@@ -389,15 +281,16 @@ class SyncBatchNorm(BatchNormBase):
         shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
         shifted = Moments(local.count, local.mean - shift, local.m2)
         name = layer_name(self)
-        layout = {"tag": (x.size(1), _DTYPE_CODES.get(compute_dtype(x), 0)),
-                  "tag_names": ("channels", "dtype code"), "what": name}
+        tag = (x.size(1), _DTYPE_CODES.get(compute_dtype(x), 0))
+        tag_names = ("channels", "dtype code")
         try:
             if not self._layout_checked:
-                check_same_layout([shifted], group, **layout)
+                check_same_layout([shifted], group, what=name, tag=tag, tag_names=tag_names)
                 self._layout_checked = True
-            (reduced,) = all_reduce_moments([shifted], group, **layout)
+            (reduced,) = all_reduce_moments([shifted], group, what=name, tag=tag,
+                                            tag_names=tag_names)
         except RuntimeError as exc:
-            raise _collective_failed("batch-moments", name, group, exc) from exc
+            raise collective_failed("batch-moments", name, group, exc) from exc
         group_moments = Moments(reduced.count, reduced.mean + shift, reduced.m2)
         self._shift = group_moments.mean
         return local, group_moments

@@ -8,6 +8,7 @@ training batch is normalized.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -288,12 +289,14 @@ class BatchNormBase(nn.Module, BatchNormFamily):
         The NaN policy lives here, once for the family: where the new mean or variance is not
         finite the buffers keep their values and ``nonfinite_count`` counts the event (no host
         synchronization), or, with ``nonfinite = "raise"``, a ValueError names the layer and the
-        channels before anything changes.
+        channels before anything changes. (A layer may instead let torch's kernel blend the
+        statistics, see :meth:`_kernel_updates_buffers`.)
         """
-        assert self.running_mean is not None and self.running_var is not None
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None
         assert self.num_batches_tracked is not None
-        mean = mean.to(self.running_mean.dtype)
-        unbiased_var = unbiased_var.to(self.running_var.dtype)
+        mean = mean.to(running_mean.dtype)
+        unbiased_var = unbiased_var.to(running_var.dtype)
         # v - v is 0 for a finite v and NaN for NaN or +-Inf (fewer kernels than isfinite).
         nonfinite = torch.isnan((mean - mean).add_(unbiased_var - unbiased_var))
         # an absent row (domain) has no statistics: not an event, and it does not move
@@ -323,12 +326,59 @@ class BatchNormBase(nn.Module, BatchNormFamily):
                                              self.num_batches_tracked[:, None])
             else:
                 rate = torch.full((present.size(0), 1), self.momentum,
-                                  dtype=self.running_mean.dtype, device=present.device)
+                                  dtype=running_mean.dtype, device=present.device)
             factor = rate * counted[:, None]
         # Where a statistic is not finite, lerp towards the old value itself: it stays
         # bit-identical (lerp by 0 towards NaN would still spread the NaN).
-        for buffer, new in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+        for buffer, new in ((running_mean, mean), (running_var, unbiased_var)):
             buffer.lerp_(torch.where(nonfinite, buffer, new), factor)
+
+    def _kernel_updates_buffers(self, x: Tensor) -> bool:
+        """Whether this training step may let torch's kernel blend its statistics into the
+        running buffers (``F.batch_norm(..., running_mean, running_var, True, momentum)``), as
+        torch's BatchNorm does, with :meth:`_check_kernel_update` after it.
+
+        Only where that check is free: CPU tensors in eager mode (it reads one number on the
+        host), a float momentum, float32/float64 buffers, and a caller whose step may read
+        values on the host at all.
+        """
+        buffer = self.running_mean
+        return (buffer is not None and self._updates_running_stats()
+                and self.momentum is not None and x.device.type == "cpu"
+                and buffer.dtype in (torch.float32, torch.float64)
+                and not torch.compiler.is_compiling())
+
+    def _check_kernel_update(
+        self, before: Tensor, batch_stats: Callable[[], tuple[Tensor, Tensor]],
+        present: Tensor | None = None,
+    ) -> None:
+        """Finish a step whose statistics torch's kernel blended into the running buffers.
+
+        ``before`` holds the buffers' values before the kernel (stacked). When every new value
+        is finite (one dot product, read on the host: a non-finite term, or an overflow, makes
+        it non-finite) the batch is counted (``present``: per row) and that is all: torch's
+        update, at torch's cost. Otherwise (rare) the buffers are put back and the statistics
+        that ``batch_stats()`` recomputes go through :meth:`_update_running_stats` (the NaN
+        policy: counts, skips, ``"raise"``); the channels that took the batch then keep the
+        kernel's blend, bit-identical to a step without the non-finite channels.
+        """
+        mean, var = self.running_mean, self.running_var
+        assert mean is not None and var is not None and self.num_batches_tracked is not None
+        if math.isfinite(float(torch.dot(mean.flatten(), var.flatten()))):
+            self.num_batches_tracked.add_(1 if present is None else present)
+            return
+        with torch.no_grad():
+            blended = torch.stack([mean, var])
+            mean.copy_(before[0])
+            var.copy_(before[1])
+            batch_mean, batch_var = batch_stats()
+        self._update_running_stats(batch_mean, batch_var, present)
+        took = batch_mean.isfinite() & batch_var.isfinite()
+        if present is not None:
+            took &= present[:, None]
+        with torch.no_grad():
+            for buffer, new in zip((mean, var), blended, strict=True):
+                buffer.copy_(torch.where(took, new, buffer))
 
     def _cumulative_rate(self, skipped_now: Tensor, tracked: Tensor) -> Tensor:
         """``1 / t`` per channel for ``momentum=None``: ``t`` is the number of batches the

@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
-from ..stats import Moments
+from ..stats import Moments, compute_dtype
 from . import functional as BF
+from ._segments import group_by_domain, segment_batch_norm
 from .base import BatchNormBase, layer_name
 
 __all__ = ["DomainBatchNorm", "use_domain"]
@@ -46,14 +48,18 @@ class DomainBatchNorm(BatchNormBase):
 
     The domain is always explicit: ``forward(x, domain)`` with an int (the whole batch is one
     domain) or a LongTensor of one id per sample (every domain present is normalized with its own
-    statistics in one vectorized pass); without it, the domain set by :func:`use_domain`.
+    statistics); without it, the domain set by :func:`use_domain`.
 
     ``validate`` (default True) checks per-sample ids: in range, and at least 2 values per channel
     for every domain present. It reads the ids on the host: one host-device synchronization per
-    layer per step on a GPU. With ``validate=False`` nothing is read back (``torch.compile``
-    sees no graph break); ids out of range then fail inside the indexing kernel (a device-side
-    assert on CUDA, without the layer's name), and a domain with a single value per channel is
-    normalized with a variance of 0. Ids are moved to the input's device.
+    layer per step on a GPU. Knowing the domains' sizes, a training step then sorts the samples
+    by domain (no copy when the ids already come in blocks) and runs torch's BatchNorm kernel on
+    each domain's samples: bit-identical to one torch BatchNorm per domain, at about the cost of
+    writing that loop by hand. With ``validate=False`` nothing is read back (``torch.compile``
+    sees no graph break) and every domain is normalized in one vectorized pass of plain autograd
+    (slower); ids out of range then fail inside the indexing kernel (a device-side assert on
+    CUDA, without the layer's name), and a domain with a single value per channel is normalized
+    with a variance of 0. Ids are moved to the input's device.
 
     ``state_dict`` keys are torch's. A torch BatchNorm checkpoint (``(C,)`` tensors) loads into
     per-domain parameters and buffers by copying it to every domain. With ``num_domains == 1`` and
@@ -80,7 +86,7 @@ class DomainBatchNorm(BatchNormBase):
                 raise ValueError(
                     f"DomainBatchNorm: {name} must be one of {STATS_CHOICES}, got {value!r}"
                 )
-        affine_mode = {True: "shared", False: None}.get(affine, affine)  # type: ignore[call-overload]
+        affine_mode: object = "shared" if affine is True else None if affine is False else affine
         if affine_mode not in (*AFFINE_CHOICES, None):
             raise ValueError(
                 f"DomainBatchNorm: affine must be one of {AFFINE_CHOICES}, True or False, got "
@@ -94,7 +100,7 @@ class DomainBatchNorm(BatchNormBase):
         self.validate = validate
         self.train_stats = train_stats
         self.population_stats = population_stats
-        self.affine_mode: str | None = affine_mode
+        self.affine_mode: str | None = affine_mode  # type: ignore[assignment]  # checked above
         self.current_domain: Domain | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         shape = (num_domains, num_features)
@@ -121,6 +127,13 @@ class DomainBatchNorm(BatchNormBase):
     ) -> Domain:
         """Return ``domain`` as an int or a LongTensor of ids (on ``device`` when given), or
         raise a clear error. Ids are range-checked only with ``validate`` (a host sync)."""
+        return self._resolve_domain(domain, batch_size, device)[0]
+
+    def _resolve_domain(
+        self, domain: object, batch_size: int | None, device: torch.device | None
+    ) -> tuple[Domain, Tensor | None]:
+        """:meth:`check_domain`, and the number of samples of each domain when ``validate``
+        counted them (the range check of per-sample ids), else None."""
         if isinstance(domain, Tensor) and domain.dim() == 0 and not domain.is_floating_point():
             if self.validate or batch_size is None:
                 domain = int(domain)  # a host sync: range-checked here
@@ -132,7 +145,7 @@ class DomainBatchNorm(BatchNormBase):
                 raise ValueError(
                     f"{layer_name(self)}: domain must be in [0, {self.num_domains}), got {domain}"
                 )
-            return domain
+            return domain, None
         if isinstance(domain, Tensor):
             if domain.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
                                     torch.uint8) or domain.dim() != 1:
@@ -145,14 +158,8 @@ class DomainBatchNorm(BatchNormBase):
                     f"{layer_name(self)}: expected one domain id per sample ({batch_size}), got "
                     f"{domain.numel()}"
                 )
-            bad = self.validate and domain.numel() and (
-                int(domain.min()) < 0 or int(domain.max()) >= self.num_domains)
-            if bad:
-                raise ValueError(
-                    f"{layer_name(self)}: domain ids must be in [0, {self.num_domains}), got "
-                    f"values from {int(domain.min())} to {int(domain.max())}"
-                )
-            return domain.to(device=device, dtype=torch.long)
+            counts = self._count_ids(domain) if self.validate else None
+            return domain.to(device=device, dtype=torch.long), counts
         if domain is None:
             raise ValueError(
                 f"{layer_name(self)}: no domain given: call the layer as layer(x, domain=...) "
@@ -163,6 +170,20 @@ class DomainBatchNorm(BatchNormBase):
             f"{type(domain).__name__}"
         )
 
+    def _count_ids(self, ids: Tensor) -> Tensor:
+        """The number of samples of each domain (``bincount``), raising unless every id is in
+        ``[0, num_domains)``."""
+        try:
+            counts = torch.bincount(ids.long(), minlength=self.num_domains)
+        except RuntimeError:  # a negative id
+            counts = None
+        if counts is None or counts.numel() > self.num_domains:
+            raise ValueError(
+                f"{layer_name(self)}: domain ids must be in [0, {self.num_domains}), got "
+                f"values from {int(ids.min())} to {int(ids.max())}"
+            )
+        return counts
+
     def _pick(self, t: Tensor | None, domain: Domain, per_domain: bool) -> Tensor | None:
         """The rows of a per-domain tensor that ``domain`` selects; shared tensors unchanged."""
         if t is None or not per_domain:
@@ -172,8 +193,12 @@ class DomainBatchNorm(BatchNormBase):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, domain: Domain | None = None) -> Tensor:
         self._check_input(x)
-        dom = self.check_domain(self.current_domain if domain is None else domain, x.size(0),
-                                x.device)
+        dom, counts = self._resolve_domain(self.current_domain if domain is None else domain,
+                                           x.size(0), x.device)
+        ids = dom if isinstance(dom, Tensor) else None
+        train_domains = self._uses_batch_stats() and self.train_stats == "domain"
+        if ids is None and self._uses_batch_stats() or counts is not None and train_domains:
+            return self._per_domain_forward(x, dom, counts)
         weight = self._pick(self.weight, dom, self.affine_mode == "domain")
         bias = self._pick(self.bias, dom, self.affine_mode == "domain")
         if not self._uses_batch_stats():
@@ -181,9 +206,9 @@ class DomainBatchNorm(BatchNormBase):
             mean = self._pick(self.running_mean, dom, per_domain)
             var = self._pick(self.running_var, dom, per_domain)
             return BF.affine_normalize(x, mean, var, weight, bias, self.eps)  # type: ignore[arg-type]
-        ids = dom if isinstance(dom, Tensor) else None
+        assert ids is not None
         self._check_values_per_channel(x, ids)
-        if ids is not None and self.train_stats == "domain":
+        if self.train_stats == "domain":
             y, mean, var, count = BF.segment_batch_norm(
                 x, ids, self.num_domains, weight, bias, self.eps
             )
@@ -216,6 +241,101 @@ class DomainBatchNorm(BatchNormBase):
         if self.observer is not None:
             self._observe(domain_moments)  # type: ignore[arg-type]
         return y
+
+    def _per_domain_forward(self, x: Tensor, domain: Domain, counts: Tensor | None) -> Tensor:
+        """Training forward with one torch BatchNorm call per domain present in the batch.
+
+        An int domain (the whole batch), or validated per-sample ids with per-domain training
+        statistics: the ids are read on the host (validation already reads them), the samples
+        are grouped by domain (no copy for one domain or ids already sorted), each group is
+        normalized by torch's kernel with its domain's statistics and affine parameters, and the
+        output is put back in the samples' order. Outputs, gradients and statistics are torch's
+        BatchNorm on each domain's samples. With per-sample ids on CPU the kernel also blends
+        each domain's running buffers, checked after (:meth:`_check_kernel_update`).
+        """
+        ids = domain if isinstance(domain, Tensor) else None
+        spatial = x.numel() // max(x.size(0) * x.size(1), 1)
+        BF.require_two_values(x.size(0) * spatial, x, lambda: layer_name(self))
+        if ids is None:
+            assert isinstance(domain, int)
+            present = torch.arange(self.num_domains, device=x.device) == domain
+            counts, domains = present * x.size(0), [domain]
+        else:
+            assert counts is not None
+            counts = counts.to(x.device)
+            sizes = counts.tolist()
+            single = [d for d, n in enumerate(sizes) if 0 < n * spatial < 2]
+            if single:
+                BF.require_two_values(1, x, layer_name(self), " for every domain in the batch",
+                                      f", domain(s) {single}")
+            present = counts > 0
+            domains = [d for d, n in enumerate(sizes) if n]
+        kernel = (ids is not None and self.population_stats == "domain"
+                  and self.observer is None and self._kernel_updates_buffers(x))
+        if kernel:
+            rm, rv, momentum = self.running_mean, self.running_var, self.momentum
+            assert rm is not None and rv is not None and momentum is not None
+            before, (mean, var) = torch.stack([rm, rv]), (rm, rv)
+        else:
+            # Every domain's statistics, (num_domains, C) each, written by torch's kernel
+            # (momentum 1) into a throw-away buffer; absent domains keep ones.
+            (mean, var), momentum = self._stats_buffer(x), 1.0
+        per_domain = self.affine_mode == "domain"
+        if len(domains) == 1:
+            d, xs, parts = domains[0], x, [x.size(0)]
+            y = F.batch_norm(x, mean[d], var[d], self._pick(self.weight, d, per_domain),
+                             self._pick(self.bias, d, per_domain), True, momentum, self.eps)
+        else:
+            assert ids is not None
+            xs, regroup = group_by_domain(x, ids)
+            parts = [sizes[d] for d in domains]
+            y = regroup(segment_batch_norm(xs, self.weight, self.bias, mean, var, parts,
+                                           domains, per_domain, momentum, self.eps))
+        if kernel:
+            self._check_kernel_update(before, lambda: self._batch_stats(xs, parts, domains),
+                                      present)
+        else:
+            self._use_batch_stats(mean, var, counts * spatial, present)
+        return y
+
+    def _stats_buffer(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Two ``(num_domains, C)`` buffers of ones (one allocation) for torch's kernel to write
+        means and variances into, in the dtype it wants (the parameters', else the compute
+        dtype)."""
+        like = self.weight if self.weight is not None else self.running_mean
+        dtype = like.dtype if like is not None else compute_dtype(x)
+        stats = torch.ones(2, self.num_domains, x.size(1), dtype=dtype, device=x.device)
+        return stats[0], stats[1]
+
+    @torch.no_grad()
+    def _batch_stats(
+        self, xs: Tensor, sizes: list[int], domains: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Each domain's batch mean and unbiased variance, ``(num_domains, C)`` (ones where
+        absent), recomputed by torch's kernel from ``xs``, whose consecutive segments of
+        ``sizes`` samples are the samples of ``domains``."""
+        mean, var = self._stats_buffer(xs)
+        for part, d in zip(xs.split(sizes), domains, strict=True):
+            F.batch_norm(part, mean[d], var[d], None, None, True, 1.0, self.eps)
+        return mean, var
+
+    def _use_batch_stats(self, mean: Tensor, var: Tensor, count: Tensor, present: Tensor) -> None:
+        """Blend each domain's batch statistics (``var`` unbiased, ``count`` values per channel)
+        into the running buffers and give them to the observer."""
+        moments = None
+        if self.observer is not None or self.population_stats == "shared":
+            moments = Moments.from_var_mean(count[:, None], mean, var, unbiased=True)
+            keep = present[:, None]  # absent domains: count 0, mean and m2 0
+            moments = Moments(moments.count, moments.mean.where(keep, 0), moments.m2.where(keep, 0))
+        if self._updates_running_stats():
+            if self.population_stats == "domain":
+                self._update_running_stats(mean, var, present=present)
+            else:
+                assert moments is not None
+                shared = moments.total()
+                self._update_running_stats(shared.mean, shared.var(unbiased=True))
+        if moments is not None:
+            self._observe(moments)
 
     def _check_values_per_channel(self, x: Tensor, ids: Tensor | None) -> None:
         """Every set of values that gets a variance must have at least 2 per channel."""
@@ -299,5 +419,5 @@ def use_domain(model: nn.Module, domain: Domain) -> Iterator[nn.Module]:
             m.current_domain = d
         yield model
     finally:
-        for m, d in zip(layers, previous, strict=True):
-            m.current_domain = d
+        for m, before in zip(layers, previous, strict=True):
+            m.current_domain = before
