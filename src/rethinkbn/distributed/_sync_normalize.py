@@ -39,14 +39,14 @@ class _GroupSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, t: Tensor, group: dist.ProcessGroup | None, sync: bool, name: str
     ) -> Tensor:
         ctx.group, ctx.sync, ctx.name = group, sync, name
         return _all_reduce_sum(t.clone(), group, sync, name)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         return _GroupSum.apply(grad, ctx.group, ctx.sync, ctx.name), None, None, None
 
 
@@ -76,7 +76,7 @@ class SyncNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         mean: Tensor,
@@ -103,7 +103,7 @@ class SyncNormalize(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             return SyncNormalize._differentiable_backward(ctx, dy)
         x, mean, mean_lo, invstd, weight, count = ctx.saved_tensors

@@ -26,14 +26,14 @@ class _PermuteRows(torch.autograd.Function):
     (double backward)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, perm: Tensor, inverse: Tensor
     ) -> Tensor:
         ctx.perm, ctx.inverse = perm, inverse
         return x.index_select(0, perm)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return _PermuteRows.apply(grad, ctx.inverse, ctx.perm), None, None
 
 

@@ -100,7 +100,7 @@ class DomainBatchNorm(BatchNormBase):
         self.validate = validate
         self.train_stats = train_stats
         self.population_stats = population_stats
-        self.affine_mode: str | None = affine_mode  # type: ignore[assignment]  # checked above
+        self.affine_mode: str | None = affine_mode  # checked above
         self.current_domain: Domain | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         shape = (num_domains, num_features)
