@@ -533,7 +533,12 @@ def curves_table(runs: NbsRuns) -> Table:
               "val_mub_large": f"val, mini-batch stats over "
                                f"{eval_group(LARGE_GROUP, runs.scale)}-sample groups",
               "train_pop": "train, population stats (PreciseBN)"}
-    per_seed = runs.per_seed
+    per_seed = dict(runs.per_seed)
+    # the train/test inconsistency the verdicts judge, per seed: val pop - val mu_B
+    per_seed["inconsistency"] = {
+        k: [p - b for p, b in zip(v, per_seed["val_mub"][k], strict=True)]
+        for k, v in per_seed["val_pop"].items()}
+    labels["inconsistency"] = "train/test inconsistency: val pop - val mu_B (pt)"
     return Table("error (%) against NBS (- : not measured)", ["", *[str(s) for s in shown]],
                  [[label, *[fmt(per_seed[key][str(s)]) if str(s) in per_seed[key] else "-"
                             for s in shown]]
