@@ -230,7 +230,7 @@ def untraced_numbers(ours: str, text: str) -> list[str]:
     number token, as written or with more decimals that round to it (``79.9`` in ``79.90``;
     ``15.3`` is not in ``15.25``, which rounds to ``15.2``)."""
     shown = {m.group() for m in _NUMBER.finditer(text)}
-    rounded = set()
+    rounded: set[str] = set()
     for token in shown:
         decimals = len(token.partition(".")[2])
         rounded.update(f"{float(token):.{d}f}" for d in range(decimals))

@@ -512,6 +512,12 @@ class DomainRuns:
         return mean_std([r[head]["train_loss"]
                          for r in self.runs[(training, SEPARATION, lr)]])[0]
 
+    def error(self, training: str, lr: float) -> float:
+        """The validation error (%) of ``training``'s consistent head at ``lr`` (main
+        separation), over seeds and samples: the number the summary quotes for it."""
+        rs = [r[consistent_head(training)] for r in self.runs[(training, SEPARATION, lr)]]
+        return 100.0 * float(_stack(rs).mean())
+
     def best_lr(self) -> dict[str, float]:
         """Per training of ``LR_GRID_TRAININGS``: the learning rate of the lowest loss."""
         return {t: min(self.scale.lr_grid, key=functools.partial(self.loss, t))
@@ -617,11 +623,13 @@ def tables(runs: DomainRuns, errors: DomainErrors, sweep_rows: list[list[Any]]) 
                  ["SGD training stats", "population stats", "affine", "error", "per level",
                   "training loss"], rows)
     best_lr = runs.best_lr()
-    lr_rows = [[t, f"{lr:g}", f"{runs.loss(t, lr):.3f}", "yes" if lr == best_lr[t] else ""]
+    lr_rows = [[t, f"{lr:g}", f"{runs.loss(t, lr):.3f}", runs.error(t, lr),
+                "yes" if lr == best_lr[t] else ""]
                for t in LR_GRID_TRAININGS for lr in runs.scale.lr_grid]
-    lr_table = Table("matched training: training loss (eval mode, mean over seeds) per "
-                     "learning rate; the lowest is kept", ["training", "lr", "training loss",
-                                                           "kept"], lr_rows)
+    lr_table = Table(f"matched training: training loss (eval mode, mean over seeds) and "
+                     f"validation error (%) of the consistent head at separation {SEPARATION} "
+                     f"per learning rate; the lowest loss is kept",
+                     ["training", "lr", "training loss", "val error", "kept"], lr_rows)
     sweep_table = Table(
         "separation sweep: the levels' statistics at the head's first norm (mean shift in "
         "pooled stds, std ratio max/min) and the errors (%) of Table 5's rows 1-4; differences "
