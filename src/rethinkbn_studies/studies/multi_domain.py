@@ -684,7 +684,28 @@ def notes_text(runs: DomainRuns, numbers: dict[str, Any]) -> str:
            f". At these, the GN / no-norm heads do not reach the BN head's training loss "
            f"(more than {MATCHED_LOSS} x it): under-trained heads say nothing about their "
            f"statistics at test time, so their verdict is inconclusive.")
+        + shift_order_note(sweep_numbers)
     )
+
+
+def shift_order_note(sweep_numbers: dict[float, dict[str, Any]]) -> str:
+    """A sentence where the sweep's measured mean shift does not grow with the planted
+    separation (else empty): which separations break the order, and what is measured (the
+    levels' statistics at the head's first norm of each trained model, after the levels'
+    lateral convs that training fits, not the planted gain and offset of the input)."""
+    seps = sorted(sweep_numbers)
+    shifts = [sweep_numbers[s]["mean_shift"] for s in seps]
+    falls = [f"{a:g} -> {b:g}: {x:.2f} -> {y:.2f}"
+             for a, b, x, y in zip(seps, seps[1:], shifts, shifts[1:], strict=False) if y < x]
+    if not falls:
+        return ""
+    ratios = ", ".join(f"{sweep_numbers[s]['std_ratio']:.2f}" for s in seps)
+    return (f" The measured mean shift does not grow with the planted separation "
+            f"({'; '.join(falls)}): it is measured at the head's first norm of each trained "
+            f"model, after the levels' lateral convs, which training fits per separation and "
+            f"seed, so it is the shift the head sees, not the planted gain and offset; the std "
+            f"ratio ({ratios}) and the "
+            f"errors are the sweep's other measures of it.")
 
 
 PAPER_TABLE = Table("Table 5 (RetinaNet R50-FPN, COCO; AP, higher is better)",
