@@ -189,3 +189,24 @@ def test_eval_group_clamps_to_the_evaluated_samples():
     assert [nbs.eval_group(s, scale) for s in (2, 64, 128)] == [2, 64, 80]
     assert "clamped to 80" in nbs.clamp_note(scale, [2, 128])
     assert nbs.clamp_note(Scale(1000, 2000, 2, (4, 8)), [2, 128]) == ""
+
+
+def _mechanism_numbers(small, big, pop, bias):
+    return {"mean": {"val_mub": {"2": small}, "val_mub_large": {"2": big}, "val_pop": {"2": pop}},
+            "scale": {"num_train": 1000, "num_val": 2000},
+            "between_sample_share": {"2": {"a": 0.05, "b": 0.12}},
+            "variance_bias": {"2": {"a": -bias, "b": -bias / 2}}}
+
+
+@pytest.mark.parametrize(("small", "big", "pop", "bias", "says"), [
+    (24.0, 16.5, 16.3, 0.05, "through the noise of 2-sample groups, not an inconsistency"),
+    (24.0, 24.0, 16.3, 0.05, "neither quantity explains the outcome"),
+    (24.0, 16.5, 16.3, 0.4, "a train/test inconsistency is expected"),
+])
+def test_mechanism_note_names_the_quantity_that_explains_the_outcome(small, big, pop, bias,
+                                                                      says):
+    """Issue 20, item 4: a generated sentence from the record, with its numbers."""
+    note = nbs.mechanism_note(_mechanism_numbers(small, big, pop, bias), [2, 128])
+    assert says in note
+    assert "0.120" in note and "not known" in note
+    assert f"{big:.1f} vs {small:.1f} over 2-sample groups and {pop:.1f}" in note
