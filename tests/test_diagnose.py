@@ -286,6 +286,35 @@ def test_a_model_without_batchnorm_is_a_clear_error():
 
 
 # ------------------------------------------------------------------ outputs
+def test_the_distance_plot_draws_markers_short_labels_and_the_legend_outside(healthy):
+    """Issue 22: layers are categories: markers, no connecting line; labels short enough to
+    read; the legend beside the axes, not over the data."""
+    pytest.importorskip("matplotlib")
+    from rethinkbn.diagnosis._report import LABEL_CHARS, _figure
+
+    d = run(healthy, val=make_data(256, 1, contrast=0.3))
+    fig = _figure(d)
+    ax = fig.axes[0]
+    markers = [line for line in ax.get_lines() if line.get_marker() not in ("None", None, "")]
+    assert markers and all(line.get_linestyle() == "None" for line in markers)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) == len(d.layers)
+    assert all(len(t) <= LABEL_CHARS for t in labels)
+    assert all(t.get_rotation() == 45 for t in ax.get_xticklabels())
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= ax.get_window_extent(renderer).x1  # right of the axes
+
+
+def test_short_label_keeps_the_index_and_the_names_end():
+    from rethinkbn.diagnosis._report import short_label
+
+    assert short_label(3, "layer2.0.bn1") == "3 layer2.0.bn1"
+    long = short_label(12, "backbone.stages.3.blocks.2.shortcut.norm", width=24)
+    assert len(long) == 24 and long.startswith("12 ...") and long.endswith("shortcut.norm")
+
+
 def test_summary_report_json_and_plot(healthy, tmp_path):
     d = run(healthy, val=make_data(256, 1, contrast=0.3))
     lines = d.summary().splitlines()

@@ -94,3 +94,35 @@ def test_the_committed_quick_run_shows_fig4_and_the_lambda_sweep_with_plots_and_
     claims = [r["claim"] for r in results["studies"]["ema-vs-precise"]["summary"]]
     assert any(c.startswith("Fig. 4") for c in claims)
     assert any(c.startswith("Lambda sweep") for c in claims)
+
+
+def test_the_readme_block_is_a_headline_the_disagreements_and_a_link():
+    results = _results(["agrees", "disagrees", "inconclusive"])
+    results["studies"]["nbs"]["summary"][1]["claim"] = "Sec. 4.3: mu_B beats pop"
+    block = readme.headline_block(results, "docs/results/quick/results.json")
+    head = readme.render(results, "docs/results/quick/results.json").splitlines()[1]
+    assert block.splitlines()[1] == head  # the same counts as the docs' table
+    assert "- `nbs`: Sec. 4.3: mu_B beats pop (1 | 2; paper: p)" in block
+    assert "[the report](docs/results/quick/report.md)" in block
+    assert "| study |" not in block and "c0" not in block  # no per-claim table
+    assert "No claim disagrees." in readme.headline_block(_results(["agrees"]))
+
+
+def test_an_ablation_of_ours_that_disagrees_is_marked_as_ours():
+    results = _results(["disagrees"])
+    results["studies"]["nbs"]["summary"][0]["paper_claim"] = False
+    assert "- `nbs`: c0 (ours) (" in readme.headline_block(results)
+
+
+@pytest.mark.parametrize("source", list(readme.BLOCKS))
+def test_the_full_tables_are_on_the_docs_page_not_in_the_readme(source):
+    """Issue 22: the README shows the headline; every claim's row is on docs/reproduction.md,
+    whose markers the docs build expands with :func:`readme.render`."""
+    text = (ROOT / "README.md").read_text()
+    results = json.loads((ROOT / source).read_text())
+    table = readme.render(results, str(source))
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert rows and not any(row in text for row in rows)
+    page = (ROOT / "docs/reproduction.md").read_text()
+    assert f"<!-- reproduce-summary:{source.parent.name} -->" in page
+    assert len(text.splitlines()) <= 150

@@ -121,3 +121,17 @@ def test_group_norm_verdict_is_inconclusive_when_training_is_not_matched(labels)
     assert "not matched" in rows[3].verdict.detail
     matched = {"GroupNorm": 0.42, "no norm": 1.3, "bn": 0.4}
     assert multi_domain.verdicts(wrong, losses=matched)[3].verdict.label == "disagrees"
+
+
+def test_a_sweep_whose_measured_shift_falls_says_so_with_its_numbers():
+    """Issue 20, item 7: 2.12 -> 12.21 -> 9.91 was shown without a word."""
+    from rethinkbn_studies.studies.multi_domain import shift_order_note
+
+    sweep = {0.0: {"mean_shift": 2.12, "std_ratio": 1.5}, 1.0: {"mean_shift": 12.21,
+                                                             "std_ratio": 2.5},
+             3.0: {"mean_shift": 9.91, "std_ratio": 8.4}}
+    note = shift_order_note(sweep)
+    assert "(1 -> 3: 12.21 -> 9.91)" in note and "head's first norm" in note
+    assert "1.50, 2.50, 8.40" in note
+    sweep[3.0]["mean_shift"] = 13.0
+    assert shift_order_note(sweep) == ""

@@ -3,6 +3,7 @@ the study end to end."""
 
 import json
 
+import numpy as np
 import pytest
 
 from rethinkbn_studies.studies import nbs
@@ -47,7 +48,10 @@ def test_nbs_verdict_outcomes_follow_their_numbers(change, row, label):
     v = nbs.verdicts(*fig5_case(change))[row].verdict
     assert v.label == label
     assert v.interval[0] <= v.effect <= v.interval[1]
-    assert "paired bootstrap over" in v.test and "3 seeds" in v.test
+    # the generalization gap compares the training and the validation set: independent sets,
+    # each resampled on its own (issue 20, item 7); every other row pairs models on one set
+    method = "(independent sets)" if row == 3 else "paired bootstrap over"
+    assert method in v.test and "3 seeds" in v.test
 
 
 def test_nbs_frozen_verdict_states_effect_test_and_mcnemar():
@@ -140,3 +144,69 @@ def test_nbs_study_reports_the_mechanism(tiny_out, tiny_data, one_thread):
     for per_layer in numbers["between_sample_share"].values():
         assert all(0.0 <= v <= 1.0 for v in per_layer.values())
     assert set(numbers["mean"]["val_mub_large"]) == set(numbers["mean"]["val_pop"])
+
+
+def test_training_fit_gap_counts_every_sample_when_the_sets_differ_in_size():
+    """Regression (issue 20, item 7): with 1000 training and 2000 validation samples the gap
+    was computed on the first 1000 validation samples only (19.8 - 0.1 shown as +20.8)."""
+    rng = np.random.default_rng(0)
+    val = [np.r_[np.ones(300), np.zeros(700), rng.random(1000) < 0.1] for _ in range(3)]
+    train = [rng.random(1000) < 0.01 for _ in range(3)]
+    fits = nbs.training_fit({"val_mub": {"2": val}, "train_mub": {"2": train}})
+    # the slow reference: the mean of each whole set, one seed at a time
+    ref = np.mean([100 * v.mean() - 100 * t.mean() for v, t in zip(val, train, strict=True)])
+    assert fits["2"].effect == pytest.approx(ref)
+    assert fits["2"].interval[0] <= fits["2"].effect <= fits["2"].interval[1]
+    assert "1000" in fits["2"].test and "2000" in fits["2"].test
+
+
+def test_independent_sets_bootstrap_is_the_sum_of_the_parts_means():
+    a = np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    b = -np.array([[1.0, 0.0], [0.0, 0.0]])
+    iv = nbs.independent_sets_bootstrap([a, b])
+    assert iv.effect == pytest.approx(100 * (a.mean() + b.mean()))
+    assert iv.low <= iv.effect <= iv.high
+
+
+def test_nbs_study_runs_when_the_nbs_exceeds_the_validation_set(tmp_path, one_thread):
+    """Regression: ``--tiny --data mnist1d:400`` (80 validation samples) failed with 128-sample
+    evaluation groups; the groups are clamped to the data and the setup says so."""
+    from rethinkbn.cli import main
+
+    assert main(["reproduce", "--tiny", "--data", "mnist1d:400", "--only", "nbs",
+                 "--out", str(tmp_path), "--jobs", "1"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "failed" not in report.split("## Summary")[1].split("##")[0]
+    assert "clamped to 80" in report
+    assert "128" in json.loads((tmp_path / "results.json").read_text())[
+        "studies"]["nbs"]["numbers"]["mean"]["val_mub"]
+
+
+def test_eval_group_clamps_to_the_evaluated_samples():
+    from rethinkbn_studies.toolkit.common import Scale
+
+    scale = Scale(300, 80, 2, (4, 8))
+    assert [nbs.eval_group(s, scale) for s in (2, 64, 128)] == [2, 64, 80]
+    assert "clamped to 80" in nbs.clamp_note(scale, [2, 128])
+    assert nbs.clamp_note(Scale(1000, 2000, 2, (4, 8)), [2, 128]) == ""
+
+
+def _mechanism_numbers(small, big, pop, bias):
+    return {"mean": {"val_mub": {"2": small}, "val_mub_large": {"2": big}, "val_pop": {"2": pop}},
+            "scale": {"num_train": 1000, "num_val": 2000},
+            "between_sample_share": {"2": {"a": 0.05, "b": 0.12}},
+            "variance_bias": {"2": {"a": -bias, "b": -bias / 2}}}
+
+
+@pytest.mark.parametrize(("small", "big", "pop", "bias", "says"), [
+    (24.0, 16.5, 16.3, 0.05, "through the noise of 2-sample groups, not an inconsistency"),
+    (24.0, 24.0, 16.3, 0.05, "neither quantity explains the outcome"),
+    (24.0, 16.5, 16.3, 0.4, "a train/test inconsistency is expected"),
+])
+def test_mechanism_note_names_the_quantity_that_explains_the_outcome(small, big, pop, bias,
+                                                                      says):
+    """Issue 20, item 4: a generated sentence from the record, with its numbers."""
+    note = nbs.mechanism_note(_mechanism_numbers(small, big, pop, bias), [2, 128])
+    assert says in note
+    assert "0.120" in note and "not known" in note
+    assert f"{big:.1f} vs {small:.1f} over 2-sample groups and {pop:.1f}" in note

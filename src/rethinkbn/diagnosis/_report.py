@@ -149,21 +149,36 @@ PLOTTED = {  # label -> how to read it off a layer's row
 }
 
 
-def _plot(diagnosis: Diagnosis, path: Path) -> Path | None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
+LABEL_CHARS = 24  # a layer's tick label: its qualified name, shortened to this many characters
+
+
+def short_label(index: int, name: str, width: int = LABEL_CHARS) -> str:
+    """The plot's tick label of layer ``index`` named ``name``: ``"3 layer2.0.bn1"``, with the
+    name's start cut (``"..."``) to fit ``width`` characters (the end names the layer)."""
+    text = f"{index} {name}"
+    return text if len(text) <= width else f"{index} ...{name[-(width - len(str(index)) - 4):]}"
+
+
+def _figure(diagnosis: Diagnosis) -> Any:
+    """The per-layer distances as a matplotlib ``Figure``: one marker per layer and distance
+    (layers are categories: no connecting line; the distances side by side at each layer),
+    short rotated labels, the legend outside the axes, on the right."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     names = list(diagnosis.layers)
-    fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    fig = Figure(figsize=(max(10.0, 0.4 * len(names) + 7), 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     floor = 1e-4  # a log axis: smaller distances are drawn at the floor
-    for label, read in PLOTTED.items():
-        values = [abs(read(diagnosis.layers[n])) for n in names]
-        if any(math.isfinite(v) for v in values):
-            ax.plot(range(len(names)), [max(v, floor) for v in values], marker="o", label=label)
+    drawn = [(label, [abs(read(diagnosis.layers[n])) for n in names])
+             for label, read in PLOTTED.items()]
+    drawn = [(label, values) for label, values in drawn if any(math.isfinite(v) for v in values)]
+    width = 0.7 / max(1, len(drawn))
+    for i, (label, values) in enumerate(drawn):
+        offset = (i - (len(drawn) - 1) / 2) * width
+        ax.plot([x + offset for x in range(len(names))], [max(v, floor) for v in values],
+                ls="none", marker="os^vDP"[i % 6], ms=5, label=label)
     t = diagnosis.thresholds
     ax.axhline(t.shift, color="grey", ls="--", lw=1, label=f"threshold {t.shift} (EMA, gap)")
     if any(math.isfinite(r.variance_ratio) for r in diagnosis.layers.values()):
@@ -172,11 +187,23 @@ def _plot(diagnosis: Diagnosis, path: Path) -> Path | None:
     if any(math.isfinite(r.domain_shift) for r in diagnosis.layers.values()):
         ax.axhline(t.domain_shift, color="grey", ls=":", lw=1,
                    label=f"threshold {t.domain_shift} (domain)")
-    ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
+    ax.set_xticks(range(len(names)), [short_label(i, n) for i, n in enumerate(names)],
+                  rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.grid(axis="x", color="0.9", lw=0.5)
     ax.set_yscale("log")
+    ax.set_xlabel("BatchNorm layer (index, qualified name)")
     ax.set_ylabel("distance")
     ax.set_title("Per-layer BatchNorm distances")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _plot(diagnosis: Diagnosis, path: Path) -> Path | None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    _figure(diagnosis).savefig(path, dpi=110, bbox_inches="tight")
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from rethinkbn.population import markdown_table
 
 from .base import AGREES, DISAGREES, INCONCLUSIVE, NOT_TESTABLE, Study, StudyResult
 
-__all__ = ["StudyOutcome", "environment", "render_report", "run_origin", "what_would_change",
-           "write_outputs"]
+__all__ = ["StudyOutcome", "environment", "render_report", "run_origin", "section",
+           "untraced_numbers", "what_would_change", "write_outputs"]
 
 
 @dataclass
@@ -207,6 +208,34 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     out += ["## Environment", "", f"{versions}; {env['platform']}.", ""]
     return "\n".join(out)
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def section(report: str, study: str) -> str:
+    """The text of ``study``'s section of a report.md (from its ``## `study`:`` heading to the
+    next heading of that level); raises ``KeyError`` if the report has none."""
+    start = report.find(f"\n## `{study}`:")
+    if start < 0:
+        raise KeyError(f"report.md: no section for study {study!r}")
+    end = report.find("\n## ", start + 1)
+    return report[start: end if end >= 0 else len(report)]
+
+
+def untraced_numbers(ours: str, text: str) -> list[str]:
+    """The numbers of a summary row's ``ours`` cell that ``text`` (its study's section) does
+    not show, so that a reader can trace every number of the summary to a table or a sentence
+    of its section. A number (its digits, sign dropped) is shown when ``text`` has it as a whole
+    number token, as written or with more decimals that round to it (``79.9`` in ``79.90``;
+    ``15.3`` is not in ``15.25``, which rounds to ``15.2``)."""
+    shown = {m.group() for m in _NUMBER.finditer(text)}
+    rounded: set[str] = set()
+    for token in shown:
+        decimals = len(token.partition(".")[2])
+        rounded.update(f"{float(token):.{d}f}" for d in range(decimals))
+    return [m.group() for m in _NUMBER.finditer(ours)
+            if m.group() not in shown and m.group() not in rounded]
 
 
 def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, Any],

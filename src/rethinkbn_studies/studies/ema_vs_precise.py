@@ -848,6 +848,23 @@ def curve_tables(runs: EmaRuns, numbers: dict[str, Any]) -> list[Table]:
     return [table, match_table, checkpoint_table]
 
 
+def gap_table(numbers: dict[str, Any], wrong: dict[str, Any]) -> Table:
+    """The EMA - PreciseBN gaps the summary quotes, per batch: the mean over the first half
+    (:func:`early_gap`) and over the checkpoints of matched PreciseBN error
+    (:func:`matched_checkpoints`, as :func:`matched_verdicts` averages them)."""
+    lb = numbers["large_batch"]
+    curves = numbers["curves"]
+    pairs = matched_checkpoints(curves[str(NORMAL_BATCH)]["precise_mean"],
+                                curves[str(lb)]["precise_mean"])
+    sides = {NORMAL_BATCH: [i for i, _ in pairs], lb: [j for _, j in pairs]}
+    rows = [[b, early_gap(curves[str(b)]),
+             100 * float(np.mean([_gap_at(wrong[str(b)], k) for k in sides[b]], axis=0).mean())
+             if pairs else "-"] for b in (NORMAL_BATCH, lb)]
+    return Table("EMA - PreciseBN validation error (pt), mean over seeds: over the first half of "
+                 f"training, and over the {len(pairs)} checkpoints of matched PreciseBN error",
+                 ["SGD batch", "first half", "matched checkpoints"], rows)
+
+
 def view_tables(runs: EmaRuns, numbers: dict[str, Any], wrong: dict[str, Any]) -> list[Table]:
     """Our tables of Fig. 2's view, Fig. 4's samples and the lambda sweep."""
     fig2_table = Table("Fig. 2 view: channels of one BN layer whose EMA mean is outside the "
@@ -933,6 +950,7 @@ def run(ctx: RunContext) -> StudyResult:
     wrong = runs.wrong()
     numbers = summarize(runs, wrong)
     return StudyResult(setup=setup_text(ctx, runs, list(wrong["fig4"])),
-                       tables=curve_tables(runs, numbers) + view_tables(runs, numbers, wrong),
+                       tables=[*curve_tables(runs, numbers), gap_table(numbers, wrong),
+                               *view_tables(runs, numbers, wrong)],
                        paper_tables=[PAPER_TABLE], plots=_plot(ctx, numbers),
                        summary=verdicts(numbers, wrong), numbers=numbers)
