@@ -10,10 +10,6 @@ from rethinkbn_studies.contract.report import section, untraced_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "docs/results/quick"
-# The committed quick report was rendered before these studies tabulated their summary's
-# numbers; no cache of its runs is at hand to re-render it. Regenerate docs/results/quick and the
-# marks turn into failures (strict): drop them then.
-STALE = {"ema-vs-precise", "nbs", "multi-domain"}
 
 
 def untraced(folder: Path) -> dict[str, list[tuple[str, list[str]]]]:
@@ -59,9 +55,6 @@ def test_a_tiny_run_traces_every_summary_number(tmp_path, tiny_data, data_file, 
     assert untraced(tmp_path) == {}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="rendered before the fix"))
-    if n in STALE else n
-    for n in json.loads((QUICK / "results.json").read_text())["studies"]])
+@pytest.mark.parametrize("name", json.loads((QUICK / "results.json").read_text())["studies"])
 def test_the_committed_quick_report_traces_every_summary_number(name):
     assert name not in untraced(QUICK)
