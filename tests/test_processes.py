@@ -76,7 +76,11 @@ def test_ctrl_c_stops_torchrun_and_its_workers(tmp_path):
     marker = f"rethinkbn-test-{uuid.uuid4().hex}"
     command = _torchrun(tmp_path, marker)
     parent_code = (
-        "import sys\n"
+        # Ctrl-C reaches a terminal's foreground job with SIGINT's default disposition; a SIGINT
+        # ignored by the test process would be inherited (Python then installs no handler) and
+        # must not decide this test.
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from rethinkbn.distributed.launch import run_command\n"
         "try:\n"
         f"    run_command({command!r}, timeout_s=600)\n"
