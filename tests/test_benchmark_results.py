@@ -34,3 +34,15 @@ def test_ghost_result_file_says_how_it_was_made():
     assert re.search(r"\d+ pairs per cell", text)
     rows = [line for line in text.splitlines() if line.startswith("| (")]
     assert len(rows) == 12  # 3 shapes x NBS 2, 4, 32, full
+
+
+def test_the_readme_quotes_rows_of_the_committed_model_benchmark():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- model-benchmark:[^>]*-->\n(.*?)<!-- /model-benchmark -->", readme,
+                      flags=re.S)
+    assert block, "the README quotes no model benchmark"
+    rows = (ROOT / "benchmarks" / "results" / "model.md").read_text().splitlines()
+    quoted = block.group(1).strip().splitlines()
+    assert len(quoted) >= 6
+    for line in quoted:
+        assert line in rows, line
