@@ -47,7 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # profiles below and layer-level timings); written after the table.
 FLOORS = """## Floors of the cells above target
 
-- **Ghost on the 1-D ResNet (NBS 32 / 8 / 2: 1.26 / 1.30 / 1.41).** torch's kernel normalizes
+- **Ghost on the 1-D ResNet (NBS 32, 8, 2: the table's cells).** torch's kernel normalizes
   over one channel dim, which contiguous groups of an ``(N, C, L)`` tensor cannot form without a
   copy. With rows of 40/20/10 values, reductions over the strided group view cost more than
   copying each group's channels into contiguous rows, so the layer copies: x into rows and the
@@ -59,9 +59,10 @@ FLOORS = """## Floors of the cells above target
   1.38 / 1.55 / 1.46: more
   and slower strided reductions. Reaching torch's cost here needs a fused kernel over groups
   (one pass for the statistics, one for the output; C++/Triton), not more torch ops.
-- **Ghost NBS 8 / 2 on ResNet-18 (1.06 / 1.09).** The same copies on its 8x8 and 4x4 stages
-  plus the row kernel's extra centring pass on the 32x32 and 16x16 stages; within the IQR of the
-  target for NBS 8.
+- **Ghost on ResNet-18 (the cells above 1.05, which move between runs: 1.06 / 1.09 at NBS 8 / 2
+  in one run, 1.07 at NBS 32 in another).** The same copies on its 8x8 and 4x4 stages plus the
+  row kernel's extra centring pass on the 32x32 and 16x16 stages; their intervals reach the
+  target.
 - **DomainBatchNorm with shuffled per-sample ids on the 1-D ResNet.** The layer sorts the samples
   by domain, runs torch's kernel once per domain and puts the output back in order; the rows
   "torch BN per domain, hand-written" are that loop written with torch alone, and the layer
