@@ -10,16 +10,14 @@ samples; outputs, input gradients and running buffers are bit-identical to it.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from op_counts import CountOps
 from rethinkbn.layers import DomainBatchNorm
 
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -156,18 +154,6 @@ def test_second_derivatives_are_exact(pattern, affine):
     assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-        self.float64 = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops[str(func.overloadpacket)] += 1
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            self.float64 += isinstance(t, torch.Tensor) and t.dtype == torch.float64
-        return out
 
 
 @pytest.mark.parametrize(("pattern", "permutations"), [("sorted", 0), ("shuffled", 4)])
