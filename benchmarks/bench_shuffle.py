@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rethinkbn.distributed import ShufflePlan, shuffle_permutation
-from rethinkbn.distributed.launch import launch
+from rethinkbn.distributed.launch import end_process_group, launch
 
 SHAPE = (32, 3, 32, 32)  # per rank: a batch of small images, float32
 WORLD_SIZES = (2, 4)
@@ -81,7 +81,7 @@ def worker() -> None:
             "time": {k: statistics.median(v) for k, v in times.items()},
             "bytes": {k: statistics.mean(v) for k, v in sent.items()},
         }))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rethinkbn.distributed import SyncBatchNorm
-from rethinkbn.distributed.launch import launch
+from rethinkbn.distributed.launch import end_process_group, launch
 
 # (per-rank shape, dtype, channels_last): a ResNet-50 stage-1 BN on GPU, a small one on CPU.
 GPU_CASES = [
@@ -141,7 +141,7 @@ def worker(device_kind: str) -> None:
                      "errors": errors})
     if dist.get_rank() == 0:
         print(json.dumps({"backend": backend, "rows": rows}))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rethinkbn import SyncBatchNorm, to_sync_bn
+from rethinkbn.distributed.launch import end_process_group
 from rethinkbn.population import precise_bn
 
 
@@ -57,6 +58,38 @@ def bn_stats_identical_on_every_rank(model: nn.Module) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def train_and_check(args: argparse.Namespace, device: torch.device) -> bool:
+    """Train with DDP, run PreciseBN, and say whether every rank ends with the same statistics.
+
+    Everything that holds the process group (DDP's reducer, the SyncBatchNorm layers) is freed
+    when this returns, before ``main`` ends the group.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    images, labels = make_data(args.batch_size * (args.steps + args.precise_batches), seed=rank)
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
+    model = to_sync_bn(make_model(), group_size=args.group_size).to(device)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    batches = list(zip(images.split(args.batch_size), labels.split(args.batch_size), strict=True))
+    for step, (x, y) in enumerate(batches[: args.steps]):
+        loss = nn.functional.cross_entropy(ddp(x.to(device)), y.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if rank == 0:
+            print(f"step {step}: loss {loss.item():.4f}", flush=True)
+
+    held_out = [x.to(device) for x, _ in batches[args.steps:]]
+    report = precise_bn(ddp, held_out, num_samples=None, num_batches=len(held_out),
+                        progress=False)
+    identical = bn_stats_identical_on_every_rank(model)
+    if rank == 0:
+        print(report)
+        verdict = "identical" if identical else "DIFFERENT"
+        print(f"precise_bn: BatchNorm statistics {verdict} on {world} ranks", flush=True)
+    return identical
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -71,40 +104,17 @@ def main() -> None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     try:
-        images, labels = make_data(args.batch_size * (args.steps + args.precise_batches),
-                                   seed=rank)
-        torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
-        model = to_sync_bn(make_model(), group_size=args.group_size).to(device)
-        ddp = DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        batches = list(zip(images.split(args.batch_size), labels.split(args.batch_size),
-                           strict=True))
-        for step, (x, y) in enumerate(batches[: args.steps]):
-            loss = nn.functional.cross_entropy(ddp(x.to(device)), y.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if rank == 0:
-                print(f"step {step}: loss {loss.item():.4f}", flush=True)
-
-        held_out = [x.to(device) for x, _ in batches[args.steps:]]
-        report = precise_bn(ddp, held_out, num_samples=None, num_batches=len(held_out),
-                            progress=False)
-        identical = bn_stats_identical_on_every_rank(model)
-        if rank == 0:
-            print(report)
-            verdict = "identical" if identical else "DIFFERENT"
-            print(f"precise_bn: BatchNorm statistics {verdict} on {world} ranks", flush=True)
-        if not identical:
-            raise SystemExit(1)
-        # every rank done with its collectives before any tears the group down (gloo can abort a
-        # rank whose peer destroyed the group while its last send was still in flight)
-        dist.barrier()
-    finally:
+        identical = train_and_check(args, device)
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # every rank done with its collectives before the group goes, and no tensor left for a gloo
+    # worker thread to free while the interpreter shuts down (see end_process_group)
+    end_process_group()
+    if not identical:  # the same on every rank: the check all-gathers
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rethinkbn.distributed.launch import free_port
+from rethinkbn.distributed.launch import end_process_group, free_port
 
 __all__ = ["GlooWorld", "Outcome"]
 
@@ -76,8 +76,10 @@ def _worker(
                 results.put((task_id, rank, _dumps(fn(*args)), None))
             except BaseException:  # noqa: BLE001 - reported to the parent, which raises
                 results.put((task_id, rank, None, traceback.format_exc()))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_process_group(timeout_s)  # every rank got the stop: none is left in a collective
 
 
 class GlooWorld:

@@ -66,3 +66,48 @@ def _running(pid):
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+END_SCRIPT = """
+import os, sys, time
+import torch, torch.distributed as dist
+from rethinkbn.distributed.launch import end_process_group
+end_process_group()  # no process group: nothing to do
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+x = torch.full((4,), float(rank))
+dist.all_reduce(x)
+for round in range(2):  # twice in one process (each end meets under keys of its own)
+    if round:
+        dist.init_process_group('gloo')
+    if rank == 1 and sys.argv[1] == 'late':
+        time.sleep(1.0)
+    if rank == 1 and sys.argv[1] == 'absent':
+        os._exit(0)  # leaves without meeting the others (and skips the shutdown gloo races)
+    started = time.monotonic()
+    try:
+        end_process_group(timeout_s=float(sys.argv[2]))
+    except TimeoutError as error:
+        print('TimeoutError:', error)
+        sys.exit(0)
+    print(f'round {round} ended: waited {time.monotonic() - started:.2f} s, '
+          f'initialized {dist.is_initialized()}, sum {x.tolist()}')
+"""
+
+
+@pytest.mark.parametrize("mode", ["late", "absent"])
+def test_end_process_group_meets_every_rank_then_destroys_the_group(tmp_path, mode):
+    script = tmp_path / "end.py"
+    script.write_text(END_SCRIPT)
+    outputs = launch(script, 2, args=[mode, "1.5" if mode == "absent" else "60"], timeout_s=120)
+    if mode == "absent":
+        # Rank 0 waits for rank 1, which never comes: a TimeoutError naming the wait, not a hang.
+        assert "TimeoutError: end_process_group: not every one of the 2 ranks arrived within " \
+               "1.5 s" in outputs[0]
+        return
+    for rank, out in enumerate(outputs):
+        lines = out.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["round 0 ended", "round 1 ended"], out
+        assert all("initialized False, sum [1.0, 1.0, 1.0, 1.0]" in line for line in lines)
+        if rank == 0:  # rank 0 waited for the late rank 1, in both rounds
+            assert all(float(line.split("waited ")[1].split(" s")[0]) >= 0.9 for line in lines)

@@ -8,7 +8,8 @@ to completion. Both start every process in a session of its own and, when they t
 interrupted, stop it with SIGTERM, then SIGKILL its process group and every process it started
 (torch elastic's workers live in sessions of their own), so no worker outlives them.
 :func:`free_port` picks a port for ``MASTER_PORT``; :func:`cpu_threads` sets torch's CPU threads
-for a block.
+for a block; :func:`end_process_group` ends a rank's process group so that gloo cannot abort the
+process at exit.
 
 Only the standard library and torch. The reproduction harness (``rethinkbn_studies``), the
 tests and the benchmarks use this module; it is not imported by ``rethinkbn.distributed``'s
@@ -30,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
-__all__ = ["cpu_threads", "free_port", "launch", "run_command"]
+__all__ = ["cpu_threads", "end_process_group", "free_port", "launch", "run_command"]
 
 
 def free_port() -> int:
@@ -198,3 +201,44 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_ENDS = [0]  # how many times this process has ended a group: each end meets under keys of its own
+
+
+def end_process_group(timeout_s: float = 300.0) -> None:
+    """Wait until every rank gets here, then destroy the default process group.
+
+    Call it in place of ``dist.barrier(); dist.destroy_process_group()`` at the end of a script.
+    A gloo worker thread frees a collective's tensors just *after* it reports the collective
+    done, and a finished ``barrier`` holds on to the collectives issued before it; when the
+    interpreter has begun to shut down by then, freeing a tensor that Python once held aborts
+    the process ("terminate called without an active exception"; about one run in ten of
+    ``examples/ddp_train.py`` on a loaded 2-core machine). So the ranks meet here through the
+    process group's store (no collective, so nothing is left for a worker thread to free), which
+    also means that no rank destroys the group while a peer's last collective is in flight.
+    Rank 0, which hosts the store under ``env://`` without torchrun, leaves last. Raises
+    TimeoutError when a rank does not arrive within ``timeout_s``; does nothing when no process
+    group is initialized.
+    """
+    if not dist.is_initialized():
+        return
+    _ENDS[0] += 1
+    key = f"rethinkbn/end_process_group/{_ENDS[0]}"
+    store = distributed_c10d._get_default_store()
+    world = dist.get_world_size()
+    deadline = time.monotonic() + timeout_s
+
+    def wait_for(counter: str) -> None:
+        while int(store.add(counter, 0)) < world:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"end_process_group: not every one of the {world} ranks "
+                                   f"arrived within {timeout_s:g} s")
+            time.sleep(0.001)
+
+    store.add(f"{key}/arrived", 1)
+    wait_for(f"{key}/arrived")
+    store.add(f"{key}/left", 1)
+    if dist.get_rank() == 0:
+        wait_for(f"{key}/left")
+    dist.destroy_process_group()

@@ -21,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from rethinkbn.distributed.launch import end_process_group
+
 from ..infra.cache import save_result
 from .leakage import (
     VARIANTS,
@@ -45,24 +47,30 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        scale = LeakageScale.from_dict(json.loads(args.scale))
-        variant = VARIANTS[args.variant]
-        train, _, _ = task_images(scale, args.seed)
-        model = build_model(variant, scale, args.seed, distributed=True)
-        loss = train_model(model, train, scale, args.seed, rank, world)
-        # SyncBN's statistics are estimated by the parent on the whole step (train_on_ranks).
-        if has_batchnorm(variant) and variant.norm != "sync":
-            recompute_roi_population(model, variant, train, scale, args.seed, rank, world)
-        # The step's mean loss: every rank's mean over an equal share.
-        total = torch.tensor([loss])
-        dist.all_reduce(total)
-        if rank == 0:
-            save_result(args.out, {"state_dict": dict(model.state_dict()),
-                                   "train_loss": float(total) / world})
-        dist.barrier()
-    finally:
+        _run(args)
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_process_group()  # every rank done before the group goes (see its docstring)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Train, estimate and save one variant (rank 0 saves)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    scale = LeakageScale.from_dict(json.loads(args.scale))
+    variant = VARIANTS[args.variant]
+    train, _, _ = task_images(scale, args.seed)
+    model = build_model(variant, scale, args.seed, distributed=True)
+    loss = train_model(model, train, scale, args.seed, rank, world)
+    # SyncBN's statistics are estimated by the parent on the whole step (train_on_ranks).
+    if has_batchnorm(variant) and variant.norm != "sync":
+        recompute_roi_population(model, variant, train, scale, args.seed, rank, world)
+    # The step's mean loss: every rank's mean over an equal share.
+    total = torch.tensor([loss])
+    dist.all_reduce(total)
+    if rank == 0:
+        save_result(args.out, {"state_dict": dict(model.state_dict()),
+                               "train_loss": float(total) / world})
 
 
 if __name__ == "__main__":
