@@ -242,7 +242,8 @@ def test_a_real_run_records_its_date_command_and_commit(tmp_path):
     finally:
         base._REGISTRY.pop("dated-demo")
     env = json.loads((tmp_path / "results.json").read_text())["environment"]
-    assert env["command"] == "rethinkbn reproduce --quick --only dated-demo --jobs 1"
+    # the command that makes the same run again (`rethinkbn variation` reruns it): --tiny too
+    assert env["command"] == "rethinkbn reproduce --tiny --quick --only dated-demo --jobs 1"
     assert env["started"].startswith(("20", "21"))  # an ISO date
     report = (tmp_path / "report.md").read_text()
     assert f"Run {env['started']}" in report and f"`{env['command']}`" in report

@@ -1,4 +1,5 @@
-"""The commands ``rethinkbn reproduce`` and ``rethinkbn studies``, which run this harness.
+"""The commands ``rethinkbn reproduce``, ``rethinkbn studies`` and ``rethinkbn variation``, which
+run this harness.
 
 The library's command (:mod:`rethinkbn.cli`) never imports this package: it finds these
 commands through the entry point group ``rethinkbn.commands`` (``pyproject.toml``), calls
@@ -10,6 +11,7 @@ extra: the handlers check the extra first (one line naming what is missing), the
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 
@@ -62,6 +64,51 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                      "devices only)")
     rep.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
     rep.set_defaults(run=run_reproduce)
+
+
+def add_variation(sub: argparse._SubParsersAction) -> None:
+    """Add the ``variation`` sub-command to ``sub``; its handler is :func:`run_variation`."""
+    var = sub.add_parser(
+        "variation",
+        help="rerun a reproduction with the kernels of other CPU builds and compare verdicts",
+        description="Rerun the command recorded in <reference>/results.json once per build "
+        "(other vector kernels, as on another machine) and write <reference>/variation.json; "
+        "rerun that reproduce command into <reference> to put it into report.md.",
+        epilog=DOCS_EPILOG,
+    )
+    var.add_argument("--reference", required=True,
+                     help="a reproduction's output folder (its results.json)")
+    var.add_argument("--builds", default="avx2,sse",
+                     help="comma-separated builds: avx2 (no AVX-512), sse (scalar ATen, SSE4.1 "
+                     "convolutions); default: both")
+    var.add_argument("--work", default=None,
+                     help="where the builds' reproductions go (default: <reference>/builds)")
+    var.add_argument("--timeout", type=_positive_int, default=7200,
+                     help="seconds one build's reproduction may take (default 7200)")
+    var.set_defaults(run=run_variation)
+
+
+def run_variation(args: argparse.Namespace) -> int:
+    """``rethinkbn variation``: 0 done, 2 bad options or a failed build (one line on stderr),
+    130 interrupted."""
+    if _no_studies_extra(args.command):
+        return 2
+    from pathlib import Path
+
+    from .infra.variation import run_variation as run
+
+    builds = [b.strip() for b in args.builds.split(",") if b.strip()]
+    work = Path(args.work) if args.work else Path(args.reference) / "builds"
+    try:
+        path = run(args.reference, work, builds, args.timeout, sys.stderr)
+    except (ValueError, subprocess.TimeoutExpired) as err:
+        return _usage_error(str(err))
+    except KeyboardInterrupt:
+        print("\nrethinkbn variation: interrupted", file=sys.stderr)
+        return 130
+    print(f"variation: {path}; rerun the reproduction into {args.reference} (from its cache) "
+          "to put it into report.md")
+    return 0
 
 
 def add_studies(sub: argparse._SubParsersAction) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from rethinkbn.population import markdown_table
 
+from . import variation as machine_variation
 from .base import AGREES, DISAGREES, INCONCLUSIVE, NOT_TESTABLE, Study, StudyResult
 
 __all__ = ["StudyOutcome", "environment", "render_report", "run_origin", "section",
@@ -78,16 +79,40 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _summary_table(outcomes: list[StudyOutcome]) -> list[str]:
+def _summary_table(outcomes: list[StudyOutcome],
+                   builds: dict[tuple[str, str], str] | None) -> list[str]:
     rows: list[list[str]] = []
+    extra = [] if builds is None else ["-"]
     for o in outcomes:
         if o.result is None:
-            rows.append([f"`{o.study.name}`", f"(failed: {o.error})", "-", "-", "-"])
+            rows.append([f"`{o.study.name}`", f"(failed: {o.error})", "-", "-", "-", *extra])
             continue
-        rows += [[f"`{o.study.name}`", row.claim, row.ours, row.paper, f"**{row.verdict.label}**"]
+        rows += [[f"`{o.study.name}`", row.claim, row.ours, row.paper, f"**{row.verdict.label}**",
+                  *([] if builds is None else [builds[(o.study.name, row.claim)]])]
                  for row in o.result.summary]
-    header = ["study", "claim", "ours", "paper", "verdict"]
+    header = ["study", "claim", "ours", "paper", "verdict",
+              *([] if builds is None else ["other builds"])]
     return markdown_table("", header, rows, right_aligned=False).split("\n")
+
+
+def _verdicts(outcomes: list[StudyOutcome]) -> dict[tuple[str, str], str]:
+    return {(o.study.name, r.claim): r.verdict.label for o in outcomes if o.result
+            for r in o.result.summary}
+
+
+def _variation_lines(variation: dict[str, Any] | None,
+                     builds: dict[tuple[str, str], str] | None) -> list[str]:
+    """The report's between-machine section: the variation's, a line saying that the folder's
+    variation.json belongs to another run, or nothing when there is none."""
+    if variation is None:
+        return []
+    if builds is None:
+        ref = variation.get("reference", {})
+        return ["## Between-machine variation", "",
+                f"This folder's variation.json was measured on another run (commit "
+                f"{ref.get('commit')}, {ref.get('started')}): its verdicts are not these. "
+                "Rerun `" + str(variation.get("command")) + "` to measure this run's.", ""]
+    return machine_variation.section(variation)
 
 
 def _fingerprint_note(env: dict[str, Any]) -> str:
@@ -156,8 +181,11 @@ def headline(rows: list[tuple[str, bool]], split: bool = True) -> str:
         "; " + counts(own, "ablations and mechanism checks of ours") if own else "")
 
 
-def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float) -> str:
-    """The markdown text of report.md."""
+def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: float,
+                  variation: dict[str, Any] | None = None) -> str:
+    """The markdown text of report.md; ``variation``: the folder's variation.json
+    (:mod:`~rethinkbn_studies.contract.variation`), shown when it was measured on this run."""
+    builds = machine_variation.marks(variation, _verdicts(outcomes))
     counted = [(r.verdict.label, r.paper_claim) for o in outcomes if o.result
                for r in o.result.summary]
     out = [
@@ -177,11 +205,15 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         f"states an effect, its interval and test, it agrees (disagrees) only when the whole "
         f"interval lies on the paper's (the other) side of the threshold; inconclusive: "
         f"the noise exceeds the margin; not testable: a precondition of the claim, checked by "
-        f"a rule fixed in advance, is absent here. At this scale, {headline(counted)}.",
+        f"a rule fixed in advance, is absent here. At this scale, {headline(counted)}."
+        + ("" if builds is None or variation is None else
+           " Verdicts of the paper's claims that every other CPU build repeats (see "
+           f"*Between-machine variation*): "
+           f"{machine_variation.robust_counts(variation['claims'])}."),
         "",
         "## Summary",
         "",
-        *_summary_table(outcomes),
+        *_summary_table(outcomes, builds),
         "",
     ]
     for o in outcomes:
@@ -205,6 +237,7 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
             out += [r.notes, ""]
         out += [f"*Wall time of this study: {o.seconds:.0f} s.*", ""]
         out += [what_would_change(r), ""]
+    out += _variation_lines(variation, builds)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     out += ["## Environment", "", f"{versions}; {env['platform']}.", ""]
     return "\n".join(out)
@@ -240,8 +273,12 @@ def untraced_numbers(ours: str, text: str) -> list[str]:
 
 def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, Any],
                   wall_s: float) -> Path:
-    """Write report.md and results.json into ``out_dir``; returns the report's path."""
+    """Write report.md and results.json into ``out_dir``; returns the report's path. A
+    variation.json in ``out_dir`` measured on this run (:func:`.variation.marks`) adds each
+    verdict's fate on the other builds (``other_builds``) to results.json's rows and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    variation = machine_variation.load(out_dir)
+    builds = machine_variation.marks(variation, _verdicts(outcomes)) or {}
     results = {
         "environment": {**env, "wall_time_s": wall_s},
         "studies": {
@@ -257,7 +294,9 @@ def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, An
                         "plots": o.result.plots,
                         "summary": [
                             {"claim": r.claim, "ours": r.ours, "paper": r.paper,
-                             "paper_claim": r.paper_claim, **r.verdict.to_json()}
+                             "paper_claim": r.paper_claim, **r.verdict.to_json(),
+                             **({"other_builds": builds[(o.study.name, r.claim)]}
+                                if builds else {})}
                             for r in o.result.summary
                         ],
                     }
@@ -270,5 +309,5 @@ def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, An
     }
     (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
     report = out_dir / "report.md"
-    report.write_text(render_report(outcomes, env, wall_s))
+    report.write_text(render_report(outcomes, env, wall_s, variation))
     return report

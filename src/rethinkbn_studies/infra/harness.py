@@ -25,6 +25,7 @@ from ..contract.base import (
     registered_studies,
 )
 from ..contract.report import StudyOutcome, environment, write_outputs
+from ..contract.variation import load as load_variation
 from ..toolkit.data import DataSplit, check_data_spec, data_fingerprint, load_data
 from .cache import RunCache
 from .processes import cpu_threads
@@ -131,11 +132,12 @@ def check_writable_dir(path: Path, flag: str) -> None:
 
 def reproduce_command(only: Sequence[str] | None, *, quick: bool, seeds: int | None,
                       device: str, data: str, ranks: int, threads: int | None,
-                      jobs: int) -> str:
+                      jobs: int, tiny: bool = False) -> str:
     """The ``rethinkbn reproduce`` command line that gives these settings (for the report: a
-    run says how to make it again). Output and cache folders are left out: they do not change
-    the numbers."""
+    run says how to make it again; ``rethinkbn variation`` reruns it). Output and cache folders
+    are left out: they do not change the numbers."""
     parts = ["rethinkbn reproduce"]
+    parts += ["--tiny"] if tiny else []
     parts += ["--quick"] if quick else []
     parts += [f"--only {','.join(only)}"] if only else []
     parts += [f"--seeds {seeds}"] if seeds is not None else []
@@ -220,7 +222,7 @@ def reproduce(
         wall = time.perf_counter() - start
         env = run_environment(ctx, started, reproduce_command(
             [s.name for s in studies] if only else None, quick=quick, seeds=seeds,
-            device=device, data=data, ranks=ranks, threads=threads, jobs=jobs))
+            device=device, data=data, ranks=ranks, threads=threads, jobs=jobs, tiny=tiny))
         return write_outputs(ctx.out_dir, outcomes, env, wall), outcomes
 
 
@@ -267,6 +269,7 @@ def build_context(studies: Sequence[Study], *, quick: bool, seeds: int, out_dir:
         if study.check is not None:
             study.check(ctx)
     check_writable_dir(out_dir, "--out")
+    load_variation(out_dir)  # a broken variation.json fails now, not after the studies
     if cache_dir is not None:
         check_writable_dir(cache_root, "--cache")
     return ctx
