@@ -322,6 +322,31 @@ class _TransposedGroupNorm(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def _composite_group_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`contiguous_group_norm` in plain torch ops, for ``torch.compile``: inductor fuses
+    the reductions and the normalization of a :func:`_group_view` and derives the backward
+    itself (through the hand-written kernels above, which exist for eager CPU speed, a compiled
+    step of the 1-D ResNet at NBS 2 costs 1.44x compiled torch BN; this way 0.99x). Statistics
+    in the compute dtype, as the kernels compute them; same return values."""
+    xs = _group_view(x, groups)
+    var, mean = torch.var_mean(xs.to(compute_dtype(x)), dim=(1, 3), keepdim=True,
+                               correction=0)
+    y = (xs - mean) * torch.rsqrt(var + eps)
+    shape = (1, 1, x.size(1), 1)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    y = y.to(x.dtype)
+    if xs.size(3) == 1 and x.dim() > 2 and not x.is_contiguous():  # channels_last: back
+        y = y.view(*x.shape[:1], *x.shape[2:], x.size(1)).movedim(-1, 1)
+    else:
+        y = y.view(x.shape)
+    return y, mean.detach().view(groups, -1), var.detach().view(groups, -1)
+
+
 def contiguous_group_norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -332,6 +357,8 @@ def contiguous_group_norm(
     Formulas in :class:`_ContiguousGroupNorm`; a contiguous input with at most
     :data:`TRANSPOSE_ROWS` values per sample and channel uses :class:`_TransposedGroupNorm`.
     """
+    if torch.compiler.is_compiling():
+        return _composite_group_norm(x, weight, bias, groups, eps)
     spatial = x.numel() // max(x.size(0) * x.size(1), 1)
     if spatial <= TRANSPOSE_ROWS and x.is_contiguous():
         y, mean, var = _TransposedGroupNorm.apply(x, weight, bias, groups, eps)
