@@ -142,3 +142,17 @@ def test_variation_command_is_registered():
     done = subprocess.run([sys.executable, "-m", "rethinkbn.cli", "variation", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--builds" in done.stdout
+
+
+def test_the_readme_head_line_counts_the_verdicts_every_build_repeats():
+    from rethinkbn_studies import readme
+
+    results = _results({"a": ("agrees", 3.0), "b": ("agrees", 1.0), "own": ("agrees", 2.0)})
+    results["environment"] = {**ENV, "jobs": 2, "wall_time_s": 280.0}
+    block = readme.headline_block(results)
+    assert "every other CPU build" not in block  # no variation measured: nothing said
+    rows = results["studies"]["demo"]["summary"]
+    for row, fate in zip(rows, ["same", "sse: inconclusive", "same"], strict=True):
+        row["other_builds"] = fate
+    assert ("Paper claims whose verdict every other CPU build repeats (the report's "
+            "*Between-machine variation*): 1 of 2 agrees.") in readme.headline_block(results)

@@ -23,6 +23,7 @@ from rethinkbn.population import markdown_table
 
 from .contract.base import DISAGREES
 from .contract.report import headline, run_origin
+from .contract.variation import robust_counts
 
 __all__ = ["BEGIN", "BLOCKS", "END", "headline_block", "render", "rewrite"]
 
@@ -67,7 +68,19 @@ def _head(results: dict[str, Any], source: str) -> str:
             f"{env.get('jobs', 1)} job(s), wall time {env['wall_time_s']:.0f} s): "
             + headline([(row["verdict"], row.get("paper_claim", True)) for _, row in rows],
                        split=any("paper_claim" in row for _, row in rows))
-            + (f"; failed studies: {', '.join(failed)}" if failed else "") + ".")
+            + (f"; failed studies: {', '.join(failed)}" if failed else "") + "."
+            + _builds_note(rows))
+
+
+def _builds_note(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """The sentence on other CPU builds when the rows carry ``other_builds`` (a run measured
+    with ``rethinkbn variation``): per verdict, the paper's claims every build repeats."""
+    if not rows or not all("other_builds" in row for _, row in rows):
+        return ""
+    claims = [{"paper_claim": row.get("paper_claim", True), "verdict": row["verdict"],
+               "robust": row["other_builds"] == "same"} for _, row in rows]
+    return (" Paper claims whose verdict every other CPU build repeats (the report's "
+            f"*Between-machine variation*): {robust_counts(claims)}.")
 
 
 def headline_block(results: dict[str, Any], source: str = str(RESULTS),
