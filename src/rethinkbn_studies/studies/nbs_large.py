@@ -57,7 +57,8 @@ LARGE_NBS = (2, 32, GHOST_SGD_BATCH)
 # per step at NBS 2 / 32 / 128, and 6.5 s to evaluate a model (nbs._evaluate: PreciseBN over
 # 16,384 samples, the mechanism pass, the mini-batch evaluations). The arm's 9 runs (3 NBS x 3
 # seeds) thus cost about 20 x 128 x 0.145 s x 3 + 9 x 6.5 s = 1,170 s of CPU: about 10 minutes
-# added to a cold full run at --jobs 2 (none to a warm one).
+# added to a cold full run at --jobs 2 (none to a warm one). One more run, after the choice:
+# the arm's plumbing at full scale with 1 epoch, seed 0, --jobs 2 (not a result of the arm).
 LARGE_EPOCHS = 20
 # The seeds the design asks for at least.
 MIN_SEEDS = 2
