@@ -12,10 +12,15 @@ computes whole-batch PreciseBN statistics and trains on with FrozenBN. Every run
 the shared models (``common.GHOST_EPOCHS``: long enough to fit the training set at NBS 2 and 4);
 the report's training-fit table shows, per NBS, how far the training error with mini-batch
 statistics lies below the validation error.
+
+Full mode adds the large arm (:mod:`.nbs_large`): NBS 2, 32 and 128 on 16,384 training samples
+with 3 blocks per stage, where the models cannot memorize their training set, evaluated like the
+sweep and judged on the sweep's claims (:func:`sweep_verdicts`) with their preconditions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +62,7 @@ from ..toolkit.common import (
     study_data,
 )
 from ..toolkit.train import Callback, TrainConfig, evaluate_wrong, train
+from . import nbs_large
 
 SGD_BATCH = GHOST_SGD_BATCH
 LR = GHOST_LR
@@ -120,12 +126,13 @@ def _precise(model: nn.Module, x: Any, seed: int) -> nn.Module:
     return model
 
 
-def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int,
-              trained: dict[str, Any]) -> dict[str, Any]:
-    """Per-sample errors of the shared NBS model: train and val with mini-batch statistics
-    (groups of NBS), val with whole-batch PreciseBN statistics, and the EMA's val error."""
+def _evaluate(ctx: RunContext, scale: Scale, nbs: int, seed: int, trained: dict[str, Any],
+              blocks: int = 1) -> dict[str, Any]:
+    """Per-sample errors of the shared NBS model (``blocks`` BasicBlocks per stage): train and
+    val with mini-batch statistics (groups of NBS), val with whole-batch PreciseBN statistics,
+    and the EMA's val error; per BN layer the between-sample share and the variance bias."""
     data = study_data(ctx).subset(scale.num_train, scale.num_val)
-    model = ghost_model(ctx, scale, nbs, seed, trained)
+    model = ghost_model(ctx, scale, nbs, seed, trained, blocks)
     n = min(len(data.train_x), len(data.val_x))
     ema = evaluate_wrong(model, data.val_x, data.val_y)
     # groups of at most the evaluated samples (see :func:`eval_group`; the setup text says so)
@@ -247,18 +254,22 @@ def frozen_verdict(claim_helps: bool, nbs: str, wrong: dict[str, dict[str, Any]]
                        f"below the margin is no help), {whole}", interval, NO_HELP_MARGIN, detail)
 
 
-def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:
-    """Claims of Sec. 4 judged from per-sample errors ``wrong[curve][nbs]`` (per seed, a 0/1
-    vector per sample; curves ``train_mub``, ``val_mub``, ``val_pop`` at every NBS,
-    ``val_pop_step`` and ``val_pop_frozen`` at the smallest and largest), each with a paired
-    bootstrap over samples and seeds; the displayed numbers are the means ``numbers["mean"]``."""
+def sweep_verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]],
+                   network: str = "") -> list[SummaryRow]:
+    """The claims of Sec. 4 that need only the NBS sweep (no FrozenBN runs), judged from
+    per-sample errors ``wrong[curve][nbs]`` (per seed, a 0/1 vector per sample; curves
+    ``train_mub``, ``val_mub``, ``val_pop`` at every NBS; ``numbers["mean"]["train_pop"]`` for the
+    fit check) with a paired bootstrap over samples and seeds, each claim with its precondition
+    fixed before the runs; the displayed numbers are the means ``numbers["mean"]``.
+    ``network``: its name, put before every claim (empty for the main sweep; the large arm's
+    rows, :mod:`.nbs_large`, name it)."""
     m = numbers["mean"]
     sizes = sorted(int(k) for k in m["val_pop"])
     lo, hi = str(sizes[0]), str(sizes[-1])
     rows = []
     fit_gap = m["train_pop"][lo] - m["train_pop"][hi]
     rows.append(SummaryRow(
-        f"Val error with population stats rises at tiny NBS ({lo})",
+        f"{network}Val error with population stats rises at tiny NBS ({lo})",
         f"{m['val_pop'][lo]:.1f} vs {m['val_pop'][hi]:.1f} (NBS={hi})",
         "32.5 vs 23.7 (NBS=1024)",
         given(fit_gap <= POP_FIT_MARGIN,
@@ -276,12 +287,12 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
     n = min(a.shape[1], b.shape[1])
     d = a[:, :n] - b[:, :n]
     rows.append(SummaryRow(
-        "Train/test inconsistency (val pop - val mu_B) grows as NBS shrinks",
+        f"{network}Train/test inconsistency (val pop - val mu_B) grows as NBS shrinks",
         f"{gap_lo:+.1f} at NBS={lo} vs {gap_hi:+.1f} at NBS={hi}", "+6.5 at 2 vs -1.1 at 1024",
         exceeds(f"gap(NBS={lo}) - gap(NBS={hi}) > 0, whole 95% interval", _bootstrap(d), 0.0)))
     rows.append(SummaryRow(
-        f"Sec. 4.3: mini-batch statistics at test time beat population statistics at tiny NBS "
-        f"({lo})",
+        f"{network}Sec. 4.3: mini-batch statistics at test time beat population statistics at "
+        f"tiny NBS ({lo})",
         f"val mu_B {m['val_mub'][lo]:.1f} vs pop {m['val_pop'][lo]:.1f}", "26.0 vs 32.5",
         exceeds(f"val_pop(NBS={lo}) - val_mub(NBS={lo}) > 0, whole 95% interval",
                 _bootstrap(_difference(wrong, ("val_pop", lo), ("val_mub", lo))), 0.0)))
@@ -292,8 +303,8 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
     parts = [_difference(wrong, ("val_mub", hi), ("val_mub", lo)),
              _difference(wrong, ("train_mub", lo), ("train_mub", hi))]
     rows.append(SummaryRow(
-        "Small NBS regularizes: the generalization gap (val mu_B - train mu_B) shrinks as NBS "
-        "shrinks",
+        f"{network}Small NBS regularizes: the generalization gap (val mu_B - train mu_B) shrinks "
+        f"as NBS shrinks",
         f"{gen_lo:+.1f} at NBS={lo} vs {gen_hi:+.1f} at NBS={hi}", "+9.5 at 2 vs +16.3 at 1024",
         given(min(m["train_mub"][lo], m["train_mub"][hi]) > REGULARIZATION_FLOOR,
               f"training error with mini-batch stats {m['train_mub'][lo]:.1f}% (NBS={lo}) / "
@@ -301,6 +312,18 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
               f"floor: the gap measures test-time noise, not regularization",
               exceeds(f"gen gap(NBS={hi}) - gen gap(NBS={lo}) > 0, whole 95% interval",
                       independent_sets_bootstrap(parts), 0.0))))
+    return rows
+
+
+def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:
+    """Claims of Sec. 4 judged from per-sample errors ``wrong[curve][nbs]``: the sweep's
+    (:func:`sweep_verdicts`), then FrozenBN's from the step-schedule pairs (curves
+    ``val_pop_step`` and ``val_pop_frozen`` at the smallest and largest NBS), each with a paired
+    bootstrap over samples and seeds; the displayed numbers are the means ``numbers["mean"]``."""
+    m = numbers["mean"]
+    sizes = sorted(int(k) for k in m["val_pop"])
+    lo, hi = str(sizes[0]), str(sizes[-1])
+    rows = sweep_verdicts(numbers, wrong)
     rows.append(SummaryRow(
         f"FrozenBN for the last 20% helps at tiny NBS ({lo})",
         f"{m['val_pop_frozen'][lo]:.1f} vs {m['val_pop_step'][lo]:.1f}", "25.2 vs 32.5",
@@ -383,24 +406,26 @@ def training_fit_note(fits: dict[str, Verdict], epochs: int) -> str:
             f"statistics, whole 95% interval): the criterion {said}. {then}")
 
 
-def share_table(numbers: dict[str, Any], sizes: list[int]) -> Table:
+def share_table(numbers: dict[str, Any], sizes: list[int], network: str = "") -> Table:
     """Per BN layer (rows) and NBS (columns), the between-sample share of the layer's input
-    variance (:func:`rethinkbn.population.variance_decomposition`, mean over channels and seeds)."""
+    variance (:func:`rethinkbn.population.variance_decomposition`, mean over channels and
+    seeds); ``network``: its name before the title (empty for the main sweep)."""
     share = numbers["between_sample_share"]
     layers = list(share[str(sizes[0])])
-    return Table("between-sample share of each BN input's variance (mean over channels and "
-                 "seeds), per NBS the models trained at", ["layer", *[str(s) for s in sizes]],
+    return Table(f"{network + ': ' if network else ''}between-sample share of each BN input's "
+                 f"variance (mean over channels and seeds), per NBS the models trained at",
+                 ["layer", *[str(s) for s in sizes]],
                  [[name, *[f"{share[str(s)][name]:.3f}" for s in sizes]] for name in layers])
 
 
-def mechanism_note(numbers: dict[str, Any], sizes: list[int]) -> str:
+def mechanism_note(numbers: dict[str, Any], sizes: list[int], network: str = "") -> str:
     """Why mu_B wins or loses against population statistics here, from the numbers: the
     largest between-sample share at the smallest NBS (an ImageNet ResNet's: not known, no
     source measures it), the expected variance bias of a group of that NBS
     (``LayerVariance.variance_bias``: ``rho/k + (1-rho)/(kL)``, the largest over layers), and
     mu_B over large groups vs population statistics; the closing sentence names the quantity
     that explains the outcome (the bias when it passes the threshold, else the groups' noise
-    when large groups close the gap)."""
+    when large groups close the gap). ``network``: its name (empty for the main sweep)."""
     lo = str(sizes[0])
     m = numbers["mean"]
     scale = numbers["scale"]
@@ -419,12 +444,12 @@ def mechanism_note(numbers: dict[str, Any], sizes: list[int]) -> str:
     else:
         why = (f"the bias is below the threshold and {large}-sample groups do not bring mu_B "
                f"closer to population statistics: neither quantity explains the outcome")
-    return (f"**Mechanism**: at NBS {lo} the largest between-sample share of a BN input is "
-            f"{top:.3f} (an ImageNet ResNet's: not known, no source measures it), so a "
-            f"{lo}-sample group's variance is biased by up to -{100 * bias:.1f}% (threshold "
-            f"{100 * INCONSISTENCY_THRESHOLD:.0f}%). Validation error with mu_B over "
-            f"{large}-sample groups {big:.1f} vs {small:.1f} over {lo}-sample groups and "
-            f"{pop:.1f} with population statistics: {why}.")
+    return (f"**Mechanism{', ' + network if network else ''}**: at NBS {lo} the largest "
+            f"between-sample share of a BN input is {top:.3f} (an ImageNet ResNet's: not known, "
+            f"no source measures it), so a {lo}-sample group's variance is biased by up to "
+            f"-{100 * bias:.1f}% (threshold {100 * INCONSISTENCY_THRESHOLD:.0f}%). Validation "
+            f"error with mu_B over {large}-sample groups {big:.1f} vs {small:.1f} over "
+            f"{lo}-sample groups and {pop:.1f} with population statistics: {why}.")
 
 
 def _plot(ctx: RunContext, numbers: dict[str, Any]) -> list[str]:
@@ -508,6 +533,28 @@ def measure(ctx: RunContext, scale: Scale) -> NbsRuns:
     return runs
 
 
+def measure_large(ctx: RunContext, shared: Scale) -> NbsRuns | None:
+    """The large arm's runs (:mod:`.nbs_large`; None where it does not run, quick mode
+    included: no task is asked for): its models trained in one ``run_all``, then evaluated as
+    the sweep's (:func:`_evaluate`) under the same kind of key. ``shared``: the sweep's scale."""
+    if not nbs_large.runs_in(ctx):
+        return None
+    arm = nbs_large.large_context(ctx)
+    scale = nbs_large.large_scale(ctx, shared)
+    study_data(arm)  # generated here once, before worker processes read it
+    jobs = nbs_large.training_tasks(arm, scale)
+    trained = arm.run_all([t for *_, t in jobs], desc="nbs: large arm, training")
+    evals = arm.run_all(
+        [Task({"study": "nbs", "run": "eval", "v": 5, "model": task.config}, _evaluate,
+              (scale, n, s, t, nbs_large.LARGE_BLOCKS))
+         for (n, s, task), t in zip(jobs, trained, strict=True)], desc="nbs: large arm, evaluation")
+    runs = NbsRuns(scale, list(nbs_large.LARGE_NBS))
+    for (nbs, *_), result in zip(jobs, evals, strict=True):
+        for curve, value in result.items():
+            runs.add(curve, nbs, value)
+    return runs
+
+
 def summarize(runs: NbsRuns, fits: dict[str, Verdict]) -> dict[str, Any]:
     """The study's numbers for results.json: per curve and NBS the errors per seed, mean and
     std; the mechanism's per-layer means; the training fit (``fits``, :func:`training_fit`)."""
@@ -525,8 +572,11 @@ def summarize(runs: NbsRuns, fits: dict[str, Verdict]) -> dict[str, Any]:
     return numbers
 
 
-def curves_table(runs: NbsRuns) -> Table:
-    """Our table: every curve's error against NBS, the largest NBS first."""
+def curves_table(runs: NbsRuns, network: str = "") -> Table:
+    """Our table: every measured curve's error against NBS, the largest NBS first, and the
+    train/test inconsistency per NBS. ``network``: its name (the large arm's,
+    :mod:`.nbs_large`; empty for the main sweep), which adds the generalization gap its verdict
+    judges (the main sweep's is in its training-fit table)."""
     shown = runs.sizes[::-1]
     labels = {**CURVES, "val_pop_step": "val, population stats (PreciseBN), step schedule",
               "val_ema": "val, EMA statistics",
@@ -539,10 +589,16 @@ def curves_table(runs: NbsRuns) -> Table:
         k: [p - b for p, b in zip(v, per_seed["val_mub"][k], strict=True)]
         for k, v in per_seed["val_pop"].items()}
     labels["inconsistency"] = "train/test inconsistency: val pop - val mu_B (pt)"
-    return Table("error (%) against NBS (- : not measured)", ["", *[str(s) for s in shown]],
+    if network:
+        per_seed["generalization"] = {
+            k: [v - t for v, t in zip(vs, per_seed["train_mub"][k], strict=True)]
+            for k, vs in per_seed["val_mub"].items()}
+        labels["generalization"] = "generalization gap: val mu_B - train mu_B (pt)"
+    return Table(f"{network + ': ' if network else ''}error (%) against NBS (- : not measured)",
+                 ["", *[str(s) for s in shown]],
                  [[label, *[fmt(per_seed[key][str(s)]) if str(s) in per_seed[key] else "-"
                             for s in shown]]
-                  for key, label in labels.items()])
+                  for key, label in labels.items() if key in per_seed])
 
 
 def _paper_table() -> Table:
@@ -573,20 +629,48 @@ def setup_text(ctx: RunContext, runs: NbsRuns) -> str:
     )
 
 
+def large_arm(ctx: RunContext, runs: NbsRuns) -> StudyResult:
+    """The large arm's part of the section (:mod:`.nbs_large`), from its runs ``runs``
+    (:func:`measure_large`): its setup sentence, its curves and share tables, the sweep's claims
+    judged on it (:func:`sweep_verdicts`, the same preconditions), its numbers and its
+    mechanism sentence (:func:`mechanism_note`)."""
+    name = nbs_large.NAME
+    numbers = summarize(runs, {})
+    numbers.update(blocks=nbs_large.LARGE_BLOCKS, seeds=list(ctx.seeds))
+    del numbers["step_milestones"], numbers["training_fit"]  # no step runs, no fit table
+    bn_layers = len(numbers["between_sample_share"][str(runs.sizes[0])])
+    return StudyResult(setup=nbs_large.setup_sentence(ctx, runs.scale, bn_layers),
+                       tables=[curves_table(runs, name), share_table(numbers, runs.sizes, name)],
+                       paper_tables=[], plots=[],
+                       summary=sweep_verdicts(numbers, runs.wrong, f"{name}: "),
+                       numbers=numbers, notes=mechanism_note(numbers, runs.sizes, name))
+
+
 @register_study("nbs", "Sec. 4, Fig. 5-6: NBS sweep: train/val error with mini-batch and "
                 "population statistics, and FrozenBN for the last 20% of epochs")
 def run(ctx: RunContext) -> StudyResult:
-    """Stages: the runs (:func:`measure`), the training fit (:func:`training_fit`), the
-    numbers (:func:`summarize`), tables, verdicts (:func:`verdicts`), notes and plots."""
+    """Stages: the runs (:func:`measure`, and in full mode the large arm's,
+    :func:`measure_large`), the training fit (:func:`training_fit`), the numbers
+    (:func:`summarize`), tables, verdicts (:func:`verdicts`), notes and plots; the large arm's
+    part (:func:`large_arm`) after the sweep's, its numbers under ``"large_arm"``."""
     study_data(ctx)  # generated here once, before worker processes read it
     # The step-schedule runs train as long as the shared models.
     runs = measure(ctx, ghost_scale(ctx))
+    large = measure_large(ctx, runs.scale)
     fits = training_fit(runs.wrong)
     numbers = summarize(runs, fits)
-    return StudyResult(setup=setup_text(ctx, runs),
-                       tables=[curves_table(runs), training_fit_table(numbers, fits),
-                               share_table(numbers, runs.sizes)],
-                       paper_tables=[_paper_table()], plots=_plot(ctx, numbers),
-                       summary=verdicts(numbers, runs.wrong), numbers=numbers,
-                       notes=training_fit_note(fits, runs.scale.epochs) + " "
-                       + mechanism_note(numbers, runs.sizes))
+    result = StudyResult(setup=setup_text(ctx, runs),
+                         tables=[curves_table(runs), training_fit_table(numbers, fits),
+                                 share_table(numbers, runs.sizes)],
+                         paper_tables=[_paper_table()], plots=_plot(ctx, numbers),
+                         summary=verdicts(numbers, runs.wrong), numbers=numbers,
+                         notes=training_fit_note(fits, runs.scale.epochs) + " "
+                         + mechanism_note(numbers, runs.sizes))
+    if large is None:
+        return result
+    arm = large_arm(ctx, large)
+    numbers["large_arm"] = arm.numbers
+    return dataclasses.replace(result, setup=f"{result.setup}\n\n{arm.setup}",
+                               tables=result.tables + arm.tables,
+                               summary=result.summary + arm.summary,
+                               notes=f"{result.notes}\n\n{arm.notes}")
