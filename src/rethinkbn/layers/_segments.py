@@ -4,7 +4,9 @@
 statistics. Rather than per-sample arithmetic in autograd, the samples are sorted by domain once
 (:func:`group_by_domain`, no copy when they already are) and torch's kernel runs on each domain's
 consecutive samples (:func:`segment_batch_norm`): torch's math and cost per domain, plus the sort
-and one concatenation.
+and one concatenation. That needs the domains' sizes on the host; :func:`masked_domain_norm`
+normalizes every domain in one vectorized pass of static shapes instead (what ``torch.compile``
+traces, and what runs without validation).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["group_by_domain", "segment_batch_norm"]
+from ..stats import channel_view, compute_dtype
+from .ghost_kernels import memory_format
+
+__all__ = ["group_by_domain", "masked_domain_norm", "segment_batch_norm"]
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -82,3 +87,48 @@ def group_by_domain(x: Tensor, ids: Tensor) -> tuple[Tensor, Callable[[Tensor], 
         return _PermuteRows.apply(y, inverse, perm).contiguous(memory_format=fmt)
 
     return _PermuteRows.apply(x, perm, inverse), regroup
+
+
+def masked_domain_norm(
+    x: Tensor, ids: Tensor, num_domains: int, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize the samples of every domain (``ids[i]`` is sample i's) with the domain's own
+    statistics, in one vectorized pass whose shapes do not depend on the ids' values.
+
+    ``weight``/``bias`` are ``(C,)`` (shared) or ``(num_domains, C)``. Per domain d and channel
+    c, over its ``m_d = n_d * S`` values (``S`` per sample), with sums per sample first, then
+    over the samples of the domain (a mask, so a NaN stays in its own domain)::
+
+        m0    = sum(x) / m_d,   xc = x - m0,   delta = sum(xc) / m_d     (a corrected mean)
+        var   = sum(xc^2) / m_d - delta^2,     mean = m0 + delta
+        y     = (xc - delta) * w / sqrt(var + eps) + b
+
+    each sample with its domain's ``mean``/``var`` (and parameters) gathered by its id. Nothing
+    is read on the host, so ``torch.compile`` traces it as one graph for any counts (a domain
+    absent from the batch included). Plain autograd: derivatives of every order are those of
+    the formula. Returns ``(y, mean, biased_var, count)``: statistics ``(num_domains, C)`` in
+    the compute dtype (0 for absent domains) and ``count = m_d``, ``(num_domains,)``.
+    """
+    xf = x.to(compute_dtype(x))
+    dims = tuple(range(2, x.dim()))
+    mask = ids[None, :] == torch.arange(num_domains, device=ids.device)[:, None]  # (D, N)
+    count = mask.sum(1) * (x.numel() // max(x.size(0) * x.size(1), 1))
+    inv = count.clamp_min(1).to(xf.dtype).reciprocal()[:, None]
+
+    def domain_mean(t: Tensor) -> Tensor:
+        rows = t.sum(dims) if dims else t
+        return torch.where(mask[:, :, None], rows[None], 0).sum(1) * inv
+
+    m0 = domain_mean(xf)
+    xc = xf - channel_view(m0[ids], xf)
+    delta = domain_mean(xc)
+    var = (domain_mean(xc.square()) - delta.square()).clamp_min(0)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -delta * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    y = torch.addcmul(channel_view(shift[ids], xf), xc, channel_view(scale[ids], xf))
+    return y.to(x.dtype).contiguous(memory_format=memory_format(x)), m0 + delta, var, count
