@@ -189,6 +189,9 @@ def torch_sync_bn(model: nn.Module) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+# A constant of the batch size for torch.compile (computed while tracing): a torch.Generator
+# made inside a compiled region is a graph break of the benchmark's own, not of the layers.
+@torch.compiler.assume_constant_result
 def domain_ids(n: int, blocks: bool) -> Tensor:
     """Half of ``n`` samples in each of 2 domains: in two consecutive blocks (a batch
     concatenated from two sources) or shuffled (a fixed random order per batch size)."""
