@@ -97,47 +97,46 @@ def masked_domain_norm(
     statistics, in one vectorized pass whose shapes do not depend on the ids' values.
 
     ``weight``/``bias`` are ``(C,)`` (shared) or ``(num_domains, C)``. The mean and biased
-    variance of each sample's ``S`` values per channel come from one pass (``var_mean``) over
-    ``d = x - p``, ``p`` a per-channel pivot from the data (the first sample's first value;
-    exact, so a mean large against the spread keeps the spread's digits), and are merged over
-    the ``n_d`` samples of each domain d exactly (every sample has ``S`` values; the sums over
-    samples are masked, so a NaN stays in its own domain)::
+    variance of each sample's ``S`` values per channel come from one pass (``var_mean``, as
+    torch's kernel: Welford, in the compute dtype), and are merged over the ``n_d`` samples of
+    each domain d exactly (every sample has ``S`` values; the sums over samples are masked, so
+    a NaN stays in its own domain)::
 
-        mean_d = sum_{i in d} mean_i(d) / n_d
-        var_d  = sum_{i in d} (var_i + (mean_i(d) - mean_d)^2) / n_d
-        y      = (d - mean_d) * w / sqrt(var_d + eps) + b,    the domain's mean: p + mean_d
+        mean_d = sum_{i in d} mean_i / n_d
+        var_d  = sum_{i in d} (var_i + (mean_i - mean_d)^2) / n_d
+        y      = (x - mean_d) * w / sqrt(var_d + eps) + b
 
     each sample with its domain's statistics (and parameters) gathered by its id. Nothing is
     read on the host, so ``torch.compile`` traces it as one graph for any counts (a domain
     absent from the batch included). Plain autograd: derivatives of every order are those of
     the formula. Returns ``(y, mean, biased_var, count)``: statistics ``(num_domains, C)`` in
     the compute dtype (0 for absent domains) and ``count = n_d * S``, ``(num_domains,)``.
+    The accuracy is torch's kernel's (``tests/test_domain_compile.py``): centring on a pivot
+    from the data first, more exact for a mean large against the spread, made inductor's CPU
+    code generation fail on ResNet-18 (torch 2.13, a KeyError in its loop fusion).
     """
-    # the pivot: 0 where the first value is not finite (its NaN must not reach other domains)
-    pivot = torch.nan_to_num(x.detach()[0].reshape(x.size(1), -1)[:, 0].to(compute_dtype(x)),
-                             nan=0.0, posinf=0.0, neginf=0.0)
-    d = x.to(pivot.dtype) - channel_view(pivot, x)
+    xf = x.to(compute_dtype(x))
     if x.dim() > 2:
-        row_var, row_mean = torch.var_mean(d, dim=tuple(range(2, x.dim())), correction=0)
+        row_var, row_mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
     else:
-        row_var, row_mean = torch.zeros_like(d), d
+        row_var, row_mean = torch.zeros_like(xf), xf
     mask = (ids[None, :] == torch.arange(num_domains, device=ids.device)[:, None])[:, :, None]
     samples = mask.sum(1)  # (D, 1)
-    inv = samples.clamp_min(1).to(d.dtype).reciprocal()
+    inv = samples.clamp_min(1).to(xf.dtype).reciprocal()
     mean = torch.where(mask, row_mean[None], 0).sum(1) * inv
     spread = row_var + (row_mean - mean[ids]).square()
     var = torch.where(mask, spread[None], 0).sum(1) * inv
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
-    xc = d - channel_view(mean[ids], d)
-    scale_i = channel_view(scale[ids], d)
+    xc = xf - channel_view(mean[ids], xf)
+    scale_i = channel_view(scale[ids], xf)
     if bias is None:
         y = xc * scale_i
     else:
-        shift = bias.to(d.dtype)
-        y = torch.addcmul(channel_view(shift[ids] if shift.dim() == 2 else shift, d), xc,
+        shift = bias.to(xf.dtype)
+        y = torch.addcmul(channel_view(shift[ids] if shift.dim() == 2 else shift, xf), xc,
                           scale_i)
     count = samples[:, 0] * (x.numel() // max(x.size(0) * x.size(1), 1))
     y = y.to(x.dtype).contiguous(memory_format=memory_format(x))
-    return y, mean + pivot, var, count
+    return y, mean, var, count
