@@ -75,6 +75,31 @@ def test_a_compiled_model_has_one_graph_for_counts_that_change_and_matches_eager
     assert eager.bn2.num_batches_tracked.tolist() == [3, 2, 3]
 
 
+TABLE_5 = [  # (train_stats, population_stats, affine): the six rows of the paper's Table 5
+    ("shared", "shared", "shared"), ("shared", "domain", "shared"),
+    ("domain", "shared", "shared"), ("domain", "domain", "shared"),
+    ("domain", "shared", "domain"), ("domain", "domain", "domain"),
+]
+
+
+@pytest.mark.parametrize("flags", TABLE_5, ids=["-".join(f) for f in TABLE_5])
+def test_every_table_5_row_traces_to_one_graph_and_matches_eager(flags):
+    torch._dynamo.reset()
+    eager = DomainBatchNorm(4, 3, *flags)
+    compiled_layer = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_layer, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    for ids in map(torch.tensor, STEPS):
+        x, dy = torch.randn(10, 4, 3, generator=g), torch.randn(10, 4, 3, generator=g)
+        (y, dx), (y_ref, dx_ref) = step(compiled, x, ids, dy), step(eager, x, ids, dy)
+        assert_close(y, y_ref), assert_close(dx, dx_ref)
+    assert counter.frame_count == 1
+    assert_close(dict(compiled_layer.named_buffers()), dict(eager.named_buffers()))
+    assert_close({n: p.grad for n, p in compiled_layer.named_parameters()},
+                 {n: p.grad for n, p in eager.named_parameters()})
+
+
 def float64_loop(layer, x, ids):
     """Each domain's samples through a float64 torch BatchNorm holding that domain's
     parameters and buffers: y, and the updated (running_mean, running_var) per domain."""
@@ -181,3 +206,12 @@ def test_compiled_validation_raises_naming_the_layer(x, ids, message):
     compiled(x, torch.tensor([0, 1, 1, 0]))  # valid ids: compiled once
     with pytest.raises(RuntimeError, match=rf"'head.bn'.*{message}"):
         compiled(x, torch.tensor(ids))
+
+
+def test_a_0d_domain_tensor_compiles_without_reading_it():
+    torch._dynamo.reset()
+    eager, compiled_layer = DomainBatchNorm(3, 3), DomainBatchNorm(3, 3)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 3, 2)
+    assert_close(compiled(x, torch.tensor(2)), eager(x, domain=2))
+    assert_close(dict(compiled_layer.named_buffers()), dict(eager.named_buffers()))
