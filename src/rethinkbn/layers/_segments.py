@@ -4,7 +4,9 @@
 statistics. Rather than per-sample arithmetic in autograd, the samples are sorted by domain once
 (:func:`group_by_domain`, no copy when they already are) and torch's kernel runs on each domain's
 consecutive samples (:func:`segment_batch_norm`): torch's math and cost per domain, plus the sort
-and one concatenation.
+and one concatenation. That needs the domains' sizes on the host; :func:`masked_domain_norm`
+normalizes every domain in one vectorized pass of static shapes instead (what ``torch.compile``
+traces, and what runs without validation).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["group_by_domain", "segment_batch_norm"]
+from ..stats import channel_view, compute_dtype
+from .ghost_kernels import memory_format
+
+__all__ = ["group_by_domain", "masked_domain_norm", "segment_batch_norm"]
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -82,3 +87,56 @@ def group_by_domain(x: Tensor, ids: Tensor) -> tuple[Tensor, Callable[[Tensor], 
         return _PermuteRows.apply(y, inverse, perm).contiguous(memory_format=fmt)
 
     return _PermuteRows.apply(x, perm, inverse), regroup
+
+
+def masked_domain_norm(
+    x: Tensor, ids: Tensor, num_domains: int, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize the samples of every domain (``ids[i]`` is sample i's) with the domain's own
+    statistics, in one vectorized pass whose shapes do not depend on the ids' values.
+
+    ``weight``/``bias`` are ``(C,)`` (shared) or ``(num_domains, C)``. The mean and biased
+    variance of each sample's ``S`` values per channel come from one pass (``var_mean``, as
+    torch's kernel: Welford, in the compute dtype), and are merged over the ``n_d`` samples of
+    each domain d exactly (every sample has ``S`` values; the sums over samples are masked, so
+    a NaN stays in its own domain)::
+
+        mean_d = sum_{i in d} mean_i / n_d
+        var_d  = sum_{i in d} (var_i + (mean_i - mean_d)^2) / n_d
+        y      = (x - mean_d) * w / sqrt(var_d + eps) + b
+
+    each sample with its domain's statistics (and parameters) gathered by its id. Nothing is
+    read on the host, so ``torch.compile`` traces it as one graph for any counts (a domain
+    absent from the batch included). Plain autograd: derivatives of every order are those of
+    the formula. Returns ``(y, mean, biased_var, count)``: statistics ``(num_domains, C)`` in
+    the compute dtype (0 for absent domains) and ``count = n_d * S``, ``(num_domains,)``.
+    The accuracy is torch's kernel's (``tests/test_domain_compile.py``): centring on a pivot
+    from the data first, more exact for a mean large against the spread, made inductor's CPU
+    code generation fail on ResNet-18 (torch 2.13, a KeyError in its loop fusion).
+    """
+    xf = x.to(compute_dtype(x))
+    if x.dim() > 2:
+        row_var, row_mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+    else:
+        row_var, row_mean = torch.zeros_like(xf), xf
+    mask = (ids[None, :] == torch.arange(num_domains, device=ids.device)[:, None])[:, :, None]
+    samples = mask.sum(1)  # (D, 1)
+    inv = samples.clamp_min(1).to(xf.dtype).reciprocal()
+    mean = torch.where(mask, row_mean[None], 0).sum(1) * inv
+    spread = row_var + (row_mean - mean[ids]).square()
+    var = torch.where(mask, spread[None], 0).sum(1) * inv
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    xc = xf - channel_view(mean[ids], xf)
+    scale_i = channel_view(scale[ids], xf)
+    if bias is None:
+        y = xc * scale_i
+    else:
+        shift = bias.to(xf.dtype)
+        y = torch.addcmul(channel_view(shift[ids] if shift.dim() == 2 else shift, xf), xc,
+                          scale_i)
+    count = samples[:, 0] * (x.numel() // max(x.size(0) * x.size(1), 1))
+    y = y.to(x.dtype).contiguous(memory_format=memory_format(x))
+    return y, mean, var, count

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from ..stats import Moments, compute_dtype
 from . import functional as BF
-from ._segments import group_by_domain, segment_batch_norm
+from ._segments import group_by_domain, masked_domain_norm, segment_batch_norm
 from .base import BatchNormBase, layer_name
 
 __all__ = ["DomainBatchNorm", "use_domain"]
@@ -55,11 +55,15 @@ class DomainBatchNorm(BatchNormBase):
     layer per step on a GPU. Knowing the domains' sizes, a training step then sorts the samples
     by domain (no copy when the ids already come in blocks) and runs torch's BatchNorm kernel on
     each domain's samples: bit-identical to one torch BatchNorm per domain, at about the cost of
-    writing that loop by hand. With ``validate=False`` nothing is read back (``torch.compile``
-    sees no graph break) and every domain is normalized in one vectorized pass of plain autograd
-    (slower); ids out of range then fail inside the indexing kernel (a device-side assert on
-    CUDA, without the layer's name), and a domain with a single value per channel is normalized
-    with a variance of 0. Ids are moved to the input's device.
+    writing that loop by hand. Under ``torch.compile``, and with ``validate=False``, nothing is
+    read back: every domain is normalized in one vectorized pass of static shapes
+    (:func:`~rethinkbn.layers._segments.masked_domain_norm`, plain autograd), so a compiled
+    model has no graph break and does not recompile when the domains' sizes change from step
+    to step (a domain absent included). Compiled, validation becomes device assertions
+    (``torch._assert_async``: a RuntimeError naming the layer; asynchronous on a GPU). With
+    ``validate=False`` ids out of range fail inside the indexing kernel (a device-side assert
+    on CUDA, without the layer's name), and a domain with a single value per channel is
+    normalized with a variance of 0. Ids are moved to the input's device.
 
     ``state_dict`` keys are torch's. A torch BatchNorm checkpoint (``(C,)`` tensors) loads into
     per-domain parameters and buffers by copying it to every domain. With ``num_domains == 1`` and
@@ -135,7 +139,7 @@ class DomainBatchNorm(BatchNormBase):
         """:meth:`check_domain`, and the number of samples of each domain when ``validate``
         counted them (the range check of per-sample ids), else None."""
         if isinstance(domain, Tensor) and domain.dim() == 0 and not domain.is_floating_point():
-            if self.validate or batch_size is None:
+            if self._reads_ids() or batch_size is None:
                 domain = int(domain)  # a host sync: range-checked here
             else:
                 # Without validation, the same domain as per-sample ids: nothing is read back.
@@ -158,7 +162,11 @@ class DomainBatchNorm(BatchNormBase):
                     f"{layer_name(self)}: expected one domain id per sample ({batch_size}), got "
                     f"{domain.numel()}"
                 )
-            counts = self._count_ids(domain) if self.validate else None
+            counts = self._count_ids(domain) if self._reads_ids() else None
+            if self.validate and counts is None:
+                in_range = ((domain >= 0) & (domain < self.num_domains)).all()
+                torch._assert_async(in_range, f"{layer_name(self)}: domain ids must be in [0, "
+                                    f"{self.num_domains}) (checked on the device)")
             return domain.to(device=device, dtype=torch.long), counts
         if domain is None:
             raise ValueError(
@@ -169,6 +177,12 @@ class DomainBatchNorm(BatchNormBase):
             f"{layer_name(self)}: domain must be an int or a 1-D integer tensor, got "
             f"{type(domain).__name__}"
         )
+
+    def _reads_ids(self) -> bool:
+        """Whether validation reads the ids on the host: in eager mode. Under ``torch.compile``
+        the same checks are device assertions (``torch._assert_async``: no graph break; a
+        RuntimeError with the layer's name when they fail, after the step on a GPU)."""
+        return self.validate and not torch.compiler.is_compiling()
 
     def _count_ids(self, ids: Tensor) -> Tensor:
         """The number of samples of each domain (``bincount``), raising unless every id is in
@@ -209,9 +223,8 @@ class DomainBatchNorm(BatchNormBase):
         assert ids is not None
         self._check_values_per_channel(x, ids)
         if self.train_stats == "domain":
-            y, mean, var, count = BF.segment_batch_norm(
-                x, ids, self.num_domains, weight, bias, self.eps
-            )
+            y, mean, var, count = masked_domain_norm(x, ids, self.num_domains, self.weight,
+                                                     self.bias, self.eps)
             domain_moments = Moments.from_var_mean(count[:, None], mean, var)
             shared = domain_moments.total()
             batch_mean, batch_var = shared.mean, shared.var(unbiased=True)
@@ -348,6 +361,12 @@ class DomainBatchNorm(BatchNormBase):
         if not separate or not self.validate or spatial >= 2:  # reading the ids is a host sync
             return
         assert ids is not None
+        if not self._reads_ids():
+            counts = (ids[None] == torch.arange(self.num_domains, device=ids.device)[:, None])
+            torch._assert_async(
+                (counts.sum(1) != 1).all(), f"{layer_name(self)}: expected more than 1 value per "
+                "channel for every domain in the batch (checked on the device)")
+            return
         counts = torch.bincount(ids, minlength=self.num_domains) * spatial
         single = ((counts > 0) & (counts < 2)).nonzero().flatten().tolist()
         if single:
