@@ -71,6 +71,12 @@ def _group_dot(dy: Tensor, xc: Tensor) -> Tensor:
     return torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
 
 
+def _unit_stats(t: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """A mean of 0 and a variance (or 1/std) of 1 for each of ``rows`` channels, for torch's
+    BatchNorm kernels used as per-row multiply-adds and sums (stride-0 views of two scalars)."""
+    return t.new_zeros(1).expand(rows), t.new_ones(1).expand(rows)
+
+
 def _row_affine_(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``t = t * scale + shift`` in place, for a contiguous ``(G, n, C, S)`` group view with
     ``(G, 1, C, 1)`` factors: torch's eval BatchNorm kernel (mean 0, variance 1, eps 0: its own
@@ -80,11 +86,10 @@ def _row_affine_(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     one to two extra passes."""
     rows = t.size(0) * t.size(1) * t.size(2)
     per_row = (lambda f: f.expand(-1, t.size(1), -1, -1).reshape(rows))
-    unit = torch.ones(2, rows, dtype=t.dtype, device=t.device)
-    unit[0].zero_()
+    zero, one = _unit_stats(t, rows)
     flat = t.view(1, rows, -1)
     empty = t.new_empty(0)
-    torch.ops.aten.native_batch_norm.out(flat, per_row(scale), per_row(shift), unit[0], unit[1],
+    torch.ops.aten.native_batch_norm.out(flat, per_row(scale), per_row(shift), zero, one,
                                          False, 0.0, 0.0, out=flat, save_mean=empty,
                                          save_invstd=empty.clone())
     return t
@@ -95,10 +100,9 @@ def _row_sums(dy: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
     (keepdims), from one fused pass of torch's BatchNorm backward kernel over ``(1, G*n*C, S)``
     views (per row: mean 0, invstd 1), then a sum over the ``n`` rows of each group."""
     g, n, c, _ = xc.shape
-    unit = torch.ones(2, g * n * c, dtype=xc.dtype, device=xc.device)
-    unit[0].zero_()
+    zero, one = _unit_stats(xc, g * n * c)
     _, dot, total = torch.ops.aten.native_batch_norm_backward(
-        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, unit[0], unit[1],
+        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, zero, one,
         True, 0.0, [False, True, True])
     return (total.view(g, n, c, 1).sum(1, keepdim=True),
             dot.view(g, n, c, 1).sum(1, keepdim=True))
@@ -181,8 +185,10 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         # than a pass over it: its pages are faulted in)
         y = torch.empty_like(x) if _fused_rows(x, acc) else None
         xc = xs - mean if y is None else torch.sub(xs, mean, out=y.view(xs.shape))
-        delta = _group_sum(xc, acc).div_(m)
-        var = _group_sumsq(xc).div_(m).sub_(delta.square()).clamp_min_(0)
+        # sum(xc) and sum(xc^2): on the row path from one pass of torch's fused kernel
+        total, sumsq = (_group_sum(xc, acc), _group_sumsq(xc)) if y is None else _row_sums(xc, xc)
+        delta = total.div_(m)
+        var = sumsq.div_(m).sub_(delta.square()).clamp_min_(0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
         # (xc - delta) * scale + bias as one multiply-add: the shift absorbs the correction.
@@ -331,17 +337,15 @@ class _TransposedGroupNorm(torch.autograd.Function):
         xc = _to_rows(x, groups, mean.dtype)
         dy = _to_rows(grad_y, groups, mean.dtype)
         r, m = xc.size(0) * xc.size(1), xc.size(2)
-        # per row: sum(dy) and sum(dy * (x - mean)) * invstd, from torch's fused kernel
-        _, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.view(1, r, m), xc.view(1, r, m), None, None, None, mean.view(-1),
-            invstd.view(-1), True, 0.0, [False, True, True])
+        # torch's backward per row (one group's channel): dx = w * invstd * (dy - sum(dy) / m
+        # - (x - mean) * invstd^2 * sum(dy * (x - mean)) / m), sum(dy), sum(dy * (x - mean)) *
+        # invstd, in one call
+        w = None if weight is None else weight.to(mean.dtype).repeat(groups)
+        grad_rows, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy.view(1, r, m), xc.view(1, r, m), w, None, None, mean.view(-1), invstd.view(-1),
+            True, 0.0, [needs[0], True, True])
         dot, sum_dy = dot.view(mean.shape), sum_dy.view(mean.shape)
-        grad_x = None
-        if needs[0]:
-            k = invstd if weight is None else invstd * weight.to(mean.dtype)[:, None]
-            # in place on the copies: dx = k * (dy - sum(dy) / m - (x - mean) * invstd * dot / m)
-            xc.sub_(mean).mul_(invstd * dot / m)
-            grad_x = _from_rows(dy.sub_(sum_dy / m).sub_(xc).mul_(k), x, groups)
+        grad_x = _from_rows(grad_rows.view(xc.shape), x, groups) if needs[0] else None
         grad_w = dot.sum(dim=(0, 2)) if needs[1] else None
         grad_b = sum_dy.sum(dim=(0, 2)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None
