@@ -163,8 +163,9 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     step holds torch's memory. On the row path (:func:`_fused_rows`) ``x - m0`` is written into
     the buffer of the output (forward) or of the input's gradient (backward) and transformed
     there in place: a step allocates what torch's BatchNorm allocates (each fresh
-    activation-sized buffer costs page faults, about a pass). The fused backward is first order; with ``create_graph=True``
-    the backward differentiates the plain formula (:func:`_second_order`).
+    activation-sized buffer costs page faults, about a pass). The fused backward is first
+    order; with ``create_graph=True`` the backward differentiates the plain formula
+    (:func:`_second_order`).
     """
 
     @staticmethod
