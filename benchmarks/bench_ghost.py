@@ -22,11 +22,20 @@ row kernels: ``addcmul`` 43% of the step (8.7 ms a call: torch's CPU addcmul is 
 slower than a plain multiply when its factors broadcast over two dims), ``sum`` 18%, ``mul`` 11%
 (``linalg.vecdot`` materializes ``dy * xc``), ``addcmul_`` 9%, ``sub`` 7%. The contiguous path now
 hands the per-row work to torch's fused kernels on zero-copy ``(1, G*n*C, S)`` views: the eval
-BatchNorm kernel for the multiply-adds of the forward and backward (a scale and a shift per row),
-and the BatchNorm backward kernel for ``sum(dy)`` and ``sum(dy * xc)`` in one pass; what remains
-of ours is the centering ``x - m0`` (one write), cheap row sums and ``vector_norm``, and one
-``addcmul_`` per backward. The whole-batch column (NBS full) is torch's own kernel plus the NaN
-policy's few small kernels on ``(C,)`` tensors (about 50-80 us a step).
+BatchNorm kernel, writing into its own input, for the multiply-adds of the forward and backward
+(a scale and a shift per row), and the BatchNorm backward kernel for two sums in one pass
+(``sum(xc)`` and ``sum(xc^2)`` in the forward, ``sum(dy)`` and ``sum(dy * xc)`` in the backward);
+what remains of ours is a row sum, the centring ``x - m0`` written into the buffer of the output
+(forward) or of the input's gradient (backward, where it is recomputed: only ``x`` is kept) and
+one ``addcmul_`` per backward. A step allocates two activation-sized buffers, as torch's layer
+does: each fresh one is paged in on first touch (system time, counted by ``process_time``; up
+to a third of torch's own step on this machine), so the ratios move with the allocator's state
+and a kernel with more fresh buffers loses more than its passes cost. Issue 21's regression of
+this table (contiguous 1.24-1.80 where the code before gave 0.94-1.32) was two such buffers a
+step more on the row path and, on the (128, 256, 8, 8) and (1024, 64, 40) rows, the transposed
+kernels' five copies of a large activation (they now run only on activations of at most
+``ghost_kernels.TRANSPOSE_BYTES``). The whole-batch column (NBS full) is torch's own kernel
+plus the NaN policy's few small kernels on ``(C,)`` tensors (about 50-80 us a step).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Both kernels of contiguous ghost groups (layers/ghost_kernels.py) against the obvious
 reference, a loop of torch's BatchNorm over the groups in float64: the transposed kernel (a
-contiguous input with at most TRANSPOSE_ROWS values per sample and channel) and the row kernel
-(longer rows, channels_last). First derivatives by comparison and gradcheck, second derivatives
-by gradgradcheck."""
+contiguous input with at most TRANSPOSE_ROWS values per sample and channel and at most
+TRANSPOSE_BYTES) and the row kernel (longer rows, larger inputs, channels_last). First
+derivatives by comparison and gradcheck, second derivatives by gradgradcheck."""
 
 from __future__ import annotations
 
@@ -41,8 +41,12 @@ def loop_reference(x, w, b, groups, eps=1e-5):
 def test_kernel_matches_a_loop_of_torch_bn_with_gradients(case):
     shape, channels_last = CASES[case]
     x, w, b = make(shape, channels_last)
-    transposed = x.numel() // (shape[0] * shape[1]) <= K.TRANSPOSE_ROWS and x.is_contiguous()
-    assert transposed == case.startswith("transposed")
+    assert K._transposes(x) == case.startswith("transposed")
+    check_against_the_loop(x, w, b)
+
+
+def check_against_the_loop(x, w, b):
+    channels_last = not x.is_contiguous()
     y, mean, var = K.contiguous_group_norm(x, w, b, 2, 1e-5)
     expected = loop_reference(x, w, b, 2)
     torch.testing.assert_close(y, expected)
@@ -57,6 +61,16 @@ def test_kernel_matches_a_loop_of_torch_bn_with_gradients(case):
     ref = torch.autograd.grad(expected, (x, w, b), grad)
     for a, e in zip(mine, ref, strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_a_large_input_with_short_rows_runs_the_row_kernel():
+    # Past TRANSPOSE_BYTES the copies into rows cost more than they save (issue 21: the layer
+    # benchmark's (128, 256, 8, 8) and (1024, 64, 40) went from 0.7-1.0x torch BN to 1.5-1.8x).
+    shape = (4 * K.TRANSPOSE_BYTES // (8 * 40 * 8), 8, 40)
+    x, w, b = make(shape, False)
+    assert x.numel() * x.element_size() > K.TRANSPOSE_BYTES
+    assert not K._transposes(x) and K._transposes(x[: shape[0] // 8])
+    check_against_the_loop(x, w, b)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -10,7 +10,6 @@ recomputed there), so a step keeps what torch's BatchNorm keeps.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
@@ -38,10 +37,12 @@ def _group_view(t: Tensor, groups: int) -> Tensor:
     return t.view(groups, t.size(0) // groups, t.size(1), -1)
 
 
-def _fused_rows(x: Tensor, xc: Tensor) -> bool:
-    """Whether the row kernels (:func:`_row_affine`, :func:`_row_sums`) apply: a contiguous
-    group view (not channels_last) of an input in the compute dtype."""
-    return xc.size(3) > 1 and xc.dtype == x.dtype and xc.is_contiguous()
+def _fused_rows(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the row path of :class:`_ContiguousGroupNorm` applies: a contiguous input (its
+    group view has rows of ``S > 1`` contiguous values; not channels_last) already in the
+    compute dtype ``dtype``, so that its centred copy can be the output's buffer."""
+    return (x.dtype == dtype and x.is_contiguous()
+            and x.numel() > x.size(0) * x.size(1))
 
 
 def _group_sum(xs: Tensor, dtype: torch.dtype) -> Tensor:
@@ -70,20 +71,31 @@ def _group_dot(dy: Tensor, xc: Tensor) -> Tensor:
     return torch.linalg.vecdot(dy, xc, dim=3).sum(1, keepdim=True).unsqueeze(3)
 
 
-def _row_affine(t: Tensor, scale: Tensor, shift: Tensor, shape: torch.Size) -> Tensor:
-    """``t * scale + shift`` for a contiguous ``(G, n, C, S)`` group view with ``(G, 1, C, 1)``
-    factors, as torch's eval BatchNorm kernel on a ``(1, G*n*C, S)`` view: one vectorized pass
-    with a factor per row (mean 0, variance 1, eps 0: its own scale and shift are exactly these),
-    returned with ``shape``. torch's ``addcmul`` with factors that broadcast over two dims is
-    several times slower."""
+def _unit_stats(t: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """A mean of 0 and a variance (or 1/std) of 1 for each of ``rows`` channels, for torch's
+    BatchNorm kernels used as per-row multiply-adds and sums. Dense: stride-0 views of two
+    scalars send the eval kernel down a path 5x slower."""
+    unit = t.new_ones(2, rows)
+    unit[0].zero_()
+    return unit[0], unit[1]
+
+
+def _row_affine_(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``t = t * scale + shift`` in place, for a contiguous ``(G, n, C, S)`` group view with
+    ``(G, 1, C, 1)`` factors: torch's eval BatchNorm kernel (mean 0, variance 1, eps 0: its own
+    per-row scale and shift are exactly these) on a ``(1, G*n*C, S)`` view, writing into its
+    input (each output value is its input's value's multiply-add, so one pass, vectorized).
+    ``mul_`` + ``add_`` take two passes, and torch's ``addcmul`` with factors that broadcast
+    over two dims is slower still."""
     rows = t.size(0) * t.size(1) * t.size(2)
     per_row = (lambda f: f.expand(-1, t.size(1), -1, -1).reshape(rows))
-    unit = torch.ones(2, rows, dtype=t.dtype, device=t.device)
-    unit[0].zero_()
-    y = F.batch_norm(t.view(1, rows, -1), unit[0], unit[1], per_row(scale), per_row(shift),
-                     False, 0.0, 0.0)
-    # not a view of the (1, rows, S) result: the caller may modify it in place
-    return torch.ops.aten._unsafe_view(y, shape)
+    zero, one = _unit_stats(t, rows)
+    flat = t.view(1, rows, -1)
+    empty = t.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(flat, per_row(scale), per_row(shift), zero, one,
+                                         False, 0.0, 0.0, out=flat, save_mean=empty,
+                                         save_invstd=empty.clone())
+    return t
 
 
 def _row_sums(dy: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,10 +103,9 @@ def _row_sums(dy: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
     (keepdims), from one fused pass of torch's BatchNorm backward kernel over ``(1, G*n*C, S)``
     views (per row: mean 0, invstd 1), then a sum over the ``n`` rows of each group."""
     g, n, c, _ = xc.shape
-    unit = torch.ones(2, g * n * c, dtype=xc.dtype, device=xc.device)
-    unit[0].zero_()
+    zero, one = _unit_stats(xc, g * n * c)
     _, dot, total = torch.ops.aten.native_batch_norm_backward(
-        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, unit[0], unit[1],
+        dy.view(1, g * n * c, -1), xc.view(1, g * n * c, -1), None, None, None, zero, one,
         True, 0.0, [False, True, True])
     return (total.view(g, n, c, 1).sum(1, keepdim=True),
             dot.view(g, n, c, 1).sum(1, keepdim=True))
@@ -141,7 +152,7 @@ class _ContiguousGroupNorm(torch.autograd.Function):
 
     Reduces over a zero-copy :func:`_group_view` of ``x`` (contiguous or channels_last input;
     the output and the input's gradient keep the input's memory format and dtype); the per-row
-    work goes to torch's fused kernels (:func:`_row_affine`, :func:`_row_sums`). Per group g and
+    work goes to torch's fused kernels (:func:`_row_affine_`, :func:`_row_sums`). Per group g and
     channel c, over its ``m`` values::
 
         m0   = sum(x) / m,   d = sum(x - m0) / m,   mean = m0 + d   (a corrected two-pass mean)
@@ -152,8 +163,12 @@ class _ContiguousGroupNorm(torch.autograd.Function):
     The correction ``d`` makes the mean accurate far below the input's rounding (a float32 sum
     alone is off by about an ulp of a large mean, which the output would inherit divided by the
     spread). Only ``x`` is saved: ``x - m0`` is recomputed in the backward (one pass), so a
-    step holds torch's memory. The fused backward is first order; with ``create_graph=True``
-    the backward differentiates the plain formula (:func:`_second_order`).
+    step holds torch's memory. On the row path (:func:`_fused_rows`) ``x - m0`` is written into
+    the buffer of the output (forward) or of the input's gradient (backward) and transformed
+    there in place: a step allocates what torch's BatchNorm allocates (each fresh
+    activation-sized buffer costs page faults, about a pass). The fused backward is first
+    order; with ``create_graph=True`` the backward differentiates the plain formula
+    (:func:`_second_order`).
     """
 
     @staticmethod
@@ -169,24 +184,30 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         xs = _group_view(x, groups)
         m = xs.size(1) * xs.size(3)
         mean = _group_sum(xs, acc).div_(m)
-        xc = xs - mean  # centered on the first-pass mean m0, in the compute dtype
-        delta = _group_sum(xc, acc).div_(m)
-        var = _group_sumsq(xc).div_(m).sub_(delta.square()).clamp_min_(0)
+        # centered on the first-pass mean m0, in the compute dtype; on the row path written into
+        # the output's buffer and transformed there (a fresh activation-sized buffer costs more
+        # than a pass over it: its pages are faulted in)
+        y = torch.empty_like(x) if _fused_rows(x, acc) else None
+        xc = xs - mean if y is None else torch.sub(xs, mean, out=y.view(xs.shape))
+        # sum(xc) and sum(xc^2): on the row path from one pass of torch's fused kernel
+        total, sumsq = (_group_sum(xc, acc), _group_sumsq(xc)) if y is None else _row_sums(xc, xc)
+        delta = total.div_(m)
+        var = sumsq.div_(m).sub_(delta.square()).clamp_min_(0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.view(1, 1, -1, 1)
         # (xc - delta) * scale + bias as one multiply-add: the shift absorbs the correction.
         shift = -delta * scale
         if bias is not None:
             shift = shift + bias.view(1, 1, -1, 1)
-        # addcmul is several times slower when its operands broadcast from different shapes.
-        shift = shift.expand_as(scale).to(scale.dtype, copy=True)
-        if _fused_rows(x, xc):
-            y = _row_affine(xc, scale, shift, x.shape)
+        if y is not None:
+            _row_affine_(xc, scale, shift)
         else:
             # Written into a tensor of x's shape, dtype and memory format: returning a view of
-            # the group view would forbid in-place ops (ReLU(inplace=True)) on the output.
+            # the group view would forbid in-place ops (ReLU(inplace=True)) on the output. addcmul
+            # is several times slower when its operands broadcast from different shapes.
             y = torch.empty_like(x)
-            torch.addcmul(shift, xc, scale, out=_group_view(y, groups))
+            torch.addcmul(shift.expand_as(scale).to(scale.dtype, copy=True), xc, scale,
+                          out=_group_view(y, groups))
         ctx.save_for_backward(x, weight, bias, mean.clone(), delta, invstd)  # type: ignore[arg-type]
         ctx.groups, ctx.eps = groups, eps  # type: ignore[attr-defined]
         mean = mean.add_(delta)
@@ -202,12 +223,14 @@ class _ContiguousGroupNorm(torch.autograd.Function):
             return _second_order(ctx, grad_y, x, weight, bias)
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         groups = ctx.groups  # type: ignore[attr-defined]
-        xc = _group_view(x, groups) - m0
+        xs = _group_view(x, groups)
         dy = _group_view(grad_y.contiguous(memory_format=memory_format(x)), groups)
+        m = xs.size(1) * xs.size(3)
+        # x - m0 recomputed; on the row path into the buffer of the input's gradient
+        buf = torch.empty_like(x) if _fused_rows(x, m0.dtype) else None
+        xc = xs - m0 if buf is None else torch.sub(xs, m0, out=buf.view(xs.shape))
         dy = dy.to(xc.dtype)
-        m = xc.size(1) * xc.size(3)
-        fused = _fused_rows(x, xc)
-        if fused:
+        if buf is not None:
             sum_dy, dot = _row_sums(dy, xc)
         else:
             sum_dy, dot = _group_sum(dy, xc.dtype), _group_dot(dy, xc)
@@ -218,9 +241,9 @@ class _ContiguousGroupNorm(torch.autograd.Function):
         if needs[0]:
             proj = k * invstd.square() * sum_dy_xc / m
             shift = -k * sum_dy / m + delta * proj
-            if fused:
-                grad_x = _row_affine(dy, k, shift, x.shape)
-                grad_x.view(xc.shape).addcmul_(xc, -proj)
+            if buf is not None:
+                _row_affine_(xc, -proj, shift).addcmul_(dy, k)
+                grad_x = buf
             else:
                 grad_x = torch.empty_like(x, dtype=xc.dtype)
                 gx = _group_view(grad_x, groups)
@@ -234,9 +257,23 @@ class _ContiguousGroupNorm(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Contiguous inputs: the groups' values transposed into rows
 # --------------------------------------------------------------------------------------------
-# Up to this many values per (sample, channel) the transposed kernels are used for a contiguous
-# input (above it the row kernels of _ContiguousGroupNorm are as fast and copy nothing).
+# The transposed kernels copy a contiguous input into rows (5 activation-sized copies a step):
+# they pay off where per-row costs dominate, that is for short rows (at most TRANSPOSE_ROWS
+# values per sample and channel) of an activation that, in the compute dtype, fits with its
+# copies in a core's L2 cache (TRANSPOSE_BYTES; 2 MiB a core on the machine measured). Past it
+# every copy is a pass over memory and the row kernel of _ContiguousGroupNorm, which copies
+# nothing, is faster (1.2-1.3x less CPU time for the kernel's step on (128, 256, 8, 8) and
+# (1024, 64, 40) at NBS 2 and 32; the transposed one 1.1-1.7x less on the 1-D ResNet's
+# (128, 32-128, 40-10)).
 TRANSPOSE_ROWS = 64
+TRANSPOSE_BYTES = 1 << 20
+
+
+def _transposes(x: Tensor) -> bool:
+    """Whether :func:`contiguous_group_norm` runs :class:`_TransposedGroupNorm` on ``x``."""
+    spatial = x.numel() // max(x.size(0) * x.size(1), 1)
+    return (spatial <= TRANSPOSE_ROWS and x.is_contiguous()
+            and x.numel() * compute_dtype(x).itemsize <= TRANSPOSE_BYTES)
 
 
 def _to_rows(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
@@ -306,17 +343,15 @@ class _TransposedGroupNorm(torch.autograd.Function):
         xc = _to_rows(x, groups, mean.dtype)
         dy = _to_rows(grad_y, groups, mean.dtype)
         r, m = xc.size(0) * xc.size(1), xc.size(2)
-        # per row: sum(dy) and sum(dy * (x - mean)) * invstd, from torch's fused kernel
-        _, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.view(1, r, m), xc.view(1, r, m), None, None, None, mean.view(-1),
-            invstd.view(-1), True, 0.0, [False, True, True])
+        # torch's backward per row (one group's channel): dx = w * invstd * (dy - sum(dy) / m
+        # - (x - mean) * invstd^2 * sum(dy * (x - mean)) / m), sum(dy), sum(dy * (x - mean)) *
+        # invstd, in one call
+        w = None if weight is None else weight.to(mean.dtype).repeat(groups)
+        grad_rows, dot, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy.view(1, r, m), xc.view(1, r, m), w, None, None, mean.view(-1), invstd.view(-1),
+            True, 0.0, [needs[0], True, True])
         dot, sum_dy = dot.view(mean.shape), sum_dy.view(mean.shape)
-        grad_x = None
-        if needs[0]:
-            k = invstd if weight is None else invstd * weight.to(mean.dtype)[:, None]
-            # in place on the copies: dx = k * (dy - sum(dy) / m - (x - mean) * invstd * dot / m)
-            xc.sub_(mean).mul_(invstd * dot / m)
-            grad_x = _from_rows(dy.sub_(sum_dy / m).sub_(xc).mul_(k), x, groups)
+        grad_x = _from_rows(grad_rows.view(xc.shape), x, groups) if needs[0] else None
         grad_w = dot.sum(dim=(0, 2)) if needs[1] else None
         grad_b = sum_dy.sum(dim=(0, 2)) if needs[2] else None
         return grad_x, grad_w, grad_b, None, None
@@ -354,13 +389,13 @@ def contiguous_group_norm(
     or channels_last) with their own statistics; differentiable, exactly to every order.
 
     Returns ``(y, mean, biased_var)`` with statistics of shape ``(G, C)`` (not differentiable).
-    Formulas in :class:`_ContiguousGroupNorm`; a contiguous input with at most
-    :data:`TRANSPOSE_ROWS` values per sample and channel uses :class:`_TransposedGroupNorm`.
+    Formulas in :class:`_ContiguousGroupNorm`; a small contiguous input with short rows (at
+    most :data:`TRANSPOSE_ROWS` values per sample and channel and :data:`TRANSPOSE_BYTES` in the
+    compute dtype) uses :class:`_TransposedGroupNorm`.
     """
     if torch.compiler.is_compiling():
         return _composite_group_norm(x, weight, bias, groups, eps)
-    spatial = x.numel() // max(x.size(0) * x.size(1), 1)
-    if spatial <= TRANSPOSE_ROWS and x.is_contiguous():
+    if _transposes(x):
         y, mean, var = _TransposedGroupNorm.apply(x, weight, bias, groups, eps)
     else:
         y, mean, var = _ContiguousGroupNorm.apply(x, weight, bias, groups, eps)
