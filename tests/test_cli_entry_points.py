@@ -20,11 +20,11 @@ def test_reproduce_and_studies_are_registered_by_the_studies_package():
     assert {"reproduce", "studies"} <= set(points), (
         "the installed metadata lacks the rethinkbn.commands entry points: "
         "pip install -e . again after editing pyproject.toml")
-    for name in ("reproduce", "studies"):
+    for name in ("reproduce", "studies", "variation"):
         assert points[name].module == "rethinkbn_studies.cli"
         assert points[name].extras == ["studies"]
     choices = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert list(choices) == ["reproduce", "studies", "diagnose"]
+    assert list(choices) == ["reproduce", "studies", "variation", "diagnose"]
 
 
 @pytest.mark.parametrize("argv", [["studies"], ["reproduce", "--quick", "--only", "nbs"],
