@@ -35,7 +35,7 @@ numbers and watch the verdict flip.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AGREES",
     "DISAGREES",
+    "EXPLAINED",
     "INCONCLUSIVE",
     "NOT_TESTABLE",
     "ProgressFactory",
@@ -66,6 +67,7 @@ __all__ = [
     "mean_std",
     "register_study",
     "registered_studies",
+    "explain",
     "verdict",
 ]
 
@@ -226,10 +228,27 @@ class SummaryRow:
     paper_claim: bool = True
     """False for our own ablations and mechanism checks: the headline counts them apart. A row
     whose paper column is :data:`NOT_IN_PAPER` is never one of the paper's claims."""
+    explanation: str = ""
+    """For a row that disagrees: a sentence computed from the run's numbers that names the
+    measured quantity explaining the disagreement (set by :func:`explain`); the report prints it
+    after the verdict, after :data:`EXPLAINED`."""
 
     def __post_init__(self) -> None:
         if self.paper == NOT_IN_PAPER:
             object.__setattr__(self, "paper_claim", False)
+
+
+EXPLAINED = "What explains it:"
+"""The report's marker before a disagreeing row's :attr:`SummaryRow.explanation`."""
+
+
+def explain(rows: list[SummaryRow], texts: dict[str, str]) -> list[SummaryRow]:
+    """``rows`` with ``texts[row.claim]`` as the explanation of every row whose verdict
+    disagrees; the other rows, and a disagreeing row without a text, unchanged. ``texts``: per
+    claim, the sentence computed from the run's numbers (see :attr:`SummaryRow.explanation`).
+    No side effects (new rows are returned)."""
+    return [replace(r, explanation=texts[r.claim])
+            if r.verdict.label == DISAGREES and texts.get(r.claim) else r for r in rows]
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from rethinkbn.population import markdown_table
 
 from . import variation as machine_variation
-from .base import AGREES, DISAGREES, INCONCLUSIVE, NOT_TESTABLE, Study, StudyResult
+from .base import AGREES, DISAGREES, EXPLAINED, INCONCLUSIVE, NOT_TESTABLE, Study, StudyResult
 
 __all__ = ["StudyOutcome", "environment", "render_report", "run_origin", "section",
            "untraced_numbers", "what_would_change", "write_outputs"]
@@ -231,7 +231,9 @@ def render_report(outcomes: list[StudyOutcome], env: dict[str, Any], wall_s: flo
         for plot in r.plots:
             out += [f"![{plot}]({plot})", ""]
         out += ["**Verdicts.**", ""]
-        out += [f"- {row.claim}: {row.verdict.line()}" for row in r.summary]
+        out += [f"- {row.claim}: {row.verdict.line()}"
+                + (f" **{EXPLAINED}** {row.explanation}" if row.explanation else "")
+                for row in r.summary]
         out += [""]
         if r.notes:
             out += [r.notes, ""]
@@ -295,6 +297,7 @@ def write_outputs(out_dir: Path, outcomes: list[StudyOutcome], env: dict[str, An
                         "summary": [
                             {"claim": r.claim, "ours": r.ours, "paper": r.paper,
                              "paper_claim": r.paper_claim, **r.verdict.to_json(),
+                             **({"explanation": r.explanation} if r.explanation else {}),
                              **({"other_builds": builds[(o.study.name, r.claim)]}
                                 if builds else {})}
                             for r in o.result.summary

@@ -40,6 +40,7 @@ from ..contract.base import (
     Table,
     Task,
     Verdict,
+    explain,
     mean_std,
     register_study,
 )
@@ -231,6 +232,13 @@ def independent_sets_bootstrap(parts: list[np.ndarray], *, resamples: int = 2000
                     f"({resamples} draws)")
 
 
+def _frozen_pair(wrong: dict[str, dict[str, Any]], nbs: str) -> tuple[np.ndarray, np.ndarray]:
+    """At ``nbs``, per seed and validation sample, whether the normal and the FrozenBN
+    step-schedule runs are wrong (bool ``(seeds, samples)`` arrays)."""
+    return (_stack(wrong["val_pop_step"][nbs]).astype(bool),
+            _stack(wrong["val_pop_frozen"][nbs]).astype(bool))
+
+
 def frozen_verdict(claim_helps: bool, nbs: str, wrong: dict[str, dict[str, Any]]) -> Verdict:
     """FrozenBN's effect at ``nbs``: ``err(normal) - err(FrozenBN last 20%)`` in points, both
     with the step schedule, with a paired bootstrap over the validation samples and seeds (both
@@ -242,8 +250,7 @@ def frozen_verdict(claim_helps: bool, nbs: str, wrong: dict[str, dict[str, Any]]
     "FrozenBN lowers the error" (effect > 0); else "it does not help": effect <
     :data:`NO_HELP_MARGIN`.
     """
-    normal = _stack(wrong["val_pop_step"][nbs]).astype(bool)
-    frozen = _stack(wrong["val_pop_frozen"][nbs]).astype(bool)
+    normal, frozen = _frozen_pair(wrong, nbs)
     interval = paired_bootstrap(normal, frozen)
     detail = f"{mcnemar(normal, frozen).text()} (seeds pooled)"
     whole = f"whole {100 * interval.confidence:.0f}% interval"
@@ -312,7 +319,9 @@ def sweep_verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]
               f"floor: the gap measures test-time noise, not regularization",
               exceeds(f"gen gap(NBS={hi}) - gen gap(NBS={lo}) > 0, whole 95% interval",
                       independent_sets_bootstrap(parts), 0.0))))
-    return rows
+    noise = noise_explanation(numbers, lo)
+    return explain(rows, {rows[0].claim: rise_explanation(numbers, lo, hi),
+                          rows[1].claim: noise, rows[2].claim: noise})
 
 
 def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:
@@ -332,6 +341,7 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
               f"{m['val_pop_step'][lo]:.1f} at NBS={lo} vs {m['val_pop_step'][hi]:.1f} at "
               f"NBS={hi}, not more than {RISE_MARGIN:g} pt higher",
               frozen_verdict(True, lo, wrong))))
+    rows = explain(rows, {rows[-1].claim: frozen_explanation(wrong, lo, hi)})
     rows.append(SummaryRow(
         f"FrozenBN does not help at the largest NBS ({hi})",
         f"{m['val_pop_frozen'][hi]:.1f} vs {m['val_pop_step'][hi]:.1f}", "24.5 vs 23.7 (hurts)",
@@ -418,6 +428,91 @@ def share_table(numbers: dict[str, Any], sizes: list[int], network: str = "") ->
                  [[name, *[f"{share[str(s)][name]:.3f}" for s in sizes]] for name in layers])
 
 
+def largest_bias(numbers: dict[str, Any], nbs: str) -> tuple[float, float]:
+    """At ``nbs``: the largest between-sample share over the BN layers and the largest
+    magnitude of the expected variance bias of an ``nbs``-sample group (positive: the variance
+    is that fraction too small), from ``numbers`` (:func:`summarize`)."""
+    return (max(numbers["between_sample_share"][nbs].values()),
+            max(-b for b in numbers["variance_bias"][nbs].values()))
+
+
+def _large_group(numbers: dict[str, Any]) -> int:
+    """The large evaluation group the run used (:data:`LARGE_GROUP`, clamped by the scale)."""
+    scale = numbers["scale"]
+    return min(LARGE_GROUP, scale["num_train"], scale["num_val"])
+
+
+def _bias_words(numbers: dict[str, Any], lo: str) -> tuple[bool, str]:
+    """Whether the measured variance bias at NBS ``lo`` is within
+    :data:`~rethinkbn.population.INCONSISTENCY_THRESHOLD`, and the clause that says so."""
+    top, bias = largest_bias(numbers, lo)
+    below = bias <= INCONSISTENCY_THRESHOLD
+    return below, (f"the measured variance bias of a {lo}-sample group, at most "
+                   f"-{100 * bias:.1f}% (largest between-sample share {top:.3f}), is "
+                   f"{'below' if below else 'above'} the "
+                   f"{100 * INCONSISTENCY_THRESHOLD:.0f}% threshold")
+
+
+def rise_explanation(numbers: dict[str, Any], lo: str, hi: str) -> str:
+    """Why validation error with population statistics does not rise at NBS ``lo`` (vs ``hi``),
+    from the numbers: the measured variance bias of ``lo``-sample groups (nearly unbiased below
+    the threshold: no train/test inconsistency for population statistics to pay) and, at about
+    the same training fit (training error with population statistics within
+    :data:`POP_FIT_MARGIN`), whether the ``lo``-sample models generalize better (noise acting
+    as a regularizer). Above the threshold the measured quantities do not explain it."""
+    m = numbers["mean"]
+    below, bias = _bias_words(numbers, lo)
+    pop, fit = (m["val_pop"][lo], m["val_pop"][hi]), (m["train_pop"][lo], m["train_pop"][hi])
+    fits = (f"training error with population statistics {fit[0]:.1f}% vs {fit[1]:.1f}% at "
+            f"NBS={hi}")
+    if not below:
+        return (f"not explained by the measured quantities: {bias}, so an inconsistency is "
+                f"expected, yet val_pop is {pop[0]:.1f} vs {pop[1]:.1f} at NBS={hi} ({fits}).")
+    text = (f"{bias}: {lo}-sample statistics are nearly unbiased, so training at NBS {lo} "
+            f"leaves no train/test inconsistency for population statistics to pay")
+    if pop[0] < pop[1] and fit[0] - fit[1] <= POP_FIT_MARGIN:
+        return (f"{text}; at about the same training fit ({fits}) the NBS-{lo} models "
+                f"generalize better (val_pop {pop[0]:.1f} vs {pop[1]:.1f}), as the {lo}-sample "
+                f"noise acting as a regularizer would make them.")
+    return (f"{text} (val_pop {pop[0]:.1f} vs {pop[1]:.1f} at NBS={hi}; no regularizing gain "
+            f"of the {lo}-sample noise shows: {fits}).")
+
+
+def noise_explanation(numbers: dict[str, Any], lo: str) -> str:
+    """Why mu_B at NBS ``lo`` loses to population statistics (the Sec. 4.3 and the
+    inconsistency claims), from the numbers: the noise of ``lo``-sample groups when mu_B over
+    large groups comes closer to population statistics and the measured variance bias is below
+    the threshold; else the measured quantities do not explain it."""
+    m = numbers["mean"]
+    small, big, pop = m["val_mub"][lo], m["val_mub_large"][lo], m["val_pop"][lo]
+    below, bias = _bias_words(numbers, lo)
+    groups = (f"mu_B over {_large_group(numbers)}-sample groups is {big:.1f} (vs {small:.1f} "
+              f"over {lo}-sample groups, {pop:.1f} with population statistics)")
+    if below and small > pop and abs(big - pop) < abs(small - pop):
+        return (f"the noise of {lo}-sample groups, not an inconsistency: {groups}, and {bias} "
+                f"(see **Mechanism**).")
+    return f"not explained by the measured quantities: {bias}, and {groups}."
+
+
+def frozen_explanation(wrong: dict[str, dict[str, list[Any]]], lo: str, hi: str) -> str:
+    """Why FrozenBN for the last 20% does not help at NBS ``lo``, from the step-schedule runs:
+    the population-statistics penalty it should remove (val_pop, step schedule, NBS ``lo`` -
+    NBS ``hi``, paired bootstrap) against what freezing costs where there is no penalty to
+    remove (FrozenBN's gain at NBS ``hi``). Explained when that cost's interval reaches the
+    penalty (the cost is as large as the penalty within the noise); else not explained."""
+    penalty = _bootstrap(_difference(wrong, ("val_pop_step", lo), ("val_pop_step", hi)))
+    cost, gain = (paired_bootstrap(*_frozen_pair(wrong, k)) for k in (hi, lo))
+    where = (f"at NBS={hi}, where there is no penalty to remove, FrozenBN's gain is "
+             f"{cost.text()}; the penalty it should remove at NBS={lo} (val_pop, step schedule, "
+             f"NBS={lo} - NBS={hi}) is {penalty.text()}"
+             + (", not established (its interval reaches 0)" if penalty.low <= 0 else ""))
+    if penalty.effect <= -cost.low:
+        return (f"the penalty is no larger than what freezing itself costs: {where}, within the "
+                f"noise of that cost; at NBS={lo} FrozenBN's gain is {gain.effect:+.2f} pt.")
+    return (f"not explained by the measured quantities: {where}, larger than what freezing "
+            f"costs, yet at NBS={lo} FrozenBN's gain is {gain.effect:+.2f} pt.")
+
+
 def mechanism_note(numbers: dict[str, Any], sizes: list[int], network: str = "") -> str:
     """Why mu_B wins or loses against population statistics here, from the numbers: the
     largest between-sample share at the smallest NBS (an ImageNet ResNet's: not known, no
@@ -428,10 +523,8 @@ def mechanism_note(numbers: dict[str, Any], sizes: list[int], network: str = "")
     when large groups close the gap). ``network``: its name (empty for the main sweep)."""
     lo = str(sizes[0])
     m = numbers["mean"]
-    scale = numbers["scale"]
-    large = min(LARGE_GROUP, scale["num_train"], scale["num_val"])
-    top = max(numbers["between_sample_share"][lo].values())
-    bias = max(-b for b in numbers["variance_bias"][lo].values())
+    large = _large_group(numbers)
+    top, bias = largest_bias(numbers, lo)
     small, big, pop = m["val_mub"][lo], m["val_mub_large"][lo], m["val_pop"][lo]
     if bias > INCONSISTENCY_THRESHOLD:
         why = (f"the variance bias passes the threshold: a train/test inconsistency is expected "
