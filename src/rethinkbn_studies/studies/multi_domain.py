@@ -52,6 +52,7 @@ from ..contract.base import (
     Table,
     Task,
     Verdict,
+    explain,
     mean_std,
     register_study,
 )
@@ -108,6 +109,10 @@ CHANCE_PT = 90.0  # % error of chance on 10 classes
 # way to 0), a criterion relative to the consistent row and chance instead of a fixed error.
 COLLAPSE_FRACTION = 0.5
 CONSISTENT_ROW = "shared/shared/shared"
+COLLAPSE_CLAIM = "Sec. 5: shared training stats + domain-specific population stats collapses"
+# A measured quantity "follows" the rise over the separation sweep when its rank correlation
+# with the rise is at least this (descriptive: the sweep has a handful of separations).
+FOLLOWS_RANK = 0.5
 
 
 def collapse_threshold(consistent_err: float) -> float:
@@ -411,7 +416,7 @@ def verdicts(wrong: dict[str, np.ndarray], matched: dict[str, str] | None = None
             exceeds(f"err(best inconsistent: {best_i}) - err(worst consistent: {worst_c}) > 0",
                     gap)),
         SummaryRow(
-            "Sec. 5: shared training stats + domain-specific population stats collapses",
+            COLLAPSE_CLAIM,
             f"err {_err(wrong, 'shared/domain/shared'):.1f} vs {_err(wrong, CONSISTENT_ROW):.1f} "
             f"(consistent row)", "AP 2.1 vs 39.1",
             exceeds(f"err - err(consistent {CONSISTENT_ROW}) > {100 * COLLAPSE_FRACTION:.0f}% "
@@ -688,6 +693,54 @@ def notes_text(runs: DomainRuns, numbers: dict[str, Any]) -> str:
     )
 
 
+def _rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of ``a`` and ``b`` (Pearson's of their ranks; NaN when one
+    is constant)."""
+    ra, rb = (np.argsort(np.argsort(v)).astype(float) for v in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def collapse_explanation(sweep_numbers: dict[float, dict[str, Any]],
+                         collapse: float | None) -> str:
+    """Which measured quantity the rise of shared training + per-level population statistics
+    over the consistent row (row 2 - row 1) follows over the separation sweep, and why it stays
+    below the collapse here, from the numbers: the rank correlation (:func:`_rank_correlation`)
+    of the rise with the levels' measured mean shift and std ratio at the head's first norm (a
+    quantity follows at :data:`FOLLOWS_RANK` or more), the rise as a fraction of the way to
+    chance at the main separation and at the sweep's largest value of that quantity, and
+    ``collapse`` (the first separation that collapses, :func:`collapse_separation`)."""
+    seps = sorted(sweep_numbers)
+    rise = [sweep_numbers[s]["row2_minus_row1"] for s in seps]
+    names = {"mean_shift": "mean shift", "std_ratio": "std ratio"}
+    rank = {k: _rank_correlation([sweep_numbers[s][k] for s in seps], rise) for k in names}
+    key = max(names, key=lambda k: -2.0 if np.isnan(rank[k]) else rank[k])
+    follows = rank[key] >= FOLLOWS_RANK
+
+    def way(s: float) -> str:
+        row1, up = sweep_numbers[s]["errors"][CONSISTENT_ROW], sweep_numbers[s]["row2_minus_row1"]
+        return (f"{names[key]} {sweep_numbers[s][key]:.2f}, rise {up:+.2f} pt, "
+                f"{100 * up / (CHANCE_PT - row1):.0f}% of the way to chance from the consistent "
+                f"row's {row1:.1f} (collapse threshold {collapse_threshold(row1):.1f} pt)")
+
+    top = max(seps, key=lambda s: sweep_numbers[s][key])
+    corr = "; ".join(f"{names[k]} {rank[k]:+.2f}" for k in names)
+    head = ("over the separation sweep the rise over the consistent row (row 2 - row 1) "
+            + (f"follows the levels' measured {names[key]} at the head's first norm" if follows
+               else "follows neither measured quantity at the head's first norm")
+            + f" (rank correlation over the {len(seps)} separations: {corr})")
+    main = f"at separation {SEPARATION:.1f}: {way(SEPARATION)}; " if SEPARATION in seps else ""
+    at = (f"{main}at the sweep's largest {names[key]}, separation {top:.1f}: {way(top)}; a "
+          f"collapse needs the rise's whole 95% interval above the threshold")
+    if not follows:
+        return f"not explained by the measured quantities: {head}; {at}."
+    if collapse is None:
+        return (f"{head}; {at}: no separation collapses, so the levels' measured "
+                f"{names[key]} is not large enough here to collapse the head.")
+    return f"{head}; {at}; the sweep collapses from separation {collapse:.1f} on."
+
+
 def shift_order_note(sweep_numbers: dict[float, dict[str, Any]]) -> str:
     """A sentence where the sweep's measured mean shift does not grow with the planted
     separation (else empty): which separations break the order, and what is measured (the
@@ -730,5 +783,7 @@ def run(ctx: RunContext) -> StudyResult:
     return StudyResult(setup=setup_text(ctx, data.name, runs.scale),
                        tables=tables(runs, errors, sweep_rows), paper_tables=[PAPER_TABLE],
                        plots=_plot(ctx, errors.per_seed, errors.sweep),
-                       summary=verdicts(errors.wrong, MATCHED, runs.matched_losses()),
+                       summary=explain(verdicts(errors.wrong, MATCHED, runs.matched_losses()),
+                                       {COLLAPSE_CLAIM: collapse_explanation(
+                                           sweep_numbers, errors.collapse)}),
                        numbers=numbers, notes=notes_text(runs, numbers))
