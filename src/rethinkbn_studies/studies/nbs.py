@@ -319,9 +319,18 @@ def sweep_verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]
               f"floor: the gap measures test-time noise, not regularization",
               exceeds(f"gen gap(NBS={hi}) - gen gap(NBS={lo}) > 0, whole 95% interval",
                       independent_sets_bootstrap(parts), 0.0))))
+    return explain(rows, _sweep_explanations(numbers, [r.claim for r in rows], lo, hi))
+
+
+def _sweep_explanations(numbers: dict[str, Any], claims: list[str], lo: str,
+                        hi: str) -> dict[str, str]:
+    """Per claim of :func:`sweep_verdicts` (``claims``, in its order), the sentence that
+    explains it where it disagrees (:func:`rise_explanation`, :func:`noise_explanation`);
+    none without the measured shares in ``numbers``."""
+    if "between_sample_share" not in numbers:
+        return {}
     noise = noise_explanation(numbers, lo)
-    return explain(rows, {rows[0].claim: rise_explanation(numbers, lo, hi),
-                          rows[1].claim: noise, rows[2].claim: noise})
+    return {claims[0]: rise_explanation(numbers, lo, hi), claims[1]: noise, claims[2]: noise}
 
 
 def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:

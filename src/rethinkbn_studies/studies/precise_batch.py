@@ -48,7 +48,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rethinkbn.population import Snapshot, capture_stats, install_stats
+from rethinkbn.population import (
+    INCONSISTENCY_THRESHOLD,
+    Snapshot,
+    capture_stats,
+    group_variance_ratio,
+    install_stats,
+    variance_decomposition,
+)
 
 from ..contract import paper
 from ..contract.base import (
@@ -58,6 +65,7 @@ from ..contract.base import (
     Table,
     Task,
     Verdict,
+    explain,
     register_study,
 )
 from ..contract.verdicts import equivalent, exceeds, given, mcnemar, paired_bootstrap
@@ -287,6 +295,11 @@ def _equal_within(criterion: str, wrong: dict[str, dict[str, list[Any]]], a: tup
                       mcnemar(wa, wb).text() + " (seeds pooled)")
 
 
+TINY_NBS_CLAIM = "A tiny NBS (2) hurts even with precise population statistics"
+ESTIMATOR_CLAIM = (f"Ablation, NBS=32 model: the per-batch estimator's bias alone (earlier layers "
+                   f"with B=N statistics) makes B={MECHANISM_B} much worse than B=N")
+
+
 def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) -> list[SummaryRow]:
     """Claims of Table 2 judged from per-sample errors ``wrong[nbs][column]`` (per seed, the
     bool vector of validation samples the model gets wrong), paired over samples and seeds; the
@@ -313,7 +326,7 @@ def verdicts(numbers: dict[str, Any], wrong: dict[str, dict[str, list[Any]]]) ->
         exceeds("err(EMA) - err(B=N) > 0, whole 95% interval", interval, 0.0, detail)))
     interval, detail = _paired(wrong, ("2", "B=N"), ("32", "B=N"))
     rows.append(SummaryRow(
-        "A tiny NBS (2) hurts even with precise population statistics",
+        TINY_NBS_CLAIM,
         f"{small['B=N']:.1f} vs {big['B=N']:.1f}", "32.0 vs 23.5",
         exceeds(f"err(NBS=2, B=N) - err(NBS=32, B=N) > {WORSE_MARGIN} pt, whole 95% interval",
                 interval, WORSE_MARGIN, detail)))
@@ -352,8 +365,7 @@ def ablation_verdicts(numbers: dict[str, Any],
                 f"interval", interval, WORSE_MARGIN, detail)))
     interval, detail = _paired(wrong, ("32", alone), ("32", "B=N"))
     rows.append(SummaryRow(
-        f"Ablation, NBS=32 model: the per-batch estimator's bias alone (earlier layers with "
-        f"B=N statistics) makes B={b} much worse than B=N",
+        ESTIMATOR_CLAIM,
         f"{m[alone]:.1f} vs {m['B=N']:.1f}", "not in the paper",
         exceeds(f"err(per-batch/layer-by-layer, B={b}) - err(B=N) > {WORSE_MARGIN} pt, whole "
                 f"95% interval", interval, WORSE_MARGIN, detail)))
@@ -403,6 +415,72 @@ def deep_verdicts(numbers: dict[str, Any],
               exceeds(f"err(pooled/whole, B={b}) - err(per-batch/layer-by-layer, B={b}) > 0, "
                       f"whole 95% interval", interval, 0.0, detail))))
     return rows
+
+
+def per_batch_bias(share: float, length: float, b: int = MECHANISM_B) -> float:
+    """The expected relative bias of the per-batch estimator's variance (the average of
+    ``b``-sample batches' unbiased variances, ``b * length`` values each) against the
+    population's, at between-sample share ``share`` (:func:`rethinkbn.population.
+    group_variance_ratio`, times Bessel's factor ``n / (n - 1)``, ``n = b * length``)."""
+    n = b * length
+    return float(group_variance_ratio(share, b)) * n / (n - 1) - 1
+
+
+def tiny_nbs_explanation(numbers: dict[str, Any]) -> str:
+    """Why the NBS=2 model is not worse than the NBS=32 one with B=N statistics, from the
+    numbers: its largest between-sample share and the variance bias of a 2-sample group it
+    implies (below :data:`~rethinkbn.population.INCONSISTENCY_THRESHOLD`: nearly unbiased
+    training statistics, no train/test inconsistency for population statistics to pay), and
+    PreciseBN over 2-sample batches against B=N (the earlier layers normalizing as in
+    training). Above the threshold the measured quantities do not explain it."""
+    b, m = MECHANISM_B, numbers["mean"]["2"]
+    top = max(v["share"] for v in numbers["between_sample_share"]["2"].values())
+    bias = 1 - float(group_variance_ratio(top, b))
+    said = (f"on the NBS=2 model's BN inputs (measured as `nbs` measures them, on the same "
+            f"models) the largest between-sample share is {top:.3f}, so a {b}-sample group's "
+            f"variance is biased by at most -{100 * bias:.1f}% (threshold "
+            f"{100 * INCONSISTENCY_THRESHOLD:.0f}%), and PreciseBN over {b}-sample batches (the "
+            f"earlier layers normalizing as in training) gives {m[column(POOLED_WHOLE, b)]:.1f} "
+            f"vs {m['B=N']:.1f} at B=N")
+    if bias > INCONSISTENCY_THRESHOLD:
+        return f"not explained by the measured quantities: {said}."
+    return (f"its training statistics were nearly unbiased: {said}; with no train/test "
+            f"inconsistency for population statistics to pay, precise statistics leave the "
+            f"NBS=2 model nothing to pay for its {b}-sample training.")
+
+
+def estimator_explanation(numbers: dict[str, Any]) -> str:
+    """Why the per-batch estimator's bias alone does not hurt at B = :data:`MECHANISM_B`
+    (NBS=32 model), from the numbers: per layer, the measured change of its variances against
+    B=N (layer by layer, from the mean log std ratio) beside the bias expected at the layer's
+    between-sample share (:func:`per_batch_bias`), both against the threshold."""
+    b = MECHANISM_B
+    shares = numbers["between_sample_share"]["32"]
+    alone = numbers["layers_b2"]["32"][PER_BATCH_LAYERS]
+    measured = {k: float(np.exp(2 * v[2]) - 1) for k, v in alone.items()}
+    expected = {k: per_batch_bias(v["share"], v["length"], b) for k, v in shares.items()}
+    worst = min(expected, key=lambda k: expected[k])
+    big = max(max(abs(v) for v in measured.values()), max(abs(v) for v in expected.values()))
+    mean_m, mean_e = (100 * float(np.mean(list(d.values()))) for d in (measured, expected))
+    said = (f"layer by layer the per-batch variances change by {mean_m:+.1f}% on average over "
+            f"the layers ({100 * measured[worst]:+.1f}% in {worst}), as the layers' "
+            f"between-sample shares (measured as `nbs` measures them) predict for the average "
+            f"of {b}-sample unbiased variances: {mean_e:+.1f}% on average, "
+            f"{100 * expected[worst]:+.1f}% in {worst}")
+    if big > INCONSISTENCY_THRESHOLD:
+        return (f"not explained by the measured quantities: {said}; a bias above the "
+                f"{100 * INCONSISTENCY_THRESHOLD:.0f}% threshold, yet the error does not rise.")
+    return (f"the estimator's bias is too small to move the error: {said}; every layer stays "
+            f"within the {100 * INCONSISTENCY_THRESHOLD:.0f}% threshold.")
+
+
+def explanations(numbers: dict[str, Any]) -> dict[str, str]:
+    """Per claim, the sentence that explains it where it disagrees (:func:`explain`), for the
+    claims whose measured quantities ``numbers`` holds (the between-sample shares)."""
+    if "between_sample_share" not in numbers:
+        return {}
+    return {TINY_NBS_CLAIM: tiny_nbs_explanation(numbers),
+            ESTIMATOR_CLAIM: estimator_explanation(numbers)}
 
 
 def _moves(interval: Any) -> str:
@@ -563,12 +641,14 @@ def _tables(per_seed: dict[str, list[dict[str, float]]],
 class PreciseBatchRuns:
     """Everything the study measured, per model (``"32"``, ``"2"``: NBS of the one-block
     models; ``DEEP``: the deeper one): per seed its errors per column (EMA, B=...), the 0/1
-    validation errors per column that the verdicts judge, and the per-layer distances of the
-    B=2 estimators from B=N."""
+    validation errors per column that the verdicts judge, the per-layer distances of the
+    B=2 estimators from B=N, and (one-block models) per seed the between-sample shares
+    (:func:`_shares`)."""
 
     per_seed: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     wrong: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     layers: dict[str, list[dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
+    shares: dict[str, list[dict[str, dict[str, float]]]] = field(default_factory=dict)
 
     def add(self, key: str, result: dict[str, Any]) -> None:
         """Record one seed's evaluation (:func:`_evaluate`) of model ``key``."""
@@ -595,13 +675,34 @@ def measure(ctx: RunContext, scale: Scale) -> PreciseBatchRuns:
     runs = PreciseBatchRuns()
     for (key, *_), result in zip(jobs, evals, strict=True):
         runs.add(key, result)
+    for (key, n, blocks, s), trained in zip(jobs, models, strict=True):
+        if blocks == 1:
+            runs.shares.setdefault(key, []).append(_shares(ctx, scale, n, s, trained))
     return runs
+
+
+def _shares(ctx: RunContext, scale: Scale, nbs: int, seed: int,
+            trained: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per BN layer of the trained NBS model, the between-sample share of its input's variance
+    and the values per sample ``L``, measured as ``nbs`` measures them on the same models
+    (whole-batch PreciseBN in batches of the SGD batch, then
+    :func:`rethinkbn.population.variance_decomposition` over the training samples). Computed
+    here, not cached: the evaluations' cache keys and results stay as they are."""
+    data = study_data(ctx).subset(scale.num_train, scale.num_val)
+    model = ghost_model(ctx, scale, nbs, seed, trained)
+    bn.recompute_population(model, data.train_x, batch_size=SGD_BATCH,
+                            num_samples=len(data.train_x), seed=seed)
+    layers = variance_decomposition(model, data.train_x.split(SGD_BATCH),
+                                    norm_batch_size=MECHANISM_B)
+    return {r.name: {"share": r.mean_share, "length": float(r.values_per_sample)}
+            for r in layers}
 
 
 def summarize(runs: PreciseBatchRuns, scale: Scale) -> dict[str, Any]:
     """The study's numbers for results.json: errors per seed, their means and stds (the deeper
-    model's over its own columns), the per-layer distances averaged over seeds, the deeper
-    model's description."""
+    model's over its own columns), the per-layer distances averaged over seeds, the one-block
+    models' between-sample shares per layer (``share``, ``length``: mean over seeds), the
+    deeper model's description."""
     per_seed = runs.per_seed
     columns = list(per_seed["32"][0])
     mean, std = over_seeds({k: v for k, v in per_seed.items() if k != DEEP}, columns)
@@ -611,8 +712,11 @@ def summarize(runs: PreciseBatchRuns, scale: Scale) -> dict[str, Any]:
     # per model, variant and layer: the distances averaged over the seeds
     layers_b2 = {k: {v: {name: np.mean([r[v][name] for r in rs], axis=0).tolist()
                          for name in rs[0][v]} for v in rs[0]} for k, rs in runs.layers.items()}
+    shares = {k: {name: {q: float(np.mean([r[name][q] for r in rs])) for q in rs[0][name]}
+                  for name in rs[0]} for k, rs in runs.shares.items()}
     return {"per_seed": per_seed, "mean": mean, "std": std, "columns": columns,
             "scale": scale.as_dict(), "sgd_batch": SGD_BATCH, "layers_b2": layers_b2,
+            "between_sample_share": shares,
             "deep": {"key": DEEP, "nbs": DEEP_NBS, "blocks": DEEP_BLOCKS,
                      "augment": DEEP_AUGMENT,
                      "bn_layers": len(layers_b2[DEEP].get(POOLED_WHOLE, {}))}}
@@ -663,6 +767,7 @@ def run(ctx: RunContext) -> StudyResult:
     wrong = runs.wrong
     return StudyResult(setup=setup, tables=[*tables, *([calibrated] if calibrated else [])],
                        paper_tables=[PAPER_TABLE], plots=[],
-                       summary=(verdicts(numbers, wrong) + ablation_verdicts(numbers, wrong)
-                                + deep_verdicts(numbers, wrong)),
+                       summary=explain(verdicts(numbers, wrong)
+                                       + ablation_verdicts(numbers, wrong)
+                                       + deep_verdicts(numbers, wrong), explanations(numbers)),
                        numbers=numbers, notes=mechanism_note(numbers, wrong))
