@@ -48,6 +48,7 @@ def test_rise_explanation_names_the_bias_and_the_regularizing_noise():
     text = nbs.rise_explanation(_nbs_numbers(), "2", "128")
     assert "at most -5.0% (largest between-sample share 0.100), is below the 10% threshold" in text
     assert "no train/test inconsistency for population statistics to pay" in text
+    assert "an ImageNet ResNet's share: not known" in text  # issue 20: beside an ImageNet one's
     assert "generalize better (val_pop 12.0 vs 13.5)" in text and "regularizer" in text
 
 

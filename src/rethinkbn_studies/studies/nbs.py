@@ -477,8 +477,9 @@ def rise_explanation(numbers: dict[str, Any], lo: str, hi: str) -> str:
     if not below:
         return (f"not explained by the measured quantities: {bias}, so an inconsistency is "
                 f"expected, yet val_pop is {pop[0]:.1f} vs {pop[1]:.1f} at NBS={hi} ({fits}).")
-    text = (f"{bias}: {lo}-sample statistics are nearly unbiased, so training at NBS {lo} "
-            f"leaves no train/test inconsistency for population statistics to pay")
+    text = (f"{bias} (an ImageNet ResNet's share: not known, no source measures it): "
+            f"{lo}-sample statistics are nearly unbiased, so training at NBS {lo} leaves no "
+            f"train/test inconsistency for population statistics to pay")
     if pop[0] < pop[1] and fit[0] - fit[1] <= POP_FIT_MARGIN:
         return (f"{text}; at about the same training fit ({fits}) the NBS-{lo} models "
                 f"generalize better (val_pop {pop[0]:.1f} vs {pop[1]:.1f}), as the {lo}-sample "
@@ -514,10 +515,10 @@ def frozen_explanation(wrong: dict[str, dict[str, list[Any]]], lo: str, hi: str)
     where = (f"at NBS={hi}, where there is no penalty to remove, FrozenBN's gain is "
              f"{cost.text()}; the penalty it should remove at NBS={lo} (val_pop, step schedule, "
              f"NBS={lo} - NBS={hi}) is {penalty.text()}"
-             + (", not established (its interval reaches 0)" if penalty.low <= 0 else ""))
+             + (" (not established: its interval reaches 0)" if penalty.low <= 0 else ""))
     if penalty.effect <= -cost.low:
-        return (f"the penalty is no larger than what freezing itself costs: {where}, within the "
-                f"noise of that cost; at NBS={lo} FrozenBN's gain is {gain.effect:+.2f} pt.")
+        return (f"the penalty is no larger than what freezing itself costs, within the noise of "
+                f"that cost: {where}; at NBS={lo} FrozenBN's gain is {gain.effect:+.2f} pt.")
     return (f"not explained by the measured quantities: {where}, larger than what freezing "
             f"costs, yet at NBS={lo} FrozenBN's gain is {gain.effect:+.2f} pt.")
 

@@ -461,7 +461,10 @@ def estimator_explanation(numbers: dict[str, Any]) -> str:
     expected = {k: per_batch_bias(v["share"], v["length"], b) for k, v in shares.items()}
     worst = min(expected, key=lambda k: expected[k])
     big = max(max(abs(v) for v in measured.values()), max(abs(v) for v in expected.values()))
-    mean_m, mean_e = (100 * float(np.mean(list(d.values()))) for d in (measured, expected))
+    # the average as the mechanism sentence takes it (:func:`_layer_note`): from the mean log
+    # std ratio over the layers
+    mean_m = 100 * float(np.exp(2 * np.mean([v[2] for v in alone.values()])) - 1)
+    mean_e = 100 * float(np.mean(list(expected.values())))
     said = (f"layer by layer the per-batch variances change by {mean_m:+.1f}% on average over "
             f"the layers ({100 * measured[worst]:+.1f}% in {worst}), as the layers' "
             f"between-sample shares (measured as `nbs` measures them) predict for the average "
