@@ -63,11 +63,11 @@ __all__ = [
     "SummaryRow",
     "Table",
     "Verdict",
+    "explain",
     "get_study",
     "mean_std",
     "register_study",
     "registered_studies",
-    "explain",
     "verdict",
 ]
 
