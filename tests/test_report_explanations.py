@@ -122,7 +122,18 @@ def test_collapse_explanation_names_the_quantity_the_rise_follows():
     assert ("at separation 1.0: mean shift 5.40, rise +21.53 pt, 31% of the way to chance from "
             "the consistent row's 20.9 (collapse threshold 34.5 pt)") in text
     assert "separation 2.0: mean shift 8.21" in text and "no separation collapses" in text
+    # there the point estimate (+28.29) is past the threshold (28.1) but not its whole interval
+    assert "at separation 2.0 the rise reaches the threshold within its noise" in text
+    assert "not large enough here" not in text
     assert "collapses from separation 2.0 on" in multi_domain.collapse_explanation(sweep, 2.0)
+
+
+def test_collapse_explanation_without_a_rise_near_the_threshold():
+    sweep = _sweep([0.5, 1.0, 2.0, 3.0, 4.0], [1.0, 1.2, 1.4, 1.6, 1.8],
+                   [1.0, 2.0, 3.0, 4.0, 5.0], [10.0] * 5)
+    text = multi_domain.collapse_explanation(sweep, None)
+    assert "no separation collapses, so the levels' measured mean shift is not large enough" in text
+    assert "within its noise" not in text
 
 
 def test_collapse_explanation_says_plainly_when_nothing_measured_explains_it():

@@ -736,6 +736,13 @@ def collapse_explanation(sweep_numbers: dict[float, dict[str, Any]],
     if not follows:
         return f"not explained by the measured quantities: {head}; {at}."
     if collapse is None:
+        top_row1 = sweep_numbers[top]["errors"][CONSISTENT_ROW]
+        if sweep_numbers[top]["row2_minus_row1"] >= collapse_threshold(top_row1):
+            return (f"{head}; {at}: no separation collapses by that rule, but at separation "
+                    f"{top:.1f} the rise reaches the threshold within its noise: the levels' "
+                    f"measured {names[key]} is too small to collapse the head at separation "
+                    f"{SEPARATION:.1f} (the main table's) and nears a collapse only at the "
+                    f"sweep's largest {names[key]}.")
         return (f"{head}; {at}: no separation collapses, so the levels' measured "
                 f"{names[key]} is not large enough here to collapse the head.")
     return f"{head}; {at}; the sweep collapses from separation {collapse:.1f} on."
