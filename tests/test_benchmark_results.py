@@ -5,6 +5,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,35 @@ def test_the_readme_quotes_rows_of_the_committed_model_benchmark():
     assert len(quoted) >= 6
     for line in quoted:
         assert line in rows, line
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmarks_page_types_in_no_table():
+    """Every table on the Benchmarks page comes from a committed result file (the hook inserts
+    them at the marker); the page's own text has none."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert not [line for line in page.splitlines() if line.lstrip().startswith("|")]
+
+
+def test_run_save_writes_what_a_benchmark_printed_under_its_command(tmp_path, monkeypatch):
+    run = _run_module()
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    path = run._save("fold", ["--x"], "\n| a | b |\n|---|---|\n| 1 | 2 |\n\n")
+    text = path.read_text()
+    assert path == tmp_path / "fold.md"
+    assert re.match(r"`python benchmarks/run.py fold --x` on \d{4}-\d{2}-\d{2}, torch \S+, "
+                    r"CPU\.\n\n\| a \| b \|\n", text)
+    assert text.endswith("| 1 | 2 |\n")
+
+
+def test_run_save_refuses_the_benchmarks_that_write_their_own_files():
+    run = _run_module()
+    for argv in (["ghost", "--save"], ["--save"], ["model", "fold", "--save"]):
+        with pytest.raises(SystemExit, match="--save"):
+            run.main(argv)
