@@ -44,33 +44,52 @@ from rethinkbn.layers import use_domain
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Why the cells above target stay there (measured 2026-12-07 on the 2-core CPU machine, from the
-# profiles below and layer-level timings); written after the table.
+# profiles written below the table and layer-level timings); written after the table.
 FLOORS = """## Floors of the cells above target
 
-- **Ghost on the 1-D ResNet (NBS 32, 8, 2: the table's cells).** torch's kernel normalizes
-  over one channel dim, which contiguous groups of an ``(N, C, L)`` tensor cannot form without a
-  copy. With rows of 40/20/10 values, reductions over the strided group view cost more than
-  copying each group's channels into contiguous rows, so the layer copies: x into rows and the
-  output back in the forward, x and the gradient into rows and the input's gradient back in the
-  backward (4 activation-sized copies per layer; ``aten::copy_`` is 13-15% of the step against
-  3% with torch BN). Each copy touches a fresh buffer (0.6 MiB, past the L2 cache on this
-  machine), ~20-30 us each in isolation but 100-170 us inside a step. Without the copies (the
-  row kernel on zero-copy views, before this change; --quick, 11 pairs) the same cells gave
-  1.38 / 1.55 / 1.46: more
-  and slower strided reductions. Reaching torch's cost here needs a fused kernel over groups
-  (one pass for the statistics, one for the output; C++/Triton), not more torch ops.
-- **Ghost on ResNet-18 (the cells above 1.05, which move between runs: 1.06 / 1.09 at NBS 8 / 2
-  in one run, 1.07 at NBS 32 in another).** The same copies on its 8x8 and 4x4 stages plus the
-  row kernel's extra centring pass on the 32x32 and 16x16 stages; their intervals reach the
-  target.
-- **DomainBatchNorm with shuffled per-sample ids on the 1-D ResNet.** The layer sorts the samples
+- **Ghost on the 1-D ResNet (NBS 32, 8, 2).** torch's kernel normalizes over one channel dim,
+  which contiguous groups of an ``(N, C, L)`` tensor cannot form without a copy. With rows of
+  40/20/10 values, reductions over the strided group view cost more than a copy, so the layer
+  copies each group's channel rows into a contiguous buffer: 5 activation-sized copies per
+  layer and step (x into rows and the output back in the forward; x and the gradient into rows
+  and the input's gradient back in the backward) and 6 passes over the rows in the forward. In
+  the profiles below a layer call's forward and backward (``_TransposedGroupNorm`` and its
+  backward, CPU total) cost 1.2 ms at NBS 32 and 1.6 ms at NBS 2, against 0.75 ms for torch's
+  two kernels in the whole-batch row; ``aten::copy_`` is 12-14% of the step against 2.6%.
+  Without the copies (the row kernel on zero-copy views, an earlier version; --quick, 11 pairs)
+  the same cells gave 1.38 / 1.55 / 1.46. Reaching torch's cost needs one fused kernel over
+  groups (a pass for the statistics, one for the output: C++ or Triton), which this pure-torch
+  package does not ship; under ``torch.compile`` inductor generates such code
+  (``model_compile.md``).
+- **Ghost at NBS = whole batch on the 1-D ResNet.** The layer calls torch's kernel; what is
+  left is its Python around the call on a step of a few ms, and the interval reaches the target.
+- **DomainBatchNorm with per-sample ids on the 1-D ResNet (shuffled, in two blocks; shuffled on
+  ResNet-18 at the target's edge, as the hand-written loop there).** The layer sorts the samples
   by domain, runs torch's kernel once per domain and puts the output back in order; the rows
   "torch BN per domain, hand-written" are that loop written with torch alone, and the layer
-  costs about what they cost (the rows "vs torch BN per domain, hand-written"). The floor is
-  the loop itself: two kernel calls per layer each way plus the gather and the concatenation,
-  per-call and Python cost on rows of 40/20/10 values (aten self-CPU equals torch BN's in the
-  profile). One torch BatchNorm over all samples computes something else (one set of
-  statistics), so no layer that keeps per-domain statistics can reach it here.
+  costs about what they cost (the rows "vs torch BN per domain, hand-written"). The floor is the
+  loop itself: in the shuffled profile the row permutation (``_PermuteRows``: ``index_select``,
+  108 calls over 3 steps) is 9.4% of the step's CPU and the concatenation 2.9%, while torch's
+  kernels cost what one call over the whole batch costs (``native_batch_norm``: 54 calls, 9.0
+  ms, against 27 calls, 8.8 ms in the whole-batch row): the excess is the regrouping and the
+  per-domain bookkeeping, per-call costs on rows of 40/20/10 values. One torch BatchNorm over
+  all samples computes something else (one set of statistics), so no layer that keeps per-domain
+  statistics can reach it here.
+"""
+COMPILE_FLOORS = """## Floors of the cells above target
+
+- **Ghost on the 1-D ResNet (NBS 32, 2).** Compiled, the layer is plain torch ops
+  (``_composite_group_norm``) that inductor fuses; the cells sit at 1.06-1.07 with intervals
+  that reach the target, against 1.25-1.36 eager.
+- **DomainBatchNorm with per-sample ids on the 1-D ResNet (shuffled, in two blocks).** Compiled,
+  the ids cannot be read on the host without a graph break, so every domain is normalized by one
+  vectorized pass of masked reductions whose shapes do not depend on the ids
+  (``masked_domain_norm``): no graph break, no recompilation, and on ResNet-18 the same code
+  costs 1.00. On the small 1-D model, whose step is mostly BatchNorm on rows of 40/20/10 values,
+  inductor's code for those reductions costs more than torch's kernel; the floor written by
+  hand, torch BN per domain compiled, costs 1.19 (shuffled, with graph breaks of its own) and
+  1.23 (two blocks, slices known in advance) here, and the layer costs 0.63x and 1.06x of it
+  (the last two rows).
 """
 COMMAND = "python benchmarks/run.py model"
 
@@ -331,24 +350,21 @@ class Result:
         return statistics.median(self.ratios)
 
 
-_COMPILED_BASELINES: dict[tuple[str, object, bool], nn.Module] = {}
-
-
 def models_for(spec: Model, variant: Variant, compiled: bool) -> tuple[nn.Module, nn.Module]:
-    """The candidate and the baseline, from copies of one torch-BN model (compiled baselines are
-    reused across rows: compiling costs far more than a step)."""
+    """The candidate and the baseline, from copies of one torch-BN model. Compiled, each cell
+    starts from a fresh dynamo state (``torch._dynamo.reset()``) and compiles its own baseline:
+    the cells' models share the layers' code objects, and once a frame passes torch's recompile
+    limit dynamo runs it eagerly, so a cell measured after many others would time eager code
+    (ghost NBS 2 on the 1-D ResNet measured 1.36 after the other cells, 1.01 alone)."""
     torch.manual_seed(0)
     base = spec.build()
     assert variant.candidate is not None
     candidate = variant.candidate(copy.deepcopy(base)).train(variant.train)
-    key = (spec.key, variant.baseline, variant.train)
-    if compiled and key in _COMPILED_BASELINES:
-        return torch.compile(candidate), _COMPILED_BASELINES[key]
     baseline = variant.baseline(copy.deepcopy(base)).train(variant.train)
     if not compiled:
         return candidate, baseline
-    _COMPILED_BASELINES[key] = torch.compile(baseline)
-    return torch.compile(candidate), _COMPILED_BASELINES[key]
+    torch._dynamo.reset()
+    return torch.compile(candidate), torch.compile(baseline)
 
 
 def dynamo_counts() -> tuple[int, int]:
@@ -457,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(f"`{command}` on {today}, torch {torch.__version__}, CPU.\n{header}.\n\n"
                    + "\n".join(lines) + "\n"
-                   + ("" if args.compile else "\n" + FLOORS)
+                   + "\n" + (COMPILE_FLOORS if args.compile else FLOORS)
                    + ("\n## Top ops of the variants above target\n\n" + "\n".join(profiles)
                       if profiles else ""))
     print(f"\nwritten to {out.relative_to(RESULTS.parents[1])}")

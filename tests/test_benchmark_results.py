@@ -80,3 +80,19 @@ def test_run_save_refuses_the_benchmarks_that_write_their_own_files():
     for argv in (["ghost", "--save"], ["--save"], ["model", "fold", "--save"]):
         with pytest.raises(SystemExit, match="--save"):
             run.main(argv)
+
+
+def test_every_number_of_the_readme_floors_is_in_a_committed_model_result():
+    """The README's floor sentences quote the model benchmark's files (their table, their floor
+    text), never typed-in numbers."""
+    readme = (ROOT / "README.md").read_text()
+    floors = readme.split("<!-- /model-benchmark -->", 1)[1].split("\n## ", 1)[0]
+    assert "Floors" in floors
+    results = "".join((ROOT / "benchmarks" / "results" / name).read_text()
+                      for name in ("model.md", "model_compile.md"))
+    numbers = re.findall(r"\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?%?", floors.replace("ResNet-18", ""))
+    assert len(numbers) >= 6
+    for number in numbers:
+        parts = re.split(r"-(?=\d)", number.rstrip("%"))
+        for part in parts:
+            assert part in results, f"README floor number {number} is in no model result file"

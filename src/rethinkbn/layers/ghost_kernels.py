@@ -363,8 +363,9 @@ def _composite_group_norm(
     """:func:`contiguous_group_norm` in plain torch ops, for ``torch.compile``: inductor fuses
     the reductions and the normalization of a :func:`_group_view` and derives the backward
     itself (through the hand-written kernels above, which exist for eager CPU speed, a compiled
-    step of the 1-D ResNet at NBS 2 costs 1.44x compiled torch BN; this way 0.99x). Statistics
-    in the compute dtype, as the kernels compute them; same return values."""
+    step of the 1-D ResNet at NBS 2 cost 1.44x compiled torch BN; this way 1.06x in
+    ``benchmarks/results/model_compile.md``). Statistics in the compute dtype, as the kernels
+    compute them; same return values."""
     xs = _group_view(x, groups)
     var, mean = torch.var_mean(xs.to(compute_dtype(x)), dim=(1, 3), keepdim=True,
                                correction=0)
