@@ -78,8 +78,9 @@ rank = dist.get_rank()
 x = torch.full((4,), float(rank))
 dist.all_reduce(x)
 for round in range(2):  # twice in one process (each end meets under keys of its own)
-    if round:
-        dist.init_process_group('gloo')
+    if round:  # a file store: a TCP store on the old port may still be closing on rank 0
+        store = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'round1.store')
+        dist.init_process_group('gloo', init_method='file://' + store, rank=rank, world_size=2)
     if rank == 1 and sys.argv[1] == 'late':
         time.sleep(1.0)
     if rank == 1 and sys.argv[1] == 'absent':
